@@ -1,0 +1,81 @@
+"""One-shot mode: a prompt in, the answer on stdout (or one JSON object), then exit."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TextIO
+
+from ..engine import Engine, FinishEvent, TextEvent
+from ..sampling import SamplingSettings
+
+
+def build_messages(prompt: str, system: str | None) -> list[dict]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return [*messages, {"role": "user", "content": prompt}]
+
+
+def run_oneshot(
+    engine: Engine,
+    prompt: str,
+    system: str | None,
+    sampling: SamplingSettings,
+    max_tokens: int,
+    enable_thinking: bool,
+    as_json: bool,
+    load_s: float,
+    stdout: TextIO = sys.stdout,
+    stderr: TextIO = sys.stderr,
+) -> FinishEvent:
+    """Answer ``prompt``. Text mode streams the answer to stdout as it is generated and the
+    thinking to stderr only when stderr is a terminal (a script reading stdout never
+    sees it); JSON mode prints one object at the end."""
+    ids = engine.tokenizer.encode_chat(build_messages(prompt, system), enable_thinking)
+    show_thinking = not as_json and stderr.isatty()
+    in_thinking_block = False
+    finish = None
+    for event in engine.generate(ids, max_tokens, sampling):
+        if isinstance(event, TextEvent):
+            if as_json:
+                continue
+            if event.thinking:
+                if show_thinking:
+                    stderr.write(("" if in_thinking_block else "\x1b[2m") + event.text)
+                    stderr.flush()
+                    in_thinking_block = True
+                continue
+            if in_thinking_block:
+                stderr.write("\x1b[0m\n\n")
+                stderr.flush()
+                in_thinking_block = False
+            stdout.write(event.text)
+            stdout.flush()
+        elif isinstance(event, FinishEvent):
+            finish = event
+    if in_thinking_block:
+        stderr.write("\x1b[0m\n")
+    if as_json:
+        json.dump(finish_to_json(finish, load_s), stdout, ensure_ascii=False)
+    stdout.write("\n")
+    stdout.flush()
+    return finish
+
+
+def finish_to_json(finish: FinishEvent, load_s: float) -> dict:
+    t = finish.timings
+    return {
+        "text": finish.text,
+        "thinking": finish.thinking,
+        "token_ids": finish.token_ids,
+        "finish_reason": finish.reason,
+        "usage": {
+            "prompt_tokens": finish.prompt_tokens,
+            "completion_tokens": len(finish.token_ids),
+        },
+        "timings": {
+            "load_s": round(load_s, 4),
+            "ttft_s": round(t.ttft_s, 4),
+            "prefill_tok_s": round(t.prefill_tok_s, 2),
+            "decode_tok_s": round(t.decode_tok_s, 2),
+        },
+    }

@@ -1,0 +1,67 @@
+"""Chat templates rendered in a sandboxed Jinja environment, as transformers renders them."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+from importlib import resources
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import QwenChatError
+
+
+def builtin_qwen3_template() -> str:
+    """Qwen3's hybrid-thinking template, used when a model ships none."""
+    return resources.files("qwen3chat").joinpath("templates/qwen3.jinja").read_text("utf-8")
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # Jinja's own tojson escapes HTML characters; templates expect plain JSON.
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=8)
+def _compile(source: str) -> jinja2.Template:
+    # Templates come with downloaded models: untrusted code, so sandboxed and immutable.
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise QwenChatError(f"chat template: syntax error on line {e.lineno}: {e.message}") from None
+
+
+def render_chat(
+    source: str,
+    messages: list[dict],
+    add_generation_prompt: bool = True,
+    enable_thinking: bool = True,
+    special_tokens: dict[str, str | None] | None = None,
+) -> str:
+    template = _compile(source)
+    try:
+        return template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+            **(special_tokens or {}),
+        )
+    except jinja2.TemplateError as e:
+        raise QwenChatError(f"chat template: {e}") from None

@@ -1,0 +1,198 @@
+"""Model hyper-parameters: one dataclass, filled from config.json, presets or tensor shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import QwenChatError
+
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of a Qwen3 decoder, with Qwen3's documented defaults."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 1024
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    # HF's rope_scaling / rope_parameters dict, e.g. {"rope_type": "yarn", "factor": 4.0,
+    # "original_max_position_embeddings": 32768}; None for plain RoPE.
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 40960
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    architecture: str = "Qwen3ForCausalLM"
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def num_parameters(self) -> int:
+        """Parameter count, embedding and (untied) lm_head included."""
+        d, layers = self.hidden_size, self.num_hidden_layers
+        attn = d * (self.q_size + 2 * self.kv_size) + self.q_size * d + 2 * self.head_dim
+        mlp = 3 * d * self.intermediate_size
+        per_layer = attn + mlp + 2 * d
+        embed = self.vocab_size * d
+        head = 0 if self.tie_word_embeddings else embed
+        return embed + head + layers * per_layer + d
+
+    def validate(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise QwenChatError(
+                f"config: num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
+            if getattr(self, name) <= 0:
+                raise QwenChatError(f"config: {name} must be positive")
+        if self.attention_bias:
+            raise QwenChatError("config: attention_bias=true is not a Qwen3 layout")
+        if self.head_dim % 2:
+            raise QwenChatError(f"config: head_dim ({self.head_dim}) must be even for RoPE")
+
+    @classmethod
+    def from_hf_dict(cls, raw: Mapping, source: str = "config.json") -> ModelConfig:
+        """Read a Hugging Face ``config.json``; missing shape fields stay None-free defaults
+        only where Qwen3 documents them, the rest are completed from tensor shapes later."""
+        archs = raw.get("architectures") or []
+        model_type = raw.get("model_type")
+        arch = archs[0] if archs else ("Qwen3ForCausalLM" if model_type == "qwen3" else None)
+        if arch not in SUPPORTED_ARCHITECTURES:
+            found = arch or model_type or "nothing"
+            raise QwenChatError(
+                f"{source}: architecture {found!r} is not supported; "
+                f"expected one of {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        # transformers 5 writes rope_parameters (rope_theta inside); 4.x writes rope_scaling.
+        rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+        rope_theta = raw.get("rope_theta", rope.pop("rope_theta", cls.rope_theta))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        eos = raw.get("eos_token_id")
+        values = {
+            "architecture": arch,
+            "rope_theta": float(rope_theta),
+            "rope_scaling": None if rope_type == "default" else rope,
+            "eos_token_ids": [eos] if isinstance(eos, int) else list(eos or []),
+        }
+        for f in dataclasses.fields(cls):
+            if f.name in raw and f.name not in values and raw[f.name] is not None:
+                values[f.name] = raw[f.name]
+        # Partial configs get their shapes from the tensors; mark them unknown for now.
+        for name in _SHAPE_FIELDS:
+            if raw.get(name) is None:
+                values[name] = None
+        return cls(**values)
+
+    def complete_from_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Fill shape fields that config.json left out, from the checkpoint's tensor shapes.
+
+        ``shapes`` maps our canonical tensor names (see weights/names.py) to shapes.
+        """
+        embed = shapes.get("embed_tokens.weight")
+        layer_ids = {int(n.split(".")[1]) for n in shapes if n.startswith("layers.")}
+        known = {
+            "vocab_size": embed[0] if embed else None,
+            "hidden_size": embed[1] if embed else None,
+            "num_hidden_layers": max(layer_ids) + 1 if layer_ids else None,
+        }
+        q_norm = shapes.get("layers.0.self_attn.q_norm.weight")
+        q_proj = shapes.get("layers.0.self_attn.q_proj.weight")
+        k_proj = shapes.get("layers.0.self_attn.k_proj.weight")
+        gate = shapes.get("layers.0.mlp.gate_proj.weight")
+        head_dim = q_norm[0] if q_norm else (self.head_dim or 128)
+        known["head_dim"] = head_dim
+        if q_proj:
+            known["num_attention_heads"] = q_proj[0] // head_dim
+        if k_proj:
+            known["num_key_value_heads"] = k_proj[0] // head_dim
+        if gate:
+            known["intermediate_size"] = gate[0]
+        for name in _SHAPE_FIELDS:
+            if getattr(self, name) is None:
+                if known.get(name) is None:
+                    raise QwenChatError(
+                        f"config: {name} is missing and cannot be inferred from the weights"
+                    )
+                setattr(self, name, int(known[name]))
+        self.validate()
+
+    def rope_inv_freq_and_scale(self):
+        """Inverse frequencies and the cos/sin scale (YaRN's attention factor, else 1)."""
+        import torch
+
+        dim = self.head_dim
+        base = self.rope_theta
+        exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+        pos_freqs = base**exponents
+        inv_freq = 1.0 / pos_freqs
+        scaling = self.rope_scaling or {}
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type == "default":
+            return inv_freq, 1.0
+        factor = float(scaling["factor"])
+        if rope_type == "linear":
+            return inv_freq / factor, 1.0
+        if rope_type != "yarn":
+            raise QwenChatError(f"config: rope scaling type {rope_type!r} is not supported")
+        # YaRN (arXiv 2309.00071) as Qwen3 documents it for contexts beyond 32k.
+        original = scaling.get("original_max_position_embeddings") or self.max_position_embeddings
+        beta_fast = scaling.get("beta_fast") or 32
+        beta_slow = scaling.get("beta_slow") or 1
+
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        return inv_freq, float(attention_factor)
+
+
+_SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
+
+
+def read_config_json(path: Path) -> ModelConfig:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise QwenChatError(f"{path}: not found; a model directory needs config.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QwenChatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise QwenChatError(f"{path}: expected a JSON object")
+    return ModelConfig.from_hf_dict(raw, source=str(path))

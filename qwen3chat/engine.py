@@ -1,0 +1,192 @@
+"""Generation: prompt ids in, a stream of text events and one finish event out.
+
+The engine knows ids, the model and the KV cache; it knows nothing of terminals. The CLI,
+the REPL and bench all drive it through ``generate``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ContextOverflowError
+from .kv_cache import KVCache
+from .sampling import Sampler, SamplingSettings
+from .thinking import ThinkSplitter, prompt_ends_in_thinking
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class TextEvent:
+    text: str
+    thinking: bool
+
+
+@dataclass
+class Timings:
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    prefill_tokens: int = 0  # prompt tokens actually run (those after the reused prefix)
+    decode_tokens: int = 0  # forward passes of one token after the first sampled token
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclass
+class FinishEvent:
+    reason: str  # "stop" | "length" | "cancelled"
+    token_ids: list[int]  # generated ids, without the stop id
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose keys/values were reused from the cache
+    text: str
+    thinking: str
+    thinking_tokens: int
+    timings: Timings = field(default_factory=Timings)
+
+
+Event = TextEvent | FinishEvent
+
+
+class Engine:
+    """Runs one model with one KV cache that persists across calls (prefix reuse)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Tokenizer,
+        max_seq_len: int,
+        chunk_size: int | None = None,
+        reference: bool = False,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.chunk_size = chunk_size
+        # Reference mode re-runs the whole sequence every step without a cache: slow, and
+        # only there to check the cached path against.
+        self.reference = reference
+        self.cache: KVCache = model.new_cache(max_seq_len)
+        self.vocab_size = model.config.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def _ids(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def prefill(self, prompt_ids: list[int], should_stop: Callable[[], bool]) -> torch.Tensor | None:
+        """Bring the cache to ``prompt_ids``; logits of the last position, or None if stopped.
+
+        Only the part after the longest prefix already in the cache is run, in chunks of
+        ``chunk_size``; at least one token always runs so that there are logits.
+        """
+        if self.reference:
+            return self.model(self._ids(prompt_ids))
+        reuse = min(self.cache.common_prefix(prompt_ids), len(prompt_ids) - 1)
+        self.cache.trim(reuse)
+        todo = prompt_ids[reuse:]
+        step = self.chunk_size or len(todo)
+        logits = None
+        for i in range(0, len(todo), step):
+            if should_stop():
+                return None
+            chunk = todo[i : i + step]
+            logits = self.model(self._ids(chunk), self.cache, start=len(self.cache))
+            self.cache.commit(chunk)
+        return logits
+
+    @torch.inference_mode()
+    def decode_step(self, sequence: list[int], token: int) -> torch.Tensor:
+        if self.reference:
+            return self.model(self._ids(sequence))
+        logits = self.model(self._ids([token]), self.cache, start=len(self.cache))
+        self.cache.commit([token])
+        return logits
+
+    @torch.inference_mode()
+    def score(self, ids: list[int]) -> torch.Tensor:
+        """Logits at every position of ``ids`` (``[len, vocab]``), e.g. for perplexity."""
+        if len(ids) > self.max_seq_len:
+            raise ContextOverflowError(len(ids), self.max_seq_len)
+        self.cache.trim(0)
+        logits = self.model(self._ids(ids), self.cache, start=0, all_logits=True)
+        self.cache.commit(ids)
+        return logits[0]
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        sampling: SamplingSettings | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> Iterator[Event]:
+        if not prompt_ids:
+            raise ValueError("generate needs at least one prompt token")
+        if len(prompt_ids) + 1 > self.max_seq_len:
+            raise ContextOverflowError(len(prompt_ids) + 1, self.max_seq_len)
+        sampling = sampling or SamplingSettings()
+        tok = self.tokenizer
+        splitter = ThinkSplitter(
+            tok, prompt_ends_in_thinking(prompt_ids, tok.think_start_id, tok.think_end_id)
+        )
+        sampler = Sampler(sampling, self.vocab_size, prompt_ids, self.device)
+        stops = set(tok.stop_ids)
+        timings = Timings()
+        start = time.perf_counter()
+        cached = 0 if self.reference else min(
+            self.cache.common_prefix(prompt_ids), len(prompt_ids) - 1
+        )
+        generated: list[int] = []
+
+        def finish(reason: str) -> FinishEvent:
+            return FinishEvent(
+                reason, generated, len(prompt_ids), cached,
+                splitter.answer_text, splitter.thinking_text, splitter.thinking_tokens, timings,
+            )
+
+        logits = self.prefill(prompt_ids, should_stop)
+        if logits is None:
+            timings.prefill_s = time.perf_counter() - start
+            yield finish("cancelled")
+            return
+        timings.prefill_tokens = len(prompt_ids) - cached
+        token = sampler(logits)
+        first = time.perf_counter()
+        timings.prefill_s = timings.ttft_s = first - start
+        reason = "length"
+        sequence = list(prompt_ids)
+        while True:
+            if token in stops:
+                reason = "stop"
+                break
+            generated.append(token)
+            sequence.append(token)
+            sampler.observe(token)
+            text, thinking = splitter.push(token)
+            if text:
+                yield TextEvent(text, thinking)
+            if len(generated) >= max_tokens or len(sequence) >= self.max_seq_len:
+                break
+            if should_stop():
+                reason = "cancelled"
+                break
+            logits = self.decode_step(sequence, token)
+            timings.decode_tokens += 1
+            token = sampler(logits)
+        text, thinking = splitter.flush()
+        if text:
+            yield TextEvent(text, thinking)
+        timings.decode_s = time.perf_counter() - first
+        yield finish(reason)

@@ -1,0 +1,60 @@
+"""The KV cache: preallocated for max_seq_len, written in place, trimmed back to a prefix."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of every layer, ``[layers, 1, kv_heads, max_seq_len, head_dim]``.
+
+    ``tokens`` lists the ids whose keys/values are stored, in order; the engine commits
+    them only after a forward pass succeeds, so an interrupted pass never leaves the cache
+    claiming positions it did not finish. Trimming just forgets the tail: later writes
+    overwrite it, nothing is reallocated.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_seq_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
+        shape = (num_layers, 1, num_kv_heads, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_seq_len = max_seq_len
+        self.tokens: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def update(
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new keys/values at ``start``; return all keys/values up to their end."""
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def commit(self, ids: list[int]) -> None:
+        self.tokens.extend(ids)
+
+    def trim(self, length: int) -> None:
+        del self.tokens[length:]
+
+    def common_prefix(self, ids: list[int]) -> int:
+        n = 0
+        for cached, new in zip(self.tokens, ids):
+            if cached != new:
+                break
+            n += 1
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes

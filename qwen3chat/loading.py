@@ -1,0 +1,117 @@
+"""From a path on disk (or a preset) to a ready model, tokenizer and generation defaults."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, read_config_json
+from .device import resolve_device, resolve_dtype
+from .errors import QwenChatError
+from .model.qwen3 import Qwen3Model
+from .tokenizer import Tokenizer
+from .weights.loader import check_tensors, load_weights, set_parameter
+from .weights.safetensors import SafeTensorsSource
+
+# generation_config.json keys that replace our sampling defaults.
+_GENERATION_KEYS = (
+    "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+    "presence_penalty", "frequency_penalty",
+)
+
+
+@dataclass
+class LoadedModel:
+    model: Qwen3Model
+    tokenizer: Tokenizer
+    config: ModelConfig
+    path: Path
+    format: str
+    generation_defaults: dict = field(default_factory=dict)
+    load_s: float = 0.0
+
+
+def detect_format(path: Path, fmt: str = "auto") -> str:
+    if fmt not in ("auto", "safetensors", "gguf"):
+        raise QwenChatError(f"--format: unknown format {fmt!r}; use auto, safetensors or gguf")
+    if not path.exists():
+        raise QwenChatError(f"{path}: no such file or directory (--model-path)")
+    if fmt != "auto":
+        return fmt
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return "gguf"
+    if path.is_dir():
+        return "safetensors"
+    raise QwenChatError(
+        f"{path}: not a model directory or .gguf file (--model-path); "
+        "give a directory with config.json and *.safetensors"
+    )
+
+
+def read_generation_defaults(directory: Path) -> dict:
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QwenChatError(f"{path}: not valid JSON ({e})") from None
+    defaults = {k: raw[k] for k in _GENERATION_KEYS if raw.get(k) is not None}
+    if raw.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    eos = raw.get("eos_token_id")
+    if eos is not None:
+        defaults["eos_token_ids"] = [eos] if isinstance(eos, int) else list(eos)
+    return defaults
+
+
+def build_on_meta(config: ModelConfig) -> Qwen3Model:
+    with torch.device("meta"):
+        return Qwen3Model(config)
+
+
+def load_model(
+    path: str | Path, fmt: str = "auto", device: str = "auto", dtype: str = "auto"
+) -> LoadedModel:
+    start = time.perf_counter()
+    path = Path(path).expanduser()
+    fmt = detect_format(path, fmt)
+    if fmt == "gguf":
+        raise QwenChatError(f"{path}: GGUF models are not supported yet; use a SafeTensors model")
+    if not path.is_dir():
+        raise QwenChatError(f"{path}: --format safetensors needs a model directory")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    config = read_config_json(path / "config.json")
+    source = SafeTensorsSource(path)
+    config.complete_from_shapes(source.shapes())
+    check_tensors(config, source, str(path))
+    generation = read_generation_defaults(path)
+    stop_ids = generation.pop("eos_token_ids", None) or config.eos_token_ids or None
+    tokenizer = Tokenizer.from_dir(path, stop_ids)
+    model = build_on_meta(config)
+    load_weights(model, source, torch_dtype, torch_device)
+    model.eval()
+    return LoadedModel(
+        model, tokenizer, config, path, fmt, generation, time.perf_counter() - start
+    )
+
+
+def random_model(
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0, std=0.02
+) -> Qwen3Model:
+    """A model of ``config``'s shape with random weights, filled in place (fast)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    model = build_on_meta(config)
+    for name, param in list(model.named_parameters()):
+        if name.endswith("norm.weight"):
+            tensor = torch.ones(param.shape, dtype=dtype, device=device)
+        else:
+            tensor = torch.empty(param.shape, dtype=dtype, device=device)
+            tensor.normal_(0.0, std, generator=generator)
+        set_parameter(model, name, tensor)
+    return model.eval()

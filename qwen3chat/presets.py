@@ -1,0 +1,52 @@
+"""Named model shapes: the published Qwen3 configs, and `tiny` for tests and quick benches."""
+
+from __future__ import annotations
+
+from .config import ModelConfig
+from .errors import QwenChatError
+
+_QWEN3_EOS = [151645, 151643]
+
+
+def _dense(hidden, inter, layers, heads, kv_heads, tied, max_pos=40960) -> ModelConfig:
+    return ModelConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        tie_word_embeddings=tied,
+        max_position_embeddings=max_pos,
+        eos_token_ids=list(_QWEN3_EOS),
+    )
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "qwen3-0.6b": _dense(1024, 3072, 28, 16, 8, tied=True),
+    "qwen3-1.7b": _dense(2048, 6144, 28, 16, 8, tied=True),
+    "qwen3-4b": _dense(2560, 9728, 36, 32, 8, tied=True),
+    "qwen3-8b": _dense(4096, 12288, 36, 32, 8, tied=False),
+    "qwen3-14b": _dense(5120, 17408, 40, 40, 8, tied=False),
+    "qwen3-32b": _dense(5120, 25600, 64, 64, 8, tied=False),
+    "tiny": ModelConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+        eos_token_ids=list(_QWEN3_EOS),
+    ),
+}
+
+
+def preset_config(name: str) -> ModelConfig:
+    """A fresh copy of a named preset (callers may change it)."""
+    try:
+        base = PRESETS[name.lower()]
+    except KeyError:
+        raise QwenChatError(
+            f"--preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}"
+        ) from None
+    return ModelConfig(**{**base.__dict__, "eos_token_ids": list(base.eos_token_ids)})

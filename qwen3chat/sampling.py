@@ -1,0 +1,92 @@
+"""Choosing the next token: penalties, temperature, top-k/top-p/min-p, seeded sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class SamplingSettings:
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int = 42
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def validate(self) -> None:
+        from .errors import QwenChatError
+
+        checks = {
+            "temperature": self.temperature >= 0,
+            "top_p": 0 < self.top_p <= 1,
+            "top_k": self.top_k >= 0,
+            "min_p": 0 <= self.min_p <= 1,
+            "repetition_penalty": self.repetition_penalty > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise QwenChatError(f"--{name.replace('_', '-')}: {getattr(self, name)} is out of range")
+
+
+class Sampler:
+    """Per-reply state: which ids the penalties look at, and the seeded generator."""
+
+    def __init__(self, settings: SamplingSettings, vocab_size: int, prompt_ids: list[int], device):
+        self.settings = settings
+        self.generator = torch.Generator(device=device).manual_seed(settings.seed)
+        # repetition_penalty (transformers/CTRL style) covers prompt and reply; presence and
+        # frequency penalties (OpenAI style) count only generated tokens.
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        if prompt_ids:
+            self.seen[torch.tensor(prompt_ids, device=device).clamp_(max=vocab_size - 1)] = True
+        self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+
+    def observe(self, token_id: int) -> None:
+        self.seen[token_id] = True
+        self.counts[token_id] += 1
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        return int(sample(self.penalize(logits.view(-1).float()), self.settings, self.generator))
+
+    def penalize(self, logits: torch.Tensor) -> torch.Tensor:
+        s = self.settings
+        if s.repetition_penalty != 1.0:
+            scored = torch.where(
+                logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty
+            )
+            logits = torch.where(self.seen, scored, logits)
+        if s.presence_penalty or s.frequency_penalty:
+            logits = (
+                logits
+                - s.presence_penalty * (self.counts > 0)
+                - s.frequency_penalty * self.counts
+            )
+        return logits
+
+
+def sample(logits: torch.Tensor, s: SamplingSettings, generator: torch.Generator) -> torch.Tensor:
+    """One id from 1-D float logits; temperature 0 is argmax."""
+    if s.temperature == 0:
+        return logits.argmax()
+    logits = logits / s.temperature
+    if s.top_k > 0 and s.top_k < logits.numel():
+        kth = torch.topk(logits, s.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if s.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+        drop = sorted_probs.cumsum(0) - sorted_probs >= s.top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    if s.min_p > 0.0:
+        probs = probs.masked_fill(probs < s.min_p * probs.max(), 0.0)
+    return torch.multinomial(probs, 1, generator=generator)[0]

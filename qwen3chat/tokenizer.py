@@ -1,0 +1,123 @@
+"""Text <-> ids with `tokenizers`, chat formatting, and a streaming detokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from .chat_template import builtin_qwen3_template, render_chat
+from .errors import QwenChatError
+
+THINK_START = "<think>"
+THINK_END = "</think>"
+_DEFAULT_STOPS = ("<|im_end|>", "<|endoftext|>")
+
+
+class Tokenizer:
+    def __init__(
+        self,
+        backend: HFTokenizer,
+        chat_template: str | None = None,
+        special_tokens: dict[str, str | None] | None = None,
+        stop_ids: list[int] | None = None,
+    ):
+        self.backend = backend
+        self.template_is_builtin = chat_template is None
+        self.chat_template = chat_template or builtin_qwen3_template()
+        self.special_tokens = special_tokens or {}
+        stops = stop_ids or [self.token_id(t) for t in _DEFAULT_STOPS]
+        self.stop_ids = sorted({i for i in stops if i is not None})
+        self.think_start_id = self.token_id(THINK_START)
+        self.think_end_id = self.token_id(THINK_END)
+        self._special_ids = {
+            i for i, tok in backend.get_added_tokens_decoder().items() if tok.special
+        }
+
+    @classmethod
+    def from_dir(cls, directory: Path, stop_ids: list[int] | None = None) -> Tokenizer:
+        path = directory / "tokenizer.json"
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except FileNotFoundError:
+            raise QwenChatError(f"{path}: not found; the model directory needs it") from None
+        except Exception as e:  # tokenizers raises plain Exception on bad JSON
+            raise QwenChatError(f"{path}: not a valid tokenizer.json ({e})") from None
+        template, special = None, {}
+        config_path = directory / "tokenizer_config.json"
+        if config_path.is_file():
+            try:
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise QwenChatError(f"{config_path}: not valid JSON ({e})") from None
+            template = config.get("chat_template")
+            if isinstance(template, list):  # several named templates: take the default one
+                named = {t.get("name"): t.get("template") for t in template}
+                template = named.get("default")
+            for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+                value = config.get(key)
+                special[key] = value.get("content") if isinstance(value, dict) else value
+        return cls(backend, template, special, stop_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    def render(
+        self, messages: list[dict], enable_thinking: bool = True, add_generation_prompt=True
+    ) -> str:
+        return render_chat(
+            self.chat_template, messages, add_generation_prompt, enable_thinking,
+            self.special_tokens,
+        )
+
+    def encode_chat(self, messages: list[dict], enable_thinking: bool = True) -> list[int]:
+        return self.encode(self.render(messages, enable_thinking))
+
+
+class StreamDecoder:
+    """Turns ids into text one id at a time, never splitting a UTF-8 character.
+
+    Only a short window of ids (those since the last emitted text, plus the ids before
+    them for context) is decoded per step, so the cost per token does not grow with the
+    length of the reply.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._read = 0  # ids before this index are already emitted as text
+
+    def push(self, token_id: int) -> str:
+        if self.tokenizer.is_special(token_id):
+            return ""
+        self._ids.append(token_id)
+        emitted = self.tokenizer.decode(self._ids[: self._read])
+        full = self.tokenizer.decode(self._ids)
+        # An incomplete multi-byte character decodes as U+FFFD: wait for the next id.
+        if len(full) <= len(emitted) or full.endswith("\ufffd"):
+            return ""
+        delta = full[len(emitted) :]
+        self._ids = self._ids[self._read :]
+        self._read = len(self._ids)
+        return delta
+
+    def flush(self) -> str:
+        """Whatever is left (an incomplete character shows as U+FFFD)."""
+        emitted = self.tokenizer.decode(self._ids[: self._read])
+        full = self.tokenizer.decode(self._ids)
+        self._ids, self._read = [], 0
+        return full[len(emitted) :]

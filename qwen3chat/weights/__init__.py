@@ -1,0 +1,1 @@
+"""Reading checkpoints: formats in their own files, names mapped in names.py."""

@@ -1,0 +1,63 @@
+"""Fill a model built on the meta device from a weight source, tensor by tensor."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..errors import QwenChatError
+from .names import checkpoint_parts, expected_shapes
+
+
+class WeightSource(Protocol):
+    """A checkpoint seen through canonical tensor names (see names.py)."""
+
+    def shapes(self) -> dict[str, tuple[int, ...]]: ...
+
+    def file_of(self, name: str) -> str: ...
+
+    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor: ...
+
+
+def check_tensors(config, source: WeightSource, where: str) -> None:
+    """Every tensor present with its shape, and nothing unknown: else name the tensor."""
+    available = source.shapes()
+    expected = expected_shapes(config)
+    for name, shape in expected.items():
+        if name not in available:
+            raise QwenChatError(f"{where}: tensor {name} is missing from the checkpoint")
+        if tuple(available[name]) != shape:
+            raise QwenChatError(
+                f"{where}/{source.file_of(name)}: tensor {name} has shape "
+                f"{list(available[name])}, expected {list(shape)} from the config"
+            )
+    # A tied checkpoint may still carry a copy of the embedding as lm_head: unused.
+    allowed_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    for name in sorted(set(available) - set(expected) - allowed_extra):
+        raise QwenChatError(
+            f"{where}/{source.file_of(name)}: unexpected tensor {name}; "
+            "this does not look like a Qwen3 checkpoint for this config"
+        )
+
+
+def load_weights(
+    model: nn.Module, source: WeightSource, dtype: torch.dtype, device: torch.device
+) -> None:
+    """Replace every (meta) parameter by its tensor from ``source``, converted on the way."""
+    for name, param in list(model.named_parameters()):
+        parts = [source.read(part, dtype) for part in checkpoint_parts(name)]
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
+        del parts
+        if tensor.shape != param.shape:
+            raise QwenChatError(
+                f"tensor {name}: shape {list(tensor.shape)} does not fit {list(param.shape)}"
+            )
+        set_parameter(model, name, tensor.to(device))
+
+
+def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of the (meta) parameter ``name``, sharing its memory."""
+    module_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))

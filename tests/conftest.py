@@ -1,0 +1,90 @@
+"""Shared fixtures: the real Qwen3 tokenizer, and tiny random Qwen3 models saved by
+transformers (the reference implementation) as SafeTensors checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import lzma
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOKENIZER_FIXTURE = FIXTURES / "qwen3-tokenizer"
+SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/fixtures/qwen3-tokenizer"
+
+# Large init scale: logits far apart, so greedy ids are decided by margins far above
+# float32 rounding and the comparison with the reference is stable.
+INIT_STD = 0.5
+
+TINY = dict(
+    vocab_size=151936,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0,
+    bos_token_id=151643,
+    eos_token_id=151645,
+)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The real Qwen3 tokenizer files, from the compressed copy kept in the repo."""
+    out = tmp_path_factory.mktemp("qwen3-tokenizer")
+    (out / "tokenizer.json").write_bytes(
+        lzma.decompress((TOKENIZER_FIXTURE / "tokenizer.json.xz").read_bytes())
+    )
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        shutil.copy(TOKENIZER_FIXTURE / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from qwen3chat.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(tokenizer_dir)
+
+
+def build_reference_model(tie: bool = True, seed: int = 0, **overrides):
+    """A transformers Qwen3ForCausalLM with decisive random weights, in float32."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(**{**TINY, "tie_word_embeddings": tie, **overrides})
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, INIT_STD)
+    return model
+
+
+def save_model_dir(model, directory: Path, tokenizer_dir: Path, dtype=torch.float32, shard=None):
+    """Save as a Hugging Face model directory with the real tokenizer files beside it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    # A copy, so the float32 reference (and its float32 rotary buffers) stays untouched.
+    copy.deepcopy(model).to(dtype).save_pretrained(
+        directory, safe_serialization=True, **({"max_shard_size": shard} if shard else {})
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(tokenizer_dir / name, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir):
+    """Tied embeddings, one float32 file; returns (directory, reference model)."""
+    model = build_reference_model(tie=True, seed=0)
+    path = save_model_dir(model, tmp_path_factory.mktemp("tiny-tied"), tokenizer_dir)
+    return path, model
