@@ -49,7 +49,7 @@ class KVCache:
 
     def common_prefix(self, ids: list[int]) -> int:
         n = 0
-        for cached, new in zip(self.tokens, ids):
+        for cached, new in zip(self.tokens, ids, strict=False):
             if cached != new:
                 break
             n += 1

@@ -38,10 +38,10 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, directory: Path, stop_ids: list[int] | None = None) -> Tokenizer:
         path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise QwenChatError(f"{path}: not found; the model directory needs it")
         try:
             backend = HFTokenizer.from_file(str(path))
-        except FileNotFoundError:
-            raise QwenChatError(f"{path}: not found; the model directory needs it") from None
         except Exception as e:  # tokenizers raises plain Exception on bad JSON
             raise QwenChatError(f"{path}: not a valid tokenizer.json ({e})") from None
         template, special = None, {}
@@ -80,7 +80,10 @@ class Tokenizer:
         self, messages: list[dict], enable_thinking: bool = True, add_generation_prompt=True
     ) -> str:
         return render_chat(
-            self.chat_template, messages, add_generation_prompt, enable_thinking,
+            self.chat_template,
+            messages,
+            add_generation_prompt,
+            enable_thinking,
             self.special_tokens,
         )
 

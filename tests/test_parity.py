@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen3ForCausalLM
 from conftest import build_reference_model, save_model_dir
+from transformers import Qwen3ForCausalLM
 
 from qwen3chat.engine import Engine, FinishEvent
 from qwen3chat.loading import load_model
@@ -106,8 +106,12 @@ def test_bf16_stored_checkpoint(tmp_path, tokenizer_dir):
 
 
 def test_yarn_rope_scaling(tmp_path, tokenizer_dir):
-    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
-            "rope_theta": 1_000_000.0}
+    yarn = {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 1024,
+        "rope_theta": 1_000_000.0,
+    }
     reference = build_reference_model(tie=True, seed=3, rope_parameters=yarn)
     path = save_model_dir(reference, tmp_path / "m", tokenizer_dir)
     logits, ref_logits = check_against_reference(path, reference)

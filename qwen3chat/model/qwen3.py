@@ -27,14 +27,19 @@ class Qwen3Model(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        # Passing the weight skips nn.Embedding's random init (seconds, even on meta).
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size,
+            config.hidden_size,
+            _weight=torch.empty(config.vocab_size, config.hidden_size),
+            _freeze=True,
+        )
         self.layers = nn.ModuleList(
             DecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else Linear(
-            config.hidden_size, config.vocab_size
+        self.lm_head = (
+            None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
         )
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
@@ -59,8 +64,12 @@ class Qwen3Model(nn.Module):
             self.setup_rope(max_seq_len)
         c = self.config
         return KVCache(
-            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, max_seq_len,
-            self.dtype, self.device,
+            c.num_hidden_layers,
+            c.num_key_value_heads,
+            c.head_dim,
+            max_seq_len,
+            self.dtype,
+            self.device,
         )
 
     def forward(

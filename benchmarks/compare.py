@@ -1,0 +1,198 @@
+"""Decode/prefill speed and peak memory of qwen3chat next to transformers, in one run.
+
+Builds a random-weight checkpoint of a real Qwen3 shape once (bf16 SafeTensors, the real
+tokenizer), then runs each system in its own process on the same prompt, so peak RSS is
+per system. Writes a Markdown table to docs/benchmarks.md.
+
+    python benchmarks/compare.py                       # Qwen3-0.6B shape, float32 + bfloat16
+    python benchmarks/compare.py --dtypes bfloat16 --repeat 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "tests/fixtures/qwen3-tokenizer"
+SHAPES = {
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
+}
+
+
+def build_checkpoint(shape: str, directory: Path) -> Path:
+    """Random bf16 weights of ``shape`` saved by transformers, with the real tokenizer."""
+    if (directory / "config.json").is_file():
+        return directory
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=151936, head_dim=128, max_position_embeddings=40960,
+                         eos_token_id=151645, **SHAPES[shape])
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM._from_config(config, dtype=torch.bfloat16)
+    tmp = directory.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "tokenizer.json").write_bytes(
+        lzma.decompress((TOKENIZER / "tokenizer.json.xz").read_bytes())
+    )
+    shutil.copy(TOKENIZER / "tokenizer_config.json", tmp / "tokenizer_config.json")
+    tmp.rename(directory)
+    return directory
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prompt_ids(n: int) -> list[int]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(1000, 100000, (n,), generator=generator).tolist()
+
+
+def run_qwen3chat(path: Path, dtype: str, prompt: list[int], gen: int, repeat: int) -> dict:
+    from qwen3chat.engine import Engine
+    from qwen3chat.loading import load_model
+    from qwen3chat.sampling import SamplingSettings
+
+    loaded = load_model(path, device="cpu", dtype=dtype)
+    loaded.tokenizer.stop_ids = []  # random weights: always generate all tokens
+    engine = Engine(loaded.model, loaded.tokenizer, max_seq_len=len(prompt) + gen + 8)
+    greedy = SamplingSettings(temperature=0.0)
+    runs = []
+    for i in range(repeat + 1):  # the first run warms up and is not counted
+        engine.cache.trim(0)
+        finish = list(engine.generate(prompt, gen, greedy))[-1]
+        if i:
+            runs.append((finish.timings.prefill_tok_s, finish.timings.decode_tok_s))
+    return {"load_s": loaded.load_s, "runs": runs}
+
+
+def run_transformers(path: Path, dtype: str, prompt: list[int], gen: int, repeat: int) -> dict:
+    from transformers import Qwen3ForCausalLM
+
+    start = time.perf_counter()
+    model = Qwen3ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    load_s = time.perf_counter() - start
+    ids = torch.tensor([prompt])
+    common = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def timed(new_tokens: int) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 **common)
+        assert out.shape[1] == len(prompt) + new_tokens
+        return time.perf_counter() - start
+
+    timed(2)
+    runs = []
+    for _ in range(repeat):
+        prefill_s = timed(1)
+        total_s = timed(gen)
+        runs.append((len(prompt) / prefill_s, (gen - 1) / (total_s - prefill_s)))
+    return {"load_s": load_s, "runs": runs}
+
+
+WORKERS = {"qwen3chat": run_qwen3chat, "transformers": run_transformers}
+
+
+def worker(args) -> None:
+    torch.set_num_threads(args.threads)
+    result = WORKERS[args.worker](
+        Path(args.model), args.worker_dtype, prompt_ids(args.prompt_tokens), args.gen_tokens,
+        args.repeat,
+    )
+    print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--systems", default="qwen3chat,transformers")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache-dir", default=str(ROOT / ".bench"))
+    parser.add_argument("--out", default=str(ROOT / "docs/benchmarks.md"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-dtype", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    path = build_checkpoint(args.shape, Path(args.cache_dir) / args.shape)
+    weight_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    rows = []
+    for dtype in args.dtypes.split(","):
+        for system in args.systems.split(","):
+            cmd = [sys.executable, __file__, "--worker", system, "--worker-dtype", dtype,
+                   "--model", str(path), "--prompt-tokens", str(args.prompt_tokens),
+                   "--gen-tokens", str(args.gen_tokens), "--repeat", str(args.repeat),
+                   "--threads", str(args.threads)]
+            print(f"running {system} {dtype} ...", file=sys.stderr, flush=True)
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            result = json.loads(out.strip().splitlines()[-1])
+            rows.append((system, dtype, result))
+    write_table(args, rows, weight_bytes)
+
+
+def write_table(args, rows, weight_bytes) -> None:
+    lines = [
+        f"## {args.shape}, random weights, {args.prompt_tokens}-token prompt, "
+        f"{args.gen_tokens} new tokens, {args.threads} threads",
+        "",
+        f"Measured {date.today()} on {platform.processor() or platform.machine()} "
+        f"({torch.get_num_threads()} threads, torch {torch.__version__}); "
+        f"checkpoint {weight_bytes / 2**30:.2f} GiB bf16. Median of {args.repeat} runs "
+        "(min-max) after a warm-up run; each system in its own process.",
+        "",
+        "| system | dtype | load s | prefill tok/s | decode tok/s | peak RSS MiB |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for system, dtype, r in rows:
+        prefill = [p for p, _ in r["runs"]]
+        decode = [d for _, d in r["runs"]]
+        lines.append(
+            f"| {system} | {dtype} | {r['load_s']:.2f} | {fmt(prefill)} | {fmt(decode)} "
+            f"| {r['peak_rss_mb']:.0f} |"
+        )
+    lines.append("")
+    lines.append(
+        "Command: `python benchmarks/compare.py "
+        f"--shape {args.shape} --dtypes {args.dtypes} --systems {args.systems} "
+        f"--prompt-tokens {args.prompt_tokens} --gen-tokens {args.gen_tokens} "
+        f"--repeat {args.repeat} --threads {args.threads}`"
+    )
+    table = "\n".join(lines) + "\n"
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = "# Benchmarks\n\nWritten by `benchmarks/compare.py`; rerun it to refresh.\n\n"
+    out.write_text(header + table)
+
+
+def fmt(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Sampling filters and penalties on hand-made logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen3chat.errors import QwenChatError
+from qwen3chat.sampling import Sampler, SamplingSettings
+
+LOGITS = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0, -1.0])
+
+
+def draws(settings, logits=LOGITS, n=400, prompt=(), observed=()):
+    sampler = Sampler(settings, logits.numel(), list(prompt), "cpu")
+    for t in observed:
+        sampler.observe(t)
+    return {sampler(logits.clone()) for _ in range(n)}
+
+
+def test_greedy_is_argmax():
+    assert draws(SamplingSettings(temperature=0.0), n=5) == {0}
+
+
+def test_unfiltered_sampling_reaches_the_tail():
+    assert len(draws(SamplingSettings(temperature=1.0, top_p=1.0), n=2000)) >= 5
+
+
+def test_top_k():
+    assert draws(SamplingSettings(temperature=5.0, top_p=1.0, top_k=2)) == {0, 1}
+
+
+def test_top_p_keeps_smallest_prefix_reaching_mass():
+    probs = torch.softmax(LOGITS, 0)  # 0.64, 0.23, 0.09, ...
+    assert probs[0] < 0.8 < probs[0] + probs[1]
+    assert draws(SamplingSettings(temperature=1.0, top_p=0.8)) == {0, 1}
+    assert draws(SamplingSettings(temperature=1.0, top_p=0.5)) == {0}
+
+
+def test_min_p():
+    # p(i)/p(0) = e^-i: min_p 0.3 keeps ids 0 and 1 (e^-1 = 0.37), drops e^-2 = 0.14.
+    assert draws(SamplingSettings(temperature=1.0, top_p=1.0, min_p=0.3)) == {0, 1}
+
+
+def test_repetition_penalty_covers_prompt():
+    s = SamplingSettings(temperature=0.0, repetition_penalty=10.0)
+    assert draws(s, n=1, prompt=[0]) == {1}
+    # A negative logit is pushed further down, not up.
+    neg = torch.tensor([-1.0, -1.5])
+    assert draws(s, logits=neg, n=1, prompt=[0]) == {1}
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens():
+    presence = SamplingSettings(temperature=0.0, presence_penalty=1.5)
+    assert draws(presence, n=1, observed=[0]) == {1}
+    assert draws(presence, n=1, prompt=[0]) == {0}  # the prompt does not count
+    frequency = SamplingSettings(temperature=0.0, frequency_penalty=0.6)
+    assert draws(frequency, n=1, observed=[0]) == {0}  # 4 - 0.6 > 3
+    assert draws(frequency, n=1, observed=[0, 0]) == {1}  # 4 - 1.2 < 3
+
+
+def test_seed_reproducible():
+    s = SamplingSettings(temperature=1.0, top_p=1.0, seed=3)
+    a = Sampler(s, 6, [], "cpu")
+    b = Sampler(s, 6, [], "cpu")
+    assert [a(LOGITS) for _ in range(30)] == [b(LOGITS) for _ in range(30)]
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("min_p", 2.0)],
+)
+def test_out_of_range_values_are_rejected(field, value):
+    with pytest.raises(QwenChatError, match=f"--{field.replace('_', '-')}"):
+        SamplingSettings(**{field: value}).validate()

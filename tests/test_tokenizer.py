@@ -1,0 +1,132 @@
+"""The real Qwen3 tokenizer through `tokenizers`, and the streaming detokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import lzma
+import unicodedata
+
+import pytest
+from conftest import SHARED_TOKENIZER, TOKENIZER_FIXTURE
+
+from qwen3chat.thinking import ThinkSplitter
+from qwen3chat.tokenizer import StreamDecoder
+
+SAMPLES = [
+    "Hello, world!",
+    "你好，世界！今天天气怎么样？",
+    "日本語のテキストと한국어 텍스트",
+    "Emoji: 👩‍👩‍👧‍👦 🇫🇷 🤖✨ and a family",
+    "def f(x):\n\treturn {'a': [1, 2, 3]}  # code\r\n",
+    "   leading and trailing spaces   \n\n\n\t\t",
+    "Ünïcödé çømbíning: é (e + \u0301) and Ω",
+    "Math: ∑_{i=1}^{n} i² = n(n+1)/2, π ≈ 3.14159",
+    "Русский текст и العربية и हिन्दी",
+]
+
+
+def test_fixture_matches_shared_copy():
+    """The compressed copy in the repo is byte-identical to ../shared's tokenizer.json."""
+    if not SHARED_TOKENIZER.is_dir():
+        pytest.skip("../shared is not beside this checkout")
+    ours = lzma.decompress((TOKENIZER_FIXTURE / "tokenizer.json.xz").read_bytes())
+    shared = (SHARED_TOKENIZER / "tokenizer.json").read_bytes()
+    assert hashlib.sha256(ours).digest() == hashlib.sha256(shared).digest()
+
+
+def test_known_ids(tokenizer):
+    assert tokenizer.encode("Hello") == [9707]
+    assert tokenizer.encode("Hello, world!") == [9707, 11, 1879, 0]
+    assert tokenizer.stop_ids == [151643, 151645]
+    assert (tokenizer.think_start_id, tokenizer.think_end_id) == (151667, 151668)
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_round_trip(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text)) == unicodedata.normalize("NFC", text)
+
+
+def test_same_ids_as_transformers(tokenizer, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(tokenizer_dir)
+    for text in SAMPLES:
+        assert tokenizer.encode(text) == reference.encode(text, add_special_tokens=False)
+
+
+def stream(tokenizer, ids):
+    decoder = StreamDecoder(tokenizer)
+    pieces = [decoder.push(i) for i in ids]
+    pieces.append(decoder.flush())
+    return pieces
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_stream_never_splits_a_character(tokenizer, text):
+    ids = tokenizer.encode(text)
+    pieces = stream(tokenizer, ids)
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == tokenizer.decode(ids)
+
+
+def test_multibyte_character_spanning_tokens_waits(tokenizer):
+    # Byte-level BPE splits rare characters into byte tokens: the first must yield nothing.
+    ids = tokenizer.encode("𝔘")
+    assert len(ids) > 1
+    pieces = stream(tokenizer, ids)
+    assert pieces[0] == ""
+    assert "".join(pieces) == "𝔘"
+
+
+def test_stream_decodes_a_short_window_only(tokenizer):
+    """Decoding cost per token must not grow with the reply: the window stays small."""
+    ids = tokenizer.encode(" ".join(SAMPLES) * 20)
+    lengths = []
+    original = tokenizer.decode
+
+    def counting_decode(window, skip_special=False):
+        lengths.append(len(window))
+        return original(window, skip_special)
+
+    tokenizer.decode = counting_decode
+    try:
+        text = "".join(stream(tokenizer, ids))
+    finally:
+        del tokenizer.decode
+    assert text == original(ids)
+    assert len(ids) > 1000
+    assert max(lengths) <= 8
+
+
+def test_special_tokens_are_not_shown(tokenizer):
+    im_start = tokenizer.token_id("<|im_start|>")
+    assert "".join(stream(tokenizer, [im_start, *tokenizer.encode("hi")])) == "hi"
+
+
+def test_think_splitter_separates_and_trims(tokenizer):
+    ids = tokenizer.encode("<think>\nLet me think.\n</think>\n\nThe answer is 4.")
+    assert ids[0] == tokenizer.think_start_id
+    splitter = ThinkSplitter(tokenizer)
+    events = [splitter.push(i) for i in ids] + [splitter.flush()]
+    thinking = "".join(t for t, is_thinking in events if is_thinking)
+    answer = "".join(t for t, is_thinking in events if not is_thinking)
+    assert thinking == "Let me think."
+    assert answer == "The answer is 4."
+    assert (splitter.thinking_text, splitter.answer_text) == (thinking, answer)
+
+
+def test_empty_think_block_shows_nothing(tokenizer):
+    ids = tokenizer.encode("<think>\n\n</think>\n\nHi there")
+    splitter = ThinkSplitter(tokenizer)
+    events = [splitter.push(i) for i in ids] + [splitter.flush()]
+    assert [t for t, thinking in events if thinking and t] == []
+    assert splitter.answer_text == "Hi there"
+
+
+def test_prompt_ending_inside_think_starts_in_thinking(tokenizer):
+    splitter = ThinkSplitter(tokenizer, in_thinking=True)
+    ids = tokenizer.encode("pondering</think>\n\nDone")
+    events = [splitter.push(i) for i in ids] + [splitter.flush()]
+    assert splitter.thinking_text == "pondering"
+    assert splitter.answer_text == "Done"
+    assert events[0][1] is True
