@@ -45,7 +45,9 @@ def _compile(source: str) -> jinja2.Template:
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise QwenChatError(f"chat template: syntax error on line {e.lineno}: {e.message}") from None
+        raise QwenChatError(
+            f"chat template: syntax error on line {e.lineno}: {e.message}"
+        ) from None
 
 
 def render_chat(

@@ -81,10 +81,16 @@ def reported_errors(debug: bool) -> Iterator[None]:
 
 @app.command()
 def chat(
-    model_path: str = typer.Option(DEFAULT_MODEL, "-m", "--model-path", help="Model directory, .gguf file or repo id."),
-    prompt: str | None = typer.Option(None, "-p", "--prompt", help="One-shot: answer this and exit."),
+    model_path: str = typer.Option(
+        DEFAULT_MODEL, "-m", "--model-path", help="Model directory, .gguf file or repo id."
+    ),
+    prompt: str | None = typer.Option(
+        None, "-p", "--prompt", help="One-shot: answer this and exit."
+    ),
     system: str | None = typer.Option(None, "-s", "--system", help="System prompt."),
-    temperature: float | None = typer.Option(None, help="Sampling temperature; 0 is greedy. [default: 0.6]"),
+    temperature: float | None = typer.Option(
+        None, help="Sampling temperature; 0 is greedy. [default: 0.6]"
+    ),
     top_p: float | None = typer.Option(None, help="Nucleus sampling. [default: 0.9]"),
     top_k: int | None = typer.Option(None, help="Top-k sampling, 0 is off. [default: 0]"),
     min_p: float | None = typer.Option(None, help="Min-p sampling, 0 is off. [default: 0.0]"),
@@ -98,7 +104,9 @@ def chat(
     format: Format = typer.Option(Format.auto, "--format", help="Model format."),
     seed: int = typer.Option(42, help="Sampling RNG seed."),
     think: bool = typer.Option(True, "--think/--no-think", help="Qwen3 thinking mode."),
-    think_budget: int | None = typer.Option(None, min=1, help="End thinking after this many tokens."),
+    think_budget: int | None = typer.Option(
+        None, min=1, help="End thinking after this many tokens."
+    ),
     device: Device = typer.Option(Device.auto, help="Compute device."),
     dtype: Dtype = typer.Option(Dtype.auto, help="Compute dtype."),
     json_output: bool = typer.Option(False, "--json", help="One-shot: print one JSON object."),
@@ -112,8 +120,12 @@ def chat(
         from .sampling import SamplingSettings
 
         flags = {
-            "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
-            "repetition_penalty": repetition_penalty, "presence_penalty": presence_penalty,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "min_p": min_p,
+            "repetition_penalty": repetition_penalty,
+            "presence_penalty": presence_penalty,
             "frequency_penalty": frequency_penalty,
         }
         interactive = prompt is None and sys.stdin.isatty()
@@ -139,9 +151,7 @@ def chat(
         sampling = SamplingSettings(**{**loaded.generation_defaults, **given, "seed": seed})
         sampling.validate()
         engine = Engine(loaded.model, loaded.tokenizer, max_seq_len, chunk_size)
-        run_oneshot(
-            engine, text, system, sampling, max_tokens, think, json_output, loaded.load_s
-        )
+        run_oneshot(engine, text, system, sampling, max_tokens, think, json_output, loaded.load_s)
 
 
 def _not_built(name: str, issue: str) -> None:

@@ -86,7 +86,9 @@ class Engine:
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
-    def prefill(self, prompt_ids: list[int], should_stop: Callable[[], bool]) -> torch.Tensor | None:
+    def prefill(
+        self, prompt_ids: list[int], should_stop: Callable[[], bool]
+    ) -> torch.Tensor | None:
         """Bring the cache to ``prompt_ids``; logits of the last position, or None if stopped.
 
         Only the part after the longest prefix already in the cache is run, in chunks of
@@ -145,15 +147,21 @@ class Engine:
         stops = set(tok.stop_ids)
         timings = Timings()
         start = time.perf_counter()
-        cached = 0 if self.reference else min(
-            self.cache.common_prefix(prompt_ids), len(prompt_ids) - 1
+        cached = (
+            0 if self.reference else min(self.cache.common_prefix(prompt_ids), len(prompt_ids) - 1)
         )
         generated: list[int] = []
 
         def finish(reason: str) -> FinishEvent:
             return FinishEvent(
-                reason, generated, len(prompt_ids), cached,
-                splitter.answer_text, splitter.thinking_text, splitter.thinking_tokens, timings,
+                reason,
+                generated,
+                len(prompt_ids),
+                cached,
+                splitter.answer_text,
+                splitter.thinking_text,
+                splitter.thinking_tokens,
+                timings,
             )
 
         logits = self.prefill(prompt_ids, should_stop)

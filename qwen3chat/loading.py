@@ -19,8 +19,13 @@ from .weights.safetensors import SafeTensorsSource
 
 # generation_config.json keys that replace our sampling defaults.
 _GENERATION_KEYS = (
-    "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-    "presence_penalty", "frequency_penalty",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
 )
 
 
@@ -96,9 +101,7 @@ def load_model(
     model = build_on_meta(config)
     load_weights(model, source, torch_dtype, torch_device)
     model.eval()
-    return LoadedModel(
-        model, tokenizer, config, path, fmt, generation, time.perf_counter() - start
-    )
+    return LoadedModel(model, tokenizer, config, path, fmt, generation, time.perf_counter() - start)
 
 
 def random_model(

@@ -34,7 +34,9 @@ class SamplingSettings:
         }
         for name, ok in checks.items():
             if not ok:
-                raise QwenChatError(f"--{name.replace('_', '-')}: {getattr(self, name)} is out of range")
+                raise QwenChatError(
+                    f"--{name.replace('_', '-')}: {getattr(self, name)} is out of range"
+                )
 
 
 class Sampler:
@@ -66,9 +68,7 @@ class Sampler:
             logits = torch.where(self.seen, scored, logits)
         if s.presence_penalty or s.frequency_penalty:
             logits = (
-                logits
-                - s.presence_penalty * (self.counts > 0)
-                - s.frequency_penalty * self.counts
+                logits - s.presence_penalty * (self.counts > 0) - s.frequency_penalty * self.counts
             )
         return logits
 
