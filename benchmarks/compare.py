@@ -28,10 +28,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "tests/fixtures/qwen3-tokenizer"
 SHAPES = {
-    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
-    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
+    "qwen3-0.6b": dict(
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-1.7b": dict(
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -41,8 +53,13 @@ def build_checkpoint(shape: str, directory: Path) -> Path:
         return directory
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    config = Qwen3Config(vocab_size=151936, head_dim=128, max_position_embeddings=40960,
-                         eos_token_id=151645, **SHAPES[shape])
+    config = Qwen3Config(
+        vocab_size=151936,
+        head_dim=128,
+        max_position_embeddings=40960,
+        eos_token_id=151645,
+        **SHAPES[shape],
+    )
     torch.manual_seed(0)
     model = Qwen3ForCausalLM._from_config(config, dtype=torch.bfloat16)
     tmp = directory.with_suffix(".tmp")
@@ -95,8 +112,9 @@ def run_transformers(path: Path, dtype: str, prompt: list[int], gen: int, repeat
     def timed(new_tokens: int) -> float:
         start = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                 **common)
+            out = model.generate(
+                ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **common
+            )
         assert out.shape[1] == len(prompt) + new_tokens
         return time.perf_counter() - start
 
@@ -115,7 +133,10 @@ WORKERS = {"qwen3chat": run_qwen3chat, "transformers": run_transformers}
 def worker(args) -> None:
     torch.set_num_threads(args.threads)
     result = WORKERS[args.worker](
-        Path(args.model), args.worker_dtype, prompt_ids(args.prompt_tokens), args.gen_tokens,
+        Path(args.model),
+        args.worker_dtype,
+        prompt_ids(args.prompt_tokens),
+        args.gen_tokens,
         args.repeat,
     )
     print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))
@@ -144,10 +165,24 @@ def main() -> None:
     rows = []
     for dtype in args.dtypes.split(","):
         for system in args.systems.split(","):
-            cmd = [sys.executable, __file__, "--worker", system, "--worker-dtype", dtype,
-                   "--model", str(path), "--prompt-tokens", str(args.prompt_tokens),
-                   "--gen-tokens", str(args.gen_tokens), "--repeat", str(args.repeat),
-                   "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                system,
+                "--worker-dtype",
+                dtype,
+                "--model",
+                str(path),
+                "--prompt-tokens",
+                str(args.prompt_tokens),
+                "--gen-tokens",
+                str(args.gen_tokens),
+                "--repeat",
+                str(args.repeat),
+                "--threads",
+                str(args.threads),
+            ]
             print(f"running {system} {dtype} ...", file=sys.stderr, flush=True)
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             result = json.loads(out.strip().splitlines()[-1])

@@ -11,9 +11,12 @@ import torch
 
 from .config import ModelConfig, read_config_json
 from .device import resolve_device, resolve_dtype
+from .download import resolve_model_path
 from .errors import QwenChatError
 from .model.qwen3 import Qwen3Model
 from .tokenizer import Tokenizer
+from .weights.gguf import GGUFSource, config_from_gguf, open_gguf
+from .weights.gguf_tokenizer import tokenizer_from_gguf
 from .weights.loader import check_tensors, load_weights, set_parameter
 from .weights.safetensors import SafeTensorsSource
 
@@ -79,25 +82,43 @@ def build_on_meta(config: ModelConfig) -> Qwen3Model:
         return Qwen3Model(config)
 
 
-def load_model(
-    path: str | Path, fmt: str = "auto", device: str = "auto", dtype: str = "auto"
-) -> LoadedModel:
-    start = time.perf_counter()
-    path = Path(path).expanduser()
-    fmt = detect_format(path, fmt)
-    if fmt == "gguf":
-        raise QwenChatError(f"{path}: GGUF models are not supported yet; use a SafeTensors model")
+def _open_safetensors(path: Path):
     if not path.is_dir():
         raise QwenChatError(f"{path}: --format safetensors needs a model directory")
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
     config = read_config_json(path / "config.json")
     source = SafeTensorsSource(path)
     config.complete_from_shapes(source.shapes())
-    check_tensors(config, source, str(path))
     generation = read_generation_defaults(path)
     stop_ids = generation.pop("eos_token_ids", None) or config.eos_token_ids or None
-    tokenizer = Tokenizer.from_dir(path, stop_ids)
+    return config, source, Tokenizer.from_dir(path, stop_ids), generation
+
+
+def _open_gguf(path: Path):
+    if not path.is_file():
+        raise QwenChatError(f"{path}: --format gguf needs a .gguf file")
+    reader = open_gguf(path)
+    config = config_from_gguf(reader, path)
+    # A tokenizer.json (and generation_config.json) beside the file win over the metadata.
+    beside = path.parent
+    if (beside / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_dir(beside)
+    else:
+        tokenizer = tokenizer_from_gguf(reader, path)
+    return config, GGUFSource(reader, path), tokenizer, read_generation_defaults(beside)
+
+
+def load_model(
+    path: str | Path, fmt: str = "auto", device: str = "auto", dtype: str = "auto"
+) -> LoadedModel:
+    path = resolve_model_path(path)  # a repo id becomes its cached (or just fetched) folder
+    start = time.perf_counter()
+    fmt = detect_format(path, fmt)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    opener = _open_gguf if fmt == "gguf" else _open_safetensors
+    config, source, tokenizer, generation = opener(path)
+    generation.pop("eos_token_ids", None)
+    check_tensors(config, source, str(path))
     model = build_on_meta(config)
     load_weights(model, source, torch_dtype, torch_device)
     model.eval()

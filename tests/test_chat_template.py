@@ -44,9 +44,12 @@ def test_matches_transformers(tokenizer, reference, name, thinking):
         messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
     )
     assert tokenizer.render(messages, enable_thinking=thinking) == expected
-    assert tokenizer.encode_chat(messages, thinking) == reference.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=True, enable_thinking=thinking
-    )["input_ids"]
+    assert (
+        tokenizer.encode_chat(messages, thinking)
+        == reference.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=True, enable_thinking=thinking
+        )["input_ids"]
+    )
 
 
 def test_history_think_content_not_fed_back(tokenizer):

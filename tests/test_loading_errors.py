@@ -91,7 +91,10 @@ def test_unexpected_tensor_named(model_copy):
 
 
 def test_shard_index_pointing_at_missing_shard(model_copy):
-    index = {"metadata": {}, "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"},
+    }
     (model_copy / "model.safetensors.index.json").write_text(json.dumps(index))
     assert "model-00002-of-00002.safetensors is missing" in cli_error(model_copy)
 
@@ -112,8 +115,14 @@ def test_config_shapes_disagree_with_weights(model_copy):
 
 def test_config_without_shapes_is_completed_from_tensors(model_copy, tiny_model_dir):
     config = json.loads((model_copy / "config.json").read_text())
-    for key in ("num_hidden_layers", "intermediate_size", "num_key_value_heads",
-                "num_attention_heads", "vocab_size", "hidden_size"):
+    for key in (
+        "num_hidden_layers",
+        "intermediate_size",
+        "num_key_value_heads",
+        "num_attention_heads",
+        "vocab_size",
+        "hidden_size",
+    ):
         del config[key]
     (model_copy / "config.json").write_text(json.dumps(config))
     loaded = load_model(model_copy, device="cpu", dtype="float32")

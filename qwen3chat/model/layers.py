@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kv_cache import KVCache
+from ..quant import QuantizedWeight
 
 # On CPUs without native 16-bit matrix units (AVX2), torch's bf16/f16 GEMM runs at a few
 # GFLOP/s against ~130 in float32, while bf16 matrix-vector products are bandwidth bound
@@ -25,7 +26,22 @@ class Linear(nn.Module):
         return linear(x, self.weight)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+class Embedding(nn.Module):
+    """Token embedding whose table may be quantized (rows dequantized on lookup)."""
+
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.weight, QuantizedWeight):
+            return self.weight.rows(ids)
+        return F.embedding(ids, self.weight)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    if isinstance(weight, QuantizedWeight):
+        return weight.linear(x)
     if (
         x.device.type == "cpu"
         and weight.dtype in (torch.bfloat16, torch.float16)

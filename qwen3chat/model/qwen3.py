@@ -7,7 +7,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..kv_cache import KVCache
-from .layers import MLP, Attention, Linear, RMSNorm, linear, rope_tables
+from .layers import MLP, Attention, Embedding, Linear, RMSNorm, linear, rope_tables
 
 
 class DecoderLayer(nn.Module):
@@ -27,13 +27,7 @@ class Qwen3Model(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        # Passing the weight skips nn.Embedding's random init (seconds, even on meta).
-        self.embed_tokens = nn.Embedding(
-            config.vocab_size,
-            config.hidden_size,
-            _weight=torch.empty(config.vocab_size, config.hidden_size),
-            _freeze=True,
-        )
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
@@ -46,11 +40,11 @@ class Qwen3Model(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        return self.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self.norm.weight.device
 
     def setup_rope(self, max_seq_len: int) -> None:
         """Build the cos/sin tables for positions < max_seq_len on the weights' device."""

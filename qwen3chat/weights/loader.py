@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from ..errors import QwenChatError
+from ..model.layers import Embedding
+from ..quant import QuantizedMatrix, QuantizedWeight
 from .names import checkpoint_parts, expected_shapes
 
 
@@ -18,7 +20,7 @@ class WeightSource(Protocol):
 
     def file_of(self, name: str) -> str: ...
 
-    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor: ...
+    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor | QuantizedMatrix: ...
 
 
 def check_tensors(config, source: WeightSource, where: str) -> None:
@@ -45,19 +47,36 @@ def check_tensors(config, source: WeightSource, where: str) -> None:
 def load_weights(
     model: nn.Module, source: WeightSource, dtype: torch.dtype, device: torch.device
 ) -> None:
-    """Replace every (meta) parameter by its tensor from ``source``, converted on the way."""
+    """Replace every (meta) parameter by its tensor from ``source``, converted on the way.
+
+    A source may hand out a matrix already quantized (GGUF blocks): it then stays
+    quantized in memory, packed for the device's kernel.
+    """
     for name, param in list(model.named_parameters()):
         parts = [source.read(part, dtype) for part in checkpoint_parts(name)]
-        tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if isinstance(parts[0], QuantizedMatrix):
+            weight = QuantizedMatrix.cat(parts) if len(parts) > 1 else parts[0]
+        else:
+            weight = parts[0] if len(parts) == 1 else torch.cat(parts)
         del parts
-        if tensor.shape != param.shape:
+        if weight.shape != param.shape:
             raise QwenChatError(
-                f"tensor {name}: shape {list(tensor.shape)} does not fit {list(param.shape)}"
+                f"tensor {name}: shape {list(weight.shape)} does not fit {list(param.shape)}"
             )
-        set_parameter(model, name, tensor.to(device))
+        if isinstance(weight, QuantizedMatrix):
+            module = model.get_submodule(name.rpartition(".")[0])
+            lookup = isinstance(module, Embedding)
+            set_parameter(model, name, QuantizedWeight(weight, dtype, device, lookup))
+        else:
+            set_parameter(model, name, weight.to(device))
 
 
-def set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """Put ``tensor`` in place of the (meta) parameter ``name``, sharing its memory."""
+def set_parameter(model: nn.Module, name: str, value: torch.Tensor | QuantizedWeight) -> None:
+    """Put a tensor (or a quantized weight module) in place of the parameter ``name``."""
     module_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))
+    module = model.get_submodule(module_name)
+    delattr(module, leaf)
+    if isinstance(value, QuantizedWeight):
+        setattr(module, leaf, value)
+    else:
+        setattr(module, leaf, nn.Parameter(value, requires_grad=False))

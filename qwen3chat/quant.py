@@ -1,0 +1,161 @@
+"""Weight-only quantized matrices: integer codes with per-group scales, and their matmuls.
+
+One representation serves both sources of quantized weights: GGUF blocks (Q8_0, Q4_0, …)
+converted at load, and float weights quantized at load (``--quantize``). A matrix is
+``QuantizedMatrix`` while it is assembled (rows can be concatenated, e.g. q/k/v into
+qkv), then ``QuantizedWeight``, the module that holds it packed for the device's kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class QuantizedMatrix:
+    """``bits`` 8: w = code * scale, codes int8 in [-127, 127] (symmetric).
+    ``bits`` 4: w = (code - 8) * scale + zero, codes uint8 in [0, 15].
+    Scales and zeros are float32 ``[rows, cols / group_size]``."""
+
+    bits: int
+    group_size: int
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        rows, cols = self.codes.shape
+        groups = cols // self.group_size
+        codes = self.codes.view(rows, groups, self.group_size).float()
+        if self.bits == 4:
+            codes = codes - 8
+        w = codes * self.scales[..., None]
+        if self.zeros is not None:
+            w = w + self.zeros[..., None]
+        return w.view(rows, cols).to(dtype)
+
+    def to_int8(self) -> QuantizedMatrix:
+        """The same matrix as int8: exact when the int4 zeros are all 0 (GGUF Q4_0)."""
+        if self.bits == 8:
+            return self
+        if not self.zeros.any():
+            codes = self.codes.to(torch.int8) - 8
+            return QuantizedMatrix(8, self.group_size, codes, self.scales)
+        return quantize(self.dequantize(), 8, self.group_size)
+
+    @staticmethod
+    def cat(parts: list[QuantizedMatrix]) -> QuantizedMatrix:
+        """Stack matrices along rows (output features); they must share their format."""
+        first = parts[0]
+        if any((p.bits, p.group_size) != (first.bits, first.group_size) for p in parts):
+            # Mixed formats (a GGUF file may quantize q and v differently): requantize.
+            return quantize(
+                torch.cat([p.dequantize() for p in parts]), first.bits, first.group_size
+            )
+        zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])
+        return QuantizedMatrix(
+            first.bits,
+            first.group_size,
+            torch.cat([p.codes for p in parts]),
+            torch.cat([p.scales for p in parts]),
+            zeros,
+        )
+
+
+def quantize(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedMatrix:
+    """Round-to-nearest quantization of a float matrix: int8 symmetric, int4 asymmetric."""
+    rows, cols = weight.shape
+    if cols % group_size:
+        raise ValueError(f"{cols} columns are not a multiple of group size {group_size}")
+    w = weight.float().view(rows, cols // group_size, group_size)
+    if bits == 8:
+        scales = w.abs().amax(-1).clamp(min=1e-10) / 127
+        codes = (w / scales[..., None]).round().clamp(-127, 127).to(torch.int8)
+        return QuantizedMatrix(8, group_size, codes.view(rows, cols), scales)
+    if bits == 4:
+        low, high = w.amin(-1), w.amax(-1)
+        scales = ((high - low) / 15).clamp(min=1e-10)
+        # w = (code - 8) * scale + zero with code 0 at the group minimum.
+        zeros = low + 8 * scales
+        codes = ((w - low[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8)
+        return QuantizedMatrix(4, group_size, codes.view(rows, cols), scales, zeros)
+    raise ValueError(f"unsupported bit width {bits}")
+
+
+class QuantizedWeight(nn.Module):
+    """A quantized matrix packed for the fused weight-only kernels torch ships for the CPU
+    (``_weight_int8pack_mm`` for per-channel int8, ``_weight_int4pack_mm_for_cpu`` for
+    int4); other layouts and devices dequantize per matmul, which is correct everywhere."""
+
+    def __init__(
+        self,
+        matrix: QuantizedMatrix,
+        dtype: torch.dtype,
+        device: torch.device,
+        row_lookup: bool = False,
+    ):
+        super().__init__()
+        if row_lookup and matrix.bits == 4:
+            # Embedding tables need rows back, which the packed int4 layout cannot give:
+            # such a table (tied to the LM head or not) is kept as int8 instead.
+            matrix = matrix.to_int8()
+        self.bits = matrix.bits
+        self.group_size = matrix.group_size
+        self.out_features, self.in_features = matrix.shape
+        self.dtype = dtype
+        self.int4_kernel = matrix.bits == 4 and device.type == "cpu"
+        if self.int4_kernel:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                matrix.codes.to(torch.int32), 1
+            )
+            self.register_buffer("packed", packed.to(device))
+            # Kernel layout [groups, rows, 2]; it wants them in the activations' dtype.
+            scales_zeros = torch.stack([matrix.scales, matrix.zeros], dim=-1).transpose(0, 1)
+            self.register_buffer("scales_zeros", scales_zeros.contiguous().to(device, dtype))
+        else:
+            self.register_buffer("codes", matrix.codes.to(device))
+            self.register_buffer("scales", matrix.scales.to(device))
+            self.register_buffer("zeros", None if matrix.zeros is None else matrix.zeros.to(device))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers())
+
+    def matrix(self) -> QuantizedMatrix:
+        if self.int4_kernel:
+            raise RuntimeError("the packed int4 layout cannot be read back")
+        return QuantizedMatrix(self.bits, self.group_size, self.codes, self.scales, self.zeros)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.int4_kernel:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.to(self.scales_zeros.dtype), self.packed, self.group_size, self.scales_zeros
+            )
+        elif self.bits == 8 and self.group_size == self.in_features and x.device.type == "cpu":
+            out = torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scales[:, 0].to(x.dtype))
+        else:
+            compute = torch.float32 if x.device.type == "cpu" else x.dtype
+            out = F.linear(x2.to(compute), self.matrix().dequantize(compute))
+        return out.to(x.dtype).view(*shape[:-1], self.out_features)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding lookup: dequantize only the selected rows."""
+        m = self.matrix()
+        selected = QuantizedMatrix(
+            m.bits,
+            m.group_size,
+            m.codes[ids.reshape(-1)],
+            m.scales[ids.reshape(-1)],
+            None if m.zeros is None else m.zeros[ids.reshape(-1)],
+        )
+        return selected.dequantize(self.dtype).view(*ids.shape, self.in_features)

@@ -1,0 +1,202 @@
+"""GGUF files (llama.cpp's format) through gguf-py's memory-mapped reader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+
+from ..config import ModelConfig
+from ..errors import QwenChatError
+from ..quant import QuantizedMatrix
+from . import gguf_quants
+from .names import canonical_from_gguf
+
+SUPPORTED_ARCHITECTURES = ("qwen3",)
+# No real GGUF holds arrays or counts near these; a header that claims more is corrupt,
+# and is refused before the reader walks (and allocates for) it.
+_MAX_ARRAY_ITEMS = 1 << 24
+_MAX_COUNT = 1 << 20
+# Our config field -> the GGUF metadata key (after "<arch>.") that holds it.
+_SHAPE_KEYS = {
+    "hidden_size": "embedding_length",
+    "intermediate_size": "feed_forward_length",
+    "num_hidden_layers": "block_count",
+    "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length",
+}
+
+
+class _BoundedReader(GGUFReader):
+    """gguf-py's reader, refusing every read past the end of the file and absurd counts,
+    so that a truncated or corrupt header fails at once instead of hanging or exhausting
+    memory; and reading through a plain ndarray view of the memory map, since slicing
+    np.memmap itself costs microseconds per call and a Qwen3 header (150k vocabulary
+    strings) needs close to a million of them."""
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        data = self.__dict__.get("_plain")
+        if data is None:
+            data = self._plain = self.data.view(np.ndarray)
+        count = int(count)
+        end = int(offset) + np.dtype(dtype).itemsize * count
+        if count < 0 or end > len(data):
+            raise ValueError(f"header runs past the end of the file (at byte {offset})")
+        array = data[offset:end].view(dtype=dtype)
+        order = self.byte_order if override_order is None else override_order
+        return array.view(array.dtype.newbyteorder(order))
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        if GGUFValueType(raw_type) == GGUFValueType.ARRAY:
+            item_type = int(self._get(orig_offs, np.uint32)[0])
+            length = int(self._get(orig_offs + 4, np.uint64)[0])
+            if length > min(_MAX_ARRAY_ITEMS, len(self.data) - orig_offs):
+                raise ValueError(f"an array claims {length} items")
+            if item_type == GGUFValueType.STRING and self.byte_order == "I":
+                return self._string_array_parts(orig_offs, length)
+            scalar = self.gguf_scalar_to_np.get(GGUFValueType(item_type))
+            if scalar is not None:
+                return self._scalar_array_parts(orig_offs, length, item_type, scalar)
+        return super()._get_field_parts(orig_offs, raw_type)
+
+    def _scalar_array_parts(self, orig_offs, length, item_type, scalar):
+        """Like gguf-py's parts for a numeric array (one part per item), without its
+        per-item recursion (the vocabulary's token types are 150k of them)."""
+        values = self._get(orig_offs + 12, scalar, length)
+        parts = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]
+        parts += [values[i : i + 1] for i in range(length)]
+        types = [GGUFValueType.ARRAY, GGUFValueType(item_type)]
+        return 12 + values.nbytes, parts, list(range(2, length + 2)), types
+
+    def _string_array_parts(self, orig_offs, length):
+        """The parts gguf-py builds for an array of strings, built without its per-item
+        recursion: the vocabulary and merges are 300k strings, and this is 10x faster."""
+        data = self._plain
+        view = memoryview(data)
+        parts = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]
+        offs = orig_offs + 12
+        for _ in range(length):
+            size = int.from_bytes(view[offs : offs + 8], "little")
+            end = offs + 8 + size
+            if end > len(data):
+                raise ValueError(f"a string runs past the end of the file (at byte {offs})")
+            parts.append(data[offs : offs + 8].view(np.uint64))
+            parts.append(data[offs + 8 : end])
+            offs = end
+        types = [GGUFValueType.ARRAY, GGUFValueType.STRING]
+        return offs - orig_offs, parts, list(range(3, 2 * length + 2, 2)), types
+
+    def _build_fields(self, offs, count):
+        if int(count) > _MAX_COUNT:
+            raise ValueError(f"the header claims {int(count)} metadata entries")
+        return super()._build_fields(offs, count)
+
+    def _build_tensor_info(self, offs, count):
+        if int(count) > _MAX_COUNT:
+            raise ValueError(f"the header claims {int(count)} tensors")
+        return super()._build_tensor_info(offs, count)
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    try:
+        return _BoundedReader(path)
+    except (ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError) as e:
+        raise QwenChatError(f"{path}: not a valid GGUF file ({e})") from None
+    except OSError as e:
+        raise QwenChatError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def metadata(reader: GGUFReader, key: str, default=None):
+    field = reader.get_field(key)
+    return default if field is None else field.contents()
+
+
+def config_from_gguf(reader: GGUFReader, path: Path) -> ModelConfig:
+    arch = metadata(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise QwenChatError(
+            f"{path}: GGUF architecture {arch!r} is not supported; "
+            f"expected one of {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+    def get(key, default=None):
+        return metadata(reader, f"{arch}.{key}", default)
+
+    rope_type = get("rope.scaling.type")
+    rope_scaling = None
+    if rope_type and rope_type != "none":
+        rope_scaling = {
+            "rope_type": rope_type,
+            "factor": get("rope.scaling.factor", 1.0),
+            "original_max_position_embeddings": get("rope.scaling.original_context_length"),
+        }
+    names = {t.name for t in reader.tensors}
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None:
+        raise QwenChatError(f"{path}: tensor token_embd.weight is missing")
+    shape = {attr: get(key) for attr, key in _SHAPE_KEYS.items()}
+    missing = [key for attr, key in _SHAPE_KEYS.items() if shape[attr] is None]
+    if missing:
+        raise QwenChatError(f"{path}: metadata {arch}.{missing[0]} is missing")
+    config = ModelConfig(
+        vocab_size=int(embed.shape[1]),
+        **shape,
+        rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=float(get("rope.freq_base", 1_000_000.0)),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=get("context_length", 40960),
+        tie_word_embeddings="output.weight" not in names,
+    )
+    config.validate()
+    return config
+
+
+class GGUFSource:
+    """Canonical tensor name -> float tensor, or QuantizedMatrix for quantized blocks."""
+
+    def __init__(self, reader: GGUFReader, path: Path):
+        self.reader = reader
+        self.path = path
+        self._tensors = {}
+        for tensor in reader.tensors:
+            name = canonical_from_gguf(tensor.name)
+            if name is None:
+                raise QwenChatError(f"{path}: unexpected tensor {tensor.name}")
+            if not gguf_quants.supported(tensor.tensor_type):
+                raise QwenChatError(
+                    f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}, "
+                    "which is not supported"
+                )
+            block = GGML_QUANT_SIZES[tensor.tensor_type][0]
+            if int(tensor.shape[0]) % block:
+                raise QwenChatError(
+                    f"{path}: tensor {tensor.name} has rows of {int(tensor.shape[0])} values, "
+                    f"not a multiple of the {tensor.tensor_type.name} block size {block}"
+                )
+            self._tensors[name] = tensor
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        # GGUF lists dimensions innermost first; torch order is the reverse.
+        return {n: tuple(int(d) for d in reversed(t.shape)) for n, t in self._tensors.items()}
+
+    def file_of(self, name: str) -> str:
+        return self.path.name
+
+    def quant_types(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self._tensors.values():
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+        return counts
+
+    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor | QuantizedMatrix:
+        tensor = self._tensors[name]
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        try:
+            return gguf_quants.decode(
+                tensor.data, GGMLQuantizationType(tensor.tensor_type), shape, dtype
+            )
+        except (ValueError, IndexError) as e:
+            raise QwenChatError(f"{self.path}: cannot read tensor {tensor.name} ({e})") from None

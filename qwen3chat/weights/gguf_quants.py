@@ -1,0 +1,106 @@
+"""GGUF tensor data -> float tensors or QuantizedMatrix (where GGUF Q-blocks are decoded).
+
+Q8_0, Q4_0, Q4_1 and Q4_K map exactly onto our group-32 int8/int4 layouts: the codes and
+scales are copied, nothing is rounded again. Every other block type gguf-py can decode
+(Q5_*, Q6_K, Q2_K, Q3_K, IQ*, …) is dequantized tensor by tensor and requantized to int8
+with groups of 32, which adds well under 1% relative error (see tests/test_gguf.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import quants
+
+from ..quant import QuantizedMatrix, quantize
+
+FLOAT_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
+REQUANTIZED_GROUP = 32
+
+
+def _f16(column: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(column).view(np.float16).astype(np.float32))
+
+
+def _low_high_nibbles(qs: np.ndarray) -> np.ndarray:
+    """``[..., n]`` bytes -> ``[..., 2n]`` codes: the n low nibbles, then the n high ones."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _q8_0(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
+    # block: f16 d, 32 x int8
+    scales = _f16(blocks[..., :2]).view(rows, -1)
+    codes = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8).copy())
+    return QuantizedMatrix(8, 32, codes.view(rows, cols), scales)
+
+
+def _q4_0(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
+    # block: f16 d, 16 bytes of nibbles; w = d * (q - 8)
+    scales = _f16(blocks[..., :2]).view(rows, -1)
+    codes = torch.from_numpy(_low_high_nibbles(blocks[..., 2:]))
+    return QuantizedMatrix(4, 32, codes.view(rows, cols), scales, torch.zeros_like(scales))
+
+
+def _q4_1(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
+    # block: f16 d, f16 m, 16 bytes of nibbles; w = d * q + m = (q - 8) * d + (m + 8d)
+    scales = _f16(blocks[..., :2]).view(rows, -1)
+    mins = _f16(blocks[..., 2:4]).view(rows, -1)
+    codes = torch.from_numpy(_low_high_nibbles(blocks[..., 4:]))
+    return QuantizedMatrix(4, 32, codes.view(rows, cols), scales, mins + 8 * scales)
+
+
+def _q4_k(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
+    # super-block of 256: f16 d, f16 dmin, 12 bytes of 6-bit (scale, min) for 8 sub-blocks
+    # of 32, 128 bytes of nibbles in 4 chunks of 32 bytes (low nibbles: sub-block 2j,
+    # high: 2j+1); w = d*sc*q - dmin*m.
+    d = _f16(blocks[..., 0:2])
+    dmin = _f16(blocks[..., 2:4])
+    n = blocks.reshape(-1, blocks.shape[-1]).shape[0]
+    sc, m = quants.Q4_K.get_scale_min(np.ascontiguousarray(blocks[..., 4:16]).reshape(n, 12))
+    scales = d.view(n, 1) * torch.from_numpy(sc.astype(np.float32))
+    mins = dmin.view(n, 1) * torch.from_numpy(m.astype(np.float32))
+    qs = np.ascontiguousarray(blocks[..., 16:]).reshape(n, 4, 32)
+    codes = torch.from_numpy(_low_high_nibbles(qs))  # [n, 4, 64] = 8 sub-blocks of 32
+    return QuantizedMatrix(
+        4,
+        32,
+        codes.reshape(rows, cols),
+        scales.view(rows, -1),
+        (8 * scales - mins).view(rows, -1),
+    )
+
+
+EXACT = {T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q4_K: _q4_k}
+
+
+def supported(qtype: T) -> bool:
+    if qtype in FLOAT_TYPES or qtype in EXACT:
+        return True
+    try:
+        quants.dequantize(np.zeros(quants.GGML_QUANT_SIZES[qtype][1], np.uint8), qtype)
+    except (NotImplementedError, KeyError, ValueError):
+        return False
+    return True
+
+
+def decode(
+    raw: np.ndarray, qtype: T, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor | QuantizedMatrix:
+    """``raw`` as gguf-py's reader hands it out; ``shape`` in torch order (rows, cols)."""
+    if qtype in FLOAT_TYPES:
+        array = np.asarray(raw)
+        if qtype == T.BF16:  # numpy has no bfloat16: reinterpret the 16-bit words
+            tensor = torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+        else:
+            tensor = torch.from_numpy(array.copy())
+        return tensor.reshape(shape).to(dtype)
+    if len(shape) != 2:
+        raise ValueError(f"a {qtype.name} tensor must be 2-D, got shape {list(shape)}")
+    rows, cols = shape
+    block, block_bytes = quants.GGML_QUANT_SIZES[qtype]
+    blocks = np.asarray(raw).reshape(rows, cols // block, block_bytes)
+    if qtype in EXACT:
+        return EXACT[qtype](blocks, rows, cols)
+    floats = torch.from_numpy(quants.dequantize(np.asarray(raw), qtype)).reshape(rows, cols)
+    return quantize(floats, 8, REQUANTIZED_GROUP)
