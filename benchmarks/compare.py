@@ -1,11 +1,15 @@
 """Decode/prefill speed and peak memory of qwen3chat next to transformers, in one run.
 
 Builds a random-weight checkpoint of a real Qwen3 shape once (bf16 SafeTensors, the real
-tokenizer), then runs each system in its own process on the same prompt, so peak RSS is
-per system. Writes a Markdown table to docs/benchmarks.md.
+tokenizer; GGUF files written from it the way llama.cpp's converter writes them), then
+runs each system in its own process on the same prompt, so peak RSS is per system.
+Writes a Markdown table to docs/benchmarks.md.
 
-    python benchmarks/compare.py                       # Qwen3-0.6B shape, float32 + bfloat16
-    python benchmarks/compare.py --dtypes bfloat16 --repeat 5
+    python benchmarks/compare.py                       # Qwen3-0.6B shape, the default rows
+    python benchmarks/compare.py --runs qwen3chat:bfloat16,qwen3chat:gguf-Q4_0 --repeat 5
+
+A run is SYSTEM:VARIANT: qwen3chat:{float32,bfloat16,gguf-F16,gguf-Q8_0,gguf-Q4_0} or
+transformers:{float32,bfloat16}.
 """
 
 from __future__ import annotations
@@ -47,6 +51,23 @@ SHAPES = {
 }
 
 
+def build_gguf(checkpoint: Path, qtype_name: str) -> Path:
+    """The checkpoint as a GGUF file of ``qtype_name`` (F16, Q8_0, Q4_0), built once."""
+    path = checkpoint / f"model-{qtype_name}.gguf"
+    if path.is_file():
+        return path
+    sys.path.insert(0, str(ROOT / "tests"))
+    import gguf
+    from gguf_files import write_gguf
+    from transformers import Qwen3ForCausalLM
+
+    model = Qwen3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    tmp = path.with_suffix(".tmp")
+    write_gguf(model, checkpoint, tmp, gguf.GGMLQuantizationType[qtype_name])
+    tmp.rename(path)
+    return path
+
+
 def build_checkpoint(shape: str, directory: Path) -> Path:
     """Random bf16 weights of ``shape`` saved by transformers, with the real tokenizer."""
     if (directory / "config.json").is_file():
@@ -82,11 +103,15 @@ def prompt_ids(n: int) -> list[int]:
     return torch.randint(1000, 100000, (n,), generator=generator).tolist()
 
 
-def run_qwen3chat(path: Path, dtype: str, prompt: list[int], gen: int, repeat: int) -> dict:
+def run_qwen3chat(path: Path, variant: str, prompt: list[int], gen: int, repeat: int) -> dict:
     from qwen3chat.engine import Engine
     from qwen3chat.loading import load_model
     from qwen3chat.sampling import SamplingSettings
 
+    if variant.startswith("gguf-"):
+        path, dtype = build_gguf(path, variant.removeprefix("gguf-")), "auto"
+    else:
+        dtype = variant
     loaded = load_model(path, device="cpu", dtype=dtype)
     loaded.tokenizer.stop_ids = []  # random weights: always generate all tokens
     engine = Engine(loaded.model, loaded.tokenizer, max_seq_len=len(prompt) + gen + 8)
@@ -145,8 +170,11 @@ def worker(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
-    parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--systems", default="qwen3chat,transformers")
+    parser.add_argument(
+        "--runs",
+        default="qwen3chat:float32,transformers:float32,qwen3chat:bfloat16,"
+        "transformers:bfloat16,qwen3chat:gguf-Q8_0,qwen3chat:gguf-Q4_0",
+    )
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
@@ -162,31 +190,33 @@ def main() -> None:
 
     path = build_checkpoint(args.shape, Path(args.cache_dir) / args.shape)
     weight_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    for run in args.runs.split(","):  # build GGUF files before timing anything
+        if ":gguf-" in run:
+            build_gguf(path, run.split(":gguf-")[1])
     rows = []
-    for dtype in args.dtypes.split(","):
-        for system in args.systems.split(","):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                system,
-                "--worker-dtype",
-                dtype,
-                "--model",
-                str(path),
-                "--prompt-tokens",
-                str(args.prompt_tokens),
-                "--gen-tokens",
-                str(args.gen_tokens),
-                "--repeat",
-                str(args.repeat),
-                "--threads",
-                str(args.threads),
-            ]
-            print(f"running {system} {dtype} ...", file=sys.stderr, flush=True)
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            result = json.loads(out.strip().splitlines()[-1])
-            rows.append((system, dtype, result))
+    for run in args.runs.split(","):
+        system, variant = run.split(":")
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            system,
+            "--worker-dtype",
+            variant,
+            "--model",
+            str(path),
+            "--prompt-tokens",
+            str(args.prompt_tokens),
+            "--gen-tokens",
+            str(args.gen_tokens),
+            "--repeat",
+            str(args.repeat),
+            "--threads",
+            str(args.threads),
+        ]
+        print(f"running {run} ...", file=sys.stderr, flush=True)
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows.append((system, variant, json.loads(out.strip().splitlines()[-1])))
     write_table(args, rows, weight_bytes)
 
 
@@ -200,7 +230,7 @@ def write_table(args, rows, weight_bytes) -> None:
         f"checkpoint {weight_bytes / 2**30:.2f} GiB bf16. Median of {args.repeat} runs "
         "(min-max) after a warm-up run; each system in its own process.",
         "",
-        "| system | dtype | load s | prefill tok/s | decode tok/s | peak RSS MiB |",
+        "| system | weights / compute | load s | prefill tok/s | decode tok/s | peak RSS MiB |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for system, dtype, r in rows:
@@ -213,7 +243,7 @@ def write_table(args, rows, weight_bytes) -> None:
     lines.append("")
     lines.append(
         "Command: `python benchmarks/compare.py "
-        f"--shape {args.shape} --dtypes {args.dtypes} --systems {args.systems} "
+        f"--shape {args.shape} --runs {args.runs} "
         f"--prompt-tokens {args.prompt_tokens} --gen-tokens {args.gen_tokens} "
         f"--repeat {args.repeat} --threads {args.threads}`"
     )

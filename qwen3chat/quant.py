@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .device import CPU_FLOAT32_MIN_ROWS, matmul_dtype
+from .kernels import q8_linear
+
 
 @dataclass
 class QuantizedMatrix:
@@ -136,17 +139,26 @@ class QuantizedWeight(nn.Module):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if self.int4_kernel:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.to(self.scales_zeros.dtype), self.packed, self.group_size, self.scales_zeros
-            )
-        elif self.bits == 8 and self.group_size == self.in_features and x.device.type == "cpu":
-            out = torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scales[:, 0].to(x.dtype))
-        else:
-            compute = torch.float32 if x.device.type == "cpu" else x.dtype
-            out = F.linear(x2.to(compute), self.matrix().dequantize(compute))
+        out = self._matmul(x.reshape(-1, shape[-1]))
         return out.to(x.dtype).view(*shape[:-1], self.out_features)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int4_kernel:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.to(self.scales_zeros.dtype), self.packed, self.group_size, self.scales_zeros
+            )
+        # Few rows (decode) are bandwidth bound: stream the int8 codes through a fused
+        # kernel. Many rows (prefill) are compute bound: dequantize once, then GEMM.
+        if self.bits == 8 and x.device.type == "cpu" and x.shape[0] < CPU_FLOAT32_MIN_ROWS:
+            if self.group_size == 32:
+                out = q8_linear(x.float(), self.codes, self.scales)
+                if out is not None:
+                    return out
+            if self.group_size == self.in_features:
+                scales = self.scales[:, 0].to(x.dtype)
+                return torch.ops.aten._weight_int8pack_mm(x, self.codes, scales)
+        compute = matmul_dtype(x.shape[0], x.dtype, x.device)
+        return F.linear(x.to(compute), self.matrix().dequantize(compute))
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding lookup: dequantize only the selected rows."""

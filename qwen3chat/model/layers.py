@@ -6,17 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import matmul_dtype
 from ..kv_cache import KVCache
 from ..quant import QuantizedWeight
 
-# On CPUs without native 16-bit matrix units (AVX2), torch's bf16/f16 GEMM runs at a few
-# GFLOP/s against ~130 in float32, while bf16 matrix-vector products are bandwidth bound
-# and fast. So products with many rows (prefill) run in float32, single rows stay 16-bit.
-_CPU_FLOAT32_MIN_ROWS = 4
-
 
 class Linear(nn.Module):
-    """``y = x @ W.T`` with the CPU compute-precision rule above; no bias (Qwen3 has none)."""
+    """``y = x @ W.T`` (no bias: Qwen3 has none); the weight may be a QuantizedWeight."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -42,12 +38,9 @@ class Embedding(nn.Module):
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
     if isinstance(weight, QuantizedWeight):
         return weight.linear(x)
-    if (
-        x.device.type == "cpu"
-        and weight.dtype in (torch.bfloat16, torch.float16)
-        and x.numel() // x.shape[-1] >= _CPU_FLOAT32_MIN_ROWS
-    ):
-        return F.linear(x.float(), weight.float()).to(x.dtype)
+    compute = matmul_dtype(x.numel() // x.shape[-1], x.dtype, x.device)
+    if compute != weight.dtype:
+        return F.linear(x.to(compute), weight.to(compute)).to(x.dtype)
     return F.linear(x, weight)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -195,8 +196,18 @@ class GGUFSource:
         tensor = self._tensors[name]
         shape = tuple(int(d) for d in reversed(tensor.shape))
         try:
-            return gguf_quants.decode(
-                tensor.data, GGMLQuantizationType(tensor.tensor_type), shape, dtype
-            )
+            qtype = GGMLQuantizationType(tensor.tensor_type)
+            return gguf_quants.decode(tensor.data, qtype, shape, dtype)
         except (ValueError, IndexError) as e:
             raise QwenChatError(f"{self.path}: cannot read tensor {tensor.name} ({e})") from None
+        finally:
+            self._release(tensor)
+
+    def _release(self, tensor) -> None:
+        """Drop the file pages of a tensor already copied out: without this the whole
+        file stays resident beside the weights until loading ends (twice the memory)."""
+        mapping = getattr(self.reader.data, "_mmap", None)
+        if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = tensor.data_offset - tensor.data_offset % mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, start, tensor.data_offset + tensor.n_bytes - start)
