@@ -109,11 +109,19 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, start, k, v)
-        # One query row sees every cached key: no mask. A chunk starting at 0 is plain
-        # causal; a later chunk gets the explicit mask built once per forward.
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, enable_gqa=True
-        )
+        if seq == 1:
+            # One query row sees every cached key, so no mask; and the query heads that
+            # share a KV head go in as rows of one group (5x faster than enable_gqa on
+            # CPU in bf16, where SDPA's GQA path runs per head).
+            groups = self.num_heads // self.num_kv_heads
+            grouped = q.reshape(batch, self.num_kv_heads, groups, self.head_dim)
+            out = F.scaled_dot_product_attention(grouped, k, v).view(q.shape)
+        else:
+            # A chunk starting at 0 is plain causal; a later chunk gets the explicit mask
+            # built once per forward.
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+            )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.q_size))
 
 
