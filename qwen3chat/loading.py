@@ -14,10 +14,11 @@ from .device import resolve_device, resolve_dtype
 from .download import resolve_model_path
 from .errors import QwenChatError
 from .model.qwen3 import Qwen3Model
+from .quant import QuantSpec
 from .tokenizer import Tokenizer
 from .weights.gguf import GGUFSource, config_from_gguf, open_gguf
 from .weights.gguf_tokenizer import tokenizer_from_gguf
-from .weights.loader import check_tensors, load_weights, set_parameter
+from .weights.loader import check_tensors, load_weights, place, set_parameter
 from .weights.safetensors import SafeTensorsSource
 
 # generation_config.json keys that replace our sampling defaults.
@@ -41,6 +42,8 @@ class LoadedModel:
     format: str
     generation_defaults: dict = field(default_factory=dict)
     load_s: float = 0.0
+    quantization: str = "none"  # what the weights are held as, for /show and bench
+    notices: list[str] = field(default_factory=list)  # one-line notes for the user
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
@@ -108,34 +111,72 @@ def _open_gguf(path: Path):
 
 
 def load_model(
-    path: str | Path, fmt: str = "auto", device: str = "auto", dtype: str = "auto"
+    path: str | Path,
+    fmt: str = "auto",
+    device: str = "auto",
+    dtype: str = "auto",
+    quantize: str = "none",
+    group_size: int = 32,
 ) -> LoadedModel:
     path = resolve_model_path(path)  # a repo id becomes its cached (or just fetched) folder
     start = time.perf_counter()
     fmt = detect_format(path, fmt)
+    quant = QuantSpec.parse(quantize, group_size)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     opener = _open_gguf if fmt == "gguf" else _open_safetensors
     config, source, tokenizer, generation = opener(path)
     generation.pop("eos_token_ids", None)
     check_tensors(config, source, str(path))
+    notices = []
+    stored = getattr(source, "quant_types", dict)()
+    if quant and any(t not in ("F32", "F16", "BF16") for t in stored):
+        notices.append(
+            f"--quantize {quantize}: {path.name} is already quantized; keeping the file's "
+            "quantization (float tensors in it are quantized as asked)"
+        )
+    if (quant or stored) and torch_device.type != "cpu":
+        notices.append(
+            f"quantized weights on {torch_device.type}: no fused kernel here yet, so each "
+            "matmul dequantizes its weights first (correct, slower than on the CPU path)"
+        )
     model = build_on_meta(config)
-    load_weights(model, source, torch_dtype, torch_device)
+    load_weights(model, source, torch_dtype, torch_device, quant)
     model.eval()
-    return LoadedModel(model, tokenizer, config, path, fmt, generation, time.perf_counter() - start)
+    described = ", ".join(f"{t} x{n}" for t, n in sorted(stored.items())) or "none"
+    if quant:
+        described = str(quant) if not stored else f"{described}; float tensors {quant}"
+    return LoadedModel(
+        model,
+        tokenizer,
+        config,
+        path,
+        fmt,
+        generation,
+        time.perf_counter() - start,
+        quantization=described,
+        notices=notices,
+    )
 
 
 def random_model(
-    config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0, std=0.02
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+    std: float = 0.02,
+    quant: QuantSpec | None = None,
 ) -> Qwen3Model:
-    """A model of ``config``'s shape with random weights, filled in place (fast)."""
+    """A model of ``config``'s shape with random weights, filled in place (fast). With
+    ``quant`` each matrix is quantized as soon as it is drawn, so a preset that only fits
+    memory quantized never exists in float."""
     generator = torch.Generator(device=device).manual_seed(seed)
     model = build_on_meta(config)
     for name, param in list(model.named_parameters()):
         if name.endswith("norm.weight"):
-            tensor = torch.ones(param.shape, dtype=dtype, device=device)
-        else:
-            tensor = torch.empty(param.shape, dtype=dtype, device=device)
-            tensor.normal_(0.0, std, generator=generator)
-        set_parameter(model, name, tensor)
+            set_parameter(model, name, torch.ones(param.shape, dtype=dtype, device=device))
+            continue
+        tensor = torch.empty(param.shape, dtype=dtype, device=device)
+        tensor.normal_(0.0, std, generator=generator)
+        place(model, name, tensor, dtype, device, quant)
     return model.eval()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .device import CPU_FLOAT32_MIN_ROWS, matmul_dtype
+from .errors import QwenChatError
 from .kernels import q8_linear
 
 
@@ -73,24 +74,73 @@ class QuantizedMatrix:
         )
 
 
+@dataclass(frozen=True)
+class QuantSpec:
+    """``--quantize`` at load. Linear layers get ``bits``: int8 with one scale per output
+    channel, or int4 with a scale and zero per ``group_size`` inputs. Embedding tables and
+    the LM head (151936 rows, a quarter of a small model) are always int8 per channel:
+    their rows must be readable, and int4 costs them too much accuracy."""
+
+    bits: int
+    group_size: int = 32
+
+    @classmethod
+    def parse(cls, name: str, group_size: int = 32) -> QuantSpec | None:
+        if name == "none":
+            return None
+        bits = {"int8": 8, "int4": 4}.get(name)
+        if bits is None:
+            raise QwenChatError(f"--quantize: unknown {name!r}; use none, int8 or int4")
+        if group_size <= 0 or group_size % 8:
+            raise QwenChatError(f"--group-size: {group_size} must be a positive multiple of 8")
+        return cls(bits, group_size)
+
+    def layout(self, in_features: int, table: bool) -> tuple[int, int]:
+        """(bits, group size) for a matrix with ``in_features`` columns."""
+        if table or self.bits == 8:
+            return 8, in_features
+        if in_features % self.group_size:
+            raise QwenChatError(
+                f"--group-size {self.group_size} does not divide the layer width {in_features}"
+            )
+        return 4, self.group_size
+
+    def __str__(self) -> str:
+        return "int8" if self.bits == 8 else f"int4 (group {self.group_size})"
+
+
+# Rows quantized at a time: bounds the float32 working copy (a 151936-row embedding
+# would otherwise need one as large as the whole matrix in float32).
+_QUANTIZE_ROWS = 4096
+
+
 def quantize(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedMatrix:
     """Round-to-nearest quantization of a float matrix: int8 symmetric, int4 asymmetric."""
+    if bits not in (4, 8):
+        raise ValueError(f"unsupported bit width {bits}")
     rows, cols = weight.shape
     if cols % group_size:
         raise ValueError(f"{cols} columns are not a multiple of group size {group_size}")
-    w = weight.float().view(rows, cols // group_size, group_size)
-    if bits == 8:
-        scales = w.abs().amax(-1).clamp(min=1e-10) / 127
-        codes = (w / scales[..., None]).round().clamp(-127, 127).to(torch.int8)
-        return QuantizedMatrix(8, group_size, codes.view(rows, cols), scales)
-    if bits == 4:
-        low, high = w.amin(-1), w.amax(-1)
-        scales = ((high - low) / 15).clamp(min=1e-10)
-        # w = (code - 8) * scale + zero with code 0 at the group minimum.
-        zeros = low + 8 * scales
-        codes = ((w - low[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8)
-        return QuantizedMatrix(4, group_size, codes.view(rows, cols), scales, zeros)
-    raise ValueError(f"unsupported bit width {bits}")
+    groups = cols // group_size
+    on = weight.device
+    codes = torch.empty(rows, cols, dtype=torch.int8 if bits == 8 else torch.uint8, device=on)
+    scales = torch.empty(rows, groups, device=on)
+    zeros = torch.empty(rows, groups, device=on) if bits == 4 else None
+    for start in range(0, rows, _QUANTIZE_ROWS):
+        block = slice(start, start + _QUANTIZE_ROWS)
+        w = weight[block].float().view(-1, groups, group_size)
+        if bits == 8:
+            scale = w.abs().amax(-1).clamp(min=1e-10) / 127
+            q = (w / scale[..., None]).round().clamp(-127, 127)
+        else:
+            low, high = w.amin(-1), w.amax(-1)
+            scale = ((high - low) / 15).clamp(min=1e-10)
+            # w = (code - 8) * scale + zero with code 0 at the group minimum.
+            zeros[block] = low + 8 * scale
+            q = ((w - low[..., None]) / scale[..., None]).round().clamp(0, 15)
+        codes[block] = q.view(-1, cols).to(codes.dtype)
+        scales[block] = scale
+    return QuantizedMatrix(bits, group_size, codes, scales, zeros)
 
 
 class QuantizedWeight(nn.Module):
@@ -150,7 +200,7 @@ class QuantizedWeight(nn.Module):
         # Few rows (decode) are bandwidth bound: stream the int8 codes through a fused
         # kernel. Many rows (prefill) are compute bound: dequantize once, then GEMM.
         if self.bits == 8 and x.device.type == "cpu" and x.shape[0] < CPU_FLOAT32_MIN_ROWS:
-            if self.group_size == 32:
+            if self.group_size % 8 == 0:
                 out = q8_linear(x.float(), self.codes, self.scales)
                 if out is not None:
                     return out

@@ -1,6 +1,8 @@
 // Group-wise int8 weight times float activations, streaming the int8 codes once.
 //
-// torch has no fused kernel for int8 weights with one scale per 32 values (GGUF Q8_0),
+// torch has no fused kernel for int8 weights with one scale per group (GGUF Q8_0 has
+// groups of 32; --quantize int8 one group per row), and its per-row int8 kernel is
+// compute bound on AVX2;
 // and dequantizing to float per matmul moves 5x the bytes. This reads each code once,
 // widens it in registers and accumulates in float32, so a decode step runs near the
 // memory bandwidth. Activations stay float32: results match the dequantized reference
@@ -22,7 +24,8 @@ inline float horizontal_sum(__m256 v) {
 
 }  // namespace
 
-// x [M, K] float32, codes [N, K] int8, scales [N, K / 32] float32 -> [M, N] float32.
+// x [M, K] float32, codes [N, K] int8, scales [N, K / group] float32 -> [M, N] float32;
+// group is a multiple of 8 that divides K.
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && codes.dtype() == torch::kInt8 &&
                   scales.dtype() == torch::kFloat32,
@@ -30,8 +33,10 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
   x = x.contiguous();
   codes = codes.contiguous();
   scales = scales.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), G = K / 32;
-  TORCH_CHECK(codes.size(1) == K && K % 32 == 0 && scales.size(0) == N && scales.size(1) == G,
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), G = scales.size(1);
+  const int64_t group = G > 0 ? K / G : 0;
+  TORCH_CHECK(codes.size(1) == K && scales.size(0) == N && G > 0 && group * G == K &&
+                  group % 8 == 0,
               "q8_linear: shapes do not match");
   auto out = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -46,10 +51,10 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
         const float* xm = xp + m * K;
         __m256 acc = _mm256_setzero_ps();
         for (int64_t g = 0; g < G; ++g) {
-          const int8_t* q = row + g * 32;
-          const float* xv = xm + g * 32;
+          const int8_t* q = row + g * group;
+          const float* xv = xm + g * group;
           __m256 part = _mm256_setzero_ps();
-          for (int j = 0; j < 32; j += 8) {
+          for (int64_t j = 0; j < group; j += 8) {
             __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j));
             __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
             part = _mm256_fmadd_ps(w, _mm256_loadu_ps(xv + j), part);
@@ -64,5 +69,5 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q8_linear", &q8_linear, "group-32 int8 weight x float32 activations");
+  m.def("q8_linear", &q8_linear, "group-wise int8 weight x float32 activations");
 }

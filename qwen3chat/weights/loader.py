@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import QwenChatError
 from ..model.layers import Embedding
-from ..quant import QuantizedMatrix, QuantizedWeight
+from ..quant import QuantizedMatrix, QuantizedWeight, QuantSpec, quantize
 from .names import checkpoint_parts, expected_shapes
 
 
@@ -45,12 +45,17 @@ def check_tensors(config, source: WeightSource, where: str) -> None:
 
 
 def load_weights(
-    model: nn.Module, source: WeightSource, dtype: torch.dtype, device: torch.device
+    model: nn.Module,
+    source: WeightSource,
+    dtype: torch.dtype,
+    device: torch.device,
+    quant: QuantSpec | None = None,
 ) -> None:
     """Replace every (meta) parameter by its tensor from ``source``, converted on the way.
 
-    A source may hand out a matrix already quantized (GGUF blocks): it then stays
-    quantized in memory, packed for the device's kernel.
+    A source may hand out a matrix already quantized (GGUF blocks): it stays quantized,
+    packed for the device's kernel. With ``quant``, float matrices are quantized here, one
+    at a time, so the model never exists in float first.
     """
     for name, param in list(model.named_parameters()):
         parts = [source.read(part, dtype) for part in checkpoint_parts(name)]
@@ -63,12 +68,27 @@ def load_weights(
             raise QwenChatError(
                 f"tensor {name}: shape {list(weight.shape)} does not fit {list(param.shape)}"
             )
-        if isinstance(weight, QuantizedMatrix):
-            module = model.get_submodule(name.rpartition(".")[0])
-            lookup = isinstance(module, Embedding)
-            set_parameter(model, name, QuantizedWeight(weight, dtype, device, lookup))
-        else:
-            set_parameter(model, name, weight.to(device))
+        place(model, name, weight, dtype, device, quant)
+
+
+def place(
+    model: nn.Module,
+    name: str,
+    weight: torch.Tensor | QuantizedMatrix,
+    dtype: torch.dtype,
+    device: torch.device,
+    quant: QuantSpec | None = None,
+) -> None:
+    """Make ``weight`` the parameter ``name``: quantized first when ``quant`` asks for it
+    (float matrices only), packed for the device's kernel when quantized."""
+    table = isinstance(model.get_submodule(name.rpartition(".")[0]), Embedding)
+    if quant is not None and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        bits, group = quant.layout(weight.shape[1], table or name == "lm_head.weight")
+        weight = quantize(weight, bits, group)
+    if isinstance(weight, QuantizedMatrix):
+        set_parameter(model, name, QuantizedWeight(weight, dtype, device, table))
+    else:
+        set_parameter(model, name, weight.to(device))
 
 
 def set_parameter(model: nn.Module, name: str, value: torch.Tensor | QuantizedWeight) -> None:
