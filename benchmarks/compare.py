@@ -8,8 +8,8 @@ Writes a Markdown table to docs/benchmarks.md.
     python benchmarks/compare.py                       # Qwen3-0.6B shape, the default rows
     python benchmarks/compare.py --runs qwen3chat:bfloat16,qwen3chat:gguf-Q4_0 --repeat 5
 
-A run is SYSTEM:VARIANT: qwen3chat:{float32,bfloat16,gguf-F16,gguf-Q8_0,gguf-Q4_0} or
-transformers:{float32,bfloat16}.
+A run is SYSTEM:VARIANT: qwen3chat:{float32,bfloat16,int8,int4,gguf-F16,gguf-Q8_0,gguf-Q4_0}
+(int8/int4: --quantize at load, bf16 activations) or transformers:{float32,bfloat16}.
 """
 
 from __future__ import annotations
@@ -108,11 +108,16 @@ def run_qwen3chat(path: Path, variant: str, prompt: list[int], gen: int, repeat:
     from qwen3chat.loading import load_model
     from qwen3chat.sampling import SamplingSettings
 
+    quantize = "none"
     if variant.startswith("gguf-"):
         path, dtype = build_gguf(path, variant.removeprefix("gguf-")), "auto"
+    elif variant in ("int8", "int4"):
+        dtype, quantize = "auto", variant
     else:
         dtype = variant
-    loaded = load_model(path, device="cpu", dtype=dtype)
+    loaded = load_model(path, device="cpu", dtype=dtype, quantize=quantize)
+    model = loaded.model
+    weights_mb = sum(t.nbytes for t in [*model.parameters(), *model.buffers()]) / 2**20
     loaded.tokenizer.stop_ids = []  # random weights: always generate all tokens
     engine = Engine(loaded.model, loaded.tokenizer, max_seq_len=len(prompt) + gen + 8)
     greedy = SamplingSettings(temperature=0.0)
@@ -122,7 +127,7 @@ def run_qwen3chat(path: Path, variant: str, prompt: list[int], gen: int, repeat:
         finish = list(engine.generate(prompt, gen, greedy))[-1]
         if i:
             runs.append((finish.timings.prefill_tok_s, finish.timings.decode_tok_s))
-    return {"load_s": loaded.load_s, "runs": runs}
+    return {"load_s": loaded.load_s, "runs": runs, "weights_mb": weights_mb}
 
 
 def run_transformers(path: Path, dtype: str, prompt: list[int], gen: int, repeat: int) -> dict:
@@ -131,6 +136,7 @@ def run_transformers(path: Path, dtype: str, prompt: list[int], gen: int, repeat
     start = time.perf_counter()
     model = Qwen3ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     load_s = time.perf_counter() - start
+    weights_mb = sum(t.nbytes for t in [*model.parameters(), *model.buffers()]) / 2**20
     ids = torch.tensor([prompt])
     common = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 
@@ -149,7 +155,7 @@ def run_transformers(path: Path, dtype: str, prompt: list[int], gen: int, repeat
         prefill_s = timed(1)
         total_s = timed(gen)
         runs.append((len(prompt) / prefill_s, (gen - 1) / (total_s - prefill_s)))
-    return {"load_s": load_s, "runs": runs}
+    return {"load_s": load_s, "runs": runs, "weights_mb": weights_mb}
 
 
 WORKERS = {"qwen3chat": run_qwen3chat, "transformers": run_transformers}
@@ -230,15 +236,16 @@ def write_table(args, rows, weight_bytes) -> None:
         f"checkpoint {weight_bytes / 2**30:.2f} GiB bf16. Median of {args.repeat} runs "
         "(min-max) after a warm-up run; each system in its own process.",
         "",
-        "| system | weights / compute | load s | prefill tok/s | decode tok/s | peak RSS MiB |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| system | weights / compute | load s | prefill tok/s | decode tok/s | weights MiB "
+        "| peak RSS MiB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for system, dtype, r in rows:
         prefill = [p for p, _ in r["runs"]]
         decode = [d for _, d in r["runs"]]
         lines.append(
             f"| {system} | {dtype} | {r['load_s']:.2f} | {fmt(prefill)} | {fmt(decode)} "
-            f"| {r['peak_rss_mb']:.0f} |"
+            f"| {r['weights_mb']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
     lines.append("")
     lines.append(

@@ -8,18 +8,49 @@ import sys
 import traceback
 from collections.abc import Iterator
 from enum import Enum
+from typing import NoReturn
 
 import typer
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 from .errors import QwenChatError
 
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (unknown flag, bad value) as one line like every other error, with
+    click's exit code 2, instead of click's multi-line box."""
+
+    def main(self, args=None, prog_name=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, standalone_mode=False, **extra)
+        except TyperException as e:
+            message = e.format_message() if hasattr(e, "format_message") else str(e)
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+            typer.echo(f"error: {message}{hint}", err=True)
+            code = getattr(e, "exit_code", 2)
+        except typer.Abort:
+            code = 130
+        sys.exit(code or 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     add_completion=False,
-    no_args_is_help=True,
-    help="Chat with Qwen3 models from the terminal.",
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback(invoke_without_command=True)
+def root(ctx: typer.Context) -> None:
+    """Chat with Qwen3 models from the terminal."""
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
 
@@ -89,18 +120,19 @@ def chat(
     ),
     system: str | None = typer.Option(None, "-s", "--system", help="System prompt."),
     temperature: float | None = typer.Option(
-        None, help="Sampling temperature; 0 is greedy. [default: 0.6]"
+        None, help="Sampling temperature; 0 is greedy. \\[default: 0.6]"
     ),
-    top_p: float | None = typer.Option(None, help="Nucleus sampling. [default: 0.9]"),
-    top_k: int | None = typer.Option(None, help="Top-k sampling, 0 is off. [default: 0]"),
-    min_p: float | None = typer.Option(None, help="Min-p sampling, 0 is off. [default: 0.0]"),
-    repetition_penalty: float | None = typer.Option(None, help="1.0 is off. [default: 1.0]"),
-    presence_penalty: float | None = typer.Option(None, help="OpenAI-style. [default: 0.0]"),
-    frequency_penalty: float | None = typer.Option(None, help="OpenAI-style. [default: 0.0]"),
+    top_p: float | None = typer.Option(None, help="Nucleus sampling. \\[default: 0.9]"),
+    top_k: int | None = typer.Option(None, help="Top-k sampling, 0 is off. \\[default: 0]"),
+    min_p: float | None = typer.Option(None, help="Min-p sampling, 0 is off. \\[default: 0.0]"),
+    repetition_penalty: float | None = typer.Option(None, help="1.0 is off. \\[default: 1.0]"),
+    presence_penalty: float | None = typer.Option(None, help="OpenAI-style. \\[default: 0.0]"),
+    frequency_penalty: float | None = typer.Option(None, help="OpenAI-style. \\[default: 0.0]"),
     max_tokens: int = typer.Option(256, "-n", "--max-tokens", min=1, help="New tokens per reply."),
     max_seq_len: int = typer.Option(2048, min=2, help="Context window (KV cache size)."),
     chunk_size: int | None = typer.Option(None, min=1, help="Prefill chunk size in tokens."),
     quantize: Quantize = typer.Option(Quantize.none, help="Weight quantization at load."),
+    group_size: int = typer.Option(32, min=8, help="Inputs per int4 scale (--quantize int4)."),
     format: Format = typer.Option(Format.auto, "--format", help="Model format."),
     seed: int = typer.Option(42, help="Sampling RNG seed."),
     think: bool = typer.Option(True, "--think/--no-think", help="Qwen3 thinking mode."),
@@ -112,13 +144,12 @@ def chat(
     json_output: bool = typer.Option(False, "--json", help="One-shot: print one JSON object."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
-    """Chat with a model: interactive in a terminal, one-shot with -p or piped stdin."""
-    with reported_errors(debug):
-        from .chat.oneshot import run_oneshot
-        from .engine import Engine
-        from .loading import load_model
-        from .sampling import SamplingSettings
+    """Chat with a model: interactive in a terminal, one-shot with -p or piped stdin.
 
+    Sampling values in the model's generation_config.json replace the defaults shown here;
+    a flag given on the command line always wins.
+    """
+    with reported_errors(debug):
         flags = {
             "temperature": temperature,
             "top_p": top_p,
@@ -128,30 +159,82 @@ def chat(
             "presence_penalty": presence_penalty,
             "frequency_penalty": frequency_penalty,
         }
-        interactive = prompt is None and sys.stdin.isatty()
-        if json_output and interactive:
-            raise QwenChatError("--json needs a one-shot prompt: pass -p TEXT or pipe stdin")
-        if quantize != Quantize.none:
-            raise QwenChatError("--quantize: weight quantization is not built yet; use none")
-        if think_budget is not None:
-            raise QwenChatError("--think-budget is not built yet")
-        if interactive:
-            raise QwenChatError(
-                "the interactive chat is not built yet; pass -p TEXT or pipe a prompt on stdin"
-            )
-        text = prompt or ""
-        if not sys.stdin.isatty():
-            piped = sys.stdin.read()
-            text = f"{text}\n\n{piped}" if text and piped else (text or piped)
-        if not text.strip():
-            raise QwenChatError("the prompt is empty: pass -p TEXT or pipe text on stdin")
-
-        loaded = load_model(model_path, format.value, device.value, dtype.value)
         given = {k: v for k, v in flags.items() if v is not None}
+        interactive = prompt is None and sys.stdin.isatty()
+        # Flag checks first: a usage error should not wait for torch and the model to load.
+        if json_output and interactive:
+            _usage_error("--json needs a one-shot prompt: pass -p TEXT or pipe stdin")
+        from .quant import QuantSpec
+        from .sampling import SamplingSettings
+
+        try:
+            QuantSpec.parse(quantize.value, group_size)
+            SamplingSettings(**given).validate()
+        except QwenChatError as e:
+            _usage_error(str(e))
+        text = None if interactive else _read_prompt(prompt)
+
+        from .download import resolve_model_path
+        from .engine import Engine
+        from .loading import load_model
+
+        path = resolve_model_path(model_path)  # a first-use download shows its own progress
+        with _loading_spinner(model_path) if interactive else contextlib.nullcontext():
+            loaded = load_model(
+                path, format.value, device.value, dtype.value, quantize.value, group_size
+            )
+        for notice in loaded.notices:
+            typer.echo(f"note: {notice}", err=True)
+        # generation_config.json replaces our defaults; a flag given replaces both.
         sampling = SamplingSettings(**{**loaded.generation_defaults, **given, "seed": seed})
         sampling.validate()
         engine = Engine(loaded.model, loaded.tokenizer, max_seq_len, chunk_size)
-        run_oneshot(engine, text, system, sampling, max_tokens, think, json_output, loaded.load_s)
+        if interactive:
+            from .chat.repl import Repl
+            from .chat.session import ChatOptions, Conversation
+
+            options = ChatOptions(max_tokens, think, think_budget)
+            Repl(engine, loaded, sampling, options, Conversation(system)).run()
+            return
+        from .chat.oneshot import run_oneshot
+
+        run_oneshot(
+            engine,
+            text,
+            system,
+            sampling,
+            max_tokens,
+            think,
+            json_output,
+            loaded.load_s,
+            think_budget=think_budget,
+        )
+
+
+def _usage_error(message: str) -> NoReturn:
+    """A wrong flag or input: one line, and exit 2 like the usage errors click reports."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _loading_spinner(model_path: str) -> contextlib.AbstractContextManager:
+    from rich.console import Console
+
+    return Console(stderr=True).status(f"loading {model_path}")
+
+
+def _read_prompt(prompt: str | None) -> str:
+    """The one-shot prompt: -p TEXT, piped stdin, or -p TEXT then stdin after a blank line."""
+    text = prompt or ""
+    if not sys.stdin.isatty():
+        try:
+            piped = sys.stdin.read()
+        except UnicodeDecodeError:
+            raise QwenChatError("stdin: not UTF-8 text; pipe a text prompt") from None
+        text = f"{text}\n\n{piped}" if text and piped else (text or piped)
+    if not text.strip():
+        _usage_error("the prompt is empty: pass -p TEXT or pipe text on stdin")
+    return text
 
 
 def _not_built(name: str, issue: str) -> None:
@@ -168,16 +251,148 @@ def vision_chat() -> None:
     _not_built("vision-chat", "Qwen3-VL support is planned")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def download() -> None:
-    """Fetch a model from the Hugging Face Hub (not built yet)."""
-    _not_built("download", "use a local model directory for now")
+@app.command()
+def download(
+    repo_id: str = typer.Argument(
+        ..., metavar="REPO_ID", help="Hugging Face repo id, e.g. Qwen/Qwen3-0.6B."
+    ),
+    include: list[str] | None = typer.Option(
+        None,
+        "--include",
+        metavar="PATTERN",
+        help="Only files matching this glob (repeatable), e.g. '*Q8_0.gguf'. "
+        "Default: the SafeTensors weights, configs and tokenizer files.",
+    ),
+    local_dir: str | None = typer.Option(
+        None,
+        "--local-dir",
+        metavar="DIR",
+        help="Write a plain folder here instead of the shared HF cache.",
+    ),
+    revision: str | None = typer.Option(
+        None, metavar="REV", help="Branch, tag or commit. Default: main."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Fetch a model from the Hugging Face Hub (resumable) and print its local path."""
+    with reported_errors(debug):
+        from .download import download_model
+
+        typer.echo(download_model(repo_id, include or (), revision, local_dir))
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench() -> None:
-    """Measure load, prefill, decode and memory (not built yet)."""
-    _not_built("bench", "benchmarks/compare.py measures decode for now")
+@app.command("list")
+def list_models(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
+    """Show the models in the Hugging Face cache: repo id, format, quant types, size."""
+    with reported_errors(debug):
+        from .download import cached_models, format_size
+
+        rows = [(m.repo_id, m.format, m.quant, format_size(m.size)) for m in cached_models()]
+        if not rows:
+            typer.echo(
+                "no models downloaded yet; get one with: qwen3chat download REPO_ID", err=True
+            )
+            return
+        rows.insert(0, ("MODEL", "FORMAT", "QUANT", "SIZE"))
+        widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
+        for row in rows:
+            typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+@app.command()
+def bench(
+    model_path: str | None = typer.Option(
+        None, "-m", "--model-path", help="Model directory, .gguf file or repo id."
+    ),
+    preset: str | None = typer.Option(
+        None,
+        "--preset",
+        help="Bench a named shape with random weights, no download: qwen3-0.6b, qwen3-1.7b, "
+        "qwen3-4b, qwen3-8b, qwen3-14b, qwen3-32b or tiny.",
+    ),
+    prompt_tokens: str = typer.Option(
+        "128", "-p", "--prompt-tokens", help="Prompt lengths, a comma list such as 128,512."
+    ),
+    gen_tokens: str = typer.Option(
+        "64", "-n", "--gen-tokens", help="New tokens per run (at least 2), a comma list."
+    ),
+    depth: str | None = typer.Option(
+        None,
+        "-d",
+        "--depth",
+        help="Tokens of context before the prompt, a comma list (as llama-bench -d). "
+        "\\[default: 0; with --plot 0,256,512,1024,2048]",
+    ),
+    repeat: int = typer.Option(
+        3, "-r", "--repeat", min=1, help="Timed runs per combination, after one warm-up."
+    ),
+    quantize: Quantize = typer.Option(Quantize.none, help="Weight quantization at load."),
+    format: Format = typer.Option(Format.auto, "--format", help="Model format (with -m)."),
+    device: Device = typer.Option(Device.auto, help="Compute device."),
+    dtype: Dtype = typer.Option(Dtype.auto, help="Compute dtype."),
+    chunk_size: int | None = typer.Option(None, min=1, help="Prefill chunk size in tokens."),
+    threads: int | None = typer.Option(
+        None, "-t", "--threads", min=1, help="CPU threads. \\[default: torch's choice]"
+    ),
+    ops: bool = typer.Option(
+        False, "--ops", help="Time each operation alone at the model's dimensions."
+    ),
+    profile: bool = typer.Option(
+        False, "--profile", help="Per-op time table of one prefill and one decode step."
+    ),
+    json_output: bool = typer.Option(
+        False, "--json", help="Print one JSON object on stdout instead of tables."
+    ),
+    plot: str | None = typer.Option(
+        None, "--plot", metavar="FILE.png", help="Draw decode tokens/s against context depth."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Measure load time, prefill and decode speed, time to first token, memory, and the
+    share of the memory-bandwidth roofline decode reaches.
+
+    Every combination of --prompt-tokens, --gen-tokens and --depth runs once to warm up,
+    then --repeat times; figures are medians (min-max beside them). With --json the
+    top-level figures are the first combination's; "results" holds them all.
+    """
+    with reported_errors(debug):
+        import json
+        from pathlib import Path
+
+        from .bench import (
+            BenchSettings,
+            parse_counts,
+            parse_depths,
+            print_report,
+            report_json,
+            run_bench,
+        )
+
+        try:
+            settings = BenchSettings(
+                model_path=model_path,
+                preset=preset,
+                prompt_tokens=parse_counts(prompt_tokens, "--prompt-tokens", minimum=1),
+                gen_tokens=parse_counts(gen_tokens, "--gen-tokens", minimum=2),
+                depths=parse_depths(depth, plotting=plot is not None),
+                repeat=repeat,
+                fmt=format.value,
+                quantize=quantize.value,
+                device=device.value,
+                dtype=dtype.value,
+                chunk_size=chunk_size,
+                threads=threads,
+                ops=ops,
+                profile=profile,
+                plot=None if plot is None else Path(plot),
+            )
+        except QwenChatError as e:
+            _usage_error(str(e))
+        report = run_bench(settings)
+        if json_output:
+            typer.echo(json.dumps(report_json(report)))
+        else:
+            print_report(report)
 
 
 def main() -> None:

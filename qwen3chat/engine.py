@@ -15,7 +15,7 @@ import torch
 from .errors import ContextOverflowError
 from .kv_cache import KVCache
 from .sampling import Sampler, SamplingSettings
-from .thinking import ThinkSplitter, prompt_ends_in_thinking
+from .thinking import ThinkBudget, ThinkSplitter, prompt_ends_in_thinking
 from .tokenizer import Tokenizer
 
 
@@ -23,6 +23,14 @@ from .tokenizer import Tokenizer
 class TextEvent:
     text: str
     thinking: bool
+
+
+@dataclass
+class ThinkingEnd:
+    """The thinking block closed after ``tokens`` tokens; ``cut`` when the budget closed it."""
+
+    tokens: int
+    cut: bool
 
 
 @dataclass
@@ -54,7 +62,7 @@ class FinishEvent:
     timings: Timings = field(default_factory=Timings)
 
 
-Event = TextEvent | FinishEvent
+Event = TextEvent | ThinkingEnd | FinishEvent
 
 
 class Engine:
@@ -133,6 +141,7 @@ class Engine:
         max_tokens: int,
         sampling: SamplingSettings | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        think_budget: int | None = None,
     ) -> Iterator[Event]:
         if not prompt_ids:
             raise ValueError("generate needs at least one prompt token")
@@ -143,6 +152,8 @@ class Engine:
         splitter = ThinkSplitter(
             tok, prompt_ends_in_thinking(prompt_ids, tok.think_start_id, tok.think_end_id)
         )
+        budget = ThinkBudget(tok, think_budget)
+        forced: list[int] = []  # ids that replace sampling (the budget's closing text)
         sampler = Sampler(sampling, self.vocab_size, prompt_ids, self.device)
         stops = set(tok.stop_ids)
         timings = Timings()
@@ -182,9 +193,13 @@ class Engine:
             generated.append(token)
             sequence.append(token)
             sampler.observe(token)
+            was_thinking = splitter.thinking
             text, thinking = splitter.push(token)
             if text:
                 yield TextEvent(text, thinking)
+            if was_thinking and not splitter.thinking:
+                yield ThinkingEnd(splitter.thinking_tokens, budget.cut)
+            forced += budget.forced_ids(splitter)
             if len(generated) >= max_tokens or len(sequence) >= self.max_seq_len:
                 break
             if should_stop():
@@ -192,7 +207,7 @@ class Engine:
                 break
             logits = self.decode_step(sequence, token)
             timings.decode_tokens += 1
-            token = sampler(logits)
+            token = forced.pop(0) if forced else sampler(logits)
         text, thinking = splitter.flush()
         if text:
             yield TextEvent(text, thinking)

@@ -1,4 +1,5 @@
-"""Splitting a reply into its <think> block and its answer, token by token."""
+"""Splitting a reply into its <think> block and its answer, token by token, and cutting
+a thinking block that runs over its budget."""
 
 from __future__ import annotations
 
@@ -86,3 +87,28 @@ class ThinkSplitter:
     @property
     def answer_text(self) -> str:
         return self.channels[False].text
+
+
+# Qwen's documented way to end thinking early (QwenLM/Qwen3, docs "thinking budget"): force
+# this sentence and the closing tag, then let the model answer from what it has thought.
+EARLY_STOP_THINKING = (
+    "\n\nConsidering the limited time by the user, I have to give the solution based on "
+    "the thinking directly now.\n</think>\n\n"
+)
+
+
+class ThinkBudget:
+    """Ends a thinking block once it holds ``limit`` tokens (None: never)."""
+
+    def __init__(self, tokenizer: Tokenizer, limit: int | None):
+        self.limit = limit
+        self.closing_ids = tokenizer.encode(EARLY_STOP_THINKING) if limit is not None else []
+        self.cut = False
+
+    def forced_ids(self, splitter: ThinkSplitter) -> list[int]:
+        """Ids to force next instead of sampling: the closing text, once, on reaching the limit."""
+        over = self.limit is not None and splitter.thinking_tokens >= self.limit
+        if self.cut or not splitter.thinking or not over:
+            return []
+        self.cut = True
+        return list(self.closing_ids)

@@ -6,7 +6,7 @@ import json
 import sys
 from typing import TextIO
 
-from ..engine import Engine, FinishEvent, TextEvent
+from ..engine import Engine, FinishEvent, TextEvent, ThinkingEnd
 from ..sampling import SamplingSettings
 
 
@@ -24,18 +24,25 @@ def run_oneshot(
     enable_thinking: bool,
     as_json: bool,
     load_s: float,
-    stdout: TextIO = sys.stdout,
-    stderr: TextIO = sys.stderr,
+    think_budget: int | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
 ) -> FinishEvent:
     """Answer ``prompt``. Text mode streams the answer to stdout as it is generated and the
     thinking to stderr only when stderr is a terminal (a script reading stdout never
     sees it); JSON mode prints one object at the end."""
+    # Looked up per call, not bound as defaults: tests and callers may swap the streams.
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
     ids = engine.tokenizer.encode_chat(build_messages(prompt, system), enable_thinking)
     show_thinking = not as_json and stderr.isatty()
     in_thinking_block = False
     finish = None
-    for event in engine.generate(ids, max_tokens, sampling):
-        if isinstance(event, TextEvent):
+    for event in engine.generate(ids, max_tokens, sampling, think_budget=think_budget):
+        if isinstance(event, ThinkingEnd):
+            if event.cut and in_thinking_block:
+                stderr.write(f" [thinking cut at {think_budget} tokens]")
+        elif isinstance(event, TextEvent):
             if as_json:
                 continue
             if event.thinking:

@@ -1,0 +1,651 @@
+"""`qwen3chat bench`: load time, prefill and decode speed, time to first token, memory, and
+how close decode comes to this machine's memory bandwidth.
+
+Bench times what chat runs: the Engine's prefill and decode with greedy sampling, stop ids
+disabled so that every requested token is generated, fed random token ids (as llama-bench
+does; no tokenizer is needed). Each combination of --prompt-tokens, --gen-tokens and
+--depth runs once to warm up, then --repeat times; every figure is the median over those
+runs, with min and max. --depth N first fills the cache with N tokens of context (untimed),
+like llama-bench's -d, so the prompt and the decode run after it.
+
+Decode at batch 1 reads every weight once per token plus the cached keys and values, so
+its speed is bounded by memory bandwidth / bytes read per token: the roofline. A short
+probe (torch summing a 512 MiB tensor, best of a few) measures the bandwidth, and each
+result reports its achieved GB/s and its share of the roofline (nanochat's MBU,
+gpt-fast's GB/s).
+
+Memory: the peak RSS is the process's own (getrusage), which never goes down; it is read
+after each run, and the RSS right after loading is reported beside it. On CUDA the peak
+of allocated GPU memory is reset before each run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from .bench_ops import (
+    OPS,
+    OpBenchmarks,
+    OpTiming,
+    ProfiledOp,
+    SkippedOp,
+    profile_prefill_and_decode,
+    synchronize,
+)
+from .bench_plot import check_plot_path, plot_decode_speed
+from .config import ModelConfig
+from .device import resolve_device, resolve_dtype
+from .engine import Engine
+from .errors import QwenChatError
+from .loading import load_model, random_model
+from .model.qwen3 import Qwen3Model
+from .presets import preset_config
+from .quant import QuantSpec
+from .sampling import SamplingSettings
+from .tokenizer import Tokenizer
+
+# Without --depth, --plot sweeps these depths: a curve needs more than one point.
+DEFAULT_PLOT_DEPTHS = (0, 256, 512, 1024, 2048)
+# Far larger than any CPU cache, small enough to allocate anywhere.
+PROBE_MIB = 512
+PROBE_TRIES = 5
+GREEDY = SamplingSettings(temperature=0.0)
+NOT_BUILT_PRESETS = {"qwen3-30b-a3b": "the Qwen3 MoE architecture is not built yet"}
+# Metrics of a run, in report order; peak_gpu_mb is None off CUDA.
+METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb", "peak_gpu_mb")
+MIB = 2**20
+REPORT_WIDTH = 120
+
+
+def parse_counts(text: str, flag: str, minimum: int) -> list[int]:
+    """A comma list of whole numbers, ``"128,512"`` -> ``[128, 512]``, each >= ``minimum``."""
+    values = []
+    for item in text.split(","):
+        try:
+            value = int(item)
+        except ValueError:
+            raise QwenChatError(
+                f"{flag}: {item.strip()!r} is not a whole number; give a comma list such as 128,512"
+            ) from None
+        if value < minimum:
+            raise QwenChatError(f"{flag}: {value} is too small; the minimum is {minimum}")
+        values.append(value)
+    return list(dict.fromkeys(values))  # a value given twice would run its tests twice
+
+
+def parse_depths(text: str | None, plotting: bool) -> list[int]:
+    if text is None:
+        return list(DEFAULT_PLOT_DEPTHS) if plotting else [0]
+    return parse_counts(text, "--depth", minimum=0)
+
+
+@dataclass(frozen=True)
+class Combination:
+    prompt_tokens: int
+    gen_tokens: int
+    depth: int
+
+    @property
+    def context(self) -> int:
+        """Cache positions the combination fills."""
+        return self.depth + self.prompt_tokens + self.gen_tokens
+
+    @property
+    def label(self) -> str:
+        """llama-bench's names: pp = prompt processing, tg = text generation, d = depth."""
+        return f"pp{self.prompt_tokens} tg{self.gen_tokens} d{self.depth}"
+
+
+@dataclass
+class BenchSettings:
+    model_path: str | None
+    preset: str | None
+    prompt_tokens: list[int]
+    gen_tokens: list[int]
+    depths: list[int]
+    repeat: int = 3
+    fmt: str = "auto"
+    quantize: str = "none"
+    device: str = "auto"
+    dtype: str = "auto"
+    chunk_size: int | None = None
+    threads: int | None = None
+    ops: bool = False
+    profile: bool = False
+    plot: Path | None = None
+
+    def __post_init__(self) -> None:
+        """Flag combinations that cannot work: usage errors, raised before anything loads."""
+        if self.model_path is not None and self.preset is not None:
+            raise QwenChatError("-m and --preset exclude each other; give one of them")
+        if self.model_path is None and self.preset is None:
+            raise QwenChatError(
+                "nothing to bench: give -m MODEL, or --preset NAME for random weights "
+                "(e.g. --preset qwen3-0.6b, no download)"
+            )
+        if self.preset is not None and self.preset.lower() not in NOT_BUILT_PRESETS:
+            preset_config(self.preset)  # raises for an unknown name
+
+    @property
+    def combinations(self) -> list[Combination]:
+        # Depth outermost: consecutive combinations share their context prefix in the cache.
+        return [
+            Combination(prompt, gen, depth)
+            for depth, prompt, gen in itertools.product(
+                self.depths, self.prompt_tokens, self.gen_tokens
+            )
+        ]
+
+    @property
+    def step_count(self) -> int:
+        """Progress steps: load, every run (warm-ups too), probe, ops, profile."""
+        runs = len(self.combinations) * (self.repeat + 1)
+        return 2 + runs + (len(OPS) if self.ops else 0) + int(self.profile)
+
+
+@dataclass
+class Run:
+    prefill_tok_s: float
+    decode_tok_s: float
+    ttft_s: float
+    peak_rss_mb: float
+    peak_gpu_mb: float | None
+
+
+@dataclass
+class Spread:
+    median: float
+    min: float
+    max: float
+
+
+@dataclass
+class Result:
+    combination: Combination
+    runs: list[Run]
+    decode_bytes_per_token: float  # averaged over the decode steps (the KV part grows)
+
+    def spread(self, metric: str) -> Spread | None:
+        values = [getattr(run, metric) for run in self.runs]
+        if values[0] is None:
+            return None
+        return Spread(statistics.median(values), min(values), max(values))
+
+
+@dataclass
+class Roofline:
+    achieved_gb_s: float  # at the median decode speed
+    tok_s: float  # the decode speed the probed bandwidth allows
+    share: float  # median decode speed / tok_s
+
+
+def roofline(result: Result, bandwidth_gb_s: float) -> Roofline:
+    decode = result.spread("decode_tok_s").median
+    bound = bandwidth_gb_s * 1e9 / result.decode_bytes_per_token
+    return Roofline(decode * result.decode_bytes_per_token / 1e9, bound, decode / bound)
+
+
+@dataclass
+class BenchModel:
+    model: Qwen3Model
+    tokenizer: Tokenizer | IdsOnlyTokenizer
+    name: str
+    weights: str  # "random" or the file format
+    load_s: float
+
+
+@dataclass
+class BenchReport:
+    settings: BenchSettings
+    model: BenchModel
+    threads: int
+    weight_bytes: int
+    rss_after_load_mb: float | None
+    results: list[Result]
+    bandwidth_gb_s: float
+    ops: list[OpTiming | SkippedOp] | None
+    profile: dict[str, list[ProfiledOp]] | None
+
+
+class IdsOnlyTokenizer:
+    """Stands in for the tokenizer a preset does not have. The engine asks a tokenizer for
+    stop and think ids (none here) and streams the reply's text, which bench never reads:
+    every id counts as special, so nothing is decoded."""
+
+    def __init__(self) -> None:
+        self.stop_ids: list[int] = []
+        self.think_start_id = self.think_end_id = None
+
+    def is_special(self, token_id: int) -> bool:
+        return True
+
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        return ""
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring
+
+
+def peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MIB if sys.platform == "darwin" else peak / 1024  # bytes there, KiB here
+
+
+def current_rss_mb() -> float | None:
+    """This process's resident memory now (Linux only; None elsewhere)."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / MIB
+
+
+def peak_gpu_mb(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / MIB
+
+
+def probe_bandwidth(device: torch.device) -> float:
+    """GB/s of reading memory as torch does it (a sum over a tensor far beyond the caches):
+    the roof that a decode step, which streams every weight once, can at best reach."""
+    data = torch.ones(PROBE_MIB * MIB // 4, dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(PROBE_TRIES):
+        synchronize(device)
+        start = time.perf_counter()
+        data.sum()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best / 1e9
+
+
+def weight_bytes(model: Qwen3Model) -> int:
+    """Bytes of every parameter and buffer (quantized weights keep theirs in buffers)."""
+    return sum(t.nbytes for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def decode_bytes_per_token(engine: Engine, context: float) -> float:
+    """Bytes one decode step reads with ``context`` cached positions: every weight once, the
+    LM head included, but of an untied embedding table only the one row it looks up; and
+    the keys and values of every cached position."""
+    model = engine.model
+    weights = weight_bytes(model)
+    if model.lm_head is not None:
+        table = model.embed_tokens.weight
+        weights -= table.nbytes - table.nbytes / model.config.vocab_size
+    kv_per_position = engine.cache.nbytes / engine.cache.max_seq_len
+    return weights + kv_per_position * context
+
+
+def random_ids(count: int, vocab_size: int, seed: int = 0) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (count,), generator=generator).tolist()
+
+
+def timed_run(engine: Engine, context: list[int], prompt: list[int], gen_tokens: int) -> Run:
+    """One generate call after ``context``: the cache keeps the context, forgets the rest,
+    so the engine's prefix reuse runs exactly ``prompt`` as the prefill."""
+    engine.cache.trim(len(context))
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    *_, finish = engine.generate(context + prompt, gen_tokens, GREEDY)
+    t = finish.timings
+    if len(finish.token_ids) != gen_tokens or t.prefill_tokens != len(prompt):
+        raise RuntimeError(
+            f"bench: asked for a {len(prompt)}-token prefill and {gen_tokens} new tokens, "
+            f"the engine ran {t.prefill_tokens} and gave {len(finish.token_ids)}"
+        )
+    return Run(t.prefill_tok_s, t.decode_tok_s, t.ttft_s, peak_rss_mb(), peak_gpu_mb(engine.device))
+
+
+# ---------------------------------------------------------------------------------------
+# Running
+
+
+class _Steps:
+    """One progress bar over the whole bench on stderr, shown only on a terminal (stdout
+    carries the report alone, so `bench --json | jq` stays valid either way)."""
+
+    def __init__(self, total: int):
+        console = Console(stderr=True)
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
+        )
+        self.task = self.progress.add_task("", total=total)
+
+    def __enter__(self) -> _Steps:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    @contextmanager
+    def step(self, description: str) -> Iterator[None]:
+        self.progress.update(self.task, description=description)
+        yield
+        self.progress.advance(self.task)
+
+
+def check_buildable(settings: BenchSettings) -> ModelConfig | None:
+    """What can fail before anything loads; the preset's config when there is one."""
+    QuantSpec.parse(settings.quantize)
+    if settings.plot is not None:
+        check_plot_path(settings.plot)
+    if settings.preset is None:
+        return None
+    not_built = NOT_BUILT_PRESETS.get(settings.preset.lower())
+    if not_built:
+        raise QwenChatError(f"--preset {settings.preset}: {not_built}; try qwen3-0.6b")
+    return preset_config(settings.preset)
+
+
+def load_bench_model(settings: BenchSettings, preset: ModelConfig | None) -> BenchModel:
+    if preset is None:
+        loaded = load_model(
+            settings.model_path, settings.fmt, settings.device, settings.dtype, settings.quantize
+        )
+        loaded.tokenizer.stop_ids = []  # so every run generates all of --gen-tokens
+        return BenchModel(
+            loaded.model, loaded.tokenizer, str(loaded.path), loaded.format, loaded.load_s
+        )
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    start = time.perf_counter()
+    # A quantized preset is drawn directly quantized: it never exists in float.
+    model = random_model(preset, dtype, device, quant=QuantSpec.parse(settings.quantize))
+    synchronize(device)
+    return BenchModel(
+        model, IdsOnlyTokenizer(), settings.preset, "random", time.perf_counter() - start
+    )
+
+
+def bench_combination(
+    engine: Engine, ids: list[int], combination: Combination, repeat: int, steps: _Steps
+) -> Result:
+    c = combination
+    context, prompt = ids[: c.depth], ids[c.depth : c.depth + c.prompt_tokens]
+    with steps.step(f"{c.label}: warm-up"):
+        if context:  # untimed; the engine reuses whatever prefix the cache already holds
+            engine.prefill(context, lambda: False)
+        timed_run(engine, context, prompt, c.gen_tokens)
+    runs = []
+    for i in range(repeat):
+        with steps.step(f"{c.label}: run {i + 1}/{repeat}"):
+            runs.append(timed_run(engine, context, prompt, c.gen_tokens))
+    # Decode step k (1 .. gen-1) reads depth + prompt + k cached positions: gen/2 on average.
+    mean_context = c.depth + c.prompt_tokens + c.gen_tokens / 2
+    return Result(c, runs, decode_bytes_per_token(engine, mean_context))
+
+
+def run_bench(settings: BenchSettings) -> BenchReport:
+    preset = check_buildable(settings)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    combinations = settings.combinations
+    with _Steps(settings.step_count) as steps:
+        with steps.step(f"loading {settings.model_path or settings.preset}"):
+            bench_model = load_bench_model(settings, preset)
+        rss_after_load = current_rss_mb()
+        max_context = max(c.context for c in combinations)
+        engine = Engine(bench_model.model, bench_model.tokenizer, max_context, settings.chunk_size)
+        ids = random_ids(max_context, bench_model.model.config.vocab_size)
+        results = [bench_combination(engine, ids, c, settings.repeat, steps) for c in combinations]
+        # After the runs: the probe's 512 MiB must not count in their peak RSS.
+        with steps.step("memory bandwidth probe"):
+            bandwidth = probe_bandwidth(engine.device)
+        ops = run_ops(bench_model.model, steps) if settings.ops else None
+        profile = None
+        if settings.profile:
+            with steps.step("profiling one prefill and one decode step"):
+                profile = profile_prefill_and_decode(engine, ids[: settings.prompt_tokens[0]])
+    report = BenchReport(
+        settings,
+        bench_model,
+        torch.get_num_threads(),
+        weight_bytes(bench_model.model),
+        rss_after_load,
+        results,
+        bandwidth,
+        ops,
+        profile,
+    )
+    if settings.plot is not None:
+        plot_depth_sweep(report, settings.plot)
+    return report
+
+
+def run_ops(model: Qwen3Model, steps: _Steps) -> list[OpTiming | SkippedOp]:
+    benchmarks = OpBenchmarks(model)
+    timings: list[OpTiming | SkippedOp] = []
+    for op in OPS:
+        with steps.step(f"op {op}"):
+            timings += benchmarks.run(op)
+    return timings
+
+
+def plot_depth_sweep(report: BenchReport, path: Path) -> None:
+    """Decode speed against depth, one line per prompt/gen pair."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for result in report.results:
+        c = result.combination
+        points = series.setdefault(f"pp{c.prompt_tokens} tg{c.gen_tokens}", [])
+        points.append((c.depth, result.spread("decode_tok_s").median))
+    for points in series.values():
+        points.sort()
+    title = f"{report.model.name}: decode speed by context depth ({_setup(report)})"
+    plot_decode_speed(series, path, title)
+
+
+# ---------------------------------------------------------------------------------------
+# Reporting
+
+
+def _setup(report: BenchReport) -> str:
+    model = report.model.model
+    dtype = str(model.dtype).removeprefix("torch.")
+    return f"{model.device.type}, {dtype}, {report.threads} threads"
+
+
+def report_json(report: BenchReport) -> dict:
+    """The report as one JSON object. The top-level speed and memory keys are the medians of
+    the first combination; ``results`` holds every combination with min, max and runs."""
+    s, first = report.settings, report.results[0]
+    first_roofline = roofline(first, report.bandwidth_gb_s)
+    out = {
+        "model": report.model.name,
+        "weights": report.model.weights,
+        "device": report.model.model.device.type,
+        "dtype": str(report.model.model.dtype).removeprefix("torch."),
+        "quantize": s.quantize,
+        "threads": report.threads,
+        "chunk_size": s.chunk_size,
+        "repeat": s.repeat,
+        "parameters": report.model.model.config.num_parameters(),
+        "weight_bytes": report.weight_bytes,
+        "load_s": report.model.load_s,
+        **{m: spread.median for m in METRICS if (spread := first.spread(m)) is not None},
+        "rss_after_load_mb": report.rss_after_load_mb,
+        "bandwidth_gb_s": report.bandwidth_gb_s,
+        "decode_gb_s": first_roofline.achieved_gb_s,
+        "roofline_share": first_roofline.share,
+        "results": [_result_json(r, report.bandwidth_gb_s) for r in report.results],
+    }
+    if report.ops is not None:
+        out["ops"] = [{**asdict(o), "skipped": isinstance(o, SkippedOp)} for o in report.ops]
+    if report.profile is not None:
+        out["profile"] = {
+            phase: [asdict(row) for row in rows] for phase, rows in report.profile.items()
+        }
+    if s.plot is not None:
+        out["plot"] = str(s.plot)
+    return out
+
+
+def _result_json(result: Result, bandwidth_gb_s: float) -> dict:
+    bound = roofline(result, bandwidth_gb_s)
+    return {
+        **asdict(result.combination),
+        **{m: asdict(spread) for m in METRICS if (spread := result.spread(m)) is not None},
+        "decode_bytes_per_token": result.decode_bytes_per_token,
+        "decode_gb_s": bound.achieved_gb_s,
+        "roofline_tok_s": bound.tok_s,
+        "roofline_share": bound.share,
+        "runs": [{m: v for m, v in asdict(run).items() if v is not None} for run in result.runs],
+    }
+
+
+def print_report(report: BenchReport) -> None:
+    console = Console()
+    if not console.is_terminal:
+        # Piped or redirected: no terminal width to fit, and Rich's 80-column fallback
+        # would squeeze the results table into ellipses.
+        console.width = REPORT_WIDTH
+    console.print(_summary(report))
+    console.print(_results_table(report))
+    if report.ops is not None:
+        console.print(_ops_table(report.ops))
+    for phase, rows in (report.profile or {}).items():
+        console.print(_profile_table(phase, rows))
+    if report.settings.plot is not None:
+        console.print(Text(f"decode speed by depth plotted to {report.settings.plot}"))
+
+
+def _summary(report: BenchReport) -> Table:
+    m = report.model
+    config = m.model.config
+    weights = "random weights" if m.weights == "random" else m.weights
+    after_load = report.rss_after_load_mb
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    rows = [
+        ("model", f"{m.name} ({weights})"),
+        (
+            "size",
+            f"{_count(config.num_parameters())} parameters, "
+            f"{report.weight_bytes / 2**30:.2f} GiB of weights",
+        ),
+        ("setup", _setup(report) + f", quantize {report.settings.quantize}"),
+        (
+            "load",
+            f"{m.load_s:.2f} s" + ("" if after_load is None else f", RSS {after_load:,.0f} MiB"),
+        ),
+        (
+            "memory",
+            f"{report.bandwidth_gb_s:.1f} GB/s (torch sum over {PROBE_MIB} MiB, "
+            f"best of {PROBE_TRIES})",
+        ),
+    ]
+    for name, value in rows:
+        grid.add_row(name, Text(value))
+    return grid
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def _results_table(report: BenchReport) -> Table:
+    repeat = report.settings.repeat
+    on_gpu = report.results[0].spread("peak_gpu_mb") is not None
+    caption = f"median of {repeat} runs after a warm-up" + (
+        " (min-max below)" if repeat > 1 else ""
+    )
+    table = Table(title="qwen3chat bench", caption=caption)
+    for name in ("test", "prefill t/s", "decode t/s", "TTFT ms", "peak RSS MiB"):
+        table.add_column(name, justify="left" if name == "test" else "right")
+    if on_gpu:
+        table.add_column("peak GPU MiB", justify="right")
+    table.add_column("decode GB/s", justify="right")
+    table.add_column("of roofline", justify="right")
+    for result in report.results:
+        bound = roofline(result, report.bandwidth_gb_s)
+        cells = [
+            _spread_cell(result.spread("prefill_tok_s"), "{:.1f}"),
+            _spread_cell(result.spread("decode_tok_s"), "{:.2f}"),
+            _spread_cell(result.spread("ttft_s"), "{:.1f}", scale=1e3),
+            f"{result.spread('peak_rss_mb').max:,.0f}",  # the process peak: it only grows
+        ]
+        if on_gpu:
+            cells.append(_spread_cell(result.spread("peak_gpu_mb"), "{:,.0f}"))
+        cells += [f"{bound.achieved_gb_s:.1f}", f"{bound.share:.0%} of {bound.tok_s:.1f} t/s"]
+        table.add_row(result.combination.label, *cells)
+    return table
+
+
+def _spread_cell(spread: Spread, fmt: str, scale: float = 1.0) -> Text:
+    text = Text(fmt.format(spread.median * scale))
+    if spread.min != spread.max:
+        low, high = fmt.format(spread.min * scale), fmt.format(spread.max * scale)
+        text.append(f"\n{low}-{high}", style="dim")
+    return text
+
+
+def _ops_table(ops: list[OpTiming | SkippedOp]) -> Table:
+    timed = [o for o in ops if isinstance(o, OpTiming)]
+    seq_lens = sorted({o.seq_len for o in timed})
+    skipped = [f"{o.op}: skipped, {o.reason}" for o in ops if isinstance(o, SkippedOp)]
+    caption = "median time per call at the model's dimensions (layer 0); "
+    caption += "attention_decode: one token over seq cached positions"
+    table = Table(title="ops", caption="\n".join([caption, *skipped]))
+    table.add_column("op")
+    for seq in seq_lens:
+        table.add_column(f"seq {seq}", justify="right")
+    by_op: dict[str, dict[int, OpTiming]] = {}
+    for o in timed:
+        by_op.setdefault(o.op, {})[o.seq_len] = o
+    for op, timings in by_op.items():
+        table.add_row(op, *(_duration(timings[seq].median_us) for seq in seq_lens))
+    return table
+
+
+def _duration(us: float) -> str:
+    return f"{us:.1f} µs" if us < 1000 else f"{us / 1000:.2f} ms"
+
+
+def _profile_table(phase: str, rows: list[ProfiledOp]) -> Table:
+    table = Table(title=f"profile: one {phase} step, top ops by self time")
+    table.add_column("op")
+    for name in ("calls", "self ms", "total ms", "share"):
+        table.add_column(name, justify="right")
+    for row in rows:
+        table.add_row(
+            Text(row.name),
+            str(row.calls),
+            f"{row.self_ms:.3f}",
+            f"{row.total_ms:.3f}",
+            f"{row.share:.1%}",
+        )
+    return table

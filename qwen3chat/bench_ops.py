@@ -1,0 +1,239 @@
+"""Per-operation costs at a model's own dimensions, for `qwen3chat bench --ops/--profile`.
+
+``--ops`` times each building block of a decoder layer alone (the model's own modules and
+weights, layer 0), at several sequence lengths: where a whole-model number is slow, this
+says which piece is. ``--profile`` is the other view: torch.profiler over one real prefill
+and one real decode step of the engine, per aten op.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .engine import Engine
+from .kv_cache import KVCache
+from .model.layers import apply_rope
+from .model.qwen3 import Qwen3Model
+
+SEQ_LENS = (1, 16, 128, 512)
+
+# Each (op, sequence length) runs for about this long, and at least MIN_CALLS times: long
+# enough for a stable median of microsecond ops, short enough for a 32B layer.
+TIME_BUDGET_S = 0.05
+MIN_CALLS = 3
+MAX_CALLS = 1000
+
+PROFILE_TOP_OPS = 15
+
+
+@dataclass
+class OpTiming:
+    op: str
+    seq_len: int
+    median_us: float
+    min_us: float
+    calls: int
+
+
+@dataclass
+class SkippedOp:
+    op: str
+    reason: str
+
+
+@dataclass
+class ProfiledOp:
+    name: str
+    calls: int
+    self_ms: float
+    total_ms: float
+    share: float  # of the whole step's self time
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so that a host clock reading covers them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+class _Workbench:
+    """Layer 0 of the model, its RoPE tables, a KV cache and random inputs of any length."""
+
+    def __init__(self, model: Qwen3Model, max_seq_len: int):
+        self.config = model.config
+        self.layer = model.layers[0]
+        # A decode step at position max_seq_len needs one slot beyond it.
+        self.cache: KVCache = model.new_cache(max_seq_len + 1)
+        self.cos, self.sin = model.rope_cos, model.rope_sin
+        self.dtype, self.device = model.dtype, model.device
+
+    def hidden(self, seq: int) -> torch.Tensor:
+        shape = (1, seq, self.config.hidden_size)
+        return torch.randn(shape, dtype=self.dtype, device=self.device)
+
+    def heads(self, count: int, seq: int) -> torch.Tensor:
+        shape = (1, count, seq, self.config.head_dim)
+        return torch.randn(shape, dtype=self.dtype, device=self.device)
+
+
+def _rms_norm(bench: _Workbench, seq: int) -> Callable[[], object]:
+    x, norm = bench.hidden(seq), bench.layer.input_layernorm
+    return lambda: norm(x)
+
+
+def _rope(bench: _Workbench, seq: int) -> Callable[[], object]:
+    q = bench.heads(bench.config.num_attention_heads, seq)
+    cos, sin = bench.cos[:seq], bench.sin[:seq]
+    return lambda: apply_rope(q, cos, sin)
+
+
+def _feed_forward(bench: _Workbench, seq: int) -> Callable[[], object]:
+    x, mlp = bench.hidden(seq), bench.layer.mlp
+    return lambda: mlp(x)
+
+
+def _attention_prefill(bench: _Workbench, seq: int) -> Callable[[], object]:
+    """Attention over ``seq`` new tokens at the start of the cache (a first prompt chunk)."""
+    x, attn = bench.hidden(seq), bench.layer.self_attn
+    cos, sin = bench.cos[:seq], bench.sin[:seq]
+    return lambda: attn(x, cos, sin, None, bench.cache, 0)
+
+
+def _attention_decode(bench: _Workbench, seq: int) -> Callable[[], object]:
+    """One new token attending to ``seq`` cached positions (a decode step at depth seq)."""
+    x, attn = bench.hidden(1), bench.layer.self_attn
+    cos, sin = bench.cos[seq : seq + 1], bench.sin[seq : seq + 1]
+    return lambda: attn(x, cos, sin, None, bench.cache, seq)
+
+
+def _transformer_block(bench: _Workbench, seq: int) -> Callable[[], object]:
+    x, layer = bench.hidden(seq), bench.layer
+    cos, sin = bench.cos[:seq], bench.sin[:seq]
+    return lambda: layer(x, cos, sin, None, bench.cache, 0)
+
+
+def _causal_mask(bench: _Workbench, seq: int) -> Callable[[], object]:
+    """The mask Qwen3Model.forward builds for a chunk of ``seq`` tokens after ``seq`` cached
+    ones (a first chunk needs none: SDPA's is_causal covers it)."""
+    device = bench.device
+
+    def build() -> torch.Tensor:
+        positions = torch.arange(2 * seq, device=device)
+        return positions[None, :] <= positions[seq:, None]
+
+    return build
+
+
+def _kv_cache(bench: _Workbench, seq: int) -> Callable[[], object]:
+    kv_heads = bench.config.num_key_value_heads
+    k, v = bench.heads(kv_heads, seq), bench.heads(kv_heads, seq)
+    return lambda: bench.cache.update(0, 0, k, v)
+
+
+_MEASURED: dict[str, Callable[[_Workbench, int], Callable[[], object]]] = {
+    "rms_norm": _rms_norm,
+    "rope": _rope,
+    "feed_forward": _feed_forward,
+    "attention_prefill": _attention_prefill,
+    "attention_decode": _attention_decode,
+    "transformer_block": _transformer_block,
+    "causal_mask": _causal_mask,
+    "kv_cache": _kv_cache,
+}
+_NOT_BUILT = {
+    "moe_layer": "the mixture-of-experts layer (Qwen3 MoE, qwen3-30b-a3b) is not built yet"
+}
+OPS = (
+    "rms_norm",
+    "rope",
+    "feed_forward",
+    "moe_layer",
+    "attention_prefill",
+    "attention_decode",
+    "transformer_block",
+    "causal_mask",
+    "kv_cache",
+)
+
+
+def time_per_call(fn: Callable[[], object], device: torch.device) -> list[float]:
+    """Seconds of each call of ``fn``, after one warm-up call (allocation, kernel choice)."""
+    fn()
+    synchronize(device)
+    samples: list[float] = []
+    deadline = time.perf_counter() + TIME_BUDGET_S
+    while len(samples) < MIN_CALLS or (len(samples) < MAX_CALLS and time.perf_counter() < deadline):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+class OpBenchmarks:
+    """Times the named ops of ``OPS`` at ``seq_lens``, sharing one workbench."""
+
+    def __init__(self, model: Qwen3Model, seq_lens: tuple[int, ...] = SEQ_LENS):
+        self.seq_lens = seq_lens
+        self.bench = _Workbench(model, max(seq_lens))
+
+    @torch.inference_mode()
+    def run(self, op: str) -> list[OpTiming | SkippedOp]:
+        if op in _NOT_BUILT:
+            return [SkippedOp(op, _NOT_BUILT[op])]
+        timings: list[OpTiming | SkippedOp] = []
+        for seq in self.seq_lens:
+            samples = time_per_call(_MEASURED[op](self.bench, seq), self.bench.device)
+            timings.append(
+                OpTiming(
+                    op, seq, statistics.median(samples) * 1e6, min(samples) * 1e6, len(samples)
+                )
+            )
+        return timings
+
+
+def profile_prefill_and_decode(
+    engine: Engine, prompt_ids: list[int], top: int = PROFILE_TOP_OPS
+) -> dict[str, list[ProfiledOp]]:
+    """The ``top`` ops by self time of one prefill of ``prompt_ids`` and one decode step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if engine.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    engine.cache.trim(0)
+    with profile(activities=activities) as prefill:
+        logits = engine.prefill(prompt_ids, lambda: False)
+        synchronize(engine.device)
+    token = int(logits.argmax())
+    with profile(activities=activities) as decode:
+        engine.decode_step([*prompt_ids, token], token)
+        synchronize(engine.device)
+    on_gpu = engine.device.type == "cuda"
+    return {
+        "prefill": _top_ops(prefill, top, on_gpu),
+        "decode": _top_ops(decode, top, on_gpu),
+    }
+
+
+def _top_ops(prof, top: int, on_gpu: bool) -> list[ProfiledOp]:
+    # On a GPU the host only queues kernels: device time is the cost that matters there.
+    def self_us(event) -> float:
+        return event.self_device_time_total if on_gpu else event.self_cpu_time_total
+
+    def total_us(event) -> float:
+        return event.device_time_total if on_gpu else event.cpu_time_total
+
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)
+    step_us = sum(self_us(e) for e in events) or 1.0
+    return [
+        ProfiledOp(e.key, e.count, self_us(e) / 1e3, total_us(e) / 1e3, self_us(e) / step_us)
+        for e in events[:top]
+    ]

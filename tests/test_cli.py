@@ -1,0 +1,258 @@
+"""`qwen3chat chat` as scripts use it: one-shot, pipes, --json, the think budget, and every
+error of the contract (one line on stderr, a non-zero exit, usage errors exit 2)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qwen3chat.chat.oneshot import run_oneshot
+from qwen3chat.cli import app
+from qwen3chat.engine import Engine
+from qwen3chat.loading import load_model
+from qwen3chat.sampling import SamplingSettings
+from qwen3chat.thinking import EARLY_STOP_THINKING
+
+GREEDY = SamplingSettings(temperature=0.0)
+# A flag set that makes the CLI compute exactly what the in-process engine below computes.
+EXACT = ["--temperature", "0", "--dtype", "float32"]
+
+
+def chat(model, *args, input=None):
+    return CliRunner().invoke(app, ["chat", "-m", str(model), *map(str, args)], input=input)
+
+
+def reply(loaded, content: str, max_tokens: int, sampling=GREEDY):
+    """The reply the engine gives to one user message, computed in-process."""
+    engine = Engine(loaded.model, loaded.tokenizer, 2048)
+    prompt = loaded.tokenizer.encode_chat([{"role": "user", "content": content}])
+    return list(engine.generate(prompt, max_tokens, sampling))[-1], prompt
+
+
+def model_copy(src: Path, dst: Path, replace: dict[str, str | None]) -> Path:
+    """The tiny model's directory again, with some files replaced (text) or removed
+    (None); the large files are links."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name in replace:
+            continue
+        if f.suffix == ".safetensors" or f.name == "tokenizer.json":
+            (dst / f.name).symlink_to(f)
+        else:
+            shutil.copy(f, dst / f.name)
+    for name, text in replace.items():
+        if text is not None:
+            (dst / name).write_text(text, encoding="utf-8")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir) -> Path:
+    return tiny_model_dir[0]
+
+
+@pytest.fixture(scope="module")
+def loaded(model):
+    return load_model(model, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def thinking_model(model, tmp_path_factory) -> Path:
+    """Like Qwen3-*-Thinking-2507: the generation prompt already opens <think>."""
+    config = json.loads((model / "tokenizer_config.json").read_text(encoding="utf-8"))
+    opening = "{{- '<|im_start|>assistant\\n' }}"
+    assert opening in config["chat_template"]
+    config["chat_template"] = config["chat_template"].replace(
+        opening, "{{- '<|im_start|>assistant\\n<think>\\n' }}"
+    )
+    replaced = {"tokenizer_config.json": json.dumps(config)}
+    return model_copy(model, tmp_path_factory.mktemp("thinking") / "m", replaced)
+
+
+# --- One-shot and pipes --------------------------------------------------------------------
+
+
+def test_prompt_prints_only_the_answer_on_stdout(model, loaded):
+    result = chat(model, "-p", "hello", "-n", 12, *EXACT)
+    assert result.exit_code == 0, result.output
+    expected, _ = reply(loaded, "hello", 12)
+    assert result.stdout == expected.text + "\n"
+    assert result.stderr == ""  # no spinner, no thinking, no colour when not a terminal
+
+
+def test_piped_stdin_is_the_prompt(model, loaded):
+    result = chat(model, "-n", 12, *EXACT, input="hello")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == reply(loaded, "hello", 12)[0].text + "\n"
+
+
+def test_piped_stdin_follows_the_prompt_after_a_blank_line(model, loaded):
+    result = chat(model, "-p", "Summarize:", "-n", 8, "--json", *EXACT, input="the body")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    expected, prompt = reply(loaded, "Summarize:\n\nthe body", 8)
+    assert out["usage"]["prompt_tokens"] == len(prompt)
+    assert out["token_ids"] == expected.token_ids
+
+
+def test_json_is_one_object_with_every_field(model, loaded):
+    result = chat(model, "-p", "hello", "-n", 7, "--json", *EXACT)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)  # exactly one JSON document, nothing else on stdout
+    expected, prompt = reply(loaded, "hello", 7)
+    assert set(out) == {"text", "thinking", "token_ids", "finish_reason", "usage", "timings"}
+    assert out["text"] == expected.text
+    assert out["thinking"] == ""
+    assert out["token_ids"] == expected.token_ids
+    assert out["finish_reason"] == "length"
+    assert out["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 7}
+    assert set(out["timings"]) == {"load_s", "ttft_s", "prefill_tok_s", "decode_tok_s"}
+    assert all(isinstance(v, float) and v > 0 for v in out["timings"].values())
+
+
+def test_generation_config_replaces_the_defaults_unless_a_flag_is_given(model, loaded, tmp_path):
+    hot = {"temperature": 5.0, "top_p": 1.0, "top_k": 0}
+    path = model_copy(model, tmp_path / "m", {"generation_config.json": json.dumps(hot)})
+    from_file = reply(loaded, "hello", 10, SamplingSettings(**hot, seed=42))[0].token_ids
+    greedy = reply(loaded, "hello", 10)[0].token_ids
+    assert from_file != greedy  # otherwise this test could not tell them apart
+
+    result = chat(path, "-p", "hello", "-n", 10, "--json", "--dtype", "float32")
+    assert json.loads(result.stdout)["token_ids"] == from_file
+    result = chat(path, "-p", "hello", "-n", 10, "--json", *EXACT)
+    assert json.loads(result.stdout)["token_ids"] == greedy
+
+
+def test_a_prompt_ending_inside_think_streams_as_thinking(thinking_model):
+    result = chat(thinking_model, "-p", "hello", "-n", 20, "--json", *EXACT)
+    out = json.loads(result.stdout)
+    assert out["thinking"] != "" and out["text"] == ""  # never closed within 20 tokens
+
+
+def test_think_budget_closes_the_thinking_and_the_answer_follows(thinking_model, loaded):
+    result = chat(thinking_model, "-p", "hello", "-n", 40, "--think-budget", 5, "--json", *EXACT)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    closing = loaded.tokenizer.encode(EARLY_STOP_THINKING)
+    assert out["token_ids"][5 : 5 + len(closing)] == closing
+    assert out["thinking"].endswith(EARLY_STOP_THINKING.split("</think>")[0].strip())
+    assert out["text"] != ""
+    assert len(out["token_ids"]) == 40
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stderr_is_terminal", [True, False])
+def test_thinking_goes_to_stderr_only_when_it_is_a_terminal(thinking_model, stderr_is_terminal):
+    loaded = load_model(thinking_model, device="cpu", dtype="float32")
+    engine = Engine(loaded.model, loaded.tokenizer, 256)
+    stdout, stderr = io.StringIO(), Terminal() if stderr_is_terminal else io.StringIO()
+    finish = run_oneshot(
+        engine, "hello", None, GREEDY, 30, True, False, 0.0, 5, stdout=stdout, stderr=stderr
+    )
+    assert stdout.getvalue() == finish.text + "\n"
+    if stderr_is_terminal:
+        assert finish.thinking in stderr.getvalue()
+        assert "[thinking cut at 5 tokens]" in stderr.getvalue()
+    else:
+        assert stderr.getvalue() == ""
+
+
+def test_a_pipeline_closed_early_by_head_ends_quietly(model):
+    command = (
+        f"echo hello | {sys.executable} -m qwen3chat chat -m {model} -n 400 --temperature 0"
+        " | head -c 20; echo status=${PIPESTATUS[1]} >&2"
+    )
+    done = subprocess.run(["bash", "-c", command], capture_output=True, timeout=120)
+    assert len(done.stdout) == 20
+    assert done.stderr.decode().strip() == "status=0"  # no traceback, no "Exception ignored"
+
+
+# --- Errors ---------------------------------------------------------------------------------
+
+
+def assert_one_line_error(result, code: int, fragment: str) -> None:
+    assert result.exit_code == code, result.output
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert fragment in result.stderr
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "code", "fragment"),
+    [
+        (["-p", ""], None, 2, "the prompt is empty"),
+        ([], " \n", 2, "the prompt is empty"),
+        (["-p", "hi", "--top-p", "0"], None, 2, "--top-p: 0.0 is out of range"),
+        (["-p", "hi", "--temperature", "-1"], None, 2, "--temperature"),
+        ([], b"\xff\xfe not text", 1, "stdin: not UTF-8 text"),
+        (["-p", "hi", "--format", "gguf"], None, 1, "--format gguf"),
+        (["-p", "hello " * 20, "--max-seq-len", "16"], None, 1, "--max-seq-len is 16"),
+    ],
+)
+def test_errors_are_one_line(model, args, stdin, code, fragment):
+    assert_one_line_error(chat(model, *args, input=stdin), code, fragment)
+
+
+def test_json_needs_a_one_shot_prompt(model):
+    # stdin is a terminal and there is no -p: that is the interactive mode.
+    child = pexpect.spawn(
+        sys.executable, ["-m", "qwen3chat", "chat", "-m", str(model), "--json"], timeout=30
+    )
+    output = child.read().decode()
+    child.close()
+    assert child.exitstatus == 2
+    assert output == "error: --json needs a one-shot prompt: pass -p TEXT or pipe stdin\r\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_missing_device_is_one_line(model):
+    assert_one_line_error(chat(model, "-p", "hi", "--device", "cuda"), 1, "--device cuda")
+
+
+def test_a_missing_model_is_one_line(tmp_path):
+    result = chat(tmp_path / "nowhere", "-p", "hi")
+    assert_one_line_error(result, 1, "no such file or directory (--model-path)")
+
+
+@pytest.mark.parametrize(
+    ("replace", "fragment"),
+    [
+        ({"config.json": None}, "config.json"),
+        ({"tokenizer.json": None}, "tokenizer.json: not found"),
+        ({"generation_config.json": "{oops"}, "generation_config.json: not valid JSON"),
+    ],
+)
+def test_a_broken_model_directory_names_the_file(model, tmp_path, replace, fragment):
+    broken = model_copy(model, tmp_path / "m", replace)
+    assert_one_line_error(chat(broken, "-p", "hi"), 1, fragment)
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["-n", "0"], "--max-tokens"),
+        (["--think-budget", "0"], "--think-budget"),
+        (["--temperature", "warm"], "--temperature"),
+        (["--quantize", "int3"], "--quantize"),
+        (["--bogus"], "--bogus"),
+    ],
+)
+def test_bad_flags_are_usage_errors(model, args, flag):
+    result = chat(model, "-p", "hi", *args)
+    assert result.exit_code == 2
+    assert flag in result.stderr
+    assert "Traceback" not in result.output
