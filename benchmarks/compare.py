@@ -29,26 +29,10 @@ from pathlib import Path
 
 import torch
 
+from qwen3chat.presets import PRESETS, preset_config
+
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "tests/fixtures/qwen3-tokenizer"
-SHAPES = {
-    "qwen3-0.6b": dict(
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        tie_word_embeddings=True,
-    ),
-    "qwen3-1.7b": dict(
-        hidden_size=2048,
-        intermediate_size=6144,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        tie_word_embeddings=True,
-    ),
-}
 
 
 def build_gguf(checkpoint: Path, qtype_name: str) -> Path:
@@ -74,13 +58,19 @@ def build_checkpoint(shape: str, directory: Path) -> Path:
         return directory
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    config = Qwen3Config(
-        vocab_size=151936,
-        head_dim=128,
-        max_position_embeddings=40960,
-        eos_token_id=151645,
-        **SHAPES[shape],
+    preset = preset_config(shape)
+    fields = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "tie_word_embeddings",
+        "max_position_embeddings",
     )
+    config = Qwen3Config(eos_token_id=151645, **{f: getattr(preset, f) for f in fields})
     torch.manual_seed(0)
     model = Qwen3ForCausalLM._from_config(config, dtype=torch.bfloat16)
     tmp = directory.with_suffix(".tmp")
@@ -175,7 +165,7 @@ def worker(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
+    parser.add_argument("--shape", default="qwen3-0.6b", choices=sorted(PRESETS))
     parser.add_argument(
         "--runs",
         default="qwen3chat:float32,transformers:float32,qwen3chat:bfloat16,"

@@ -200,7 +200,7 @@ class QuantizedWeight(nn.Module):
         # Few rows (decode) are bandwidth bound: stream the int8 codes through a fused
         # kernel. Many rows (prefill) are compute bound: dequantize once, then GEMM.
         if self.bits == 8 and x.device.type == "cpu" and x.shape[0] < CPU_FLOAT32_MIN_ROWS:
-            if self.group_size % 8 == 0:
+            if self.group_size % 32 == 0:
                 out = q8_linear(x.float(), self.codes, self.scales)
                 if out is not None:
                     return out

@@ -39,7 +39,7 @@ def _module():
 
 def q8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor):
     """``x [M, K] float32 @ (codes * scales).T`` for group-wise int8 (groups a multiple
-    of 8), or None where the kernel is unavailable."""
+    of 32), or None where the kernel is unavailable."""
     module = _module()
     if module is None:
         return None

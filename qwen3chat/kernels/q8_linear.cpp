@@ -22,10 +22,16 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
+// Eight int8 codes widened to eight floats.
+inline __m256 widen(const int8_t* q) {
+  __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+}
+
 }  // namespace
 
 // x [M, K] float32, codes [N, K] int8, scales [N, K / group] float32 -> [M, N] float32;
-// group is a multiple of 8 that divides K.
+// group is a multiple of 32 that divides K.
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && codes.dtype() == torch::kInt8 &&
                   scales.dtype() == torch::kFloat32,
@@ -36,7 +42,7 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), G = scales.size(1);
   const int64_t group = G > 0 ? K / G : 0;
   TORCH_CHECK(codes.size(1) == K && scales.size(0) == N && G > 0 && group * G == K &&
-                  group % 8 == 0,
+                  group % 32 == 0,
               "q8_linear: shapes do not match");
   auto out = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -53,12 +59,15 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
         for (int64_t g = 0; g < G; ++g) {
           const int8_t* q = row + g * group;
           const float* xv = xm + g * group;
-          __m256 part = _mm256_setzero_ps();
-          for (int64_t j = 0; j < group; j += 8) {
-            __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j));
-            __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-            part = _mm256_fmadd_ps(w, _mm256_loadu_ps(xv + j), part);
+          // Four independent accumulators: one chain would wait on FMA latency.
+          __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0;
+          for (int64_t j = 0; j < group; j += 32) {
+            p0 = _mm256_fmadd_ps(widen(q + j), _mm256_loadu_ps(xv + j), p0);
+            p1 = _mm256_fmadd_ps(widen(q + j + 8), _mm256_loadu_ps(xv + j + 8), p1);
+            p2 = _mm256_fmadd_ps(widen(q + j + 16), _mm256_loadu_ps(xv + j + 16), p2);
+            p3 = _mm256_fmadd_ps(widen(q + j + 24), _mm256_loadu_ps(xv + j + 24), p3);
           }
+          __m256 part = _mm256_add_ps(_mm256_add_ps(p0, p1), _mm256_add_ps(p2, p3));
           acc = _mm256_fmadd_ps(part, _mm256_set1_ps(row_scales[g]), acc);
         }
         op[m * N + n] = horizontal_sum(acc);
