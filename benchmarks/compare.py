@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from qwen3chat.config import SHAPE_FIELDS
 from qwen3chat.presets import PRESETS, preset_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,17 +60,7 @@ def build_checkpoint(shape: str, directory: Path) -> Path:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     preset = preset_config(shape)
-    fields = (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "head_dim",
-        "tie_word_embeddings",
-        "max_position_embeddings",
-    )
+    fields = (*SHAPE_FIELDS, "tie_word_embeddings", "max_position_embeddings")
     config = Qwen3Config(eos_token_id=151645, **{f: getattr(preset, f) for f in fields})
     torch.manual_seed(0)
     model = Qwen3ForCausalLM._from_config(config, dtype=torch.bfloat16)

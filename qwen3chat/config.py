@@ -96,7 +96,7 @@ class ModelConfig:
             if f.name in raw and f.name not in values and raw[f.name] is not None:
                 values[f.name] = raw[f.name]
         # Partial configs get their shapes from the tensors; mark them unknown for now.
-        for name in _SHAPE_FIELDS:
+        for name in SHAPE_FIELDS:
             if raw.get(name) is None:
                 values[name] = None
         return cls(**values)
@@ -125,7 +125,7 @@ class ModelConfig:
             known["num_key_value_heads"] = k_proj[0] // head_dim
         if gate:
             known["intermediate_size"] = gate[0]
-        for name in _SHAPE_FIELDS:
+        for name in SHAPE_FIELDS:
             if getattr(self, name) is None:
                 if known.get(name) is None:
                     raise QwenChatError(
@@ -175,7 +175,7 @@ class ModelConfig:
         return inv_freq, float(attention_factor)
 
 
-_SHAPE_FIELDS = (
+SHAPE_FIELDS = (
     "vocab_size",
     "hidden_size",
     "intermediate_size",
