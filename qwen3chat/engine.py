@@ -93,6 +93,13 @@ class Engine:
     def _ids(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
+    def reusable_prefix(self, prompt_ids: list[int]) -> int:
+        """Prompt tokens whose keys/values the cache already holds (at least one token is
+        always left to run, so that there are logits)."""
+        if self.reference:
+            return 0
+        return min(self.cache.common_prefix(prompt_ids), len(prompt_ids) - 1)
+
     @torch.inference_mode()
     def prefill(
         self, prompt_ids: list[int], should_stop: Callable[[], bool]
@@ -104,7 +111,7 @@ class Engine:
         """
         if self.reference:
             return self.model(self._ids(prompt_ids))
-        reuse = min(self.cache.common_prefix(prompt_ids), len(prompt_ids) - 1)
+        reuse = self.reusable_prefix(prompt_ids)
         self.cache.trim(reuse)
         todo = prompt_ids[reuse:]
         step = self.chunk_size or len(todo)
@@ -158,9 +165,7 @@ class Engine:
         stops = set(tok.stop_ids)
         timings = Timings()
         start = time.perf_counter()
-        cached = (
-            0 if self.reference else min(self.cache.common_prefix(prompt_ids), len(prompt_ids) - 1)
-        )
+        cached = self.reusable_prefix(prompt_ids)
         generated: list[int] = []
 
         def finish(reason: str) -> FinishEvent:
