@@ -11,7 +11,9 @@ from pathlib import Path
 
 from .errors import QwenChatError
 
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+# config.json's model_type, for configs that do not list their architecture.
+_ARCHITECTURE_OF_TYPE = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 @dataclass
@@ -35,6 +37,21 @@ class ModelConfig:
     attention_bias: bool = False
     architecture: str = "Qwen3ForCausalLM"
     eos_token_ids: list[int] = field(default_factory=list)
+    # Mixture of experts (Qwen3MoeForCausalLM); num_experts 0 is a dense model.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether a layer's feed-forward is the sparse expert block (else a dense MLP)."""
+        return (
+            self.num_experts > 0
+            and layer_idx not in self.mlp_only_layers
+            and (layer_idx + 1) % self.decoder_sparse_step == 0
+        )
 
     @property
     def q_size(self) -> int:
@@ -44,15 +61,22 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
-    def num_parameters(self) -> int:
-        """Parameter count, embedding and (untied) lm_head included."""
-        d, layers = self.hidden_size, self.num_hidden_layers
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameter count, embedding and (untied) lm_head included; with ``active``, only
+        the experts a token runs through (num_experts_per_tok of them) are counted."""
+        d = self.hidden_size
         attn = d * (self.q_size + 2 * self.kv_size) + self.q_size * d + 2 * self.head_dim
-        mlp = 3 * d * self.intermediate_size
-        per_layer = attn + mlp + 2 * d
+        total = 0
+        for i in range(self.num_hidden_layers):
+            if self.is_moe_layer(i):
+                experts = self.num_experts_per_tok if active else self.num_experts
+                ffn = 3 * d * self.moe_intermediate_size * experts + self.num_experts * d
+            else:
+                ffn = 3 * d * self.intermediate_size
+            total += attn + ffn + 2 * d
         embed = self.vocab_size * d
         head = 0 if self.tie_word_embeddings else embed
-        return embed + head + layers * per_layer + d
+        return embed + head + total + d
 
     def validate(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -60,13 +84,26 @@ class ModelConfig:
                 f"config: num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers"):
             if getattr(self, name) <= 0:
                 raise QwenChatError(f"config: {name} must be positive")
+        dense_layers = not all(map(self.is_moe_layer, range(self.num_hidden_layers)))
+        if dense_layers and self.intermediate_size <= 0:
+            raise QwenChatError("config: intermediate_size must be positive")
         if self.attention_bias:
             raise QwenChatError("config: attention_bias=true is not a Qwen3 layout")
         if self.head_dim % 2:
             raise QwenChatError(f"config: head_dim ({self.head_dim}) must be even for RoPE")
+        if self.num_experts:
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                raise QwenChatError(
+                    f"config: num_experts_per_tok ({self.num_experts_per_tok}) must be "
+                    f"between 1 and num_experts ({self.num_experts})"
+                )
+            if self.moe_intermediate_size <= 0 or self.decoder_sparse_step <= 0:
+                raise QwenChatError(
+                    "config: moe_intermediate_size and decoder_sparse_step must be positive"
+                )
 
     @classmethod
     def from_hf_dict(cls, raw: Mapping, source: str = "config.json") -> ModelConfig:
@@ -74,7 +111,7 @@ class ModelConfig:
         only where Qwen3 documents them, the rest are completed from tensor shapes later."""
         archs = raw.get("architectures") or []
         model_type = raw.get("model_type")
-        arch = archs[0] if archs else ("Qwen3ForCausalLM" if model_type == "qwen3" else None)
+        arch = archs[0] if archs else _ARCHITECTURE_OF_TYPE.get(model_type)
         if arch not in SUPPORTED_ARCHITECTURES:
             found = arch or model_type or "nothing"
             raise QwenChatError(
@@ -88,6 +125,8 @@ class ModelConfig:
         eos = raw.get("eos_token_id")
         values = {
             "architecture": arch,
+            # transformers 5 writes the expert count as num_local_experts.
+            "num_experts": raw.get("num_experts", raw.get("num_local_experts", 0)) or 0,
             "rope_theta": float(rope_theta),
             "rope_scaling": None if rope_type == "default" else rope,
             "eos_token_ids": [eos] if isinstance(eos, int) else list(eos or []),
@@ -116,15 +155,17 @@ class ModelConfig:
         q_norm = shapes.get("layers.0.self_attn.q_norm.weight")
         q_proj = shapes.get("layers.0.self_attn.q_proj.weight")
         k_proj = shapes.get("layers.0.self_attn.k_proj.weight")
-        gate = shapes.get("layers.0.mlp.gate_proj.weight")
         head_dim = q_norm[0] if q_norm else (self.head_dim or 128)
         known["head_dim"] = head_dim
         if q_proj:
             known["num_attention_heads"] = q_proj[0] // head_dim
         if k_proj:
             known["num_key_value_heads"] = k_proj[0] // head_dim
-        if gate:
-            known["intermediate_size"] = gate[0]
+        dense = [n for n in shapes if n.endswith(".mlp.gate_proj.weight")]
+        if dense:
+            known["intermediate_size"] = shapes[dense[0]][0]
+        elif any(n.endswith(".mlp.experts.gate_proj.weight") for n in shapes):
+            known["intermediate_size"] = 0  # every layer is sparse: no dense width needed
         for name in SHAPE_FIELDS:
             if getattr(self, name) is None:
                 if known.get(name) is None:

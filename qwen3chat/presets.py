@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from .config import ModelConfig
 from .errors import QwenChatError
 
@@ -21,6 +23,14 @@ def _dense(hidden, inter, layers, heads, kv_heads, tied, max_pos=40960) -> Model
     )
 
 
+def _moe(hidden, inter, layers, heads, kv_heads, experts, top_k, moe_inter) -> ModelConfig:
+    config = _dense(hidden, inter, layers, heads, kv_heads, tied=False)
+    config.architecture = "Qwen3MoeForCausalLM"
+    config.num_experts, config.num_experts_per_tok = experts, top_k
+    config.moe_intermediate_size, config.norm_topk_prob = moe_inter, True
+    return config
+
+
 PRESETS: dict[str, ModelConfig] = {
     "qwen3-0.6b": _dense(1024, 3072, 28, 16, 8, tied=True),
     "qwen3-1.7b": _dense(2048, 6144, 28, 16, 8, tied=True),
@@ -28,6 +38,8 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen3-8b": _dense(4096, 12288, 36, 32, 8, tied=False),
     "qwen3-14b": _dense(5120, 17408, 40, 40, 8, tied=False),
     "qwen3-32b": _dense(5120, 25600, 64, 64, 8, tied=False),
+    "qwen3-30b-a3b": _moe(2048, 6144, 48, 32, 4, experts=128, top_k=8, moe_inter=768),
+    "qwen3-235b-a22b": _moe(4096, 12288, 94, 64, 4, experts=128, top_k=8, moe_inter=1536),
     "tiny": ModelConfig(
         hidden_size=64,
         intermediate_size=128,
@@ -49,4 +61,4 @@ def preset_config(name: str) -> ModelConfig:
         raise QwenChatError(
             f"--preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}"
         ) from None
-    return ModelConfig(**{**base.__dict__, "eos_token_ids": list(base.eos_token_ids)})
+    return copy.deepcopy(base)

@@ -23,7 +23,8 @@ from .kernels import q8_linear
 class QuantizedMatrix:
     """``bits`` 8: w = code * scale, codes int8 in [-127, 127] (symmetric).
     ``bits`` 4: w = (code - 8) * scale + zero, codes uint8 in [0, 15].
-    Scales and zeros are float32 ``[rows, cols / group_size]``."""
+    Scales and zeros are float32 ``[rows, cols / group_size]``. A stack of expert
+    matrices has a leading expert dimension on all three: ``[experts, rows, …]``."""
 
     bits: int
     group_size: int
@@ -36,15 +37,33 @@ class QuantizedMatrix:
         return self.codes.shape
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        rows, cols = self.codes.shape
-        groups = cols // self.group_size
-        codes = self.codes.view(rows, groups, self.group_size).float()
+        codes = self.codes.unflatten(-1, (-1, self.group_size)).float()
         if self.bits == 4:
             codes = codes - 8
         w = codes * self.scales[..., None]
         if self.zeros is not None:
             w = w + self.zeros[..., None]
-        return w.view(rows, cols).to(dtype)
+        return w.flatten(-2).to(dtype)
+
+    def expert(self, index: int) -> QuantizedMatrix:
+        """One matrix of a stack of experts."""
+        zeros = None if self.zeros is None else self.zeros[index]
+        return QuantizedMatrix(
+            self.bits, self.group_size, self.codes[index], self.scales[index], zeros
+        )
+
+    def reshape(self, *shape: int) -> QuantizedMatrix:
+        """The same weights viewed as ``shape`` (e.g. ``[E*R, C]`` as ``[E, R, C]``);
+        the last dimension (the inputs) stays."""
+        lead = shape[:-1]
+        zeros = None if self.zeros is None else self.zeros.reshape(*lead, -1)
+        return QuantizedMatrix(
+            self.bits,
+            self.group_size,
+            self.codes.reshape(shape),
+            self.scales.reshape(*lead, -1),
+            zeros,
+        )
 
     def to_int8(self) -> QuantizedMatrix:
         """The same matrix as int8: exact when the int4 zeros are all 0 (GGUF Q4_0)."""
@@ -57,19 +76,19 @@ class QuantizedMatrix:
 
     @staticmethod
     def cat(parts: list[QuantizedMatrix]) -> QuantizedMatrix:
-        """Stack matrices along rows (output features); they must share their format."""
+        """Concatenate along rows (output features; per expert for stacks of experts)."""
         first = parts[0]
         if any((p.bits, p.group_size) != (first.bits, first.group_size) for p in parts):
             # Mixed formats (a GGUF file may quantize q and v differently): requantize.
             return quantize(
-                torch.cat([p.dequantize() for p in parts]), first.bits, first.group_size
+                torch.cat([p.dequantize() for p in parts], dim=-2), first.bits, first.group_size
             )
-        zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])
+        zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts], dim=-2)
         return QuantizedMatrix(
             first.bits,
             first.group_size,
-            torch.cat([p.codes for p in parts]),
-            torch.cat([p.scales for p in parts]),
+            torch.cat([p.codes for p in parts], dim=-2),
+            torch.cat([p.scales for p in parts], dim=-2),
             zeros,
         )
 
@@ -115,9 +134,14 @@ _QUANTIZE_ROWS = 4096
 
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedMatrix:
-    """Round-to-nearest quantization of a float matrix: int8 symmetric, int4 asymmetric."""
+    """Round-to-nearest quantization of a float matrix (or a stack of expert matrices):
+    int8 symmetric, int4 asymmetric."""
     if bits not in (4, 8):
         raise ValueError(f"unsupported bit width {bits}")
+    if weight.dim() > 2:
+        return quantize(weight.reshape(-1, weight.shape[-1]), bits, group_size).reshape(
+            *weight.shape
+        )
     rows, cols = weight.shape
     if cols % group_size:
         raise ValueError(f"{cols} columns are not a multiple of group size {group_size}")
@@ -221,3 +245,22 @@ class QuantizedWeight(nn.Module):
             None if m.zeros is None else m.zeros[ids.reshape(-1)],
         )
         return selected.dequantize(self.dtype).view(*ids.shape, self.in_features)
+
+
+class QuantizedExperts(nn.Module):
+    """A stack of quantized expert matrices ``[experts, out, in]``: one QuantizedWeight per
+    expert, so each expert runs on the same fused kernels as any other matrix."""
+
+    def __init__(self, matrix: QuantizedMatrix, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.shape = matrix.shape
+        self.experts = nn.ModuleList(
+            QuantizedWeight(matrix.expert(e), dtype, device) for e in range(matrix.shape[0])
+        )
+
+    def __getitem__(self, index: int) -> QuantizedWeight:
+        return self.experts[index]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers())

@@ -54,13 +54,29 @@ def tokenizer(tokenizer_dir):
     return Tokenizer.from_dir(tokenizer_dir)
 
 
-def build_reference_model(tie: bool = True, seed: int = 0, **overrides):
-    """A transformers Qwen3ForCausalLM with decisive random weights, in float32."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+# The mixture-of-experts part of a tiny Qwen3MoeForCausalLM (with TINY's other shapes).
+TINY_MOE = dict(
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    norm_topk_prob=True,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+)
 
-    config = Qwen3Config(**{**TINY, "tie_word_embeddings": tie, **overrides})
+
+def build_reference_model(tie: bool = True, seed: int = 0, moe: bool = False, **overrides):
+    """A transformers Qwen3ForCausalLM (Qwen3MoeForCausalLM with ``moe``) with decisive
+    random weights, in float32."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config_class, model_class = (
+        (Qwen3MoeConfig, Qwen3MoeForCausalLM) if moe else (Qwen3Config, Qwen3ForCausalLM)
+    )
+    values = {**TINY, **(TINY_MOE if moe else {}), "tie_word_embeddings": tie, **overrides}
+    config = config_class(**values)
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config).eval()
+    model = model_class(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

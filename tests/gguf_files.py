@@ -24,6 +24,12 @@ LAYER_NAMES = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp",
+}
+# transformers holds each MoE layer's experts as two stacks; llama.cpp stores three.
+EXPERT_STACKS = {
+    "mlp.experts.gate_up_proj": ("ffn_gate_exps", "ffn_up_exps"),
+    "mlp.experts.down_proj": ("ffn_down_exps",),
 }
 
 
@@ -85,11 +91,20 @@ def write_gguf(
     qtype: T,
     seed: int = 0,
     chat_template: str | None = None,
+    expert_weights_norm: bool | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Write ``model`` as a GGUF file with 2-D weights in ``qtype``; return the weights as
-    the file holds them, dequantized (load them into the reference model to compare)."""
+    """Write ``model`` as a GGUF file with 2-D weights (and 3-D expert stacks) in
+    ``qtype``; return the weights as the file holds them, dequantized (load them into the
+    reference model to compare). The MoE router stays F32, as llama.cpp keeps it."""
     config = model.config
-    writer = gguf.GGUFWriter(path, "qwen3")
+    moe = config.model_type == "qwen3_moe"
+    writer = gguf.GGUFWriter(path, "qwen3moe" if moe else "qwen3")
+    if moe:  # as convert_hf_to_gguf's Qwen2MoeModel writes them
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+        if expert_weights_norm is not None:
+            writer.add_expert_weights_norm(expert_weights_norm)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -121,21 +136,41 @@ def write_gguf(
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         array = tensor.float().numpy()
-        if array.ndim == 1 or qtype == T.F32:
-            raw, kind = array, T.F32
-        elif qtype in (T.Q4_K, T.Q6_K):
-            raw, kind = hand_built_blocks(*array.shape, qtype, rng), qtype
-        elif qtype == T.F16:
-            raw, kind = array.astype(np.float16), T.F16
-        else:
-            raw, kind = gguf.quants.quantize(array, qtype), qtype
-        writer.add_tensor(gguf_name(name), raw, raw_dtype=kind)
-        if kind in (T.F32, T.F16):
-            stored[name] = torch.from_numpy(raw.astype(np.float32))
-        else:
-            stored[name] = torch.from_numpy(gguf.quants.dequantize(raw, kind))
+        stack = next((s for s in EXPERT_STACKS if name.endswith(s)), None)
+        if stack is None:
+            full_precision = array.ndim == 1 or name.endswith("mlp.gate.weight")
+            kind = T.F32 if full_precision else qtype
+            stored[name] = add_tensor(writer, gguf_name(name), array, kind, rng)
+            continue
+        layer = name.split(".")[2]
+        parts = np.split(array, len(EXPERT_STACKS[stack]), axis=1)
+        stored[name] = torch.cat(
+            [
+                add_tensor(writer, f"blk.{layer}.{part_name}.weight", part, qtype, rng)
+                for part_name, part in zip(EXPERT_STACKS[stack], parts, strict=True)
+            ],
+            dim=1,
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return stored
+
+
+def add_tensor(writer, name: str, array: np.ndarray, qtype: T, rng) -> torch.Tensor:
+    """Add ``array`` in ``qtype``; return what the file holds, dequantized."""
+    if qtype == T.F32:
+        raw = array
+    elif qtype in (T.Q4_K, T.Q6_K):
+        rows = int(np.prod(array.shape[:-1]))
+        raw = hand_built_blocks(rows, array.shape[-1], qtype, rng)
+        raw = raw.reshape(*array.shape[:-1], -1)
+    elif qtype == T.F16:
+        raw = array.astype(np.float16)
+    else:
+        raw = gguf.quants.quantize(array, qtype)
+    writer.add_tensor(name, raw, raw_dtype=qtype)
+    if qtype in (T.F32, T.F16):
+        return torch.from_numpy(raw.astype(np.float32))
+    return torch.from_numpy(gguf.quants.dequantize(raw, qtype)).reshape(array.shape)

@@ -1,4 +1,4 @@
-"""The Qwen3 decoder: embedding, N pre-norm blocks, final norm, LM head."""
+"""The Qwen3 decoder (dense and MoE): embedding, N pre-norm blocks, final norm, LM head."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..kv_cache import KVCache
 from .layers import MLP, Attention, Embedding, Linear, RMSNorm, linear, rope_tables
+from .moe import SparseMoE
 
 
 class DecoderLayer(nn.Module):
@@ -16,7 +17,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = SparseMoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, cos, sin, mask, cache, start):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)

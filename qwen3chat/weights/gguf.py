@@ -15,7 +15,8 @@ from ..quant import QuantizedMatrix
 from . import gguf_quants
 from .names import canonical_from_gguf
 
-SUPPORTED_ARCHITECTURES = ("qwen3",)
+# GGUF architecture -> ours (config.json's name).
+SUPPORTED_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
 # No real GGUF holds arrays or counts near these; a header that claims more is corrupt,
 # and is refused before the reader walks (and allocates for) it.
 _MAX_ARRAY_ITEMS = 1 << 24
@@ -28,6 +29,11 @@ _SHAPE_KEYS = {
     "num_attention_heads": "attention.head_count",
     "num_key_value_heads": "attention.head_count_kv",
     "head_dim": "attention.key_length",
+}
+_MOE_KEYS = {
+    "num_experts": "expert_count",
+    "num_experts_per_tok": "expert_used_count",
+    "moe_intermediate_size": "expert_feed_forward_length",
 }
 
 
@@ -139,17 +145,35 @@ def config_from_gguf(reader: GGUFReader, path: Path) -> ModelConfig:
     if embed is None:
         raise QwenChatError(f"{path}: tensor token_embd.weight is missing")
     shape = {attr: get(key) for attr, key in _SHAPE_KEYS.items()}
-    missing = [key for attr, key in _SHAPE_KEYS.items() if shape[attr] is None]
+    moe = {}
+    if arch == "qwen3moe":
+        moe = {attr: get(key) for attr, key in _MOE_KEYS.items()}
+        # A layer without a router is a dense one; llama.cpp's converter writes none,
+        # but a file may, and then its feed_forward_length is the dense width.
+        moe["mlp_only_layers"] = [
+            i
+            for i in range(shape["num_hidden_layers"] or 0)
+            if f"blk.{i}.ffn_gate_inp.weight" not in names
+        ]
+        # llama.cpp renormalises Qwen3-MoE's top-k weights unless the file says otherwise.
+        moe["norm_topk_prob"] = bool(get("expert_weights_norm", True))
+        if not moe["mlp_only_layers"] and shape["intermediate_size"] is None:
+            shape["intermediate_size"] = 0
+    read = {**shape, **moe}
+    keys = {**_SHAPE_KEYS, **_MOE_KEYS}
+    missing = [keys[attr] for attr in keys if attr in read and read[attr] is None]
     if missing:
         raise QwenChatError(f"{path}: metadata {arch}.{missing[0]} is missing")
     config = ModelConfig(
         vocab_size=int(embed.shape[1]),
         **shape,
+        **moe,
         rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6),
         rope_theta=float(get("rope.freq_base", 1_000_000.0)),
         rope_scaling=rope_scaling,
         max_position_embeddings=get("context_length", 40960),
         tie_word_embeddings="output.weight" not in names,
+        architecture=SUPPORTED_ARCHITECTURES[arch],
     )
     config.validate()
     return config

@@ -87,7 +87,8 @@ def supported(qtype: T) -> bool:
 def decode(
     raw: np.ndarray, qtype: T, shape: tuple[int, ...], dtype: torch.dtype
 ) -> torch.Tensor | QuantizedMatrix:
-    """``raw`` as gguf-py's reader hands it out; ``shape`` in torch order (rows, cols)."""
+    """``raw`` as gguf-py's reader hands it out; ``shape`` in torch order (rows, cols), or
+    (experts, rows, cols) for a stack of experts."""
     if qtype in FLOAT_TYPES:
         array = np.asarray(raw)
         if qtype == T.BF16:  # numpy has no bfloat16: reinterpret the 16-bit words
@@ -95,12 +96,14 @@ def decode(
         else:
             tensor = torch.from_numpy(array.copy())
         return tensor.reshape(shape).to(dtype)
-    if len(shape) != 2:
-        raise ValueError(f"a {qtype.name} tensor must be 2-D, got shape {list(shape)}")
-    rows, cols = shape
+    if len(shape) not in (2, 3):
+        raise ValueError(f"a {qtype.name} tensor must be 2-D or 3-D, got shape {list(shape)}")
+    # A stack of experts [E, R, C] is decoded as E*R rows, then split again.
+    cols = shape[-1]
+    rows = int(np.prod(shape[:-1]))
     block, block_bytes = quants.GGML_QUANT_SIZES[qtype]
     blocks = np.asarray(raw).reshape(rows, cols // block, block_bytes)
     if qtype in EXACT:
-        return EXACT[qtype](blocks, rows, cols)
-    floats = torch.from_numpy(quants.dequantize(np.asarray(raw), qtype)).reshape(rows, cols)
+        return EXACT[qtype](blocks, rows, cols).reshape(*shape)
+    floats = torch.from_numpy(quants.dequantize(np.asarray(raw), qtype)).reshape(shape)
     return quantize(floats, 8, REQUANTIZED_GROUP)

@@ -11,8 +11,8 @@ from torch import nn
 
 from ..errors import QwenChatError
 from ..model.layers import Embedding
-from ..quant import QuantizedMatrix, QuantizedWeight, QuantSpec, quantize
-from .names import checkpoint_parts, expected_shapes
+from ..quant import QuantizedExperts, QuantizedMatrix, QuantizedWeight, QuantSpec, quantize
+from .names import FULL_PRECISION, checkpoint_parts, expected_shapes
 
 
 class WeightSource(Protocol):
@@ -62,10 +62,12 @@ def load_weights(
     untrimmed = 0
     for name, param in list(model.named_parameters()):
         parts = [source.read(part, dtype) for part in checkpoint_parts(name)]
-        if isinstance(parts[0], QuantizedMatrix):
-            weight = QuantizedMatrix.cat(parts) if len(parts) > 1 else parts[0]
+        if len(parts) == 1:
+            weight = parts[0]
+        elif all(isinstance(p, torch.Tensor) for p in parts):
+            weight = torch.cat(parts, dim=-2)  # rows: output features
         else:
-            weight = parts[0] if len(parts) == 1 else torch.cat(parts)
+            weight = QuantizedMatrix.cat([_as_quantized(p, parts) for p in parts])
         del parts
         if weight.shape != param.shape:
             raise QwenChatError(
@@ -93,10 +95,15 @@ def place(
     """Make ``weight`` the parameter ``name``: quantized first when ``quant`` asks for it
     (float matrices only), packed for the device's kernel when quantized."""
     table = isinstance(model.get_submodule(name.rpartition(".")[0]), Embedding)
-    if quant is not None and isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        bits, group = quant.layout(weight.shape[1], table or name == "lm_head.weight")
+    if FULL_PRECISION.search(name):
+        if isinstance(weight, QuantizedMatrix):
+            weight = weight.dequantize(dtype)
+    elif quant is not None and isinstance(weight, torch.Tensor) and weight.dim() >= 2:
+        bits, group = quant.layout(weight.shape[-1], table or name == "lm_head.weight")
         weight = quantize(weight, bits, group)
-    if isinstance(weight, QuantizedMatrix):
+    if isinstance(weight, QuantizedMatrix) and weight.codes.dim() == 3:
+        set_parameter(model, name, QuantizedExperts(weight, dtype, device))
+    elif isinstance(weight, QuantizedMatrix):
         set_parameter(model, name, QuantizedWeight(weight, dtype, device, table))
     else:
         set_parameter(model, name, weight.to(device))
@@ -114,12 +121,23 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def set_parameter(model: nn.Module, name: str, value: torch.Tensor | QuantizedWeight) -> None:
+def set_parameter(
+    model: nn.Module, name: str, value: torch.Tensor | QuantizedWeight | QuantizedExperts
+) -> None:
     """Put a tensor (or a quantized weight module) in place of the parameter ``name``."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
     delattr(module, leaf)
-    if isinstance(value, QuantizedWeight):
+    if isinstance(value, nn.Module):
         setattr(module, leaf, value)
     else:
         setattr(module, leaf, nn.Parameter(value, requires_grad=False))
+
+
+def _as_quantized(part, parts) -> QuantizedMatrix:
+    """A float part fused with quantized ones (a GGUF file may keep one of them in F16)
+    is quantized like its first quantized sibling."""
+    if isinstance(part, QuantizedMatrix):
+        return part
+    like = next(p for p in parts if isinstance(p, QuantizedMatrix))
+    return quantize(part, like.bits, like.group_size)

@@ -1,8 +1,11 @@
 """The one table of tensor names: Hugging Face and GGUF names -> our canonical names.
 
-Canonical names are the Hugging Face names without the ``model.`` prefix. The model fuses
-some of them (q/k/v into ``qkv_proj``, gate/up into ``gate_up_proj``) so that a decode
-step runs one matmul where the checkpoint has several; FUSED says which and in what order.
+Canonical names are the Hugging Face names without the ``model.`` prefix, except that the
+per-expert matrices of a mixture-of-experts layer (``mlp.experts.7.up_proj.weight``) are
+one stacked tensor per projection (``mlp.experts.up_proj.weight``, ``[experts, out, in]``),
+as GGUF stores them. The model fuses some tensors (q/k/v into ``qkv_proj``, gate/up into
+``gate_up_proj``) so that a decode step runs one matmul where the checkpoint has several;
+FUSED says which and in what order (rows concatenated, per expert for stacks).
 """
 
 from __future__ import annotations
@@ -20,6 +23,13 @@ FUSED = {
 # Tensors some checkpoints carry that inference recomputes or does not use.
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
+# The MoE router: kept in full precision whatever the rest is quantized to, since a
+# quantized router picks different experts (a known cause of wrong, slow MoE runs).
+FULL_PRECISION = re.compile(r"\.mlp\.gate\.weight$")
+
+# One expert's matrix in a Hugging Face checkpoint: (layer prefix, expert, projection).
+_HF_EXPERT_RE = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+\.weight)$")
+
 # llama.cpp's names for Qwen3 tensors (its convert_hf_to_gguf.py, tensor_mapping.py).
 _GGUF_LAYER = {
     "attn_q": "self_attn.q_proj",
@@ -33,6 +43,10 @@ _GGUF_LAYER = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
 _GGUF_GLOBAL = {
     "token_embd": "embed_tokens",
@@ -42,8 +56,14 @@ _GGUF_GLOBAL = {
 _GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
-def canonical_from_hf(name: str) -> str:
-    return name.removeprefix("model.")
+def canonical_from_hf(name: str) -> tuple[str, int | None]:
+    """Our name for a checkpoint tensor, and the expert index when it is one expert's
+    slice of a stacked tensor."""
+    name = name.removeprefix("model.")
+    m = _HF_EXPERT_RE.match(name)
+    if m:
+        return f"{m[1]}.{m[3]}", int(m[2])
+    return name, None
 
 
 def canonical_from_gguf(name: str) -> str | None:
@@ -74,6 +94,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, d)
+    experts, moe_width = config.num_experts, config.moe_intermediate_size
     for i in range(config.num_hidden_layers):
         p = f"layers.{i}."
         shapes.update(
@@ -86,9 +107,23 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
                 p + "self_attn.o_proj.weight": (d, config.q_size),
                 p + "self_attn.q_norm.weight": (hd,),
                 p + "self_attn.k_norm.weight": (hd,),
-                p + "mlp.gate_proj.weight": (config.intermediate_size, d),
-                p + "mlp.up_proj.weight": (config.intermediate_size, d),
-                p + "mlp.down_proj.weight": (d, config.intermediate_size),
             }
         )
+        if config.is_moe_layer(i):
+            shapes.update(
+                {
+                    p + "mlp.gate.weight": (experts, d),
+                    p + "mlp.experts.gate_proj.weight": (experts, moe_width, d),
+                    p + "mlp.experts.up_proj.weight": (experts, moe_width, d),
+                    p + "mlp.experts.down_proj.weight": (experts, d, moe_width),
+                }
+            )
+        else:
+            shapes.update(
+                {
+                    p + "mlp.gate_proj.weight": (config.intermediate_size, d),
+                    p + "mlp.up_proj.weight": (config.intermediate_size, d),
+                    p + "mlp.down_proj.weight": (d, config.intermediate_size),
+                }
+            )
     return shapes

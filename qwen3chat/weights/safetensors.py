@@ -19,13 +19,13 @@ class SafeTensorsSource:
 
     Each read opens its file briefly, so the pages of a tensor that gets converted (say
     bf16 -> float32) leave memory with it: loading peaks at the final weights plus one
-    tensor, never at the file plus the weights.
+    tensor, never at the file plus the weights. Per-expert tensors are read as one stack.
     """
 
     def __init__(self, directory: Path):
         self.directory = directory
-        self._file_of: dict[str, Path] = {}
-        self._hf_name: dict[str, str] = {}
+        # Canonical name -> its (file, checkpoint name) slices: one, or one per expert.
+        self._slices: dict[str, dict[int | None, tuple[Path, str]]] = {}
         self._shape: dict[str, tuple[int, ...]] = {}
         for file in self._files():
             try:
@@ -33,12 +33,25 @@ class SafeTensorsSource:
                     for hf_name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                         if IGNORED.search(hf_name):
                             continue
-                        name = canonical_from_hf(hf_name)
-                        self._file_of[name] = file
-                        self._hf_name[name] = hf_name
-                        self._shape[name] = tuple(f.get_slice(hf_name).get_shape())
+                        name, expert = canonical_from_hf(hf_name)
+                        self._slices.setdefault(name, {})[expert] = (file, hf_name)
+                        shape = tuple(f.get_slice(hf_name).get_shape())
+                        if self._shape.setdefault(name, shape) != shape:
+                            raise QwenChatError(
+                                f"{file}: tensor {hf_name} has shape {list(shape)}, other "
+                                f"experts of its layer {list(self._shape[name])}"
+                            )
             except (SafetensorError, OSError) as e:
                 raise QwenChatError(f"{file}: not a readable safetensors file ({e})") from None
+        for name, slices in self._slices.items():
+            if None in slices:
+                continue
+            if sorted(slices) != list(range(len(slices))):
+                missing = min(set(range(len(slices))) - set(slices))
+                raise QwenChatError(
+                    f"{directory}: expert {missing} of {name} is missing from the checkpoint"
+                )
+            self._shape[name] = (len(slices), *self._shape[name])
 
     def _files(self) -> list[Path]:
         index = self.directory / INDEX_NAME
@@ -63,14 +76,23 @@ class SafeTensorsSource:
         return dict(self._shape)
 
     def file_of(self, name: str) -> str:
-        return self._file_of[name].name
+        return next(iter(self._slices[name].values()))[0].name
 
     def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The tensor converted to ``dtype``, in memory of its own (not the file's)."""
-        file = self._file_of[name]
-        try:
-            with safe_open(file, framework="pt") as f:
-                tensor = f.get_tensor(self._hf_name[name])
-                return tensor.to(dtype=dtype, copy=True)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise QwenChatError(f"{file}: cannot read tensor {self._hf_name[name]} ({e})") from None
+        slices = self._slices[name]
+        stacked = None if None in slices else torch.empty(self._shape[name], dtype=dtype)
+        by_file: dict[Path, list[tuple[int | None, str]]] = {}
+        for expert, (file, hf_name) in slices.items():
+            by_file.setdefault(file, []).append((expert, hf_name))
+        for file, names in by_file.items():
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for expert, hf_name in names:
+                        tensor = f.get_tensor(hf_name).to(dtype=dtype, copy=True)
+                        if stacked is None:
+                            return tensor
+                        stacked[expert] = tensor
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise QwenChatError(f"{file}: cannot read {name} ({e})") from None
+        return stacked
