@@ -60,6 +60,7 @@ from .device import resolve_device, resolve_dtype
 from .engine import Engine
 from .errors import QwenChatError
 from .loading import load_model, random_model
+from .model.moe import SparseMoE
 from .model.qwen3 import Qwen3Model
 from .presets import preset_config
 from .quant import QuantSpec
@@ -72,7 +73,6 @@ DEFAULT_PLOT_DEPTHS = (0, 256, 512, 1024, 2048)
 PROBE_MIB = 512
 PROBE_TRIES = 5
 GREEDY = SamplingSettings(temperature=0.0)
-NOT_BUILT_PRESETS = {"qwen3-30b-a3b": "the Qwen3 MoE architecture is not built yet"}
 # Metrics of a run, in report order; peak_gpu_mb is None off CUDA.
 METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb", "peak_gpu_mb")
 MIB = 2**20
@@ -145,7 +145,7 @@ class BenchSettings:
                 "nothing to bench: give -m MODEL, or --preset NAME for random weights "
                 "(e.g. --preset qwen3-0.6b, no download)"
             )
-        if self.preset is not None and self.preset.lower() not in NOT_BUILT_PRESETS:
+        if self.preset is not None:
             preset_config(self.preset)  # raises for an unknown name
 
     @property
@@ -290,13 +290,18 @@ def weight_bytes(model: Qwen3Model) -> int:
 
 def decode_bytes_per_token(engine: Engine, context: float) -> float:
     """Bytes one decode step reads with ``context`` cached positions: every weight once, the
-    LM head included, but of an untied embedding table only the one row it looks up; and
-    the keys and values of every cached position."""
+    LM head included, but of an untied embedding table only the one row it looks up, and
+    of each MoE layer's experts only the num_experts_per_tok that the token is routed to;
+    and the keys and values of every cached position."""
     model = engine.model
     weights = weight_bytes(model)
     if model.lm_head is not None:
         table = model.embed_tokens.weight
         weights -= table.nbytes - table.nbytes / model.config.vocab_size
+    for module in model.modules():
+        if isinstance(module, SparseMoE):
+            idle = 1 - module.top_k / module.num_experts
+            weights -= idle * sum(t.nbytes for t in module.experts.state_dict().values())
     kv_per_position = engine.cache.nbytes / engine.cache.max_seq_len
     return weights + kv_per_position * context
 
@@ -365,9 +370,6 @@ def check_buildable(settings: BenchSettings) -> ModelConfig | None:
         check_plot_path(settings.plot)
     if settings.preset is None:
         return None
-    not_built = NOT_BUILT_PRESETS.get(settings.preset.lower())
-    if not_built:
-        raise QwenChatError(f"--preset {settings.preset}: {not_built}; try qwen3-0.6b")
     return preset_config(settings.preset)
 
 
@@ -619,6 +621,8 @@ def _ops_table(ops: list[OpTiming | SkippedOp]) -> Table:
     skipped = [f"{o.op}: skipped, {o.reason}" for o in ops if isinstance(o, SkippedOp)]
     caption = "median time per call at the model's dimensions (layer 0); "
     caption += "attention_decode: one token over seq cached positions"
+    if any(o.op == "moe_layer" for o in timed):
+        caption += "; feed_forward: a dense FFN as wide as the active experts"
     table = Table(title="ops", caption="\n".join([caption, *skipped]))
     table.add_column("op")
     for seq in seq_lens:

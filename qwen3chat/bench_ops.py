@@ -2,8 +2,9 @@
 
 ``--ops`` times each building block of a decoder layer alone (the model's own modules and
 weights, layer 0), at several sequence lengths: where a whole-model number is slow, this
-says which piece is. ``--profile`` is the other view: torch.profiler over one real prefill
-and one real decode step of the engine, per aten op.
+says which piece is. On a MoE model, feed_forward is a dense FFN with the active experts'
+parameter count, the yardstick for moe_layer. ``--profile`` is the other view:
+torch.profiler over one real prefill and one real decode step of the engine, per aten op.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import torch
 
 from .engine import Engine
 from .kv_cache import KVCache
-from .model.layers import apply_rope
+from .model.layers import MLP, apply_rope
+from .model.moe import SparseMoE
 from .model.qwen3 import Qwen3Model
+from .quant import QuantizedExperts, QuantSpec
+from .weights.loader import place
 
 SEQ_LENS = (1, 16, 128, 512)
 
@@ -64,11 +68,18 @@ def synchronize(device: torch.device) -> None:
 
 
 class _Workbench:
-    """Layer 0 of the model, its RoPE tables, a KV cache and random inputs of any length."""
+    """Layer 0 of the model, its RoPE tables, a KV cache and random inputs of any length;
+    for a MoE model also its first sparse block and a dense feed-forward of the same active
+    width (num_experts_per_tok x moe_intermediate_size), stored like the model's weights,
+    to compare the two."""
 
     def __init__(self, model: Qwen3Model, max_seq_len: int):
         self.config = model.config
         self.layer = model.layers[0]
+        self.moe = next((m for m in model.modules() if isinstance(m, SparseMoE)), None)
+        self.dense_ffn = self.layer.mlp
+        if isinstance(self.dense_ffn, SparseMoE):
+            self.dense_ffn = _dense_like(self.dense_ffn, model.dtype, model.device)
         # A decode step at position max_seq_len needs one slot beyond it.
         self.cache: KVCache = model.new_cache(max_seq_len + 1)
         self.cos, self.sin = model.rope_cos, model.rope_sin
@@ -95,8 +106,29 @@ def _rope(bench: _Workbench, seq: int) -> Callable[[], object]:
 
 
 def _feed_forward(bench: _Workbench, seq: int) -> Callable[[], object]:
-    x, mlp = bench.hidden(seq), bench.layer.mlp
+    x, mlp = bench.hidden(seq), bench.dense_ffn
     return lambda: mlp(x)
+
+
+def _moe_layer(bench: _Workbench, seq: int) -> Callable[[], object]:
+    x, block = bench.hidden(seq), bench.moe
+    return lambda: block(x)
+
+
+def _dense_like(block: SparseMoE, dtype: torch.dtype, device: torch.device) -> MLP:
+    """A SwiGLU MLP as wide as ``block``'s active experts together, with random weights
+    quantized as the experts are (same bits and group size), or float like them."""
+    d = block.gate.weight.shape[1]
+    mlp = MLP(d, block.top_k * block.width)
+    experts = block.experts.gate_up_proj.weight
+    quant = None
+    if isinstance(experts, QuantizedExperts):
+        quant = QuantSpec(experts[0].bits, experts[0].group_size)
+    generator = torch.Generator().manual_seed(0)
+    for name, param in list(mlp.named_parameters()):
+        weight = torch.empty(param.shape, dtype=dtype).normal_(0, 0.02, generator=generator)
+        place(mlp, name, weight, dtype, device, quant)
+    return mlp
 
 
 def _attention_prefill(bench: _Workbench, seq: int) -> Callable[[], object]:
@@ -141,14 +173,12 @@ _MEASURED: dict[str, Callable[[_Workbench, int], Callable[[], object]]] = {
     "rms_norm": _rms_norm,
     "rope": _rope,
     "feed_forward": _feed_forward,
+    "moe_layer": _moe_layer,
     "attention_prefill": _attention_prefill,
     "attention_decode": _attention_decode,
     "transformer_block": _transformer_block,
     "causal_mask": _causal_mask,
     "kv_cache": _kv_cache,
-}
-_NOT_BUILT = {
-    "moe_layer": "the mixture-of-experts layer (Qwen3 MoE, qwen3-30b-a3b) is not built yet"
 }
 OPS = (
     "rms_norm",
@@ -186,8 +216,8 @@ class OpBenchmarks:
 
     @torch.inference_mode()
     def run(self, op: str) -> list[OpTiming | SkippedOp]:
-        if op in _NOT_BUILT:
-            return [SkippedOp(op, _NOT_BUILT[op])]
+        if op == "moe_layer" and self.bench.moe is None:
+            return [SkippedOp(op, "a dense model has no mixture-of-experts layer")]
         timings: list[OpTiming | SkippedOp] = []
         for seq in self.seq_lens:
             samples = time_per_call(_MEASURED[op](self.bench, seq), self.bench.device)

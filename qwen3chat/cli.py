@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 import os
 import sys
 import traceback
+import typing
 from collections.abc import Iterator
 from enum import Enum
 from typing import NoReturn
@@ -149,66 +152,109 @@ def chat(
     Sampling values in the model's generation_config.json replace the defaults shown here;
     a flag given on the command line always wins.
     """
-    with reported_errors(debug):
-        flags = {
-            "temperature": temperature,
-            "top_p": top_p,
-            "top_k": top_k,
-            "min_p": min_p,
-            "repetition_penalty": repetition_penalty,
-            "presence_penalty": presence_penalty,
-            "frequency_penalty": frequency_penalty,
-        }
-        given = {k: v for k, v in flags.items() if v is not None}
-        interactive = prompt is None and sys.stdin.isatty()
+    _run_chat(locals())
+
+
+def _run_chat(flags: dict, vision_flags: dict | None = None) -> None:
+    """`chat` and `vision-chat`: ``flags`` are chat's, ``vision_flags`` vision-chat's own."""
+    f = flags
+    with reported_errors(f["debug"]):
+        sampling_flags = {name: f[name] for name in _SAMPLING_FLAGS}
+        given = {k: v for k, v in sampling_flags.items() if v is not None}
+        interactive = f["prompt"] is None and sys.stdin.isatty()
         # Flag checks first: a usage error should not wait for torch and the model to load.
-        if json_output and interactive:
+        if f["json_output"] and interactive:
             _usage_error("--json needs a one-shot prompt: pass -p TEXT or pipe stdin")
         from .quant import QuantSpec
         from .sampling import SamplingSettings
 
         try:
-            QuantSpec.parse(quantize.value, group_size)
+            QuantSpec.parse(f["quantize"].value, f["group_size"])
             SamplingSettings(**given).validate()
         except QwenChatError as e:
             _usage_error(str(e))
-        text = None if interactive else _read_prompt(prompt)
+        text = None if interactive else _read_prompt(f["prompt"])
 
         from .download import resolve_model_path
         from .engine import Engine
         from .loading import load_model
 
+        model_path = f["model_path"]
         path = resolve_model_path(model_path)  # a first-use download shows its own progress
         with _loading_spinner(model_path) if interactive else contextlib.nullcontext():
             loaded = load_model(
-                path, format.value, device.value, dtype.value, quantize.value, group_size
+                path,
+                f["format"].value,
+                f["device"].value,
+                f["dtype"].value,
+                f["quantize"].value,
+                f["group_size"],
             )
         for notice in loaded.notices:
             typer.echo(f"note: {notice}", err=True)
+        vision, pictures = None, []
+        if vision_flags is not None:
+            vision, pictures = _open_pictures(loaded, vision_flags, f["max_seq_len"])
         # generation_config.json replaces our defaults; a flag given replaces both.
-        sampling = SamplingSettings(**{**loaded.generation_defaults, **given, "seed": seed})
+        sampling = SamplingSettings(**{**loaded.generation_defaults, **given, "seed": f["seed"]})
         sampling.validate()
-        engine = Engine(loaded.model, loaded.tokenizer, max_seq_len, chunk_size)
+        engine = Engine(loaded.model, loaded.tokenizer, f["max_seq_len"], f["chunk_size"])
         if interactive:
             from .chat.repl import Repl
             from .chat.session import ChatOptions, Conversation
 
-            options = ChatOptions(max_tokens, think, think_budget)
-            Repl(engine, loaded, sampling, options, Conversation(system)).run()
+            options = ChatOptions(f["max_tokens"], f["think"], f["think_budget"])
+            repl = Repl(engine, loaded, sampling, options, Conversation(f["system"]), vision=vision)
+            repl.pending.extend(pictures)
+            repl.run()
             return
         from .chat.oneshot import run_oneshot
 
         run_oneshot(
             engine,
             text,
-            system,
+            f["system"],
             sampling,
-            max_tokens,
-            think,
-            json_output,
+            f["max_tokens"],
+            f["think"],
+            f["json_output"],
             loaded.load_s,
-            think_budget=think_budget,
+            think_budget=f["think_budget"],
+            vision=vision,
+            pictures=pictures,
         )
+
+
+_SAMPLING_FLAGS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+
+
+def _open_pictures(loaded, vision_flags: dict, max_seq_len: int):
+    """The VisionChat for a Qwen3-VL model and the pictures given on the command line."""
+    from .vision_chat import VisionChat, require_vision_model
+    from .vision_inputs import VisionPreprocessing
+
+    require_vision_model(loaded.config, loaded.path)
+    settings = VisionPreprocessing.from_model_dir(
+        loaded.path,
+        min_pixels=vision_flags["min_pixels"],
+        max_pixels=vision_flags["max_pixels"],
+        fps=vision_flags["video_fps"],
+        max_frames=vision_flags["max_frames"],
+    )
+    vision = VisionChat(settings)
+    pictures = [vision.image(path) for path in vision_flags["image"] or []]
+    if vision_flags["video_frames"]:
+        pictures.append(vision.video(vision_flags["video_frames"]))
+    vision.check_fits(pictures, max_seq_len)
+    return vision, pictures
 
 
 def _usage_error(message: str) -> NoReturn:
@@ -237,18 +283,73 @@ def _read_prompt(prompt: str | None) -> str:
     return text
 
 
-def _not_built(name: str, issue: str) -> None:
-    typer.echo(f"error: `qwen3chat {name}` is not built yet ({issue})", err=True)
-    raise typer.Exit(1)
+def vision_chat(
+    ctx: typer.Context,
+    image: list[str] | None = typer.Option(
+        None, "--image", metavar="PATH", help="An image (PNG/JPEG) to ask about; repeatable."
+    ),
+    video_frames: list[str] | None = typer.Option(
+        None,
+        "--video-frames",
+        metavar="PATH...",
+        help="Image files taken as one video's frames, in order.",
+    ),
+    min_pixels: int | None = typer.Option(
+        None, min=1, help="Smallest image area in pixels. \\[default: the model's]"
+    ),
+    max_pixels: int | None = typer.Option(
+        None, min=1, help="Largest image area in pixels. \\[default: the model's]"
+    ),
+    video_fps: float | None = typer.Option(
+        None, help="Frames per second the --video-frames were taken at. \\[default: 2]"
+    ),
+    max_frames: int | None = typer.Option(
+        None, min=2, help="Most video frames kept (evenly spaced). \\[default: the model's]"
+    ),
+    **chat_flags,
+) -> None:
+    """Chat about images and video frames with a Qwen3-VL model: interactive in a
+    terminal (/image PATH attaches an image to the next message), one-shot with -p or
+    piped stdin. The pictures come before the text in the message.
+    """
+    frames = [*(video_frames or []), *ctx.args] if video_frames else []
+    if ctx.args and not video_frames:
+        _usage_error(f"unexpected argument {ctx.args[0]!r} (see: qwen3chat vision-chat --help)")
+    vision_flags = {
+        "image": image,
+        "video_frames": frames,
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "video_fps": video_fps,
+        "max_frames": max_frames,
+    }
+    _run_chat(chat_flags, vision_flags)
 
 
-@app.command(
-    "vision-chat",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+def _with_chat_options(command, **defaults):
+    """``command``'s signature with every `chat` option added (``defaults`` replacing some
+    of their defaults): one definition of the flags both commands take."""
+    own = inspect.signature(command)
+    hints = typing.get_type_hints(command)
+    params = [
+        p.replace(annotation=hints[p.name])
+        for p in own.parameters.values()
+        if p.kind is not p.VAR_KEYWORD
+    ]
+    chat_hints = typing.get_type_hints(chat)
+    for p in inspect.signature(chat).parameters.values():
+        option = p.default
+        if p.name in defaults:
+            option = copy.copy(option)
+            option.default = defaults[p.name]
+        params.append(p.replace(annotation=chat_hints[p.name], default=option))
+    command.__signature__ = own.replace(parameters=params)
+    return command
+
+
+app.command("vision-chat", context_settings={"allow_extra_args": True})(
+    _with_chat_options(vision_chat, max_seq_len=4096)
 )
-def vision_chat() -> None:
-    """Chat about images and video frames with a Qwen3-VL model (not built yet)."""
-    _not_built("vision-chat", "Qwen3-VL support is planned")
 
 
 @app.command()

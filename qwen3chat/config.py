@@ -8,12 +8,25 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import QwenChatError
 
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+if TYPE_CHECKING:
+    from .model.vision import VisionConfig
+
+VISION_ARCHITECTURES = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", *VISION_ARCHITECTURES)
 # config.json's model_type, for configs that do not list their architecture.
-_ARCHITECTURE_OF_TYPE = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+_ARCHITECTURE_OF_TYPE = {
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+}
+_MROPE_SECTION = (24, 20, 20)
+# Keys of a Qwen3-VL config.json that live beside text_config but describe the text model.
+_VL_TOP_LEVEL_KEYS = ("tie_word_embeddings", "image_token_id", "video_token_id")
 
 
 @dataclass
@@ -44,6 +57,12 @@ class ModelConfig:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
+    # Qwen3-VL: the vision tower, the pad ids its tokens replace, and the interleaved
+    # M-RoPE split of the rotary frequencies over (time, height, width); None when text-only.
+    vision: VisionConfig | None = None
+    mrope_section: list[int] | None = None
+    image_token_id: int = 151655
+    video_token_id: int = 151656
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether a layer's feed-forward is the sparse expert block (else a dense MLP)."""
@@ -76,7 +95,14 @@ class ModelConfig:
             total += attn + ffn + 2 * d
         embed = self.vocab_size * d
         head = 0 if self.tie_word_embeddings else embed
-        return embed + head + total + d
+        return embed + head + total + d + self._vision_parameters()
+
+    def _vision_parameters(self) -> int:
+        if self.vision is None:
+            return 0
+        from .model.vision import vision_tensor_shapes
+
+        return sum(math.prod(shape) for shape in vision_tensor_shapes(self.vision).values())
 
     def validate(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -94,6 +120,11 @@ class ModelConfig:
             raise QwenChatError("config: attention_bias=true is not a Qwen3 layout")
         if self.head_dim % 2:
             raise QwenChatError(f"config: head_dim ({self.head_dim}) must be even for RoPE")
+        if self.mrope_section and sum(self.mrope_section) != self.head_dim // 2:
+            raise QwenChatError(
+                f"config: mrope_section {self.mrope_section} must add up to head_dim / 2 "
+                f"({self.head_dim // 2})"
+            )
         if self.num_experts:
             if not 0 < self.num_experts_per_tok <= self.num_experts:
                 raise QwenChatError(
@@ -118,13 +149,28 @@ class ModelConfig:
                 f"{source}: architecture {found!r} is not supported; "
                 f"expected one of {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        vision = None
+        if arch in VISION_ARCHITECTURES:
+            from .model.vision import VisionConfig
+
+            vision = VisionConfig.from_hf_dict(raw.get("vision_config") or {}, source)
+            # The text model's fields are in text_config; a few stay at the top level.
+            top = {k: raw[k] for k in _VL_TOP_LEVEL_KEYS if raw.get(k) is not None}
+            raw = {**(raw.get("text_config") or {}), **top}
         # transformers 5 writes rope_parameters (rope_theta inside); 4.x writes rope_scaling.
         rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
         rope_theta = raw.get("rope_theta", rope.pop("rope_theta", cls.rope_theta))
+        # Qwen3-VL's M-RoPE is always interleaved (mrope_interleaved); the section alone
+        # says how many frequencies follow height and width.
+        mrope_section = rope.pop("mrope_section", None)
+        rope.pop("mrope_interleaved", None)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         eos = raw.get("eos_token_id")
         values = {
             "architecture": arch,
+            "vision": vision,
+            # transformers' default when a VL config leaves the section out.
+            "mrope_section": list(mrope_section or _MROPE_SECTION) if vision else None,
             # transformers 5 writes the expert count as num_local_experts.
             "num_experts": raw.get("num_experts", raw.get("num_local_experts", 0)) or 0,
             "rope_theta": float(rope_theta),

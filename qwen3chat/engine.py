@@ -7,13 +7,14 @@ the REPL and bench all drive it through ``generate``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import ContextOverflowError
 from .kv_cache import KVCache
+from .model.qwen3_vl import VisionPrompt, VisualInput
 from .sampling import Sampler, SamplingSettings
 from .thinking import ThinkBudget, ThinkSplitter, prompt_ends_in_thinking
 from .tokenizer import Tokenizer
@@ -39,6 +40,7 @@ class Timings:
     ttft_s: float = 0.0
     decode_s: float = 0.0
     prefill_tokens: int = 0  # prompt tokens actually run (those after the reused prefix)
+    vision_s: float = 0.0  # part of prefill_s spent in the vision tower
     decode_tokens: int = 0  # forward passes of one token after the first sampled token
 
     @property
@@ -85,6 +87,8 @@ class Engine:
         self.reference = reference
         self.cache: KVCache = model.new_cache(max_seq_len)
         self.vocab_size = model.config.vocab_size
+        # M-RoPE: the last prompt's pictures put later tokens at cache index + delta.
+        self.rope_delta = 0
 
     @property
     def device(self) -> torch.device:
@@ -93,42 +97,70 @@ class Engine:
     def _ids(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
-    def reusable_prefix(self, prompt_ids: list[int]) -> int:
+    def reusable_prefix(self, keys: list) -> int:
         """Prompt tokens whose keys/values the cache already holds (at least one token is
-        always left to run, so that there are logits)."""
+        always left to run, so that there are logits). ``keys`` are the prompt ids, or a
+        VisionPrompt's keys."""
         if self.reference:
             return 0
-        return min(self.cache.common_prefix(prompt_ids), len(prompt_ids) - 1)
+        return min(self.cache.common_prefix(keys), len(keys) - 1)
 
     @torch.inference_mode()
     def prefill(
-        self, prompt_ids: list[int], should_stop: Callable[[], bool]
+        self,
+        prompt_ids: list[int],
+        should_stop: Callable[[], bool],
+        vision: VisionPrompt | None = None,
+        timings: Timings | None = None,
     ) -> torch.Tensor | None:
         """Bring the cache to ``prompt_ids``; logits of the last position, or None if stopped.
 
         Only the part after the longest prefix already in the cache is run, in chunks of
-        ``chunk_size``; at least one token always runs so that there are logits.
+        ``chunk_size``; at least one token always runs so that there are logits. With
+        ``vision`` (the prompt's pictures, Qwen3-VL) the vision tower first encodes those
+        with tokens in that part; its time goes to ``timings.vision_s``.
         """
+        self.rope_delta = vision.rope_delta if vision else 0
         if self.reference:
+            if vision:
+                raise ValueError("reference mode runs text prompts only")
             return self.model(self._ids(prompt_ids))
-        reuse = self.reusable_prefix(prompt_ids)
+        keys = vision.keys if vision else prompt_ids
+        reuse = self.reusable_prefix(keys)
         self.cache.trim(reuse)
-        todo = prompt_ids[reuse:]
-        step = self.chunk_size or len(todo)
-        logits = None
-        for i in range(0, len(todo), step):
+        if vision:
             if should_stop():
                 return None
-            chunk = todo[i : i + step]
-            logits = self.model(self._ids(chunk), self.cache, start=len(self.cache))
-            self.cache.commit(chunk)
+            started = time.perf_counter()
+            vision.encode_from(self.model, reuse)
+            if timings is not None:
+                timings.vision_s = time.perf_counter() - started
+        step = self.chunk_size or len(prompt_ids) - reuse
+        logits = None
+        for start in range(reuse, len(prompt_ids), step):
+            if should_stop():
+                return None
+            end = min(start + step, len(prompt_ids))
+            positions, visual = vision.chunk(start, end, self.device) if vision else (None, None)
+            logits = self.model(
+                self._ids(prompt_ids[start:end]),
+                self.cache,
+                start=start,
+                positions=positions,
+                visual=visual,
+            )
+            self.cache.commit(keys[start:end])
         return logits
 
     @torch.inference_mode()
     def decode_step(self, sequence: list[int], token: int) -> torch.Tensor:
         if self.reference:
             return self.model(self._ids(sequence))
-        logits = self.model(self._ids([token]), self.cache, start=len(self.cache))
+        start = len(self.cache)
+        positions = None
+        if self.rope_delta:
+            positions = torch.full((3, 1), start + self.rope_delta, device=self.device)
+        logits = self.model(self._ids([token]), self.cache, start=start, positions=positions)
         self.cache.commit([token])
         return logits
 
@@ -149,7 +181,10 @@ class Engine:
         sampling: SamplingSettings | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         think_budget: int | None = None,
+        visuals: Sequence[VisualInput] = (),
     ) -> Iterator[Event]:
+        """Generate a reply to ``prompt_ids``; ``visuals`` are the prompt's pictures in the
+        order of their pad tokens (a Qwen3-VL model)."""
         if not prompt_ids:
             raise ValueError("generate needs at least one prompt token")
         if len(prompt_ids) + 1 > self.max_seq_len:
@@ -165,7 +200,8 @@ class Engine:
         stops = set(tok.stop_ids)
         timings = Timings()
         start = time.perf_counter()
-        cached = self.reusable_prefix(prompt_ids)
+        vision = VisionPrompt(prompt_ids, visuals, self.model.config) if visuals else None
+        cached = self.reusable_prefix(vision.keys if vision else prompt_ids)
         generated: list[int] = []
 
         def finish(reason: str) -> FinishEvent:
@@ -180,7 +216,7 @@ class Engine:
                 timings,
             )
 
-        logits = self.prefill(prompt_ids, should_stop)
+        logits = self.prefill(prompt_ids, should_stop, vision, timings)
         if logits is None:
             timings.prefill_s = time.perf_counter() - start
             yield finish("cancelled")

@@ -8,7 +8,8 @@ import torch
 class KVCache:
     """Keys and values of every layer, ``[layers, 1, kv_heads, max_seq_len, head_dim]``.
 
-    ``tokens`` lists the ids whose keys/values are stored, in order; the engine commits
+    ``tokens`` lists the ids whose keys/values are stored, in order (a picture's tokens
+    as ``(id, digest)`` pairs, so another picture never matches them); the engine commits
     them only after a forward pass succeeds, so an interrupted pass never leaves the cache
     claiming positions it did not finish. Trimming just forgets the tail: later writes
     overwrite it, nothing is reallocated.

@@ -14,11 +14,21 @@ from .device import resolve_device, resolve_dtype
 from .download import resolve_model_path
 from .errors import QwenChatError
 from .model.qwen3 import Qwen3Model
-from .quant import QuantSpec
+from .model.qwen3_vl import Qwen3VLModel
+from .quant import QuantSpec, random_quantized
 from .tokenizer import Tokenizer
+from .vision_inputs import builtin_qwen3_vl_template, vl_chat_template
 from .weights.gguf import GGUFSource, config_from_gguf, open_gguf
 from .weights.gguf_tokenizer import tokenizer_from_gguf
-from .weights.loader import check_tensors, load_weights, place, set_parameter
+from .weights.loader import (
+    HeapTrimmer,
+    check_tensors,
+    load_weights,
+    place,
+    quant_layout,
+    return_freed_memory,
+    set_parameter,
+)
 from .weights.safetensors import SafeTensorsSource
 
 # generation_config.json keys that replace our sampling defaults.
@@ -81,8 +91,9 @@ def read_generation_defaults(directory: Path) -> dict:
 
 
 def build_on_meta(config: ModelConfig) -> Qwen3Model:
+    model_class = Qwen3Model if config.vision is None else Qwen3VLModel
     with torch.device("meta"):
-        return Qwen3Model(config)
+        return model_class(config)
 
 
 def _open_safetensors(path: Path):
@@ -93,7 +104,12 @@ def _open_safetensors(path: Path):
     config.complete_from_shapes(source.shapes())
     generation = read_generation_defaults(path)
     stop_ids = generation.pop("eos_token_ids", None) or config.eos_token_ids or None
-    return config, source, Tokenizer.from_dir(path, stop_ids), generation
+    tokenizer = Tokenizer.from_dir(path, stop_ids)
+    if config.vision is not None:
+        # The processor's template places the pictures; tokenizer_config's may not.
+        tokenizer.chat_template = vl_chat_template(path)
+        tokenizer.template_is_builtin = tokenizer.chat_template == builtin_qwen3_vl_template()
+    return config, source, tokenizer, generation
 
 
 def _open_gguf(path: Path):
@@ -168,15 +184,23 @@ def random_model(
     quant: QuantSpec | None = None,
 ) -> Qwen3Model:
     """A model of ``config``'s shape with random weights, filled in place (fast). With
-    ``quant`` each matrix is quantized as soon as it is drawn, so a preset that only fits
-    memory quantized never exists in float."""
+    ``quant`` each matrix is drawn directly as quantized codes, so a preset that only fits
+    memory quantized (30B-A3B int4 in 24 GB) never exists in float."""
     generator = torch.Generator(device=device).manual_seed(seed)
     model = build_on_meta(config)
+    heap = HeapTrimmer()
     for name, param in list(model.named_parameters()):
         if name.endswith("norm.weight"):
             set_parameter(model, name, torch.ones(param.shape, dtype=dtype, device=device))
             continue
-        tensor = torch.empty(param.shape, dtype=dtype, device=device)
-        tensor.normal_(0.0, std, generator=generator)
-        place(model, name, tensor, dtype, device, quant)
+        layout = quant_layout(model, name, param.shape, quant)
+        if layout is not None:
+            weight = random_quantized(param.shape, *layout, std, generator, device)
+        else:
+            weight = torch.empty(param.shape, dtype=dtype, device=device)
+            weight.normal_(0.0, std, generator=generator)
+        place(model, name, weight, dtype, device)
+        del weight
+        heap.placed(param.numel())
+    return_freed_memory()
     return model.eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from .config import ModelConfig
 from .errors import QwenChatError
@@ -23,13 +24,28 @@ def _dense(hidden, inter, layers, heads, kv_heads, tied, max_pos=40960) -> Model
     )
 
 
-def _moe(hidden, inter, layers, heads, kv_heads, experts, top_k, moe_inter) -> ModelConfig:
-    config = _dense(hidden, inter, layers, heads, kv_heads, tied=False)
-    config.architecture = "Qwen3MoeForCausalLM"
-    config.num_experts, config.num_experts_per_tok = experts, top_k
-    config.moe_intermediate_size, config.norm_topk_prob = moe_inter, True
-    return config
+def _with_experts(config: ModelConfig, experts: int, top_k: int, width: int) -> ModelConfig:
+    """``config`` with every feed-forward a mixture of ``experts`` (Qwen3-MoE)."""
+    return dataclasses.replace(
+        config,
+        architecture="Qwen3MoeForCausalLM",
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=width,
+        norm_topk_prob=True,
+    )
 
+
+_TINY = ModelConfig(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    tie_word_embeddings=True,
+    eos_token_ids=list(_QWEN3_EOS),
+)
 
 PRESETS: dict[str, ModelConfig] = {
     "qwen3-0.6b": _dense(1024, 3072, 28, 16, 8, tied=True),
@@ -38,18 +54,10 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen3-8b": _dense(4096, 12288, 36, 32, 8, tied=False),
     "qwen3-14b": _dense(5120, 17408, 40, 40, 8, tied=False),
     "qwen3-32b": _dense(5120, 25600, 64, 64, 8, tied=False),
-    "qwen3-30b-a3b": _moe(2048, 6144, 48, 32, 4, experts=128, top_k=8, moe_inter=768),
-    "qwen3-235b-a22b": _moe(4096, 12288, 94, 64, 4, experts=128, top_k=8, moe_inter=1536),
-    "tiny": ModelConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        tie_word_embeddings=True,
-        eos_token_ids=list(_QWEN3_EOS),
-    ),
+    "qwen3-30b-a3b": _with_experts(_dense(2048, 6144, 48, 32, 4, tied=False), 128, 8, 768),
+    "qwen3-235b-a22b": _with_experts(_dense(4096, 12288, 94, 64, 4, tied=False), 128, 8, 1536),
+    "tiny": _TINY,
+    "tiny-moe": _with_experts(_TINY, experts=4, top_k=2, width=32),
 }
 
 

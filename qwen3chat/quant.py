@@ -8,6 +8,7 @@ qkv), then ``QuantizedWeight``, the module that holds it packed for the device's
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -164,6 +165,32 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedMatri
             q = ((w - low[..., None]) / scale[..., None]).round().clamp(0, 15)
         codes[block] = q.view(-1, cols).to(codes.dtype)
         scales[block] = scale
+    return QuantizedMatrix(bits, group_size, codes, scales, zeros)
+
+
+def random_quantized(
+    shape: tuple[int, ...],
+    bits: int,
+    group_size: int,
+    std: float,
+    generator: torch.Generator,
+    device: torch.device,
+) -> QuantizedMatrix:
+    """Random weights of standard deviation ``std`` drawn directly as codes (uniform over
+    the code range) and one scale: for random-weight presets, several times faster than
+    drawing floats and quantizing them, and never holding the float matrix."""
+    lead, cols = tuple(shape[:-1]), shape[-1]
+    if bits == 8:
+        codes = torch.empty(shape, dtype=torch.int8, device=device)
+        codes.random_(-127, 128, generator=generator)
+    else:
+        codes = torch.empty(shape, dtype=torch.uint8, device=device)
+        codes.random_(0, 16, generator=generator)
+    levels = 255 if bits == 8 else 16
+    scale = std / math.sqrt((levels**2 - 1) / 12)  # a uniform integer's std
+    scales = torch.full((*lead, cols // group_size), scale, device=device)
+    # int4 codes minus 8 average -0.5: the zero point centres them.
+    zeros = None if bits == 8 else scales * 0.5
     return QuantizedMatrix(bits, group_size, codes, scales, zeros)
 
 

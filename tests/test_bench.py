@@ -94,20 +94,39 @@ def test_every_combination_of_the_lists_gets_one_result():
     assert out["decode_tok_s"] == out["results"][0]["decode_tok_s"]["median"]
 
 
-def test_ops_times_every_op_at_every_length_and_skips_the_unbuilt_moe():
-    out = bench_json(*QUICK, "--ops")
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_ops_times_every_op_at_every_length(preset):
+    out = bench_json("--preset", preset, "-p", "8", "-n", "4", "-r", "1", "--ops")
     ops = out["ops"]
     assert {o["op"] for o in ops} == set(OPS)
-    (moe,) = [o for o in ops if o["op"] == "moe_layer"]
-    assert moe["skipped"] is True
-    assert "not built" in moe["reason"]
-    for op in set(OPS) - {"moe_layer"}:
+    timed = set(OPS)
+    if preset == "tiny":
+        (moe,) = [o for o in ops if o["op"] == "moe_layer"]
+        assert moe["skipped"] is True
+        assert "dense model" in moe["reason"]
+        timed.discard("moe_layer")
+    for op in timed:
         timings = [o for o in ops if o["op"] == op]
         assert [o["seq_len"] for o in timings] == list(SEQ_LENS), op
         for o in timings:
             assert o["skipped"] is False
             assert 0 < o["min_us"] <= o["median_us"], op
             assert o["calls"] >= 3
+
+
+def test_moe_decode_bytes_count_only_the_routed_experts():
+    out = bench_json("--preset", "tiny-moe", "-p", "8", "-n", "4", "-r", "1")
+    (result,) = out["results"]
+    config = preset_config("tiny-moe")
+    bf16_bytes = 2
+    experts = 3 * config.hidden_size * config.moe_intermediate_size * config.num_experts
+    idle = experts * (1 - config.num_experts_per_tok / config.num_experts) * bf16_bytes
+    kv_per_position = (
+        2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * bf16_bytes
+    )
+    expected = out["weight_bytes"] - idle * config.num_hidden_layers
+    expected += kv_per_position * (8 + 4 / 2)
+    assert result["decode_bytes_per_token"] == pytest.approx(expected)
 
 
 def test_profile_lists_the_top_ops_of_a_prefill_and_a_decode_step():
@@ -173,7 +192,6 @@ def test_quantized_presets_are_built_quantized(report):
     ("args", "code", "fragment"),
     [
         (["--preset", "nope"], 2, "unknown preset 'nope'"),
-        (["--preset", "qwen3-30b-a3b"], 1, "not built yet"),
         (["--preset", "tiny", "--quantize", "int3"], 2, "--quantize"),
         (["--preset", "tiny", "-p", "8,x"], 2, "--prompt-tokens: 'x' is not a whole number"),
         (["--preset", "tiny", "-n", "1"], 2, "--gen-tokens"),

@@ -256,3 +256,77 @@ def test_bad_flags_are_usage_errors(model, args, flag):
     assert result.exit_code == 2
     assert flag in result.stderr
     assert "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------------- vision-chat
+
+
+@pytest.fixture(scope="module")
+def vl_model(tmp_path_factory, tokenizer_dir):
+    from test_vl_parity import build_vl_reference, picture, save_vl_dir
+
+    path = save_vl_dir(build_vl_reference(), tmp_path_factory.mktemp("vl"), tokenizer_dir)
+    return path, picture(path.parent / "photo.png", 96, 64, 1)
+
+
+def vision_chat(model, *args, input=None):
+    return CliRunner().invoke(app, ["vision-chat", "-m", str(model), *map(str, args)], input=input)
+
+
+def test_vision_chat_one_shot_json(vl_model):
+    from qwen3chat.vision_chat import VisionChat, user_message
+    from qwen3chat.vision_inputs import VisionPreprocessing
+
+    path, photo = vl_model
+    result = vision_chat(path, "--image", photo, "-p", "What is it?", "-n", 5, "--json", *EXACT)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "6 visual tokens\n"
+    out = json.loads(result.stdout)
+    assert out["timings"]["vision_s"] > 0
+    # The same answer as the engine computes in-process.
+    loaded = load_model(path, device="cpu", dtype="float32")
+    chat = VisionChat(VisionPreprocessing.from_model_dir(path))
+    ids, visuals = chat.encode_chat(
+        loaded.tokenizer, [user_message("What is it?", [chat.image(photo)])]
+    )
+    engine = Engine(loaded.model, loaded.tokenizer, 4096)
+    finish = list(engine.generate(ids, 5, GREEDY, visuals=visuals))[-1]
+    assert out["token_ids"] == finish.token_ids
+    assert out["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_vision_chat_video_frames_take_several_paths(vl_model):
+    path, photo = vl_model
+    frames = [photo, photo, photo]
+    result = vision_chat(path, "-p", "Go", "-n", 2, *EXACT, "--video-frames", *frames)
+    assert result.exit_code == 0, result.output
+    # 3 frames: padded to 2 temporal groups, each upscaled to the video's minimum size.
+    assert result.stderr == "96 visual tokens\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image", "missing.png"], "missing.png: no such file"),
+        (["--image", __file__], "not an image"),
+        (["--image", "PHOTO", "--max-seq-len", 6], "need 6 tokens but --max-seq-len is 6"),
+    ],
+)
+def test_vision_chat_bad_inputs_are_one_line(vl_model, args, message):
+    path, photo = vl_model
+    args = [photo if a == "PHOTO" else a for a in args]
+    result = vision_chat(path, *args, "-p", "hi")
+    assert result.exit_code == 1
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_vision_chat_on_a_text_only_model(model):
+    result = vision_chat(model, "-p", "hi")
+    assert result.exit_code == 1
+    assert "is a text-only model; use qwen3chat chat" in result.stderr
+
+
+def test_chat_on_a_vl_model_is_text_chat(vl_model):
+    result = chat(vl_model[0], "-p", "hi", "-n", 3, *EXACT)
+    assert result.exit_code == 0, result.output

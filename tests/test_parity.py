@@ -28,7 +28,7 @@ def reference_greedy(model, prompt, steps):
     return ids[len(prompt) :], torch.stack(all_logits)
 
 
-def engine_greedy(engine, prompt, steps):
+def engine_greedy(engine, prompt, steps, **generate_kwargs):
     """Greedy decode through the engine, recording the logits it sampled from."""
     recorded = []
     original = engine.model.forward
@@ -40,7 +40,7 @@ def engine_greedy(engine, prompt, steps):
 
     engine.model.forward = recording_forward
     try:
-        events = list(engine.generate(prompt, steps, GREEDY))
+        events = list(engine.generate(prompt, steps, GREEDY, **generate_kwargs))
     finally:
         engine.model.forward = original
     finish = events[-1]

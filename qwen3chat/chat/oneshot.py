@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from typing import TextIO
 
 from ..engine import Engine, FinishEvent, TextEvent, ThinkingEnd
+from ..model.qwen3_vl import VisualInput
 from ..sampling import SamplingSettings
+from ..vision_chat import VisionChat, user_message
 
 
-def build_messages(prompt: str, system: str | None) -> list[dict]:
+def build_messages(
+    prompt: str, system: str | None, pictures: Sequence[VisualInput] = ()
+) -> list[dict]:
     messages = [{"role": "system", "content": system}] if system else []
-    return [*messages, {"role": "user", "content": prompt}]
+    user = user_message(prompt, pictures) if pictures else {"role": "user", "content": prompt}
+    return [*messages, user]
 
 
 def run_oneshot(
@@ -27,18 +33,28 @@ def run_oneshot(
     think_budget: int | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
+    vision: VisionChat | None = None,
+    pictures: Sequence[VisualInput] = (),
 ) -> FinishEvent:
-    """Answer ``prompt``. Text mode streams the answer to stdout as it is generated and the
-    thinking to stderr only when stderr is a terminal (a script reading stdout never
-    sees it); JSON mode prints one object at the end."""
+    """Answer ``prompt`` (about ``pictures``, read by ``vision``, with a Qwen3-VL model).
+    Text mode streams the answer to stdout as it is generated and the thinking to stderr
+    only when stderr is a terminal (a script reading stdout never sees it); JSON mode
+    prints one object at the end."""
     # Looked up per call, not bound as defaults: tests and callers may swap the streams.
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
-    ids = engine.tokenizer.encode_chat(build_messages(prompt, system), enable_thinking)
+    messages = build_messages(prompt, system, pictures)
+    if vision is None:
+        ids, visuals = engine.tokenizer.encode_chat(messages, enable_thinking), []
+    else:
+        ids, visuals = vision.encode_chat(engine.tokenizer, messages, enable_thinking)
+        stderr.write(f"{vision.count_tokens(visuals)} visual tokens\n")
+        stderr.flush()
     show_thinking = not as_json and stderr.isatty()
     in_thinking_block = False
     finish = None
-    for event in engine.generate(ids, max_tokens, sampling, think_budget=think_budget):
+    events = engine.generate(ids, max_tokens, sampling, think_budget=think_budget, visuals=visuals)
+    for event in events:
         if isinstance(event, ThinkingEnd):
             if event.cut and in_thinking_block:
                 stderr.write(f" [thinking cut at {think_budget} tokens]")
@@ -84,5 +100,7 @@ def finish_to_json(finish: FinishEvent, load_s: float) -> dict:
             "ttft_s": round(t.ttft_s, 4),
             "prefill_tok_s": round(t.prefill_tok_s, 2),
             "decode_tok_s": round(t.decode_tok_s, 2),
+            # Only when the vision tower ran: text chat's object stays as it was.
+            **({"vision_s": round(t.vision_s, 4)} if t.vision_s else {}),
         },
     }

@@ -216,6 +216,7 @@ def stats_line(finish: FinishEvent, max_seq_len: int) -> str:
             f"{len(finish.token_ids)} tokens",
             f"{t.decode_tok_s:.1f} tok/s",
             f"first token {t.ttft_s:.2f} s",
+            *([f"vision {t.vision_s:.2f} s"] if t.vision_s else []),
             f"prompt {finish.prompt_tokens} ({finish.cached_tokens} cached)",
             f"context {used}/{max_seq_len}",
             finish.reason,

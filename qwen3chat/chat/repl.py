@@ -35,7 +35,9 @@ except ImportError:  # Windows: typed keys are echoed during a reply
 from ..engine import Engine, FinishEvent
 from ..errors import QwenChatError
 from ..loading import LoadedModel
+from ..model.qwen3_vl import VisualInput
 from ..sampling import SamplingSettings
+from ..vision_chat import VisionChat
 from .render import ReplyView
 from .session import (
     ChatOptions,
@@ -44,6 +46,7 @@ from .session import (
     change_setting,
     describe_settings,
     setting_names,
+    user_turn_message,
 )
 
 PROMPT = ">>> "
@@ -184,6 +187,7 @@ class Repl:
         options: ChatOptions,
         conversation: Conversation,
         console: Console | None = None,
+        vision: VisionChat | None = None,
     ):
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -195,6 +199,8 @@ class Repl:
         self.ctrl_c = _CtrlC()
         self.replies = 0
         self.next_input = ""  # a message given back to the input line
+        self.vision = vision  # a Qwen3-VL chat: /image attaches pictures
+        self.pending: list[VisualInput] = []  # pictures for the next message
         self.commands: dict[str, tuple[Callable[[str], bool | None], str, str]] = {
             "/help": (self.help, "", "show this help"),
             "/clear": (self.clear, "", "forget the conversation (the system prompt stays)"),
@@ -209,6 +215,8 @@ class Repl:
             "/show": (self.show, "[template]", "model, template, settings, context used"),
             "/exit": (self.exit, "", "quit (also Ctrl-D, or Ctrl-C on an empty line)"),
         }
+        if vision is not None:
+            self.commands["/image"] = (self.image, "PATH", "attach an image to the next message")
 
     # The loop --------------------------------------------------------------------------
 
@@ -256,19 +264,23 @@ class Repl:
 
     def send(self, text: str) -> bool:
         self.next_input = text  # given back unless a turn is kept
-        if self.reply(text) is None:
+        if self.reply(text, self.pending) is None:
             self._note("no answer, so no turn was kept; your message is back in the input line")
         else:
             self.next_input = ""
+            self.pending = []
         self.console.print()
         return True
 
     # One reply -------------------------------------------------------------------------
 
-    def reply(self, user_text: str) -> Turn | None:
-        """Answer ``user_text`` and add the turn; None (and no turn) when no answer text
-        came, because it was stopped early or the thinking used every token."""
-        prompt_ids = self._prompt_ids(user_text)
+    def reply(self, user_text: str, pictures: list[VisualInput] = ()) -> Turn | None:
+        """Answer ``user_text`` (about ``pictures``) and add the turn; None (and no turn)
+        when no answer text came, because it was stopped early or the thinking used every
+        token."""
+        prompt_ids, visuals = self._prompt_ids(user_turn_message(user_text, list(pictures)))
+        if visuals:
+            self._note(f"{self.vision.count_tokens(visuals)} visual tokens")
         # A new seed per reply, so that /regen gives another answer, while a session that
         # is replayed with the same --seed gives the same replies.
         sampling = replace(self.sampling, seed=self.sampling.seed + self.replies)
@@ -284,6 +296,7 @@ class Repl:
                 sampling,
                 should_stop=ctrl_c.is_requested,
                 think_budget=self.options.think_budget,
+                visuals=visuals,
             )
             try:
                 for event in events:
@@ -295,16 +308,22 @@ class Repl:
                 pass  # stopped before the first token: nothing was answered
         if finish is None or not finish.text:
             return None
-        turn = Turn(user_text, finish.text)
+        turn = Turn(user_text, finish.text, list(pictures))
         self.conversation.turns.append(turn)
         return turn
 
     def _encode(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.encode_chat(messages, self.options.think)
+        return self._encode_with_pictures(messages)[0]
 
-    def _prompt_ids(self, user_text: str) -> list[int]:
-        """The prompt for the next reply, after dropping the oldest turns if it would not
-        leave room for the reply (up to max_tokens, at most half the window)."""
+    def _encode_with_pictures(self, messages: list[dict]) -> tuple[list[int], list]:
+        if self.vision is None:
+            return self.tokenizer.encode_chat(messages, self.options.think), []
+        return self.vision.encode_chat(self.tokenizer, messages, self.options.think)
+
+    def _prompt_ids(self, user_text: str | dict) -> tuple[list[int], list[VisualInput]]:
+        """The prompt for the next reply and its pictures, after dropping the oldest turns
+        if it would not leave room for the reply (up to max_tokens, at most half the
+        window)."""
         limit = self.engine.max_seq_len
         budget = limit - min(self.options.max_tokens, limit // 2)
         conversation = self.conversation
@@ -321,13 +340,13 @@ class Repl:
                 if len(dropped) == 1:
                     which = f"oldest turn, {first!r}"
                 self._note(f"context full (--max-seq-len {limit}): dropped the {which}")
-        prompt_ids = self._encode(conversation.messages(user_text))
+        prompt_ids, visuals = self._encode_with_pictures(conversation.messages(user_text))
         if len(prompt_ids) >= limit:
             raise QwenChatError(
                 f"this message needs {len(prompt_ids)} tokens of context but --max-seq-len "
                 f"is {limit}; shorten it or restart with a larger --max-seq-len"
             )
-        return prompt_ids
+        return prompt_ids, visuals
 
     def context_used(self) -> int:
         messages = self.conversation.messages()
@@ -410,7 +429,7 @@ class Repl:
             self._note("no reply to regenerate yet")
             return
         last = self.conversation.turns.pop()
-        if self.reply(last.user) is None:
+        if self.reply(last.user, last.pictures) is None:
             self.conversation.turns.append(last)
             self._note("no new answer; the previous reply stays")
 
@@ -439,6 +458,15 @@ class Repl:
             table.add_row(*row)
         self.console.print(table)
 
+    def image(self, arg: str) -> None:
+        if not arg:
+            self._note("usage: /image PATH")
+            return
+        picture = self.vision.image(Path(arg).expanduser())
+        self.vision.check_fits([*self.pending, picture], self.engine.max_seq_len)
+        self.pending.append(picture)
+        self._note(f"attached {arg} to the next message ({len(self.pending)} picture(s))")
+
     def exit(self, arg: str) -> bool:
         return False
 
@@ -449,6 +477,7 @@ class Repl:
         arguments = {
             "/save": paths,
             "/load": paths,
+            "/image": paths,
             "/set": dict.fromkeys(setting_names()),
             "/show": {"template": None},
         }

@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from ..errors import QwenChatError
@@ -105,6 +105,17 @@ def _word(value: object) -> str:
 class Turn:
     user: str
     assistant: str
+    pictures: list = field(default_factory=list)  # VisualInputs the user message held
+
+
+def user_turn_message(text: str, pictures: list) -> dict:
+    """The user message of a turn; with pictures, in the content-list form VL templates
+    read (only a vision chat has pictures, so only it pays for the import)."""
+    if not pictures:
+        return {"role": "user", "content": text}
+    from ..vision_chat import user_message
+
+    return user_message(text, pictures)
 
 
 class Conversation:
@@ -112,17 +123,23 @@ class Conversation:
         self.system = system or None
         self.turns: list[Turn] = turns or []
 
-    def messages(self, next_user: str | None = None) -> list[dict]:
-        """Chat-template messages, plus ``next_user`` as the message about to be answered."""
+    def messages(self, next_user: str | dict | None = None, pictures: bool = True) -> list[dict]:
+        """Chat-template messages, plus ``next_user`` (text, or a message made by
+        ``user_turn_message``) as the message about to be answered; without ``pictures``
+        the user messages hold their text only."""
         out = [{"role": "system", "content": self.system}] if self.system else []
         for turn in self.turns:
-            out.append({"role": "user", "content": turn.user})
+            out.append(user_turn_message(turn.user, turn.pictures if pictures else []))
             out.append({"role": "assistant", "content": turn.assistant})
+        if isinstance(next_user, str):
+            next_user = {"role": "user", "content": next_user}
         if next_user is not None:
-            out.append({"role": "user", "content": next_user})
+            out.append(next_user)
         return out
 
-    def drop_oldest_until(self, fits: Callable[[list[dict]], bool], next_user: str) -> list[Turn]:
+    def drop_oldest_until(
+        self, fits: Callable[[list[dict]], bool], next_user: str | dict
+    ) -> list[Turn]:
         """Drop whole turns, oldest first, until the messages for ``next_user`` fit; the
         system prompt always stays. Returns the dropped turns (fewer if none were left)."""
         dropped = []
@@ -131,7 +148,8 @@ class Conversation:
         return dropped
 
     def save(self, path: Path) -> None:
-        data = {"format": FILE_FORMAT, "version": 1, "messages": self.messages()}
+        # Pictures are not saved: a loaded conversation keeps its text only.
+        data = {"format": FILE_FORMAT, "version": 1, "messages": self.messages(pictures=False)}
         write_atomically(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 
     @classmethod

@@ -70,6 +70,27 @@ def rope_tables(
     )
 
 
+def mrope_axes(section: list[int], head_dim: int, device) -> torch.Tensor:
+    """For each of the ``head_dim`` columns, the position axis that rotates it in Qwen3-VL's
+    interleaved M-RoPE (0 time, 1 height, 2 width): frequency ``j`` follows height when
+    ``j % 3 == 1 and j < 3 * section[1]``, width when ``j % 3 == 2 and j < 3 * section[2]``,
+    time otherwise; the second half of the head repeats the first."""
+    j = torch.arange(head_dim // 2)
+    axes = torch.zeros_like(j)
+    axes[(j % 3 == 1) & (j < 3 * section[1])] = 1
+    axes[(j % 3 == 2) & (j < 3 * section[2])] = 2
+    return torch.cat((axes, axes)).to(device)
+
+
+def mrope_rows(table: torch.Tensor, positions: torch.Tensor, axes: torch.Tensor) -> torch.Tensor:
+    """cos (or sin) rows ``[T, head_dim]`` for tokens at ``positions [3, T]`` (time, height,
+    width): each column is read from the plain table's row of its axis' position, which
+    gives exactly the values of computing the angles per axis."""
+    rows = table[positions]  # [3, T, head_dim]
+    index = axes.view(1, 1, -1).expand(1, positions.shape[1], -1)
+    return rows.gather(0, index)[0]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x [B, heads, T, head_dim]`` by the tables' rows for its positions."""
     half = x.shape[-1] // 2

@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..config import ModelConfig
 from ..kv_cache import KVCache
-from .layers import MLP, Attention, Embedding, Linear, RMSNorm, linear, rope_tables
+from .layers import (
+    MLP,
+    Attention,
+    Embedding,
+    Linear,
+    RMSNorm,
+    linear,
+    mrope_axes,
+    mrope_rows,
+    rope_tables,
+)
 from .moe import SparseMoE
+
+
+@dataclass
+class VisualTokens:
+    """The image and video tokens of one forward pass (Qwen3-VL).
+
+    ``mask [T]`` marks them among the pass's tokens; their input embeddings are replaced
+    by ``embeds [n, hidden]`` (the vision tower's merged tokens, in order), and after
+    decoder layer ``i`` their hidden states get ``deepstack[i] [n, hidden]`` added.
+    """
+
+    mask: torch.Tensor
+    embeds: torch.Tensor
+    deepstack: list[torch.Tensor]
 
 
 class DecoderLayer(nn.Module):
@@ -41,6 +67,7 @@ class Qwen3Model(nn.Module):
         )
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
+        self.mrope_axes: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -56,6 +83,10 @@ class Qwen3Model(nn.Module):
         self.rope_cos, self.rope_sin = rope_tables(
             inv_freq, scale, max_seq_len, self.dtype, self.device
         )
+        if self.config.mrope_section:
+            self.mrope_axes = mrope_axes(
+                self.config.mrope_section, self.config.head_dim, self.device
+            )
 
     def new_cache(self, max_seq_len: int) -> KVCache:
         if self.rope_cos is None or self.rope_cos.shape[0] < max_seq_len:
@@ -76,26 +107,40 @@ class Qwen3Model(nn.Module):
         cache: KVCache | None = None,
         start: int = 0,
         all_logits: bool = False,
+        positions: torch.Tensor | None = None,
+        visual: VisualTokens | None = None,
     ) -> torch.Tensor:
         """Logits for ``tokens [1, T]`` placed at positions ``start..start+T-1``.
 
         With a cache, keys/values land in it and attention sees everything before
         ``start`` too; without one (the uncached reference mode) ``start`` must be 0.
+        ``positions [3, T]`` gives M-RoPE (time, height, width) positions instead of the
+        cache indices, and ``visual`` the image/video tokens among ``tokens`` (Qwen3-VL).
         Returns ``[1, vocab]`` for the last position, or ``[1, T, vocab]``.
         """
         seq = tokens.shape[1]
         end = start + seq
         if self.rope_cos is None or self.rope_cos.shape[0] < end:
             self.setup_rope(max(end, cache.max_seq_len if cache else 0))
-        cos = self.rope_cos[start:end]
-        sin = self.rope_sin[start:end]
+        if positions is None:
+            cos = self.rope_cos[start:end]
+            sin = self.rope_sin[start:end]
+        else:
+            # An M-RoPE position never exceeds its token's index (a picture of h x w
+            # tokens moves the position on by max(h, w)), so the tables cover it.
+            cos = mrope_rows(self.rope_cos, positions, self.mrope_axes)
+            sin = mrope_rows(self.rope_sin, positions, self.mrope_axes)
         mask = None
         if seq > 1 and start > 0:
-            positions = torch.arange(end, device=tokens.device)
-            mask = positions[None, :] <= positions[start:, None]
+            indices = torch.arange(end, device=tokens.device)
+            mask = indices[None, :] <= indices[start:, None]
         x = self.embed_tokens(tokens)
-        for layer in self.layers:
+        if visual is not None:
+            x[0, visual.mask] = visual.embeds.to(x.dtype)
+        for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, start)
+            if visual is not None and i < len(visual.deepstack):
+                x[0, visual.mask] += visual.deepstack[i].to(x.dtype)
         x = x if all_logits else x[:, -1]
         x = self.norm(x)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -299,14 +299,17 @@ class VisionAttention(nn.Module):
         # The reference rotates in float32 whatever the weights' dtype.
         q = apply_rope(q.float(), cos, sin).to(x.dtype)
         k = apply_rope(k.float(), cos, sin).to(x.dtype)
+        # Thousands of patches attend to each other: on CPU that runs in float32, where
+        # 16-bit SDPA is twice as slow (no native bf16 matmul), as linear() does.
+        compute = matmul_dtype(seq, x.dtype, x.device)
         outputs = []
         start = 0
         for frames, length in segments:
             end = start + frames * length
             # The frames of one entry have equal lengths: one batched SDPA call per entry.
-            q_s, k_s, v_s = (self._frames(t[start:end], frames) for t in (q, k, v))
+            q_s, k_s, v_s = (self._frames(t[start:end], frames).to(compute) for t in (q, k, v))
             out = F.scaled_dot_product_attention(q_s, k_s, v_s)
-            outputs.append(out.transpose(1, 2).reshape(frames * length, -1))
+            outputs.append(out.transpose(1, 2).reshape(frames * length, -1).to(x.dtype))
             start = end
         return self.proj(torch.cat(outputs))
 

@@ -59,7 +59,7 @@ def load_weights(
     packed for the device's kernel. With ``quant``, float matrices are quantized here, one
     at a time, so the model never exists in float first.
     """
-    untrimmed = 0
+    heap = HeapTrimmer()
     for name, param in list(model.named_parameters()):
         parts = [source.read(part, dtype) for part in checkpoint_parts(name)]
         if len(parts) == 1:
@@ -75,12 +75,7 @@ def load_weights(
             )
         place(model, name, weight, dtype, device, quant)
         del weight
-        untrimmed += param.numel()
-        if untrimmed >= _TRIM_EVERY:
-            # So that loading peaks near the final size, not at the sum of the freed
-            # temporaries the allocator kept (trimming costs ~30 ms: not per tensor).
-            return_freed_memory()
-            untrimmed = 0
+        heap.placed(param.numel())
     return_freed_memory()
 
 
@@ -94,13 +89,14 @@ def place(
 ) -> None:
     """Make ``weight`` the parameter ``name``: quantized first when ``quant`` asks for it
     (float matrices only), packed for the device's kernel when quantized."""
-    table = isinstance(model.get_submodule(name.rpartition(".")[0]), Embedding)
+    table = is_table(model, name)
     if FULL_PRECISION.search(name):
         if isinstance(weight, QuantizedMatrix):
             weight = weight.dequantize(dtype)
-    elif quant is not None and isinstance(weight, torch.Tensor) and weight.dim() >= 2:
-        bits, group = quant.layout(weight.shape[-1], table or name == "lm_head.weight")
-        weight = quantize(weight, bits, group)
+    elif isinstance(weight, torch.Tensor):
+        layout = quant_layout(model, name, weight.shape, quant)
+        if layout is not None:
+            weight = quantize(weight, *layout)
     if isinstance(weight, QuantizedMatrix) and weight.codes.dim() == 3:
         set_parameter(model, name, QuantizedExperts(weight, dtype, device))
     elif isinstance(weight, QuantizedMatrix):
@@ -109,8 +105,36 @@ def place(
         set_parameter(model, name, weight.to(device))
 
 
-# Weights (elements) loaded between two trims of the heap.
-_TRIM_EVERY = 1 << 26
+def is_table(model: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` is an embedding table (its rows are looked up)."""
+    return isinstance(model.get_submodule(name.rpartition(".")[0]), Embedding)
+
+
+def quant_layout(
+    model: nn.Module, name: str, shape: tuple[int, ...], quant: QuantSpec | None
+) -> tuple[int, int] | None:
+    """(bits, group size) that ``--quantize`` gives the float parameter ``name``, or None
+    for what stays float: norms, the MoE router, everything without ``quant``."""
+    if quant is None or len(shape) < 2 or FULL_PRECISION.search(name):
+        return None
+    return quant.layout(shape[-1], is_table(model, name) or name == "lm_head.weight")
+
+
+class HeapTrimmer:
+    """Returns freed heap memory every ``TRIM_EVERY`` weights placed, so that building a
+    model peaks near its final size, not at the sum of the freed temporaries the
+    allocator kept between the weights (trimming costs ~30 ms: not per tensor)."""
+
+    TRIM_EVERY = 1 << 26
+
+    def __init__(self):
+        self.untrimmed = 0
+
+    def placed(self, elements: int) -> None:
+        self.untrimmed += elements
+        if self.untrimmed >= self.TRIM_EVERY:
+            return_freed_memory()
+            self.untrimmed = 0
 
 
 def return_freed_memory() -> None:

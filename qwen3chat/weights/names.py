@@ -3,9 +3,12 @@
 Canonical names are the Hugging Face names without the ``model.`` prefix, except that the
 per-expert matrices of a mixture-of-experts layer (``mlp.experts.7.up_proj.weight``) are
 one stacked tensor per projection (``mlp.experts.up_proj.weight``, ``[experts, out, in]``),
-as GGUF stores them. The model fuses some tensors (q/k/v into ``qkv_proj``, gate/up into
-``gate_up_proj``) so that a decode step runs one matmul where the checkpoint has several;
-FUSED says which and in what order (rows concatenated, per expert for stacks).
+as GGUF stores them. Qwen3-VL checkpoints nest the text model under
+``model.language_model.`` (stripped like ``model.``) and the vision tower under
+``model.visual.`` (ours: ``visual.``). The model fuses some tensors (q/k/v into
+``qkv_proj``, gate/up into ``gate_up_proj``) so that a decode step runs one matmul where
+the checkpoint has several; FUSED says which and in what order (rows concatenated, per
+expert for stacks).
 """
 
 from __future__ import annotations
@@ -26,6 +29,13 @@ IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 # The MoE router: kept in full precision whatever the rest is quantized to, since a
 # quantized router picks different experts (a known cause of wrong, slow MoE runs).
 FULL_PRECISION = re.compile(r"\.mlp\.gate\.weight$")
+
+# Checkpoint prefixes -> ours, first match wins.
+_HF_PREFIXES = (("model.language_model.", ""), ("model.visual.", "visual."), ("model.", ""))
+
+# A block-FP8 checkpoint stores beside each float8 ``X.weight`` its inverse scales, one
+# per block, as ``X.weight_scale_inv``.
+_FP8_SCALE_SUFFIX = "_scale_inv"
 
 # One expert's matrix in a Hugging Face checkpoint: (layer prefix, expert, projection).
 _HF_EXPERT_RE = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+\.weight)$")
@@ -59,11 +69,21 @@ _GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 def canonical_from_hf(name: str) -> tuple[str, int | None]:
     """Our name for a checkpoint tensor, and the expert index when it is one expert's
     slice of a stacked tensor."""
-    name = name.removeprefix("model.")
+    for prefix, ours in _HF_PREFIXES:
+        if name.startswith(prefix):
+            name = ours + name.removeprefix(prefix)
+            break
     m = _HF_EXPERT_RE.match(name)
     if m:
         return f"{m[1]}.{m[3]}", int(m[2])
     return name, None
+
+
+def fp8_scale_of(name: str) -> str | None:
+    """The checkpoint weight whose block-FP8 scales the tensor ``name`` holds, or None."""
+    if name.endswith(".weight" + _FP8_SCALE_SUFFIX):
+        return name.removesuffix(_FP8_SCALE_SUFFIX)
+    return None
 
 
 def canonical_from_gguf(name: str) -> str | None:
@@ -86,12 +106,17 @@ def checkpoint_parts(param_name: str) -> list[str]:
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every canonical tensor a Qwen3 checkpoint must hold, with its shape."""
+    """Every canonical tensor a Qwen3 (or Qwen3-VL) checkpoint must hold, with its shape."""
     d, hd = config.hidden_size, config.head_dim
     shapes: dict[str, tuple[int, ...]] = {
         "embed_tokens.weight": (config.vocab_size, d),
         "norm.weight": (d,),
     }
+    if config.vision is not None:
+        from ..model.vision import vision_tensor_shapes
+
+        tower = vision_tensor_shapes(config.vision)
+        shapes.update({f"visual.{name}": shape for name, shape in tower.items()})
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, d)
     experts, moe_width = config.num_experts, config.moe_intermediate_size

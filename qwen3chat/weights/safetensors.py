@@ -1,17 +1,25 @@
-"""SafeTensors checkpoints: one file or shards with model.safetensors.index.json."""
+"""SafeTensors checkpoints: one file or shards with model.safetensors.index.json.
+
+Block-FP8 checkpoints (``quant_method: fp8``, e.g. Qwen3-VL-2B-Thinking-FP8) are read as
+floats: each float8_e4m3fn weight is multiplied by its ``weight_scale_inv`` tensor, one
+scale per ``weight_block_size`` block (128x128), as it is read.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import QwenChatError
-from .names import IGNORED, canonical_from_hf
+from .names import IGNORED, canonical_from_hf, fp8_scale_of
 
 INDEX_NAME = "model.safetensors.index.json"
+# What quantization_config.weight_block_size defaults to in transformers' FP8 support.
+FP8_BLOCK_SIZE = (128, 128)
 
 
 class SafeTensorsSource:
@@ -27,11 +35,17 @@ class SafeTensorsSource:
         # Canonical name -> its (file, checkpoint name) slices: one, or one per expert.
         self._slices: dict[str, dict[int | None, tuple[Path, str]]] = {}
         self._shape: dict[str, tuple[int, ...]] = {}
+        # Checkpoint name of an FP8 weight -> the (file, name) of its block scales.
+        self._fp8_scales: dict[str, tuple[Path, str]] = {}
         for file in self._files():
             try:
                 with safe_open(file, framework="pt") as f:
                     for hf_name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                         if IGNORED.search(hf_name):
+                            continue
+                        scaled = fp8_scale_of(hf_name)
+                        if scaled is not None:
+                            self._fp8_scales[scaled] = (file, hf_name)
                             continue
                         name, expert = canonical_from_hf(hf_name)
                         self._slices.setdefault(name, {})[expert] = (file, hf_name)
@@ -52,6 +66,7 @@ class SafeTensorsSource:
                     f"{directory}: expert {missing} of {name} is missing from the checkpoint"
                 )
             self._shape[name] = (len(slices), *self._shape[name])
+        self._fp8_block = _fp8_block_size(directory) if self._fp8_scales else FP8_BLOCK_SIZE
 
     def _files(self) -> list[Path]:
         index = self.directory / INDEX_NAME
@@ -89,10 +104,51 @@ class SafeTensorsSource:
             try:
                 with safe_open(file, framework="pt") as f:
                     for expert, hf_name in names:
-                        tensor = f.get_tensor(hf_name).to(dtype=dtype, copy=True)
+                        tensor = f.get_tensor(hf_name)
+                        if hf_name in self._fp8_scales:
+                            tensor = dequantize_fp8(
+                                tensor, self._read_scale(hf_name), self._fp8_block, hf_name
+                            )
+                        tensor = tensor.to(dtype=dtype, copy=True)
                         if stacked is None:
                             return tensor
                         stacked[expert] = tensor
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise QwenChatError(f"{file}: cannot read {name} ({e})") from None
         return stacked
+
+    def _read_scale(self, weight_name: str) -> torch.Tensor:
+        file, name = self._fp8_scales[weight_name]
+        with safe_open(file, framework="pt") as f:
+            return f.get_tensor(name)
+
+
+def dequantize_fp8(
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], name: str
+) -> torch.Tensor:
+    """``weight * scale_inv`` in float32, each scale covering one ``block`` of the last two
+    dims (the blocks at the right and bottom edges may be partial)."""
+    rows, cols = weight.shape[-2:]
+    grid = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+    if tuple(scale_inv.shape[-2:]) != grid:
+        raise QwenChatError(
+            f"{name}: FP8 scales have shape {list(scale_inv.shape)}, expected {list(grid)} "
+            f"for {block[0]}x{block[1]} blocks of a {rows}x{cols} weight"
+        )
+    scales = scale_inv.float().repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)
+    return weight.float() * scales[..., :rows, :cols]
+
+
+def _fp8_block_size(directory: Path) -> tuple[int, int]:
+    """quantization_config.weight_block_size from config.json (128x128 if absent)."""
+    try:
+        raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return FP8_BLOCK_SIZE  # read_config_json reports a bad config.json itself
+    block = (raw.get("quantization_config") or {}).get("weight_block_size") or FP8_BLOCK_SIZE
+    if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+        raise QwenChatError(
+            f"{directory / 'config.json'}: quantization_config.weight_block_size {block} "
+            "is not two positive integers"
+        )
+    return int(block[0]), int(block[1])

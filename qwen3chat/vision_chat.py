@@ -1,0 +1,90 @@
+"""Chatting about pictures: image and frame files to VisualInputs, and chat messages that
+hold pictures to prompt ids with their vision tokens expanded.
+
+A message's pictures travel inside it, as ``{"type": "image", "picture": VisualInput}``
+content items (the chat template reads only the type), so that dropping or keeping a
+message drops or keeps its pictures with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import QwenChatError
+from .model.qwen3_vl import VisualInput
+from .tokenizer import Tokenizer
+from .vision_inputs import (
+    VideoInputs,
+    VisionPreprocessing,
+    check_visual_tokens,
+    expand_vision_tokens,
+    load_image,
+    load_video_frames,
+    preprocess_images,
+    preprocess_video,
+)
+
+
+def require_vision_model(config, path: Path) -> None:
+    if config.vision is None:
+        raise QwenChatError(f"{path}: is a text-only model; use qwen3chat chat")
+
+
+@dataclass(frozen=True)
+class VisionChat:
+    """How this chat turns files into pictures (--min-pixels, --max-pixels, ...)."""
+
+    settings: VisionPreprocessing
+
+    def image(self, path: str | Path) -> VisualInput:
+        image = load_image(path, self.settings.max_pixels)
+        pixels, grid = preprocess_images([image], self.settings)
+        return VisualInput.of(pixels, grid[0], is_video=False)
+
+    def video(self, paths: Sequence[str | Path]) -> VisualInput:
+        clip = preprocess_video(load_video_frames(paths, self.settings), self.settings)
+        return VisualInput.of(
+            clip.pixel_values_videos, clip.video_grid_thw[0], True, clip.timestamps
+        )
+
+    def count_tokens(self, visuals: Sequence[VisualInput]) -> int:
+        return sum(v.tokens(self.settings.merge_size) for v in visuals)
+
+    def check_fits(self, visuals: Sequence[VisualInput], max_seq_len: int) -> None:
+        check_visual_tokens(self.count_tokens(visuals), max_seq_len)
+
+    def encode_chat(
+        self, tokenizer: Tokenizer, messages: list[dict], enable_thinking: bool = True
+    ) -> tuple[list[int], list[VisualInput]]:
+        """Ids of the templated ``messages`` with each picture's placeholder expanded to
+        one pad per token, and the pictures in the order of the messages."""
+        visuals = [
+            item["picture"]
+            for message in messages
+            if isinstance(message["content"], list)
+            for item in message["content"]
+            if "picture" in item
+        ]
+        prompt = tokenizer.render(messages, enable_thinking)
+        grids = [v.grid_thw for v in visuals if not v.is_video]
+        videos = [
+            VideoInputs(v.pixel_values, torch.tensor([v.grid_thw]), list(v.timestamps))
+            for v in visuals
+            if v.is_video
+        ]
+        expanded = expand_vision_tokens(
+            prompt, torch.tensor(grids) if grids else None, videos, self.settings.merge_size
+        )
+        return tokenizer.encode(expanded), visuals
+
+
+def user_message(text: str, pictures: Sequence[VisualInput] = ()) -> dict:
+    """A user turn: its pictures (images, then videos, as Qwen3-VL's examples put them)
+    before its text."""
+    ordered = sorted(pictures, key=lambda v: v.is_video)
+    content = [{"type": "video" if v.is_video else "image", "picture": v} for v in ordered]
+    return {"role": "user", "content": [*content, {"type": "text", "text": text}]}
