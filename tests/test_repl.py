@@ -145,7 +145,7 @@ def loaded(tiny_model_dir):
     return load_model(tiny_model_dir[0], device="cpu", dtype="float32")
 
 
-def make_repl(loaded, max_seq_len=2048, system=None, **options) -> Repl:
+def make_repl(loaded, max_seq_len=2048, system=None, vision=None, **options) -> Repl:
     engine = Engine(loaded.model, loaded.tokenizer, max_seq_len)
     return Repl(
         engine,
@@ -154,6 +154,7 @@ def make_repl(loaded, max_seq_len=2048, system=None, **options) -> Repl:
         ChatOptions(**options),
         Conversation(system),
         console=Console(file=io.StringIO(), width=200),
+        vision=vision,
     )
 
 

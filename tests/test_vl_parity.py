@@ -297,3 +297,45 @@ def test_fp8_checkpoint(tmp_path, vl_dir, files, tokenizer_dir):
     (fp8_dir / "config.json").write_text(json.dumps(config))
     fp8_loaded = load_model(fp8_dir, device="cpu", dtype="float32")
     run_case((fp8_dir, reference), fp8_loaded, tokenizer_dir, [files["b"]], [])
+
+
+def test_repl_image_command_attaches_a_picture_to_the_next_message(loaded, files):
+    """/image PATH: the next message carries the picture (its pad tokens and pixels reach
+    the engine), the turn keeps it for later prompts and /regen, then it is used up."""
+    from test_repl import make_repl, record_replies
+
+    vision = VisionChat(settings_of(loaded.path))
+    repl = make_repl(loaded, max_seq_len=1024, vision=vision, max_tokens=4)
+    replies = record_replies(repl.engine)
+    calls = []
+    generate = repl.engine.generate
+
+    def recording(prompt_ids, *args, visuals=(), **kwargs):
+        calls.append(list(visuals))
+        yield from generate(prompt_ids, *args, visuals=visuals, **kwargs)
+
+    repl.engine.generate = recording
+    image_pad = loaded.config.image_token_id
+    tokens = repl.vision.count_tokens([repl.vision.image(files["a"])])
+
+    repl.handle(f"/image {files['a']}")
+    assert "attached" in repl.console.file.getvalue()
+    repl.handle("What is in the picture?")
+    prompt, _ = replies[-1]
+    assert prompt.count(image_pad) == tokens
+    assert len(calls[-1]) == 1 and calls[-1][0].digest == repl.vision.image(files["a"]).digest
+    assert f"{tokens} visual tokens" in repl.console.file.getvalue()
+    assert repl.pending == []
+
+    repl.handle("And now?")  # no new picture: the first turn's stays in the prompt
+    prompt, finish = replies[-1]
+    assert prompt.count(image_pad) == tokens and len(calls[-1]) == 1
+    assert finish.cached_tokens > prompt.index(image_pad)  # the picture came from the cache
+
+    repl.handle("/regen")
+    prompt, _ = replies[-1]
+    assert prompt.count(image_pad) == tokens
+
+    with pytest.raises(QwenChatError, match="missing.png: no such file"):
+        repl.handle(f"/image {files['b'].with_name('missing.png')}")
+    assert repl.pending == []
