@@ -177,6 +177,10 @@ class ModelConfig:
             "rope_scaling": None if rope_type == "default" else rope,
             "eos_token_ids": [eos] if isinstance(eos, int) else list(eos or []),
         }
+        if arch == "Qwen3VLMoeForConditionalGeneration":
+            # Its router always renormalises the top-k weights (transformers 4.57 and 5.x
+            # alike); the hub's configs say so, transformers 5 writes no such field.
+            values["norm_topk_prob"] = True
         for f in dataclasses.fields(cls):
             if f.name in raw and f.name not in values and raw[f.name] is not None:
                 values[f.name] = raw[f.name]

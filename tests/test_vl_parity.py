@@ -336,6 +336,6 @@ def test_repl_image_command_attaches_a_picture_to_the_next_message(loaded, files
     prompt, _ = replies[-1]
     assert prompt.count(image_pad) == tokens
 
-    with pytest.raises(QwenChatError, match="missing.png: no such file"):
+    with pytest.raises(QwenChatError, match=r"missing\.png: no such file"):
         repl.handle(f"/image {files['b'].with_name('missing.png')}")
     assert repl.pending == []

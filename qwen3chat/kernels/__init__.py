@@ -29,7 +29,9 @@ def _module():
         return load(
             name="qwen3chat_q8_linear",
             sources=[str(Path(__file__).with_name("q8_linear.cpp"))],
-            extra_cflags=["-O3", "-mavx2", "-mfma"],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            # Without OpenMP, at::parallel_for in an extension runs on one thread.
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as e:  # no compiler, headers or ninja: the torch path still works

@@ -8,12 +8,14 @@ as GGUF stores them. Qwen3-VL checkpoints nest the text model under
 ``model.visual.`` (ours: ``visual.``). The model fuses some tensors (q/k/v into
 ``qkv_proj``, gate/up into ``gate_up_proj``) so that a decode step runs one matmul where
 the checkpoint has several; FUSED says which and in what order (rows concatenated, per
-expert for stacks).
+expert for stacks). Qwen3-VL-MoE checkpoints keep their experts already stacked, but
+often transposed and with gate/up joined: EXPERT_STACKS says how they map to ours.
 """
 
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 from ..config import ModelConfig
 
@@ -39,6 +41,32 @@ _FP8_SCALE_SUFFIX = "_scale_inv"
 
 # One expert's matrix in a Hugging Face checkpoint: (layer prefix, expert, projection).
 _HF_EXPERT_RE = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+\.weight)$")
+
+
+# Checkpoint tensors (by the name after ``layers.N.``) that hold whole expert stacks:
+# Qwen3-VL-MoE's experts, two 3-D tensors per layer with no ``.weight`` suffix. Each maps
+# to the canonical stacks it holds, in order, as equal slices of its output dim, and says
+# whether the hidden size is its input (gate/up read the hidden state) or its output
+# (down writes it). They come in two orientations, which safetensors.py tells apart by
+# where the hidden size is:
+# - the hub's (Qwen3-VL-30B-A3B, saved by transformers 4.57), multiplied as ``x @ W``:
+#   ``gate_up_proj [experts, hidden, 2 * moe_inter]``, gate columns then up columns, and
+#   ``down_proj [experts, moe_inter, hidden]``: read transposed;
+# - transformers 5's (it transposes hub files as it loads them, and saves what it holds):
+#   nn.Linear's ``[experts, out, in]``, gate rows then up rows: read as they are.
+# (The FP8 releases store one matrix per expert instead, which _HF_EXPERT_RE stacks.)
+class ExpertStacks(NamedTuple):
+    parts: tuple[str, ...]
+    hidden_is_input: bool
+
+
+EXPERT_STACKS = {
+    "mlp.experts.gate_up_proj": ExpertStacks(
+        ("mlp.experts.gate_proj.weight", "mlp.experts.up_proj.weight"), hidden_is_input=True
+    ),
+    "mlp.experts.down_proj": ExpertStacks(("mlp.experts.down_proj.weight",), False),
+}
+_LAYER_RE = re.compile(r"^(layers\.\d+\.)(.+)$")
 
 # llama.cpp's names for Qwen3 tensors (its convert_hf_to_gguf.py, tensor_mapping.py).
 _GGUF_LAYER = {
@@ -77,6 +105,16 @@ def canonical_from_hf(name: str) -> tuple[str, int | None]:
     if m:
         return f"{m[1]}.{m[3]}", int(m[2])
     return name, None
+
+
+def expert_stacks(name: str) -> ExpertStacks | None:
+    """For a checkpoint tensor (already through canonical_from_hf) holding whole expert
+    stacks (EXPERT_STACKS): the canonical stacks it holds, in order; else None."""
+    m = _LAYER_RE.match(name)
+    stacks = EXPERT_STACKS.get(m[2]) if m else None
+    if stacks is None:
+        return None
+    return stacks._replace(parts=tuple(m[1] + part for part in stacks.parts))
 
 
 def fp8_scale_of(name: str) -> str | None:

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import QwenChatError
-from .names import IGNORED, canonical_from_hf, fp8_scale_of
+from .names import IGNORED, ExpertStacks, canonical_from_hf, expert_stacks, fp8_scale_of
 
 INDEX_NAME = "model.safetensors.index.json"
 # What quantization_config.weight_block_size defaults to in transformers' FP8 support.
@@ -27,7 +27,9 @@ class SafeTensorsSource:
 
     Each read opens its file briefly, so the pages of a tensor that gets converted (say
     bf16 -> float32) leave memory with it: loading peaks at the final weights plus one
-    tensor, never at the file plus the weights. Per-expert tensors are read as one stack.
+    tensor, never at the file plus the weights. Per-expert tensors are read as one stack;
+    a tensor holding whole stacks (Qwen3-VL-MoE, names.EXPERT_STACKS) is read one stack
+    at a time, transposed as it is converted when the file stores it as ``x @ W``.
     """
 
     def __init__(self, directory: Path):
@@ -37,6 +39,10 @@ class SafeTensorsSource:
         self._shape: dict[str, tuple[int, ...]] = {}
         # Checkpoint name of an FP8 weight -> the (file, name) of its block scales.
         self._fp8_scales: dict[str, tuple[Path, str]] = {}
+        # Canonical stack -> (which slice, stored transposed) of the checkpoint tensor
+        # that holds it (names.EXPERT_STACKS).
+        self._stack_part: dict[str, tuple[int, bool]] = {}
+        stacks = []
         for file in self._files():
             try:
                 with safe_open(file, framework="pt") as f:
@@ -48,8 +54,12 @@ class SafeTensorsSource:
                             self._fp8_scales[scaled] = (file, hf_name)
                             continue
                         name, expert = canonical_from_hf(hf_name)
-                        self._slices.setdefault(name, {})[expert] = (file, hf_name)
                         shape = tuple(f.get_slice(hf_name).get_shape())
+                        held = expert_stacks(name)
+                        if held:
+                            stacks.append((file, hf_name, shape, held))
+                            continue
+                        self._slices.setdefault(name, {})[expert] = (file, hf_name)
                         if self._shape.setdefault(name, shape) != shape:
                             raise QwenChatError(
                                 f"{file}: tensor {hf_name} has shape {list(shape)}, other "
@@ -66,7 +76,35 @@ class SafeTensorsSource:
                     f"{directory}: expert {missing} of {name} is missing from the checkpoint"
                 )
             self._shape[name] = (len(slices), *self._shape[name])
+        for stack in stacks:  # once the hidden size (embed_tokens' width) is known
+            self._add_stack(*stack)
         self._fp8_block = _fp8_block_size(directory) if self._fp8_scales else FP8_BLOCK_SIZE
+
+    def _add_stack(
+        self, file: Path, hf_name: str, shape: tuple[int, ...], held: ExpertStacks
+    ) -> None:
+        """A 3-D tensor holding the stacks ``held.parts`` as equal slices of its output
+        dim: ``[experts, out, in]``, or transposed ``[experts, in, out]`` as the hub's
+        Qwen3-VL-MoE files hold them, told apart by where the hidden size (embed_tokens'
+        width) is, as transformers 5 tells them apart by the parameter's shape."""
+        parts = held.parts
+        hidden = self._shape.get("embed_tokens.weight", (0, 0))[-1]
+        rows, cols = shape[-2:] if len(shape) == 3 else (0, 0)
+        if rows != cols:
+            transposed = (rows if held.hidden_is_input else cols) == hidden
+        else:  # 2 * moe_inter == hidden: transformers 5 keeps what it finds, 4.x wrote x @ W
+            transposed = _saved_by_transformers_4(self.directory)
+        out = cols if transposed else rows
+        if len(shape) != 3 or out % len(parts):
+            raise QwenChatError(
+                f"{file}: tensor {hf_name} has shape {list(shape)}; expected [experts, out, in] "
+                f"or [experts, in, out] with out split in {len(parts)} ({', '.join(parts)})"
+            )
+        inner = rows if transposed else cols
+        for i, part in enumerate(parts):
+            self._slices[part] = {None: (file, hf_name)}
+            self._shape[part] = (shape[0], out // len(parts), inner)
+            self._stack_part[part] = (i, transposed)
 
     def _files(self) -> list[Path]:
         index = self.directory / INDEX_NAME
@@ -104,18 +142,36 @@ class SafeTensorsSource:
             try:
                 with safe_open(file, framework="pt") as f:
                     for expert, hf_name in names:
-                        tensor = f.get_tensor(hf_name)
-                        if hf_name in self._fp8_scales:
-                            tensor = dequantize_fp8(
-                                tensor, self._read_scale(hf_name), self._fp8_block, hf_name
-                            )
-                        tensor = tensor.to(dtype=dtype, copy=True)
+                        tensor = self._get(f, name, hf_name).to(
+                            dtype=dtype, memory_format=torch.contiguous_format, copy=True
+                        )
                         if stacked is None:
                             return tensor
                         stacked[expert] = tensor
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise QwenChatError(f"{file}: cannot read {name} ({e})") from None
         return stacked
+
+    def _get(self, f, name: str, hf_name: str) -> torch.Tensor:
+        """The checkpoint tensor ``hf_name`` as floats (FP8 dequantized); for one holding
+        expert stacks, only ``name``'s slice of it, as ``[experts, out, in]`` (a view)."""
+        stack = self._stack_part.get(name)
+        scaled = hf_name in self._fp8_scales
+        if stack is not None:
+            part, transposed = stack
+            width = self._shape[name][-2]
+            # The slice of the output dim: the last one when stored transposed.
+            index = (slice(None),) * (2 if transposed else 1)
+            index += (slice(part * width, (part + 1) * width),)
+            if not scaled:  # reads only the slice
+                tensor = f.get_slice(hf_name)[index]
+                return tensor.transpose(-2, -1) if transposed else tensor
+        tensor = f.get_tensor(hf_name)
+        if scaled:
+            tensor = dequantize_fp8(tensor, self._read_scale(hf_name), self._fp8_block, hf_name)
+        if stack is None:
+            return tensor
+        return tensor[index].transpose(-2, -1) if transposed else tensor[index]
 
     def _read_scale(self, weight_name: str) -> torch.Tensor:
         file, name = self._fp8_scales[weight_name]
@@ -152,3 +208,12 @@ def _fp8_block_size(directory: Path) -> tuple[int, int]:
             "is not two positive integers"
         )
     return int(block[0]), int(block[1])
+
+
+def _saved_by_transformers_4(directory: Path) -> bool:
+    """Whether config.json says transformers 4.x wrote the checkpoint."""
+    try:
+        raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        return int(str(raw.get("transformers_version", "")).split(".")[0]) < 5
+    except (OSError, ValueError, AttributeError):
+        return False
