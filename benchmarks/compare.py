@@ -9,7 +9,9 @@ Writes a Markdown table to docs/benchmarks.md.
     python benchmarks/compare.py --runs qwen3chat:bfloat16,qwen3chat:gguf-Q4_0 --repeat 5
 
 A run is SYSTEM:VARIANT: qwen3chat:{float32,bfloat16,int8,int4,gguf-F16,gguf-Q8_0,gguf-Q4_0}
-(int8/int4: --quantize at load, bf16 activations) or transformers:{float32,bfloat16}.
+(int8/int4: --quantize at load, bf16 activations), transformers:{float32,bfloat16}, or
+llama.cpp:{F16,Q8_0,Q4_0} (through llama-cpp-python, when it is installed: `pip install
+llama-cpp-python` builds llama.cpp from source for this machine; the same GGUF files).
 """
 
 from __future__ import annotations
@@ -139,7 +141,47 @@ def run_transformers(path: Path, dtype: str, prompt: list[int], gen: int, repeat
     return {"load_s": load_s, "runs": runs, "weights_mb": weights_mb}
 
 
-WORKERS = {"qwen3chat": run_qwen3chat, "transformers": run_transformers}
+def run_llamacpp(path: Path, qtype: str, prompt: list[int], gen: int, repeat: int) -> dict:
+    """llama.cpp on the same checkpoint as a GGUF file: prefill the prompt in one batch,
+    then decode greedily one token at a time, as a chat would."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    gguf = build_gguf(path, qtype)
+    threads = torch.get_num_threads()
+    start = time.perf_counter()
+    llm = Llama(
+        model_path=str(gguf),
+        n_ctx=len(prompt) + gen + 8,
+        n_batch=len(prompt),
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    load_s = time.perf_counter() - start
+    vocab = llm.n_vocab()
+
+    def greedy() -> int:  # the last position's logits, as llama.cpp leaves them
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
+
+    runs = []
+    for i in range(repeat + 1):  # the first run warms up and is not counted
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt)
+        prefill_s = time.perf_counter() - start
+        token = greedy()
+        start = time.perf_counter()
+        for _ in range(gen - 1):
+            llm.eval([token])
+            token = greedy()
+        decode_s = time.perf_counter() - start
+        if i:
+            runs.append((len(prompt) / prefill_s, (gen - 1) / decode_s))
+    return {"load_s": load_s, "runs": runs, "weights_mb": gguf.stat().st_size / 2**20}
+
+
+WORKERS = {"qwen3chat": run_qwen3chat, "transformers": run_transformers, "llama.cpp": run_llamacpp}
 
 
 def worker(args) -> None:
