@@ -54,6 +54,25 @@ def tokenizer(tokenizer_dir):
     return Tokenizer.from_dir(tokenizer_dir)
 
 
+# A tiny Qwen3-VL vision tower (two DeepStack mergers) and the interleaved M-RoPE of its
+# text model, for the Qwen3-VL test models.
+TINY_VISION = dict(
+    depth=3,
+    hidden_size=64,
+    intermediate_size=96,
+    num_heads=4,
+    patch_size=16,
+    out_hidden_size=64,
+    num_position_embeddings=64,
+    deepstack_visual_indexes=[0, 1],
+)
+TINY_MROPE = {
+    "rope_type": "default",
+    "rope_theta": 5e6,
+    "mrope_section": [3, 3, 2],
+    "mrope_interleaved": True,
+}
+
 # The mixture-of-experts part of a tiny Qwen3MoeForCausalLM (with TINY's other shapes).
 TINY_MOE = dict(
     num_experts=8,

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import TINY_MROPE, TINY_VISION
 
 from qwen3chat.errors import QwenChatError
 from qwen3chat.model.vision import VisionConfig, VisionTower, vision_tensor_shapes
@@ -34,23 +35,9 @@ def tiny_hf_config():
             num_attention_heads=4,
             num_key_value_heads=2,
             head_dim=16,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 5e6,
-                "mrope_section": [3, 3, 2],
-                "mrope_interleaved": True,
-            },
+            rope_parameters=TINY_MROPE,
         ),
-        vision_config=dict(
-            depth=3,
-            hidden_size=64,
-            intermediate_size=96,
-            num_heads=4,
-            patch_size=16,
-            out_hidden_size=64,
-            num_position_embeddings=64,
-            deepstack_visual_indexes=[0, 1],
-        ),
+        vision_config=TINY_VISION,
     )
 
 

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import INIT_STD
+from conftest import INIT_STD, TINY_MROPE, TINY_VISION
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_parity import engine_greedy
@@ -55,23 +55,9 @@ def build_vl_moe_reference(seed: int = 0):
             num_experts_per_tok=TOP_K,
             moe_intermediate_size=MOE_WIDTH,
             mlp_only_layers=[1],
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 5e6,
-                "mrope_section": [3, 3, 2],
-                "mrope_interleaved": True,
-            },
+            rope_parameters=TINY_MROPE,
         ),
-        vision_config=dict(
-            depth=3,
-            hidden_size=64,
-            intermediate_size=96,
-            num_heads=4,
-            patch_size=16,
-            out_hidden_size=HIDDEN,
-            num_position_embeddings=64,
-            deepstack_visual_indexes=[0, 1],
-        ),
+        vision_config={**TINY_VISION, "out_hidden_size": HIDDEN},
         tie_word_embeddings=False,  # as Qwen3-VL-30B-A3B
     )
     torch.manual_seed(seed)

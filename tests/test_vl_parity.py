@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import INIT_STD
+from conftest import INIT_STD, TINY_MROPE, TINY_VISION
 from PIL import Image
 from test_parity import assert_logits_close, engine_greedy
 from test_vision_inputs import reference_video_processor, video_backend, video_metadata
@@ -55,23 +55,9 @@ def tiny_vl_config():
             num_key_value_heads=2,
             head_dim=16,
             rms_norm_eps=1e-6,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 5e6,
-                "mrope_section": [3, 3, 2],
-                "mrope_interleaved": True,
-            },
+            rope_parameters=TINY_MROPE,
         ),
-        vision_config=dict(
-            depth=3,
-            hidden_size=64,
-            intermediate_size=96,
-            num_heads=4,
-            patch_size=16,
-            out_hidden_size=64,
-            num_position_embeddings=64,
-            deepstack_visual_indexes=[0, 1],
-        ),
+        vision_config=TINY_VISION,
         tie_word_embeddings=True,
     )
 
