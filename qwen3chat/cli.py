@@ -159,8 +159,6 @@ def _run_chat(flags: dict, vision_flags: dict | None = None) -> None:
     """`chat` and `vision-chat`: ``flags`` are chat's, ``vision_flags`` vision-chat's own."""
     f = flags
     with reported_errors(f["debug"]):
-        sampling_flags = {name: f[name] for name in _SAMPLING_FLAGS}
-        given = {k: v for k, v in sampling_flags.items() if v is not None}
         interactive = f["prompt"] is None and sys.stdin.isatty()
         # Flag checks first: a usage error should not wait for torch and the model to load.
         if f["json_output"] and interactive:
@@ -168,6 +166,8 @@ def _run_chat(flags: dict, vision_flags: dict | None = None) -> None:
         from .quant import QuantSpec
         from .sampling import SamplingSettings
 
+        names = SamplingSettings.distribution_names()
+        given = {name: f[name] for name in names if f[name] is not None}
         try:
             QuantSpec.parse(f["quantize"].value, f["group_size"])
             SamplingSettings(**given).validate()
@@ -223,17 +223,6 @@ def _run_chat(flags: dict, vision_flags: dict | None = None) -> None:
             vision=vision,
             pictures=pictures,
         )
-
-
-_SAMPLING_FLAGS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-)
 
 
 def _open_pictures(loaded, vision_flags: dict, max_seq_len: int):

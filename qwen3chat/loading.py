@@ -16,6 +16,7 @@ from .errors import QwenChatError
 from .model.qwen3 import Qwen3Model
 from .model.qwen3_vl import Qwen3VLModel
 from .quant import QuantSpec, random_quantized
+from .sampling import SamplingSettings
 from .tokenizer import Tokenizer
 from .vision_inputs import builtin_qwen3_vl_template, vl_chat_template
 from .weights.gguf import GGUFSource, config_from_gguf, open_gguf
@@ -30,17 +31,6 @@ from .weights.loader import (
     set_parameter,
 )
 from .weights.safetensors import SafeTensorsSource
-
-# generation_config.json keys that replace our sampling defaults.
-_GENERATION_KEYS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-)
 
 
 @dataclass
@@ -81,7 +71,8 @@ def read_generation_defaults(directory: Path) -> dict:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise QwenChatError(f"{path}: not valid JSON ({e})") from None
-    defaults = {k: raw[k] for k in _GENERATION_KEYS if raw.get(k) is not None}
+    names = SamplingSettings.distribution_names()
+    defaults = {k: raw[k] for k in names if raw.get(k) is not None}
     if raw.get("do_sample") is False:
         defaults["temperature"] = 0.0
     eos = raw.get("eos_token_id")

@@ -22,6 +22,12 @@ class SamplingSettings:
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
+    @classmethod
+    def distribution_names(cls) -> list[str]:
+        """The settings that shape the distribution, all but the seed: the sampling flags,
+        and the generation_config.json keys that replace our defaults."""
+        return [name for name in cls.names() if name != "seed"]
+
     def validate(self) -> None:
         from .errors import QwenChatError
 
