@@ -58,7 +58,11 @@ class VisionChat:
         check_visual_tokens(self.count_tokens(visuals), max_seq_len)
 
     def encode_chat(
-        self, tokenizer: Tokenizer, messages: list[dict], enable_thinking: bool = True
+        self,
+        tokenizer: Tokenizer,
+        messages: list[dict],
+        enable_thinking: bool = True,
+        add_generation_prompt: bool = True,
     ) -> tuple[list[int], list[VisualInput]]:
         """Ids of the templated ``messages`` with each picture's placeholder expanded to
         one pad per token, and the pictures in the order of the messages."""
@@ -69,7 +73,7 @@ class VisionChat:
             for item in message["content"]
             if "picture" in item
         ]
-        prompt = tokenizer.render(messages, enable_thinking)
+        prompt = tokenizer.render(messages, enable_thinking, add_generation_prompt)
         grids = [v.grid_thw for v in visuals if not v.is_video]
         videos = [
             VideoInputs(v.pixel_values, torch.tensor([v.grid_thw]), list(v.timestamps))

@@ -322,6 +322,13 @@ def test_repl_image_command_attaches_a_picture_to_the_next_message(loaded, files
     prompt, _ = replies[-1]
     assert prompt.count(image_pad) == tokens
 
+    # /show counts the picture as the pad tokens it expands to, not one placeholder.
+    assert repl.context_used() > tokens
+    text_only = repl.tokenizer.render(
+        repl.conversation.messages(), repl.options.think, add_generation_prompt=False
+    )
+    assert repl.context_used() == len(repl.tokenizer.encode(text_only)) + tokens - 1
+
     with pytest.raises(QwenChatError, match=r"missing\.png: no such file"):
         repl.handle(f"/image {files['b'].with_name('missing.png')}")
     assert repl.pending == []

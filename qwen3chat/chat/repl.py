@@ -352,6 +352,11 @@ class Repl:
         messages = self.conversation.messages()
         if not messages:
             return 0
+        if self.vision is not None:  # pictures count as their expanded pad tokens
+            ids, _ = self.vision.encode_chat(
+                self.tokenizer, messages, self.options.think, add_generation_prompt=False
+            )
+            return len(ids)
         text = self.tokenizer.render(messages, self.options.think, add_generation_prompt=False)
         return len(self.tokenizer.encode(text))
 
