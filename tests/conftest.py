@@ -73,6 +73,24 @@ TINY_MROPE = {
     "mrope_interleaved": True,
 }
 
+# The text model of a tiny Qwen3-VL: TINY's shapes with the M-RoPE above.
+TINY_VL_TEXT = {
+    **{
+        k: TINY[k]
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "rms_norm_eps",
+        )
+    },
+    "rope_parameters": TINY_MROPE,
+}
+
 # The mixture-of-experts part of a tiny Qwen3MoeForCausalLM (with TINY's other shapes).
 TINY_MOE = dict(
     num_experts=8,

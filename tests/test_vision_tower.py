@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import TINY_MROPE, TINY_VISION
+from conftest import TINY_VISION, TINY_VL_TEXT
 
 from qwen3chat.errors import QwenChatError
 from qwen3chat.model.vision import VisionConfig, VisionTower, vision_tensor_shapes
@@ -27,16 +27,7 @@ GRIDS = {
 
 def tiny_hf_config():
     return transformers.Qwen3VLConfig(
-        text_config=dict(
-            vocab_size=1000,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            rope_parameters=TINY_MROPE,
-        ),
+        text_config=dict(TINY_VL_TEXT, vocab_size=1000, num_hidden_layers=1),
         vision_config=TINY_VISION,
     )
 

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import INIT_STD, TINY_MROPE, TINY_VISION
+from conftest import INIT_STD, TINY_VISION, TINY_VL_TEXT
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_parity import engine_greedy
@@ -43,19 +43,13 @@ def _reference_video_code(video_backend):
 def build_vl_moe_reference(seed: int = 0):
     config = transformers.Qwen3VLMoeConfig(
         text_config=dict(
-            vocab_size=151936,
+            TINY_VL_TEXT,
             hidden_size=HIDDEN,
-            intermediate_size=128,
             num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            rms_norm_eps=1e-6,
             num_experts=EXPERTS,
             num_experts_per_tok=TOP_K,
             moe_intermediate_size=MOE_WIDTH,
             mlp_only_layers=[1],
-            rope_parameters=TINY_MROPE,
         ),
         vision_config={**TINY_VISION, "out_hidden_size": HIDDEN},
         tie_word_embeddings=False,  # as Qwen3-VL-30B-A3B

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import INIT_STD, TINY_MROPE, TINY_VISION
+from conftest import INIT_STD, TINY_VISION, TINY_VL_TEXT
 from PIL import Image
 from test_parity import assert_logits_close, engine_greedy
 from test_vision_inputs import reference_video_processor, video_backend, video_metadata
@@ -46,17 +46,7 @@ PREPROCESSOR = {
 
 def tiny_vl_config():
     return transformers.Qwen3VLConfig(
-        text_config=dict(
-            vocab_size=151936,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            rms_norm_eps=1e-6,
-            rope_parameters=TINY_MROPE,
-        ),
+        text_config=TINY_VL_TEXT,
         vision_config=TINY_VISION,
         tie_word_embeddings=True,
     )
