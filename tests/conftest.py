@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from qwen3chat.config import SHAPE_FIELDS
+
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER_FIXTURE = FIXTURES / "qwen3-tokenizer"
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/fixtures/qwen3-tokenizer"
@@ -75,19 +77,7 @@ TINY_MROPE = {
 
 # The text model of a tiny Qwen3-VL: TINY's shapes with the M-RoPE above.
 TINY_VL_TEXT = {
-    **{
-        k: TINY[k]
-        for k in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "rms_norm_eps",
-        )
-    },
+    **{k: TINY[k] for k in (*SHAPE_FIELDS, "rms_norm_eps")},
     "rope_parameters": TINY_MROPE,
 }
 
