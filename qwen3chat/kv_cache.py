@@ -33,14 +33,19 @@ class KVCache:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def window(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of one layer's keys and values at positions ``start..end-1``."""
+        return self.k[layer, :, :, start:end], self.v[layer, :, :, start:end]
+
     def update(
         self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new keys/values at ``start``; return all keys/values up to their end."""
         end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        k_slots, v_slots = self.window(layer, start, end)
+        k_slots.copy_(k)
+        v_slots.copy_(v)
+        return self.window(layer, 0, end)
 
     def commit(self, ids: list[int]) -> None:
         self.tokens.extend(ids)

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .device import CPU_FLOAT32_MIN_ROWS, matmul_dtype
+from . import kernels
+from .device import matmul_dtype
 from .errors import QwenChatError
-from .kernels import q8_linear
 
 
 @dataclass
@@ -66,15 +66,6 @@ class QuantizedMatrix:
             zeros,
         )
 
-    def to_int8(self) -> QuantizedMatrix:
-        """The same matrix as int8: exact when the int4 zeros are all 0 (GGUF Q4_0)."""
-        if self.bits == 8:
-            return self
-        if not self.zeros.any():
-            codes = self.codes.to(torch.int8) - 8
-            return QuantizedMatrix(8, self.group_size, codes, self.scales)
-        return quantize(self.dequantize(), 8, self.group_size)
-
     @staticmethod
     def cat(parts: list[QuantizedMatrix]) -> QuantizedMatrix:
         """Concatenate along rows (output features; per expert for stacks of experts)."""
@@ -99,7 +90,7 @@ class QuantSpec:
     """``--quantize`` at load. Linear layers get ``bits``: int8 with one scale per output
     channel, or int4 with a scale and zero per ``group_size`` inputs. Embedding tables and
     the LM head (151936 rows, a quarter of a small model) are always int8 per channel:
-    their rows must be readable, and int4 costs them too much accuracy."""
+    int4 costs them too much accuracy."""
 
     bits: int
     group_size: int = 32
@@ -119,9 +110,10 @@ class QuantSpec:
         """(bits, group size) for a matrix with ``in_features`` columns."""
         if table or self.bits == 8:
             return 8, in_features
-        if in_features % self.group_size:
+        if in_features % self.group_size or in_features % 32:
             raise QwenChatError(
-                f"--group-size {self.group_size} does not divide the layer width {in_features}"
+                f"--quantize int4: the layer width {in_features} must be a multiple of 32 "
+                f"and of --group-size {self.group_size}"
             )
         return 4, self.group_size
 
@@ -154,18 +146,26 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedMatri
     for start in range(0, rows, _QUANTIZE_ROWS):
         block = slice(start, start + _QUANTIZE_ROWS)
         w = weight[block].float().view(-1, groups, group_size)
+        # Scales and zeros are stored as float16 (QuantizedWeight), so they are rounded to
+        # it before the codes are chosen: the stored matrix is exactly this one.
         if bits == 8:
-            scale = w.abs().amax(-1).clamp(min=1e-10) / 127
+            scale = _half(w.abs().amax(-1) / 127)
             q = (w / scale[..., None]).round().clamp(-127, 127)
         else:
             low, high = w.amin(-1), w.amax(-1)
-            scale = ((high - low) / 15).clamp(min=1e-10)
-            # w = (code - 8) * scale + zero with code 0 at the group minimum.
-            zeros[block] = low + 8 * scale
-            q = ((w - low[..., None]) / scale[..., None]).round().clamp(0, 15)
+            scale = _half((high - low) / 15)
+            # w = (code - 8) * scale + zero with code 0 near the group minimum.
+            zero = (low + 8 * scale).half().float()
+            zeros[block] = zero
+            q = ((w - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15)
         codes[block] = q.view(-1, cols).to(codes.dtype)
         scales[block] = scale
     return QuantizedMatrix(bits, group_size, codes, scales, zeros)
+
+
+def _half(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` rounded to float16, at least its smallest step (a constant group)."""
+    return scale.half().float().clamp(min=2.0**-24)
 
 
 def random_quantized(
@@ -188,55 +188,56 @@ def random_quantized(
         codes.random_(0, 16, generator=generator)
     levels = 255 if bits == 8 else 16
     scale = std / math.sqrt((levels**2 - 1) / 12)  # a uniform integer's std
-    scales = torch.full((*lead, cols // group_size), scale, device=device)
+    scales = _half(torch.full((*lead, cols // group_size), scale, device=device))
     # int4 codes minus 8 average -0.5: the zero point centres them.
     zeros = None if bits == 8 else scales * 0.5
     return QuantizedMatrix(bits, group_size, codes, scales, zeros)
 
 
-class QuantizedWeight(nn.Module):
-    """A quantized matrix packed for the fused weight-only kernels torch ships for the CPU
-    (``_weight_int8pack_mm`` for per-channel int8, ``_weight_int4pack_mm_for_cpu`` for
-    int4); other layouts and devices dequantize per matmul, which is correct everywhere."""
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int4 codes ``[..., K]`` two per byte ``[..., K / 2]``: in each block of 32 inputs,
+    byte j holds code j in its low nibble and code j + 16 in its high one (GGUF Q4_0's
+    order, which the kernel widens with two masks and no shuffle)."""
+    blocks = codes.unflatten(-1, (-1, 2, 16))
+    return (blocks[..., 0, :] | (blocks[..., 1, :] << 4)).flatten(-2)
 
-    def __init__(
-        self,
-        matrix: QuantizedMatrix,
-        dtype: torch.dtype,
-        device: torch.device,
-        row_lookup: bool = False,
-    ):
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    blocks = packed.unflatten(-1, (-1, 16))
+    return torch.stack([blocks & 15, blocks >> 4], dim=-2).flatten(-3)
+
+
+class QuantizedWeight(nn.Module):
+    """A quantized matrix as the native kernels read it (kernels/linear.cpp): int8 codes,
+    or int4 codes packed two per byte, with float16 scales (and zeros) per group, which
+    is GGUF's own precision for them. int4 zeros that are all 0 (Q4_0) are not stored.
+    Where the kernels cannot run (another device, groups not a multiple of 32, no
+    build), each matmul dequantizes first, which is correct everywhere."""
+
+    def __init__(self, matrix: QuantizedMatrix, dtype: torch.dtype, device: torch.device):
         super().__init__()
-        if row_lookup and matrix.bits == 4:
-            # Embedding tables need rows back, which the packed int4 layout cannot give:
-            # such a table (tied to the LM head or not) is kept as int8 instead.
-            matrix = matrix.to_int8()
         self.bits = matrix.bits
         self.group_size = matrix.group_size
         self.out_features, self.in_features = matrix.shape
         self.dtype = dtype
-        self.int4_kernel = matrix.bits == 4 and device.type == "cpu"
-        if self.int4_kernel:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                matrix.codes.to(torch.int32), 1
-            )
-            self.register_buffer("packed", packed.to(device))
-            # Kernel layout [groups, rows, 2]; it wants them in the activations' dtype.
-            scales_zeros = torch.stack([matrix.scales, matrix.zeros], dim=-1).transpose(0, 1)
-            self.register_buffer("scales_zeros", scales_zeros.contiguous().to(device, dtype))
-        else:
-            self.register_buffer("codes", matrix.codes.to(device))
-            self.register_buffer("scales", matrix.scales.to(device))
-            self.register_buffer("zeros", None if matrix.zeros is None else matrix.zeros.to(device))
+        codes = pack_int4(matrix.codes) if matrix.bits == 4 else matrix.codes
+        zeros = matrix.zeros if matrix.zeros is not None and matrix.zeros.any() else None
+        self.register_buffer("codes", codes.to(device))
+        self.register_buffer("scales", matrix.scales.to(device, torch.float16))
+        self.register_buffer("zeros", None if zeros is None else zeros.to(device, torch.float16))
 
     @property
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buffers())
 
-    def matrix(self) -> QuantizedMatrix:
-        if self.int4_kernel:
-            raise RuntimeError("the packed int4 layout cannot be read back")
-        return QuantizedMatrix(self.bits, self.group_size, self.codes, self.scales, self.zeros)
+    def matrix(self, rows: torch.Tensor | slice = slice(None)) -> QuantizedMatrix:
+        """The matrix (or some of its rows) with float32 scales, as QuantizedMatrix."""
+        codes = self.codes[rows]
+        scales = self.scales[rows].float()
+        if self.bits == 8:
+            return QuantizedMatrix(8, self.group_size, codes, scales)
+        zeros = torch.zeros_like(scales) if self.zeros is None else self.zeros[rows].float()
+        return QuantizedMatrix(4, self.group_size, unpack_int4(codes), scales, zeros)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -244,34 +245,18 @@ class QuantizedWeight(nn.Module):
         return out.to(x.dtype).view(*shape[:-1], self.out_features)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int4_kernel:
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.to(self.scales_zeros.dtype), self.packed, self.group_size, self.scales_zeros
-            )
-        # Few rows (decode) are bandwidth bound: stream the int8 codes through a fused
-        # kernel. Many rows (prefill) are compute bound: dequantize once, then GEMM.
-        if self.bits == 8 and x.device.type == "cpu" and x.shape[0] < CPU_FLOAT32_MIN_ROWS:
-            if self.group_size % 32 == 0:
-                out = q8_linear(x.float(), self.codes, self.scales)
-                if out is not None:
-                    return out
-            if self.group_size == self.in_features:
-                scales = self.scales[:, 0].to(x.dtype)
-                return torch.ops.aten._weight_int8pack_mm(x, self.codes, scales)
+        native = kernels.native(x)
+        if native is not None and self.group_size % 32 == 0:
+            if self.bits == 8:
+                return native.q8_linear(x, self.codes, self.scales)
+            return native.q4_linear(x, self.codes, self.scales, self.zeros)
         compute = matmul_dtype(x.shape[0], x.dtype, x.device)
         return F.linear(x.to(compute), self.matrix().dequantize(compute))
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding lookup: dequantize only the selected rows."""
-        m = self.matrix()
-        selected = QuantizedMatrix(
-            m.bits,
-            m.group_size,
-            m.codes[ids.reshape(-1)],
-            m.scales[ids.reshape(-1)],
-            None if m.zeros is None else m.zeros[ids.reshape(-1)],
-        )
-        return selected.dequantize(self.dtype).view(*ids.shape, self.in_features)
+        selected = self.matrix(ids.reshape(-1)).dequantize(self.dtype)
+        return selected.view(*ids.shape, self.in_features)
 
 
 class QuantizedExperts(nn.Module):

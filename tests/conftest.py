@@ -49,6 +49,17 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def torch_matmuls(monkeypatch):
+    """Run the plain torch code instead of the native kernels: float32 products with the
+    dequantized weights, which the reference reproduces to rounding. (For quantized
+    weights the kernels quantize a decode step's activations to int8, as llama.cpp does;
+    tests/test_kernels.py checks them against that.)"""
+    from qwen3chat import kernels
+
+    monkeypatch.setattr(kernels, "native", lambda x: None)
+
+
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
     from qwen3chat.tokenizer import Tokenizer

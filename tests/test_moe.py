@@ -124,14 +124,14 @@ def gguf_moe(tmp_path, tokenizer_dir, qtype, **write):
 
 
 @pytest.mark.parametrize("qtype", [T.F16, T.Q8_0, T.Q4_0, T.Q4_K], ids=lambda q: q.name)
-def test_gguf_qwen3moe_matches_reference(tmp_path, tokenizer_dir, qtype):
+def test_gguf_qwen3moe_matches_reference(tmp_path, tokenizer_dir, qtype, torch_matmuls):
     path, reference = gguf_moe(tmp_path, tokenizer_dir, qtype)
     loaded, logits, ids = ours_greedy(path)
     assert loaded.config.architecture == "Qwen3MoeForCausalLM"
     assert (loaded.config.num_experts, loaded.config.num_experts_per_tok) == (8, 2)
     with torch.no_grad():
         ref_logits = reference(torch.tensor([PROMPT])).logits[0]
-    exact = qtype != T.Q4_K  # Q4_K's int4 embedding table is requantized to int8
+    exact = qtype != T.Q4_K  # Q4_K's scales and zeros are rounded to float16
     assert_logits_close(logits, ref_logits, rtol=1e-4 if exact else 5e-2)
     if exact:
         assert ids == reference_greedy(reference, PROMPT, 24)[0]
@@ -185,9 +185,12 @@ def test_grouped_linear_equals_per_row_matmul(bits, rows):
     counts = torch.bincount(assignment, minlength=experts)
     x = torch.randn(rows, in_features)
     expected = torch.stack([dense[e] @ x[i] for i, e in enumerate(assignment.tolist())])
-    for w in (dense, QuantizedExperts(matrix, torch.float32, torch.device("cpu"))):
-        got = grouped_linear(x, w, counts, max_rows=rows)
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    got = grouped_linear(x, dense, counts, max_rows=rows)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # Quantized experts: an expert with few rows quantizes them to int8 (kernels/linear.cpp).
+    quantized = QuantizedExperts(matrix, torch.float32, torch.device("cpu"))
+    got = grouped_linear(x, quantized, counts, max_rows=rows)
+    assert (got - expected).norm() / expected.norm() < 3e-2
 
 
 def test_decode_step_runs_only_the_selected_experts(moe_dir, monkeypatch):

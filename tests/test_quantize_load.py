@@ -75,7 +75,11 @@ def test_gguf_keeps_its_quantization(tokenizer_dir, tmp_path_factory):
 
 @pytest.mark.parametrize(
     "mode,group,message",
-    [("int3", 32, "--quantize"), ("int4", 12, "--group-size"), ("int4", 48, "does not divide")],
+    [
+        ("int3", 32, "--quantize"),
+        ("int4", 12, "--group-size"),
+        ("int4", 48, "and of --group-size 48"),
+    ],
 )
 def test_bad_options(tiny_model_dir, mode, group, message):
     with pytest.raises(QwenChatError, match=message):

@@ -1,8 +1,11 @@
 """Native CPU kernels, compiled on first use with torch's C++ extension builder.
 
-They need an x86-64 CPU with AVX2 and a C++ compiler; without either, ``q8_linear``
-returns None and callers fall back to plain torch (correct, slower). The build is cached
-by torch (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions).
+linear.cpp holds the matrix products of every weight format (float, bfloat16, half,
+int8, int4) and layer_ops.cpp the small operations of a decoder layer (RMSNorm, q/k norm
+with RoPE and the cache write, decode attention, SwiGLU). They need an x86-64 CPU with
+AVX2 and a C++ compiler; without either, ``native()`` returns None and callers run the
+plain torch code, which is correct everywhere and is what the kernels are tested against.
+The build is cached by torch (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
+_SOURCES = ("bindings.cpp", "linear.cpp", "layer_ops.cpp")
+
 
 @functools.cache
 def _module():
@@ -26,23 +31,24 @@ def _module():
     try:
         from torch.utils.cpp_extension import load
 
+        here = Path(__file__).parent
         return load(
-            name="qwen3chat_q8_linear",
-            sources=[str(Path(__file__).with_name("q8_linear.cpp"))],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            name="qwen3chat_kernels",
+            sources=[str(here / name) for name in _SOURCES],
+            extra_include_paths=[str(here)],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             # Without OpenMP, at::parallel_for in an extension runs on one thread.
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as e:  # no compiler, headers or ninja: the torch path still works
-        log.warning("native int8 kernel unavailable, using the slower path: %s", e)
+        log.warning("native CPU kernels unavailable, using the slower torch path: %s", e)
         return None
 
 
-def q8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor):
-    """``x [M, K] float32 @ (codes * scales).T`` for group-wise int8 (groups a multiple
-    of 32), or None where the kernel is unavailable."""
-    module = _module()
-    if module is None:
+def native(x: torch.Tensor):
+    """The kernel module for activations ``x``, or None where they cannot run (not on
+    the CPU, a dtype they do not cover, or no build here)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
-    return module.q8_linear(x, codes, scales)
+    return _module()

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..device import matmul_dtype
 from ..quant import QuantizedExperts
-from .layers import Linear, linear
+from .layers import Linear, linear, silu_mul
 
 
 class ExpertLinear(nn.Module):
@@ -62,8 +62,7 @@ class SparseMoE(nn.Module):
         counts = torch.bincount(experts.flatten(), minlength=self.num_experts)
         # An expert multiplies at most as many rows as there are tokens.
         h = grouped_linear(x[rows], self.experts.gate_up_proj.weight, counts, x.shape[0])
-        gate, up = h.split(self.width, dim=-1)
-        h = grouped_linear(F.silu(gate) * up, self.experts.down_proj.weight, counts, x.shape[0])
+        h = grouped_linear(silu_mul(h), self.experts.down_proj.weight, counts, x.shape[0])
         h = h * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, rows, h).view(shape)
 

@@ -89,7 +89,6 @@ def place(
 ) -> None:
     """Make ``weight`` the parameter ``name``: quantized first when ``quant`` asks for it
     (float matrices only), packed for the device's kernel when quantized."""
-    table = is_table(model, name)
     if FULL_PRECISION.search(name):
         if isinstance(weight, QuantizedMatrix):
             weight = weight.dequantize(dtype)
@@ -100,7 +99,7 @@ def place(
     if isinstance(weight, QuantizedMatrix) and weight.codes.dim() == 3:
         set_parameter(model, name, QuantizedExperts(weight, dtype, device))
     elif isinstance(weight, QuantizedMatrix):
-        set_parameter(model, name, QuantizedWeight(weight, dtype, device, table))
+        set_parameter(model, name, QuantizedWeight(weight, dtype, device))
     else:
         set_parameter(model, name, weight.to(device))
 

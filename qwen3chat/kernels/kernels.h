@@ -1,0 +1,49 @@
+// The native CPU kernels (AVX2 + FMA), one declaration per entry point; bindings.cpp
+// exposes them to Python and kernels/__init__.py says when each is used.
+#pragma once
+#include <ATen/ATen.h>
+#include <immintrin.h>
+
+#include <vector>
+
+// Linear layers, ``x [M, K] @ W.T -> [M, N]`` in x's dtype (linear.cpp). Few rows stream
+// the weights through a fused matrix-vector kernel; more rows convert tiles of W to
+// float32 and run float32 GEMM on them.
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight);
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales);
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& zeros);
+
+// The small operations of a decoder layer (layer_ops.cpp).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor qk_norm_rope(const at::Tensor& qkv, const at::Tensor& q_weight,
+                        const at::Tensor& k_weight, const at::Tensor& cos, const at::Tensor& sin,
+                        double eps, int64_t num_heads, int64_t num_kv_heads,
+                        const at::Tensor& k_out, const at::Tensor& v_out);
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+at::Tensor silu_mul(const at::Tensor& gate_up);
+
+// Shared vector helpers.
+namespace qk {
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_hadd_ps(lo, lo);
+  lo = _mm_hadd_ps(lo, lo);
+  return _mm_cvtss_f32(lo);
+}
+
+// One half as float32 in one F16C instruction (c10::Half's conversion is bit twiddling).
+inline float to_float(c10::Half h) { return _cvtsh_ss(h.x); }
+
+// Eight values of a float, bfloat16 or half array as float32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+}  // namespace qk

@@ -1,0 +1,358 @@
+// Linear layers over float, bfloat16, half, group-wise int8 and group-wise int4 weights.
+//
+// Decode multiplies one activation row by every weight, so it is bound by how fast the
+// weights stream from memory. torch's bf16 matrix-vector product stops near 17 GB/s
+// here, its int8/int4 kernels are compute bound (7-11 GB/s) and dequantizing per matmul
+// moves several times the bytes. These kernels read each weight once:
+// - float weights are widened in registers against float32 activations, so results
+//   match a float32 product to rounding;
+// - int8 and int4 weights are multiplied as integers, 32 at a time (maddubs), with the
+//   activations quantized to int8 per block of 32 (scale max|x| / 127, round to nearest),
+//   as llama.cpp does for Q8_0 and Q4_0: widening every code to float instead makes the
+//   kernel compute bound at about half the memory bandwidth on AVX2.
+//
+// Prefill (many rows) is compute bound: tiles of about 2 MiB of weight rows are widened
+// to float32 and handed to float32 GEMM, which is 5-100x faster than 16-bit or integer
+// GEMM on AVX2, and the widened tile is read back from cache, not from memory.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels.h"
+
+using qk::hsum;
+using qk::load8;
+
+namespace {
+
+// Fewer activation rows than this stream the weights; more run GEMM on float32 tiles.
+constexpr int64_t kGemmMinRows = 4;
+
+// ``dot(n, m)``, weight row n times activation row m, for every pair: [M, N] float32.
+template <typename Dot>
+at::Tensor matvec(const at::Tensor& x, int64_t N, Dot dot) {
+  const int64_t M = x.size(0);
+  auto out = at::empty({M, N}, x.options());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t m = 0; m < M; ++m) op[m * N + n] = dot(n, m);
+    }
+  });
+  return out;
+}
+
+// ``x @ W.T`` where ``widen(n, dst)`` writes weight row n as K floats.
+template <typename Widen>
+at::Tensor tiled_gemm(const at::Tensor& x, int64_t N, Widen widen) {
+  const int64_t K = x.size(1);
+  const int64_t tile = std::max<int64_t>(16, (int64_t{1} << 19) / K / 16 * 16);
+  auto out = at::empty({x.size(0), N}, x.options());
+  auto buffer = at::empty({std::min(tile, N), K}, x.options());
+  float* bp = buffer.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += tile) {
+    const int64_t rows = std::min(tile, N - n0);
+    at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) widen(n0 + r, bp + r * K);
+    });
+    out.narrow(1, n0, rows).copy_(at::mm(x, buffer.narrow(0, 0, rows).t()));
+  }
+  return out;
+}
+
+// Four independent accumulators over 32 values: one chain would wait on FMA latency.
+template <typename T>
+inline float dot_widened(const T* w, const float* x, int64_t K) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t k = 0; k < K; k += 32) {
+    a0 = _mm256_fmadd_ps(load8(w + k), _mm256_loadu_ps(x + k), a0);
+    a1 = _mm256_fmadd_ps(load8(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+    a2 = _mm256_fmadd_ps(load8(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+    a3 = _mm256_fmadd_ps(load8(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+  }
+  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+
+// bfloat16 without a widening shuffle: a 32-bit lane holding two bf16 values is the
+// float of the even one shifted left by 16, and the float of the odd one with the low
+// half masked off. The activations are stored to match: in each block of 16, the eight
+// even-indexed values, then the eight odd ones.
+inline float dot_bf16(const c10::BFloat16* w, const float* x_split, int64_t K) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t k = 0; k < K; k += 32) {
+    __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+    __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 16));
+    a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)),
+                         _mm256_loadu_ps(x_split + k), a0);
+    a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v0, high)),
+                         _mm256_loadu_ps(x_split + k + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)),
+                         _mm256_loadu_ps(x_split + k + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v1, high)),
+                         _mm256_loadu_ps(x_split + k + 24), a3);
+  }
+  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+
+at::Tensor split_even_odd(const at::Tensor& x) {
+  return x.view({x.size(0), -1, 8, 2}).transpose(2, 3).contiguous().view({x.size(0), -1});
+}
+
+// Eight int8 codes widened to eight floats.
+inline __m256 widen_i8(const int8_t* q) {
+  __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+}
+
+// Eight unsigned 4-bit codes, one per byte of the low 8 bytes, widened to floats.
+inline __m256 widen_u4(__m128i codes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)); }
+
+// Eight int32 sums of four products each, of 32 unsigned and 32 signed bytes.
+inline __m256i dot_u8_i8(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+// int8 weight row times int8 activations: sum over blocks b of
+// scale[b / per_group] * xd[b] * dot(w_b, x_b), dot(w_b, x_b) exact in int32.
+inline __m256i dot_i8_block(const int8_t* w, const int8_t* x) {
+  // maddubs takes one unsigned operand: |w| times x with w's sign.
+  const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return dot_u8_i8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+}
+
+// Codes of 32 int4 weights (16 bytes) times 32 int8 activations.
+inline __m256i dot_u4_block(const uint8_t* w, const int8_t* x) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  const __m256i codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes),
+                                         _mm256_set1_epi8(0x0F));
+  return dot_u8_i8(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+}
+
+// One weight row of B blocks of 32 against quantized activations (codes x, block scales
+// xd): sum over blocks of scale(group of b) * xd[b] * block_dot(b). With one block per
+// group (GGUF's Q8_0/Q4_0, --quantize int4), eight scales are widened at once and two
+// accumulators alternate, so no scalar work or single dependency chain paces the loop.
+//
+// int4 rows also have offsets (zero - 8 * scale, per group; zeros null: all 0), which
+// multiply the groups' sums of the float activations, xsum.
+template <int BlockBytes, typename BlockDot>
+inline float quantized_row(const uint8_t* w, const c10::Half* scales, const c10::Half* zeros,
+                           int64_t B, int64_t per_group, const int8_t* x, const float* xd,
+                           const float* xsum, BlockDot block_dot) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, offsets = acc0;
+  float offset_sum = 0.0f;
+  int64_t b = 0;
+  if (per_group == 1) {
+    alignas(32) float combined[8];
+    for (; b + 8 <= B; b += 8) {
+      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b)));
+      _mm256_store_ps(combined, _mm256_mul_ps(s, _mm256_loadu_ps(xd + b)));
+      if (xsum != nullptr) {
+        __m256 o = _mm256_mul_ps(s, _mm256_set1_ps(-8.0f));
+        if (zeros != nullptr)
+          o = _mm256_add_ps(o, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zeros + b))));
+        offsets = _mm256_fmadd_ps(o, _mm256_loadu_ps(xsum + b), offsets);
+      }
+      for (int j = 0; j < 8; j += 2) {
+        const __m256i d0 = block_dot(w + (b + j) * BlockBytes, x + (b + j) * 32);
+        const __m256i d1 = block_dot(w + (b + j + 1) * BlockBytes, x + (b + j + 1) * 32);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(combined[j]), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(combined[j + 1]), acc1);
+      }
+    }
+  }
+  for (; b < B; b += per_group) {
+    __m256 part = _mm256_setzero_ps();
+    for (int64_t e = b; e < b + per_group; ++e) {
+      const __m256i d = block_dot(w + e * BlockBytes, x + e * 32);
+      part = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ss(xd + e), part);
+    }
+    const int64_t g = b / per_group;
+    const float scale = qk::to_float(scales[g]);
+    acc0 = _mm256_fmadd_ps(part, _mm256_set1_ps(scale), acc0);
+    if (xsum != nullptr)
+      offset_sum += ((zeros != nullptr ? qk::to_float(zeros[g]) : 0.0f) - 8.0f * scale) * xsum[g];
+  }
+  return hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), offsets)) + offset_sum;
+}
+
+void check_rows(const at::Tensor& x, int64_t K, const char* name) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && K % 32 == 0, name,
+              ": expected x [M, K] with K a multiple of 32 matching the weights");
+}
+
+at::Tensor as_float(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
+
+// Activations quantized per block of 32: codes, the blocks' scales and the blocks' sums
+// of the float values (which int4's zero points multiply).
+struct QuantizedRows {
+  at::Tensor codes, scales, sums;
+};
+
+QuantizedRows quantize_rows(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1), B = K / 32;
+  QuantizedRows q{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M, B}, x.options()),
+                  at::empty({M, B}, x.options())};
+  const float* xp = x.data_ptr<float>();
+  int8_t* cp = q.codes.data_ptr<int8_t>();
+  float* dp = q.scales.data_ptr<float>();
+  float* sp = q.sums.data_ptr<float>();
+  for (int64_t b = 0; b < M * B; ++b) {
+    const float* v = xp + b * 32;
+    float top = 0.0f, sum = 0.0f;
+    for (int i = 0; i < 32; ++i) {
+      top = std::max(top, std::fabs(v[i]));
+      sum += v[i];
+    }
+    const float scale = top / 127.0f, inverse = top > 0.0f ? 127.0f / top : 0.0f;
+    for (int i = 0; i < 32; ++i) cp[b * 32 + i] = static_cast<int8_t>(std::nearbyint(v[i] * inverse));
+    dp[b] = scale;
+    sp[b] = sum;
+  }
+  return q;
+}
+
+}  // namespace
+
+// weight [N, K] float32, bfloat16 or half.
+at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& weight_in) {
+  const auto weight = weight_in.contiguous();
+  const int64_t N = weight.size(0), K = weight.size(1);
+  check_rows(x_in, K, "dense_linear");
+  const auto x = as_float(x_in);
+  const float* xp = x.data_ptr<float>();
+  at::Tensor out;
+  switch (weight.scalar_type()) {
+    case at::kFloat: {
+      const float* w = weight.data_ptr<float>();
+      out = x.size(0) >= kGemmMinRows
+                ? at::mm(x, weight.t())
+                : matvec(x, N, [&](int64_t n, int64_t m) { return dot_widened(w + n * K, xp + m * K, K); });
+      break;
+    }
+    case at::kBFloat16: {
+      const auto* w = weight.data_ptr<c10::BFloat16>();
+      if (x.size(0) >= kGemmMinRows) {
+        out = tiled_gemm(x, N, [&](int64_t n, float* dst) {
+          for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(dst + k, load8(w + n * K + k));
+        });
+      } else {
+        const auto split = split_even_odd(x);
+        const float* sp = split.data_ptr<float>();
+        out = matvec(x, N, [&](int64_t n, int64_t m) { return dot_bf16(w + n * K, sp + m * K, K); });
+      }
+      break;
+    }
+    case at::kHalf: {
+      const auto* w = weight.data_ptr<c10::Half>();
+      if (x.size(0) >= kGemmMinRows) {
+        out = tiled_gemm(x, N, [&](int64_t n, float* dst) {
+          for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(dst + k, load8(w + n * K + k));
+        });
+      } else {
+        out = matvec(x, N, [&](int64_t n, int64_t m) { return dot_widened(w + n * K, xp + m * K, K); });
+      }
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "dense_linear: weights must be float32, bfloat16 or float16");
+  }
+  return out.to(x_in.scalar_type());
+}
+
+// codes [N, K] int8, scales [N, K / group] float16; group a multiple of 32.
+at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& scales_in) {
+  const auto codes = codes_in.contiguous();
+  const auto scales = scales_in.contiguous();
+  const int64_t N = codes.size(0), K = codes.size(1), G = scales.size(1);
+  const int64_t group = G > 0 ? K / G : 0;
+  check_rows(x_in, K, "q8_linear");
+  TORCH_CHECK(codes.scalar_type() == at::kChar && scales.scalar_type() == at::kHalf &&
+                  scales.size(0) == N && group * G == K && group % 32 == 0,
+              "q8_linear: expected int8 codes [N, K] and float16 scales [N, K / group]");
+  const auto x = as_float(x_in);
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  const c10::Half* sp = scales.data_ptr<c10::Half>();
+  at::Tensor out;
+  if (x.size(0) >= kGemmMinRows) {
+    out = tiled_gemm(x, N, [&](int64_t n, float* dst) {
+      for (int64_t k = 0; k < K; k += 8) {
+        __m256 s = _mm256_set1_ps(qk::to_float(sp[n * G + k / group]));
+        _mm256_storeu_ps(dst + k, _mm256_mul_ps(widen_i8(cp + n * K + k), s));
+      }
+    });
+  } else {
+    const auto xq = quantize_rows(x);
+    const int8_t* qp = xq.codes.data_ptr<int8_t>();
+    const float* dp = xq.scales.data_ptr<float>();
+    const int64_t B = K / 32, per_group = group / 32;
+    out = matvec(x, N, [&](int64_t n, int64_t m) {
+      return quantized_row<32>(reinterpret_cast<const uint8_t*>(cp + n * K), sp + n * G, nullptr, B,
+                               per_group, qp + m * K, dp + m * B, nullptr,
+                               [](const uint8_t* w, const int8_t* v) {
+                                 return dot_i8_block(reinterpret_cast<const int8_t*>(w), v);
+                               });
+    });
+  }
+  return out.to(x_in.scalar_type());
+}
+
+// packed [N, K / 2] uint8: in each block of 32 inputs, byte j holds code j in its low
+// nibble and code j + 16 in its high one (GGUF Q4_0's order). w = (code - 8) * scale +
+// zero, scales and zeros float16 [N, K / group] (no zeros: all 0); group a multiple of 32.
+at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& scales_in,
+                     const c10::optional<at::Tensor>& zeros_in) {
+  const auto packed = packed_in.contiguous();
+  const auto scales = scales_in.contiguous();
+  const bool has_zeros = zeros_in.has_value();
+  const auto zeros = has_zeros ? zeros_in->contiguous() : scales;
+  const int64_t N = packed.size(0), K = packed.size(1) * 2, G = scales.size(1);
+  const int64_t group = G > 0 ? K / G : 0;
+  check_rows(x_in, K, "q4_linear");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf &&
+                  zeros.scalar_type() == at::kHalf &&
+                  zeros.sizes() == scales.sizes() && scales.size(0) == N && group * G == K &&
+                  group % 32 == 0,
+              "q4_linear: expected uint8 packed [N, K / 2] and float16 scales/zeros [N, K / group]");
+  const auto x = as_float(x_in);
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const c10::Half* sp = scales.data_ptr<c10::Half>();
+  const c10::Half* zp = has_zeros ? zeros.data_ptr<c10::Half>() : nullptr;
+  // w = code * scale + offset with offset = zero - 8 * scale.
+  auto scale = [&](int64_t i) { return qk::to_float(sp[i]); };
+  auto offset = [&](int64_t i) {
+    return (zp ? qk::to_float(zp[i]) : 0.0f) - 8.0f * scale(i);
+  };
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  at::Tensor out;
+  if (x.size(0) >= kGemmMinRows) {
+    out = tiled_gemm(x, N, [&](int64_t n, float* dst) {
+      for (int64_t k = 0; k < K; k += 32) {
+        __m256 s = _mm256_set1_ps(scale(n * G + k / group));
+        __m256 o = _mm256_set1_ps(offset(n * G + k / group));
+        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(pp + (n * K + k) / 2));
+        __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+        _mm256_storeu_ps(dst + k, _mm256_fmadd_ps(widen_u4(lo), s, o));
+        _mm256_storeu_ps(dst + k + 8, _mm256_fmadd_ps(widen_u4(_mm_srli_si128(lo, 8)), s, o));
+        _mm256_storeu_ps(dst + k + 16, _mm256_fmadd_ps(widen_u4(hi), s, o));
+        _mm256_storeu_ps(dst + k + 24, _mm256_fmadd_ps(widen_u4(_mm_srli_si128(hi, 8)), s, o));
+      }
+    });
+  } else {
+    // sum(w * x) over a block = scale * sum(code * x) + offset * sum(x).
+    const auto xq = quantize_rows(x);
+    const int8_t* qp = xq.codes.data_ptr<int8_t>();
+    const float* dp = xq.scales.data_ptr<float>();
+    const auto group_sums = xq.sums.view({x.size(0), G, group / 32}).sum(-1);
+    const float* xs = group_sums.data_ptr<float>();
+    const int64_t B = K / 32, per_group = group / 32;
+    out = matvec(x, N, [&](int64_t n, int64_t m) {
+      return quantized_row<16>(pp + n * K / 2, sp + n * G, zp == nullptr ? nullptr : zp + n * G, B,
+                               per_group, qp + m * K, dp + m * B, xs + m * G, dot_u4_block);
+    });
+  }
+  return out.to(x_in.scalar_type());
+}

@@ -1,0 +1,138 @@
+"""The native CPU kernels against the torch code they replace (kernels/linear.cpp for the
+float products, kernels/layer_ops.cpp for the small ops of a layer; the quantized
+products are checked in test_quant.py). The torch code is itself checked against
+transformers by the parity tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen3chat import kernels
+from qwen3chat.kv_cache import KVCache
+from qwen3chat.loading import random_model
+from qwen3chat.model.layers import Attention, RMSNorm
+from qwen3chat.presets import preset_config
+
+native = kernels.native(torch.zeros(1))
+pytestmark = pytest.mark.skipif(native is None, reason="no AVX2 CPU or no C++ compiler here")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def rand(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+def test_dense_linear(dtype, rows):
+    """Fewer than 4 rows take the matrix-vector kernel, more the float32 tiles; a large
+    matrix spans several tiles."""
+    weight = rand(1200, 512, dtype=dtype)
+    x = rand(rows, 512, dtype=dtype, seed=1)
+    out = native.dense_linear(x, weight)
+    expected = x.float() @ weight.float().T
+    assert out.dtype == dtype and out.shape == (rows, 1200)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (out.float() - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_rounds_as_torch_does(dtype, torch_matmuls):
+    norm = RMSNorm(64, 1e-6)
+    norm.weight.data = rand(64, dtype=dtype, seed=2)
+    x = rand(3, 5, 64, dtype=dtype)
+    expected = norm(x)
+    torch.testing.assert_close(native.rms_norm(x, norm.weight, 1e-6), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype):
+    gate_up = rand(2, 3, 192, dtype=dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(native.silu_mul(gate_up), F.silu(gate) * up)
+
+
+def attention(dtype):
+    config = preset_config("tiny")
+    layer = Attention(config, layer_idx=1)
+    for i, p in enumerate(layer.parameters()):
+        p.data = rand(*p.shape, seed=i).to(dtype)
+    return config, layer
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("start,seq", [(0, 6), (6, 1), (4, 3)])
+def test_projection_and_cache_write(dtype, start, seq, monkeypatch):
+    """One call splits qkv, norms and rotates q and k, and writes k and v into the cache:
+    the same q, keys and values as the torch code, and the same cache contents."""
+    config, layer = attention(dtype)
+    x = rand(1, seq, config.hidden_size, dtype=dtype, seed=7)
+    cos, sin = rand(seq, config.head_dim, dtype=dtype, seed=8), rand(seq, config.head_dim, seed=9)
+    results = []
+    for use_native in (True, False):
+        if not use_native:
+            monkeypatch.setattr(kernels, "native", lambda x: None)
+        cache = KVCache(
+            config.num_hidden_layers, config.num_key_value_heads, config.head_dim, 16, dtype
+        )
+        cache.k.fill_(3.0)  # earlier positions: what attention sees before start
+        q, k, v = layer.project(x, cos, sin.to(dtype), cache, start)
+        results.append((q, k, v, cache.k.clone(), cache.v.clone()))
+        assert k.shape[2] == start + seq
+    for ours, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,length",
+    [(16, 8, 128, 141), (4, 2, 16, 7), (8, 1, 64, 33), (2, 2, 8, 1)],
+)
+def test_decode_attention(dtype, heads, kv_heads, head_dim, length):
+    """One query over a cache view (strided: the cache is longer than what is attended),
+    grouped query heads included."""
+    q = rand(1, heads, 1, head_dim, dtype=dtype)
+    keys = rand(1, kv_heads, 300, head_dim, dtype=dtype, seed=1)[:, :, :length]
+    values = rand(1, kv_heads, 300, head_dim, dtype=dtype, seed=2)[:, :, :length]
+    expected = F.scaled_dot_product_attention(
+        q.float(), keys.float(), values.float(), enable_gqa=True
+    )
+    out = native.decode_attention(q, keys, values)
+    assert out.dtype == dtype and out.shape == (1, 1, heads * head_dim)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(
+        out.float(), expected.transpose(1, 2).reshape(1, 1, -1), rtol=tolerance, atol=tolerance
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+def test_model_with_kernels_matches_torch_code(dtype, quantize, monkeypatch):
+    """A prefill and decode steps of a whole model: the kernels against the torch code."""
+    from qwen3chat.quant import QuantSpec
+
+    model = random_model(
+        preset_config("tiny"), dtype, torch.device("cpu"), std=0.5, quant=QuantSpec.parse(quantize)
+    )
+    tokens = torch.tensor([[5, 17, 300, 42, 9, 1000, 77, 8, 15, 2, 6]])
+
+    def run():
+        cache = model.new_cache(32)
+        with torch.no_grad():
+            logits = [model(tokens[:, :7], cache, 0)]
+            logits += [model(tokens[:, i : i + 1], cache, i) for i in range(7, tokens.shape[1])]
+        return torch.cat(logits).float()
+
+    ours = run()
+    monkeypatch.setattr(kernels, "native", lambda x: None)
+    theirs = run()
+    # float weights: rounding only; quantized: decode steps see int8 activations.
+    if quantize == "none" and dtype == torch.float32:
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max())
+    else:
+        error = (ours - theirs).norm(dim=-1) / theirs.norm(dim=-1)
+        agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean()
+        assert error.max() < 0.1 and agree >= 0.75, (error, agree)
