@@ -217,6 +217,16 @@ QuantizedRows quantize_rows(const at::Tensor& x) {
 
 }  // namespace
 
+// 16-bit weights: float32 tiles for GEMM, or ``dot(n, m)`` row by row for a decode step.
+template <typename T, typename Dot>
+at::Tensor half_width_linear(const at::Tensor& x, const T* w, int64_t N, Dot dot) {
+  const int64_t K = x.size(1);
+  if (x.size(0) < kGemmMinRows) return matvec(x, N, dot);
+  return tiled_gemm(x, N, [&](int64_t n, float* dst) {
+    for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(dst + k, load8(w + n * K + k));
+  });
+}
+
 // weight [N, K] float32, bfloat16 or half.
 at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& weight_in) {
   const auto weight = weight_in.contiguous();
@@ -235,26 +245,14 @@ at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& weight_in) {
     }
     case at::kBFloat16: {
       const auto* w = weight.data_ptr<c10::BFloat16>();
-      if (x.size(0) >= kGemmMinRows) {
-        out = tiled_gemm(x, N, [&](int64_t n, float* dst) {
-          for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(dst + k, load8(w + n * K + k));
-        });
-      } else {
-        const auto split = split_even_odd(x);
-        const float* sp = split.data_ptr<float>();
-        out = matvec(x, N, [&](int64_t n, int64_t m) { return dot_bf16(w + n * K, sp + m * K, K); });
-      }
+      const auto split = split_even_odd(x);
+      const float* sp = split.data_ptr<float>();
+      out = half_width_linear(x, w, N, [&](int64_t n, int64_t m) { return dot_bf16(w + n * K, sp + m * K, K); });
       break;
     }
     case at::kHalf: {
       const auto* w = weight.data_ptr<c10::Half>();
-      if (x.size(0) >= kGemmMinRows) {
-        out = tiled_gemm(x, N, [&](int64_t n, float* dst) {
-          for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(dst + k, load8(w + n * K + k));
-        });
-      } else {
-        out = matvec(x, N, [&](int64_t n, int64_t m) { return dot_widened(w + n * K, xp + m * K, K); });
-      }
+      out = half_width_linear(x, w, N, [&](int64_t n, int64_t m) { return dot_widened(w + n * K, xp + m * K, K); });
       break;
     }
     default:
