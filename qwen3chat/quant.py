@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from .device import matmul_dtype
 from .errors import QwenChatError
 
@@ -227,6 +226,10 @@ class QuantizedWeight(nn.Module):
         self.register_buffer("zeros", None if zeros is None else zeros.to(device, torch.float16))
 
     @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    @property
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buffers())
 
@@ -240,18 +243,10 @@ class QuantizedWeight(nn.Module):
         return QuantizedMatrix(4, self.group_size, unpack_int4(codes), scales, zeros)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        out = self._matmul(x.reshape(-1, shape[-1]))
-        return out.to(x.dtype).view(*shape[:-1], self.out_features)
-
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        native = kernels.native(x)
-        if native is not None and self.group_size % 32 == 0:
-            if self.bits == 8:
-                return native.q8_linear(x, self.codes, self.scales)
-            return native.q4_linear(x, self.codes, self.scales, self.zeros)
-        compute = matmul_dtype(x.shape[0], x.dtype, x.device)
-        return F.linear(x.to(compute), self.matrix().dequantize(compute))
+        """``x @ W.T`` by dequantizing first: the path where the native kernels (which
+        model/layers.py's ``linear`` prefers) cannot run."""
+        compute = matmul_dtype(x.numel() // x.shape[-1], x.dtype, x.device)
+        return F.linear(x.to(compute), self.matrix().dequantize(compute)).to(x.dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding lookup: dequantize only the selected rows."""

@@ -136,3 +136,30 @@ def test_model_with_kernels_matches_torch_code(dtype, quantize, monkeypatch):
         error = (ours - theirs).norm(dim=-1) / theirs.norm(dim=-1)
         agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean()
         assert error.max() < 0.1 and agree >= 0.75, (error, agree)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+def test_decode_layer_is_the_per_operation_path(dtype, quantize, monkeypatch):
+    """One native call per layer runs the same kernels in the same order as the layer's
+    Python code calling them one by one: logits and cache contents bit for bit."""
+    from qwen3chat.model.qwen3 import DecoderLayer
+    from qwen3chat.quant import QuantSpec
+
+    model = random_model(
+        preset_config("tiny"), dtype, torch.device("cpu"), std=0.5, quant=QuantSpec.parse(quantize)
+    )
+    assert all(layer.native_weights(native) is not None for layer in model.layers)
+
+    def run():
+        cache = model.new_cache(32)
+        with torch.no_grad():
+            logits = [model(torch.tensor([[5, 17, 300, 42, 9]]), cache, 0)]
+            logits += [model(torch.tensor([[t]]), cache, 5 + i) for i, t in enumerate([7, 1000])]
+        return torch.cat(logits), cache
+
+    fused, fused_cache = run()
+    monkeypatch.setattr(DecoderLayer, "native_weights", lambda self, native: None)
+    per_op, per_op_cache = run()
+    assert torch.equal(fused, per_op)
+    assert torch.equal(fused_cache.k, per_op_cache.k) and torch.equal(fused_cache.v, per_op_cache.v)

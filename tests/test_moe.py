@@ -19,11 +19,13 @@ from test_parity import (
     reference_greedy,
 )
 
+from qwen3chat import kernels
 from qwen3chat.config import ModelConfig
 from qwen3chat.errors import QwenChatError
 from qwen3chat.loading import load_model, random_model
 from qwen3chat.model import moe
 from qwen3chat.model.moe import SparseMoE, grouped_linear
+from qwen3chat.model.qwen3 import DecoderLayer
 from qwen3chat.presets import PRESETS, preset_config
 from qwen3chat.quant import QuantizedExperts, QuantizedWeight, QuantSpec, quantize
 
@@ -194,7 +196,9 @@ def test_grouped_linear_equals_per_row_matmul(bits, rows):
 
 
 def test_decode_step_runs_only_the_selected_experts(moe_dir, monkeypatch):
-    """A decode token reaches num_experts_per_tok experts: only those are multiplied."""
+    """A decode token reaches num_experts_per_tok experts: only those are multiplied, in
+    the torch code (counted) and in the native decode step (every other expert's scales
+    are made NaN, and its result stays finite and the same)."""
     path, _ = moe_dir
     loaded = load_model(path, device="cpu", dtype="float32", quantize="int8")
     model = loaded.model
@@ -209,11 +213,30 @@ def test_decode_step_runs_only_the_selected_experts(moe_dir, monkeypatch):
             used.append(weight)
         return original(x, weight)
 
-    monkeypatch.setattr(moe, "linear", counting_linear)
-    with torch.no_grad():
-        model(torch.tensor([[PROMPT[-1]]]), cache, len(PROMPT))
+    def step():
+        with torch.no_grad():
+            return model(torch.tensor([[PROMPT[-1]]]), cache, len(PROMPT))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(moe, "linear", counting_linear)
+        patch.setattr(DecoderLayer, "native_weights", lambda self, native: None)
+        expected = step()
     sparse_layers, top_k = 2, 2
     assert len(used) == sparse_layers * top_k * 2  # gate_up and down per selected expert
+    native = kernels.native(expected)
+    if native is None:
+        return
+    assert all(layer.native_weights(native) is not None for layer in model.layers)
+    for layer in model.layers:
+        if isinstance(layer.mlp, moe.SparseMoE):
+            for stack in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+                for expert in stack.weight.experts:
+                    if not any(expert is u for u in used):
+                        expert.scales.fill_(float("nan"))
+    got = step()
+    assert torch.isfinite(got).all()
+    # The native step quantizes the activations to int8, as every quantized decode does.
+    assert (got - expected).norm() / expected.norm() < 0.05
 
 
 def test_sparse_moe_equals_naive_token_loop():

@@ -1,8 +1,9 @@
 """Native CPU kernels, compiled on first use with torch's C++ extension builder.
 
 linear.cpp holds the matrix products of every weight format (float, bfloat16, half,
-int8, int4) and layer_ops.cpp the small operations of a decoder layer (RMSNorm, q/k norm
-with RoPE and the cache write, decode attention, SwiGLU). They need an x86-64 CPU with
+int8, int4), layer_ops.cpp the small operations of a decoder layer (RMSNorm, q/k norm
+with RoPE and the cache write, decode attention, SwiGLU), and decode_layer.cpp a whole
+layer's decode step built from them, one call per layer. They need an x86-64 CPU with
 AVX2 and a C++ compiler; without either, ``native()`` returns None and callers run the
 plain torch code, which is correct everywhere and is what the kernels are tested against.
 The build is cached by torch (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions).
@@ -19,7 +20,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("bindings.cpp", "linear.cpp", "layer_ops.cpp")
+_SOURCES = ("bindings.cpp", "linear.cpp", "layer_ops.cpp", "decode_layer.cpp")
 
 
 @functools.cache

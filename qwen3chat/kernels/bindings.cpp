@@ -11,4 +11,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qk_norm_rope", &qk_norm_rope, "split qkv, q/k RMSNorm and RoPE, k/v into the cache");
   m.def("decode_attention", &decode_attention, "attention of one query token over the cache");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
+  py::class_<Matrix>(m, "Matrix")
+      .def(py::init([](at::Tensor weight, c10::optional<at::Tensor> scales,
+                       c10::optional<at::Tensor> zeros, int64_t bits) {
+             return Matrix{std::move(weight), std::move(scales), std::move(zeros), bits};
+           }),
+           py::arg("weight"), py::arg("scales") = py::none(), py::arg("zeros") = py::none(),
+           py::arg("bits") = 0);
+  py::class_<DecoderLayerWeights>(m, "DecoderLayerWeights")
+      .def(py::init<>())
+      .def_readwrite("layer", &DecoderLayerWeights::layer)
+      .def_readwrite("num_heads", &DecoderLayerWeights::num_heads)
+      .def_readwrite("num_kv_heads", &DecoderLayerWeights::num_kv_heads)
+      .def_readwrite("eps", &DecoderLayerWeights::eps)
+      .def_readwrite("input_norm", &DecoderLayerWeights::input_norm)
+      .def_readwrite("post_norm", &DecoderLayerWeights::post_norm)
+      .def_readwrite("q_norm", &DecoderLayerWeights::q_norm)
+      .def_readwrite("k_norm", &DecoderLayerWeights::k_norm)
+      .def_readwrite("qkv", &DecoderLayerWeights::qkv)
+      .def_readwrite("o_proj", &DecoderLayerWeights::o_proj)
+      .def_readwrite("gate_up", &DecoderLayerWeights::gate_up)
+      .def_readwrite("down", &DecoderLayerWeights::down)
+      .def_readwrite("router", &DecoderLayerWeights::router)
+      .def_readwrite("expert_gate_up", &DecoderLayerWeights::expert_gate_up)
+      .def_readwrite("expert_down", &DecoderLayerWeights::expert_down)
+      .def_readwrite("top_k", &DecoderLayerWeights::top_k)
+      .def_readwrite("norm_topk_prob", &DecoderLayerWeights::norm_topk_prob);
+  m.def("matmul", &matmul, "x @ W.T with the kernel of W's format");
+  m.def("decode_layer", &decode_layer, "one decode step of a decoder layer");
 }

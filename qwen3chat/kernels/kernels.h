@@ -23,6 +23,36 @@ at::Tensor qk_norm_rope(const at::Tensor& qkv, const at::Tensor& q_weight,
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 
+// A layer's weight matrix in the form its product kernel takes: ``bits`` 0 for a float,
+// bfloat16 or half ``weight``, 8 or 4 for int8 codes or packed int4 codes with float16
+// ``scales`` (and int4 ``zeros``), as quant.py's QuantizedWeight stores them.
+struct Matrix {
+  at::Tensor weight;
+  c10::optional<at::Tensor> scales, zeros;
+  int64_t bits = 0;
+};
+
+// ``x [..., K] @ W.T`` with the kernel of W's format (decode_layer.cpp).
+at::Tensor matmul(const at::Tensor& x, const Matrix& w);
+
+// Everything one decode step of a decoder layer reads but the KV cache. A dense layer
+// has gate_up and down; a mixture-of-experts layer has router and one matrix per expert.
+struct DecoderLayerWeights {
+  int64_t layer = 0, num_heads = 0, num_kv_heads = 0;
+  double eps = 1e-6;
+  at::Tensor input_norm, post_norm, q_norm, k_norm;
+  Matrix qkv, o_proj, gate_up, down, router;
+  std::vector<Matrix> expert_gate_up, expert_down;
+  int64_t top_k = 0;
+  bool norm_topk_prob = false;
+};
+
+// x [B, 1, hidden] at position ``start``: the layer's output, its key and value stored
+// in the caches [layers, B, kv_heads, max_seq_len, head_dim] (decode_layer.cpp).
+at::Tensor decode_layer(const at::Tensor& x, const DecoderLayerWeights& w, const at::Tensor& cos,
+                        const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        int64_t start);
+
 // Shared vector helpers.
 namespace qk {
 

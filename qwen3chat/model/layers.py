@@ -37,16 +37,28 @@ class Embedding(nn.Module):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    native = kernels.native(x)
+    matrix = native_matrix(native, weight) if native is not None else None
+    if matrix is not None:
+        return native.matmul(x, matrix)
     if isinstance(weight, QuantizedWeight):
         return weight.linear(x)
-    native = kernels.native(x)
-    if native is not None and x.shape[-1] % 32 == 0:
-        out = native.dense_linear(x.reshape(-1, x.shape[-1]), weight)
-        return out.view(*x.shape[:-1], weight.shape[0])
     compute = matmul_dtype(x.numel() // x.shape[-1], x.dtype, x.device)
     if compute != weight.dtype:
         return F.linear(x.to(compute), weight.to(compute)).to(x.dtype)
     return F.linear(x, weight)
+
+
+def native_matrix(native, weight: torch.Tensor | QuantizedWeight):
+    """``weight`` as the native kernels take it (kernels.h's Matrix), or None where they do
+    not cover it: inputs not in blocks of 32, or quantization groups that are not."""
+    if weight.shape[-1] % 32:
+        return None
+    if not isinstance(weight, QuantizedWeight):
+        return native.Matrix(weight)
+    if weight.group_size % 32:
+        return None
+    return native.Matrix(weight.codes, weight.scales, weight.zeros, weight.bits)
 
 
 class RMSNorm(nn.Module):

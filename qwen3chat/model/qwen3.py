@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import kernels
 from ..config import ModelConfig
 from ..kv_cache import KVCache
 from .layers import (
@@ -18,6 +19,7 @@ from .layers import (
     linear,
     mrope_axes,
     mrope_rows,
+    native_matrix,
     rope_tables,
 )
 from .moe import SparseMoE
@@ -37,6 +39,9 @@ class VisualTokens:
     deepstack: list[torch.Tensor]
 
 
+_UNBUILT = object()
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -48,9 +53,62 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
+        self._native_weights = _UNBUILT
+
     def forward(self, x, cos, sin, mask, cache, start):
+        if x.shape[1] == 1 and cache is not None:
+            native = kernels.native(x)
+            weights = self.native_weights(native) if native is not None else None
+            if weights is not None:
+                return native.decode_layer(x, weights, cos, sin, cache.k, cache.v, start)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def native_weights(self, native):
+        """This layer's weights for the native decode step (kernels/decode_layer.cpp),
+        built on first use; None where the kernels do not cover one of its matrices."""
+        if self._native_weights is _UNBUILT:
+            self._native_weights = self._build_native_weights(native)
+        return self._native_weights
+
+    def _build_native_weights(self, native):
+        attn, mlp = self.self_attn, self.mlp
+        if attn.head_dim % 8 or attn.head_dim > 512:
+            return None
+        w = native.DecoderLayerWeights()
+        w.layer, w.eps = attn.layer_idx, self.input_layernorm.eps
+        w.num_heads, w.num_kv_heads = attn.num_heads, attn.num_kv_heads
+        w.input_norm, w.post_norm = (
+            self.input_layernorm.weight,
+            self.post_attention_layernorm.weight,
+        )
+        w.q_norm, w.k_norm = attn.q_norm.weight, attn.k_norm.weight
+        matrices = {"qkv": attn.qkv_proj.weight, "o_proj": attn.o_proj.weight}
+        if isinstance(mlp, SparseMoE):
+            matrices["router"] = mlp.gate.weight
+            w.top_k, w.norm_topk_prob = mlp.top_k, mlp.norm_topk_prob
+            experts = {
+                "expert_gate_up": mlp.experts.gate_up_proj.weight,
+                "expert_down": mlp.experts.down_proj.weight,
+            }
+            for name, stack in experts.items():
+                per_expert = [native_matrix(native, stack[e]) for e in range(stack.shape[0])]
+                if None in per_expert:
+                    return None
+                setattr(w, name, per_expert)
+        else:
+            matrices.update(gate_up=mlp.gate_up_proj.weight, down=mlp.down_proj.weight)
+        for name, weight in matrices.items():
+            matrix = native_matrix(native, weight)
+            if matrix is None:
+                return None
+            setattr(w, name, matrix)
+        return w
+
+    def _apply(self, fn, recurse=True):
+        # Moving or converting the weights makes new tensors: build the native view anew.
+        self._native_weights = _UNBUILT
+        return super()._apply(fn, recurse)
 
 
 class Qwen3Model(nn.Module):
