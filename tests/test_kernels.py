@@ -89,7 +89,15 @@ def test_projection_and_cache_write(dtype, start, seq, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "heads,kv_heads,head_dim,length",
-    [(16, 8, 128, 141), (4, 2, 16, 7), (8, 1, 64, 33), (2, 2, 8, 1)],
+    [
+        (16, 8, 128, 141),
+        (4, 2, 16, 7),
+        (8, 1, 64, 33),
+        (2, 2, 8, 1),
+        (12, 4, 32, 130),
+        (10, 2, 128, 1025),
+        (6, 2, 40, 9),
+    ],
 )
 def test_decode_attention(dtype, heads, kv_heads, head_dim, length):
     """One query over a cache view (strided: the cache is longer than what is attended),

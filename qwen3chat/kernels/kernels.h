@@ -66,6 +66,21 @@ inline float hsum(__m256 v) {
 // One half as float32 in one F16C instruction (c10::Half's conversion is bit twiddling).
 inline float to_float(c10::Half h) { return _cvtsh_ss(h.x); }
 
+// Calls f with a value of the C++ type of a float32, bfloat16 or half tensor.
+template <typename F>
+void with_dtype(at::ScalarType dtype, const char* name, F f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(float{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{});
+    case at::kHalf:
+      return f(c10::Half{});
+    default:
+      TORCH_CHECK(false, name, ": activations must be float32, bfloat16 or float16");
+  }
+}
+
 // Eight values of a float, bfloat16 or half array as float32.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {
@@ -74,6 +89,33 @@ inline __m256 load8(const c10::BFloat16* p) {
 }
 inline __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Eight floats rounded to T and widened back, as torch rounds (to nearest, ties to even;
+// a NaN stays a NaN): what an operation in T would have stored.
+inline __m256 bf16_bits(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i up = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
+  const __m256 rounded = _mm256_castsi256_ps(_mm256_and_si256(up, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  const __m256 nan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000));
+  return _mm256_blendv_ps(rounded, nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+inline __m256 round_to(float, __m256 v) { return v; }
+inline __m256 round_to(c10::BFloat16, __m256 v) { return bf16_bits(v); }
+inline __m256 round_to(c10::Half, __m256 v) {
+  return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// Eight floats stored as T, rounded as torch rounds.
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(c10::BFloat16* p, __m256 v) {
+  const __m256i high = _mm256_srli_epi32(_mm256_castps_si256(bf16_bits(v)), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+inline void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
 }  // namespace qk

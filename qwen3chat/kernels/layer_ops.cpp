@@ -14,23 +14,11 @@
 
 using qk::hsum;
 using qk::load8;
+using qk::round_to;
+using qk::store8;
+using qk::with_dtype;
 
 namespace {
-
-// Calls f with a value of the C++ type of a float32, bfloat16 or half tensor.
-template <typename F>
-void with_dtype(at::ScalarType dtype, const char* name, F f) {
-  switch (dtype) {
-    case at::kFloat:
-      return f(float{});
-    case at::kBFloat16:
-      return f(c10::BFloat16{});
-    case at::kHalf:
-      return f(c10::Half{});
-    default:
-      TORCH_CHECK(false, name, ": activations must be float32, bfloat16 or float16");
-  }
-}
 
 // exp of eight floats (Cephes' polynomial, within 2 ulp): softmax and SiLU need
 // millions of them per token, and the scalar libm call is several times slower.
@@ -53,33 +41,50 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
 }
 
-// RMSNorm of one row as the torch code computes it: normalise in float32, round to the
-// activations' dtype, then scale by the weight in that dtype.
+// 1 / sqrt(mean(x^2) + eps) over a row, in float32; dim a multiple of 8.
+template <typename T>
+float inverse_rms(const T* x, int64_t dim, float eps) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  int64_t i = 0;
+  for (; i + 16 <= dim; i += 16) {
+    const __m256 v0 = load8(x + i), v1 = load8(x + i + 8);
+    a0 = _mm256_fmadd_ps(v0, v0, a0);
+    a1 = _mm256_fmadd_ps(v1, v1, a1);
+  }
+  if (i < dim) a0 = _mm256_fmadd_ps(load8(x + i), load8(x + i), a0);
+  return 1.0f / std::sqrt(hsum(_mm256_add_ps(a0, a1)) / static_cast<float>(dim) + eps);
+}
+
+// Eight values of RMSNorm as the torch code computes them: normalised in float32,
+// rounded to the activations' dtype, then scaled by the weight in that dtype.
+template <typename T>
+inline __m256 normed8(const T* x, const T* weight, __m256 inverse) {
+  return _mm256_mul_ps(load8(weight), round_to(T{}, _mm256_mul_ps(load8(x), inverse)));
+}
+
 template <typename T>
 void rms_norm_row(const T* x, const T* weight, T* out, int64_t dim, float eps) {
-  float squares = 0.0f;
-  for (int64_t i = 0; i < dim; ++i) squares += static_cast<float>(x[i]) * static_cast<float>(x[i]);
-  const float inverse = 1.0f / std::sqrt(squares / static_cast<float>(dim) + eps);
-  for (int64_t i = 0; i < dim; ++i) {
-    const T normed = static_cast<T>(static_cast<float>(x[i]) * inverse);
-    out[i] = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(normed));
-  }
+  const __m256 inverse = _mm256_set1_ps(inverse_rms(x, dim, eps));
+  for (int64_t i = 0; i < dim; i += 8) store8(out + i, normed8(x + i, weight + i, inverse));
 }
 
 // RMSNorm of one head, then its rotation: x * cos + rotate_half(x) * sin, each product
-// and the sum rounded to T as three torch operations would.
+// and the sum rounded to T as three torch operations would. dim a multiple of 16.
 template <typename T>
 void norm_rope_head(const T* x, const T* weight, const T* cos, const T* sin, T* out,
                     int64_t dim, float eps) {
-  T normed[512];
-  rms_norm_row(x, weight, normed, dim, eps);
+  alignas(32) float normed[512];
+  const __m256 inverse = _mm256_set1_ps(inverse_rms(x, dim, eps));
+  for (int64_t i = 0; i < dim; i += 8)
+    _mm256_store_ps(normed + i, round_to(T{}, normed8(x + i, weight + i, inverse)));
   const int64_t half = dim / 2;
-  for (int64_t i = 0; i < dim; ++i) {
-    const float rotated = i < half ? -static_cast<float>(normed[i + half])
-                                   : static_cast<float>(normed[i - half]);
-    const T a = static_cast<T>(static_cast<float>(normed[i]) * static_cast<float>(cos[i]));
-    const T b = static_cast<T>(rotated * static_cast<float>(sin[i]));
-    out[i] = static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
+  const __m256 negate = _mm256_set1_ps(-0.0f);
+  for (int64_t i = 0; i < dim; i += 8) {
+    const __m256 rotated = i < half ? _mm256_xor_ps(_mm256_load_ps(normed + i + half), negate)
+                                    : _mm256_load_ps(normed + i - half);
+    const __m256 a = round_to(T{}, _mm256_mul_ps(_mm256_load_ps(normed + i), load8(cos + i)));
+    const __m256 b = round_to(T{}, _mm256_mul_ps(rotated, load8(sin + i)));
+    store8(out + i, _mm256_add_ps(a, b));
   }
 }
 
@@ -89,7 +94,8 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight_in, double 
   const auto x = x_in.contiguous();
   const auto weight = weight_in.to(x.scalar_type()).contiguous();
   const int64_t dim = x.size(-1), rows = x.numel() / dim;
-  TORCH_CHECK(weight.numel() == dim, "rms_norm: weight does not match the last dimension");
+  TORCH_CHECK(weight.numel() == dim && dim % 8 == 0,
+              "rms_norm: the weight must match the last dimension, a multiple of 8");
   auto out = at::empty_like(x);
   with_dtype(x.scalar_type(), "rms_norm", [&](auto tag) {
     using T = decltype(tag);
@@ -118,7 +124,7 @@ at::Tensor qk_norm_rope(const at::Tensor& qkv_in, const at::Tensor& q_weight_in,
   const auto sin = sin_in.to(dtype).contiguous();
   const int64_t B = qkv.size(0), T = qkv.size(1), D = q_weight.numel();
   const int64_t width = qkv.size(2), q_size = num_heads * D, kv_size = num_kv_heads * D;
-  TORCH_CHECK(width == q_size + 2 * kv_size && D <= 512 && D % 2 == 0 &&
+  TORCH_CHECK(width == q_size + 2 * kv_size && D <= 512 && D % 16 == 0 &&
                   cos.size(0) == T && cos.size(1) == D && k_out.sizes() == v_out.sizes() &&
                   k_out.size(0) == B && k_out.size(1) == num_kv_heads && k_out.size(2) == T &&
                   k_out.size(3) == D && k_out.stride(3) == 1 && v_out.stride(3) == 1 &&
@@ -139,7 +145,7 @@ at::Tensor qk_norm_rope(const at::Tensor& qkv_in, const at::Tensor& q_weight_in,
     const auto vs = v_out.strides();
     const int64_t heads = num_heads + num_kv_heads;
     // One task per (batch, token, head): q heads first, then k heads (which copy v too).
-    at::parallel_for(0, B * T * heads, 8, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * T * heads, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / (T * heads), t = i / heads % T, h = i % heads;
         const S* row = src + (b * T + t) * width;
@@ -163,26 +169,114 @@ at::Tensor qk_norm_rope(const at::Tensor& qkv_in, const at::Tensor& q_weight_in,
 
 namespace {
 
-// out[d] += sum over l of p[l] * values[l][d] for a block of 8 * V columns, kept in
-// registers across the whole sweep over the cache.
-template <int V, typename S>
-void weighted_sum(const float* p, const S* values, int64_t stride, int64_t L, float* out) {
-  __m256 acc[V];
-  for (int j = 0; j < V; ++j) acc[j] = _mm256_setzero_ps();
-  for (int64_t l = 0; l < L; ++l) {
-    const __m256 weight = _mm256_set1_ps(p[l]);
-    const S* value = values + l * stride;
-    for (int j = 0; j < V; ++j) acc[j] = _mm256_fmadd_ps(weight, load8(value + 8 * j), acc[j]);
+// Four floats: the horizontal sums of a, b, c and d.
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// Scores of up to two query heads (G) against four keys at once: eight independent
+// accumulators keep the FMA units busy, each key is widened once for both heads, and the
+// four sums are reduced together instead of one horizontal sum per (key, head).
+template <int G, typename S>
+void scores_of_four_keys(const float* query, const S* keys, int64_t stride, int64_t D,
+                         float* scores, int64_t padded) {
+  __m256 acc[G][4];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < 4; ++j) acc[g][j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    __m256 q[G];
+    for (int g = 0; g < G; ++g) q[g] = _mm256_loadu_ps(query + g * D + d);
+    for (int j = 0; j < 4; ++j) {
+      const __m256 k = load8(keys + j * stride + d);
+      for (int g = 0; g < G; ++g) acc[g][j] = _mm256_fmadd_ps(k, q[g], acc[g][j]);
+    }
   }
-  for (int j = 0; j < V; ++j) _mm256_storeu_ps(out + 8 * j, acc[j]);
+  for (int g = 0; g < G; ++g)
+    _mm_storeu_ps(scores + g * padded, hsum4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]));
+}
+
+// out[g][d] = sum over l of p[g][l] * values[l][d] for up to two heads (G) and a block
+// of 8 * V columns, kept in registers over the whole sweep: each value is widened once
+// for both heads, and with V = 4 a bfloat16 block is one cache line, so sweeping the
+// blocks in turn reads every value from memory once.
+template <int G, int V, typename S>
+void weighted_sum(const float* p, int64_t padded, const S* values, int64_t stride, int64_t L,
+                  float* out, int64_t D) {
+  __m256 acc[G][V];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < V; ++j) acc[g][j] = _mm256_setzero_ps();
+  for (int64_t l = 0; l < L; ++l) {
+    __m256 weight[G];
+    for (int g = 0; g < G; ++g) weight[g] = _mm256_set1_ps(p[g * padded + l]);
+    for (int j = 0; j < V; ++j) {
+      const __m256 value = load8(values + l * stride + 8 * j);
+      for (int g = 0; g < G; ++g) acc[g][j] = _mm256_fmadd_ps(weight[g], value, acc[g][j]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < V; ++j) _mm256_storeu_ps(out + g * D + 8 * j, acc[g][j]);
+}
+
+// Every query head of one KV head against every key: scores [groups, padded]. Keys go
+// four at a time, through all the heads in pairs, so each is read from memory once.
+template <typename S>
+void head_scores(const float* query, int64_t groups, const S* keys, int64_t stride, int64_t L,
+                 int64_t D, float* scores, int64_t padded) {
+  int64_t l = 0;
+  for (; l + 4 <= L; l += 4) {
+    for (int64_t g = 0; g < groups; g += 2) {
+      const float* qg = query + g * D;
+      float* sg = scores + g * padded + l;
+      if (groups - g >= 2)
+        scores_of_four_keys<2>(qg, keys + l * stride, stride, D, sg, padded);
+      else
+        scores_of_four_keys<1>(qg, keys + l * stride, stride, D, sg, padded);
+    }
+  }
+  for (; l < L; ++l) {
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8)
+        a = _mm256_fmadd_ps(load8(keys + l * stride + d), _mm256_loadu_ps(query + g * D + d), a);
+      scores[g * padded + l] = hsum(a);
+    }
+  }
+}
+
+// acc [groups, D] = softmax weights [groups, padded] times the values, a block of
+// columns at a time through all the heads in pairs: the block's values stay in cache
+// between pairs, so each is read from memory once.
+template <typename S>
+void head_values(const float* p, int64_t padded, int64_t groups, const S* values,
+                 int64_t stride, int64_t L, int64_t D, float* acc) {
+  for (int64_t d = 0; d < D;) {
+    const bool wide = D - d >= 32;
+    for (int64_t g = 0; g < groups; g += 2) {
+      const float* pg = p + g * padded;
+      float* out = acc + g * D + d;
+      if (groups - g >= 2) {
+        if (wide)
+          weighted_sum<2, 4>(pg, padded, values + d, stride, L, out, D);
+        else
+          weighted_sum<2, 1>(pg, padded, values + d, stride, L, out, D);
+      } else {
+        if (wide)
+          weighted_sum<1, 4>(pg, padded, values + d, stride, L, out, D);
+        else
+          weighted_sum<1, 1>(pg, padded, values + d, stride, L, out, D);
+      }
+    }
+    d += wide ? 32 : 8;
+  }
 }
 
 }  // namespace
 
 // One query token: q [B, H, 1, D], k and v [B, KVH, L, D] (cache views) -> [B, 1, H * D].
 // Scores, softmax and the weighted sum in float32, the result rounded once, as SDPA does.
-// One task per KV head: each cached key is widened once for all the query heads that
-// share it.
+// One task per KV head, whose keys and values are each read once for all the query
+// heads that share them (two at a time from the registers, the rest from cache).
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v) {
   const auto q = q_in.contiguous();
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
@@ -203,43 +297,27 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
     const auto ks = k.strides();
     const auto vs = v.strides();
     at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores(groups * padded), query(groups * D), key(D), acc(D);
+      std::vector<float> scores(groups * padded), query(groups * D), acc(groups * D);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / KVH, kh = i % KVH, first = b * H + kh * groups;
         const S* keys = kp + b * ks[0] + kh * ks[1];
         const S* values = vp + b * vs[0] + kh * vs[1];
         for (int64_t d = 0; d < groups * D; ++d)
           query[d] = static_cast<float>(qp[first * D + d]) * scale;
-        for (int64_t l = 0; l < L; ++l) {
-          for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(key.data() + d, load8(keys + l * ks[2] + d));
-          for (int64_t g = 0; g < groups; ++g) {
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-            for (int64_t d = 0; d < D; d += 16) {
-              a0 = _mm256_fmadd_ps(_mm256_loadu_ps(key.data() + d), _mm256_loadu_ps(query.data() + g * D + d), a0);
-              if (d + 8 < D)
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(key.data() + d + 8),
-                                     _mm256_loadu_ps(query.data() + g * D + d + 8), a1);
-            }
-            scores[g * padded + l] = hsum(_mm256_add_ps(a0, a1));
-          }
-        }
+        head_scores(query.data(), groups, keys, ks[2], L, D, scores.data(), padded);
+        std::vector<float> sums(groups);
         for (int64_t g = 0; g < groups; ++g) {
           float* p = scores.data() + g * padded;
           float top = -INFINITY;
           for (int64_t l = 0; l < L; ++l) top = std::max(top, p[l]);
           for (int64_t l = 0; l < padded; l += 8)
             _mm256_storeu_ps(p + l, exp8(_mm256_sub_ps(_mm256_loadu_ps(p + l), _mm256_set1_ps(top))));
-          float sum = 0.0f;
-          for (int64_t l = 0; l < L; ++l) sum += p[l];
-          for (int64_t d = 0; d < D; d += 64) {
-            if (D - d >= 64) {
-              weighted_sum<8>(p, values + d, vs[2], L, acc.data() + d);
-            } else {
-              for (int64_t e = d; e < D; e += 8) weighted_sum<1>(p, values + e, vs[2], L, acc.data() + e);
-            }
-          }
+          for (int64_t l = 0; l < L; ++l) sums[g] += p[l];
+        }
+        head_values(scores.data(), padded, groups, values, vs[2], L, D, acc.data());
+        for (int64_t g = 0; g < groups; ++g) {
           S* o = op + (first + g) * D;
-          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<S>(acc[d] / sum);
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<S>(acc[g * D + d] / sums[g]);
         }
       }
     });
@@ -259,18 +337,14 @@ at::Tensor silu_mul(const at::Tensor& gate_up_in) {
     using S = decltype(tag);
     const S* gp = gate_up.data_ptr<S>();
     S* op = out.data_ptr<S>();
-    at::parallel_for(0, rows * width / 8, 64, [&](int64_t begin, int64_t end) {
-      float silu[8];
+    at::parallel_for(0, rows * width / 8, 512, [&](int64_t begin, int64_t end) {
+      const __m256 one = _mm256_set1_ps(1.0f);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t r = i * 8 / width, c = i * 8 % width;
         const S* gate = gp + r * 2 * width + c;
         const __m256 g = load8(gate);
-        const __m256 one = _mm256_set1_ps(1.0f);
-        _mm256_storeu_ps(silu, _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)))));
-        for (int j = 0; j < 8; ++j) {
-          const S rounded = static_cast<S>(silu[j]);
-          op[r * width + c + j] = static_cast<S>(static_cast<float>(rounded) * static_cast<float>(gate[width + j]));
-        }
+        const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        store8(op + r * width + c, _mm256_mul_ps(round_to(S{}, silu), load8(gate + width)));
       }
     });
   });

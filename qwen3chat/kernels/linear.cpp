@@ -29,23 +29,27 @@ namespace {
 // Fewer activation rows than this stream the weights; more run GEMM on float32 tiles.
 constexpr int64_t kGemmMinRows = 4;
 
-// ``dot(n, m)``, weight row n times activation row m, for every pair: [M, N] float32.
+// ``dot(n, m)``, weight row n times activation row m, for every pair: [M, N] in x's dtype.
 template <typename Dot>
 at::Tensor matvec(const at::Tensor& x, int64_t N, Dot dot) {
   const int64_t M = x.size(0);
   auto out = at::empty({M, N}, x.options());
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      for (int64_t m = 0; m < M; ++m) op[m * N + n] = dot(n, m);
-    }
+  qk::with_dtype(x.scalar_type(), "linear", [&](auto tag) {
+    using T = decltype(tag);
+    T* op = out.data_ptr<T>();
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t m = 0; m < M; ++m) op[m * N + n] = static_cast<T>(dot(n, m));
+      }
+    });
   });
   return out;
 }
 
-// ``x @ W.T`` where ``widen(n, dst)`` writes weight row n as K floats.
+// ``x @ W.T`` in x's dtype, where ``widen(n, dst)`` writes weight row n as K floats.
 template <typename Widen>
-at::Tensor tiled_gemm(const at::Tensor& x, int64_t N, Widen widen) {
+at::Tensor tiled_gemm(const at::Tensor& x_in, int64_t N, Widen widen) {
+  const auto x = x_in.to(at::kFloat);
   const int64_t K = x.size(1);
   const int64_t tile = std::max<int64_t>(16, (int64_t{1} << 19) / K / 16 * 16);
   auto out = at::empty({x.size(0), N}, x.options());
@@ -58,7 +62,7 @@ at::Tensor tiled_gemm(const at::Tensor& x, int64_t N, Widen widen) {
     });
     out.narrow(1, n0, rows).copy_(at::mm(x, buffer.narrow(0, 0, rows).t()));
   }
-  return out;
+  return out.to(x_in.scalar_type());
 }
 
 // Four independent accumulators over 32 values: one chain would wait on FMA latency.
@@ -96,8 +100,26 @@ inline float dot_bf16(const c10::BFloat16* w, const float* x_split, int64_t K) {
   return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
 
-at::Tensor split_even_odd(const at::Tensor& x) {
-  return x.view({x.size(0), -1, 8, 2}).transpose(2, 3).contiguous().view({x.size(0), -1});
+// A decode step's activation rows [M, K] as float32 in a buffer of the calling thread:
+// a step makes about a hundred products, and converting through tensor operations cost
+// microseconds each. With even_odd, each block of 16 holds its eight even-indexed values,
+// then its eight odd ones (dot_bf16's order).
+const float* float_rows(const at::Tensor& x, bool even_odd) {
+  thread_local std::vector<float> buffer;
+  const int64_t count = x.numel();
+  buffer.resize(count);
+  float* out = buffer.data();
+  qk::with_dtype(x.scalar_type(), "linear", [&](auto tag) {
+    using T = decltype(tag);
+    const T* p = x.data_ptr<T>();
+    for (int64_t b = 0; b < count; b += 16) {
+      for (int j = 0; j < 8; ++j) {
+        out[b + j] = static_cast<float>(p[b + (even_odd ? 2 * j : j)]);
+        out[b + 8 + j] = static_cast<float>(p[b + (even_odd ? 2 * j + 1 : 8 + j)]);
+      }
+    }
+  });
+  return out;
 }
 
 // Eight int8 codes widened to eight floats.
@@ -184,118 +206,120 @@ void check_rows(const at::Tensor& x, int64_t K, const char* name) {
               ": expected x [M, K] with K a multiple of 32 matching the weights");
 }
 
-at::Tensor as_float(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
-
 // Activations quantized per block of 32: codes, the blocks' scales and the blocks' sums
-// of the float values (which int4's zero points multiply).
+// of the float values (which int4's zero points multiply), in buffers of the calling
+// thread (see float_rows).
 struct QuantizedRows {
-  at::Tensor codes, scales, sums;
+  const int8_t* codes;
+  const float* scales;
+  const float* sums;
 };
 
-QuantizedRows quantize_rows(const at::Tensor& x) {
-  const int64_t M = x.size(0), K = x.size(1), B = K / 32;
-  QuantizedRows q{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M, B}, x.options()),
-                  at::empty({M, B}, x.options())};
-  const float* xp = x.data_ptr<float>();
-  int8_t* cp = q.codes.data_ptr<int8_t>();
-  float* dp = q.scales.data_ptr<float>();
-  float* sp = q.sums.data_ptr<float>();
+QuantizedRows quantize_rows(const float* xp, int64_t M, int64_t K) {
+  const int64_t B = K / 32;
+  thread_local std::vector<int8_t> codes;
+  thread_local std::vector<float> scales, sums;
+  codes.resize(M * K);
+  scales.resize(M * B);
+  sums.resize(M * B);
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   for (int64_t b = 0; b < M * B; ++b) {
     const float* v = xp + b * 32;
-    float top = 0.0f, sum = 0.0f;
-    for (int i = 0; i < 32; ++i) {
-      top = std::max(top, std::fabs(v[i]));
-      sum += v[i];
+    __m256 x[4], top = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      x[j] = _mm256_loadu_ps(v + 8 * j);
+      top = _mm256_max_ps(top, _mm256_and_ps(x[j], magnitude));
     }
-    const float scale = top / 127.0f, inverse = top > 0.0f ? 127.0f / top : 0.0f;
-    for (int i = 0; i < 32; ++i) cp[b * 32 + i] = static_cast<int8_t>(std::nearbyint(v[i] * inverse));
-    dp[b] = scale;
-    sp[b] = sum;
+    __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    const float high = _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1)));
+    const __m256 inverse = _mm256_set1_ps(high > 0.0f ? 127.0f / high : 0.0f);
+    // Round to nearest even (the default mode), as nearbyint does; then pack to bytes.
+    __m256i q[4];
+    for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(x[j], inverse));
+    const __m256i words = _mm256_packs_epi32(q[0], q[1]), words2 = _mm256_packs_epi32(q[2], q[3]);
+    // packs works within 128-bit lanes: restore the order of the 32 values.
+    const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words, words2),
+                                                      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes.data() + b * 32), bytes);
+    scales[b] = high / 127.0f;
+    sums[b] = qk::hsum(_mm256_add_ps(_mm256_add_ps(x[0], x[1]), _mm256_add_ps(x[2], x[3])));
   }
-  return q;
+  return {codes.data(), scales.data(), sums.data()};
 }
 
-}  // namespace
-
-// 16-bit weights: float32 tiles for GEMM, or ``dot(n, m)`` row by row for a decode step.
-template <typename T, typename Dot>
-at::Tensor half_width_linear(const at::Tensor& x, const T* w, int64_t N, Dot dot) {
+// 16-bit weights times many rows: float32 GEMM on widened tiles.
+template <typename T>
+at::Tensor widened_gemm(const at::Tensor& x, const T* w, int64_t N) {
   const int64_t K = x.size(1);
-  if (x.size(0) < kGemmMinRows) return matvec(x, N, dot);
   return tiled_gemm(x, N, [&](int64_t n, float* dst) {
     for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(dst + k, load8(w + n * K + k));
   });
 }
 
+}  // namespace
+
 // weight [N, K] float32, bfloat16 or half.
 at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& weight_in) {
   const auto weight = weight_in.contiguous();
+  const auto x = x_in.contiguous();
   const int64_t N = weight.size(0), K = weight.size(1);
-  check_rows(x_in, K, "dense_linear");
-  const auto x = as_float(x_in);
-  const float* xp = x.data_ptr<float>();
-  at::Tensor out;
+  check_rows(x, K, "dense_linear");
+  const bool decode = x.size(0) < kGemmMinRows;
   switch (weight.scalar_type()) {
     case at::kFloat: {
       const float* w = weight.data_ptr<float>();
-      out = x.size(0) >= kGemmMinRows
-                ? at::mm(x, weight.t())
-                : matvec(x, N, [&](int64_t n, int64_t m) { return dot_widened(w + n * K, xp + m * K, K); });
-      break;
+      if (!decode) return at::mm(x.to(at::kFloat), weight.t()).to(x.scalar_type());
+      const float* xp = float_rows(x, false);
+      return matvec(x, N, [&](int64_t n, int64_t m) { return dot_widened(w + n * K, xp + m * K, K); });
     }
     case at::kBFloat16: {
       const auto* w = weight.data_ptr<c10::BFloat16>();
-      const auto split = split_even_odd(x);
-      const float* sp = split.data_ptr<float>();
-      out = half_width_linear(x, w, N, [&](int64_t n, int64_t m) { return dot_bf16(w + n * K, sp + m * K, K); });
-      break;
+      if (!decode) return widened_gemm(x, w, N);
+      const float* xp = float_rows(x, true);
+      return matvec(x, N, [&](int64_t n, int64_t m) { return dot_bf16(w + n * K, xp + m * K, K); });
     }
     case at::kHalf: {
       const auto* w = weight.data_ptr<c10::Half>();
-      out = half_width_linear(x, w, N, [&](int64_t n, int64_t m) { return dot_widened(w + n * K, xp + m * K, K); });
-      break;
+      if (!decode) return widened_gemm(x, w, N);
+      const float* xp = float_rows(x, false);
+      return matvec(x, N, [&](int64_t n, int64_t m) { return dot_widened(w + n * K, xp + m * K, K); });
     }
     default:
       TORCH_CHECK(false, "dense_linear: weights must be float32, bfloat16 or float16");
   }
-  return out.to(x_in.scalar_type());
 }
 
 // codes [N, K] int8, scales [N, K / group] float16; group a multiple of 32.
 at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& scales_in) {
   const auto codes = codes_in.contiguous();
   const auto scales = scales_in.contiguous();
+  const auto x = x_in.contiguous();
   const int64_t N = codes.size(0), K = codes.size(1), G = scales.size(1);
   const int64_t group = G > 0 ? K / G : 0;
-  check_rows(x_in, K, "q8_linear");
+  check_rows(x, K, "q8_linear");
   TORCH_CHECK(codes.scalar_type() == at::kChar && scales.scalar_type() == at::kHalf &&
                   scales.size(0) == N && group * G == K && group % 32 == 0,
               "q8_linear: expected int8 codes [N, K] and float16 scales [N, K / group]");
-  const auto x = as_float(x_in);
   const int8_t* cp = codes.data_ptr<int8_t>();
   const c10::Half* sp = scales.data_ptr<c10::Half>();
-  at::Tensor out;
   if (x.size(0) >= kGemmMinRows) {
-    out = tiled_gemm(x, N, [&](int64_t n, float* dst) {
+    return tiled_gemm(x, N, [&](int64_t n, float* dst) {
       for (int64_t k = 0; k < K; k += 8) {
         __m256 s = _mm256_set1_ps(qk::to_float(sp[n * G + k / group]));
         _mm256_storeu_ps(dst + k, _mm256_mul_ps(widen_i8(cp + n * K + k), s));
       }
     });
-  } else {
-    const auto xq = quantize_rows(x);
-    const int8_t* qp = xq.codes.data_ptr<int8_t>();
-    const float* dp = xq.scales.data_ptr<float>();
-    const int64_t B = K / 32, per_group = group / 32;
-    out = matvec(x, N, [&](int64_t n, int64_t m) {
-      return quantized_row<32>(reinterpret_cast<const uint8_t*>(cp + n * K), sp + n * G, nullptr, B,
-                               per_group, qp + m * K, dp + m * B, nullptr,
-                               [](const uint8_t* w, const int8_t* v) {
-                                 return dot_i8_block(reinterpret_cast<const int8_t*>(w), v);
-                               });
-    });
   }
-  return out.to(x_in.scalar_type());
+  const auto xq = quantize_rows(float_rows(x, false), x.size(0), K);
+  const int64_t B = K / 32, per_group = group / 32;
+  return matvec(x, N, [&](int64_t n, int64_t m) {
+    return quantized_row<32>(reinterpret_cast<const uint8_t*>(cp + n * K), sp + n * G, nullptr, B,
+                             per_group, xq.codes + m * K, xq.scales + m * B, nullptr,
+                             [](const uint8_t* w, const int8_t* v) {
+                               return dot_i8_block(reinterpret_cast<const int8_t*>(w), v);
+                             });
+  });
 }
 
 // packed [N, K / 2] uint8: in each block of 32 inputs, byte j holds code j in its low
@@ -305,17 +329,17 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const 
                      const c10::optional<at::Tensor>& zeros_in) {
   const auto packed = packed_in.contiguous();
   const auto scales = scales_in.contiguous();
+  const auto x = x_in.contiguous();
   const bool has_zeros = zeros_in.has_value();
   const auto zeros = has_zeros ? zeros_in->contiguous() : scales;
   const int64_t N = packed.size(0), K = packed.size(1) * 2, G = scales.size(1);
   const int64_t group = G > 0 ? K / G : 0;
-  check_rows(x_in, K, "q4_linear");
+  check_rows(x, K, "q4_linear");
   TORCH_CHECK(packed.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf &&
                   zeros.scalar_type() == at::kHalf &&
                   zeros.sizes() == scales.sizes() && scales.size(0) == N && group * G == K &&
                   group % 32 == 0,
               "q4_linear: expected uint8 packed [N, K / 2] and float16 scales/zeros [N, K / group]");
-  const auto x = as_float(x_in);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const c10::Half* sp = scales.data_ptr<c10::Half>();
   const c10::Half* zp = has_zeros ? zeros.data_ptr<c10::Half>() : nullptr;
@@ -325,9 +349,8 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const 
     return (zp ? qk::to_float(zp[i]) : 0.0f) - 8.0f * scale(i);
   };
   const __m128i low4 = _mm_set1_epi8(0x0F);
-  at::Tensor out;
   if (x.size(0) >= kGemmMinRows) {
-    out = tiled_gemm(x, N, [&](int64_t n, float* dst) {
+    return tiled_gemm(x, N, [&](int64_t n, float* dst) {
       for (int64_t k = 0; k < K; k += 32) {
         __m256 s = _mm256_set1_ps(scale(n * G + k / group));
         __m256 o = _mm256_set1_ps(offset(n * G + k / group));
@@ -339,18 +362,17 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const 
         _mm256_storeu_ps(dst + k + 24, _mm256_fmadd_ps(widen_u4(_mm_srli_si128(hi, 8)), s, o));
       }
     });
-  } else {
-    // sum(w * x) over a block = scale * sum(code * x) + offset * sum(x).
-    const auto xq = quantize_rows(x);
-    const int8_t* qp = xq.codes.data_ptr<int8_t>();
-    const float* dp = xq.scales.data_ptr<float>();
-    const auto group_sums = xq.sums.view({x.size(0), G, group / 32}).sum(-1);
-    const float* xs = group_sums.data_ptr<float>();
-    const int64_t B = K / 32, per_group = group / 32;
-    out = matvec(x, N, [&](int64_t n, int64_t m) {
-      return quantized_row<16>(pp + n * K / 2, sp + n * G, zp == nullptr ? nullptr : zp + n * G, B,
-                               per_group, qp + m * K, dp + m * B, xs + m * G, dot_u4_block);
-    });
   }
-  return out.to(x_in.scalar_type());
+  // sum(w * x) over a block = scale * sum(code * x) + offset * sum(x): the offsets
+  // multiply each group's sum of the float activations.
+  const int64_t M = x.size(0), B = K / 32, per_group = group / 32;
+  const auto xq = quantize_rows(float_rows(x, false), M, K);
+  thread_local std::vector<float> group_sums;
+  group_sums.assign(M * G, 0.0f);
+  for (int64_t b = 0; b < M * B; ++b) group_sums[b / per_group] += xq.sums[b];
+  const float* xs = group_sums.data();
+  return matvec(x, N, [&](int64_t n, int64_t m) {
+    return quantized_row<16>(pp + n * K / 2, sp + n * G, zp == nullptr ? nullptr : zp + n * G, B,
+                             per_group, xq.codes + m * K, xq.scales + m * B, xs + m * G, dot_u4_block);
+  });
 }

@@ -69,7 +69,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         native = kernels.native(x)
-        if native is not None:
+        if native is not None and x.shape[-1] % 8 == 0:
             return native.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 and scale in the compute dtype, as the reference does.
         h = x.float()
@@ -175,7 +175,7 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         qkv = self.qkv_proj(x)
         native = kernels.native(qkv)
-        if native is not None:
+        if native is not None and self.head_dim % 16 == 0:
             # One call splits, norms and rotates, and writes k and v into the cache.
             end = start + seq
             if cache is not None:

@@ -73,7 +73,7 @@ class DecoderLayer(nn.Module):
 
     def _build_native_weights(self, native):
         attn, mlp = self.self_attn, self.mlp
-        if attn.head_dim % 8 or attn.head_dim > 512:
+        if attn.head_dim % 16 or attn.head_dim > 512:
             return None
         w = native.DecoderLayerWeights()
         w.layer, w.eps = attn.layer_idx, self.input_layernorm.eps

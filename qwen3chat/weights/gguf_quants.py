@@ -1,7 +1,9 @@
 """GGUF tensor data -> float tensors or QuantizedMatrix (where GGUF Q-blocks are decoded).
 
-Q8_0, Q4_0, Q4_1 and Q4_K map exactly onto our group-32 int8/int4 layouts: the codes and
-scales are copied, nothing is rounded again. Every other block type gguf-py can decode
+Q8_0, Q4_0, Q4_1 and Q4_K map onto our group-32 int8/int4 layouts with their codes
+copied. Q8_0's and Q4_0's float16 scales are kept as they are; Q4_1's zeros (m + 8d) and
+Q4_K's scales (d times a 6-bit sub-scale) are rounded to float16 when stored, a relative
+change of at most 2^-11. Every other block type gguf-py can decode
 (Q5_*, Q6_K, Q2_K, Q3_K, IQ*, …) is dequantized tensor by tensor and requantized to int8
 with groups of 32, which adds well under 1% relative error (see tests/test_gguf.py).
 """
