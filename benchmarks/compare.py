@@ -6,7 +6,7 @@ runs each system in its own process on the same prompt, so peak RSS is per syste
 Writes a Markdown table to docs/benchmarks.md.
 
     python benchmarks/compare.py                       # Qwen3-0.6B shape, the default rows
-    python benchmarks/compare.py --runs qwen3chat:bfloat16,qwen3chat:gguf-Q4_0 --repeat 5
+    python benchmarks/compare.py --runs qwen3chat:bfloat16,qwen3chat:gguf-Q4_0 --rounds 5
 
 A run is SYSTEM:VARIANT: qwen3chat:{float32,bfloat16,int8,int4,gguf-F16,gguf-Q8_0,gguf-Q4_0}
 (int8/int4: --quantize at load, bf16 activations), transformers:{float32,bfloat16}, or
@@ -206,7 +206,8 @@ def main() -> None:
     )
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs per process")
+    parser.add_argument("--rounds", type=int, default=3, help="processes per system")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-dir", default=str(ROOT / ".bench"))
     parser.add_argument("--out", default=str(ROOT / "docs/benchmarks.md"))
@@ -222,31 +223,56 @@ def main() -> None:
     for run in args.runs.split(","):  # build GGUF files before timing anything
         if ":gguf-" in run:
             build_gguf(path, run.split(":gguf-")[1])
+    runs = args.runs.split(",")
+    results: dict[str, list[dict]] = {run: [] for run in runs}
+    # Rounds interleave the systems, so that the drift of a shared machine over the
+    # minutes of a comparison falls on all of them alike, not on whichever ran last.
+    for round_index in range(args.rounds):
+        for run in runs:
+            print(f"round {round_index + 1}/{args.rounds}: {run} ...", file=sys.stderr, flush=True)
+            results[run].append(run_worker(args, path, run))
     rows = []
-    for run in args.runs.split(","):
+    for run in runs:
         system, variant = run.split(":")
-        cmd = [
-            sys.executable,
-            __file__,
-            "--worker",
-            system,
-            "--worker-dtype",
-            variant,
-            "--model",
-            str(path),
-            "--prompt-tokens",
-            str(args.prompt_tokens),
-            "--gen-tokens",
-            str(args.gen_tokens),
-            "--repeat",
-            str(args.repeat),
-            "--threads",
-            str(args.threads),
-        ]
-        print(f"running {run} ...", file=sys.stderr, flush=True)
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows.append((system, variant, json.loads(out.strip().splitlines()[-1])))
+        per_round = results[run]
+        rows.append(
+            (
+                system,
+                variant,
+                {
+                    "load_s": statistics.median(r["load_s"] for r in per_round),
+                    "runs": [point for r in per_round for point in r["runs"]],
+                    "weights_mb": per_round[0]["weights_mb"],
+                    "peak_rss_mb": max(r["peak_rss_mb"] for r in per_round),
+                },
+            )
+        )
     write_table(args, rows, weight_bytes)
+
+
+def run_worker(args, path: Path, run: str) -> dict:
+    """One system in its own process (so that its peak RSS is its own): its result."""
+    system, variant = run.split(":")
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        system,
+        "--worker-dtype",
+        variant,
+        "--model",
+        str(path),
+        "--prompt-tokens",
+        str(args.prompt_tokens),
+        "--gen-tokens",
+        str(args.gen_tokens),
+        "--repeat",
+        str(args.repeat),
+        "--threads",
+        str(args.threads),
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def write_table(args, rows, weight_bytes) -> None:
@@ -255,9 +281,10 @@ def write_table(args, rows, weight_bytes) -> None:
         f"{args.gen_tokens} new tokens, {args.threads} threads",
         "",
         f"Measured {date.today()} on {platform.processor() or platform.machine()} "
-        f"({torch.get_num_threads()} threads, torch {torch.__version__}); "
-        f"checkpoint {weight_bytes / 2**30:.2f} GiB bf16. Median of {args.repeat} runs "
-        "(min-max) after a warm-up run; each system in its own process.",
+        f"(torch {torch.__version__}); checkpoint {weight_bytes / 2**30:.2f} GiB bf16. "
+        f"Median (min-max) of {args.rounds} rounds x {args.repeat} timed runs, each after a "
+        "warm-up run; in each round every system runs in turn in its own process (peak "
+        "RSS: the highest of its rounds).",
         "",
         "| system | weights / compute | load s | prefill tok/s | decode tok/s | weights MiB "
         "| peak RSS MiB |",
@@ -275,7 +302,7 @@ def write_table(args, rows, weight_bytes) -> None:
         "Command: `python benchmarks/compare.py "
         f"--shape {args.shape} --runs {args.runs} "
         f"--prompt-tokens {args.prompt_tokens} --gen-tokens {args.gen_tokens} "
-        f"--repeat {args.repeat} --threads {args.threads}`"
+        f"--repeat {args.repeat} --rounds {args.rounds} --threads {args.threads}`"
     )
     table = "\n".join(lines) + "\n"
     print(table)

@@ -44,6 +44,7 @@ at::Tensor feed_forward(const at::Tensor& h, const Matrix& gate_up, const Matrix
 // output scaled by its weight in the activations' dtype and summed in ascending expert
 // order, which is the order the grouped path adds them in.
 at::Tensor experts_step(const at::Tensor& h, const DecoderLayerWeights& w) {
+  TORCH_CHECK(h.size(0) == 1, "decode_layer: a mixture-of-experts step takes one sequence");
   const auto probs = at::softmax(matmul(h, w.router).view({-1}), -1, at::kFloat);
   auto [weights, chosen] = probs.topk(w.top_k);
   if (w.norm_topk_prob) weights = weights / weights.sum();

@@ -52,7 +52,6 @@ class DecoderLayer(nn.Module):
             self.mlp = SparseMoE(config)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
-
         self._native_weights = _UNBUILT
 
     def forward(self, x, cos, sin, mask, cache, start):
