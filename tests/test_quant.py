@@ -45,10 +45,12 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 def expected_product(x: torch.Tensor, m: QuantizedMatrix) -> torch.Tensor:
-    """What QuantizedWeight.linear computes: a float32 product with the dequantized
-    weights, except for the kernels' decode steps (fewer than 4 rows), where the codes'
-    part sees int8 activations and int4's offsets (zero - 8 * scale) the float ones."""
-    if kernels.native(x) is None or x.shape[0] >= 4:
+    """What ``linear`` computes: a float32 product with the dequantized weights, except
+    where the kernels stream the weights (fewer than ``gemm_min_rows`` rows: decode steps
+    and short prompts), where the codes' part sees int8 activations and int4's offsets
+    (zero - 8 * scale) the float ones."""
+    native = kernels.native(x)
+    if native is None or x.shape[0] >= native.gemm_min_rows:
         return x.float() @ m.dequantize().T
     scales = m.scales.repeat_interleave(m.group_size, dim=1)
     product = int8_activations(x) @ (m.codes.float() * scales).T
@@ -59,7 +61,7 @@ def expected_product(x: torch.Tensor, m: QuantizedMatrix) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits,group", [(8, 32), (8, 256), (4, 32), (4, 128)])
-@pytest.mark.parametrize("rows", [1, 2, 16])
+@pytest.mark.parametrize("rows", [1, 9, 15, 16, 20])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_matches_float_matmul(weight, bits, group, rows, dtype):
     m = quantize(weight, bits, group)

@@ -26,9 +26,6 @@ using qk::load8;
 
 namespace {
 
-// Fewer activation rows than this stream the weights; more run GEMM on float32 tiles.
-constexpr int64_t kGemmMinRows = 4;
-
 // ``dot(n, m)``, weight row n times activation row m, for every pair: [M, N] in x's dtype.
 template <typename Dot>
 at::Tensor matvec(const at::Tensor& x, int64_t N, Dot dot) {
