@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -21,6 +22,9 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCES = ("bindings.cpp", "linear.cpp", "layer_ops.cpp", "decode_layer.cpp")
+# Loading a cached build takes well under a second; a longer wait is a compile, which the
+# user is told about rather than left facing a silent pause.
+_NOTICE_AFTER_S = 2.0
 
 
 @functools.cache
@@ -33,15 +37,24 @@ def _module():
         from torch.utils.cpp_extension import load
 
         here = Path(__file__).parent
-        return load(
-            name="qwen3chat_kernels",
-            sources=[str(here / name) for name in _SOURCES],
-            extra_include_paths=[str(here)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-            # Without OpenMP, at::parallel_for in an extension runs on one thread.
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
+        notice = threading.Timer(
+            _NOTICE_AFTER_S,
+            log.warning,
+            ["compiling the native CPU kernels (once per install, about a minute)..."],
         )
+        notice.start()
+        try:
+            return load(
+                name="qwen3chat_kernels",
+                sources=[str(here / name) for name in _SOURCES],
+                extra_include_paths=[str(here)],
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                # Without OpenMP, at::parallel_for in an extension runs on one thread.
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+        finally:
+            notice.cancel()
     except Exception as e:  # no compiler, headers or ninja: the torch path still works
         log.warning("native CPU kernels unavailable, using the slower torch path: %s", e)
         return None
