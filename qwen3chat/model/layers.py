@@ -175,7 +175,7 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         qkv = self.qkv_proj(x)
         native = kernels.native(qkv)
-        if native is not None and self.head_dim % 16 == 0:
+        if native is not None and self.head_dim % 16 == 0 and self.head_dim <= 512:
             # One call splits, norms and rotates, and writes k and v into the cache.
             end = start + seq
             if cache is not None:
@@ -213,7 +213,6 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.intermediate_size = intermediate_size
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size)
         self.down_proj = Linear(intermediate_size, hidden_size)
 
