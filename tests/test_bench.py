@@ -8,9 +8,11 @@ import json
 import statistics
 
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from qwen3chat import kernels
 from qwen3chat.bench import DEFAULT_PLOT_DEPTHS
 from qwen3chat.bench_ops import OPS, SEQ_LENS
 from qwen3chat.cli import app
@@ -138,6 +140,24 @@ def test_profile_lists_the_top_ops_of_a_prefill_and_a_decode_step():
         assert all(0 <= row["share"] <= 1 and row["calls"] >= 1 for row in rows)
         selfs = [row["self_ms"] for row in rows]
         assert selfs == sorted(selfs, reverse=True)
+
+
+@pytest.mark.skipif(
+    kernels.native(torch.zeros(1)) is None, reason="no AVX2 CPU or no C++ compiler here"
+)
+def test_profile_shows_the_time_inside_the_native_kernels():
+    # A CPU decode step is one native call per layer: without the kernels' own profiler
+    # scopes the table would list only the few aten ops around them.
+    out = bench_json(*QUICK, "--profile")
+    decode = {row["name"]: row for row in out["profile"]["decode"]}
+    layers = preset_config("tiny").num_hidden_layers
+    assert decode["qwen3chat::decode_layer"]["calls"] == layers
+    assert decode["qwen3chat::dense_linear"]["calls"] >= 4 * layers  # qkv, o, gate/up, down
+    # The layers' kernels run inside the layer calls: the layers' own time is the smaller part.
+    layer = decode["qwen3chat::decode_layer"]
+    assert layer["total_ms"] > 2 * layer["self_ms"]
+    prefill = {row["name"] for row in out["profile"]["prefill"]}
+    assert "qwen3chat::dense_linear" in prefill
 
 
 def test_plot_writes_a_png_of_decode_speed_by_depth(tmp_path):

@@ -44,6 +44,7 @@ at::Tensor feed_forward(const at::Tensor& h, const Matrix& gate_up, const Matrix
 // output scaled by its weight in the activations' dtype and summed in ascending expert
 // order, which is the order the grouped path adds them in.
 at::Tensor experts_step(const at::Tensor& h, const DecoderLayerWeights& w) {
+  RECORD_FUNCTION("qwen3chat::experts_step", std::vector<c10::IValue>());
   TORCH_CHECK(h.size(0) == 1, "decode_layer: a mixture-of-experts step takes one sequence");
   const auto probs = at::softmax(matmul(h, w.router).view({-1}), -1, at::kFloat);
   auto [weights, chosen] = probs.topk(w.top_k);
@@ -66,6 +67,7 @@ at::Tensor experts_step(const at::Tensor& h, const DecoderLayerWeights& w) {
 at::Tensor decode_layer(const at::Tensor& x, const DecoderLayerWeights& w, const at::Tensor& cos,
                         const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         int64_t start) {
+  RECORD_FUNCTION("qwen3chat::decode_layer", std::vector<c10::IValue>());
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "decode_layer: expected x [B, 1, hidden]");
   const auto keys = k_cache.select(0, w.layer).narrow(2, 0, start + 1);
   const auto values = v_cache.select(0, w.layer).narrow(2, 0, start + 1);

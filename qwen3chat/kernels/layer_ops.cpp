@@ -91,6 +91,7 @@ void norm_rope_head(const T* x, const T* weight, const T* cos, const T* sin, T* 
 }  // namespace
 
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight_in, double eps) {
+  RECORD_FUNCTION("qwen3chat::rms_norm", std::vector<c10::IValue>());
   const auto x = x_in.contiguous();
   const auto weight = weight_in.to(x.scalar_type()).contiguous();
   const int64_t dim = x.size(-1), rows = x.numel() / dim;
@@ -116,6 +117,7 @@ at::Tensor qk_norm_rope(const at::Tensor& qkv_in, const at::Tensor& q_weight_in,
                         const at::Tensor& k_weight_in, const at::Tensor& cos_in,
                         const at::Tensor& sin_in, double eps, int64_t num_heads,
                         int64_t num_kv_heads, const at::Tensor& k_out, const at::Tensor& v_out) {
+  RECORD_FUNCTION("qwen3chat::qk_norm_rope", std::vector<c10::IValue>());
   const auto qkv = qkv_in.contiguous();
   const auto dtype = qkv.scalar_type();
   const auto q_weight = q_weight_in.to(dtype).contiguous();
@@ -278,6 +280,7 @@ void head_values(const float* p, int64_t padded, int64_t groups, const S* values
 // One task per KV head, whose keys and values are each read once for all the query
 // heads that share them (two at a time from the registers, the rest from cache).
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v) {
+  RECORD_FUNCTION("qwen3chat::decode_attention", std::vector<c10::IValue>());
   const auto q = q_in.contiguous();
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
   const int64_t KVH = k.size(1), L = k.size(2);
@@ -327,6 +330,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
 
 // gate_up [..., 2I] -> silu(gate) * up [..., I], each rounded as two torch operations.
 at::Tensor silu_mul(const at::Tensor& gate_up_in) {
+  RECORD_FUNCTION("qwen3chat::silu_mul", std::vector<c10::IValue>());
   const auto gate_up = gate_up_in.contiguous();
   const int64_t width = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * width);
   TORCH_CHECK(width % 8 == 0, "silu_mul: the width must be a multiple of 8");

@@ -258,6 +258,7 @@ at::Tensor widened_gemm(const at::Tensor& x, const T* w, int64_t N) {
 
 // weight [N, K] float32, bfloat16 or half.
 at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& weight_in) {
+  RECORD_FUNCTION("qwen3chat::dense_linear", std::vector<c10::IValue>());
   const auto weight = weight_in.contiguous();
   const auto x = x_in.contiguous();
   const int64_t N = weight.size(0), K = weight.size(1);
@@ -289,6 +290,7 @@ at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& weight_in) {
 
 // codes [N, K] int8, scales [N, K / group] float16; group a multiple of 32.
 at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& scales_in) {
+  RECORD_FUNCTION("qwen3chat::q8_linear", std::vector<c10::IValue>());
   const auto codes = codes_in.contiguous();
   const auto scales = scales_in.contiguous();
   const auto x = x_in.contiguous();
@@ -324,6 +326,7 @@ at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const a
 // zero, scales and zeros float16 [N, K / group] (no zeros: all 0); group a multiple of 32.
 at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& scales_in,
                      const c10::optional<at::Tensor>& zeros_in) {
+  RECORD_FUNCTION("qwen3chat::q4_linear", std::vector<c10::IValue>());
   const auto packed = packed_in.contiguous();
   const auto scales = scales_in.contiguous();
   const auto x = x_in.contiguous();
