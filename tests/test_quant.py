@@ -100,3 +100,23 @@ def test_embedding_rows(weight):
         m = quantize(weight, bits, 32)
         table = QuantizedWeight(m, torch.float32, CPU)
         assert torch.equal(table.rows(ids), m.dequantize()[ids])
+
+
+@pytest.mark.parametrize(
+    "width,group",
+    [(64, 32), (96, 32), (320, 32), (352, 32), (288, 96), (384, 64)],
+    ids=["one-pair", "odd-blocks", "pairs-tail", "odd-tail", "odd-group", "even-group"],
+)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int4_product_at_every_block_layout(width, group, rows):
+    # The int4 kernel takes blocks two at a time where each block has its own scale and
+    # the count is even, one at a time otherwise; both, with 8-block tails, must agree.
+    generator = torch.Generator().manual_seed(2)
+    m = quantize(torch.randn(40, width, generator=generator), 4, group)
+    # Zeros of their own (GGUF's Q4_1, Q4_K), in float16 as the kernels store them.
+    m.zeros.copy_((torch.randn(m.zeros.shape, generator=generator) * 0.1).half())
+    m.scales.copy_(m.scales.half())
+    x = torch.randn(rows, width, generator=generator)
+    expected = expected_product(x, m)
+    out = linear(x, QuantizedWeight(m, torch.float32, CPU))
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()

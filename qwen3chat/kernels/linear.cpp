@@ -26,16 +26,29 @@ using qk::load8;
 
 namespace {
 
+// How far ahead of the row being multiplied its thread asks for quantized weight rows
+// (into L2, so that the activations stay in L1). Their integer dot products keep the core
+// busy, and the hardware prefetcher alone then keeps too few reads in flight: one core's
+// int4 product runs ~35% faster with a 4 KiB lead, two cores' 5-15% (2 and 8 KiB were no
+// better). Float rows are streamed at memory speed without it (it measured 0-5% slower).
+constexpr int64_t kPrefetchBytes = 4096;
+
 // ``dot(n, m)``, weight row n times activation row m, for every pair: [M, N] in x's dtype.
+// With prefetch_rows, weight row n is the row_bytes at prefetch_rows + n * row_bytes.
 template <typename Dot>
-at::Tensor matvec(const at::Tensor& x, int64_t N, Dot dot) {
+at::Tensor matvec(const at::Tensor& x, int64_t N, Dot dot, const void* prefetch_rows = nullptr,
+                  int64_t row_bytes = 0) {
   const int64_t M = x.size(0);
   auto out = at::empty({M, N}, x.options());
+  const char* rows = static_cast<const char*>(prefetch_rows);
   qk::with_dtype(x.scalar_type(), "linear", [&](auto tag) {
     using T = decltype(tag);
     T* op = out.data_ptr<T>();
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
+        // A prefetch never faults, so running past the matrix's end is harmless.
+        for (int64_t line = 0; line < row_bytes; line += 64)
+          _mm_prefetch(rows + n * row_bytes + kPrefetchBytes + line, _MM_HINT_T1);
         for (int64_t m = 0; m < M; ++m) op[m * N + n] = static_cast<T>(dot(n, m));
       }
     });
@@ -150,6 +163,65 @@ inline __m256i dot_u4_block(const uint8_t* w, const int8_t* x) {
   return dot_u8_i8(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
 }
 
+// Two consecutive int4 blocks (32 bytes) times their activations in pair order (see
+// quantize_rows): eight int32 sums, four of block b's products and four of block b + 1's.
+// The low nibbles are both blocks' codes 0-15 and the high ones their codes 16-31, so one
+// load and two masks give all 64 codes, and the two halves' int16 sums (at most
+// 4 * 15 * 128) add before one widening: 35% fewer instructions than a block at a time.
+inline __m256i dot_u4_pair(const uint8_t* w, const int8_t* x) {
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i low = _mm256_and_si256(bytes, mask);
+  const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+  const __m256i sums = _mm256_add_epi16(
+      _mm256_maddubs_epi16(low, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+      _mm256_maddubs_epi16(high, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
+  return _mm256_madd_epi16(sums, _mm256_set1_epi16(1));
+}
+
+// One int4 row with a scale per block (Q4_0, Q4_1, Q4_K, --quantize int4) and an even
+// number of blocks B, against activations in pair order: sum over blocks of
+// scale[b] * xd[b] * dot(b) + offset[b] * xsum[b], offset = zero - 8 * scale.
+inline float q4_pair_row(const uint8_t* w, const c10::Half* scales, const c10::Half* zeros,
+                         int64_t B, const int8_t* x, const float* xd, const float* xsum) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, offsets = acc0;
+  for (int64_t b = 0; b < B; b += 8) {
+    const int64_t n = std::min<int64_t>(8, B - b);
+    __m256 s, z = _mm256_setzero_ps(), d, sums;
+    if (n == 8) {
+      s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b)));
+      if (zeros != nullptr)
+        z = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zeros + b)));
+      d = _mm256_loadu_ps(xd + b);
+      sums = _mm256_loadu_ps(xsum + b);
+    } else {  // the last 2, 4 or 6 blocks; the lanes past them stay 0
+      alignas(32) float fs[8] = {}, fz[8] = {}, fd[8] = {}, fx[8] = {};
+      for (int64_t j = 0; j < n; ++j) {
+        fs[j] = qk::to_float(scales[b + j]);
+        fz[j] = zeros != nullptr ? qk::to_float(zeros[b + j]) : 0.0f;
+        fd[j] = xd[b + j];
+        fx[j] = xsum[b + j];
+      }
+      s = _mm256_load_ps(fs), z = _mm256_load_ps(fz), d = _mm256_load_ps(fd), sums = _mm256_load_ps(fx);
+    }
+    offsets = _mm256_fmadd_ps(_mm256_fmadd_ps(s, _mm256_set1_ps(-8.0f), z), sums, offsets);
+    const __m256 combined = _mm256_mul_ps(s, d);
+    // Pair j / 2 takes lane j's scale for its first four sums and lane j + 1's for the rest.
+    auto pair = [&](int64_t j, __m256& acc) {
+      const __m256 lanes = _mm256_permutevar8x32_ps(
+          combined, _mm256_setr_epi32(j, j, j, j, j + 1, j + 1, j + 1, j + 1));
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u4_pair(w + (b + j) * 16, x + (b + j) * 32)),
+                            lanes, acc);
+    };
+    if (n == 8) {
+      pair(0, acc0), pair(2, acc1), pair(4, acc0), pair(6, acc1);
+    } else {
+      for (int64_t j = 0; j < n; j += 2) pair(j, acc0);
+    }
+  }
+  return hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), offsets));
+}
+
 // One weight row of B blocks of 32 against quantized activations (codes x, block scales
 // xd): sum over blocks of scale(group of b) * xd[b] * block_dot(b). With one block per
 // group (GGUF's Q8_0/Q4_0, --quantize int4), eight scales are widened at once and two
@@ -205,14 +277,15 @@ void check_rows(const at::Tensor& x, int64_t K, const char* name) {
 
 // Activations quantized per block of 32: codes, the blocks' scales and the blocks' sums
 // of the float values (which int4's zero points multiply), in buffers of the calling
-// thread (see float_rows).
+// thread (see float_rows). In pair order (for dot_u4_pair), each pair of blocks b, b + 1
+// of a row holds b's codes 0-15, b + 1's codes 0-15, b's codes 16-31, b + 1's 16-31.
 struct QuantizedRows {
   const int8_t* codes;
   const float* scales;
   const float* sums;
 };
 
-QuantizedRows quantize_rows(const float* xp, int64_t M, int64_t K) {
+QuantizedRows quantize_rows(const float* xp, int64_t M, int64_t K, bool pair_order) {
   const int64_t B = K / 32;
   thread_local std::vector<int8_t> codes;
   thread_local std::vector<float> scales, sums;
@@ -238,7 +311,15 @@ QuantizedRows quantize_rows(const float* xp, int64_t M, int64_t K) {
     // packs works within 128-bit lanes: restore the order of the 32 values.
     const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words, words2),
                                                       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes.data() + b * 32), bytes);
+    int8_t* out = codes.data() + b * 32;
+    if (pair_order) {
+      // Blocks never pair across rows: B is even in pair order.
+      out = codes.data() + (b & ~int64_t{1}) * 32 + (b & 1) * 16;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(bytes));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32), _mm256_extracti128_si256(bytes, 1));
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), bytes);
+    }
     scales[b] = high / 127.0f;
     sums[b] = qk::hsum(_mm256_add_ps(_mm256_add_ps(x[0], x[1]), _mm256_add_ps(x[2], x[3])));
   }
@@ -310,15 +391,18 @@ at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const a
       }
     });
   }
-  const auto xq = quantize_rows(float_rows(x, false), x.size(0), K);
+  const auto xq = quantize_rows(float_rows(x, false), x.size(0), K, false);
   const int64_t B = K / 32, per_group = group / 32;
-  return matvec(x, N, [&](int64_t n, int64_t m) {
-    return quantized_row<32>(reinterpret_cast<const uint8_t*>(cp + n * K), sp + n * G, nullptr, B,
-                             per_group, xq.codes + m * K, xq.scales + m * B, nullptr,
-                             [](const uint8_t* w, const int8_t* v) {
-                               return dot_i8_block(reinterpret_cast<const int8_t*>(w), v);
-                             });
-  });
+  return matvec(
+      x, N,
+      [&](int64_t n, int64_t m) {
+        return quantized_row<32>(reinterpret_cast<const uint8_t*>(cp + n * K), sp + n * G, nullptr,
+                                 B, per_group, xq.codes + m * K, xq.scales + m * B, nullptr,
+                                 [](const uint8_t* w, const int8_t* v) {
+                                   return dot_i8_block(reinterpret_cast<const int8_t*>(w), v);
+                                 });
+      },
+      cp, K);
 }
 
 // packed [N, K / 2] uint8: in each block of 32 inputs, byte j holds code j in its low
@@ -366,13 +450,21 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const 
   // sum(w * x) over a block = scale * sum(code * x) + offset * sum(x): the offsets
   // multiply each group's sum of the float activations.
   const int64_t M = x.size(0), B = K / 32, per_group = group / 32;
-  const auto xq = quantize_rows(float_rows(x, false), M, K);
+  const bool pairs = per_group == 1 && B % 2 == 0;
+  const auto xq = quantize_rows(float_rows(x, false), M, K, pairs);
   thread_local std::vector<float> group_sums;
   group_sums.assign(M * G, 0.0f);
   for (int64_t b = 0; b < M * B; ++b) group_sums[b / per_group] += xq.sums[b];
   const float* xs = group_sums.data();
-  return matvec(x, N, [&](int64_t n, int64_t m) {
-    return quantized_row<16>(pp + n * K / 2, sp + n * G, zp == nullptr ? nullptr : zp + n * G, B,
-                             per_group, xq.codes + m * K, xq.scales + m * B, xs + m * G, dot_u4_block);
-  });
+  return matvec(
+      x, N,
+      [&](int64_t n, int64_t m) {
+        const c10::Half* row_zeros = zp == nullptr ? nullptr : zp + n * G;
+        if (pairs)
+          return q4_pair_row(pp + n * K / 2, sp + n * G, row_zeros, B, xq.codes + m * K,
+                             xq.scales + m * B, xs + m * G);
+        return quantized_row<16>(pp + n * K / 2, sp + n * G, row_zeros, B, per_group,
+                                 xq.codes + m * K, xq.scales + m * B, xs + m * G, dot_u4_block);
+      },
+      pp, K / 2);
 }
