@@ -21,8 +21,10 @@ from .errors import QwenChatError
 
 @dataclass
 class QuantizedMatrix:
-    """``bits`` 8: w = code * scale, codes int8 in [-127, 127] (symmetric).
-    ``bits`` 4: w = (code - 8) * scale + zero, codes uint8 in [0, 15].
+    """``bits`` 8: w = code * scale, codes int8 in [-127, 127] (symmetric), one per value.
+    ``bits`` 4: w = (code - 8) * scale + zero, codes in [0, 15] packed two per byte
+    (``pack_int4``: GGUF Q4_0's own layout, so its blocks are taken as they are, and no
+    matrix is ever held one code per byte); no ``zeros`` means zero 0.
     Scales and zeros are float32 ``[rows, cols / group_size]``. A stack of expert
     matrices has a leading expert dimension on all three: ``[experts, rows, …]``."""
 
@@ -34,10 +36,15 @@ class QuantizedMatrix:
 
     @property
     def shape(self) -> torch.Size:
-        return self.codes.shape
+        *lead, width = self.codes.shape
+        return torch.Size((*lead, width * 2 if self.bits == 4 else width))
+
+    def code_values(self) -> torch.Tensor:
+        """One code per value (int4 unpacked), in the matrix's shape."""
+        return unpack_int4(self.codes) if self.bits == 4 else self.codes
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        codes = self.codes.unflatten(-1, (-1, self.group_size)).float()
+        codes = self.code_values().unflatten(-1, (-1, self.group_size)).float()
         if self.bits == 4:
             codes = codes - 8
         w = codes * self.scales[..., None]
@@ -60,7 +67,7 @@ class QuantizedMatrix:
         return QuantizedMatrix(
             self.bits,
             self.group_size,
-            self.codes.reshape(shape),
+            self.codes.reshape(*lead, -1),
             self.scales.reshape(*lead, -1),
             zeros,
         )
@@ -74,7 +81,9 @@ class QuantizedMatrix:
             return quantize(
                 torch.cat([p.dequantize() for p in parts], dim=-2), first.bits, first.group_size
             )
-        zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts], dim=-2)
+        zeros = None
+        if any(p.zeros is not None for p in parts):  # Q4_0 (no zeros) beside Q4_1
+            zeros = torch.cat([_zeros_of(p) for p in parts], dim=-2)
         return QuantizedMatrix(
             first.bits,
             first.group_size,
@@ -82,6 +91,10 @@ class QuantizedMatrix:
             torch.cat([p.scales for p in parts], dim=-2),
             zeros,
         )
+
+
+def _zeros_of(matrix: QuantizedMatrix) -> torch.Tensor:
+    return torch.zeros_like(matrix.scales) if matrix.zeros is None else matrix.zeros
 
 
 @dataclass(frozen=True)
@@ -135,11 +148,14 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedMatri
             *weight.shape
         )
     rows, cols = weight.shape
-    if cols % group_size:
+    if cols % group_size or (bits == 4 and cols % 32):
         raise ValueError(f"{cols} columns are not a multiple of group size {group_size}")
     groups = cols // group_size
     on = weight.device
-    codes = torch.empty(rows, cols, dtype=torch.int8 if bits == 8 else torch.uint8, device=on)
+    if bits == 8:
+        codes = torch.empty(rows, cols, dtype=torch.int8, device=on)
+    else:
+        codes = torch.empty(rows, cols // 2, dtype=torch.uint8, device=on)
     scales = torch.empty(rows, groups, device=on)
     zeros = torch.empty(rows, groups, device=on) if bits == 4 else None
     for start in range(0, rows, _QUANTIZE_ROWS):
@@ -157,7 +173,8 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedMatri
             zero = (low + 8 * scale).half().float()
             zeros[block] = zero
             q = ((w - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15)
-        codes[block] = q.view(-1, cols).to(codes.dtype)
+        q = q.view(-1, cols).to(codes.dtype)
+        codes[block] = q if bits == 8 else pack_int4(q)
         scales[block] = scale
     return QuantizedMatrix(bits, group_size, codes, scales, zeros)
 
@@ -182,9 +199,9 @@ def random_quantized(
     if bits == 8:
         codes = torch.empty(shape, dtype=torch.int8, device=device)
         codes.random_(-127, 128, generator=generator)
-    else:
-        codes = torch.empty(shape, dtype=torch.uint8, device=device)
-        codes.random_(0, 16, generator=generator)
+    else:  # uniform bytes: both of their codes uniform over [0, 15]
+        codes = torch.empty((*lead, cols // 2), dtype=torch.uint8, device=device)
+        codes.random_(0, 256, generator=generator)
     levels = 255 if bits == 8 else 16
     scale = std / math.sqrt((levels**2 - 1) / 12)  # a uniform integer's std
     scales = _half(torch.full((*lead, cols // group_size), scale, device=device))
@@ -219,9 +236,8 @@ class QuantizedWeight(nn.Module):
         self.group_size = matrix.group_size
         self.out_features, self.in_features = matrix.shape
         self.dtype = dtype
-        codes = pack_int4(matrix.codes) if matrix.bits == 4 else matrix.codes
         zeros = matrix.zeros if matrix.zeros is not None and matrix.zeros.any() else None
-        self.register_buffer("codes", codes.to(device))
+        self.register_buffer("codes", matrix.codes.to(device))
         self.register_buffer("scales", matrix.scales.to(device, torch.float16))
         self.register_buffer("zeros", None if zeros is None else zeros.to(device, torch.float16))
 
@@ -235,12 +251,10 @@ class QuantizedWeight(nn.Module):
 
     def matrix(self, rows: torch.Tensor | slice = slice(None)) -> QuantizedMatrix:
         """The matrix (or some of its rows) with float32 scales, as QuantizedMatrix."""
-        codes = self.codes[rows]
-        scales = self.scales[rows].float()
-        if self.bits == 8:
-            return QuantizedMatrix(8, self.group_size, codes, scales)
-        zeros = torch.zeros_like(scales) if self.zeros is None else self.zeros[rows].float()
-        return QuantizedMatrix(4, self.group_size, unpack_int4(codes), scales, zeros)
+        zeros = None if self.zeros is None else self.zeros[rows].float()
+        return QuantizedMatrix(
+            self.bits, self.group_size, self.codes[rows], self.scales[rows].float(), zeros
+        )
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` by dequantizing first: the path where the native kernels (which

@@ -53,7 +53,7 @@ def expected_product(x: torch.Tensor, m: QuantizedMatrix) -> torch.Tensor:
     if native is None or x.shape[0] >= native.gemm_min_rows:
         return x.float() @ m.dequantize().T
     scales = m.scales.repeat_interleave(m.group_size, dim=1)
-    product = int8_activations(x) @ (m.codes.float() * scales).T
+    product = int8_activations(x) @ (m.code_values().float() * scales).T
     if m.bits == 4:
         offsets = (m.zeros - 8 * m.scales).repeat_interleave(m.group_size, dim=1)
         product = product + x.float() @ offsets.T

@@ -216,7 +216,10 @@ class GGUFSource:
             counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
         return counts
 
-    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor | QuantizedMatrix:
+    def read(
+        self, name: str, dtype: torch.dtype, own_memory: bool = True
+    ) -> torch.Tensor | QuantizedMatrix:
+        """Always decoded into memory of its own: the file's pages are released here."""
         tensor = self._tensors[name]
         shape = tuple(int(d) for d in reversed(tensor.shape))
         try:

@@ -1,7 +1,8 @@
 """GGUF tensor data -> float tensors or QuantizedMatrix (where GGUF Q-blocks are decoded).
 
 Q8_0, Q4_0, Q4_1 and Q4_K map onto our group-32 int8/int4 layouts with their codes
-copied. Q8_0's and Q4_0's float16 scales are kept as they are; Q4_1's zeros (m + 8d) and
+copied (Q4_0's and Q4_1's packed bytes as they are: quant.py packs int4 in their order;
+Q4_K's re-paired). Q8_0's and Q4_0's float16 scales are kept as they are; Q4_1's zeros (m + 8d) and
 Q4_K's scales (d times a 6-bit sub-scale) are rounded to float16 when stored, a relative
 change of at most 2^-11. Every other block type gguf-py can decode
 (Q5_*, Q6_K, Q2_K, Q3_K, IQ*, …) is dequantized tensor by tensor and requantized to int8
@@ -25,9 +26,10 @@ def _f16(column: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(column).view(np.float16).astype(np.float32))
 
 
-def _low_high_nibbles(qs: np.ndarray) -> np.ndarray:
-    """``[..., n]`` bytes -> ``[..., 2n]`` codes: the n low nibbles, then the n high ones."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+def _packed(qs: np.ndarray, rows: int) -> torch.Tensor:
+    """int4 blocks' bytes, already in quant.py's packing, as a ``[rows, cols / 2]`` copy
+    (the file's pages are released once a tensor is read)."""
+    return torch.from_numpy(np.ascontiguousarray(qs)).view(rows, -1)
 
 
 def _q8_0(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
@@ -40,16 +42,14 @@ def _q8_0(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
 def _q4_0(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
     # block: f16 d, 16 bytes of nibbles; w = d * (q - 8)
     scales = _f16(blocks[..., :2]).view(rows, -1)
-    codes = torch.from_numpy(_low_high_nibbles(blocks[..., 2:]))
-    return QuantizedMatrix(4, 32, codes.view(rows, cols), scales, torch.zeros_like(scales))
+    return QuantizedMatrix(4, 32, _packed(blocks[..., 2:], rows), scales)
 
 
 def _q4_1(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
     # block: f16 d, f16 m, 16 bytes of nibbles; w = d * q + m = (q - 8) * d + (m + 8d)
     scales = _f16(blocks[..., :2]).view(rows, -1)
     mins = _f16(blocks[..., 2:4]).view(rows, -1)
-    codes = torch.from_numpy(_low_high_nibbles(blocks[..., 4:]))
-    return QuantizedMatrix(4, 32, codes.view(rows, cols), scales, mins + 8 * scales)
+    return QuantizedMatrix(4, 32, _packed(blocks[..., 4:], rows), scales, mins + 8 * scales)
 
 
 def _q4_k(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
@@ -62,12 +62,15 @@ def _q4_k(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
     sc, m = quants.Q4_K.get_scale_min(np.ascontiguousarray(blocks[..., 4:16]).reshape(n, 12))
     scales = d.view(n, 1) * torch.from_numpy(sc.astype(np.float32))
     mins = dmin.view(n, 1) * torch.from_numpy(m.astype(np.float32))
-    qs = np.ascontiguousarray(blocks[..., 16:]).reshape(n, 4, 32)
-    codes = torch.from_numpy(_low_high_nibbles(qs))  # [n, 4, 64] = 8 sub-blocks of 32
+    qs = blocks[..., 16:].reshape(n, 4, 1, 2, 16)
+    first, second = qs[..., 0, :], qs[..., 1, :]  # bytes 0-15 and 16-31 of each chunk
+    # Re-paired so that each sub-block's code j and j + 16 share a byte, as in Q4_0.
+    even = (first & 0x0F) | (second << 4)
+    odd = (first >> 4) | (second & 0xF0)
     return QuantizedMatrix(
         4,
         32,
-        codes.reshape(rows, cols),
+        _packed(np.concatenate([even, odd], axis=2), rows),
         scales.view(rows, -1),
         (8 * scales - mins).view(rows, -1),
     )

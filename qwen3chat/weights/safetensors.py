@@ -131,8 +131,9 @@ class SafeTensorsSource:
     def file_of(self, name: str) -> str:
         return next(iter(self._slices[name].values()))[0].name
 
-    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """The tensor converted to ``dtype``, in memory of its own (not the file's)."""
+    def read(self, name: str, dtype: torch.dtype, own_memory: bool = True) -> torch.Tensor:
+        """The tensor converted to ``dtype``: in memory of its own, or, without
+        ``own_memory``, possibly a view of the file's pages (kept mapped while it lives)."""
         slices = self._slices[name]
         stacked = None if None in slices else torch.empty(self._shape[name], dtype=dtype)
         by_file: dict[Path, list[tuple[int | None, str]]] = {}
@@ -143,7 +144,9 @@ class SafeTensorsSource:
                 with safe_open(file, framework="pt") as f:
                     for expert, hf_name in names:
                         tensor = self._get(f, name, hf_name).to(
-                            dtype=dtype, memory_format=torch.contiguous_format, copy=True
+                            dtype=dtype,
+                            memory_format=torch.contiguous_format,
+                            copy=own_memory and stacked is None,
                         )
                         if stacked is None:
                             return tensor
