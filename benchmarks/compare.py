@@ -12,6 +12,9 @@ A run is SYSTEM:VARIANT: qwen3chat:{float32,bfloat16,int8,int4,gguf-F16,gguf-Q8_
 (int8/int4: --quantize at load, bf16 activations), transformers:{float32,bfloat16}, or
 llama.cpp:{F16,Q8_0,Q4_0} (through llama-cpp-python, when it is installed: `pip install
 llama-cpp-python` builds llama.cpp from source for this machine; the same GGUF files).
+A GGUF type may name the embedding table's own after a plus: Q4_0+Q8_0 is Q4_0 layers
+with a Q8_0 table, the bytes `--quantize int4` reads (llama-quantize's
+--token-embedding-type q8_0).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import argparse
 import json
 import lzma
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from qwen3chat.bench import peak_rss_mb
 from qwen3chat.config import SHAPE_FIELDS
 from qwen3chat.presets import PRESETS, preset_config
 
@@ -39,7 +42,8 @@ TOKENIZER = ROOT / "tests/fixtures/qwen3-tokenizer"
 
 
 def build_gguf(checkpoint: Path, qtype_name: str) -> Path:
-    """The checkpoint as a GGUF file of ``qtype_name`` (F16, Q8_0, Q4_0), built once."""
+    """The checkpoint as a GGUF file of ``qtype_name`` (F16, Q8_0, Q4_0, or LAYERS+TABLE
+    such as Q4_0+Q8_0), built once."""
     path = checkpoint / f"model-{qtype_name}.gguf"
     if path.is_file():
         return path
@@ -50,7 +54,9 @@ def build_gguf(checkpoint: Path, qtype_name: str) -> Path:
 
     model = Qwen3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     tmp = path.with_suffix(".tmp")
-    write_gguf(model, checkpoint, tmp, gguf.GGMLQuantizationType[qtype_name])
+    layers, _, table = qtype_name.partition("+")
+    types = gguf.GGMLQuantizationType
+    write_gguf(model, checkpoint, tmp, types[layers], table_qtype=types[table] if table else None)
     tmp.rename(path)
     return path
 
@@ -75,10 +81,6 @@ def build_checkpoint(shape: str, directory: Path) -> Path:
     shutil.copy(TOKENIZER / "tokenizer_config.json", tmp / "tokenizer_config.json")
     tmp.rename(directory)
     return directory
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def prompt_ids(n: int) -> list[int]:
@@ -221,8 +223,9 @@ def main() -> None:
     path = build_checkpoint(args.shape, Path(args.cache_dir) / args.shape)
     weight_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     for run in args.runs.split(","):  # build GGUF files before timing anything
-        if ":gguf-" in run:
-            build_gguf(path, run.split(":gguf-")[1])
+        system, variant = run.split(":")
+        if system == "llama.cpp" or variant.startswith("gguf-"):
+            build_gguf(path, variant.removeprefix("gguf-"))
     runs = args.runs.split(",")
     results: dict[str, list[dict]] = {run: [] for run in runs}
     # Rounds interleave the systems, so that the drift of a shared machine over the

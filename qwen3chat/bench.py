@@ -14,7 +14,7 @@ probe (torch summing a 512 MiB tensor, best of a few) measures the bandwidth, an
 result reports its achieved GB/s and its share of the roofline (nanochat's MBU,
 gpt-fast's GB/s).
 
-Memory: the peak RSS is the process's own (getrusage), which never goes down; it is read
+Memory: the peak RSS is the process's own high-water mark, which never goes down; it is read
 after each run, and the RSS right after loading is reported beside it. On CUDA the peak
 of allocated GPU memory is reset before each run.
 """
@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -250,6 +250,12 @@ class IdsOnlyTokenizer:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory. On Linux the memory map's high-water mark:
+    getrusage's maximum survives exec, so a process started by a larger one would
+    report its parent's peak."""
+    with suppress(OSError, StopIteration, ValueError):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / MIB if sys.platform == "darwin" else peak / 1024  # bytes there, KiB here
 

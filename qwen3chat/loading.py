@@ -19,7 +19,7 @@ from .quant import QuantSpec, random_quantized
 from .sampling import SamplingSettings
 from .tokenizer import Tokenizer
 from .vision_inputs import builtin_qwen3_vl_template, vl_chat_template
-from .weights.gguf import GGUFSource, config_from_gguf, open_gguf
+from .weights.gguf import GGUFSource, config_from_gguf, open_gguf, release_vocabulary
 from .weights.gguf_tokenizer import tokenizer_from_gguf
 from .weights.loader import (
     HeapTrimmer,
@@ -114,6 +114,7 @@ def _open_gguf(path: Path):
         tokenizer = Tokenizer.from_dir(beside)
     else:
         tokenizer = tokenizer_from_gguf(reader, path)
+    release_vocabulary(reader)
     return config, GGUFSource(reader, path), tokenizer, read_generation_defaults(beside)
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .device import matmul_dtype
 from .errors import QwenChatError
 
@@ -150,6 +151,10 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedMatri
     rows, cols = weight.shape
     if cols % group_size or (bits == 4 and cols % 32):
         raise ValueError(f"{cols} columns are not a multiple of group size {group_size}")
+    native = kernels.native(weight)
+    if native is not None and group_size % 8 == 0:  # one pass, the same codes
+        codes, scales, *zeros = native.quantize_rows(weight, bits, group_size)
+        return QuantizedMatrix(bits, group_size, codes, scales, zeros[0] if zeros else None)
     groups = cols // group_size
     on = weight.device
     if bits == 8:

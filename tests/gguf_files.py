@@ -92,10 +92,13 @@ def write_gguf(
     seed: int = 0,
     chat_template: str | None = None,
     expert_weights_norm: bool | None = None,
+    table_qtype: T | None = None,
 ) -> dict[str, torch.Tensor]:
     """Write ``model`` as a GGUF file with 2-D weights (and 3-D expert stacks) in
-    ``qtype``; return the weights as the file holds them, dequantized (load them into the
-    reference model to compare). The MoE router stays F32, as llama.cpp keeps it."""
+    ``qtype``, the embedding table and output in ``table_qtype`` when given (as
+    llama-quantize's --token-embedding-type and --output-tensor-type do); return the
+    weights as the file holds them, dequantized (load them into the reference model to
+    compare). The MoE router stays F32, as llama.cpp keeps it."""
     config = model.config
     moe = config.model_type == "qwen3_moe"
     writer = gguf.GGUFWriter(path, "qwen3moe" if moe else "qwen3")
@@ -139,7 +142,8 @@ def write_gguf(
         stack = next((s for s in EXPERT_STACKS if name.endswith(s)), None)
         if stack is None:
             full_precision = array.ndim == 1 or name.endswith("mlp.gate.weight")
-            kind = T.F32 if full_precision else qtype
+            table = name in ("model.embed_tokens.weight", "lm_head.weight")
+            kind = T.F32 if full_precision else (table and table_qtype) or qtype
             stored[name] = add_tensor(writer, gguf_name(name), array, kind, rng)
             continue
         layer = name.split(".")[2]

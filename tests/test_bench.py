@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -63,6 +65,20 @@ def test_top_level_figures_are_medians_of_the_runs(report):
 
 def test_peak_rss_is_the_process_peak_so_it_is_at_least_the_rss_after_load(report):
     assert report["peak_rss_mb"] >= report["rss_after_load_mb"] > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="getrusage's exec rule")
+def test_peak_rss_is_not_inherited_from_a_larger_parent():
+    # getrusage's maximum survives exec: a bench started by a larger process (the
+    # comparison script) would report its parent's peak instead of its own.
+    ballast = b"\x01" * (1 << 30)
+    child = subprocess.run(
+        [sys.executable, "-c", "from qwen3chat.bench import peak_rss_mb; print(peak_rss_mb())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert len(ballast) and 0 < float(child.stdout) < 1000
 
 
 def test_decode_bytes_count_every_weight_and_the_cached_keys_and_values(report):

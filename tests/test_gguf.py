@@ -21,6 +21,7 @@ from qwen3chat.loading import load_model
 from qwen3chat.quant import QuantizedWeight
 from qwen3chat.sampling import SamplingSettings
 from qwen3chat.weights import gguf_quants
+from qwen3chat.weights.gguf import GGUFSource
 
 STEPS = 24
 
@@ -184,6 +185,24 @@ def test_tokenizer_from_metadata_equals_tokenizer_json(gguf_dir, tokenizer_dir, 
     assert (rebuilt.think_start_id, rebuilt.think_end_id) == (151667, 151668)
     messages = [{"role": "user", "content": "Hi"}]
     assert rebuilt.render(messages, False) == tokenizer.render(messages, False)
+
+
+def test_vocabulary_fields_are_dropped_before_the_weights_load(
+    gguf_dir, tokenizer_dir, monkeypatch
+):
+    # gguf-py keeps two array views per vocabulary string (~90 MiB for Qwen3's): built
+    # into the tokenizer, they must not stay in memory beside the weights.
+    still_held = []
+    read = GGUFSource.read
+
+    def spy(self, *args, **kwargs):
+        still_held.append("tokenizer.ggml.tokens" in self.reader.fields)
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(GGUFSource, "read", spy)
+    path, _ = make_file(gguf_dir, tokenizer_dir, T.Q8_0)
+    load_model(path, device="cpu", dtype="float32")
+    assert still_held and not any(still_held)
 
 
 def test_tokenizer_json_beside_the_file_wins(gguf_dir, tokenizer_dir, tmp_path):

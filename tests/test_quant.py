@@ -28,6 +28,28 @@ def test_round_trip_error(weight, bits, group, bound):
     assert ((m.dequantize() - weight).abs() <= step / 2 + 1e-6).all()
 
 
+@pytest.mark.skipif(kernels.native(torch.zeros(1)) is None, reason="no native kernels here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits,group", [(8, 256), (8, 32), (4, 32), (4, 8), (4, 128)])
+def test_native_quantization_gives_the_torch_codes(dtype, bits, group, monkeypatch):
+    # Loading quantizes natively where it can: the codes, scales and zeros must be those
+    # of the torch path, bit for bit (constant groups, ties and outliers included).
+    generator = torch.Generator().manual_seed(4)
+    w = torch.randn(70, 256, generator=generator) * torch.rand(70, 1, generator=generator) * 3
+    w[3] = 0.5  # a constant row: the smallest scale
+    w[5, :16] = torch.arange(16) * 0.25 - 2  # values on the rounding ties
+    w[7, 9] = 1e3  # an outlier that owns its group's scale
+    w = w.to(dtype)
+    native = quantize(w, bits, group)
+    monkeypatch.setattr(kernels, "native", lambda x: None)
+    reference = quantize(w, bits, group)
+    assert native.codes.dtype == reference.codes.dtype
+    assert torch.equal(native.codes, reference.codes)
+    assert torch.equal(native.scales, reference.scales)
+    if bits == 4:
+        assert torch.equal(native.zeros, reference.zeros)
+
+
 def test_cat_keeps_rows_in_order(weight):
     a, b = quantize(weight[:32], 8, 32), quantize(weight[32:], 8, 32)
     assert torch.equal(

@@ -1,11 +1,12 @@
 """Native CPU kernels, compiled on first use with torch's C++ extension builder.
 
 linear.cpp holds the matrix products of every weight format (float, bfloat16, half,
-int8, int4), layer_ops.cpp the small operations of a decoder layer (RMSNorm, q/k norm
-with RoPE and the cache write, decode attention, SwiGLU), and decode_layer.cpp a whole
-layer's decode step built from them, one call per layer. They need an x86-64 CPU with
-AVX2 and a C++ compiler; without either, ``native()`` returns None and callers run the
-plain torch code, which is correct everywhere and is what the kernels are tested against.
+int8, int4), quantize.cpp the quantization of weights at load, layer_ops.cpp the small
+operations of a decoder layer (RMSNorm, q/k norm with RoPE and the cache write, decode
+attention, SwiGLU), and decode_layer.cpp a whole layer's decode step built from them, one
+call per layer. They need an x86-64 CPU with AVX2 and a C++ compiler; without either,
+``native()`` returns None and callers run the plain torch code, which is correct
+everywhere and is what the kernels are tested against.
 The build is cached by torch (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions).
 """
 
@@ -21,7 +22,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("bindings.cpp", "linear.cpp", "layer_ops.cpp", "decode_layer.cpp")
+_SOURCES = ("bindings.cpp", "linear.cpp", "quantize.cpp", "layer_ops.cpp", "decode_layer.cpp")
 # Loading a cached build takes well under a second; a longer wait is a compile, which the
 # user is told about rather than left facing a silent pause.
 _NOTICE_AFTER_S = 2.0

@@ -7,6 +7,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_linear", &dense_linear, "x @ W.T for float32, bfloat16 or half weights");
   m.def("q8_linear", &q8_linear, "x @ W.T for group-wise int8 weights");
   m.def("q4_linear", &q4_linear, "x @ W.T for group-wise int4 weights");
+  m.def("quantize_rows", &quantize_rows, "round-to-nearest int8/int4 codes and group scales");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");
   m.def("qk_norm_rope", &qk_norm_rope, "split qkv, q/k RMSNorm and RoPE, k/v into the cache");
   m.def("decode_attention", &decode_attention, "attention of one query token over the cache");

@@ -24,6 +24,12 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& zeros);
 
+// Round-to-nearest quantization of a float, bfloat16 or half matrix [R, C] at load, as
+// quant.py's quantize does it (quantize.cpp): {codes, scales} for 8 bits (int8 codes),
+// {codes, scales, zeros} for 4 (codes packed two per byte); scales and zeros float32.
+std::vector<at::Tensor> quantize_rows(const at::Tensor& weight, int64_t bits,
+                                      int64_t group_size);
+
 // The small operations of a decoder layer (layer_ops.cpp).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor qk_norm_rope(const at::Tensor& qkv, const at::Tensor& q_weight,

@@ -116,6 +116,14 @@ def open_gguf(path: Path) -> GGUFReader:
         raise QwenChatError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
+def release_vocabulary(reader: GGUFReader) -> None:
+    """Drop the vocabulary's fields once the tokenizer is built (or read from a
+    tokenizer.json instead): the reader keeps two array views per string, ~90 MiB for
+    Qwen3's 151k tokens and 151k merges, which nothing reads again."""
+    for key in ("tokens", "token_type", "merges", "scores"):
+        reader.fields.pop(f"tokenizer.ggml.{key}", None)
+
+
 def metadata(reader: GGUFReader, key: str, default=None):
     field = reader.get_field(key)
     return default if field is None else field.contents()

@@ -26,30 +26,29 @@ def _f16(column: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(column).view(np.float16).astype(np.float32))
 
 
-def _packed(qs: np.ndarray, rows: int) -> torch.Tensor:
-    """int4 blocks' bytes, already in quant.py's packing, as a ``[rows, cols / 2]`` copy
-    (the file's pages are released once a tensor is read)."""
+def _codes(qs: np.ndarray, rows: int) -> torch.Tensor:
+    """Blocks' code bytes, already in our layout (int8, or int4 in quant.py's packing),
+    as one ``[rows, …]`` uint8 copy (the file's pages are released once a tensor is read)."""
     return torch.from_numpy(np.ascontiguousarray(qs)).view(rows, -1)
 
 
 def _q8_0(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
     # block: f16 d, 32 x int8
     scales = _f16(blocks[..., :2]).view(rows, -1)
-    codes = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8).copy())
-    return QuantizedMatrix(8, 32, codes.view(rows, cols), scales)
+    return QuantizedMatrix(8, 32, _codes(blocks[..., 2:], rows).view(torch.int8), scales)
 
 
 def _q4_0(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
     # block: f16 d, 16 bytes of nibbles; w = d * (q - 8)
     scales = _f16(blocks[..., :2]).view(rows, -1)
-    return QuantizedMatrix(4, 32, _packed(blocks[..., 2:], rows), scales)
+    return QuantizedMatrix(4, 32, _codes(blocks[..., 2:], rows), scales)
 
 
 def _q4_1(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
     # block: f16 d, f16 m, 16 bytes of nibbles; w = d * q + m = (q - 8) * d + (m + 8d)
     scales = _f16(blocks[..., :2]).view(rows, -1)
     mins = _f16(blocks[..., 2:4]).view(rows, -1)
-    return QuantizedMatrix(4, 32, _packed(blocks[..., 4:], rows), scales, mins + 8 * scales)
+    return QuantizedMatrix(4, 32, _codes(blocks[..., 4:], rows), scales, mins + 8 * scales)
 
 
 def _q4_k(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
@@ -70,7 +69,7 @@ def _q4_k(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
     return QuantizedMatrix(
         4,
         32,
-        _packed(np.concatenate([even, odd], axis=2), rows),
+        _codes(np.concatenate([even, odd], axis=2), rows),
         scales.view(rows, -1),
         (8 * scales - mins).view(rows, -1),
     )

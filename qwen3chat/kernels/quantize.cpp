@@ -1,0 +1,119 @@
+// Round-to-nearest quantization of weight rows at load (``--quantize``, and GGUF block
+// types that are requantized to int8): quant.py's ``quantize`` in one pass over the
+// weights instead of about ten tensor operations, each over the whole matrix. The float32
+// operations are the same and in the same order (each rounded where torch rounds), so
+// both give the same codes bit for bit; the torch code is the path without a build, and
+// what this is tested against (tests/test_quant.py).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernels.h"
+
+namespace {
+
+constexpr int kRoundNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+// A float rounded to float16 (to nearest, ties to even, as torch's .half()) and back.
+inline float through_half(float v) { return _cvtsh_ss(_cvtss_sh(v, kRoundNearest)); }
+
+// quant.py's _half: a scale rounded to float16, at least its smallest step (a constant
+// group would otherwise get a zero scale).
+inline float half_scale(float s) { return std::max(through_half(s), 0x1p-24f); }
+
+inline float hmin(__m256 v) {
+  __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_min_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+// One row: its codes (one per value, as int32) and each group's scale (and zero).
+// int8: code = round(w / scale), scale = max|w| / 127. int4: code = round((w - zero) /
+// scale + 8), scale = (max - min) / 15, zero = min + 8 * scale.
+template <typename T>
+void quantize_row(const T* w, int64_t cols, int64_t group, int64_t bits, int32_t* codes,
+                  float* scales, float* zeros) {
+  for (int64_t start = 0, g = 0; start < cols; start += group, ++g) {
+    __m256 lo = _mm256_set1_ps(INFINITY), hi = _mm256_set1_ps(-INFINITY);
+    for (int64_t k = start; k < start + group; k += 8) {
+      const __m256 v = qk::load8(w + k);
+      lo = _mm256_min_ps(lo, v);
+      hi = _mm256_max_ps(hi, v);
+    }
+    const float low = hmin(lo), high = hmax(hi);
+    float scale, zero = 0.0f, offset = 0.0f, least, most;
+    if (bits == 8) {
+      scale = half_scale(std::max(-low, high) / 127.0f);
+      least = -127.0f, most = 127.0f;
+    } else {
+      scale = half_scale((high - low) / 15.0f);
+      zero = through_half(low + 8.0f * scale);  // 8 * scale is exact: no rounding to fuse
+      zeros[g] = zero;
+      offset = 8.0f, least = 0.0f, most = 15.0f;
+    }
+    scales[g] = scale;
+    const __m256 vzero = _mm256_set1_ps(zero), vscale = _mm256_set1_ps(scale);
+    const __m256 voffset = _mm256_set1_ps(offset);
+    const __m256 vleast = _mm256_set1_ps(least), vmost = _mm256_set1_ps(most);
+    for (int64_t k = start; k < start + group; k += 8) {
+      // (w - 0) / scale + 0 is w / scale exactly, so int8 shares int4's expression.
+      __m256 q = _mm256_div_ps(_mm256_sub_ps(qk::load8(w + k), vzero), vscale);
+      q = _mm256_round_ps(_mm256_add_ps(q, voffset), kRoundNearest);
+      q = _mm256_min_ps(_mm256_max_ps(q, vleast), vmost);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + k), _mm256_cvtps_epi32(q));
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> quantize_rows(const at::Tensor& weight_in, int64_t bits,
+                                      int64_t group_size) {
+  RECORD_FUNCTION("qwen3chat::quantize_rows", {});
+  const auto weight = weight_in.contiguous();
+  TORCH_CHECK(weight.dim() == 2, "quantize_rows: a 2-D weight");
+  TORCH_CHECK(bits == 8 || bits == 4, "quantize_rows: 8 or 4 bits");
+  const int64_t rows = weight.size(0), cols = weight.size(1);
+  TORCH_CHECK(group_size % 8 == 0 && cols % group_size == 0,
+              "quantize_rows: groups of a multiple of 8 that divide the row");
+  TORCH_CHECK(bits == 8 || cols % 32 == 0, "quantize_rows: int4 rows in blocks of 32");
+  const int64_t groups = cols / group_size;
+  const auto options = weight.options().dtype(at::kFloat);
+  auto scales = at::empty({rows, groups}, options);
+  auto zeros = bits == 4 ? at::empty({rows, groups}, options) : at::Tensor();
+  auto codes = bits == 8 ? at::empty({rows, cols}, options.dtype(at::kChar))
+                         : at::empty({rows, cols / 2}, options.dtype(at::kByte));
+  float* sp = scales.data_ptr<float>();
+  float* zp = bits == 4 ? zeros.data_ptr<float>() : nullptr;
+  qk::with_dtype(weight.scalar_type(), "quantize_rows", [&](auto tag) {
+    using T = decltype(tag);
+    const T* wp = weight.data_ptr<T>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> row(cols);
+      for (int64_t r = begin; r < end; ++r) {
+        quantize_row(wp + r * cols, cols, group_size, bits, row.data(), sp + r * groups,
+                     zp ? zp + r * groups : nullptr);
+        if (bits == 8) {
+          int8_t* out = codes.data_ptr<int8_t>() + r * cols;
+          for (int64_t k = 0; k < cols; ++k) out[k] = static_cast<int8_t>(row[k]);
+          continue;
+        }
+        // quant.py's pack_int4: in each block of 32, byte j holds codes j and j + 16.
+        uint8_t* out = codes.data_ptr<uint8_t>() + r * cols / 2;
+        for (int64_t b = 0; b < cols; b += 32)
+          for (int j = 0; j < 16; ++j)
+            out[b / 2 + j] = static_cast<uint8_t>(row[b + j] | (row[b + j + 16] << 4));
+      }
+    });
+  });
+  if (bits == 8) return {codes, scales};
+  return {codes, scales, zeros};
+}
