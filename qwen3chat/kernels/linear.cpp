@@ -384,10 +384,12 @@ at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const a
   const int8_t* cp = codes.data_ptr<int8_t>();
   const c10::Half* sp = scales.data_ptr<c10::Half>();
   if (x.size(0) >= kGemmMinRows) {
+    // Group by group, so that no value pays a division by the runtime group size.
     return tiled_gemm(x, N, [&](int64_t n, float* dst) {
-      for (int64_t k = 0; k < K; k += 8) {
-        __m256 s = _mm256_set1_ps(qk::to_float(sp[n * G + k / group]));
-        _mm256_storeu_ps(dst + k, _mm256_mul_ps(widen_i8(cp + n * K + k), s));
+      for (int64_t g = 0; g < G; ++g) {
+        const __m256 s = _mm256_set1_ps(qk::to_float(sp[n * G + g]));
+        for (int64_t k = g * group; k < (g + 1) * group; k += 8)
+          _mm256_storeu_ps(dst + k, _mm256_mul_ps(widen_i8(cp + n * K + k), s));
       }
     });
   }
@@ -435,15 +437,17 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const 
   const __m128i low4 = _mm_set1_epi8(0x0F);
   if (x.size(0) >= kGemmMinRows) {
     return tiled_gemm(x, N, [&](int64_t n, float* dst) {
-      for (int64_t k = 0; k < K; k += 32) {
-        __m256 s = _mm256_set1_ps(scale(n * G + k / group));
-        __m256 o = _mm256_set1_ps(offset(n * G + k / group));
-        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(pp + (n * K + k) / 2));
-        __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-        _mm256_storeu_ps(dst + k, _mm256_fmadd_ps(widen_u4(lo), s, o));
-        _mm256_storeu_ps(dst + k + 8, _mm256_fmadd_ps(widen_u4(_mm_srli_si128(lo, 8)), s, o));
-        _mm256_storeu_ps(dst + k + 16, _mm256_fmadd_ps(widen_u4(hi), s, o));
-        _mm256_storeu_ps(dst + k + 24, _mm256_fmadd_ps(widen_u4(_mm_srli_si128(hi, 8)), s, o));
+      for (int64_t g = 0; g < G; ++g) {  // group by group, as q8_linear's widening
+        const __m256 s = _mm256_set1_ps(scale(n * G + g));
+        const __m256 o = _mm256_set1_ps(offset(n * G + g));
+        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+          __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(pp + (n * K + k) / 2));
+          __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+          _mm256_storeu_ps(dst + k, _mm256_fmadd_ps(widen_u4(lo), s, o));
+          _mm256_storeu_ps(dst + k + 8, _mm256_fmadd_ps(widen_u4(_mm_srli_si128(lo, 8)), s, o));
+          _mm256_storeu_ps(dst + k + 16, _mm256_fmadd_ps(widen_u4(hi), s, o));
+          _mm256_storeu_ps(dst + k + 24, _mm256_fmadd_ps(widen_u4(_mm_srli_si128(hi, 8)), s, o));
+        }
       }
     });
   }
