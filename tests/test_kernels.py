@@ -28,7 +28,7 @@ def rand(*shape, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 9, 15, 16, 20])
 def test_dense_linear(dtype, rows):
-    """Fewer than gemm_min_rows (16) rows stream the weights, more take the float32 tiles; a large
+    """Fewer than 16 rows stream the weights, more take the float32 tiles; a large
     matrix spans several tiles."""
     weight = rand(1200, 512, dtype=dtype)
     x = rand(rows, 512, dtype=dtype, seed=1)

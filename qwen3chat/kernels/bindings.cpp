@@ -40,5 +40,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("norm_topk_prob", &DecoderLayerWeights::norm_topk_prob);
   m.def("matmul", &matmul, "x @ W.T with the kernel of W's format");
   m.def("decode_layer", &decode_layer, "one decode step of a decoder layer");
-  m.attr("gemm_min_rows") = kGemmMinRows;
 }

@@ -11,13 +11,16 @@
 
 #include <vector>
 
-// Linear layers, ``x [M, K] @ W.T -> [M, N]`` in x's dtype (linear.cpp). Fewer than
-// kGemmMinRows rows stream the weights once, each weight row against every activation
-// row; more rows convert tiles of W to float32 and run float32 GEMM on them. Widening
-// every weight costs a decode step's time or more, so streaming wins up to about 16 rows
-// on this class of CPU (Qwen3-0.6B, 8 rows: 110 ms against 270 ms in int4, 165 against
-// 345 in bf16, 215 against 570 in float32).
+// Linear layers, ``x [M, K] @ W.T -> [M, N]`` in x's dtype (linear.cpp). Below a
+// threshold of rows the weights stream once, each weight row against every activation
+// row; from it on a GEMM runs. Float and 16-bit weights widen tiles to float32 for
+// float32 GEMM, which costs a decode step's time or more, so streaming them wins up to
+// about 16 rows on this class of CPU (Qwen3-0.6B, 8 rows: 165 ms against 345 in bf16,
+// 215 against 570 in float32). Quantized weights multiply as integers with nothing
+// widened, and their GEMM overtakes streaming at 6-7 rows (0.7x its speed at 4 rows,
+// 1.25x at 8).
 constexpr int64_t kGemmMinRows = 16;
+constexpr int64_t kIntegerGemmMinRows = 8;
 
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight);
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales);
