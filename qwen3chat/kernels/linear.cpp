@@ -59,13 +59,19 @@ at::Tensor matvec(const at::Tensor& x, int64_t N, Dot dot, const void* prefetch_
   return out;
 }
 
+// t.T as a contiguous tensor of dtype. Float32 GEMMs here compute x @ W.T as
+// (W @ x.T).T: MKL runs that 5-20% faster on this class of CPU, with the same results.
+at::Tensor transposed(const at::Tensor& t, at::ScalarType dtype) {
+  return t.t().to(dtype, false, false, at::MemoryFormat::Contiguous);
+}
+
 // ``x @ W.T`` in x's dtype, where ``widen(n, dst)`` writes weight row n as K floats.
 template <typename Widen>
 at::Tensor tiled_gemm(const at::Tensor& x_in, int64_t N, Widen widen) {
   const auto x = x_in.to(at::kFloat);
   const int64_t K = x.size(1);
   const int64_t tile = std::max<int64_t>(16, (int64_t{1} << 19) / K / 16 * 16);
-  auto out = at::empty({x.size(0), N}, x.options());
+  auto out_t = at::empty({N, x.size(0)}, x.options());
   auto buffer = at::empty({std::min(tile, N), K}, x.options());
   float* bp = buffer.data_ptr<float>();
   for (int64_t n0 = 0; n0 < N; n0 += tile) {
@@ -73,9 +79,10 @@ at::Tensor tiled_gemm(const at::Tensor& x_in, int64_t N, Widen widen) {
     at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) widen(n0 + r, bp + r * K);
     });
-    out.narrow(1, n0, rows).copy_(at::mm(x, buffer.narrow(0, 0, rows).t()));
+    auto rows_out = out_t.narrow(0, n0, rows);
+    at::mm_out(rows_out, buffer.narrow(0, 0, rows), x.t());
   }
-  return out.to(x_in.scalar_type());
+  return transposed(out_t, x_in.scalar_type());
 }
 
 // Four independent accumulators over 32 values: one chain would wait on FMA latency.
@@ -483,7 +490,7 @@ at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& weight_in) {
   switch (weight.scalar_type()) {
     case at::kFloat: {
       const float* w = weight.data_ptr<float>();
-      if (!decode) return at::mm(x.to(at::kFloat), weight.t()).to(x.scalar_type());
+      if (!decode) return transposed(at::mm(weight, x.to(at::kFloat).t()), x.scalar_type());
       const float* xp = float_rows(x, false);
       return matvec(x, N, [&](int64_t n, int64_t m) { return dot_widened(w + n * K, xp + m * K, K); });
     }
