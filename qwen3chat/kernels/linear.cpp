@@ -224,9 +224,11 @@ inline float q4_pair_row(const uint8_t* w, const c10::Half* scales, const c10::H
 }
 
 // One weight row of B blocks of 32 against quantized activations (codes x, block scales
-// xd): sum over blocks of scale(group of b) * xd[b] * block_dot(b). With one block per
-// group (GGUF's Q8_0/Q4_0, --quantize int4), eight scales are widened at once and two
-// accumulators alternate, so no scalar work or single dependency chain paces the loop.
+// xd): sum over blocks of scale(group of b) * xd[b] * block_dot(b). Eight blocks at a time
+// take their eight scales at once and alternate two accumulators, so no scalar work or
+// single dependency chain paces the loop: with one block per group (GGUF's Q8_0/Q4_0,
+// --quantize int4) and with groups of a multiple of eight blocks and no offsets
+// (--quantize int8's one scale per row: 10% faster than a group at a time).
 //
 // int4 rows also have offsets (zero - 8 * scale, per group; zeros null: all 0), which
 // multiply the groups' sums of the float activations, xsum.
@@ -237,10 +239,13 @@ inline float quantized_row(const uint8_t* w, const c10::Half* scales, const c10:
   __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, offsets = acc0;
   float offset_sum = 0.0f;
   int64_t b = 0;
-  if (per_group == 1) {
+  if (per_group == 1 || (per_group % 8 == 0 && xsum == nullptr)) {
     alignas(32) float combined[8];
     for (; b + 8 <= B; b += 8) {
-      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b)));
+      const __m256 s =
+          per_group == 1
+              ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b)))
+              : _mm256_set1_ps(qk::to_float(scales[b / per_group]));
       _mm256_store_ps(combined, _mm256_mul_ps(s, _mm256_loadu_ps(xd + b)));
       if (xsum != nullptr) {
         __m256 o = _mm256_mul_ps(s, _mm256_set1_ps(-8.0f));
