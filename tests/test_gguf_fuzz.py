@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qwen3chat.errors import QwenChatError
-from qwen3chat.weights.gguf import open_gguf
+from qwen3chat.weights.gguf import metadata, open_gguf
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,35 @@ def small_gguf(tmp_path_factory) -> bytes:
     writer.write_tensors_to_file()
     writer.close()
     return path.read_bytes()
+
+
+def test_fields_match_gguf_py(tmp_path):
+    """Our reader lists the same fields as gguf-py's, part for part (string arrays make
+    their parts when read), and gives the same contents."""
+    path = tmp_path / "fields.gguf"
+    writer = gguf.GGUFWriter(path, "qwen3")
+    writer.add_token_list(["a", "", "ĠĠ", "日本", "<|im_end|>"])
+    writer.add_token_merges(["Ġ Ġ", "a b"])
+    writer.add_token_types([1, 1, 3, 1, 3])
+    writer.add_string("general.name", "tiny")
+    writer.add_rope_freq_base(1e6)
+    writer.add_tensor("token_embd.weight", np.ones((4, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = open_gguf(path)
+    ours, theirs = reader.fields, gguf.GGUFReader(path).fields
+    assert list(ours) == list(theirs)
+    for name, field in theirs.items():
+        mine = ours[name]
+        assert (mine.offset, mine.data, mine.types) == (field.offset, field.data, field.types)
+        assert len(mine.parts) == len(field.parts)
+        for index in range(-len(field.parts), len(field.parts)):
+            assert mine.parts[index].tobytes() == field.parts[index].tobytes()
+            assert mine.parts[index].dtype == field.parts[index].dtype
+        assert mine.contents() == field.contents() == metadata(reader, name)
+    assert ours["tokenizer.ggml.tokens"].contents(3) == "日本"
 
 
 def try_open(tmp_path, data: bytes) -> None:

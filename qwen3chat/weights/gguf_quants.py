@@ -23,7 +23,8 @@ REQUANTIZED_GROUP = 32
 
 
 def _f16(column: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(column).view(np.float16).astype(np.float32))
+    # torch widens float16 with F16C; numpy's astype takes 3x as long.
+    return torch.from_numpy(np.ascontiguousarray(column).view(np.float16)).float()
 
 
 def _codes(qs: np.ndarray, rows: int) -> torch.Tensor:
