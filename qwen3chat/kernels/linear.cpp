@@ -360,9 +360,8 @@ RowGroups group_rows(const QuantizedRows& q, int64_t M, int64_t K) {
   sums.assign(count * B * kGroupRows, 0.0f);
   for (int64_t m = 0; m < M; ++m) {
     const int64_t group = m / kGroupRows, lane = m % kGroupRows;
-    const int32_t* steps = reinterpret_cast<const int32_t*>(q.codes + m * K);
     int32_t* dst = codes.data() + group * kGroupRows * K / 4 + lane;
-    for (int64_t s = 0; s < K / 4; ++s) dst[s * kGroupRows] = steps[s];
+    for (int64_t s = 0; s < K / 4; ++s) std::memcpy(dst + s * kGroupRows, q.codes + m * K + 4 * s, 4);
     for (int64_t b = 0; b < B; ++b) {
       scales[(group * B + b) * kGroupRows + lane] = q.scales[m * B + b];
       sums[(group * B + b) * kGroupRows + lane] = q.sums[m * B + b];
