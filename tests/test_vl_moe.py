@@ -202,7 +202,11 @@ def test_hub_layouts_load_to_the_same_logits(
         engine = Engine(model.model, model.tokenizer, 512)
         engine.tokenizer.stop_ids = []
         logits.append(engine_greedy(engine, ids, 3, visuals=visuals)[1])
-    assert torch.equal(logits[0], logits[1])
+    # The same weights, but the standard file's experts are kept as its mapped pages (at
+    # an address that is not 64-byte aligned) and the hub's, converted, in memory of
+    # their own: torch's product for the tiny expert width (not in blocks of 32) may
+    # round differently by address.
+    torch.testing.assert_close(logits[0], logits[1])
 
 
 def test_bf16_checkpoint_reads_transposed_parts(tmp_path, moe_vl, tokenizer_dir):

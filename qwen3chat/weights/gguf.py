@@ -291,7 +291,7 @@ class GGUFSource:
         return counts
 
     def read(
-        self, name: str, dtype: torch.dtype, own_memory: bool = True
+        self, name: str, dtype: torch.dtype, kept: bool = False
     ) -> torch.Tensor | QuantizedMatrix:
         """Always decoded into memory of its own: the file's pages are released here."""
         tensor = self._tensors[name]

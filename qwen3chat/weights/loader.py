@@ -23,10 +23,11 @@ class WeightSource(Protocol):
     def file_of(self, name: str) -> str: ...
 
     def read(
-        self, name: str, dtype: torch.dtype, own_memory: bool = True
+        self, name: str, dtype: torch.dtype, kept: bool = False
     ) -> torch.Tensor | QuantizedMatrix:
-        """``own_memory=False``: the tensor may still be backed by the file's pages, for
-        a caller that only converts it (quantizes, concatenates) and drops it."""
+        """``kept``: the model keeps the tensor as returned (a source may then hand out
+        the file's mapped pages); otherwise the caller converts it (quantizes,
+        concatenates) and drops it."""
         ...
 
 
@@ -67,10 +68,8 @@ def load_weights(
     heap = HeapTrimmer()
     for name, param in list(model.named_parameters()):
         names = checkpoint_parts(name)
-        # A tensor kept as it is read needs memory of its own; one that is converted
-        # first is read from the file's pages, which saves a copy of it at the peak.
         kept = len(names) == 1 and quant_layout(model, name, param.shape, quant) is None
-        parts = [source.read(part, dtype, own_memory=kept) for part in names]
+        parts = [source.read(part, dtype, kept=kept) for part in names]
         if len(parts) == 1:
             weight = parts[0]
         elif all(isinstance(p, torch.Tensor) for p in parts):

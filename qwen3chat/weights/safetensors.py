@@ -25,9 +25,12 @@ FP8_BLOCK_SIZE = (128, 128)
 class SafeTensorsSource:
     """Canonical tensor name -> tensor, read lazily from memory-mapped files.
 
-    Each read opens its file briefly, so the pages of a tensor that gets converted (say
-    bf16 -> float32) leave memory with it: loading peaks at the final weights plus one
-    tensor, never at the file plus the weights. Per-expert tensors are read as one stack;
+    A tensor the model keeps as it is stored stays a view of its file's pages, one mapping
+    per file for all of them, as llama.cpp and transformers map weights: nothing is
+    copied, and the page cache holds it once. A read for conversion (say bf16 -> float32,
+    or rows concatenated) opens the file briefly instead, so that the pages read leave
+    memory with the temporary: loading peaks at the final weights plus one tensor, never
+    at the file plus the weights. Per-expert tensors are read as one stack;
     a tensor holding whole stacks (Qwen3-VL-MoE, names.EXPERT_STACKS) is read one stack
     at a time, transposed as it is converted when the file stores it as ``x @ W``.
     """
@@ -42,6 +45,8 @@ class SafeTensorsSource:
         # Canonical stack -> (which slice, stored transposed) of the checkpoint tensor
         # that holds it (names.EXPERT_STACKS).
         self._stack_part: dict[str, tuple[int, bool]] = {}
+        # File -> its open handle for kept tensors, which share that one mapping.
+        self._kept_mappings: dict[Path, safe_open] = {}
         stacks = []
         for file in self._files():
             try:
@@ -131,10 +136,15 @@ class SafeTensorsSource:
     def file_of(self, name: str) -> str:
         return next(iter(self._slices[name].values()))[0].name
 
-    def read(self, name: str, dtype: torch.dtype, own_memory: bool = True) -> torch.Tensor:
-        """The tensor converted to ``dtype``: in memory of its own, or, without
-        ``own_memory``, possibly a view of the file's pages (kept mapped while it lives)."""
+    def read(self, name: str, dtype: torch.dtype, kept: bool = False) -> torch.Tensor:
+        """The tensor converted to ``dtype``. ``kept``: the model keeps it as returned,
+        so where no conversion is needed it is a view of the file's lasting mapping;
+        otherwise a view of a brief one or memory of its own."""
         slices = self._slices[name]
+        if kept and None in slices:
+            mapped = self._mapped_view(name, slices[None], dtype)
+            if mapped is not None:
+                return mapped
         stacked = None if None in slices else torch.empty(self._shape[name], dtype=dtype)
         by_file: dict[Path, list[tuple[int | None, str]]] = {}
         for expert, (file, hf_name) in slices.items():
@@ -144,9 +154,7 @@ class SafeTensorsSource:
                 with safe_open(file, framework="pt") as f:
                     for expert, hf_name in names:
                         tensor = self._get(f, name, hf_name).to(
-                            dtype=dtype,
-                            memory_format=torch.contiguous_format,
-                            copy=own_memory and stacked is None,
+                            dtype=dtype, memory_format=torch.contiguous_format
                         )
                         if stacked is None:
                             return tensor
@@ -154,6 +162,23 @@ class SafeTensorsSource:
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise QwenChatError(f"{file}: cannot read {name} ({e})") from None
         return stacked
+
+    def _mapped_view(
+        self, name: str, where: tuple[Path, str], dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """``name`` as a view of its file's lasting mapping, or None where it must be
+        converted first (another dtype, FP8, a slice of an expert stack). Making the view
+        reads none of its pages, so a None leaves nothing of the tensor in memory."""
+        file, hf_name = where
+        if name in self._stack_part or hf_name in self._fp8_scales:
+            return None
+        try:
+            if file not in self._kept_mappings:
+                self._kept_mappings[file] = safe_open(file, framework="pt")
+            tensor = self._kept_mappings[file].get_tensor(hf_name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise QwenChatError(f"{file}: cannot read {name} ({e})") from None
+        return tensor if tensor.dtype == dtype and tensor.is_contiguous() else None
 
     def _get(self, f, name: str, hf_name: str) -> torch.Tensor:
         """The checkpoint tensor ``hf_name`` as floats (FP8 dequantized); for one holding
