@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from .errors import QwenChatError
+from .presets import PRESETS
 
 
 class _OneLineErrors(TyperGroup):
@@ -397,8 +398,7 @@ def bench(
     preset: str | None = typer.Option(
         None,
         "--preset",
-        help="Bench a named shape with random weights, no download: qwen3-0.6b, qwen3-1.7b, "
-        "qwen3-4b, qwen3-8b, qwen3-14b, qwen3-32b or tiny.",
+        help=f"Bench a named shape with random weights, no download: {', '.join(PRESETS)}.",
     ),
     prompt_tokens: str = typer.Option(
         "128", "-p", "--prompt-tokens", help="Prompt lengths, a comma list such as 128,512."

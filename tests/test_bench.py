@@ -18,7 +18,7 @@ from qwen3chat import kernels
 from qwen3chat.bench import DEFAULT_PLOT_DEPTHS
 from qwen3chat.bench_ops import OPS, SEQ_LENS
 from qwen3chat.cli import app
-from qwen3chat.presets import preset_config
+from qwen3chat.presets import PRESETS, preset_config
 
 # Small enough to keep every run in milliseconds on the tiny preset.
 QUICK = ["--preset", "tiny", "-p", "8", "-n", "4", "-r", "2"]
@@ -245,3 +245,10 @@ def test_errors_are_one_line(args, code, fragment):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ")
     assert fragment in lines[0]
+
+
+def test_help_names_every_preset():
+    result = CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0
+    for name in PRESETS:
+        assert f" {name}," in result.stdout or f" {name}." in result.stdout, name
