@@ -312,7 +312,13 @@ def write_table(args, rows, weight_bytes) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     header = "# Benchmarks\n\nWritten by `benchmarks/compare.py`; rerun it to refresh.\n\n"
-    out.write_text(header + table)
+    # The sections after this table (other runs, notes) are written by hand: kept.
+    notes = ""
+    if out.is_file():
+        previous = out.read_text(encoding="utf-8")
+        second = previous.find("\n## ", previous.find("\n## ") + 1)
+        notes = previous[second:] if second != -1 else ""
+    out.write_text(header + table + notes, encoding="utf-8")
 
 
 def fmt(values: list[float]) -> str:
