@@ -7,6 +7,7 @@
 // dtype after each operation), so results match it to float32 rounding.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -198,17 +199,17 @@ void scores_of_four_keys(const float* query, const S* keys, int64_t stride, int6
     _mm_storeu_ps(scores + g * padded, hsum4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]));
 }
 
-// out[g][d] = sum over l of p[g][l] * values[l][d] for up to two heads (G) and a block
-// of 8 * V columns, kept in registers over the whole sweep: each value is widened once
-// for both heads, and with V = 4 a bfloat16 block is one cache line, so sweeping the
-// blocks in turn reads every value from memory once.
+// out[g][d] += sum over rows l in [first, last) of p[g][l] * values[l][d] for up to two
+// heads (G) and a block of 8 * V columns, kept in registers over the rows: each value is
+// widened once for both heads. Every output adds its rows in order, so a sweep split
+// into blocks of rows gives the same sums as one sweep.
 template <int G, int V, typename S>
-void weighted_sum(const float* p, int64_t padded, const S* values, int64_t stride, int64_t L,
-                  float* out, int64_t D) {
+void weighted_sum(const float* p, int64_t padded, const S* values, int64_t stride,
+                  int64_t first, int64_t last, float* out, int64_t D) {
   __m256 acc[G][V];
   for (int g = 0; g < G; ++g)
-    for (int j = 0; j < V; ++j) acc[g][j] = _mm256_setzero_ps();
-  for (int64_t l = 0; l < L; ++l) {
+    for (int j = 0; j < V; ++j) acc[g][j] = _mm256_loadu_ps(out + g * D + 8 * j);
+  for (int64_t l = first; l < last; ++l) {
     __m256 weight[G];
     for (int g = 0; g < G; ++g) weight[g] = _mm256_set1_ps(p[g * padded + l]);
     for (int j = 0; j < V; ++j) {
@@ -246,30 +247,38 @@ void head_scores(const float* query, int64_t groups, const S* keys, int64_t stri
   }
 }
 
-// acc [groups, D] = softmax weights [groups, padded] times the values, a block of
-// columns at a time through all the heads in pairs: the block's values stay in cache
-// between pairs, so each is read from memory once.
+// acc [groups, D] = softmax weights [groups, padded] times the values, kValueRows rows at
+// a time: every block of columns and pair of heads reads the block's rows from L1, and
+// memory is read front to back. Sweeping all rows once per block of columns (a cache
+// line of every row per sweep) was 1.1-1.4x slower at 1024-4096 tokens of context.
+constexpr int64_t kValueRows = 16;
+
 template <typename S>
 void head_values(const float* p, int64_t padded, int64_t groups, const S* values,
                  int64_t stride, int64_t L, int64_t D, float* acc) {
-  for (int64_t d = 0; d < D;) {
-    const bool wide = D - d >= 32;
-    for (int64_t g = 0; g < groups; g += 2) {
-      const float* pg = p + g * padded;
-      float* out = acc + g * D + d;
-      if (groups - g >= 2) {
-        if (wide)
-          weighted_sum<2, 4>(pg, padded, values + d, stride, L, out, D);
-        else
-          weighted_sum<2, 1>(pg, padded, values + d, stride, L, out, D);
-      } else {
-        if (wide)
-          weighted_sum<1, 4>(pg, padded, values + d, stride, L, out, D);
-        else
-          weighted_sum<1, 1>(pg, padded, values + d, stride, L, out, D);
+  std::fill(acc, acc + groups * D, 0.0f);
+  for (int64_t first = 0; first < L; first += kValueRows) {
+    const int64_t last = std::min(L, first + kValueRows);
+    for (int64_t d = 0; d < D;) {
+      const bool wide = D - d >= 32;
+      for (int64_t g = 0; g < groups; g += 2) {
+        const float* pg = p + g * padded;
+        const S* block = values + d;
+        float* out = acc + g * D + d;
+        if (groups - g >= 2) {
+          if (wide)
+            weighted_sum<2, 4>(pg, padded, block, stride, first, last, out, D);
+          else
+            weighted_sum<2, 1>(pg, padded, block, stride, first, last, out, D);
+        } else {
+          if (wide)
+            weighted_sum<1, 4>(pg, padded, block, stride, first, last, out, D);
+          else
+            weighted_sum<1, 1>(pg, padded, block, stride, first, last, out, D);
+        }
       }
+      d += wide ? 32 : 8;
     }
-    d += wide ? 32 : 8;
   }
 }
 
