@@ -49,8 +49,10 @@ def test_rms_norm_rounds_as_torch_does(dtype, torch_matmuls):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_mul(dtype):
-    gate_up = rand(2, 3, 192, dtype=dtype)
+# The second shape splits across threads in the middle of a row.
+@pytest.mark.parametrize("shape", [(2, 3, 192), (1, 1001, 112)])
+def test_silu_mul(dtype, shape):
+    gate_up = rand(*shape, dtype=dtype)
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(native.silu_mul(gate_up), F.silu(gate) * up)
 

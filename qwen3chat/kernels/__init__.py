@@ -3,9 +3,9 @@
 linear.cpp holds the matrix products of every weight format (float, bfloat16, half,
 int8, int4), quantize.cpp the quantization of weights at load, layer_ops.cpp the small
 operations of a decoder layer (RMSNorm, q/k norm with RoPE and the cache write, decode
-attention, SwiGLU), and decode_layer.cpp a whole layer's decode step built from them, one
-call per layer. They need an x86-64 CPU with AVX2 and a C++ compiler; without either,
-``native()`` returns None and callers run the plain torch code, which is correct
+attention, SwiGLU), and decode_layer.cpp a decode step of the decoder layers built from
+them, one call per token. They need an x86-64 CPU with AVX2 and a C++ compiler; without
+either, ``native()`` returns None and callers run the plain torch code, which is correct
 everywhere and is what the kernels are tested against.
 The build is cached by torch (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions).
 """

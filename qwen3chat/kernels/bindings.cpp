@@ -39,5 +39,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("top_k", &DecoderLayerWeights::top_k)
       .def_readwrite("norm_topk_prob", &DecoderLayerWeights::norm_topk_prob);
   m.def("matmul", &matmul, "x @ W.T with the kernel of W's format");
-  m.def("decode_layer", &decode_layer, "one decode step of a decoder layer");
+  // The list's items are cast by reference: converting it to a std::vector would copy
+  // every layer's tensors and matrices on every token.
+  m.def(
+      "decode_layers",
+      [](at::Tensor x, const py::list& layers, const at::Tensor& cos, const at::Tensor& sin,
+         const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t start) {
+        for (const auto& layer : layers)
+          x = decode_layer(x, layer.cast<const DecoderLayerWeights&>(), cos, sin, k_cache,
+                           v_cache, start);
+        return x;
+      },
+      "one decode step of every decoder layer in turn (a list of DecoderLayerWeights)");
 }

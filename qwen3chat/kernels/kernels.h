@@ -41,6 +41,27 @@ at::Tensor qk_norm_rope(const at::Tensor& qkv, const at::Tensor& q_weight,
                         const at::Tensor& k_out, const at::Tensor& v_out);
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 at::Tensor silu_mul(const at::Tensor& gate_up);
+at::Tensor add_residual(const at::Tensor& a, const at::Tensor& b);
+
+// Rows [B, KVH, L, D] of keys and values, D contiguous, by address and strides (batch,
+// head, row): from two views (kv_rows), or from a layer of the KV cache [layers, B, KVH,
+// max_seq_len, D] (cache_rows), which a decode step then reaches without the half dozen
+// view operations (about a microsecond each) that slicing the cache takes.
+struct KVRows {
+  void *k, *v;
+  int64_t k_strides[3], v_strides[3];
+  int64_t batch, heads, rows, dim;
+  at::ScalarType dtype;
+};
+KVRows kv_rows(const at::Tensor& k, const at::Tensor& v);
+KVRows cache_rows(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t layer,
+                  int64_t first, int64_t count);
+// qk_norm_rope and decode_attention on KVRows.
+at::Tensor qk_norm_rope_into(const at::Tensor& qkv, const at::Tensor& q_weight,
+                             const at::Tensor& k_weight, const at::Tensor& cos,
+                             const at::Tensor& sin, double eps, int64_t num_heads,
+                             int64_t num_kv_heads, const KVRows& out);
+at::Tensor attend(const at::Tensor& q, const KVRows& kv);
 
 // A layer's weight matrix in the form its product kernel takes: ``bits`` 0 for a float,
 // bfloat16 or half ``weight``, 8 or 4 for int8 codes or packed int4 codes with float16

@@ -112,12 +112,46 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight_in, double 
   return out;
 }
 
+KVRows kv_rows(const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.stride(3) == 1 && v.stride(3) == 1 &&
+                  k.scalar_type() == v.scalar_type(),
+              "kv_rows: keys and values must be [B, KVH, L, D] with D contiguous");
+  return {k.data_ptr(), v.data_ptr(), {k.stride(0), k.stride(1), k.stride(2)},
+          {v.stride(0), v.stride(1), v.stride(2)}, k.size(0), k.size(1), k.size(2), k.size(3),
+          k.scalar_type()};
+}
+
+KVRows cache_rows(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t layer,
+                  int64_t first, int64_t count) {
+  TORCH_CHECK(k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.stride(4) == 1 && v_cache.stride(4) == 1 &&
+                  k_cache.scalar_type() == v_cache.scalar_type() && layer >= 0 &&
+                  layer < k_cache.size(0) && first >= 0 && first + count <= k_cache.size(3),
+              "cache_rows: no such layer or rows in the KV cache");
+  const int64_t size = k_cache.element_size();
+  auto at_row = [&](const at::Tensor& c) {
+    return static_cast<char*>(c.data_ptr()) + (layer * c.stride(0) + first * c.stride(3)) * size;
+  };
+  return {at_row(k_cache), at_row(v_cache),
+          {k_cache.stride(1), k_cache.stride(2), k_cache.stride(3)},
+          {v_cache.stride(1), v_cache.stride(2), v_cache.stride(3)}, k_cache.size(1),
+          k_cache.size(2), count, k_cache.size(4), k_cache.scalar_type()};
+}
+
+at::Tensor qk_norm_rope(const at::Tensor& qkv, const at::Tensor& q_weight,
+                        const at::Tensor& k_weight, const at::Tensor& cos, const at::Tensor& sin,
+                        double eps, int64_t num_heads, int64_t num_kv_heads,
+                        const at::Tensor& k_out, const at::Tensor& v_out) {
+  return qk_norm_rope_into(qkv, q_weight, k_weight, cos, sin, eps, num_heads, num_kv_heads,
+                           kv_rows(k_out, v_out));
+}
+
 // qkv [B, T, (H + 2 KVH) * D] -> q [B, H, T, D] normed and rotated, returned; k (normed,
-// rotated) and v written to k_out/v_out [B, KVH, T, D] (views into the KV cache).
-at::Tensor qk_norm_rope(const at::Tensor& qkv_in, const at::Tensor& q_weight_in,
-                        const at::Tensor& k_weight_in, const at::Tensor& cos_in,
-                        const at::Tensor& sin_in, double eps, int64_t num_heads,
-                        int64_t num_kv_heads, const at::Tensor& k_out, const at::Tensor& v_out) {
+// rotated) and v written to out's rows [B, KVH, T, D].
+at::Tensor qk_norm_rope_into(const at::Tensor& qkv_in, const at::Tensor& q_weight_in,
+                             const at::Tensor& k_weight_in, const at::Tensor& cos_in,
+                             const at::Tensor& sin_in, double eps, int64_t num_heads,
+                             int64_t num_kv_heads, const KVRows& out) {
   RECORD_FUNCTION("qwen3chat::qk_norm_rope", std::vector<c10::IValue>());
   const auto qkv = qkv_in.contiguous();
   const auto dtype = qkv.scalar_type();
@@ -128,10 +162,9 @@ at::Tensor qk_norm_rope(const at::Tensor& qkv_in, const at::Tensor& q_weight_in,
   const int64_t B = qkv.size(0), T = qkv.size(1), D = q_weight.numel();
   const int64_t width = qkv.size(2), q_size = num_heads * D, kv_size = num_kv_heads * D;
   TORCH_CHECK(width == q_size + 2 * kv_size && D <= 512 && D % 16 == 0 &&
-                  cos.size(0) == T && cos.size(1) == D && k_out.sizes() == v_out.sizes() &&
-                  k_out.size(0) == B && k_out.size(1) == num_kv_heads && k_out.size(2) == T &&
-                  k_out.size(3) == D && k_out.stride(3) == 1 && v_out.stride(3) == 1 &&
-                  k_out.scalar_type() == dtype && v_out.scalar_type() == dtype,
+                  cos.size(0) == T && cos.size(1) == D && out.batch == B &&
+                  out.heads == num_kv_heads && out.rows == T && out.dim == D &&
+                  out.dtype == dtype,
               "qk_norm_rope: shapes do not match");
   auto q = at::empty({B, num_heads, T, D}, qkv.options());
   with_dtype(dtype, "qk_norm_rope", [&](auto tag) {
@@ -142,10 +175,10 @@ at::Tensor qk_norm_rope(const at::Tensor& qkv_in, const at::Tensor& q_weight_in,
     const S* cp = cos.data_ptr<S>();
     const S* sp = sin.data_ptr<S>();
     S* qp = q.data_ptr<S>();
-    S* kp = k_out.data_ptr<S>();
-    S* vp = v_out.data_ptr<S>();
-    const auto ks = k_out.strides();
-    const auto vs = v_out.strides();
+    S* kp = static_cast<S*>(out.k);
+    S* vp = static_cast<S*>(out.v);
+    const int64_t* ks = out.k_strides;
+    const int64_t* vs = out.v_strides;
     const int64_t heads = num_heads + num_kv_heads;
     // One task per (batch, token, head): q heads first, then k heads (which copy v too).
     at::parallel_for(0, B * T * heads, 64, [&](int64_t begin, int64_t end) {
@@ -284,18 +317,21 @@ void head_values(const float* p, int64_t padded, int64_t groups, const S* values
 
 }  // namespace
 
-// One query token: q [B, H, 1, D], k and v [B, KVH, L, D] (cache views) -> [B, 1, H * D].
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return attend(q, kv_rows(k, v));
+}
+
+// One query token: q [B, H, 1, D] over the cached rows kv [B, KVH, L, D] -> [B, 1, H * D].
 // Scores, softmax and the weighted sum in float32, the result rounded once, as SDPA does.
 // One task per KV head, whose keys and values are each read once for all the query
 // heads that share them (two at a time from the registers, the rest from cache).
-at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v) {
+at::Tensor attend(const at::Tensor& q_in, const KVRows& kv) {
   RECORD_FUNCTION("qwen3chat::decode_attention", std::vector<c10::IValue>());
   const auto q = q_in.contiguous();
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
-  const int64_t KVH = k.size(1), L = k.size(2);
-  TORCH_CHECK(q.size(2) == 1 && H % KVH == 0 && D % 8 == 0 && k.sizes() == v.sizes() &&
-                  k.size(3) == D && k.stride(3) == 1 && v.stride(3) == 1 &&
-                  k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+  const int64_t KVH = kv.heads, L = kv.rows;
+  TORCH_CHECK(q.size(2) == 1 && kv.batch == B && H % KVH == 0 && D % 8 == 0 && kv.dim == D &&
+                  kv.dtype == q.scalar_type(),
               "decode_attention: shapes do not match");
   auto out = at::empty({B, 1, H * D}, q.options());
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -303,11 +339,11 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
   with_dtype(q.scalar_type(), "decode_attention", [&](auto tag) {
     using S = decltype(tag);
     const S* qp = q.data_ptr<S>();
-    const S* kp = k.data_ptr<S>();
-    const S* vp = v.data_ptr<S>();
+    const S* kp = static_cast<const S*>(kv.k);
+    const S* vp = static_cast<const S*>(kv.v);
     S* op = out.data_ptr<S>();
-    const auto ks = k.strides();
-    const auto vs = v.strides();
+    const int64_t* ks = kv.k_strides;
+    const int64_t* vs = kv.v_strides;
     at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores(groups * padded), query(groups * D), acc(groups * D);
       for (int64_t i = begin; i < end; ++i) {
@@ -360,6 +396,23 @@ at::Tensor silu_mul(const at::Tensor& gate_up_in) {
         store8(op + r * width + c, _mm256_mul_ps(round_to(S{}, silu), load8(gate + width)));
       }
     });
+  });
+  return out;
+}
+
+// a + b of two tensors of one shape and dtype, rounded as torch's add rounds: a decoder
+// layer's residual sums, without a TensorIterator's setup (microseconds each).
+at::Tensor add_residual(const at::Tensor& a_in, const at::Tensor& b_in) {
+  const auto a = a_in.contiguous(), b = b_in.contiguous();
+  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() && a.numel() % 8 == 0,
+              "add_residual: the tensors must match, with a multiple of 8 elements");
+  auto out = at::empty_like(a);
+  with_dtype(a.scalar_type(), "add_residual", [&](auto tag) {
+    using S = decltype(tag);
+    const S* ap = a.data_ptr<S>();
+    const S* bp = b.data_ptr<S>();
+    S* op = out.data_ptr<S>();
+    for (int64_t i = 0; i < a.numel(); i += 8) store8(op + i, _mm256_add_ps(load8(ap + i), load8(bp + i)));
   });
   return out;
 }
