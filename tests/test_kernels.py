@@ -173,3 +173,18 @@ def test_decode_layer_is_the_per_operation_path(dtype, quantize, monkeypatch):
     per_op, per_op_cache = run()
     assert torch.equal(fused, per_op)
     assert torch.equal(fused_cache.k, per_op_cache.k) and torch.equal(fused_cache.v, per_op_cache.v)
+
+
+def test_a_decode_step_is_one_native_call_for_all_layers():
+    """Decode steps skip the layers' Python modules (one call runs every layer's step);
+    prompts of several tokens still run through them."""
+    model = random_model(preset_config("tiny"), torch.bfloat16, torch.device("cpu"), std=0.5)
+    cache = model.new_cache(32)
+    calls = []
+    for layer in model.layers:
+        layer.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        model(torch.tensor([[5, 17, 300]]), cache, 0)
+        assert len(calls) == len(model.layers)
+        model(torch.tensor([[7]]), cache, 3)
+    assert len(calls) == len(model.layers)
