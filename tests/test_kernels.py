@@ -188,3 +188,16 @@ def test_a_decode_step_is_one_native_call_for_all_layers():
         assert len(calls) == len(model.layers)
         model(torch.tensor([[7]]), cache, 3)
     assert len(calls) == len(model.layers)
+
+
+def test_a_layer_called_on_its_own_decodes_natively():
+    """bench --ops times a layer's decode step alone: it must be the native step, not the
+    layer's Python modules one by one."""
+    model = random_model(preset_config("tiny"), torch.bfloat16, torch.device("cpu"), std=0.5)
+    cache = model.new_cache(8)
+    layer, calls = model.layers[0], []
+    layer.self_attn.register_forward_hook(lambda *args: calls.append(1))
+    x = rand(1, 1, model.config.hidden_size, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = layer(x, model.rope_cos[:1], model.rope_sin[:1], None, cache, 0)
+    assert calls == [] and out.shape == x.shape and torch.isfinite(out).all()

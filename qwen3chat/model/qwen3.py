@@ -55,6 +55,14 @@ class DecoderLayer(nn.Module):
         self._native_weights = _UNBUILT
 
     def forward(self, x, cos, sin, mask, cache, start):
+        if x.shape[1] == 1 and cache is not None:
+            # Qwen3Model runs all its layers' decode steps in one native call; a layer
+            # called on its own (bench --ops, a model with a layer the kernels do not
+            # cover) runs its own the same way.
+            native = kernels.native(x)
+            weights = self.native_weights(native) if native is not None else None
+            if weights is not None:
+                return native.decode_layers(x, [weights], cos, sin, cache.k, cache.v, start)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -156,8 +164,9 @@ class Qwen3Model(nn.Module):
     def native_layers(self, x, cache, visual) -> list | None:
         """For a decode step on the CPU kernels, every layer's weights for one native call
         running them all (kernels/decode_layer.cpp); None where that does not apply or a
-        layer's weights are not covered. Layer by layer from Python the same step costs
-        ~0.5 ms a token more at Qwen3-0.6B (2-3% of an int4 step)."""
+        layer's weights are not covered (the layers then run one by one). Layer by layer
+        from Python the same step costs ~0.5 ms a token more at Qwen3-0.6B (2-3% of an
+        int4 step)."""
         native = kernels.native(x)
         if native is None or x.shape[1] != 1 or cache is None or visual is not None:
             return None
