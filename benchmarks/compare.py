@@ -33,12 +33,13 @@ from pathlib import Path
 
 import torch
 
-from qwen3chat.bench import peak_rss_mb
+from qwen3chat.bench.run import peak_rss_mb
 from qwen3chat.config import SHAPE_FIELDS
 from qwen3chat.presets import PRESETS, preset_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "tests/fixtures/qwen3-tokenizer"
+TOKENIZER_JSON_XZ = ROOT / "qwen3chat/assets/qwen3-tokenizer.json.xz"
 
 
 def build_gguf(checkpoint: Path, qtype_name: str) -> Path:
@@ -75,9 +76,7 @@ def build_checkpoint(shape: str, directory: Path) -> Path:
     tmp = directory.with_suffix(".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "tokenizer.json").write_bytes(
-        lzma.decompress((TOKENIZER / "tokenizer.json.xz").read_bytes())
-    )
+    (tmp / "tokenizer.json").write_bytes(lzma.decompress(TOKENIZER_JSON_XZ.read_bytes()))
     shutil.copy(TOKENIZER / "tokenizer_config.json", tmp / "tokenizer_config.json")
     tmp.rename(directory)
     return directory

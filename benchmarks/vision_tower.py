@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from qwen3chat.model.vision import VisionConfig, VisionTower
-from qwen3chat.vision_inputs import VisionPreprocessing, preprocess_images
+from qwen3chat.vision.preprocess import VisionPreprocessing, preprocess_images
 
 # Qwen3-VL-2B-Instruct's vision_config.
 QWEN3_VL_2B = VisionConfig(

@@ -6,16 +6,37 @@ import json
 from datetime import datetime
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import QwenChatError
+from .jsonfiles import read_json
 
 
-def builtin_qwen3_template() -> str:
-    """Qwen3's hybrid-thinking template, used when a model ships none."""
-    return resources.files("qwen3chat").joinpath("templates/qwen3.jinja").read_text("utf-8")
+def builtin_template(name: str) -> str:
+    """A template shipped with the package (``qwen3``: Qwen3's hybrid-thinking one;
+    ``qwen3_vl``: Qwen3-VL Instruct's), used when a model ships none that fits."""
+    return resources.files("qwen3chat").joinpath(f"templates/{name}.jinja").read_text("utf-8")
+
+
+def find_chat_template(model_dir: Path, requires: str | None = None) -> str | None:
+    """The model's own chat template, looked up where transformers' processor and
+    tokenizer look: ``chat_template.jinja``, ``chat_template.json``, then
+    ``tokenizer_config.json`` (the default of several named ones); with ``requires``, the
+    first that contains that text. None when there is none."""
+    jinja_path = model_dir / "chat_template.jinja"
+    candidates = [jinja_path.read_text(encoding="utf-8")] if jinja_path.is_file() else []
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        template = read_json(model_dir / name).get("chat_template")
+        if isinstance(template, list):
+            template = {t.get("name"): t.get("template") for t in template}.get("default")
+        candidates.append(template)
+    for template in candidates:
+        if isinstance(template, str) and (requires is None or requires in template):
+            return template
+    return None
 
 
 def _raise_exception(message):

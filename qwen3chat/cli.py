@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from .errors import QwenChatError
-from .presets import PRESETS
+from .presets import PRESETS, preset_config
 
 
 class _OneLineErrors(TyperGroup):
@@ -116,8 +116,17 @@ def reported_errors(debug: bool) -> Iterator[None]:
 
 @app.command()
 def chat(
-    model_path: str = typer.Option(
-        DEFAULT_MODEL, "-m", "--model-path", help="Model directory, .gguf file or repo id."
+    model_path: str | None = typer.Option(
+        None,  # None rather than DEFAULT_MODEL, so that -m given with --preset is seen
+        "-m",
+        "--model-path",
+        help=f"Model directory, .gguf file or repo id. \\[default: {DEFAULT_MODEL}]",
+    ),
+    preset: str | None = typer.Option(
+        None,
+        "--preset",
+        help="Instead of -m: a named shape with random weights (as bench), to try the "
+        f"interface without a download; the words are noise: {', '.join(PRESETS)}.",
     ),
     prompt: str | None = typer.Option(
         None, "-p", "--prompt", help="One-shot: answer this and exit."
@@ -164,12 +173,16 @@ def _run_chat(flags: dict, vision_flags: dict | None = None) -> None:
         # Flag checks first: a usage error should not wait for torch and the model to load.
         if f["json_output"] and interactive:
             _usage_error("--json needs a one-shot prompt: pass -p TEXT or pipe stdin")
+        if f["preset"] is not None and f["model_path"] is not None:
+            _usage_error("--preset and -m exclude each other; give one of them")
         from .quant import QuantSpec
         from .sampling import SamplingSettings
 
         names = SamplingSettings.distribution_names()
         given = {name: f[name] for name in names if f[name] is not None}
         try:
+            if f["preset"] is not None:
+                preset_config(f["preset"])  # an unknown name lists the choices
             QuantSpec.parse(f["quantize"].value, f["group_size"])
             SamplingSettings(**given).validate()
         except QwenChatError as e:
@@ -178,19 +191,29 @@ def _run_chat(flags: dict, vision_flags: dict | None = None) -> None:
 
         from .download import resolve_model_path
         from .engine import Engine
-        from .loading import load_model
+        from .loading import load_model, load_preset
 
-        model_path = f["model_path"]
-        path = resolve_model_path(model_path)  # a first-use download shows its own progress
-        with _loading_spinner(model_path) if interactive else contextlib.nullcontext():
-            loaded = load_model(
-                path,
-                f["format"].value,
-                f["device"].value,
-                f["dtype"].value,
-                f["quantize"].value,
-                f["group_size"],
-            )
+        preset, model_path = f["preset"], f["model_path"] or DEFAULT_MODEL
+        # A first-use download shows its own progress; a preset needs none.
+        path = None if preset else resolve_model_path(model_path)
+        with _loading_spinner(preset or model_path) if interactive else contextlib.nullcontext():
+            if preset:
+                loaded = load_preset(
+                    preset,
+                    f["device"].value,
+                    f["dtype"].value,
+                    f["quantize"].value,
+                    f["group_size"],
+                )
+            else:
+                loaded = load_model(
+                    path,
+                    f["format"].value,
+                    f["device"].value,
+                    f["dtype"].value,
+                    f["quantize"].value,
+                    f["group_size"],
+                )
         for notice in loaded.notices:
             typer.echo(f"note: {notice}", err=True)
         vision, pictures = None, []
@@ -221,15 +244,15 @@ def _run_chat(flags: dict, vision_flags: dict | None = None) -> None:
             f["json_output"],
             loaded.load_s,
             think_budget=f["think_budget"],
-            vision=vision,
+            prompts=vision,
             pictures=pictures,
         )
 
 
 def _open_pictures(loaded, vision_flags: dict, max_seq_len: int):
     """The VisionChat for a Qwen3-VL model and the pictures given on the command line."""
-    from .vision_chat import VisionChat, require_vision_model
-    from .vision_inputs import VisionPreprocessing
+    from .vision.preprocess import VisionPreprocessing
+    from .vision.prompt import VisionChat, require_vision_model
 
     require_vision_model(loaded.config, loaded.path)
     settings = VisionPreprocessing.from_model_dir(
@@ -449,14 +472,8 @@ def bench(
         import json
         from pathlib import Path
 
-        from .bench import (
-            BenchSettings,
-            parse_counts,
-            parse_depths,
-            print_report,
-            report_json,
-            run_bench,
-        )
+        from .bench.report import print_report, report_json
+        from .bench.run import BenchSettings, parse_counts, parse_depths, run_bench
 
         try:
             settings = BenchSettings(

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .errors import QwenChatError
-
-if TYPE_CHECKING:
-    from .model.vision import VisionConfig
+from .jsonfiles import read_json
 
 VISION_ARCHITECTURES = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", *VISION_ARCHITECTURES)
@@ -25,8 +21,91 @@ _ARCHITECTURE_OF_TYPE = {
     "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
 }
 _MROPE_SECTION = (24, 20, 20)
+# The vision tower's activations (model/vision.py's ACTIVATIONS implements them).
+VISION_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "silu")
 # Keys of a Qwen3-VL config.json that live beside text_config but describe the text model.
 _VL_TOP_LEVEL_KEYS = ("tie_word_embeddings", "image_token_id", "video_token_id")
+
+
+@dataclass
+class VisionConfig:
+    """Shape of a Qwen3-VL vision tower, with transformers' defaults for missing fields."""
+
+    depth: int = 27
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    out_hidden_size: int = 3584
+    num_position_embeddings: int = 2304
+    deepstack_visual_indexes: list[int] = field(default_factory=lambda: [8, 16, 24])
+    hidden_act: str = "gelu_pytorch_tanh"
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per input patch row: ``C * T * P * P``."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merged_hidden_size(self) -> int:
+        """Width of one merged token before the merger's MLP: ``m * m`` patches side by side."""
+        return self.hidden_size * self.spatial_merge_size**2
+
+    @property
+    def position_grid_side(self) -> int:
+        return math.isqrt(self.num_position_embeddings)
+
+    @classmethod
+    def from_hf_dict(cls, raw: Mapping, source: str = "config.json") -> VisionConfig:
+        """Read the ``vision_config`` of a Qwen3-VL ``config.json`` (or the whole file)."""
+        raw = raw.get("vision_config", raw)
+        values = {
+            name: raw[name]
+            for name in cls.__dataclass_fields__
+            if name != "rope_theta" and raw.get(name) is not None
+        }
+        # Only transformers 5 writes the (axial) rope parameters; older files rely on 10000.
+        rope = raw.get("rope_parameters") or {}
+        if rope.get("rope_theta") is not None:
+            values["rope_theta"] = float(rope["rope_theta"])
+        values["deepstack_visual_indexes"] = list(
+            values.get("deepstack_visual_indexes", cls().deepstack_visual_indexes)
+        )
+        config = cls(**values)
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "config.json") -> None:
+        if self.hidden_act not in VISION_ACTIVATIONS:
+            raise QwenChatError(
+                f"{source}: vision hidden_act {self.hidden_act!r} is not supported; "
+                f"expected one of {', '.join(VISION_ACTIVATIONS)}"
+            )
+        # The 2-D rotary embedding splits each head in halves for rows and columns, and
+        # each half into cos/sin pairs.
+        if self.hidden_size % self.num_heads or self.head_dim % 4:
+            raise QwenChatError(
+                f"{source}: vision hidden_size {self.hidden_size} over {self.num_heads} heads "
+                "must give a head size divisible by 4"
+            )
+        if self.position_grid_side**2 != self.num_position_embeddings:
+            raise QwenChatError(
+                f"{source}: vision num_position_embeddings ({self.num_position_embeddings}) "
+                "must be a square"
+            )
+        bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise QwenChatError(
+                f"{source}: deepstack_visual_indexes {bad} are outside the {self.depth} blocks"
+            )
 
 
 @dataclass
@@ -80,30 +159,6 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
-    def num_parameters(self, active: bool = False) -> int:
-        """Parameter count, embedding and (untied) lm_head included; with ``active``, only
-        the experts a token runs through (num_experts_per_tok of them) are counted."""
-        d = self.hidden_size
-        attn = d * (self.q_size + 2 * self.kv_size) + self.q_size * d + 2 * self.head_dim
-        total = 0
-        for i in range(self.num_hidden_layers):
-            if self.is_moe_layer(i):
-                experts = self.num_experts_per_tok if active else self.num_experts
-                ffn = 3 * d * self.moe_intermediate_size * experts + self.num_experts * d
-            else:
-                ffn = 3 * d * self.intermediate_size
-            total += attn + ffn + 2 * d
-        embed = self.vocab_size * d
-        head = 0 if self.tie_word_embeddings else embed
-        return embed + head + total + d + self._vision_parameters()
-
-    def _vision_parameters(self) -> int:
-        if self.vision is None:
-            return 0
-        from .model.vision import vision_tensor_shapes
-
-        return sum(math.prod(shape) for shape in vision_tensor_shapes(self.vision).values())
-
     def validate(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
             raise QwenChatError(
@@ -151,8 +206,6 @@ class ModelConfig:
             )
         vision = None
         if arch in VISION_ARCHITECTURES:
-            from .model.vision import VisionConfig
-
             vision = VisionConfig.from_hf_dict(raw.get("vision_config") or {}, source)
             # The text model's fields are in text_config; a few stay at the top level.
             top = {k: raw[k] for k in _VL_TOP_LEVEL_KEYS if raw.get(k) is not None}
@@ -277,13 +330,8 @@ SHAPE_FIELDS = (
 )
 
 
-def read_config_json(path: Path) -> ModelConfig:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise QwenChatError(f"{path}: not found; a model directory needs config.json") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise QwenChatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise QwenChatError(f"{path}: expected a JSON object")
-    return ModelConfig.from_hf_dict(raw, source=str(path))
+def read_config_json(path: Path) -> tuple[ModelConfig, dict]:
+    """The model's config and config.json's raw fields (the loaders read what is not
+    the model's shape, such as FP8 block sizes, from those)."""
+    raw = read_json(path, needed_for="a model directory needs config.json")
+    return ModelConfig.from_hf_dict(raw, source=str(path)), raw

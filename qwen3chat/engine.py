@@ -1,7 +1,9 @@
 """Generation: prompt ids in, a stream of text events and one finish event out.
 
-The engine knows ids, the model and the KV cache; it knows nothing of terminals. The CLI,
-the REPL and bench all drive it through ``generate``.
+The engine knows ids, the model and the KV cache; it knows nothing of terminals, nor of
+what a model family adds to ids (pictures): the model hands it a prompt layout
+(``model.prompt_layout``) that says how the prompt is cached and what each forward pass
+takes. The CLI, the REPL and bench all drive it through ``generate``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ContextOverflowError
-from .kv_cache import KVCache
-from .model.qwen3_vl import VisionPrompt, VisualInput
+from .kv_cache import Cache
 from .sampling import Sampler, SamplingSettings
 from .thinking import ThinkBudget, ThinkSplitter, prompt_ends_in_thinking
 from .tokenizer import Tokenizer
@@ -76,19 +77,15 @@ class Engine:
         tokenizer: Tokenizer,
         max_seq_len: int,
         chunk_size: int | None = None,
-        reference: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.chunk_size = chunk_size
-        # Reference mode re-runs the whole sequence every step without a cache: slow, and
-        # only there to check the cached path against.
-        self.reference = reference
-        self.cache: KVCache = model.new_cache(max_seq_len)
+        self.cache: Cache = model.new_cache(max_seq_len)
         self.vocab_size = model.config.vocab_size
-        # M-RoPE: the last prompt's pictures put later tokens at cache index + delta.
-        self.rope_delta = 0
+        # The last prompt's layout: what its decode steps pass the model besides ids.
+        self.layout = model.prompt_layout([])
 
     @property
     def device(self) -> torch.device:
@@ -99,10 +96,7 @@ class Engine:
 
     def reusable_prefix(self, keys: list) -> int:
         """Prompt tokens whose keys/values the cache already holds (at least one token is
-        always left to run, so that there are logits). ``keys`` are the prompt ids, or a
-        VisionPrompt's keys."""
-        if self.reference:
-            return 0
+        always left to run, so that there are logits); ``keys`` as a layout's."""
         return min(self.cache.common_prefix(keys), len(keys) - 1)
 
     @torch.inference_mode()
@@ -110,57 +104,44 @@ class Engine:
         self,
         prompt_ids: list[int],
         should_stop: Callable[[], bool],
-        vision: VisionPrompt | None = None,
+        visuals: Sequence = (),
         timings: Timings | None = None,
     ) -> torch.Tensor | None:
         """Bring the cache to ``prompt_ids``; logits of the last position, or None if stopped.
 
         Only the part after the longest prefix already in the cache is run, in chunks of
-        ``chunk_size``; at least one token always runs so that there are logits. With
-        ``vision`` (the prompt's pictures, Qwen3-VL) the vision tower first encodes those
-        with tokens in that part; its time goes to ``timings.vision_s``.
+        ``chunk_size``; at least one token always runs so that there are logits. The
+        prompt's ``visuals`` (pictures, in the order of their pad tokens) are encoded for
+        that part first; the time goes to ``timings.vision_s``.
         """
-        self.rope_delta = vision.rope_delta if vision else 0
-        if self.reference:
-            if vision:
-                raise ValueError("reference mode runs text prompts only")
-            return self.model(self._ids(prompt_ids))
-        keys = vision.keys if vision else prompt_ids
-        reuse = self.reusable_prefix(keys)
+        self.layout = self.model.prompt_layout(prompt_ids, visuals)
+        return self._run_prompt(prompt_ids, should_stop, timings)
+
+    def _run_prompt(self, prompt_ids, should_stop, timings) -> torch.Tensor | None:
+        layout = self.layout
+        reuse = self.reusable_prefix(layout.keys)
         self.cache.trim(reuse)
-        if vision:
-            if should_stop():
-                return None
-            started = time.perf_counter()
-            vision.encode_from(self.model, reuse)
-            if timings is not None:
-                timings.vision_s = time.perf_counter() - started
+        if should_stop():
+            return None
+        encoding_s = layout.prepare(self.model, reuse)
+        if timings is not None:
+            timings.vision_s = encoding_s
         step = self.chunk_size or len(prompt_ids) - reuse
         logits = None
         for start in range(reuse, len(prompt_ids), step):
             if should_stop():
                 return None
             end = min(start + step, len(prompt_ids))
-            positions, visual = vision.chunk(start, end, self.device) if vision else (None, None)
-            logits = self.model(
-                self._ids(prompt_ids[start:end]),
-                self.cache,
-                start=start,
-                positions=positions,
-                visual=visual,
-            )
-            self.cache.commit(keys[start:end])
+            ids = self._ids(prompt_ids[start:end])
+            logits = self.model(ids, self.cache, start, **layout.chunk(start, end, self.device))
+            self.cache.commit(layout.keys[start:end])
         return logits
 
     @torch.inference_mode()
-    def decode_step(self, sequence: list[int], token: int) -> torch.Tensor:
-        if self.reference:
-            return self.model(self._ids(sequence))
+    def decode_step(self, token: int) -> torch.Tensor:
         start = len(self.cache)
-        positions = None
-        if self.rope_delta:
-            positions = torch.full((3, 1), start + self.rope_delta, device=self.device)
-        logits = self.model(self._ids([token]), self.cache, start=start, positions=positions)
+        extra = self.layout.decode(start, self.device)
+        logits = self.model(self._ids([token]), self.cache, start, **extra)
         self.cache.commit([token])
         return logits
 
@@ -181,7 +162,7 @@ class Engine:
         sampling: SamplingSettings | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         think_budget: int | None = None,
-        visuals: Sequence[VisualInput] = (),
+        visuals: Sequence = (),
     ) -> Iterator[Event]:
         """Generate a reply to ``prompt_ids``; ``visuals`` are the prompt's pictures in the
         order of their pad tokens (a Qwen3-VL model)."""
@@ -200,8 +181,8 @@ class Engine:
         stops = set(tok.stop_ids)
         timings = Timings()
         start = time.perf_counter()
-        vision = VisionPrompt(prompt_ids, visuals, self.model.config) if visuals else None
-        cached = self.reusable_prefix(vision.keys if vision else prompt_ids)
+        self.layout = self.model.prompt_layout(prompt_ids, visuals)
+        cached = self.reusable_prefix(self.layout.keys)
         generated: list[int] = []
 
         def finish(reason: str) -> FinishEvent:
@@ -216,7 +197,8 @@ class Engine:
                 timings,
             )
 
-        logits = self.prefill(prompt_ids, should_stop, vision, timings)
+        with torch.inference_mode():
+            logits = self._run_prompt(prompt_ids, should_stop, timings)
         if logits is None:
             timings.prefill_s = time.perf_counter() - start
             yield finish("cancelled")
@@ -226,13 +208,13 @@ class Engine:
         first = time.perf_counter()
         timings.prefill_s = timings.ttft_s = first - start
         reason = "length"
-        sequence = list(prompt_ids)
+        length = len(prompt_ids)
         while True:
             if token in stops:
                 reason = "stop"
                 break
             generated.append(token)
-            sequence.append(token)
+            length += 1
             sampler.observe(token)
             was_thinking = splitter.thinking
             text, thinking = splitter.push(token)
@@ -241,12 +223,12 @@ class Engine:
             if was_thinking and not splitter.thinking:
                 yield ThinkingEnd(splitter.thinking_tokens, budget.cut)
             forced += budget.forced_ids(splitter)
-            if len(generated) >= max_tokens or len(sequence) >= self.max_seq_len:
+            if len(generated) >= max_tokens or length >= self.max_seq_len:
                 break
             if should_stop():
                 reason = "cancelled"
                 break
-            logits = self.decode_step(sequence, token)
+            logits = self.decode_step(token)
             timings.decode_tokens += 1
             token = forced.pop(0) if forced else sampler(logits)
         text, thinking = splitter.flush()

@@ -1,8 +1,36 @@
-"""The KV cache: preallocated for max_seq_len, written in place, trimmed back to a prefix."""
+"""The KV cache: preallocated for max_seq_len, written in place, trimmed back to a prefix.
+
+``Cache`` is the protocol between the parts: a model's forward reads and writes a layer's
+keys and values through ``window``/``update`` (and the native decode step takes a KVCache's
+layer-stacked tensors), while the engine tracks what the cache holds through ``tokens``,
+``commit``, ``trim`` and ``common_prefix``. Another kind of state (a recurrent layer's, a
+paged batch's) is another class with the same methods.
+"""
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
+
+
+class Cache(Protocol):
+    max_seq_len: int
+    tokens: list
+
+    def __len__(self) -> int: ...
+
+    def window(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def update(
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def commit(self, ids: list) -> None: ...
+
+    def trim(self, length: int) -> None: ...
+
+    def common_prefix(self, ids: list) -> int: ...
 
 
 class KVCache:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,12 +12,14 @@ from .config import ModelConfig, read_config_json
 from .device import resolve_device, resolve_dtype
 from .download import resolve_model_path
 from .errors import QwenChatError
+from .jsonfiles import read_json
+from .model import build_on_meta
 from .model.qwen3 import Qwen3Model
-from .model.qwen3_vl import Qwen3VLModel
+from .presets import preset_config
 from .quant import QuantSpec, random_quantized
 from .sampling import SamplingSettings
 from .tokenizer import Tokenizer
-from .vision_inputs import builtin_qwen3_vl_template, vl_chat_template
+from .vision.preprocess import IMAGE_PAD
 from .weights.gguf import GGUFSource, config_from_gguf, open_gguf, release_vocabulary
 from .weights.gguf_tokenizer import tokenizer_from_gguf
 from .weights.loader import (
@@ -63,44 +64,38 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
     )
 
 
-def read_generation_defaults(directory: Path) -> dict:
-    path = directory / "generation_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise QwenChatError(f"{path}: not valid JSON ({e})") from None
+def read_generation_defaults(directory: Path) -> tuple[dict, list[int]]:
+    """The sampling values of the folder's generation_config.json that replace our
+    defaults, and its stop ids."""
+    raw = read_json(directory / "generation_config.json")
     names = SamplingSettings.distribution_names()
     defaults = {k: raw[k] for k in names if raw.get(k) is not None}
     if raw.get("do_sample") is False:
         defaults["temperature"] = 0.0
     eos = raw.get("eos_token_id")
-    if eos is not None:
-        defaults["eos_token_ids"] = [eos] if isinstance(eos, int) else list(eos)
-    return defaults
+    return defaults, [eos] if isinstance(eos, int) else list(eos or [])
 
 
-def build_on_meta(config: ModelConfig) -> Qwen3Model:
-    model_class = Qwen3Model if config.vision is None else Qwen3VLModel
-    with torch.device("meta"):
-        return model_class(config)
+def _tokenizer_from_dir(directory: Path, config: ModelConfig, stop_ids: list[int]) -> Tokenizer:
+    """The folder's tokenizer.json with a template for the model (one that places the
+    pictures for a vision model) and its stop ids (else config.json's)."""
+    vision = config.vision is not None
+    return Tokenizer.from_dir(
+        directory,
+        stop_ids or config.eos_token_ids,
+        builtin="qwen3_vl" if vision else "qwen3",
+        requires=IMAGE_PAD if vision else None,
+    )
 
 
 def _open_safetensors(path: Path):
     if not path.is_dir():
         raise QwenChatError(f"{path}: --format safetensors needs a model directory")
-    config = read_config_json(path / "config.json")
-    source = SafeTensorsSource(path)
+    config, config_json = read_config_json(path / "config.json")
+    source = SafeTensorsSource(path, config_json)
     config.complete_from_shapes(source.shapes())
-    generation = read_generation_defaults(path)
-    stop_ids = generation.pop("eos_token_ids", None) or config.eos_token_ids or None
-    tokenizer = Tokenizer.from_dir(path, stop_ids)
-    if config.vision is not None:
-        # The processor's template places the pictures; tokenizer_config's may not.
-        tokenizer.chat_template = vl_chat_template(path)
-        tokenizer.template_is_builtin = tokenizer.chat_template == builtin_qwen3_vl_template()
-    return config, source, tokenizer, generation
+    generation, stop_ids = read_generation_defaults(path)
+    return config, source, _tokenizer_from_dir(path, config, stop_ids), generation
 
 
 def _open_gguf(path: Path):
@@ -110,12 +105,13 @@ def _open_gguf(path: Path):
     config = config_from_gguf(reader, path)
     # A tokenizer.json (and generation_config.json) beside the file win over the metadata.
     beside = path.parent
+    generation, stop_ids = read_generation_defaults(beside)
     if (beside / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.from_dir(beside)
+        tokenizer = _tokenizer_from_dir(beside, config, stop_ids)
     else:
         tokenizer = tokenizer_from_gguf(reader, path)
     release_vocabulary(reader)
-    return config, GGUFSource(reader, path), tokenizer, read_generation_defaults(beside)
+    return config, GGUFSource(reader, path), tokenizer, generation
 
 
 def load_model(
@@ -134,8 +130,8 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
     opener = _open_gguf if fmt == "gguf" else _open_safetensors
     config, source, tokenizer, generation = opener(path)
-    generation.pop("eos_token_ids", None)
-    check_tensors(config, source, str(path))
+    model = build_on_meta(config)
+    check_tensors(model, source, str(path))
     notices = []
     stored = getattr(source, "quant_types", dict)()
     if quant and any(t not in ("F32", "F16", "BF16") for t in stored):
@@ -148,7 +144,6 @@ def load_model(
             f"quantized weights on {torch_device.type}: no fused kernel here yet, so each "
             "matmul dequantizes its weights first (correct, slower than on the CPU path)"
         )
-    model = build_on_meta(config)
     load_weights(model, source, torch_dtype, torch_device, quant)
     model.eval()
     described = ", ".join(f"{t} x{n}" for t, n in sorted(stored.items())) or "none"
@@ -185,7 +180,7 @@ def random_model(
         if name.endswith("norm.weight"):
             set_parameter(model, name, torch.ones(param.shape, dtype=dtype, device=device))
             continue
-        layout = quant_layout(model, name, param.shape, quant)
+        layout = quant_layout(name, param.shape, quant)
         if layout is not None:
             weight = random_quantized(param.shape, *layout, std, generator, device)
         else:
@@ -196,3 +191,38 @@ def random_model(
         heap.placed(param.numel())
     return_freed_memory()
     return model.eval()
+
+
+def load_preset(
+    name: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    quantize: str = "none",
+    group_size: int = 32,
+) -> LoadedModel:
+    """A preset's shape with seeded random weights and the packaged Qwen3 tokenizer: the
+    whole chat interface with no download, though the words are noise."""
+    start = time.perf_counter()
+    name = name.lower()
+    config = preset_config(name)
+    tokenizer = Tokenizer.builtin_qwen3()
+    if config.vocab_size < tokenizer.vocab_size:
+        raise QwenChatError(
+            f"--preset {name}: its {config.vocab_size}-id vocabulary is smaller than the "
+            f"packaged Qwen3 tokenizer's ({tokenizer.vocab_size}); chat with another preset"
+        )
+    quant = QuantSpec.parse(quantize, group_size)
+    torch_device = resolve_device(device)
+    # As bench: a quantized preset is drawn directly quantized, never held in float.
+    model = random_model(config, resolve_dtype(dtype, torch_device), torch_device, quant=quant)
+    notice = f"--preset {name} has random weights, so the words are noise; -m MODEL chats for real"
+    return LoadedModel(
+        model,
+        tokenizer,
+        config,
+        Path(name),
+        "preset",
+        load_s=time.perf_counter() - start,
+        quantization=str(quant) if quant else "none",
+        notices=[notice],
+    )

@@ -8,8 +8,6 @@ import dataclasses
 from .config import ModelConfig
 from .errors import QwenChatError
 
-_QWEN3_EOS = [151645, 151643]
-
 
 def _dense(hidden, inter, layers, heads, kv_heads, tied, max_pos=40960) -> ModelConfig:
     return ModelConfig(
@@ -20,7 +18,6 @@ def _dense(hidden, inter, layers, heads, kv_heads, tied, max_pos=40960) -> Model
         num_key_value_heads=kv_heads,
         tie_word_embeddings=tied,
         max_position_embeddings=max_pos,
-        eos_token_ids=list(_QWEN3_EOS),
     )
 
 
@@ -44,7 +41,6 @@ _TINY = ModelConfig(
     num_key_value_heads=2,
     head_dim=16,
     tie_word_embeddings=True,
-    eos_token_ids=list(_QWEN3_EOS),
 )
 
 PRESETS: dict[str, ModelConfig] = {

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-import json
+import lzma
+from importlib import resources
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from .chat_template import builtin_qwen3_template, render_chat
+from .chat_template import builtin_template, find_chat_template, render_chat
 from .errors import QwenChatError
+from .jsonfiles import read_json
 
 THINK_START = "<think>"
 THINK_END = "</think>"
 _DEFAULT_STOPS = ("<|im_end|>", "<|endoftext|>")
+# The real Qwen3 tokenizer.json, xz-compressed (1.4 MB instead of 11 MB), shipped so that
+# a preset can chat with no download.
+_QWEN3_ASSET = "assets/qwen3-tokenizer.json.xz"
+# Qwen3's tokenizer_config.json names these; there is no bos.
+_QWEN3_SPECIAL = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
 
 
 class Tokenizer:
@@ -22,12 +29,15 @@ class Tokenizer:
         chat_template: str | None = None,
         special_tokens: dict[str, str | None] | None = None,
         stop_ids: list[int] | None = None,
+        builtin: str = "qwen3",
     ):
         self.backend = backend
         self.template_is_builtin = chat_template is None
-        self.chat_template = chat_template or builtin_qwen3_template()
+        self.chat_template = chat_template or builtin_template(builtin)
         self.special_tokens = special_tokens or {}
-        stops = stop_ids or [self.token_id(t) for t in _DEFAULT_STOPS]
+        # The model's own stop ids (generation_config, config or GGUF metadata), and always
+        # the ends of a chat turn and of a text.
+        stops = [*(stop_ids or []), *(self.token_id(t) for t in _DEFAULT_STOPS)]
         self.stop_ids = sorted({i for i in stops if i is not None})
         self.think_start_id = self.token_id(THINK_START)
         self.think_end_id = self.token_id(THINK_END)
@@ -36,7 +46,15 @@ class Tokenizer:
         }
 
     @classmethod
-    def from_dir(cls, directory: Path, stop_ids: list[int] | None = None) -> Tokenizer:
+    def from_dir(
+        cls,
+        directory: Path,
+        stop_ids: list[int] | None = None,
+        builtin: str = "qwen3",
+        requires: str | None = None,
+    ) -> Tokenizer:
+        """The folder's tokenizer.json and chat template (one that contains ``requires``,
+        else the packaged ``builtin`` one)."""
         path = directory / "tokenizer.json"
         if not path.is_file():
             raise QwenChatError(f"{path}: not found; the model directory needs it")
@@ -44,21 +62,21 @@ class Tokenizer:
             backend = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception on bad JSON
             raise QwenChatError(f"{path}: not a valid tokenizer.json ({e})") from None
-        template, special = None, {}
-        config_path = directory / "tokenizer_config.json"
-        if config_path.is_file():
-            try:
-                config = json.loads(config_path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise QwenChatError(f"{config_path}: not valid JSON ({e})") from None
-            template = config.get("chat_template")
-            if isinstance(template, list):  # several named templates: take the default one
-                named = {t.get("name"): t.get("template") for t in template}
-                template = named.get("default")
+        config = read_json(directory / "tokenizer_config.json")
+        special = {}
+        if config:
             for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
                 value = config.get(key)
                 special[key] = value.get("content") if isinstance(value, dict) else value
-        return cls(backend, template, special, stop_ids)
+        template = find_chat_template(directory, requires)
+        return cls(backend, template, special, stop_ids, builtin)
+
+    @classmethod
+    def builtin_qwen3(cls) -> Tokenizer:
+        """The packaged Qwen3 tokenizer with the builtin template and the default stops."""
+        packed = resources.files("qwen3chat").joinpath(_QWEN3_ASSET).read_bytes()
+        backend = HFTokenizer.from_str(lzma.decompress(packed).decode("utf-8"))
+        return cls(backend, None, dict(_QWEN3_SPECIAL))
 
     @property
     def vocab_size(self) -> int:

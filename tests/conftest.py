@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import lzma
 import shutil
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from qwen3chat.config import SHAPE_FIELDS
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER_FIXTURE = FIXTURES / "qwen3-tokenizer"
+# The real tokenizer.json ships in the package (chat --preset needs it), xz-compressed.
+TOKENIZER_JSON_XZ = resources.files("qwen3chat").joinpath("assets/qwen3-tokenizer.json.xz")
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/fixtures/qwen3-tokenizer"
 
 # Large init scale: logits far apart, so greedy ids are decided by margins far above
@@ -39,11 +42,10 @@ TINY = dict(
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    """The real Qwen3 tokenizer files, from the compressed copy kept in the repo."""
+    """The real Qwen3 tokenizer files: tokenizer.json from the package's compressed copy,
+    the rest from the fixture directory."""
     out = tmp_path_factory.mktemp("qwen3-tokenizer")
-    (out / "tokenizer.json").write_bytes(
-        lzma.decompress((TOKENIZER_FIXTURE / "tokenizer.json.xz").read_bytes())
-    )
+    (out / "tokenizer.json").write_bytes(lzma.decompress(TOKENIZER_JSON_XZ.read_bytes()))
     for name in ("tokenizer_config.json", "generation_config.json"):
         shutil.copy(TOKENIZER_FIXTURE / name, out / name)
     return out

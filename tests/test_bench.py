@@ -15,9 +15,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from qwen3chat import kernels
-from qwen3chat.bench import DEFAULT_PLOT_DEPTHS
-from qwen3chat.bench_ops import OPS, SEQ_LENS
+from qwen3chat.bench.ops import OPS, SEQ_LENS
+from qwen3chat.bench.run import DEFAULT_PLOT_DEPTHS
 from qwen3chat.cli import app
+from qwen3chat.model import num_parameters
 from qwen3chat.presets import PRESETS, preset_config
 
 # Small enough to keep every run in milliseconds on the tiny preset.
@@ -47,7 +48,7 @@ def test_json_has_the_contract_keys_as_positive_numbers(report):
     assert "peak_gpu_mb" not in report  # a CPU run has no GPU memory to report
     assert report["model"] == "tiny"
     assert report["weights"] == "random"
-    assert report["parameters"] == preset_config("tiny").num_parameters()
+    assert report["parameters"] == num_parameters(preset_config("tiny"))
 
 
 def test_top_level_figures_are_medians_of_the_runs(report):
@@ -73,7 +74,7 @@ def test_peak_rss_is_not_inherited_from_a_larger_parent():
     # comparison script) would report its parent's peak instead of its own.
     ballast = b"\x01" * (1 << 30)
     child = subprocess.run(
-        [sys.executable, "-c", "from qwen3chat.bench import peak_rss_mb; print(peak_rss_mb())"],
+        [sys.executable, "-c", "from qwen3chat.bench.run import peak_rss_mb; print(peak_rss_mb())"],
         capture_output=True,
         text=True,
         check=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwen3chat.chat_template import builtin_qwen3_template, render_chat
+from qwen3chat.chat_template import builtin_template, render_chat
 from qwen3chat.errors import QwenChatError
 
 CONVERSATIONS = {
@@ -64,7 +64,7 @@ def test_no_thinking_adds_empty_block(tokenizer):
 
 
 def test_builtin_template_is_qwen3s(tokenizer):
-    assert builtin_qwen3_template() == tokenizer.chat_template
+    assert builtin_template("qwen3") == tokenizer.chat_template
 
 
 def test_template_is_sandboxed():

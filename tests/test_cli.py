@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -258,6 +259,60 @@ def test_bad_flags_are_usage_errors(model, args, flag):
     assert "Traceback" not in result.output
 
 
+# --- --preset: random weights, no download ------------------------------------------------
+
+NOISE = "--preset tiny has random weights, so the words are noise"
+
+
+def test_a_preset_chats_with_no_download_and_says_the_words_are_noise():
+    args = ["chat", "--preset", "tiny", "-p", "Hi", "--json", "--temperature", "0", "-n", "8"]
+    runs = [CliRunner().invoke(app, args) for _ in range(2)]
+    for result in runs:
+        assert result.exit_code == 0, result.output
+        assert result.stderr == f"note: {NOISE}; -m MODEL chats for real\n"
+    first, second = (json.loads(result.stdout) for result in runs)
+    assert len(first["token_ids"]) == 8 or first["finish_reason"] == "stop"
+    assert first["token_ids"] == second["token_ids"]  # the random weights are seeded
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--preset", "huge"], "--preset: unknown preset 'huge'; choose from qwen3-0.6b,"),
+        (["--preset", "tiny", "-m", "M"], "--preset and -m exclude each other; give one"),
+    ],
+)
+def test_preset_usage_errors(args, fragment):
+    assert_one_line_error(CliRunner().invoke(app, ["chat", *args, "-p", "hi"]), 2, fragment)
+
+
+def test_the_repl_banner_names_the_preset_and_its_random_weights(tmp_path):
+    env = {
+        **os.environ,
+        "XDG_STATE_HOME": str(tmp_path / "state"),
+        "PROMPT_TOOLKIT_NO_CPR": "1",  # pexpect does not answer cursor-position queries
+        "TERM": "xterm-256color",
+    }
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "qwen3chat", "chat", "--preset", "tiny", "-n", "4"],
+        env=env,
+        encoding="utf-8",
+        dimensions=(40, 160),
+        timeout=60,
+    )
+    child.expect(NOISE)
+    child.expect("preset tiny, random weights · context 2048")
+    child.expect(">>>")  # the prompt (its space comes after a style reset)
+    child.send("Hello!\r")
+    child.expect(r"context \d+/2048")  # the stats line: a reply came
+    child.expect(">>>")
+    child.send("/exit\r")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
 # ---------------------------------------------------------------------------- vision-chat
 
 
@@ -274,8 +329,8 @@ def vision_chat(model, *args, input=None):
 
 
 def test_vision_chat_one_shot_json(vl_model):
-    from qwen3chat.vision_chat import VisionChat, user_message
-    from qwen3chat.vision_inputs import VisionPreprocessing
+    from qwen3chat.vision.preprocess import VisionPreprocessing
+    from qwen3chat.vision.prompt import VisionChat, user_message
 
     path, photo = vl_model
     result = vision_chat(path, "--image", photo, "-p", "What is it?", "-n", 5, "--json", *EXACT)
@@ -324,6 +379,12 @@ def test_vision_chat_bad_inputs_are_one_line(vl_model, args, message):
 def test_vision_chat_on_a_text_only_model(model):
     result = vision_chat(model, "-p", "hi")
     assert result.exit_code == 1
+    assert "is a text-only model; use qwen3chat chat" in result.stderr
+
+
+def test_vision_chat_takes_preset_too():
+    result = CliRunner().invoke(app, ["vision-chat", "--preset", "tiny", "-p", "hi"])
+    assert result.exit_code == 1  # tiny is loaded, then refused as text-only
     assert "is a text-only model; use qwen3chat chat" in result.stderr
 
 

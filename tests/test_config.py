@@ -10,12 +10,13 @@ from conftest import TOKENIZER_FIXTURE
 
 from qwen3chat.config import ModelConfig, read_config_json
 from qwen3chat.errors import QwenChatError
+from qwen3chat.model import build_on_meta, num_parameters
 from qwen3chat.presets import PRESETS, preset_config
 from qwen3chat.weights.names import expected_shapes
 
 
 def test_real_qwen3_0_6b_config_matches_preset():
-    config = read_config_json(TOKENIZER_FIXTURE / "config.json")
+    config, _ = read_config_json(TOKENIZER_FIXTURE / "config.json")
     preset = preset_config("qwen3-0.6b")
     for field in (
         "hidden_size",
@@ -36,15 +37,15 @@ def test_real_qwen3_0_6b_config_matches_preset():
 
 def test_published_parameter_counts():
     # Qwen3 model cards: 0.6B has 0.6B parameters (0.44B without embeddings), 8B has 8.2B.
-    assert round(PRESETS["qwen3-0.6b"].num_parameters() / 1e9, 2) == 0.6
-    assert round(PRESETS["qwen3-8b"].num_parameters() / 1e9, 1) == 8.2
-    assert round(PRESETS["qwen3-32b"].num_parameters() / 1e9, 1) == 32.8
+    assert round(num_parameters(PRESETS["qwen3-0.6b"]) / 1e9, 2) == 0.6
+    assert round(num_parameters(PRESETS["qwen3-8b"]) / 1e9, 1) == 8.2
+    assert round(num_parameters(PRESETS["qwen3-32b"]) / 1e9, 1) == 32.8
 
 
 def test_defaults_for_missing_fields():
     config = ModelConfig.from_hf_dict({"architectures": ["Qwen3ForCausalLM"]})
     assert (config.rms_norm_eps, config.rope_theta) == (1e-6, 1e6)
-    shapes = expected_shapes(preset_config("tiny"))
+    shapes = expected_shapes(build_on_meta(preset_config("tiny")))
     config.complete_from_shapes(shapes)
     tiny = preset_config("tiny")
     for field in (

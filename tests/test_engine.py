@@ -164,3 +164,33 @@ def test_bfloat16_close_to_float32(loaded, tiny_model_dir):
     assert (approx - exact).abs().max() < 0.05 * exact.abs().max()
     finish, _ = run(Engine(bf16.model, bf16.tokenizer, 64), ids, max_tokens=8)
     assert len(finish.token_ids) == 8 or finish.reason == "stop"
+
+
+def test_uncached_reference_gives_the_cached_path_s_ids_and_logits(loaded):
+    """The reference mode (UncachedModel: every pass re-runs the whole sequence, no KV
+    cache) under the same engine: the same greedy ids and logits as the cached path,
+    over two turns, the second reusing the first's prefix and prefilled in chunks."""
+    from qwen3chat.model.uncached import UncachedModel
+
+    reference = UncachedModel(loaded.model)
+    first_ids = prompt(Engine(loaded.model, loaded.tokenizer, 128), "First question")
+    turns = []
+    for model, chunk in ((loaded.model, 3), (reference, 3)):
+        engine = Engine(model, loaded.tokenizer, max_seq_len=128, chunk_size=chunk)
+        first, _ = run(engine, first_ids, max_tokens=8)
+        follow = first_ids + first.token_ids + engine.tokenizer.encode("<|im_end|>\nmore")
+        second, _ = run(engine, follow, max_tokens=8)
+        engine.cache.trim(len(follow) - 1)
+        logits = engine.prefill(follow, lambda: False)
+        turns.append((first.token_ids, second.token_ids, second.cached_tokens, logits))
+    cached, uncached = turns
+    assert cached[:3] == uncached[:3] and len(cached[1]) == 8
+    torch.testing.assert_close(uncached[3], cached[3], rtol=1e-4, atol=1e-4)
+
+
+def test_uncached_reference_takes_text_prompts_only(loaded):
+    from qwen3chat.model.uncached import UncachedModel
+
+    engine = Engine(UncachedModel(loaded.model), loaded.tokenizer, max_seq_len=32)
+    with pytest.raises(ValueError, match="text prompts only"):
+        engine.model(torch.tensor([[1]]), engine.cache, 0, positions=torch.zeros(3, 1))

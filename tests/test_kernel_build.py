@@ -1,5 +1,6 @@
 """Building the native kernels: a first use that compiles says so instead of pausing
-silently, and a quick load from torch's cache says nothing."""
+silently, a quick load from torch's cache says nothing, and where the kernels cannot be
+had the user is told why, once."""
 
 from __future__ import annotations
 
@@ -44,3 +45,73 @@ def test_a_cached_load_is_silent(fake_build, caplog):
         fake_build(0.0)
         time.sleep(0.4)  # past the notice's delay: it was cancelled, not just late
     assert not caplog.records
+
+
+@pytest.fixture
+def warnings_of_two_loads(monkeypatch, caplog):
+    """The warnings of two ``kernels._module()`` calls from a clean cache, which both give
+    None; the monkeypatching that makes the kernels unavailable is the test's."""
+
+    def run() -> list[logging.LogRecord]:
+        kernels._module.cache_clear()
+        try:
+            with caplog.at_level(logging.DEBUG, logger="qwen3chat.kernels"):
+                assert kernels._module() is None
+                assert kernels._module() is None
+        finally:
+            kernels._module.cache_clear()  # the next caller loads the real module
+        return [r for r in caplog.records if r.levelno == logging.WARNING]
+
+    return run
+
+
+def _the_one_reason(warnings: list[logging.LogRecord]) -> str:
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    message = warnings[0].getMessage()
+    assert "native CPU kernels unavailable" in message
+    assert "slower torch path" in message
+    assert "\n" not in message
+    return message
+
+
+def test_a_cpu_without_avx2_is_reported_once(monkeypatch, warnings_of_two_loads):
+    monkeypatch.setattr(kernels.torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    message = _the_one_reason(warnings_of_two_loads())
+    assert "AVX2" in message and "DEFAULT" in message
+
+
+def test_a_missing_compiler_is_reported_once_with_the_fix(monkeypatch, warnings_of_two_loads):
+    monkeypatch.setattr(kernels.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    message = _the_one_reason(warnings_of_two_loads())
+    assert "no C++ compiler" in message and "install g++" in message
+
+
+def test_a_failed_build_is_reported_once_in_one_line(monkeypatch, caplog, warnings_of_two_loads):
+    monkeypatch.setattr(kernels.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: "/usr/bin/" + name)
+    # What torch raises for a failed compile: ninja's output, a long command line first.
+    command = "[1/5] c++ -MMD " + " ".join(f"-I/include/{i}" for i in range(100))
+    failure = "Error building extension 'qwen3chat_kernels': " + command
+    failure += "\nFAILED: layer_ops.o\nfatal error: kernels.h: No such file or directory"
+
+    def load(**kw):
+        raise RuntimeError(failure)
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
+    message = _the_one_reason(warnings_of_two_loads())
+    assert "build failed: fatal error: kernels.h: No such file or directory" in message
+    assert "c++ -MMD" not in message
+    assert len(message) < 400
+    assert "fatal error: kernels.h: No such file or directory" in caplog.text  # at debug
+
+
+def test_a_build_error_without_a_message_is_named_by_its_type(monkeypatch, warnings_of_two_loads):
+    monkeypatch.setattr(kernels.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: "/usr/bin/" + name)
+
+    def load(**kw):
+        raise ImportError()
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
+    assert "build failed: ImportError" in _the_one_reason(warnings_of_two_loads())

@@ -153,13 +153,13 @@ def test_model_with_kernels_matches_torch_code(dtype, quantize, monkeypatch):
 def test_decode_layer_is_the_per_operation_path(dtype, quantize, monkeypatch):
     """One native call per layer runs the same kernels in the same order as the layer's
     Python code calling them one by one: logits and cache contents bit for bit."""
-    from qwen3chat.model.qwen3 import DecoderLayer
+    from qwen3chat.model import native as native_step
     from qwen3chat.quant import QuantSpec
 
     model = random_model(
         preset_config("tiny"), dtype, torch.device("cpu"), std=0.5, quant=QuantSpec.parse(quantize)
     )
-    assert all(layer.native_weights(native) is not None for layer in model.layers)
+    assert all(native_step.layer_weights(native, layer) is not None for layer in model.layers)
 
     def run():
         cache = model.new_cache(32)
@@ -169,7 +169,7 @@ def test_decode_layer_is_the_per_operation_path(dtype, quantize, monkeypatch):
         return torch.cat(logits), cache
 
     fused, fused_cache = run()
-    monkeypatch.setattr(DecoderLayer, "native_weights", lambda self, native: None)
+    monkeypatch.setattr(native_step, "layer_weights", lambda native, layer: None)
     per_op, per_op_cache = run()
     assert torch.equal(fused, per_op)
     assert torch.equal(fused_cache.k, per_op_cache.k) and torch.equal(fused_cache.v, per_op_cache.v)
@@ -201,3 +201,28 @@ def test_a_layer_called_on_its_own_decodes_natively():
     with torch.no_grad():
         out = layer(x, model.rope_cos[:1], model.rope_sin[:1], None, cache, 0)
     assert calls == [] and out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_a_converted_model_decodes_with_its_converted_weights(monkeypatch):
+    """The native step's view of a layer's weights is built anew when the model's tensors
+    are converted (model.float()), not read from the tensors it was built from. (torch
+    converts a parameter in place unless told to make new ones, as here.)"""
+    from qwen3chat.model import native as native_step
+
+    monkeypatch.setattr(torch.__future__, "get_overwrite_module_params_on_conversion", lambda: True)
+
+    model = random_model(preset_config("tiny"), torch.bfloat16, torch.device("cpu"), std=0.5)
+    tokens = torch.tensor([[5, 17, 300]])
+
+    def decode():
+        cache = model.new_cache(8)
+        with torch.no_grad():
+            model(tokens, cache, 0)
+            return model(torch.tensor([[7]]), cache, 3)
+
+    decode()
+    model.float()
+    assert native_step.layer_weights(native, model.layers[0]).input_norm.dtype == torch.float32
+    fused = decode()
+    monkeypatch.setattr(native_step, "layer_weights", lambda native, layer: None)
+    assert torch.equal(fused, decode())

@@ -23,9 +23,9 @@ from qwen3chat import kernels
 from qwen3chat.config import ModelConfig
 from qwen3chat.errors import QwenChatError
 from qwen3chat.loading import load_model, random_model
-from qwen3chat.model import moe
+from qwen3chat.model import moe, num_parameters
+from qwen3chat.model import native as native_step
 from qwen3chat.model.moe import SparseMoE, grouped_linear
-from qwen3chat.model.qwen3 import DecoderLayer
 from qwen3chat.presets import PRESETS, preset_config
 from qwen3chat.quant import QuantizedExperts, QuantizedWeight, QuantSpec, quantize
 
@@ -219,14 +219,14 @@ def test_decode_step_runs_only_the_selected_experts(moe_dir, monkeypatch):
 
     with monkeypatch.context() as patch:
         patch.setattr(moe, "linear", counting_linear)
-        patch.setattr(DecoderLayer, "native_weights", lambda self, native: None)
+        patch.setattr(native_step, "layer_weights", lambda native, layer: None)
         expected = step()
     sparse_layers, top_k = 2, 2
     assert len(used) == sparse_layers * top_k * 2  # gate_up and down per selected expert
     native = kernels.native(expected)
     if native is None:
         return
-    assert all(layer.native_weights(native) is not None for layer in model.layers)
+    assert all(native_step.layer_weights(native, layer) is not None for layer in model.layers)
     for layer in model.layers:
         if isinstance(layer.mlp, moe.SparseMoE):
             for stack in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
@@ -282,10 +282,10 @@ def test_transformers_config_fields(moe_dir):
 def test_published_moe_parameter_counts():
     # Model cards: 30B-A3B has 30.5B parameters, 3.3B activated; 235B-A22B 235B and 22B.
     a3b, a22b = PRESETS["qwen3-30b-a3b"], PRESETS["qwen3-235b-a22b"]
-    assert round(a3b.num_parameters() / 1e9, 1) == 30.5
-    assert abs(a3b.num_parameters(active=True) / 1e9 - 3.3) < 0.06  # 3.35 with both tables
-    assert round(a22b.num_parameters() / 1e9) == 235
-    assert round(a22b.num_parameters(active=True) / 1e9) == 22
+    assert round(num_parameters(a3b) / 1e9, 1) == 30.5
+    assert abs(num_parameters(a3b, active=True) / 1e9 - 3.3) < 0.06  # 3.35 with both tables
+    assert round(num_parameters(a22b) / 1e9) == 235
+    assert round(num_parameters(a22b, active=True) / 1e9) == 22
 
 
 def test_random_moe_preset_quantized():

@@ -9,6 +9,7 @@ from transformers import Qwen3ForCausalLM
 
 from qwen3chat.engine import Engine, FinishEvent
 from qwen3chat.loading import load_model
+from qwen3chat.model.uncached import UncachedModel
 from qwen3chat.sampling import SamplingSettings
 
 GREEDY = SamplingSettings(temperature=0.0)
@@ -55,9 +56,10 @@ def assert_logits_close(ours, ref, rtol=1e-4):
     assert err <= rtol * scale, f"max logit error {err:.3g} vs scale {scale:.3g}"
 
 
-def check_against_reference(path, reference, engine_kwargs=None, dtype="float32"):
+def check_against_reference(path, reference, engine_kwargs=None, dtype="float32", uncached=False):
     loaded = load_model(path, device="cpu", dtype=dtype)
-    engine = Engine(loaded.model, loaded.tokenizer, max_seq_len=256, **(engine_kwargs or {}))
+    model = UncachedModel(loaded.model) if uncached else loaded.model
+    engine = Engine(model, loaded.tokenizer, max_seq_len=256, **(engine_kwargs or {}))
     # No stop ids: force all STEPS tokens so every step is compared.
     engine.tokenizer.stop_ids = []
     ref_ids, ref_logits = reference_greedy(reference, PROMPT, STEPS)
@@ -83,7 +85,7 @@ def test_chunked_prefill_matches(tiny_model_dir, chunk_size):
 
 def test_uncached_reference_mode_matches(tiny_model_dir):
     path, reference = tiny_model_dir
-    logits, ref_logits = check_against_reference(path, reference, {"reference": True})
+    logits, ref_logits = check_against_reference(path, reference, uncached=True)
     assert_logits_close(logits, ref_logits)
 
 

@@ -7,10 +7,11 @@ import lzma
 import unicodedata
 
 import pytest
-from conftest import SHARED_TOKENIZER, TOKENIZER_FIXTURE
+from conftest import SHARED_TOKENIZER, TOKENIZER_JSON_XZ
 
+from qwen3chat.presets import PRESETS
 from qwen3chat.thinking import ThinkSplitter
-from qwen3chat.tokenizer import StreamDecoder
+from qwen3chat.tokenizer import StreamDecoder, Tokenizer
 
 SAMPLES = [
     "Hello, world!",
@@ -26,12 +27,36 @@ SAMPLES = [
 
 
 def test_fixture_matches_shared_copy():
-    """The compressed copy in the repo is byte-identical to ../shared's tokenizer.json."""
+    """The compressed copy in the package is byte-identical to ../shared's tokenizer.json."""
     if not SHARED_TOKENIZER.is_dir():
         pytest.skip("../shared is not beside this checkout")
-    ours = lzma.decompress((TOKENIZER_FIXTURE / "tokenizer.json.xz").read_bytes())
+    ours = lzma.decompress(TOKENIZER_JSON_XZ.read_bytes())
     shared = (SHARED_TOKENIZER / "tokenizer.json").read_bytes()
     assert hashlib.sha256(ours).digest() == hashlib.sha256(shared).digest()
+
+
+def test_the_packaged_tokenizer_encodes_chats_as_the_fixture_directory_does(tokenizer):
+    builtin = Tokenizer.builtin_qwen3()
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": SAMPLES[1]},
+        {"role": "assistant", "content": "<think>\nhm\n</think>\n\nFine."},
+        {"role": "user", "content": SAMPLES[3]},
+    ]
+    for thinking in (True, False):
+        expected = tokenizer.encode_chat(messages, thinking)
+        assert builtin.encode_chat(messages, thinking) == expected
+    assert builtin.stop_ids == tokenizer.stop_ids == [151643, 151645]
+    assert builtin.vocab_size == tokenizer.vocab_size
+
+
+def test_text_presets_fit_the_packaged_tokenizer():
+    """chat --preset pairs every text preset with the packaged tokenizer: its (padded)
+    vocabulary must hold every id the tokenizer has."""
+    size = Tokenizer.builtin_qwen3().vocab_size
+    for name, config in PRESETS.items():
+        if config.vision is None:
+            assert config.vocab_size >= size, name
 
 
 def test_known_ids(tokenizer):

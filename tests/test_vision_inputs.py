@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import struct
 import warnings
 import zlib
@@ -16,27 +17,25 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from qwen3chat.chat_template import builtin_template, render_chat
 from qwen3chat.errors import QwenChatError
-from qwen3chat.vision_inputs import (
+from qwen3chat.tokenizer import Tokenizer
+from qwen3chat.vision.preprocess import (
     IMAGE_PAD,
     VIDEO_PAD,
     VideoInputs,
     VisionPreprocessing,
-    builtin_qwen3_vl_template,
     check_visual_tokens,
     count_visual_tokens,
-    expand_vision_tokens,
     load_image,
     load_video_frames,
     preprocess_images,
     preprocess_video,
-    render_vl_prompt,
     sample_frame_indices,
     smart_resize,
     smart_resize_video,
-    user_message,
-    vl_chat_template,
 )
+from qwen3chat.vision.prompt import expand_vision_tokens
 
 DEFAULTS = VisionPreprocessing()
 IMAGE_PAD_ID, VIDEO_PAD_ID = 151655, 151656
@@ -385,6 +384,16 @@ def test_video_frames_must_agree(tmp_path):
 # ---------------------------------------------------------------------------- prompts
 
 
+def user_message(text: str, num_images: int = 0, num_videos: int = 0) -> dict:
+    """A user turn in the content-list form VL templates read: images, videos, then text."""
+    content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
+    return {"role": "user", "content": [*content, {"type": "text", "text": text}]}
+
+
+def builtin_qwen3_vl_template() -> str:
+    return builtin_template("qwen3_vl")
+
+
 CONVERSATIONS = {
     "image_then_text": [user_message("What is this?", num_images=1)],
     "images_video_system_history": [
@@ -411,10 +420,14 @@ def test_builtin_template_renders_as_transformers(reference_tokenizer, name):
     expected = reference_tokenizer.apply_chat_template(
         messages, chat_template=template, tokenize=False, add_generation_prompt=True
     )
-    assert render_vl_prompt(template, messages) == expected
+    assert render_chat(template, messages) == expected
 
 
-def test_template_lookup(tmp_path):
+def test_template_lookup(tmp_path, tokenizer_dir):
+    def vl_chat_template(model_dir):
+        return Tokenizer.from_dir(model_dir, builtin="qwen3_vl", requires=IMAGE_PAD).chat_template
+
+    shutil.copy(tokenizer_dir / "tokenizer.json", tmp_path)
     vl = "{% for m in messages %}" + IMAGE_PAD + "{% endfor %}"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "text only"}))
     assert vl_chat_template(tmp_path) == builtin_qwen3_vl_template()
@@ -443,9 +456,7 @@ def test_input_ids_match_qwen3vl_processor(reference_tokenizer, tokenizer, video
     )
     images = [noise(50, 40, seed=1), noise(300, 200, seed=2), noise(64, 64, seed=3)]
     frames = [noise(80, 60, seed=10 + i) for i in range(5)]
-    prompt = render_vl_prompt(
-        builtin_qwen3_vl_template(), CONVERSATIONS["images_video_system_history"]
-    )
+    prompt = render_chat(builtin_qwen3_vl_template(), CONVERSATIONS["images_video_system_history"])
     expected = processor(
         text=[prompt],
         images=images,

@@ -25,7 +25,7 @@ from qwen3chat.errors import QwenChatError
 from qwen3chat.loading import load_model
 from qwen3chat.model.moe import SparseMoE
 from qwen3chat.sampling import SamplingSettings
-from qwen3chat.vision_chat import VisionChat, user_message
+from qwen3chat.vision.prompt import VisionChat, user_message
 
 transformers = pytest.importorskip("transformers")
 
@@ -240,7 +240,7 @@ def test_square_stacks_follow_the_writer(tmp_path, version):
     tensors[LAYER.format(0) + "down_proj"] = down
     save_file(tensors, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps({"transformers_version": version}))
-    source = SafeTensorsSource(tmp_path)
+    source = SafeTensorsSource(tmp_path, {"transformers_version": version})
     linear = gate_up.mT if version.startswith("4.") else gate_up  # [E, 2I, d]
     gate = source.read("layers.0.mlp.experts.gate_proj.weight", torch.float32)
     up = source.read("layers.0.mlp.experts.up_proj.weight", torch.float32)

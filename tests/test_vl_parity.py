@@ -17,8 +17,8 @@ from test_vision_tower import randomise
 from qwen3chat.engine import Engine
 from qwen3chat.errors import QwenChatError
 from qwen3chat.loading import load_model
-from qwen3chat.vision_chat import VisionChat, user_message
-from qwen3chat.vision_inputs import VisionPreprocessing
+from qwen3chat.vision.preprocess import VisionPreprocessing
+from qwen3chat.vision.prompt import VisionChat, user_message
 
 transformers = pytest.importorskip("transformers")
 

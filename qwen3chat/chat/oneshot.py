@@ -8,17 +8,14 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from ..engine import Engine, FinishEvent, TextEvent, ThinkingEnd
-from ..model.qwen3_vl import VisualInput
 from ..sampling import SamplingSettings
-from ..vision_chat import VisionChat, user_message
+from .prompts import TextPrompts
+from .session import user_turn_message
 
 
-def build_messages(
-    prompt: str, system: str | None, pictures: Sequence[VisualInput] = ()
-) -> list[dict]:
+def build_messages(prompt: str, system: str | None, pictures: Sequence = ()) -> list[dict]:
     messages = [{"role": "system", "content": system}] if system else []
-    user = user_message(prompt, pictures) if pictures else {"role": "user", "content": prompt}
-    return [*messages, user]
+    return [*messages, user_turn_message(prompt, list(pictures))]
 
 
 def run_oneshot(
@@ -33,22 +30,23 @@ def run_oneshot(
     think_budget: int | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
-    vision: VisionChat | None = None,
-    pictures: Sequence[VisualInput] = (),
+    prompts: TextPrompts | None = None,
+    pictures: Sequence = (),
 ) -> FinishEvent:
-    """Answer ``prompt`` (about ``pictures``, read by ``vision``, with a Qwen3-VL model).
+    """Answer ``prompt`` (about ``pictures``, with a Qwen3-VL model and its VisionChat as
+    ``prompts``).
     Text mode streams the answer to stdout as it is generated and the thinking to stderr
     only when stderr is a terminal (a script reading stdout never sees it); JSON mode
     prints one object at the end."""
     # Looked up per call, not bound as defaults: tests and callers may swap the streams.
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
-    messages = build_messages(prompt, system, pictures)
-    if vision is None:
-        ids, visuals = engine.tokenizer.encode_chat(messages, enable_thinking), []
-    else:
-        ids, visuals = vision.encode_chat(engine.tokenizer, messages, enable_thinking)
-        stderr.write(f"{vision.count_tokens(visuals)} visual tokens\n")
+    prompts = prompts or TextPrompts()
+    ids, visuals = prompts.encode_chat(
+        engine.tokenizer, build_messages(prompt, system, pictures), enable_thinking
+    )
+    if visuals:
+        stderr.write(f"{prompts.count_tokens(visuals)} visual tokens\n")
         stderr.flush()
     show_thinking = not as_json and stderr.isatty()
     in_thinking_block = False

@@ -35,9 +35,11 @@ except ImportError:  # Windows: typed keys are echoed during a reply
 from ..engine import Engine, FinishEvent
 from ..errors import QwenChatError
 from ..loading import LoadedModel
+from ..model import num_parameters
 from ..model.qwen3_vl import VisualInput
 from ..sampling import SamplingSettings
-from ..vision_chat import VisionChat
+from ..vision.prompt import VisionChat
+from .prompts import TextPrompts
 from .render import ReplyView
 from .session import (
     ChatOptions,
@@ -200,6 +202,7 @@ class Repl:
         self.replies = 0
         self.next_input = ""  # a message given back to the input line
         self.vision = vision  # a Qwen3-VL chat: /image attaches pictures
+        self.prompts = vision or TextPrompts()
         self.pending: list[VisualInput] = []  # pictures for the next message
         self.commands: dict[str, tuple[Callable[[str], bool | None], str, str]] = {
             "/help": (self.help, "", "show this help"),
@@ -280,7 +283,7 @@ class Repl:
         token."""
         prompt_ids, visuals = self._prompt_ids(user_turn_message(user_text, list(pictures)))
         if visuals:
-            self._note(f"{self.vision.count_tokens(visuals)} visual tokens")
+            self._note(f"{self.prompts.count_tokens(visuals)} visual tokens")
         # A new seed per reply, so that /regen gives another answer, while a session that
         # is replayed with the same --seed gives the same replies.
         sampling = replace(self.sampling, seed=self.sampling.seed + self.replies)
@@ -312,13 +315,12 @@ class Repl:
         self.conversation.turns.append(turn)
         return turn
 
-    def _encode(self, messages: list[dict]) -> list[int]:
-        return self._encode_with_pictures(messages)[0]
-
-    def _encode_with_pictures(self, messages: list[dict]) -> tuple[list[int], list]:
-        if self.vision is None:
-            return self.tokenizer.encode_chat(messages, self.options.think), []
-        return self.vision.encode_chat(self.tokenizer, messages, self.options.think)
+    def _encode(self, messages: list[dict], add_generation_prompt: bool = True):
+        """Prompt ids of ``messages`` (pictures count as their expanded pad tokens), and
+        their pictures."""
+        return self.prompts.encode_chat(
+            self.tokenizer, messages, self.options.think, add_generation_prompt
+        )
 
     def _prompt_ids(self, user_text: str | dict) -> tuple[list[int], list[VisualInput]]:
         """The prompt for the next reply and its pictures, after dropping the oldest turns
@@ -327,12 +329,12 @@ class Repl:
         limit = self.engine.max_seq_len
         budget = limit - min(self.options.max_tokens, limit // 2)
         conversation = self.conversation
-        if len(self._encode(conversation.messages(user_text))) > budget:
+        if len(self._encode(conversation.messages(user_text))[0]) > budget:
             # Down to half the budget, not just below it: the turns after this one then
             # find their prefix in the KV cache again, instead of each re-reading the
             # whole window once it is full.
             dropped = conversation.drop_oldest_until(
-                lambda messages: len(self._encode(messages)) <= budget // 2, user_text
+                lambda messages: len(self._encode(messages)[0]) <= budget // 2, user_text
             )
             if dropped:
                 first, last = _shorten(dropped[0].user), _shorten(dropped[-1].user)
@@ -340,7 +342,7 @@ class Repl:
                 if len(dropped) == 1:
                     which = f"oldest turn, {first!r}"
                 self._note(f"context full (--max-seq-len {limit}): dropped the {which}")
-        prompt_ids, visuals = self._encode_with_pictures(conversation.messages(user_text))
+        prompt_ids, visuals = self._encode(conversation.messages(user_text))
         if len(prompt_ids) >= limit:
             raise QwenChatError(
                 f"this message needs {len(prompt_ids)} tokens of context but --max-seq-len "
@@ -352,13 +354,7 @@ class Repl:
         messages = self.conversation.messages()
         if not messages:
             return 0
-        if self.vision is not None:  # pictures count as their expanded pad tokens
-            ids, _ = self.vision.encode_chat(
-                self.tokenizer, messages, self.options.think, add_generation_prompt=False
-            )
-            return len(ids)
-        text = self.tokenizer.render(messages, self.options.think, add_generation_prompt=False)
-        return len(self.tokenizer.encode(text))
+        return len(self._encode(messages, add_generation_prompt=False)[0])
 
     # Commands --------------------------------------------------------------------------
 
@@ -449,7 +445,7 @@ class Repl:
         think = "on" if self.options.think else "off"
         budget = self.options.think_budget or "off"
         rows = [
-            ("model", f"{model.path} ({model.format}, {config.num_parameters() / 1e6:.0f}M)"),
+            ("model", f"{model.path} ({model.format}, {num_parameters(config) / 1e6:.0f}M)"),
             ("quantization", self.model.quantization),
             ("device", f"{self.engine.device}, {self.engine.model.dtype}".replace("torch.", "")),
             ("template", f"{template} chat template (/show template prints it)"),
@@ -490,6 +486,8 @@ class Repl:
 
     def _banner(self) -> None:
         name = self.model.path.name
+        if self.model.format == "preset":  # said before the first reply shows it
+            name = f"preset {name}, random weights"
         think = "on" if self.options.think else "off"
         self.console.print(
             Text.assemble(

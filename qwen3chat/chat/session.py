@@ -113,7 +113,7 @@ def user_turn_message(text: str, pictures: list) -> dict:
     read (only a vision chat has pictures, so only it pays for the import)."""
     if not pictures:
         return {"role": "user", "content": text}
-    from ..vision_chat import user_message
+    from ..vision.prompt import user_message
 
     return user_message(text, pictures)
 

@@ -5,8 +5,9 @@ int8, int4), quantize.cpp the quantization of weights at load, layer_ops.cpp the
 operations of a decoder layer (RMSNorm, q/k norm with RoPE and the cache write, decode
 attention, SwiGLU), and decode_layer.cpp a decode step of the decoder layers built from
 them, one call per token. They need an x86-64 CPU with AVX2 and a C++ compiler; without
-either, ``native()`` returns None and callers run the plain torch code, which is correct
-everywhere and is what the kernels are tested against.
+either, or when the build fails, ``native()`` returns None, a warning says why (once),
+and callers run the plain torch code, which is correct everywhere and is what the
+kernels are tested against.
 The build is cached by torch (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions).
 """
 
@@ -26,13 +27,34 @@ _SOURCES = ("bindings.cpp", "linear.cpp", "quantize.cpp", "layer_ops.cpp", "deco
 # Loading a cached build takes well under a second; a longer wait is a compile, which the
 # user is told about rather than left facing a silent pause.
 _NOTICE_AFTER_S = 2.0
+# A failed build's message carries ninja's output, whose first line is a whole compiler
+# command: the warning names the compiler's first error line (or else keeps this much of
+# the first line); the whole output is logged at debug level.
+_REASON_MAX_CHARS = 200
+
+
+def _unavailable(reason: str) -> None:
+    """Tell the user, once per process (``_module`` is cached), why the fast path is off:
+    without it everything still works, only slower, which would otherwise go unexplained."""
+    log.warning("native CPU kernels unavailable (%s), using the slower torch path", reason)
+
+
+def _cause(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    line = next((x for x in lines if "error:" in x), lines[0] if lines else type(e).__name__)
+    if len(line) > _REASON_MAX_CHARS:
+        line = line[: _REASON_MAX_CHARS - 3] + "..."
+    return line
 
 
 @functools.cache
 def _module():
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        _unavailable(f"the CPU lacks AVX2: torch reports its capability as {capability}")
         return None
     if shutil.which("c++") is None and shutil.which("g++") is None:
+        _unavailable("no C++ compiler found: install g++")
         return None
     try:
         from torch.utils.cpp_extension import load
@@ -56,8 +78,9 @@ def _module():
             )
         finally:
             notice.cancel()
-    except Exception as e:  # no compiler, headers or ninja: the torch path still works
-        log.warning("native CPU kernels unavailable, using the slower torch path: %s", e)
+    except Exception as e:  # no headers, ninja or a compile error: the torch path still works
+        log.debug("native CPU kernel build failed", exc_info=True)
+        _unavailable(f"build failed: {_cause(e)}")
         return None
 
 

@@ -4,6 +4,14 @@
 #include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::dict limits;
+  limits["matrix_column_block"] = kMatrixColumnBlock;
+  limits["norm_block"] = kNormBlock;
+  limits["swiglu_block"] = kSwigluBlock;
+  limits["head_dim_block"] = kHeadDimBlock;
+  limits["max_head_dim"] = kMaxHeadDim;
+  limits["attention_head_dim_block"] = kAttentionHeadDimBlock;
+  m.attr("LIMITS") = limits;
   m.def("dense_linear", &dense_linear, "x @ W.T for float32, bfloat16 or half weights");
   m.def("q8_linear", &q8_linear, "x @ W.T for group-wise int8 weights");
   m.def("q4_linear", &q4_linear, "x @ W.T for group-wise int4 weights");

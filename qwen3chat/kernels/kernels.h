@@ -19,6 +19,15 @@
 // 215 against 570 in float32). Quantized weights multiply as integers with nothing
 // widened, and their GEMM overtakes streaming at 6-7 rows (0.7x its speed at 4 rows,
 // 1.25x at 8).
+// What the kernels cover, checked here and exported to Python (bindings.cpp's LIMITS),
+// where model/native.py sends everything else to the torch code.
+constexpr int64_t kMatrixColumnBlock = 32;  // a product's inputs, and quantization groups
+constexpr int64_t kNormBlock = 8;           // RMSNorm's width
+constexpr int64_t kSwigluBlock = 8;         // silu_mul's output width
+constexpr int64_t kHeadDimBlock = 16;       // q/k norm + RoPE, and so the decode step
+constexpr int64_t kMaxHeadDim = 512;
+constexpr int64_t kAttentionHeadDimBlock = 8;  // decode attention
+
 constexpr int64_t kGemmMinRows = 16;
 constexpr int64_t kIntegerGemmMinRows = 8;
 

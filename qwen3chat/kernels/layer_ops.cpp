@@ -74,7 +74,7 @@ void rms_norm_row(const T* x, const T* weight, T* out, int64_t dim, float eps) {
 template <typename T>
 void norm_rope_head(const T* x, const T* weight, const T* cos, const T* sin, T* out,
                     int64_t dim, float eps) {
-  alignas(32) float normed[512];
+  alignas(32) float normed[kMaxHeadDim];
   const __m256 inverse = _mm256_set1_ps(inverse_rms(x, dim, eps));
   for (int64_t i = 0; i < dim; i += 8)
     _mm256_store_ps(normed + i, round_to(T{}, normed8(x + i, weight + i, inverse)));
@@ -96,7 +96,7 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight_in, double 
   const auto x = x_in.contiguous();
   const auto weight = weight_in.to(x.scalar_type()).contiguous();
   const int64_t dim = x.size(-1), rows = x.numel() / dim;
-  TORCH_CHECK(weight.numel() == dim && dim % 8 == 0,
+  TORCH_CHECK(weight.numel() == dim && dim % kNormBlock == 0,
               "rms_norm: the weight must match the last dimension, a multiple of 8");
   auto out = at::empty_like(x);
   with_dtype(x.scalar_type(), "rms_norm", [&](auto tag) {
@@ -161,7 +161,7 @@ at::Tensor qk_norm_rope_into(const at::Tensor& qkv_in, const at::Tensor& q_weigh
   const auto sin = sin_in.to(dtype).contiguous();
   const int64_t B = qkv.size(0), T = qkv.size(1), D = q_weight.numel();
   const int64_t width = qkv.size(2), q_size = num_heads * D, kv_size = num_kv_heads * D;
-  TORCH_CHECK(width == q_size + 2 * kv_size && D <= 512 && D % 16 == 0 &&
+  TORCH_CHECK(width == q_size + 2 * kv_size && D <= kMaxHeadDim && D % kHeadDimBlock == 0 &&
                   cos.size(0) == T && cos.size(1) == D && out.batch == B &&
                   out.heads == num_kv_heads && out.rows == T && out.dim == D &&
                   out.dtype == dtype,
@@ -330,7 +330,8 @@ at::Tensor attend(const at::Tensor& q_in, const KVRows& kv) {
   const auto q = q_in.contiguous();
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
   const int64_t KVH = kv.heads, L = kv.rows;
-  TORCH_CHECK(q.size(2) == 1 && kv.batch == B && H % KVH == 0 && D % 8 == 0 && kv.dim == D &&
+  TORCH_CHECK(q.size(2) == 1 && kv.batch == B && H % KVH == 0 && D % kAttentionHeadDimBlock == 0 &&
+                  kv.dim == D &&
                   kv.dtype == q.scalar_type(),
               "decode_attention: shapes do not match");
   auto out = at::empty({B, 1, H * D}, q.options());
@@ -378,7 +379,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up_in) {
   RECORD_FUNCTION("qwen3chat::silu_mul", std::vector<c10::IValue>());
   const auto gate_up = gate_up_in.contiguous();
   const int64_t width = gate_up.size(-1) / 2, rows = gate_up.numel() / (2 * width);
-  TORCH_CHECK(width % 8 == 0, "silu_mul: the width must be a multiple of 8");
+  TORCH_CHECK(width % kSwigluBlock == 0, "silu_mul: the width must be a multiple of 8");
   auto sizes = gate_up.sizes().vec();
   sizes.back() = width;
   auto out = at::empty(sizes, gate_up.options());

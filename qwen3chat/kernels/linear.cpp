@@ -277,7 +277,7 @@ inline float quantized_row(const uint8_t* w, const c10::Half* scales, const c10:
 }
 
 void check_rows(const at::Tensor& x, int64_t K, const char* name) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && K % 32 == 0, name,
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && K % kMatrixColumnBlock == 0, name,
               ": expected x [M, K] with K a multiple of 32 matching the weights");
 }
 
@@ -525,7 +525,7 @@ at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const a
   const int64_t group = G > 0 ? K / G : 0;
   check_rows(x, K, "q8_linear");
   TORCH_CHECK(codes.scalar_type() == at::kChar && scales.scalar_type() == at::kHalf &&
-                  scales.size(0) == N && group * G == K && group % 32 == 0,
+                  scales.size(0) == N && group * G == K && group % kMatrixColumnBlock == 0,
               "q8_linear: expected int8 codes [N, K] and float16 scales [N, K / group]");
   const int8_t* cp = codes.data_ptr<int8_t>();
   const c10::Half* sp = scales.data_ptr<c10::Half>();
@@ -574,7 +574,7 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const 
   TORCH_CHECK(packed.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf &&
                   zeros.scalar_type() == at::kHalf &&
                   zeros.sizes() == scales.sizes() && scales.size(0) == N && group * G == K &&
-                  group % 32 == 0,
+                  group % kMatrixColumnBlock == 0,
               "q4_linear: expected uint8 packed [N, K / 2] and float16 scales/zeros [N, K / group]");
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const c10::Half* sp = scales.data_ptr<c10::Half>();

@@ -1,4 +1,7 @@
-"""Building blocks: RMSNorm, rotary embeddings, linear layers, attention, SwiGLU MLP."""
+"""Building blocks: RMSNorm, rotary embeddings, linear layers, attention, SwiGLU MLP.
+
+Each operation asks native.py first (the CPU kernels, where they cover it) and otherwise
+runs the torch code here, the reference the kernels are tested against."""
 
 from __future__ import annotations
 
@@ -6,18 +9,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
 from ..device import matmul_dtype
-from ..kv_cache import KVCache
+from ..kv_cache import Cache
 from ..quant import QuantizedWeight
+from . import native
 
 
 class Linear(nn.Module):
-    """``y = x @ W.T`` (no bias: Qwen3 has none); the weight may be a QuantizedWeight."""
+    """``y = x @ W.T`` (no bias: Qwen3 has none); the weight may be a QuantizedWeight.
 
-    def __init__(self, in_features: int, out_features: int):
+    A projection fused from several of the checkpoint's (weights/names.py's FUSED) gives
+    ``split``, the rows of each part in order."""
+
+    def __init__(self, in_features: int, out_features: int, split: tuple[int, ...] = ()):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.split = split
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight)
@@ -37,28 +44,15 @@ class Embedding(nn.Module):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
-    native = kernels.native(x)
-    matrix = native_matrix(native, weight) if native is not None else None
-    if matrix is not None:
-        return native.matmul(x, matrix)
+    out = native.linear(x, weight)
+    if out is not None:
+        return out
     if isinstance(weight, QuantizedWeight):
         return weight.linear(x)
     compute = matmul_dtype(x.numel() // x.shape[-1], x.dtype, x.device)
     if compute != weight.dtype:
         return F.linear(x.to(compute), weight.to(compute)).to(x.dtype)
     return F.linear(x, weight)
-
-
-def native_matrix(native, weight: torch.Tensor | QuantizedWeight):
-    """``weight`` as the native kernels take it (kernels.h's Matrix), or None where they do
-    not cover it: inputs not in blocks of 32, or quantization groups that are not."""
-    if weight.shape[-1] % 32:
-        return None
-    if not isinstance(weight, QuantizedWeight):
-        return native.Matrix(weight)
-    if weight.group_size % 32:
-        return None
-    return native.Matrix(weight.codes, weight.scales, weight.zeros, weight.bits)
 
 
 class RMSNorm(nn.Module):
@@ -68,9 +62,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        native = kernels.native(x)
-        if native is not None and x.shape[-1] % 8 == 0:
-            return native.rms_norm(x, self.weight, self.eps)
+        out = native.rms_norm(x, self.weight, self.eps)
+        if out is not None:
+            return out
         # Normalise in float32 and scale in the compute dtype, as the reference does.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -128,7 +122,11 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size)
+        self.qkv_proj = Linear(
+            config.hidden_size,
+            self.q_size + 2 * self.kv_size,
+            split=(self.q_size, self.kv_size, self.kv_size),
+        )
         self.o_proj = Linear(self.q_size, config.hidden_size)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -139,14 +137,14 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: Cache | None,
         start: int,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q, k, v = self.project(x, cos, sin, cache, start)
-        native = kernels.native(q)
-        if seq == 1 and native is not None and self.head_dim % 8 == 0:
-            return self.o_proj(native.decode_attention(q, k, v))
+        out = native.decode_attention(q, k, v) if seq == 1 else None
+        if out is not None:
+            return self.o_proj(out)
         if seq == 1:
             # One query row sees every cached key, so no mask; and the query heads that
             # share a KV head go in as rows of one group (5x faster than enable_gqa on
@@ -167,34 +165,22 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: KVCache | None,
+        cache: Cache | None,
         start: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q ``[B, heads, T, head_dim]`` normed and rotated, and all the keys and values
         attention sees ``[B, kv_heads, start + T, head_dim]``, the new ones stored."""
         batch, seq, _ = x.shape
         qkv = self.qkv_proj(x)
-        native = kernels.native(qkv)
-        if native is not None and self.head_dim % 16 == 0 and self.head_dim <= 512:
-            # One call splits, norms and rotates, and writes k and v into the cache.
-            end = start + seq
-            if cache is not None:
-                k_slots, v_slots = cache.window(self.layer_idx, start, end)
-            else:
-                k_slots = qkv.new_empty(batch, self.num_kv_heads, seq, self.head_dim)
-                v_slots = torch.empty_like(k_slots)
-            q = native.qk_norm_rope(
-                qkv,
-                self.q_norm.weight,
-                self.k_norm.weight,
-                cos,
-                sin,
-                self.q_norm.eps,
-                self.num_heads,
-                self.num_kv_heads,
-                k_slots,
-                v_slots,
-            )
+        end = start + seq
+        # The native call splits, norms and rotates, and writes k and v into the cache.
+        if cache is not None:
+            k_slots, v_slots = cache.window(self.layer_idx, start, end)
+        else:
+            k_slots = qkv.new_empty(batch, self.num_kv_heads, seq, self.head_dim)
+            v_slots = torch.empty_like(k_slots)
+        q = native.qk_norm_rope(qkv, self, cos, sin, k_slots, v_slots)
+        if q is not None:
             if cache is None:
                 return q, k_slots, v_slots
             return (q, *cache.window(self.layer_idx, 0, end))
@@ -213,7 +199,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size)
+        self.gate_up_proj = Linear(
+            hidden_size, 2 * intermediate_size, split=(intermediate_size, intermediate_size)
+        )
         self.down_proj = Linear(intermediate_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,8 +210,8 @@ class MLP(nn.Module):
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's ``silu(gate) * up`` from a fused ``[..., 2 * width]`` projection."""
-    native = kernels.native(gate_up)
-    if native is not None and gate_up.shape[-1] % 16 == 0:
-        return native.silu_mul(gate_up)
+    out = native.silu_mul(gate_up)
+    if out is not None:
+        return out
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -19,13 +19,17 @@ from .layers import Linear, linear, silu_mul
 
 
 class ExpertLinear(nn.Module):
-    """One projection of every expert: ``weight [experts, out, in]``, float or quantized."""
+    """One projection of every expert: ``weight [experts, out, in]``, float or quantized;
+    ``split`` as Linear's, for a projection fused from several."""
 
-    def __init__(self, num_experts: int, in_features: int, out_features: int):
+    def __init__(
+        self, num_experts: int, in_features: int, out_features: int, split: tuple[int, ...] = ()
+    ):
         super().__init__()
         self.weight = nn.Parameter(
             torch.empty(num_experts, out_features, in_features), requires_grad=False
         )
+        self.split = split
 
 
 class SparseMoE(nn.Module):
@@ -41,7 +45,9 @@ class SparseMoE(nn.Module):
         self.width = width
         self.gate = Linear(d, config.num_experts)
         self.experts = nn.Module()
-        self.experts.gate_up_proj = ExpertLinear(config.num_experts, d, 2 * width)
+        self.experts.gate_up_proj = ExpertLinear(
+            config.num_experts, d, 2 * width, split=(width, width)
+        )
         self.experts.down_proj = ExpertLinear(config.num_experts, width, d)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

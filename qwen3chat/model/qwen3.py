@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .. import kernels
 from ..config import ModelConfig
-from ..kv_cache import KVCache
+from ..kv_cache import Cache, KVCache
+from . import native
 from .layers import (
     MLP,
     Attention,
@@ -19,7 +20,6 @@ from .layers import (
     linear,
     mrope_axes,
     mrope_rows,
-    native_matrix,
     rope_tables,
 )
 from .moe import SparseMoE
@@ -39,7 +39,26 @@ class VisualTokens:
     deepstack: list[torch.Tensor]
 
 
-_UNBUILT = object()
+class TextLayout:
+    """How a text prompt lies in the cache and the forward passes (the engine's seam for
+    what a family adds to ids: Qwen3-VL's pictures, see qwen3_vl.VisionPrompt): cached
+    under its ids, and its chunks and decode steps need nothing beyond ids and start."""
+
+    def __init__(self, ids: list[int]):
+        self.keys = list(ids)
+
+    def prepare(self, model: nn.Module, start: int) -> float:
+        """Run what the prompt's tokens from ``start`` on need before the decoder (nothing
+        for text); the seconds it took."""
+        return 0.0
+
+    def chunk(self, start: int, end: int, device) -> dict:
+        """The forward's keyword arguments for the prompt's tokens ``start..end-1``."""
+        return {}
+
+    def decode(self, index: int, device) -> dict:
+        """The forward's keyword arguments for a generated token at cache index ``index``."""
+        return {}
 
 
 class DecoderLayer(nn.Module):
@@ -52,65 +71,16 @@ class DecoderLayer(nn.Module):
             self.mlp = SparseMoE(config)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
-        self._native_weights = _UNBUILT
 
     def forward(self, x, cos, sin, mask, cache, start):
         if x.shape[1] == 1 and cache is not None:
-            # Qwen3Model runs all its layers' decode steps in one native call; a layer
-            # called on its own (bench --ops, a model with a layer the kernels do not
-            # cover) runs its own the same way.
-            native = kernels.native(x)
-            weights = self.native_weights(native) if native is not None else None
-            if weights is not None:
-                return native.decode_layers(x, [weights], cos, sin, cache.k, cache.v, start)
+            # A layer called on its own (bench --ops, a model with a layer the kernels do
+            # not cover) runs its decode step natively too.
+            out = native.decode_layers(x, [self], cos, sin, cache, start)
+            if out is not None:
+                return out
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-    def native_weights(self, native):
-        """This layer's weights for the native decode step (kernels/decode_layer.cpp),
-        built on first use; None where the kernels do not cover one of its matrices."""
-        if self._native_weights is _UNBUILT:
-            self._native_weights = self._build_native_weights(native)
-        return self._native_weights
-
-    def _build_native_weights(self, native):
-        attn, mlp = self.self_attn, self.mlp
-        if attn.head_dim % 16 or attn.head_dim > 512:
-            return None
-        w = native.DecoderLayerWeights()
-        w.layer, w.eps = attn.layer_idx, self.input_layernorm.eps
-        w.num_heads, w.num_kv_heads = attn.num_heads, attn.num_kv_heads
-        w.input_norm, w.post_norm = (
-            self.input_layernorm.weight,
-            self.post_attention_layernorm.weight,
-        )
-        w.q_norm, w.k_norm = attn.q_norm.weight, attn.k_norm.weight
-        matrices = {"qkv": attn.qkv_proj.weight, "o_proj": attn.o_proj.weight}
-        if isinstance(mlp, SparseMoE):
-            matrices["router"] = mlp.gate.weight
-            w.top_k, w.norm_topk_prob = mlp.top_k, mlp.norm_topk_prob
-            experts = {
-                "expert_gate_up": mlp.experts.gate_up_proj.weight,
-                "expert_down": mlp.experts.down_proj.weight,
-            }
-            for name, stack in experts.items():
-                per_expert = [native_matrix(native, stack[e]) for e in range(stack.shape[0])]
-                if None in per_expert:
-                    return None
-                setattr(w, name, per_expert)
-        else:
-            matrices.update(gate_up=mlp.gate_up_proj.weight, down=mlp.down_proj.weight)
-        for name, weight in matrices.items():
-            matrix = native_matrix(native, weight)
-            if matrix is None:
-                return None
-            setattr(w, name, matrix)
-        return w
-
-    def _apply(self, fn, recurse=True):
-        # Moving or converting the weights makes new tensors: build the native view anew.
-        self._native_weights = _UNBUILT
-        return super()._apply(fn, recurse)
 
 
 class Qwen3Model(nn.Module):
@@ -132,6 +102,12 @@ class Qwen3Model(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.norm.weight.dtype
+
+    def _apply(self, fn, recurse=True):
+        # Moving or converting the weights makes new tensors: the native step's view of
+        # them is built anew.
+        native.forget(self)
+        return super()._apply(fn, recurse)
 
     @property
     def device(self) -> torch.device:
@@ -161,22 +137,15 @@ class Qwen3Model(nn.Module):
             self.device,
         )
 
-    def native_layers(self, x, cache, visual) -> list | None:
-        """For a decode step on the CPU kernels, every layer's weights for one native call
-        running them all (kernels/decode_layer.cpp); None where that does not apply or a
-        layer's weights are not covered (the layers then run one by one). Layer by layer
-        from Python the same step costs ~0.5 ms a token more at Qwen3-0.6B (2-3% of an
-        int4 step)."""
-        native = kernels.native(x)
-        if native is None or x.shape[1] != 1 or cache is None or visual is not None:
-            return None
-        layers = [layer.native_weights(native) for layer in self.layers]
-        return None if None in layers else layers
+    def prompt_layout(self, ids: list[int], visuals: Sequence = ()) -> TextLayout:
+        if visuals:
+            raise ValueError("a text model takes no pictures")
+        return TextLayout(ids)
 
     def forward(
         self,
         tokens: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
         start: int = 0,
         all_logits: bool = False,
         positions: torch.Tensor | None = None,
@@ -209,9 +178,11 @@ class Qwen3Model(nn.Module):
         x = self.embed_tokens(tokens)
         if visual is not None:
             x[0, visual.mask] = visual.embeds.to(x.dtype)
-        layers = self.native_layers(x, cache, visual)
-        if layers is not None:
-            x = kernels.native(x).decode_layers(x, layers, cos, sin, cache.k, cache.v, start)
+        decoded = None
+        if seq == 1 and cache is not None and visual is None:
+            decoded = native.decode_layers(x, self.layers, cos, sin, cache, start)
+        if decoded is not None:
+            x = decoded
         else:
             for i, layer in enumerate(self.layers):
                 x = layer(x, cos, sin, mask, cache, start)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import QwenChatError
-from .qwen3 import Qwen3Model, VisualTokens
+from .qwen3 import Qwen3Model, TextLayout, VisualTokens
 from .vision import VisionTower
 
 
@@ -65,6 +66,9 @@ class Qwen3VLModel(Qwen3Model):
         grid = torch.tensor([item.grid_thw])
         return self.visual(item.pixel_values.to(self.device), grid)
 
+    def prompt_layout(self, ids: list[int], visuals: Sequence[VisualInput] = ()) -> TextLayout:
+        return VisionPrompt(ids, visuals, self.config) if visuals else TextLayout(ids)
+
 
 @dataclass
 class _Run:
@@ -76,7 +80,7 @@ class _Run:
     offset: int  # the run's first token within the item's tokens
 
 
-class VisionPrompt:
+class VisionPrompt(TextLayout):
     """A prompt's pictures laid out on its ids: M-RoPE positions and rope delta, cache keys
     that tell different pictures apart, and the tower's tokens for any span of it."""
 
@@ -98,9 +102,11 @@ class VisionPrompt:
         self._embeds: torch.Tensor | None = None
         self._deepstack: list[torch.Tensor] = []
 
-    def encode_from(self, model: Qwen3VLModel, start: int) -> None:
+    def prepare(self, model: Qwen3VLModel, start: int) -> float:
         """Run the tower on the pictures that have tokens at ``start`` or later (those
-        before are already in the cache), keeping their tokens in prompt order."""
+        before are already in the cache), keeping their tokens in prompt order; the
+        seconds the tower took."""
+        started = time.perf_counter()
         self._from = start
         wanted = [run for run in self.runs if run.start + run.length > start]
         encoded = {i: model.encode_visual(self.visuals[i]) for i in {r.item for r in wanted}}
@@ -113,22 +119,26 @@ class VisionPrompt:
         if pieces:
             columns = [torch.cat(parts) for parts in zip(*pieces, strict=True)]
             self._embeds, self._deepstack = columns[0], columns[1:]
+        return time.perf_counter() - started
 
-    def chunk(self, start: int, end: int, device) -> tuple[torch.Tensor, VisualTokens | None]:
-        """Positions and visual tokens of the prompt's tokens ``start..end-1`` (at or after
-        the ``encode_from`` start)."""
+    def chunk(self, start: int, end: int, device) -> dict:
+        """M-RoPE positions and visual tokens of the prompt's tokens ``start..end-1`` (at
+        or after the ``prepare`` start)."""
         positions = self.positions[:, start:end].to(device)
         mask = self.mask[start:end]
         if not mask.any():
-            return positions, None
+            return {"positions": positions}
         base = int(self._visual_before[self._from])
         first = int(self._visual_before[start]) - base
         last = int(self._visual_before[end]) - base
-        return positions, VisualTokens(
-            mask.to(device),
-            self._embeds[first:last],
-            [d[first:last] for d in self._deepstack],
+        visual = VisualTokens(
+            mask.to(device), self._embeds[first:last], [d[first:last] for d in self._deepstack]
         )
+        return {"positions": positions, "visual": visual}
+
+    def decode(self, index: int, device) -> dict:
+        # Every axis of a generated token is its cache index plus the pictures' delta.
+        return {"positions": torch.full((3, 1), index + self.rope_delta, device=device)}
 
 
 def _runs(

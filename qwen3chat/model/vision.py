@@ -13,19 +13,17 @@ with the ``model.visual.`` prefix stripped, so a state dict loads without renami
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import VisionConfig
 from ..device import matmul_dtype
-from ..errors import QwenChatError
 from .layers import apply_rope
 
+# config.VISION_ACTIVATIONS names the same ones, for the checks at load.
 ACTIVATIONS = {
     "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
     "gelu": F.gelu,
@@ -36,121 +34,12 @@ ACTIVATIONS = {
 LAYER_NORM_EPS = 1e-6
 
 
-@dataclass
-class VisionConfig:
-    """Shape of a Qwen3-VL vision tower, with transformers' defaults for missing fields."""
-
-    depth: int = 27
-    hidden_size: int = 1152
-    intermediate_size: int = 4304
-    num_heads: int = 16
-    in_channels: int = 3
-    patch_size: int = 16
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    out_hidden_size: int = 3584
-    num_position_embeddings: int = 2304
-    deepstack_visual_indexes: list[int] = field(default_factory=lambda: [8, 16, 24])
-    hidden_act: str = "gelu_pytorch_tanh"
-    rope_theta: float = 10000.0
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        """Values per input patch row: ``C * T * P * P``."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size**2
-
-    @property
-    def merged_hidden_size(self) -> int:
-        """Width of one merged token before the merger's MLP: ``m * m`` patches side by side."""
-        return self.hidden_size * self.spatial_merge_size**2
-
-    @property
-    def position_grid_side(self) -> int:
-        return math.isqrt(self.num_position_embeddings)
-
-    @classmethod
-    def from_hf_dict(cls, raw: Mapping, source: str = "config.json") -> VisionConfig:
-        """Read the ``vision_config`` of a Qwen3-VL ``config.json`` (or the whole file)."""
-        raw = raw.get("vision_config", raw)
-        values = {
-            name: raw[name]
-            for name in cls.__dataclass_fields__
-            if name != "rope_theta" and raw.get(name) is not None
-        }
-        # Only transformers 5 writes the (axial) rope parameters; older files rely on 10000.
-        rope = raw.get("rope_parameters") or {}
-        if rope.get("rope_theta") is not None:
-            values["rope_theta"] = float(rope["rope_theta"])
-        values["deepstack_visual_indexes"] = list(
-            values.get("deepstack_visual_indexes", cls().deepstack_visual_indexes)
-        )
-        config = cls(**values)
-        config.validate(source)
-        return config
-
-    def validate(self, source: str = "config.json") -> None:
-        if self.hidden_act not in ACTIVATIONS:
-            raise QwenChatError(
-                f"{source}: vision hidden_act {self.hidden_act!r} is not supported; "
-                f"expected one of {', '.join(ACTIVATIONS)}"
-            )
-        # The 2-D rotary embedding splits each head in halves for rows and columns, and
-        # each half into cos/sin pairs.
-        if self.hidden_size % self.num_heads or self.head_dim % 4:
-            raise QwenChatError(
-                f"{source}: vision hidden_size {self.hidden_size} over {self.num_heads} heads "
-                "must give a head size divisible by 4"
-            )
-        if self.position_grid_side**2 != self.num_position_embeddings:
-            raise QwenChatError(
-                f"{source}: vision num_position_embeddings ({self.num_position_embeddings}) "
-                "must be a square"
-            )
-        bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
-        if bad:
-            raise QwenChatError(
-                f"{source}: deepstack_visual_indexes {bad} are outside the {self.depth} blocks"
-            )
-
-
 def vision_tensor_shapes(config: VisionConfig) -> dict[str, tuple[int, ...]]:
-    """Every tower tensor's name (checkpoint name without ``model.visual.``) and shape."""
-    c = config
-    d, merged = c.hidden_size, c.merged_hidden_size
-    kernel = (c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size)
-    shapes: dict[str, tuple[int, ...]] = {
-        "patch_embed.proj.weight": (d, *kernel),
-        "patch_embed.proj.bias": (d,),
-        "pos_embed.weight": (c.num_position_embeddings, d),
-    }
-    for i in range(c.depth):
-        for name, shape in (
-            ("norm1", (d,)),
-            ("norm2", (d,)),
-            ("attn.qkv", (3 * d, d)),
-            ("attn.proj", (d, d)),
-            ("mlp.linear_fc1", (c.intermediate_size, d)),
-            ("mlp.linear_fc2", (d, c.intermediate_size)),
-        ):
-            shapes[f"blocks.{i}.{name}.weight"] = shape
-            shapes[f"blocks.{i}.{name}.bias"] = (shape[0],)
-    mergers = ["merger"] + [
-        f"deepstack_merger_list.{i}" for i in range(len(c.deepstack_visual_indexes))
-    ]
-    for prefix in mergers:
-        norm = d if prefix == "merger" else merged
-        for name, shape in (
-            ("norm", (norm,)),
-            ("linear_fc1", (merged, merged)),
-            ("linear_fc2", (c.out_hidden_size, merged)),
-        ):
-            shapes[f"{prefix}.{name}.weight"] = shape
-            shapes[f"{prefix}.{name}.bias"] = (shape[0],)
-    return shapes
+    """Every tower tensor's name (checkpoint name without ``model.visual.``) and shape, as
+    the modules below define them."""
+    with torch.device("meta"):
+        tower = VisionTower(config)
+    return {name: tuple(p.shape) for name, p in tower.named_parameters()}
 
 
 def affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

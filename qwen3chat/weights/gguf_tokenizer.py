@@ -72,6 +72,4 @@ def tokenizer_from_gguf(reader: GGUFReader, path: Path) -> Tokenizer:
     template = metadata(reader, "tokenizer.chat_template")
     eos = metadata(reader, "tokenizer.ggml.eos_token_id")
     eot = metadata(reader, "tokenizer.ggml.eot_token_id")
-    stops = [i for i in (eos, eot) if i is not None]
-    defaults = [backend.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    return Tokenizer(backend, template, special, stops + [i for i in defaults if i is not None])
+    return Tokenizer(backend, template, special, [i for i in (eos, eot) if i is not None])

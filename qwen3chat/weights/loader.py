@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 from ..errors import QwenChatError
-from ..model.layers import Embedding
 from ..quant import QuantizedExperts, QuantizedMatrix, QuantizedWeight, QuantSpec, quantize
-from .names import FULL_PRECISION, checkpoint_parts, expected_shapes
+from .names import FULL_PRECISION, TABLES, checkpoint_parts, expected_shapes
 
 
 class WeightSource(Protocol):
@@ -31,10 +30,11 @@ class WeightSource(Protocol):
         ...
 
 
-def check_tensors(config, source: WeightSource, where: str) -> None:
-    """Every tensor present with its shape, and nothing unknown: else name the tensor."""
+def check_tensors(model: nn.Module, source: WeightSource, where: str) -> None:
+    """Every tensor ``model`` (on the meta device) needs present with its shape, and
+    nothing unknown: else name the tensor."""
     available = source.shapes()
-    expected = expected_shapes(config)
+    expected = expected_shapes(model)
     for name, shape in expected.items():
         if name not in available:
             raise QwenChatError(f"{where}: tensor {name} is missing from the checkpoint")
@@ -44,7 +44,7 @@ def check_tensors(config, source: WeightSource, where: str) -> None:
                 f"{list(available[name])}, expected {list(shape)} from the config"
             )
     # A tied checkpoint may still carry a copy of the embedding as lm_head: unused.
-    allowed_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    allowed_extra = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     for name in sorted(set(available) - set(expected) - allowed_extra):
         raise QwenChatError(
             f"{where}/{source.file_of(name)}: unexpected tensor {name}; "
@@ -68,7 +68,7 @@ def load_weights(
     heap = HeapTrimmer()
     for name, param in list(model.named_parameters()):
         names = checkpoint_parts(name)
-        kept = len(names) == 1 and quant_layout(model, name, param.shape, quant) is None
+        kept = len(names) == 1 and quant_layout(name, param.shape, quant) is None
         parts = [source.read(part, dtype, kept=kept) for part in names]
         if len(parts) == 1:
             weight = parts[0]
@@ -101,7 +101,7 @@ def place(
         if isinstance(weight, QuantizedMatrix):
             weight = weight.dequantize(dtype)
     elif isinstance(weight, torch.Tensor):
-        layout = quant_layout(model, name, weight.shape, quant)
+        layout = quant_layout(name, weight.shape, quant)
         if layout is not None:
             weight = quantize(weight, *layout)
     if isinstance(weight, QuantizedMatrix) and weight.codes.dim() == 3:
@@ -112,19 +112,14 @@ def place(
         set_parameter(model, name, weight.to(device))
 
 
-def is_table(model: nn.Module, name: str) -> bool:
-    """Whether parameter ``name`` is an embedding table (its rows are looked up)."""
-    return isinstance(model.get_submodule(name.rpartition(".")[0]), Embedding)
-
-
 def quant_layout(
-    model: nn.Module, name: str, shape: tuple[int, ...], quant: QuantSpec | None
+    name: str, shape: tuple[int, ...], quant: QuantSpec | None
 ) -> tuple[int, int] | None:
     """(bits, group size) that ``--quantize`` gives the float parameter ``name``, or None
     for what stays float: norms, the MoE router, everything without ``quant``."""
     if quant is None or len(shape) < 2 or FULL_PRECISION.search(name):
         return None
-    return quant.layout(shape[-1], is_table(model, name) or name == "lm_head.weight")
+    return quant.layout(shape[-1], bool(TABLES.search(name)) or name == "lm_head.weight")
 
 
 class HeapTrimmer:

@@ -17,13 +17,16 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-from ..config import ModelConfig
+from torch import nn
 
 # Fused parameter -> the checkpoint tensors concatenated along dim 0, in order.
 FUSED = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
     "gate_up_proj": ("gate_proj", "up_proj"),
 }
+
+# Embedding tables: their rows are looked up, so --quantize keeps them at 8 bits.
+TABLES = re.compile(r"(^|\.)embed_tokens\.weight$")
 
 # Tensors some checkpoints carry that inference recomputes or does not use.
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -143,50 +146,17 @@ def checkpoint_parts(param_name: str) -> list[str]:
     return [param_name]
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every canonical tensor a Qwen3 (or Qwen3-VL) checkpoint must hold, with its shape."""
-    d, hd = config.hidden_size, config.head_dim
-    shapes: dict[str, tuple[int, ...]] = {
-        "embed_tokens.weight": (config.vocab_size, d),
-        "norm.weight": (d,),
-    }
-    if config.vision is not None:
-        from ..model.vision import vision_tensor_shapes
-
-        tower = vision_tensor_shapes(config.vision)
-        shapes.update({f"visual.{name}": shape for name, shape in tower.items()})
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, d)
-    experts, moe_width = config.num_experts, config.moe_intermediate_size
-    for i in range(config.num_hidden_layers):
-        p = f"layers.{i}."
-        shapes.update(
-            {
-                p + "input_layernorm.weight": (d,),
-                p + "post_attention_layernorm.weight": (d,),
-                p + "self_attn.q_proj.weight": (config.q_size, d),
-                p + "self_attn.k_proj.weight": (config.kv_size, d),
-                p + "self_attn.v_proj.weight": (config.kv_size, d),
-                p + "self_attn.o_proj.weight": (d, config.q_size),
-                p + "self_attn.q_norm.weight": (hd,),
-                p + "self_attn.k_norm.weight": (hd,),
-            }
-        )
-        if config.is_moe_layer(i):
-            shapes.update(
-                {
-                    p + "mlp.gate.weight": (experts, d),
-                    p + "mlp.experts.gate_proj.weight": (experts, moe_width, d),
-                    p + "mlp.experts.up_proj.weight": (experts, moe_width, d),
-                    p + "mlp.experts.down_proj.weight": (experts, d, moe_width),
-                }
-            )
-        else:
-            shapes.update(
-                {
-                    p + "mlp.gate_proj.weight": (config.intermediate_size, d),
-                    p + "mlp.up_proj.weight": (config.intermediate_size, d),
-                    p + "mlp.down_proj.weight": (d, config.intermediate_size),
-                }
-            )
+def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every canonical tensor a checkpoint of ``model`` (built on the meta device) must
+    hold, with its shape: the model's parameters, each fused one split back into the
+    checkpoint's parts by the rows its module's ``split`` gives them."""
+    shapes = {}
+    for name, param in model.named_parameters():
+        parts = checkpoint_parts(name)
+        if len(parts) == 1:
+            shapes[name] = tuple(param.shape)
+            continue
+        split = model.get_submodule(name.rpartition(".")[0]).split
+        for part, rows in zip(parts, split, strict=True):
+            shapes[part] = (*param.shape[:-2], rows, param.shape[-1])
     return shapes

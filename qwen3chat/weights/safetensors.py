@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -35,8 +36,10 @@ class SafeTensorsSource:
     at a time, transposed as it is converted when the file stores it as ``x @ W``.
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, config_json: Mapping | None = None):
         self.directory = directory
+        # config.json's raw fields, as loading.py read them (FP8 blocks, who wrote it).
+        self.config_json = config_json or {}
         # Canonical name -> its (file, checkpoint name) slices: one, or one per expert.
         self._slices: dict[str, dict[int | None, tuple[Path, str]]] = {}
         self._shape: dict[str, tuple[int, ...]] = {}
@@ -83,7 +86,11 @@ class SafeTensorsSource:
             self._shape[name] = (len(slices), *self._shape[name])
         for stack in stacks:  # once the hidden size (embed_tokens' width) is known
             self._add_stack(*stack)
-        self._fp8_block = _fp8_block_size(directory) if self._fp8_scales else FP8_BLOCK_SIZE
+        self._fp8_block = (
+            _fp8_block_size(self.config_json, directory / "config.json")
+            if self._fp8_scales
+            else FP8_BLOCK_SIZE
+        )
 
     def _add_stack(
         self, file: Path, hf_name: str, shape: tuple[int, ...], held: ExpertStacks
@@ -98,7 +105,7 @@ class SafeTensorsSource:
         if rows != cols:
             transposed = (rows if held.hidden_is_input else cols) == hidden
         else:  # 2 * moe_inter == hidden: transformers 5 keeps what it finds, 4.x wrote x @ W
-            transposed = _saved_by_transformers_4(self.directory)
+            transposed = _saved_by_transformers_4(self.config_json)
         out = cols if transposed else rows
         if len(shape) != 3 or out % len(parts):
             raise QwenChatError(
@@ -223,25 +230,20 @@ def dequantize_fp8(
     return weight.float() * scales[..., :rows, :cols]
 
 
-def _fp8_block_size(directory: Path) -> tuple[int, int]:
+def _fp8_block_size(config_json: Mapping, source: Path) -> tuple[int, int]:
     """quantization_config.weight_block_size from config.json (128x128 if absent)."""
-    try:
-        raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return FP8_BLOCK_SIZE  # read_config_json reports a bad config.json itself
-    block = (raw.get("quantization_config") or {}).get("weight_block_size") or FP8_BLOCK_SIZE
+    quantization = config_json.get("quantization_config") or {}
+    block = quantization.get("weight_block_size") or FP8_BLOCK_SIZE
     if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
         raise QwenChatError(
-            f"{directory / 'config.json'}: quantization_config.weight_block_size {block} "
-            "is not two positive integers"
+            f"{source}: quantization_config.weight_block_size {block} is not two positive integers"
         )
     return int(block[0]), int(block[1])
 
 
-def _saved_by_transformers_4(directory: Path) -> bool:
+def _saved_by_transformers_4(config_json: Mapping) -> bool:
     """Whether config.json says transformers 4.x wrote the checkpoint."""
     try:
-        raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-        return int(str(raw.get("transformers_version", "")).split(".")[0]) < 5
-    except (OSError, ValueError, AttributeError):
+        return int(str(config_json.get("transformers_version", "")).split(".")[0]) < 5
+    except ValueError:
         return False

@@ -1,27 +1,32 @@
 """Chatting about pictures: image and frame files to VisualInputs, and chat messages that
-hold pictures to prompt ids with their vision tokens expanded.
+hold pictures to prompt ids with their vision tokens expanded as Qwen3VLProcessor does.
 
 A message's pictures travel inside it, as ``{"type": "image", "picture": VisualInput}``
 content items (the chat template reads only the type), so that dropping or keeping a
-message drops or keeps its pictures with it.
+message drops or keeps its pictures with it. VisionChat has the interface of the text
+chat's prompt encoder (chat/prompts.py), so the chat code never asks which it has.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import QwenChatError
-from .model.qwen3_vl import VisualInput
-from .tokenizer import Tokenizer
-from .vision_inputs import (
+from ..errors import QwenChatError
+from ..model.qwen3_vl import VisualInput
+from ..tokenizer import Tokenizer
+from .preprocess import (
+    IMAGE_PAD,
+    VIDEO_PAD,
+    VISION_END,
+    VISION_START,
     VideoInputs,
     VisionPreprocessing,
     check_visual_tokens,
-    expand_vision_tokens,
     load_image,
     load_video_frames,
     preprocess_images,
@@ -92,3 +97,38 @@ def user_message(text: str, pictures: Sequence[VisualInput] = ()) -> dict:
     ordered = sorted(pictures, key=lambda v: v.is_video)
     content = [{"type": "video" if v.is_video else "image", "picture": v} for v in ordered]
     return {"role": "user", "content": [*content, {"type": "text", "text": text}]}
+
+
+def _image_tokens(grid: Sequence[int], merge_size: int) -> int:
+    t, h, w = (int(v) for v in grid)
+    return t * h * w // merge_size**2
+
+
+def _video_text(video: VideoInputs, merge_size: int) -> str:
+    _, h, w = (int(v) for v in video.video_grid_thw[0])
+    frame = VISION_START + VIDEO_PAD * (h * w // merge_size**2) + VISION_END
+    return "".join(f"<{t:.1f} seconds>{frame}" for t in video.timestamps)
+
+
+def expand_vision_tokens(
+    prompt: str,
+    image_grid_thw: torch.Tensor | None = None,
+    videos: Sequence[VideoInputs] = (),
+    merge_size: int = 2,
+) -> str:
+    """Each ``<|image_pad|>`` to one pad per merged patch of its image, each ``<|video_pad|>``
+    to its timestamped groups of pads, in order, as Qwen3VLProcessor does."""
+    grids = [] if image_grid_thw is None else image_grid_thw.tolist()
+    found = (prompt.count(IMAGE_PAD), prompt.count(VIDEO_PAD))
+    if found != (len(grids), len(videos)):
+        raise QwenChatError(
+            f"the prompt has {found[0]} image and {found[1]} video placeholders but "
+            f"{len(grids)} images and {len(videos)} videos were given"
+        )
+    images = iter(IMAGE_PAD * _image_tokens(g, merge_size) for g in grids)
+    clips = iter(_video_text(v, merge_size) for v in videos)
+
+    def expand(match: re.Match) -> str:
+        return next(images) if match.group() == IMAGE_PAD else next(clips)
+
+    return re.sub(f"{re.escape(IMAGE_PAD)}|{re.escape(VIDEO_PAD)}", expand, prompt)

@@ -1,4 +1,4 @@
-"""Qwen3-VL inputs: images and video frames to patches, and prompts with vision tokens.
+"""Qwen3-VL inputs: images and video frames to the vision tower's patches.
 
 Everything here reproduces what transformers does for Qwen3-VL, with Pillow and torch only:
 
@@ -7,9 +7,7 @@ Everything here reproduces what transformers does for Qwen3-VL, with Pillow and 
 * video frames go through ``Qwen3VLVideoProcessor``: frame sampling, a ``smart_resize`` that
   budgets pixels over all frames, torch's antialiased bicubic resize (what torchvision runs on
   the CPU), fused rescale+normalize, an odd frame count padded with the last frame;
-* ``Qwen3VLProcessor`` then expands each ``<|image_pad|>`` / ``<|video_pad|>`` of the
-  chat-templated prompt into one pad token per merged patch, with ``<t seconds>`` stamps
-  before each temporal group of a video.
+* ``Qwen3VLProcessor``'s expansion of the prompt's pad tokens is in prompt.py.
 
 Patch rows come out in the order the vision tower expects: frame by frame, and within a frame
 every ``merge x merge`` block of neighbouring patches consecutive.
@@ -17,13 +15,10 @@ every ``merge x merge`` block of neighbouring patches consecutive.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .chat_template import render_chat
-from .errors import QwenChatError
+from ..errors import QwenChatError
+from ..jsonfiles import read_json
 
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
@@ -100,8 +95,8 @@ class VisionPreprocessing:
     ) -> VisionPreprocessing:
         """Read ``preprocessor_config.json`` and ``video_preprocessor_config.json`` if present;
         the keyword arguments (the CLI's flags) override them when given."""
-        image = _read_json(Path(model_dir) / "preprocessor_config.json")
-        video = _read_json(Path(model_dir) / "video_preprocessor_config.json")
+        image = read_json(Path(model_dir) / "preprocessor_config.json")
+        video = read_json(Path(model_dir) / "video_preprocessor_config.json")
         defaults = cls()
         image_size = image.get("size") or {}
         video_size = video.get("size") or {}
@@ -148,18 +143,6 @@ def _check_pixel_bounds(low: int, high: int, what: str) -> None:
 def _pick(*values):
     """The first value that is not None (a JSON null counts as absent)."""
     return next(v for v in values if v is not None)
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise QwenChatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise QwenChatError(f"{path}: expected a JSON object")
-    return data
 
 
 # ---------------------------------------------------------------------------- loading images
@@ -464,85 +447,6 @@ def preprocess_video(
         grid,
         _frame_timestamps(indices, settings.fps, settings.temporal_patch_size),
     )
-
-
-# ---------------------------------------------------------------------------- prompts
-
-
-def builtin_qwen3_vl_template() -> str:
-    """Qwen3-VL Instruct's chat template, used when a model ships none that places images."""
-    return resources.files("qwen3chat").joinpath("templates/qwen3_vl.jinja").read_text("utf-8")
-
-
-def vl_chat_template(model_dir: Path) -> str:
-    """The model's own chat template if it places images, else the builtin Qwen3-VL one.
-
-    Looked up where transformers' processor and tokenizer look: ``chat_template.jinja``,
-    ``chat_template.json``, then ``tokenizer_config.json``. A template without
-    ``<|image_pad|>`` (a text-only Qwen3 one) would silently drop the pictures.
-    """
-    model_dir = Path(model_dir)
-    candidates = []
-    jinja_path = model_dir / "chat_template.jinja"
-    if jinja_path.is_file():
-        candidates.append(jinja_path.read_text(encoding="utf-8"))
-    for name in ("chat_template.json", "tokenizer_config.json"):
-        template = _read_json(model_dir / name).get("chat_template")
-        if isinstance(template, list):  # several named templates: the default one
-            template = {t.get("name"): t.get("template") for t in template}.get("default")
-        candidates.append(template)
-    for template in candidates:
-        if isinstance(template, str) and IMAGE_PAD in template:
-            return template
-    return builtin_qwen3_vl_template()
-
-
-def user_message(text: str, num_images: int = 0, num_videos: int = 0) -> dict:
-    """A user turn in the content-list form VL templates read: images, videos, then text."""
-    content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
-    return {"role": "user", "content": [*content, {"type": "text", "text": text}]}
-
-
-def render_vl_prompt(
-    template: str, messages: list[dict], add_generation_prompt: bool = True
-) -> str:
-    """The chat-templated prompt, one ``<|image_pad|>``/``<|video_pad|>`` per picture/video."""
-    return render_chat(template, messages, add_generation_prompt)
-
-
-def _image_tokens(grid: Sequence[int], merge_size: int) -> int:
-    t, h, w = (int(v) for v in grid)
-    return t * h * w // merge_size**2
-
-
-def _video_text(video: VideoInputs, merge_size: int) -> str:
-    _, h, w = (int(v) for v in video.video_grid_thw[0])
-    frame = VISION_START + VIDEO_PAD * (h * w // merge_size**2) + VISION_END
-    return "".join(f"<{t:.1f} seconds>{frame}" for t in video.timestamps)
-
-
-def expand_vision_tokens(
-    prompt: str,
-    image_grid_thw: torch.Tensor | None = None,
-    videos: Sequence[VideoInputs] = (),
-    merge_size: int = 2,
-) -> str:
-    """Each ``<|image_pad|>`` to one pad per merged patch of its image, each ``<|video_pad|>``
-    to its timestamped groups of pads, in order, as Qwen3VLProcessor does."""
-    grids = [] if image_grid_thw is None else image_grid_thw.tolist()
-    found = (prompt.count(IMAGE_PAD), prompt.count(VIDEO_PAD))
-    if found != (len(grids), len(videos)):
-        raise QwenChatError(
-            f"the prompt has {found[0]} image and {found[1]} video placeholders but "
-            f"{len(grids)} images and {len(videos)} videos were given"
-        )
-    images = iter(IMAGE_PAD * _image_tokens(g, merge_size) for g in grids)
-    clips = iter(_video_text(v, merge_size) for v in videos)
-
-    def expand(match: re.Match) -> str:
-        return next(images) if match.group() == IMAGE_PAD else next(clips)
-
-    return re.sub(f"{re.escape(IMAGE_PAD)}|{re.escape(VIDEO_PAD)}", expand, prompt)
 
 
 # ---------------------------------------------------------------------------- budget

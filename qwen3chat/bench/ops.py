@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import Engine
-from .kv_cache import KVCache
-from .model.layers import MLP, apply_rope
-from .model.moe import SparseMoE
-from .model.qwen3 import Qwen3Model
-from .quant import QuantizedExperts, QuantSpec
-from .weights.loader import place
+from ..engine import Engine
+from ..kv_cache import KVCache
+from ..model.layers import MLP, apply_rope
+from ..model.moe import SparseMoE
+from ..model.qwen3 import Qwen3Model
+from ..quant import QuantizedExperts, QuantSpec
+from ..weights.loader import place
 
 SEQ_LENS = (1, 16, 128, 512)
 
@@ -244,7 +244,7 @@ def profile_prefill_and_decode(
         synchronize(engine.device)
     token = int(logits.argmax())
     with profile(activities=activities) as decode:
-        engine.decode_step([*prompt_ids, token], token)
+        engine.decode_step(token)
         synchronize(engine.device)
     on_gpu = engine.device.type == "cuda"
     return {

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import QwenChatError
+from ..errors import QwenChatError
 
 WIDTH, HEIGHT = 800, 500
 LEFT, RIGHT, TOP, BOTTOM = 80, 30, 80, 60  # margins around the plot area (legend on top)
