@@ -77,6 +77,7 @@ def render_chat(
     add_generation_prompt: bool = True,
     enable_thinking: bool = True,
     special_tokens: dict[str, str | None] | None = None,
+    tools: list[dict] | None = None,
 ) -> str:
     template = _compile(source)
     try:
@@ -84,6 +85,7 @@ def render_chat(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             enable_thinking=enable_thinking,
+            **({"tools": tools} if tools else {}),
             **(special_tokens or {}),
         )
     except jinja2.TemplateError as e:

@@ -173,49 +173,20 @@ def _run_chat(flags: dict, vision_flags: dict | None = None) -> None:
         # Flag checks first: a usage error should not wait for torch and the model to load.
         if f["json_output"] and interactive:
             _usage_error("--json needs a one-shot prompt: pass -p TEXT or pipe stdin")
-        if f["preset"] is not None and f["model_path"] is not None:
-            _usage_error("--preset and -m exclude each other; give one of them")
-        from .quant import QuantSpec
         from .sampling import SamplingSettings
 
         names = SamplingSettings.distribution_names()
         given = {name: f[name] for name in names if f[name] is not None}
+        _check_model_flags(f)
         try:
-            if f["preset"] is not None:
-                preset_config(f["preset"])  # an unknown name lists the choices
-            QuantSpec.parse(f["quantize"].value, f["group_size"])
             SamplingSettings(**given).validate()
         except QwenChatError as e:
             _usage_error(str(e))
         text = None if interactive else _read_prompt(f["prompt"])
 
-        from .download import resolve_model_path
         from .engine import Engine
-        from .loading import load_model, load_preset
 
-        preset, model_path = f["preset"], f["model_path"] or DEFAULT_MODEL
-        # A first-use download shows its own progress; a preset needs none.
-        path = None if preset else resolve_model_path(model_path)
-        with _loading_spinner(preset or model_path) if interactive else contextlib.nullcontext():
-            if preset:
-                loaded = load_preset(
-                    preset,
-                    f["device"].value,
-                    f["dtype"].value,
-                    f["quantize"].value,
-                    f["group_size"],
-                )
-            else:
-                loaded = load_model(
-                    path,
-                    f["format"].value,
-                    f["device"].value,
-                    f["dtype"].value,
-                    f["quantize"].value,
-                    f["group_size"],
-                )
-        for notice in loaded.notices:
-            typer.echo(f"note: {notice}", err=True)
+        loaded = _load(f, spinner=interactive)
         vision, pictures = None, []
         if vision_flags is not None:
             vision, pictures = _open_pictures(loaded, vision_flags, f["max_seq_len"])
@@ -247,6 +218,47 @@ def _run_chat(flags: dict, vision_flags: dict | None = None) -> None:
             prompts=vision,
             pictures=pictures,
         )
+
+
+def _check_model_flags(f: dict) -> None:
+    """The checks of the flags that choose and load a model, before anything loads."""
+    if f["preset"] is not None and f["model_path"] is not None:
+        _usage_error("--preset and -m exclude each other; give one of them")
+    from .quant import QuantSpec
+
+    try:
+        if f["preset"] is not None:
+            preset_config(f["preset"])  # an unknown name lists the choices
+        QuantSpec.parse(f["quantize"].value, f["group_size"])
+    except QwenChatError as e:
+        _usage_error(str(e))
+
+
+def _load(f: dict, spinner: bool = False):
+    """The model the flags name (-m or --preset), its notices said on stderr."""
+    from .download import resolve_model_path
+    from .loading import load_model, load_preset
+
+    preset, model_path = f["preset"], f["model_path"] or DEFAULT_MODEL
+    # A first-use download shows its own progress; a preset needs none.
+    path = None if preset else resolve_model_path(model_path)
+    with _loading_spinner(preset or model_path) if spinner else contextlib.nullcontext():
+        if preset:
+            loaded = load_preset(
+                preset, f["device"].value, f["dtype"].value, f["quantize"].value, f["group_size"]
+            )
+        else:
+            loaded = load_model(
+                path,
+                f["format"].value,
+                f["device"].value,
+                f["dtype"].value,
+                f["quantize"].value,
+                f["group_size"],
+            )
+    for notice in loaded.notices:
+        typer.echo(f"note: {notice}", err=True)
+    return loaded
 
 
 def _open_pictures(loaded, vision_flags: dict, max_seq_len: int):
@@ -363,6 +375,70 @@ def _with_chat_options(command, **defaults):
 app.command("vision-chat", context_settings={"allow_extra_args": True})(
     _with_chat_options(vision_chat, max_seq_len=4096)
 )
+
+
+@app.command()
+def serve(
+    model_path: str | None = typer.Option(
+        None,
+        "-m",
+        "--model-path",
+        help=f"Model directory, .gguf file or repo id. \\[default: {DEFAULT_MODEL}]",
+    ),
+    preset: str | None = typer.Option(
+        None, "--preset", help="Instead of -m: a named shape with random weights."
+    ),
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free one)."),
+    api_key: str | None = typer.Option(
+        None,
+        envvar="QWEN3CHAT_API_KEY",
+        help="Require 'Authorization: Bearer KEY'. \\[default: $QWEN3CHAT_API_KEY]",
+        show_default=False,
+    ),
+    served_model_name: str | None = typer.Option(
+        None, help="The model's id in the API. \\[default: the repo id or the path's last part]"
+    ),
+    max_running: int = typer.Option(
+        16, min=1, help="Sequences decoded together (requests take turns for now)."
+    ),
+    max_seq_len: int = typer.Option(4096, min=2, help="Longest context of one request."),
+    think: bool = typer.Option(
+        True, "--think/--no-think", help="enable_thinking when a request does not say."
+    ),
+    chunk_size: int | None = typer.Option(None, min=1, help="Prefill chunk size in tokens."),
+    quantize: Quantize = typer.Option(Quantize.none, help="Weight quantization at load."),
+    group_size: int = typer.Option(32, min=8, help="Inputs per int4 scale (--quantize int4)."),
+    format: Format = typer.Option(Format.auto, "--format", help="Model format."),
+    device: Device = typer.Option(Device.auto, help="Compute device."),
+    dtype: Dtype = typer.Option(Dtype.auto, help="Compute dtype."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """An OpenAI-compatible HTTP server (chat and raw completions, streaming, models,
+    health, metrics), on 127.0.0.1 unless --host says otherwise."""
+    f = locals()
+    with reported_errors(debug):
+        _check_model_flags(f)
+        from .engine import Engine
+        from .serve.app import ServerSettings, create_app, run_server
+        from .serve.runner import Runner
+
+        loaded = _load(f)
+        name = served_model_name or preset or _served_name(model_path or DEFAULT_MODEL)
+        engine = Engine(loaded.model, loaded.tokenizer, max_seq_len, chunk_size)
+        runner = Runner(engine)
+        settings = ServerSettings(
+            name, max_seq_len, think, api_key or None, loaded.generation_defaults
+        )
+        run_server(create_app(runner, loaded.tokenizer, settings), runner, host, port)
+
+
+def _served_name(model_path: str) -> str:
+    """A repo id as given; a path's last part."""
+    from pathlib import Path
+
+    path = Path(model_path).expanduser()
+    return path.name if path.exists() else model_path
 
 
 @app.command()

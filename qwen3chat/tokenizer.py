@@ -95,7 +95,11 @@ class Tokenizer:
         return token_id in self._special_ids
 
     def render(
-        self, messages: list[dict], enable_thinking: bool = True, add_generation_prompt=True
+        self,
+        messages: list[dict],
+        enable_thinking: bool = True,
+        add_generation_prompt=True,
+        tools: list[dict] | None = None,
     ) -> str:
         return render_chat(
             self.chat_template,
@@ -103,6 +107,7 @@ class Tokenizer:
             add_generation_prompt,
             enable_thinking,
             self.special_tokens,
+            tools,
         )
 
     def encode_chat(self, messages: list[dict], enable_thinking: bool = True) -> list[int]:

@@ -16,7 +16,7 @@ FLOORS = (
     ("download", "weights", "vision.preprocess"),
     ("model",),
     ("loading", "engine"),
-    ("chat", "vision.prompt", "bench", "cli", "__main__"),
+    ("chat", "vision.prompt", "bench", "serve", "cli", "__main__"),
 )
 
 

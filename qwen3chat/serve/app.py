@@ -1,0 +1,337 @@
+"""The ASGI app: OpenAI routes over the runner, API-key check, body limit, SSE, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import secrets
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from ..engine import FinishEvent, TextEvent
+from ..sampling import SamplingSettings
+from ..tokenizer import Tokenizer
+from .protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    new_id,
+    now,
+    usage,
+)
+from .reply import Reply
+from .runner import Job, Runner
+
+# A request body larger than this is refused (413) before it is parsed.
+MAX_BODY_BYTES = 8 * 2**20
+
+
+@dataclass
+class ServerSettings:
+    model_name: str
+    max_seq_len: int
+    think: bool = True
+    api_key: str | None = None
+    # generation_config.json's sampling values: a request's own fields replace them.
+    sampling_defaults: dict = field(default_factory=dict)
+    max_body_bytes: int = MAX_BODY_BYTES
+
+
+def create_app(runner: Runner, tokenizer: Tokenizer, settings: ServerSettings) -> FastAPI:
+    app = FastAPI(title="qwen3chat", docs_url=None, redoc_url=None, openapi_url=None)
+    created = now()
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            return APIError(400, "the request body is not valid JSON").response()
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg")
+        return APIError(400, message or "invalid request", where or None).response()
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception):
+        message = f"internal error: {type(e).__name__}: {e}"
+        return APIError(500, message, kind="server_error").response()
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        try:
+            if request.url.path.startswith("/v1/") or request.url.path == "/metrics":
+                _check_key(request, settings.api_key)
+            if int(request.headers.get("content-length") or 0) > settings.max_body_bytes:
+                raise APIError(413, f"the request body is over {settings.max_body_bytes} bytes")
+        except APIError as e:
+            return e.response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        model = {"id": settings.model_name, "object": "model", "created": created}
+        return {"object": "list", "data": [{**model, "owned_by": "qwen3chat"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(_prometheus(runner), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _check_model(body.model, settings)
+        _check_supported(body)
+        kwargs = body.chat_template_kwargs or {}
+        think = bool(kwargs.get("enable_thinking", settings.think))
+        tools = body.tools if body.tools and body.tool_choice != "none" else None
+        messages = [m.for_template() for m in body.messages]
+        ids = tokenizer.encode(tokenizer.render(messages, think, True, tools))
+        reply = Reply(body.stop_strings(), tools)
+        job = _job(ids, body, body.max_completion_tokens or body.max_tokens, settings)
+        return await _respond(runner, job, reply, body, settings, "chat.completion")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        _check_model(body.model, settings)
+        if body.logprobs:
+            raise APIError(400, "logprobs are not supported yet", "logprobs")
+        if isinstance(body.prompt, str):
+            ids = tokenizer.encode(body.prompt)
+        else:
+            ids = list(body.prompt)
+            if not all(0 <= i < tokenizer.vocab_size for i in ids):
+                raise APIError(400, "prompt: token ids outside the vocabulary", "prompt")
+        reply = Reply(body.stop_strings(), raw=True)
+        job = _job(ids, body, body.max_tokens, settings)
+        return await _respond(runner, job, reply, body, settings, "text_completion")
+
+    return app
+
+
+def _check_key(request: Request, api_key: str | None) -> None:
+    if api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    # Compared in constant time, so the time taken does not reveal how much matched.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
+        raise APIError(
+            401, "missing or wrong API key (Authorization: Bearer KEY)", None, "invalid_api_key"
+        )
+
+
+def _check_model(model: str | None, settings: ServerSettings) -> None:
+    if model and model != settings.model_name:
+        raise APIError(
+            404,
+            f"model {model!r} does not exist; this server serves {settings.model_name!r}",
+            "model",
+            "model_not_found",
+        )
+
+
+def _check_supported(body: ChatCompletionRequest) -> None:
+    """Fields of the contract that are not built yet: refused, never ignored silently."""
+    if body.logprobs or body.top_logprobs:
+        raise APIError(400, "logprobs are not supported yet", "logprobs")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise APIError(
+            400, "response_format json_object/json_schema is not supported yet", "response_format"
+        )
+    if body.tool_choice not in (None, "auto", "none"):
+        raise APIError(400, "tool_choice: only auto and none are supported yet", "tool_choice")
+
+
+def _job(ids: list[int], body, max_tokens: int | None, settings: ServerSettings) -> Job:
+    room = settings.max_seq_len - len(ids)
+    if room < 1 or (max_tokens is not None and max_tokens > room):
+        asked = len(ids) + (max_tokens or 1)
+        raise APIError(
+            400,
+            f"this request needs {asked} tokens of context ({len(ids)} in the prompt) but the "
+            f"server's --max-seq-len is {settings.max_seq_len}",
+            "messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            "context_length_exceeded",
+        )
+    seed = body.seed if body.seed is not None else secrets.randbits(31)
+    given = {**settings.sampling_defaults, **body.sampling_fields(), "seed": seed}
+    sampling = SamplingSettings(**given)
+    return Job(ids, max_tokens or room, sampling, asyncio.get_running_loop())
+
+
+async def _events(
+    job: Job, reply: Reply
+) -> AsyncIterator[tuple[list[dict], str | None, FinishEvent | None]]:
+    """(deltas, finish reason, finish event) as the engine's events arrive."""
+    while True:
+        event = await job.events.get()
+        if isinstance(event, Exception):
+            raise event
+        if isinstance(event, TextEvent):
+            deltas = reply.push(event)
+            if reply.stopped:
+                job.cancelled.set()
+            if deltas:
+                yield deltas, None, None
+        elif isinstance(event, FinishEvent):
+            deltas, reason = reply.finish(event)
+            yield deltas, reason, event
+            return
+
+
+async def _collect(job: Job, reply: Reply) -> tuple[str, FinishEvent]:
+    """The finish reason and event of a reply taken whole (its deltas build ``reply``)."""
+    async for _deltas, reason, finish in _events(job, reply):
+        if finish is not None:
+            return reason, finish
+    raise RuntimeError("the engine ended a request without finishing it")
+
+
+async def _respond(runner: Runner, job: Job, reply: Reply, body, settings, kind: str):
+    runner.submit(job)
+    rid = new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
+    created = now()
+    base = {"id": rid, "created": created, "model": settings.model_name}
+    if not body.stream:
+        try:
+            reason, finish = await _collect(job, reply)
+        finally:
+            job.cancelled.set()  # a client that went away stops its request
+        use = usage(finish.prompt_tokens, len(finish.token_ids), finish.cached_tokens)
+        if kind == "chat.completion":
+            choice = {"index": 0, "message": reply.message(), "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": reply.content, "finish_reason": reason}
+        return JSONResponse({**base, "object": kind, "choices": [choice], "usage": use})
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return StreamingResponse(
+        _sse(job, reply, base, kind, include_usage),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _sse(job: Job, reply: Reply, base: dict, kind: str, include_usage: bool):
+    chat = kind == "chat.completion"
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choices: list[dict], **extra) -> str:
+        return f"data: {json.dumps({**base, 'object': obj, 'choices': choices, **extra})}\n\n"
+
+    def choice(delta: dict, reason: str | None = None) -> dict:
+        if chat:
+            return {"index": 0, "delta": delta, "finish_reason": reason}
+        return {"index": 0, "text": delta.get("content", ""), "finish_reason": reason}
+
+    try:
+        if chat:
+            yield chunk([choice({"role": "assistant", "content": ""})])
+        async for deltas, reason, finish in _events(job, reply):
+            for delta in deltas:
+                yield chunk([choice(delta)])
+            if finish is not None:
+                yield chunk([choice({}, reason)])
+                if include_usage:
+                    use = usage(finish.prompt_tokens, len(finish.token_ids), finish.cached_tokens)
+                    yield chunk([], usage=use)
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # the stream has begun: the error goes as an event
+        error = {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error"}
+        yield f"data: {json.dumps({'error': {**error, 'param': None, 'code': None}})}\n\n"
+    finally:
+        job.cancelled.set()  # also when the client went away mid-stream
+
+
+def _prometheus(runner: Runner) -> str:
+    s = runner.stats
+    rows = [
+        ("requests_running", "gauge", "requests being generated", s.running),
+        ("requests_waiting", "gauge", "requests waiting for the engine", s.waiting),
+        ("requests_total", "counter", "requests finished", s.requests),
+        ("prompt_tokens_total", "counter", "prompt tokens", s.prompt_tokens),
+        (
+            "prompt_tokens_cached_total",
+            "counter",
+            "prompt tokens reused from the cache",
+            s.cached_tokens,
+        ),
+        ("generation_tokens_total", "counter", "tokens generated", s.generated_tokens),
+        ("kv_cache_tokens", "gauge", "tokens held in the KV cache", len(runner.engine.cache)),
+        (
+            "kv_cache_capacity_tokens",
+            "gauge",
+            "tokens the KV cache holds at most",
+            runner.engine.max_seq_len,
+        ),
+        (
+            "decode_tokens_per_second",
+            "gauge",
+            "decode speed over all requests so far",
+            s.generated_tokens / s.decode_s if s.decode_s else 0.0,
+        ),
+    ]
+    lines = []
+    for name, kind, about, value in rows:
+        lines += [
+            f"# HELP qwen3chat_{name} {about}",
+            f"# TYPE qwen3chat_{name} {kind}",
+            f"qwen3chat_{name} {value}",
+        ]
+    lines += [
+        "# HELP qwen3chat_time_to_first_token_seconds time to first token",
+        "# TYPE qwen3chat_time_to_first_token_seconds summary",
+        f"qwen3chat_time_to_first_token_seconds_sum {s.ttft_s_sum}",
+        f"qwen3chat_time_to_first_token_seconds_count {s.ttft_count}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, saying where it listens once the socket is bound (the port may
+    have been 0: any free one), and ending on Ctrl-C or SIGTERM with exit status 0."""
+
+    def __init__(self, config: uvicorn.Config, runner: Runner):
+        super().__init__(config)
+        self.runner = runner
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            host = f"[{host}]" if ":" in host else host
+            print(f"listening on http://{host}:{port}", file=sys.stderr, flush=True)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # uvicorn's own records the signal and raises it again once it has shut down,
+        # which ends the process with -SIGTERM: a stop the user asked for is a clean exit.
+        # Running replies are cancelled, so their streams end now, not after max_tokens.
+        self.runner.cancel_all()
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
+
+
+def run_server(app: FastAPI, runner: Runner, host: str, port: int) -> None:
+    """Serve until Ctrl-C or SIGTERM: then stop accepting, cancel what runs (each client
+    gets its reply so far), and return."""
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10
+    )
+    try:
+        _Server(config, runner).run()
+    finally:
+        runner.close()

@@ -1,0 +1,256 @@
+"""`qwen3chat serve`: the real server, started on loopback on a tiny model, talked to with
+the official `openai` client and with raw HTTP (SSE framing, errors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from qwen3chat.engine import Engine
+from qwen3chat.loading import load_model
+from qwen3chat.sampling import SamplingSettings
+
+openai = pytest.importorskip("openai")
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+START_TIMEOUT_S = 120
+
+
+class Server:
+    def __init__(self, model_dir, *flags: str, env: dict | None = None):
+        command = [sys.executable, "-m", "qwen3chat", "serve", "-m", str(model_dir), "--port"]
+        command += ["0", "--dtype", "float32", "--served-model-name", "m", *flags]
+        self.process = subprocess.Popen(
+            command,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        self.lines = []
+        while time.monotonic() < deadline:
+            line = self.process.stderr.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            if line.startswith("listening on "):
+                self.url = line.split()[-1]
+                return
+        self.stop()
+        raise AssertionError(f"the server did not start: {''.join(self.lines)}")
+
+    def client(self, api_key: str = "none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=60)
+        finally:
+            self.process.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    running = Server(tiny_model_dir[0])
+    yield running
+    assert running.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    loaded = load_model(tiny_model_dir[0], device="cpu", dtype="float32")
+    return Engine(loaded.model, loaded.tokenizer, max_seq_len=4096)
+
+
+def greedy_text(engine, messages, max_tokens):
+    ids = engine.tokenizer.encode_chat(messages)
+    events = list(engine.generate(ids, max_tokens, SamplingSettings(temperature=0.0)))
+    return events[-1]
+
+
+def test_greedy_reply_is_the_engine_s(server, engine):
+    reply = server.client().chat.completions.create(
+        model="m", messages=MESSAGES, temperature=0, max_tokens=12
+    )
+    expected = greedy_text(engine, MESSAGES, 12)
+    assert reply.choices[0].message.content == (expected.text.strip() or None)
+    assert reply.choices[0].finish_reason == expected.reason
+    assert reply.usage.prompt_tokens == expected.prompt_tokens
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+    assert reply.model == "m"
+
+
+def test_a_stream_joins_to_the_whole_reply(server):
+    client = server.client()
+    whole = client.chat.completions.create(
+        messages=MESSAGES, model="m", temperature=0, max_tokens=12
+    )
+    stream = client.chat.completions.create(
+        messages=MESSAGES,
+        model="m",
+        temperature=0,
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == (whole.choices[0].message.content or "")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_sse_framing(server):
+    body = {"messages": MESSAGES, "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for event in events[:-2]:
+        assert event.startswith("data: ")
+        assert json.loads(event.removeprefix("data: "))["object"] == "chat.completion.chunk"
+
+
+def test_a_shared_prefix_is_reported_as_cached(server, engine):
+    client = server.client()
+    follow = [
+        *MESSAGES,
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "More"},
+    ]
+    client.chat.completions.create(messages=MESSAGES, model="m", max_tokens=2)
+    second = client.chat.completions.create(messages=follow, model="m", max_tokens=2)
+    # At least the system turn and the first question come from the cache.
+    first_ids, follow_ids = (engine.tokenizer.encode_chat(m) for m in (MESSAGES, follow))
+    shared = 0
+    while first_ids[shared : shared + 1] == follow_ids[shared : shared + 1] != []:
+        shared += 1
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert shared <= cached < second.usage.prompt_tokens and shared > 10
+
+
+def test_a_stop_string_ends_the_reply(server, engine):
+    expected = greedy_text(engine, MESSAGES, 16).text.strip()
+    stop = expected[len(expected) // 2 :][:3]
+    assert stop, expected
+    reply = server.client().chat.completions.create(
+        messages=MESSAGES, model="m", temperature=0, max_tokens=16, stop=[stop]
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].message.content == expected[: expected.index(stop)].strip() or None
+
+
+def test_raw_completion(server, engine):
+    reply = server.client().completions.create(
+        model="m", prompt="The capital of France is", max_tokens=5, temperature=0
+    )
+    ids = engine.tokenizer.encode("The capital of France is")
+    finish = list(engine.generate(ids, 5, SamplingSettings(temperature=0.0)))[-1]
+    assert reply.choices[0].text == finish.thinking + finish.text
+    assert reply.usage.completion_tokens == len(finish.token_ids)
+
+
+def test_models_health_and_metrics(server):
+    assert [m.id for m in server.client().models.list().data] == ["m"]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    metrics = httpx.get(server.url + "/metrics").text
+    for name in ("requests_running", "requests_waiting", "generation_tokens_total"):
+        assert f"qwen3chat_{name} " in metrics
+    assert "qwen3chat_time_to_first_token_seconds_count " in metrics
+
+
+def post(server, body, headers=None, raw: bytes | None = None):
+    url = server.url + "/v1/chat/completions"
+    if raw is not None:
+        return httpx.post(url, content=raw, headers={"content-type": "application/json"})
+    return httpx.post(url, json=body, headers=headers, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment", "code"),
+    [
+        (None, 400, "not valid JSON", None),
+        ({"messages": MESSAGES, "temperature": "hot"}, 400, "temperature", None),
+        ({"messages": []}, 400, "messages", None),
+        ({"messages": MESSAGES, "n": 2}, 400, "n", None),
+        ({"messages": MESSAGES, "model": "gpt-4"}, 404, "does not exist", "model_not_found"),
+        (
+            {"messages": MESSAGES, "max_tokens": 5000},
+            400,
+            "--max-seq-len",
+            "context_length_exceeded",
+        ),
+        ({"messages": MESSAGES, "logprobs": True}, 400, "not supported yet", None),
+        ({"messages": MESSAGES, "stop": ["x"] * 40}, 400, "stop", None),
+    ],
+)
+def test_errors_are_openai_error_objects(server, body, status, fragment, code):
+    response = post(server, body, raw=b"{bad" if body is None else None)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert fragment in error["message"] and error["code"] == code
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_a_long_prompt_is_context_length_exceeded(server):
+    long = [{"role": "user", "content": "word " * 5000}]
+    response = post(server, {"messages": long})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_huge_body_is_refused(server):
+    response = post(server, None, raw=b"{" + b" " * (9 * 2**20) + b"}")
+    assert response.status_code == 413
+
+
+def test_a_disconnected_stream_is_cancelled(server):
+    body = {"messages": MESSAGES, "max_tokens": 3000, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+    # Closed after the first chunk: the server stops generating (else the next request
+    # would wait behind 3000 tokens).
+    started = time.monotonic()
+    reply = server.client().chat.completions.create(messages=MESSAGES, model="m", max_tokens=2)
+    assert reply.usage.completion_tokens == 2
+    assert time.monotonic() - started < 30
+    metrics = httpx.get(server.url + "/metrics").text
+    assert "qwen3chat_requests_running 0\n" in metrics
+
+
+def test_the_api_key_is_required_and_checked(tiny_model_dir):
+    keyed = Server(tiny_model_dir[0], env={"QWEN3CHAT_API_KEY": "s3cret"})
+    try:
+        for key in ("wrong", "none"):
+            with pytest.raises(openai.AuthenticationError):
+                keyed.client(key).models.list()
+        assert httpx.get(keyed.url + "/health").status_code == 200
+        reply = keyed.client("s3cret").chat.completions.create(
+            messages=MESSAGES, model="m", max_tokens=1
+        )
+        assert reply.usage.completion_tokens == 1
+    finally:
+        assert keyed.stop() == 0
+
+
+def test_sigterm_ends_a_running_stream_and_exits_0(tiny_model_dir):
+    running = Server(tiny_model_dir[0])
+    body = {"messages": MESSAGES, "max_tokens": 3000, "stream": True}
+    with httpx.stream("POST", running.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)
+        running.process.send_signal(signal.SIGTERM)
+        rest = list(lines)
+    assert "data: [DONE]" in rest
+    assert running.stop() == 0
