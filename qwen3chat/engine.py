@@ -163,9 +163,11 @@ class Engine:
         should_stop: Callable[[], bool] = lambda: False,
         think_budget: int | None = None,
         visuals: Sequence = (),
+        constraint=None,
     ) -> Iterator[Event]:
         """Generate a reply to ``prompt_ids``; ``visuals`` are the prompt's pictures in the
-        order of their pad tokens (a Qwen3-VL model)."""
+        order of their pad tokens (a Qwen3-VL model); ``constraint`` holds the reply to a
+        grammar (grammar.GrammarConstraint)."""
         if not prompt_ids:
             raise ValueError("generate needs at least one prompt token")
         if len(prompt_ids) + 1 > self.max_seq_len:
@@ -177,7 +179,7 @@ class Engine:
         )
         budget = ThinkBudget(tok, think_budget)
         forced: list[int] = []  # ids that replace sampling (the budget's closing text)
-        sampler = Sampler(sampling, self.vocab_size, prompt_ids, self.device)
+        sampler = Sampler(sampling, self.vocab_size, prompt_ids, self.device, constraint)
         stops = set(tok.stop_ids)
         timings = Timings()
         start = time.perf_counter()

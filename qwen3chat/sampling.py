@@ -48,8 +48,17 @@ class SamplingSettings:
 class Sampler:
     """Per-reply state: which ids the penalties look at, and the seeded generator."""
 
-    def __init__(self, settings: SamplingSettings, vocab_size: int, prompt_ids: list[int], device):
+    def __init__(
+        self,
+        settings: SamplingSettings,
+        vocab_size: int,
+        prompt_ids: list[int],
+        device,
+        constraint=None,
+    ):
+        """``constraint`` (a grammar.GrammarConstraint) masks what it does not allow."""
         self.settings = settings
+        self.constraint = constraint
         self.generator = torch.Generator(device=device).manual_seed(settings.seed)
         # repetition_penalty (transformers/CTRL style) covers prompt and reply; presence and
         # frequency penalties (OpenAI style) count only generated tokens.
@@ -61,9 +70,14 @@ class Sampler:
     def observe(self, token_id: int) -> None:
         self.seen[token_id] = True
         self.counts[token_id] += 1
+        if self.constraint is not None:
+            self.constraint.advance(token_id)
 
     def __call__(self, logits: torch.Tensor) -> int:
-        return int(sample(self.penalize(logits.view(-1).float()), self.settings, self.generator))
+        logits = self.penalize(logits.view(-1).float())
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
+        return int(sample(logits, self.settings, self.generator))
 
     def penalize(self, logits: torch.Tensor) -> torch.Tensor:
         s = self.settings

@@ -254,3 +254,35 @@ def test_sigterm_ends_a_running_stream_and_exits_0(tiny_model_dir):
         rest = list(lines)
     assert "data: [DONE]" in rest
     assert running.stop() == 0
+
+
+def test_json_schema_output_parses_and_validates(server):
+    from test_grammar import SCHEMA, follows_schema
+
+    response_format = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA}}
+    for seed in (0, 1):
+        reply = server.client().chat.completions.create(
+            messages=MESSAGES,
+            model="m",
+            temperature=1.0,
+            seed=seed,
+            max_tokens=64,
+            response_format=response_format,
+        )
+        assert reply.choices[0].finish_reason == "stop"
+        assert follows_schema(json.loads(reply.choices[0].message.content))
+        assert getattr(reply.choices[0].message, "reasoning_content", None) is None
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        {"type": "xml"},
+        {"type": "json_schema"},
+        {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}},
+    ],
+)
+def test_a_bad_response_format_is_a_400(server, response_format):
+    response = post(server, {"messages": MESSAGES, "response_format": response_format})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "response_format"

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qwen3chat"
 # Lowest first; a module may import its own floor and those below.
 FLOORS = (
     ("errors", "jsonfiles", "device", "kernels", "kv_cache"),
-    ("config", "presets", "quant", "chat_template", "tokenizer", "thinking", "sampling"),
+    ("config", "presets", "quant", "chat_template", "tokenizer", "thinking", "sampling", "grammar"),
     ("download", "weights", "vision.preprocess"),
     ("model",),
     ("loading", "engine"),

@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..engine import FinishEvent, TextEvent
+from ..errors import QwenChatError
+from ..grammar import GrammarConstraint, json_grammar
 from ..sampling import SamplingSettings
 from ..tokenizer import Tokenizer
 from .protocol import (
@@ -96,12 +98,20 @@ def create_app(runner: Runner, tokenizer: Tokenizer, settings: ServerSettings) -
         _check_model(body.model, settings)
         _check_supported(body)
         kwargs = body.chat_template_kwargs or {}
-        think = bool(kwargs.get("enable_thinking", settings.think))
+        grammar = _response_grammar(body.response_format)
+        # A structured reply is the value alone: the grammar holds from the first token,
+        # so the model answers without thinking first.
+        think = grammar is None and bool(kwargs.get("enable_thinking", settings.think))
         tools = body.tools if body.tools and body.tool_choice != "none" else None
         messages = [m.for_template() for m in body.messages]
         ids = tokenizer.encode(tokenizer.render(messages, think, True, tools))
         reply = Reply(body.stop_strings(), tools)
         job = _job(ids, body, body.max_completion_tokens or body.max_tokens, settings)
+        if grammar is not None:
+            try:
+                job.constraint = GrammarConstraint(tokenizer, runner.engine.vocab_size, grammar)
+            except QwenChatError as e:
+                raise APIError(400, f"response_format: {e}", "response_format") from None
         return await _respond(runner, job, reply, body, settings, "chat.completion")
 
     @app.post("/v1/completions")
@@ -148,12 +158,30 @@ def _check_supported(body: ChatCompletionRequest) -> None:
     """Fields of the contract that are not built yet: refused, never ignored silently."""
     if body.logprobs or body.top_logprobs:
         raise APIError(400, "logprobs are not supported yet", "logprobs")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise APIError(
-            400, "response_format json_object/json_schema is not supported yet", "response_format"
-        )
     if body.tool_choice not in (None, "auto", "none"):
         raise APIError(400, "tool_choice: only auto and none are supported yet", "tool_choice")
+
+
+def _response_grammar(response_format: dict | None) -> str | None:
+    """The grammar ``response_format`` asks for: None for text, any JSON object for
+    json_object, the schema's values for json_schema."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_grammar(None)
+    spec = response_format.get("json_schema") if kind == "json_schema" else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise APIError(
+            400,
+            "response_format: type must be text, json_object or json_schema (with "
+            "json_schema.schema an object)",
+            "response_format",
+        )
+    try:
+        return json_grammar(spec["schema"])
+    except QwenChatError as e:
+        raise APIError(400, f"response_format: {e}", "response_format") from None
 
 
 def _job(ids: list[int], body, max_tokens: int | None, settings: ServerSettings) -> Job:

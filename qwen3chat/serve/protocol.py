@@ -105,6 +105,9 @@ class Message(BaseModel):
     tool_calls: list[dict] | None = None
     tool_call_id: str | None = None
     name: str | None = None
+    # An earlier reply's thinking, sent back mid tool loop: Qwen3's template shows it for
+    # the turns after the last question.
+    reasoning_content: str | None = None
 
     def for_template(self) -> dict:
         """The message as chat templates read it: text content, tool calls as given."""
@@ -120,6 +123,8 @@ class Message(BaseModel):
             message["tool_calls"] = self.tool_calls
         if self.tool_call_id:
             message["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content:
+            message["reasoning_content"] = self.reasoning_content
         return message
 
 

@@ -24,6 +24,7 @@ class Job:
     max_tokens: int
     sampling: SamplingSettings
     loop: asyncio.AbstractEventLoop
+    constraint: object = None  # a grammar.GrammarConstraint, for response_format
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -81,7 +82,11 @@ class Runner:
                 self.stats.running += 1
             try:
                 for event in self.engine.generate(
-                    job.prompt_ids, job.max_tokens, job.sampling, should_stop=job.cancelled.is_set
+                    job.prompt_ids,
+                    job.max_tokens,
+                    job.sampling,
+                    should_stop=job.cancelled.is_set,
+                    constraint=job.constraint,
                 ):
                     if isinstance(event, FinishEvent):
                         self._count(event)

@@ -1,0 +1,63 @@
+"""Constrained decoding: a reply held to a JSON schema (or to any JSON object), with
+llguidance computing which tokens the grammar allows next.
+
+Before each token is sampled, the tokens the grammar cannot take are masked out (~70 us a
+token for Qwen3's 151,936 ids); each token taken moves the grammar on. Once the value is
+complete only the end-of-turn token is allowed, so the reply ends there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import llguidance
+import torch
+
+from .errors import QwenChatError
+from .tokenizer import Tokenizer
+
+_END_OF_TURN = "<|im_end|>"
+
+
+@functools.cache
+def _grammar_tokenizer(tokenizer: Tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
+    # Built from the tokenizer's own JSON, so it splits text exactly as it does (~1 s once).
+    return llguidance.LLTokenizer(
+        tokenizer.backend.to_str(),
+        n_vocab=vocab_size,
+        eos_token=tokenizer.token_id(_END_OF_TURN),
+    )
+
+
+def json_grammar(schema: dict | None) -> str:
+    """The grammar of a JSON value that follows ``schema`` (None: any JSON object), written
+    compactly so that a model cannot pad it with whitespace forever."""
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(
+            schema if schema is not None else {"type": "object"},
+            overrides={"whitespace_flexible": False},
+        )
+    except ValueError as e:
+        raise QwenChatError(f"not a JSON schema: {e}") from None
+
+
+class GrammarConstraint:
+    """One reply's grammar: ``mask`` the logits before sampling, ``advance`` with the token
+    sampled."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, grammar: str):
+        self.matcher = llguidance.LLMatcher(_grammar_tokenizer(tokenizer, vocab_size), grammar)
+        if self.matcher.is_error():
+            raise QwenChatError(f"the schema cannot be used: {self.matcher.get_error()}")
+        self.vocab_size = vocab_size
+        self._words = torch.empty(1, (vocab_size + 31) // 32, dtype=torch.int32)
+        self._bits = torch.arange(32, dtype=torch.int32)
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits [vocab]`` with every token the grammar does not allow at -inf."""
+        self.matcher.unsafe_compute_mask_ptr(self._words.data_ptr(), self._words.nbytes)
+        allowed = ((self._words[0, :, None] >> self._bits) & 1).view(-1)[: self.vocab_size]
+        return logits.masked_fill(allowed.to(logits.device) == 0, float("-inf"))
+
+    def advance(self, token_id: int) -> None:
+        self.matcher.consume_token(token_id)
