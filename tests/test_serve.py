@@ -286,3 +286,65 @@ def test_a_bad_response_format_is_a_400(server, response_format):
     response = post(server, {"messages": MESSAGES, "response_format": response_format})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "response_format"
+
+
+def test_concurrent_greedy_requests_each_get_their_own_reply(server, engine):
+    """16 clients at once, each with its own prompt: every reply is that prompt's greedy
+    reply alone, however the server interleaves them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [[{"role": "user", "content": f"Question number {i}?"}] for i in range(16)]
+
+    def ask(messages):
+        reply = server.client().chat.completions.create(
+            messages=messages, model="m", temperature=0, max_tokens=6
+        )
+        return reply.choices[0].message.content, reply.usage.completion_tokens
+
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(ask, prompts))
+    for messages, (content, tokens) in zip(prompts, replies, strict=True):
+        expected = greedy_text(engine, messages, 6)
+        assert content == (expected.text or None)
+        assert tokens == len(expected.token_ids)
+
+
+def test_load_of_64_streaming_clients(server):
+    """64 streaming clients with random lengths, for a bounded time: every request ends with
+    [DONE], once, with its own id in every chunk and the token count it asked for."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 12) for _ in range(64)]
+    deadline = time.monotonic() + 240
+
+    def stream(index):
+        body = {
+            "messages": [{"role": "user", "content": f"Client {index} says hi"}],
+            "max_tokens": lengths[index],
+            "temperature": 0.7,
+            "seed": index,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "stop": [],
+        }
+        url = server.url + "/v1/chat/completions"
+        with httpx.stream("POST", url, json=body, timeout=240) as r:
+            events = [line for line in r.iter_lines() if line]
+        assert time.monotonic() < deadline
+        return events
+
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(stream, range(64)))
+    seen_ids = set()
+    for index, events in enumerate(results):
+        assert events[-1] == "data: [DONE]" and events.count("data: [DONE]") == 1
+        chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+        ids = {c["id"] for c in chunks}
+        assert len(ids) == 1 and not ids & seen_ids  # its own id, never another's
+        seen_ids |= ids
+        usage = chunks[-1]["usage"]
+        finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
+        assert usage["completion_tokens"] == lengths[index] or finish == "stop", index
+    assert "qwen3chat_requests_running 0\n" in httpx.get(server.url + "/metrics").text
