@@ -1,5 +1,5 @@
-"""Constrained decoding: a reply held to a JSON schema (or to any JSON object), with
-llguidance computing which tokens the grammar allows next.
+"""Constrained decoding: a reply held to a JSON schema (or to any JSON object), or to tool
+calls in Qwen3's form, with llguidance computing which tokens the grammar allows next.
 
 Before each token is sampled, the tokens the grammar cannot take are masked out (~70 us a
 token for Qwen3's 151,936 ids); each token taken moves the grammar on. Once the value is
@@ -9,6 +9,7 @@ complete only the end-of-turn token is allowed, so the reply ends there.
 from __future__ import annotations
 
 import functools
+import json
 
 import llguidance
 import torch
@@ -17,6 +18,8 @@ from .errors import QwenChatError
 from .tokenizer import Tokenizer
 
 _END_OF_TURN = "<|im_end|>"
+# Written compactly, so that a model cannot pad a value with whitespace forever.
+_COMPACT = {"whitespace_flexible": False}
 
 
 @functools.cache
@@ -30,15 +33,41 @@ def _grammar_tokenizer(tokenizer: Tokenizer, vocab_size: int) -> llguidance.LLTo
 
 
 def json_grammar(schema: dict | None) -> str:
-    """The grammar of a JSON value that follows ``schema`` (None: any JSON object), written
-    compactly so that a model cannot pad it with whitespace forever."""
+    """The grammar of a JSON value that follows ``schema`` (None: any JSON object)."""
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(
-            schema if schema is not None else {"type": "object"},
-            overrides={"whitespace_flexible": False},
+            schema if schema is not None else {"type": "object"}, overrides=_COMPACT
         )
     except ValueError as e:
         raise QwenChatError(f"not a JSON schema: {e}") from None
+
+
+def tool_call_grammar(tools: list[dict], name: str | None = None) -> str:
+    """The grammar of a reply that is tool calls alone, as Qwen3 writes them
+    (``<tool_call>`` and ``</tool_call>`` are tokens of their own): one or more calls of
+    ``tools`` (OpenAI's function tools), or one call of the function ``name``."""
+    functions = [tool.get("function", tool) for tool in tools]
+    if name is not None:
+        functions = [f for f in functions if f.get("name") == name]
+        if not functions:
+            raise QwenChatError(f"the function {name!r} is not among the request's tools")
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": f.get("name")},
+                "arguments": f.get("parameters") or {"type": "object"},
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for f in functions
+    ]
+    body = json.dumps({"x-guidance": _COMPACT, "anyOf": calls})
+    more = "" if name is not None else ' ("\\n" call)*'
+    return (
+        f'start: call{more}\ncall: <tool_call> "\\n" body "\\n" </tool_call>\nbody: %json {body}\n'
+    )
 
 
 class GrammarConstraint:

@@ -348,3 +348,87 @@ def test_load_of_64_streaming_clients(server):
         finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
         assert usage["completion_tokens"] == lengths[index] or finish == "stop", index
     assert "qwen3chat_requests_running 0\n" in httpx.get(server.url + "/metrics").text
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "names"),
+    [
+        ("required", {"get_weather", "get_time"}),
+        ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
+    ],
+)
+def test_tool_choice_required_or_named_forces_calls(server, tool_choice, names):
+    """The random model would never write a call: held to the calls' grammar it must, with
+    arguments that follow the function's schema."""
+    for seed in (0, 1):
+        reply = server.client().chat.completions.create(
+            messages=MESSAGES,
+            model="m",
+            tools=[WEATHER, TIME],
+            tool_choice=tool_choice,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=120,
+        )
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        assert choice.message.content is None
+        for call in choice.message.tool_calls:
+            assert call.function.name in names
+            arguments = json.loads(call.function.arguments)
+            key, allowed = ("city", {"Paris", "Rome"})
+            if call.function.name == "get_time":
+                key, allowed = ("zone", {"UTC", "CET"})
+            assert set(arguments) == {key} and arguments[key] in allowed
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ({"tool_choice": "required"}, "no tools"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+            "not among",
+        ),
+        ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+        (
+            {
+                "tools": [WEATHER],
+                "tool_choice": "required",
+                "response_format": {"type": "json_object"},
+            },
+            "exclude",
+        ),
+    ],
+)
+def test_bad_tool_choices_are_400s(server, extra, fragment):
+    response = post(server, {"messages": MESSAGES, **extra})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert fragment in error["message"] and error["param"] == "tool_choice"

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..engine import FinishEvent, TextEvent
 from ..errors import QwenChatError
-from ..grammar import GrammarConstraint, json_grammar
+from ..grammar import GrammarConstraint, json_grammar, tool_call_grammar
 from ..sampling import SamplingSettings
 from ..tokenizer import Tokenizer
 from .protocol import (
@@ -98,11 +98,11 @@ def create_app(runner: Runner, tokenizer: Tokenizer, settings: ServerSettings) -
         _check_model(body.model, settings)
         _check_supported(body)
         kwargs = body.chat_template_kwargs or {}
-        grammar = _response_grammar(body.response_format)
-        # A structured reply is the value alone: the grammar holds from the first token,
-        # so the model answers without thinking first.
-        think = grammar is None and bool(kwargs.get("enable_thinking", settings.think))
         tools = body.tools if body.tools and body.tool_choice != "none" else None
+        grammar = _grammar(body, tools)
+        # A structured reply is the value (or the calls) alone: the grammar holds from the
+        # first token, so the model answers without thinking first.
+        think = grammar is None and bool(kwargs.get("enable_thinking", settings.think))
         messages = [m.for_template() for m in body.messages]
         ids = tokenizer.encode(tokenizer.render(messages, think, True, tools))
         reply = Reply(body.stop_strings(), tools)
@@ -111,7 +111,9 @@ def create_app(runner: Runner, tokenizer: Tokenizer, settings: ServerSettings) -
             try:
                 job.constraint = GrammarConstraint(tokenizer, runner.engine.vocab_size, grammar)
             except QwenChatError as e:
-                raise APIError(400, f"response_format: {e}", "response_format") from None
+                forced = body.tool_choice not in (None, "auto", "none")
+                field = "tool_choice" if forced else "response_format"
+                raise APIError(400, f"{field}: {e}", field) from None
         return await _respond(runner, job, reply, body, settings, "chat.completion")
 
     @app.post("/v1/completions")
@@ -158,8 +160,32 @@ def _check_supported(body: ChatCompletionRequest) -> None:
     """Fields of the contract that are not built yet: refused, never ignored silently."""
     if body.logprobs or body.top_logprobs:
         raise APIError(400, "logprobs are not supported yet", "logprobs")
-    if body.tool_choice not in (None, "auto", "none"):
-        raise APIError(400, "tool_choice: only auto and none are supported yet", "tool_choice")
+
+
+def _grammar(body: ChatCompletionRequest, tools: list[dict] | None) -> str | None:
+    """The grammar the request holds its reply to, if any: tool calls for tool_choice
+    required or a named function, else what response_format asks for."""
+    choice = body.tool_choice
+    if choice in (None, "auto", "none"):
+        return _response_grammar(body.response_format)
+    named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if choice != "required" and not isinstance(named, str):
+        raise APIError(
+            400,
+            'tool_choice: "auto", "none", "required" or {"type": "function", "function": '
+            '{"name": ...}}',
+            "tool_choice",
+        )
+    if not tools:
+        raise APIError(400, "tool_choice: the request has no tools to call", "tool_choice")
+    if (body.response_format or {}).get("type", "text") != "text":
+        raise APIError(
+            400, "tool_choice and a JSON response_format exclude each other", "tool_choice"
+        )
+    try:
+        return tool_call_grammar(tools, named)
+    except QwenChatError as e:
+        raise APIError(400, f"tool_choice: {e}", "tool_choice") from None
 
 
 def _response_grammar(response_format: dict | None) -> str | None:
