@@ -432,3 +432,15 @@ def test_bad_tool_choices_are_400s(server, extra, fragment):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert fragment in error["message"] and error["param"] == "tool_choice"
+
+
+def test_a_huge_chunked_body_is_refused_too(server):
+    # No Content-Length: the limit holds on what arrives.
+    def body():
+        yield b'{"messages": ['
+        for _ in range(10):
+            yield b" " * 2**20
+
+    response = httpx.post(server.url + "/v1/chat/completions", content=body(), timeout=60)
+    assert response.status_code == 413
+    assert response.json()["error"]["message"].startswith("the request body is over")

@@ -74,11 +74,11 @@ def create_app(runner: Runner, tokenizer: Tokenizer, settings: ServerSettings) -
         try:
             if request.url.path.startswith("/v1/") or request.url.path == "/metrics":
                 _check_key(request, settings.api_key)
-            if int(request.headers.get("content-length") or 0) > settings.max_body_bytes:
-                raise APIError(413, f"the request body is over {settings.max_body_bytes} bytes")
         except APIError as e:
             return e.response()
         return await call_next(request)
+
+    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
 
     @app.get("/health")
     async def health():
@@ -132,6 +132,39 @@ def create_app(runner: Runner, tokenizer: Tokenizer, settings: ServerSettings) -
         return await _respond(runner, job, reply, body, settings, "text_completion")
 
     return app
+
+
+class _BodyLimit:
+    """Refuses a body over ``limit`` bytes with a 413: at once when its Content-Length says
+    so, else (a chunked upload) as soon as that much has arrived, so no request can make
+    the server hold more. (The app reads whole bodies anyway, so reading it here first
+    costs nothing.)"""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = APIError(413, f"the request body is over {self.limit} bytes").response()
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and int(declared) > self.limit:
+            return await too_large(scope, receive, send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await too_large(scope, receive, send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay():
+            # The body as it came, then the live channel (a disconnect, for streams).
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
 
 def _check_key(request: Request, api_key: str | None) -> None:
