@@ -110,8 +110,10 @@ class Tokenizer:
             tools,
         )
 
-    def encode_chat(self, messages: list[dict], enable_thinking: bool = True) -> list[int]:
-        return self.encode(self.render(messages, enable_thinking))
+    def encode_chat(
+        self, messages: list[dict], enable_thinking: bool = True, add_generation_prompt=True
+    ) -> list[int]:
+        return self.encode(self.render(messages, enable_thinking, add_generation_prompt))
 
 
 class StreamDecoder:

@@ -17,8 +17,7 @@ class TextPrompts:
         add_generation_prompt: bool = True,
     ) -> tuple[list[int], list]:
         """Ids of the templated ``messages``, and their pictures (none in a text chat)."""
-        text = tokenizer.render(messages, enable_thinking, add_generation_prompt)
-        return tokenizer.encode(text), []
+        return tokenizer.encode_chat(messages, enable_thinking, add_generation_prompt), []
 
     def count_tokens(self, visuals: Sequence) -> int:
         return 0

@@ -119,8 +119,7 @@ def create_app(runner: Runner, tokenizer: Tokenizer, settings: ServerSettings) -
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         _check_model(body.model, settings)
-        if body.logprobs:
-            raise APIError(400, "logprobs are not supported yet", "logprobs")
+        _check_supported(body)
         if isinstance(body.prompt, str):
             ids = tokenizer.encode(body.prompt)
         else:
@@ -189,7 +188,7 @@ def _check_model(model: str | None, settings: ServerSettings) -> None:
         )
 
 
-def _check_supported(body: ChatCompletionRequest) -> None:
+def _check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
     """Fields of the contract that are not built yet: refused, never ignored silently."""
     if body.logprobs or body.top_logprobs:
         raise APIError(400, "logprobs are not supported yet", "logprobs")

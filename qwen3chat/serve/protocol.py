@@ -66,6 +66,7 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
     logprobs: bool | int | None = None
+    top_logprobs: int | None = None
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -135,7 +136,6 @@ class ChatCompletionRequest(_Request):
     tool_choice: str | dict | None = None
     response_format: dict | None = None
     chat_template_kwargs: dict | None = None
-    top_logprobs: int | None = None
 
 
 class CompletionRequest(_Request):
