@@ -400,13 +400,17 @@ def serve(
         None, help="The model's id in the API. \\[default: the repo id or the path's last part]"
     ),
     max_running: int = typer.Option(
-        16, min=1, help="Sequences decoded together (requests take turns for now)."
+        16, min=1, help="Sequences decoded together (continuous batching)."
     ),
     max_seq_len: int = typer.Option(4096, min=2, help="Longest context of one request."),
     think: bool = typer.Option(
         True, "--think/--no-think", help="enable_thinking when a request does not say."
     ),
-    chunk_size: int | None = typer.Option(None, min=1, help="Prefill chunk size in tokens."),
+    chunk_size: int | None = typer.Option(
+        None,
+        min=1,
+        help="Token rows per step: prompt chunks fill what decoding leaves. \\[default: 256]",
+    ),
     quantize: Quantize = typer.Option(Quantize.none, help="Weight quantization at load."),
     group_size: int = typer.Option(32, min=8, help="Inputs per int4 scale (--quantize int4)."),
     format: Format = typer.Option(Format.auto, "--format", help="Model format."),
@@ -419,18 +423,27 @@ def serve(
     f = locals()
     with reported_errors(debug):
         _check_model_flags(f)
-        from .engine import Engine
+        from .batch.engine import BatchEngine
         from .serve.app import ServerSettings, create_app, run_server
         from .serve.runner import Runner
 
         loaded = _load(f)
         name = served_model_name or preset or _served_name(model_path or DEFAULT_MODEL)
-        engine = Engine(loaded.model, loaded.tokenizer, max_seq_len, chunk_size)
+        engine = BatchEngine(
+            loaded.model, loaded.tokenizer, max_seq_len, max_running, token_budget=chunk_size
+        )
         runner = Runner(engine)
         settings = ServerSettings(
             name, max_seq_len, think, api_key or None, loaded.generation_defaults
         )
-        run_server(create_app(runner, loaded.tokenizer, settings), runner, host, port)
+        vision = None
+        if loaded.config.vision is not None:
+            from .vision.preprocess import VisionPreprocessing
+            from .vision.prompt import VisionChat
+
+            vision = VisionChat(VisionPreprocessing.from_model_dir(loaded.path))
+        app = create_app(runner, loaded.tokenizer, settings, vision)
+        run_server(app, runner, host, port)
 
 
 def _served_name(model_path: str) -> str:

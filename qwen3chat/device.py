@@ -54,3 +54,20 @@ def matmul_dtype(rows: int, dtype: torch.dtype, device: torch.device) -> torch.d
     if device.type == "cpu" and rows >= CPU_FLOAT32_MIN_ROWS:
         return torch.float32
     return dtype
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on ``device``: the GPU's free memory, or the host's
+    MemAvailable (what Linux can give without swapping; elsewhere, the physical memory)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -10,62 +10,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from .errors import ContextOverflowError
+from .generation import Event, Generation, Timings
 from .kv_cache import Cache
-from .sampling import Sampler, SamplingSettings
-from .thinking import ThinkBudget, ThinkSplitter, prompt_ends_in_thinking
+from .sampling import SamplingSettings
 from .tokenizer import Tokenizer
-
-
-@dataclass
-class TextEvent:
-    text: str
-    thinking: bool
-
-
-@dataclass
-class ThinkingEnd:
-    """The thinking block closed after ``tokens`` tokens; ``cut`` when the budget closed it."""
-
-    tokens: int
-    cut: bool
-
-
-@dataclass
-class Timings:
-    prefill_s: float = 0.0
-    ttft_s: float = 0.0
-    decode_s: float = 0.0
-    prefill_tokens: int = 0  # prompt tokens actually run (those after the reused prefix)
-    vision_s: float = 0.0  # part of prefill_s spent in the vision tower
-    decode_tokens: int = 0  # forward passes of one token after the first sampled token
-
-    @property
-    def prefill_tok_s(self) -> float:
-        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
-
-    @property
-    def decode_tok_s(self) -> float:
-        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
-
-
-@dataclass
-class FinishEvent:
-    reason: str  # "stop" | "length" | "cancelled"
-    token_ids: list[int]  # generated ids, without the stop id
-    prompt_tokens: int
-    cached_tokens: int  # prompt tokens whose keys/values were reused from the cache
-    text: str
-    thinking: str
-    thinking_tokens: int
-    timings: Timings = field(default_factory=Timings)
-
-
-Event = TextEvent | ThinkingEnd | FinishEvent
 
 
 class Engine:
@@ -133,14 +85,14 @@ class Engine:
                 return None
             end = min(start + step, len(prompt_ids))
             ids = self._ids(prompt_ids[start:end])
-            logits = self.model(ids, self.cache, start, **layout.chunk(start, end, self.device))
+            logits = self.model(ids, self.cache, start, **layout.rows(start, end, self.device))
             self.cache.commit(layout.keys[start:end])
         return logits
 
     @torch.inference_mode()
     def decode_step(self, token: int) -> torch.Tensor:
         start = len(self.cache)
-        extra = self.layout.decode(start, self.device)
+        extra = self.layout.rows(start, start + 1, self.device)
         logits = self.model(self._ids([token]), self.cache, start, **extra)
         self.cache.commit([token])
         return logits
@@ -172,69 +124,41 @@ class Engine:
             raise ValueError("generate needs at least one prompt token")
         if len(prompt_ids) + 1 > self.max_seq_len:
             raise ContextOverflowError(len(prompt_ids) + 1, self.max_seq_len)
-        sampling = sampling or SamplingSettings()
-        tok = self.tokenizer
-        splitter = ThinkSplitter(
-            tok, prompt_ends_in_thinking(prompt_ids, tok.think_start_id, tok.think_end_id)
+        reply = Generation(
+            self.tokenizer,
+            prompt_ids,
+            max_tokens,
+            self.max_seq_len,
+            self.vocab_size,
+            self.device,
+            sampling,
+            think_budget,
+            constraint,
         )
-        budget = ThinkBudget(tok, think_budget)
-        forced: list[int] = []  # ids that replace sampling (the budget's closing text)
-        sampler = Sampler(sampling, self.vocab_size, prompt_ids, self.device, constraint)
-        stops = set(tok.stop_ids)
-        timings = Timings()
+        timings = reply.timings
         start = time.perf_counter()
         self.layout = self.model.prompt_layout(prompt_ids, visuals)
-        cached = self.reusable_prefix(self.layout.keys)
-        generated: list[int] = []
-
-        def finish(reason: str) -> FinishEvent:
-            return FinishEvent(
-                reason,
-                generated,
-                len(prompt_ids),
-                cached,
-                splitter.answer_text,
-                splitter.thinking_text,
-                splitter.thinking_tokens,
-                timings,
-            )
-
+        reply.cached = self.reusable_prefix(self.layout.keys)
         with torch.inference_mode():
             logits = self._run_prompt(prompt_ids, should_stop, timings)
         if logits is None:
             timings.prefill_s = time.perf_counter() - start
-            yield finish("cancelled")
+            yield from reply.finish("cancelled")
             return
-        timings.prefill_tokens = len(prompt_ids) - cached
-        token = sampler(logits)
+        timings.prefill_tokens = len(prompt_ids) - reply.cached
+        token = reply.choose(logits)
         first = time.perf_counter()
         timings.prefill_s = timings.ttft_s = first - start
-        reason = "length"
-        length = len(prompt_ids)
         while True:
-            if token in stops:
-                reason = "stop"
-                break
-            generated.append(token)
-            length += 1
-            sampler.observe(token)
-            was_thinking = splitter.thinking
-            text, thinking = splitter.push(token)
-            if text:
-                yield TextEvent(text, thinking)
-            if was_thinking and not splitter.thinking:
-                yield ThinkingEnd(splitter.thinking_tokens, budget.cut)
-            forced += budget.forced_ids(splitter)
-            if len(generated) >= max_tokens or length >= self.max_seq_len:
+            yield from reply.accept(token)
+            if reply.done:
+                reason = reply.done
                 break
             if should_stop():
                 reason = "cancelled"
                 break
             logits = self.decode_step(token)
             timings.decode_tokens += 1
-            token = forced.pop(0) if forced else sampler(logits)
-        text, thinking = splitter.flush()
-        if text:
-            yield TextEvent(text, thinking)
+            token = reply.choose(logits)
         timings.decode_s = time.perf_counter() - first
-        yield finish(reason)
+        yield from reply.finish(reason)

@@ -111,9 +111,13 @@ class Tokenizer:
         )
 
     def encode_chat(
-        self, messages: list[dict], enable_thinking: bool = True, add_generation_prompt=True
+        self,
+        messages: list[dict],
+        enable_thinking: bool = True,
+        add_generation_prompt=True,
+        tools: list[dict] | None = None,
     ) -> list[int]:
-        return self.encode(self.render(messages, enable_thinking, add_generation_prompt))
+        return self.encode(self.render(messages, enable_thinking, add_generation_prompt, tools))
 
 
 class StreamDecoder:

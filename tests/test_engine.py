@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen3chat.engine import Engine, FinishEvent, TextEvent
+from qwen3chat.engine import Engine
 from qwen3chat.errors import ContextOverflowError
+from qwen3chat.generation import FinishEvent, TextEvent
 from qwen3chat.loading import load_model
 from qwen3chat.sampling import SamplingSettings
 

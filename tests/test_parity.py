@@ -7,7 +7,8 @@ import torch
 from conftest import build_reference_model, save_model_dir
 from transformers import Qwen3ForCausalLM
 
-from qwen3chat.engine import Engine, FinishEvent
+from qwen3chat.engine import Engine
+from qwen3chat.generation import FinishEvent
 from qwen3chat.loading import load_model
 from qwen3chat.model.uncached import UncachedModel
 from qwen3chat.sampling import SamplingSettings

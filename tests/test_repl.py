@@ -20,8 +20,9 @@ from rich.text import Text
 from qwen3chat.chat.render import ReplyView, _BottomLines, finished_length
 from qwen3chat.chat.repl import Repl
 from qwen3chat.chat.session import ChatOptions, Conversation
-from qwen3chat.engine import Engine, FinishEvent, TextEvent, ThinkingEnd, Timings
+from qwen3chat.engine import Engine
 from qwen3chat.errors import QwenChatError
+from qwen3chat.generation import FinishEvent, TextEvent, ThinkingEnd, Timings
 from qwen3chat.loading import load_model
 from qwen3chat.sampling import SamplingSettings
 

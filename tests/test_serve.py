@@ -3,6 +3,7 @@ the official `openai` client and with raw HTTP (SSE framing, errors)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -12,7 +13,9 @@ import time
 
 import httpx
 import pytest
+import torch
 
+from qwen3chat.batch.engine import BLOCK_SIZE
 from qwen3chat.engine import Engine
 from qwen3chat.loading import load_model
 from qwen3chat.sampling import SamplingSettings
@@ -77,11 +80,21 @@ def greedy_text(engine, messages, max_tokens):
     return events[-1]
 
 
-def test_greedy_reply_is_the_engine_s(server, engine):
+def test_greedy_reply_is_the_engine_s_and_transformers(server, engine, tiny_model_dir):
     reply = server.client().chat.completions.create(
         model="m", messages=MESSAGES, temperature=0, max_tokens=12
     )
     expected = greedy_text(engine, MESSAGES, 12)
+    prompt = engine.tokenizer.encode_chat(MESSAGES)
+    with torch.no_grad():
+        reference = (
+            tiny_model_dir[1]
+            .generate(
+                torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None
+            )[0, len(prompt) :]
+            .tolist()
+        )
+    assert reference[: len(expected.token_ids)] == expected.token_ids
     assert reply.choices[0].message.content == (expected.text.strip() or None)
     assert reply.choices[0].finish_reason == expected.reason
     assert reply.usage.prompt_tokens == expected.prompt_tokens
@@ -130,13 +143,13 @@ def test_a_shared_prefix_is_reported_as_cached(server, engine):
     ]
     client.chat.completions.create(messages=MESSAGES, model="m", max_tokens=2)
     second = client.chat.completions.create(messages=follow, model="m", max_tokens=2)
-    # At least the system turn and the first question come from the cache.
+    # The whole blocks of the system turn and the first question come from the cache.
     first_ids, follow_ids = (engine.tokenizer.encode_chat(m) for m in (MESSAGES, follow))
     shared = 0
     while first_ids[shared : shared + 1] == follow_ids[shared : shared + 1] != []:
         shared += 1
     cached = second.usage.prompt_tokens_details.cached_tokens
-    assert shared <= cached < second.usage.prompt_tokens and shared > 10
+    assert shared // BLOCK_SIZE * BLOCK_SIZE == cached > 0
 
 
 def test_a_stop_string_ends_the_reply(server, engine):
@@ -164,7 +177,9 @@ def test_models_health_and_metrics(server):
     assert [m.id for m in server.client().models.list().data] == ["m"]
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     metrics = httpx.get(server.url + "/metrics").text
-    for name in ("requests_running", "requests_waiting", "generation_tokens_total"):
+    names = ("requests_running", "requests_waiting", "generation_tokens_total")
+    names += ("kv_cache_blocks_in_use", "kv_cache_blocks", "generation_tokens_per_second")
+    for name in names:
         assert f"qwen3chat_{name} " in metrics
     assert "qwen3chat_time_to_first_token_seconds_count " in metrics
 
@@ -190,7 +205,8 @@ def post(server, body, headers=None, raw: bytes | None = None):
             "--max-seq-len",
             "context_length_exceeded",
         ),
-        ({"messages": MESSAGES, "logprobs": True}, 400, "not supported yet", None),
+        ({"messages": MESSAGES, "top_logprobs": 3}, 400, "needs logprobs", None),
+        ({"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", None),
         ({"messages": MESSAGES, "stop": ["x"] * 40}, 400, "stop", None),
     ],
 )
@@ -214,19 +230,27 @@ def test_a_huge_body_is_refused(server):
     assert response.status_code == 413
 
 
-def test_a_disconnected_stream_is_cancelled(server):
+def metric(server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    [value] = [line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")]
+    return float(value)
+
+
+def test_a_disconnected_stream_is_cancelled_and_frees_its_blocks(server):
     body = {"messages": MESSAGES, "max_tokens": 3000, "stream": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")
-    # Closed after the first chunk: the server stops generating (else the next request
-    # would wait behind 3000 tokens).
-    started = time.monotonic()
+        lines = (line for line in r.iter_lines() if line)
+        for _ in range(4):
+            assert next(lines).startswith("data: ")
+        assert metric(server, "qwen3chat_kv_cache_blocks_in_use") > 0
+    # Closed mid-stream: the server stops generating and frees the request's blocks.
+    deadline = time.monotonic() + 30
+    while metric(server, "qwen3chat_kv_cache_blocks_in_use") > 0:
+        assert time.monotonic() < deadline, "the blocks were not freed"
+        time.sleep(0.05)
+    assert metric(server, "qwen3chat_requests_running") == 0
     reply = server.client().chat.completions.create(messages=MESSAGES, model="m", max_tokens=2)
     assert reply.usage.completion_tokens == 2
-    assert time.monotonic() - started < 30
-    metrics = httpx.get(server.url + "/metrics").text
-    assert "qwen3chat_requests_running 0\n" in metrics
 
 
 def test_the_api_key_is_required_and_checked(tiny_model_dir):
@@ -444,3 +468,101 @@ def test_a_huge_chunked_body_is_refused_too(server):
     response = httpx.post(server.url + "/v1/chat/completions", content=body(), timeout=60)
     assert response.status_code == 413
     assert response.json()["error"]["message"].startswith("the request body is over")
+
+
+def test_logprobs_are_the_model_s(server, engine):
+    """Greedy with logprobs: each token's is the model's log-softmax at its position (the
+    top alternative, since greedy picks it); a stream carries the same entries."""
+    body = {"messages": MESSAGES, "model": "m", "temperature": 0, "max_tokens": 5}
+    reply = server.client().chat.completions.create(**body, logprobs=True, top_logprobs=3)
+    entries = reply.choices[0].logprobs.content
+    assert len(entries) == reply.usage.completion_tokens == 5
+    prompt = engine.tokenizer.encode_chat(MESSAGES)
+    generated = [engine.tokenizer.encode(e.token) for e in entries]
+    assert all(len(ids) == 1 for ids in generated)
+    ids = prompt + [i for [i] in generated]
+    expected = torch.log_softmax(engine.score(ids)[len(prompt) - 1 : -1], dim=-1)
+    for position, entry in enumerate(entries):
+        assert entry.top_logprobs[0].token == entry.token
+        assert [t.logprob for t in entry.top_logprobs] == sorted(
+            (t.logprob for t in entry.top_logprobs), reverse=True
+        )
+        top = expected[position].topk(3)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(
+            top.values.tolist(), abs=1e-4
+        )
+    chunks = server.client().chat.completions.create(
+        **body, logprobs=True, top_logprobs=3, stream=True
+    )
+    streamed = [
+        e
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [e.token for e in streamed] == [e.token for e in entries]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-4)
+    raw = httpx.post(
+        server.url + "/v1/completions",
+        json={"prompt": "Hello", "max_tokens": 3, "temperature": 0, "logprobs": 2},
+        timeout=60,
+    ).json()
+    logprobs = raw["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == 3
+    assert "".join(logprobs["tokens"]) == raw["choices"][0]["text"]
+    assert logprobs["text_offset"] == [
+        0,
+        *itertools.accumulate(len(t) for t in logprobs["tokens"][:-1]),
+    ]
+    assert all(len(top) == 2 for top in logprobs["top_logprobs"])
+
+
+def test_pictures_on_a_vision_model(tmp_path, tokenizer_dir):
+    """A Qwen3-VL model's server reads data-URL images: the greedy reply is the engine's
+    for the same picture; remote URLs, broken data and pictures sent to a text model are
+    400s naming the field."""
+    import base64
+
+    from test_vl_parity import build_vl_reference, picture, save_vl_dir
+
+    from qwen3chat.vision.preprocess import VisionPreprocessing
+    from qwen3chat.vision.prompt import VisionChat, user_message
+
+    model_dir = save_vl_dir(build_vl_reference(), tmp_path / "vl", tokenizer_dir)
+    image = picture(tmp_path / "a.png", 96, 64, 1)
+    url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    content = [
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": "Describe."},
+    ]
+    loaded = load_model(model_dir, device="cpu", dtype="float32")
+    chat = VisionChat(VisionPreprocessing.from_model_dir(model_dir))
+    ids, visuals = chat.encode_chat(
+        loaded.tokenizer, [user_message("Describe.", [chat.image(image)])]
+    )
+    engine = Engine(loaded.model, loaded.tokenizer, 4096)
+    expected = list(engine.generate(ids, 8, SamplingSettings(temperature=0.0), visuals=visuals))[-1]
+    server = Server(model_dir)
+    try:
+        reply = server.client().chat.completions.create(
+            model="m", messages=[{"role": "user", "content": content}], temperature=0, max_tokens=8
+        )
+        assert reply.usage.prompt_tokens == len(ids)
+        assert reply.choices[0].message.content == (expected.text.strip() or None)
+        assert reply.usage.completion_tokens == len(expected.token_ids)
+        for bad, fragment in [
+            ("https://example.com/a.png", "data: URLs"),
+            ("data:image/png;base64,%%%", "not a base64 data URL"),
+            ("data:image/png;base64," + base64.b64encode(b"not a png").decode(), "not an image"),
+        ]:
+            body = {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": bad}}]}
+                ]
+            }
+            response = post(server, body)
+            assert response.status_code == 400
+            error = response.json()["error"]
+            assert fragment in error["message"] and "messages[0].content[0]" in error["message"]
+    finally:
+        assert server.stop() == 0

@@ -9,7 +9,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qwen3chat.engine import FinishEvent, TextEvent
+from qwen3chat.generation import FinishEvent, TextEvent
 from qwen3chat.serve.reply import Reply, StopStrings
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'

@@ -19,8 +19,8 @@ import pytest
 import torch
 import uvicorn
 
-from qwen3chat.engine import Engine
-from qwen3chat.kv_cache import KVCache
+from qwen3chat.batch.engine import BatchEngine
+from qwen3chat.kv_cache import PagedKVCache
 from qwen3chat.model.qwen3 import TextLayout
 from qwen3chat.presets import preset_config
 from qwen3chat.serve.app import ServerSettings, create_app
@@ -54,11 +54,12 @@ TOOLS = [
 
 
 class ScriptedModel(torch.nn.Module):
-    """Stands in for Qwen3Model in the Engine: its greedy reply to any prompt is ``script``.
+    """Stands in for Qwen3Model in the batched engine: its greedy reply to any prompt is
+    ``script``.
 
     The engine announces each request's prompt through ``prompt_layout`` (recorded in
-    ``prompts``); a forward whose last position is the prompt's i-th generated position
-    says ``script[i]``, with all other logits far below, and ``<|im_end|>`` after it.
+    ``prompts``); a row at the prompt's i-th generated position says ``script[i]``, with all
+    other logits far below, and ``<|im_end|>`` after it.
     """
 
     def __init__(self, tokenizer):
@@ -66,26 +67,28 @@ class ScriptedModel(torch.nn.Module):
         self.config = preset_config("tiny")
         assert self.config.vocab_size >= tokenizer.vocab_size
         self.device = torch.device("cpu")
-        self.dtype = torch.float32
         self.end_id = tokenizer.token_id("<|im_end|>")
         self.script: list[int] = []
         self.prompts: list[list[int]] = []
 
-    def new_cache(self, max_seq_len: int) -> KVCache:
-        # Real bookkeeping (prefix reuse, trimming), one-number keys and values.
-        return KVCache(1, 1, 1, max_seq_len, self.dtype, self.device)
+    def kv_bytes_per_token(self) -> int:
+        return 8
+
+    def new_paged_cache(self, num_blocks: int, block_size: int, max_seq_len: int):
+        # Real block bookkeeping (prefix caching, freeing), one-number keys and values.
+        return PagedKVCache(1, 1, 1, num_blocks, block_size, torch.float32)
 
     def prompt_layout(self, ids: list[int], visuals=()) -> TextLayout:
-        if ids:  # the Engine's constructor asks for the layout of no prompt
-            self.prompts.append(list(ids))
+        self.prompts.append(list(ids))
         return TextLayout(ids)
 
-    def forward(self, tokens, cache=None, start=0, all_logits=False, **extra):
-        generated = start + tokens.shape[1] - len(self.prompts[-1])
-        assert generated >= 0, "a forward ended inside the prompt"
-        token = self.script[generated] if generated < len(self.script) else self.end_id
-        logits = torch.zeros(1, self.config.vocab_size)
-        logits[0, token] = 100.0
+    def forward_batch(self, tokens, batch):
+        logits = torch.zeros(len(batch.logit_rows), self.config.vocab_size)
+        for i, row in enumerate(batch.logit_rows.tolist()):
+            generated = int(batch.positions[row]) + 1 - len(self.prompts[-1])
+            assert generated >= 0, "a forward ended inside the prompt"
+            token = self.script[generated] if generated < len(self.script) else self.end_id
+            logits[i, token] = 100.0
         return logits
 
 
@@ -98,7 +101,7 @@ def model(tokenizer):
 def base_url(model, tokenizer):
     """One in-process server for the module (tests run one at a time; each sets the
     script it needs), on a free loopback port."""
-    runner = Runner(Engine(model, tokenizer, max_seq_len=MAX_SEQ_LEN))
+    runner = Runner(BatchEngine(model, tokenizer, max_seq_len=MAX_SEQ_LEN))
     app = create_app(runner, tokenizer, ServerSettings("scripted", MAX_SEQ_LEN))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

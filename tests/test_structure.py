@@ -13,9 +13,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qwen3chat"
 FLOORS = (
     ("errors", "jsonfiles", "device", "kernels", "kv_cache"),
     ("config", "presets", "quant", "chat_template", "tokenizer", "thinking", "sampling", "grammar"),
+    ("generation",),
     ("download", "weights", "vision.preprocess"),
     ("model",),
-    ("loading", "engine"),
+    ("loading", "engine", "batch"),
     ("chat", "vision.prompt", "bench", "serve", "cli", "__main__"),
 )
 

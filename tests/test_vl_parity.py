@@ -16,6 +16,7 @@ from test_vision_tower import randomise
 
 from qwen3chat.engine import Engine
 from qwen3chat.errors import QwenChatError
+from qwen3chat.generation import FinishEvent
 from qwen3chat.loading import load_model
 from qwen3chat.vision.preprocess import VisionPreprocessing
 from qwen3chat.vision.prompt import VisionChat, user_message
@@ -322,3 +323,48 @@ def test_repl_image_command_attaches_a_picture_to_the_next_message(loaded, files
     with pytest.raises(QwenChatError, match=r"missing\.png: no such file"):
         repl.handle(f"/image {files['b'].with_name('missing.png')}")
     assert repl.pending == []
+
+
+def test_the_batched_engine_runs_pictures_beside_text(vl_dir, loaded, files):
+    """The server's engine: a one-image, a two-image and a text-only request in one batch,
+    in steps of 7 rows (chunks end inside pictures), each get their ids alone; a request
+    with the same picture reuses its blocks, one with another picture of the same size
+    does not reuse them past the picture's first token."""
+    from qwen3chat.batch.engine import BLOCK_SIZE, BatchEngine
+    from qwen3chat.sampling import SamplingSettings
+
+    chat = VisionChat(settings_of(vl_dir[0]))
+    greedy = SamplingSettings(temperature=0.0)
+    requests = [
+        chat.encode_chat(loaded.tokenizer, [user_message(text, [chat.image(p) for p in paths])])
+        for text, paths in [
+            ("Describe.", [files["a"]]),
+            ("Compare.", [files["a"], files["b"]]),
+            ("Hi", []),
+        ]
+    ]
+    engine = BatchEngine(loaded.model, loaded.tokenizer, 512, token_budget=7)
+    seqs = [engine.add(ids, STEPS, greedy, visuals=visuals) for ids, visuals in requests]
+    finished = {}
+    while engine.has_work:
+        for seq, event in engine.step():
+            if isinstance(event, FinishEvent):
+                finished[seq] = event
+    for seq, (ids, visuals) in zip(seqs, requests, strict=True):
+        alone = Engine(loaded.model, loaded.tokenizer, 512)
+        expected = list(alone.generate(ids, STEPS, greedy, visuals=visuals))[-1]
+        assert finished[seq].token_ids == expected.token_ids
+    assert finished[seqs[0]].timings.vision_s > 0
+
+    ids, _ = requests[0]
+    again = engine.add(ids, 2, greedy, visuals=[chat.image(files["a"])])
+    other_path = picture(files["a"].parent / "d.png", 96, 64, 98)
+    other = engine.add(ids, 2, greedy, visuals=[chat.image(other_path)])
+    while engine.has_work:
+        for seq, event in engine.step():
+            if isinstance(event, FinishEvent):
+                finished[seq] = event
+    assert finished[again].cached_tokens == (len(ids) - 1) // BLOCK_SIZE * BLOCK_SIZE
+    first_pad = ids.index(loaded.config.image_token_id)
+    assert finished[other].cached_tokens <= first_pad
+    assert engine.blocks.in_use == 0

@@ -7,7 +7,8 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from ..engine import Engine, FinishEvent, TextEvent, ThinkingEnd
+from ..engine import Engine
+from ..generation import FinishEvent, TextEvent, ThinkingEnd
 from ..sampling import SamplingSettings
 from .prompts import TextPrompts
 from .session import user_turn_message

@@ -15,9 +15,11 @@ class TextPrompts:
         messages: list[dict],
         enable_thinking: bool = True,
         add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> tuple[list[int], list]:
         """Ids of the templated ``messages``, and their pictures (none in a text chat)."""
-        return tokenizer.encode_chat(messages, enable_thinking, add_generation_prompt), []
+        ids = tokenizer.encode_chat(messages, enable_thinking, add_generation_prompt, tools)
+        return ids, []
 
     def count_tokens(self, visuals: Sequence) -> int:
         return 0

@@ -19,7 +19,7 @@ from rich.markdown import Markdown
 from rich.segment import Segment
 from rich.text import Text
 
-from ..engine import Event, FinishEvent, TextEvent, ThinkingEnd
+from ..generation import Event, FinishEvent, TextEvent, ThinkingEnd
 
 _FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
 _REDRAW_EVERY_S = 0.05  # the live region is redrawn at most 20 times a second

@@ -32,8 +32,9 @@ try:
 except ImportError:  # Windows: typed keys are echoed during a reply
     termios = None
 
-from ..engine import Engine, FinishEvent
+from ..engine import Engine
 from ..errors import QwenChatError
+from ..generation import FinishEvent
 from ..loading import LoadedModel
 from ..model import num_parameters
 from ..model.qwen3_vl import VisualInput

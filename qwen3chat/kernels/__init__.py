@@ -4,7 +4,8 @@ linear.cpp holds the matrix products of every weight format (float, bfloat16, ha
 int8, int4), quantize.cpp the quantization of weights at load, layer_ops.cpp the small
 operations of a decoder layer (RMSNorm, q/k norm with RoPE and the cache write, decode
 attention, SwiGLU), and decode_layer.cpp a decode step of the decoder layers built from
-them, one call per token. They need an x86-64 CPU with AVX2 and a C++ compiler; without
+them, one call per token (and a step of several sequences over a paged KV cache, one
+call per step). They need an x86-64 CPU with AVX2 and a C++ compiler; without
 either, or when the build fails, ``native()`` returns None, a warning says why (once),
 and callers run the plain torch code, which is correct everywhere and is what the
 kernels are tested against.

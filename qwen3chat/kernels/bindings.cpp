@@ -11,6 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   limits["head_dim_block"] = kHeadDimBlock;
   limits["max_head_dim"] = kMaxHeadDim;
   limits["attention_head_dim_block"] = kAttentionHeadDimBlock;
+  limits["paged_block_align"] = kPagedBlockAlign;
   m.attr("LIMITS") = limits;
   m.def("dense_linear", &dense_linear, "x @ W.T for float32, bfloat16 or half weights");
   m.def("q8_linear", &q8_linear, "x @ W.T for group-wise int8 weights");
@@ -19,6 +20,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");
   m.def("qk_norm_rope", &qk_norm_rope, "split qkv, q/k RMSNorm and RoPE, k/v into the cache");
   m.def("decode_attention", &decode_attention, "attention of one query token over the cache");
+  m.def("paged_qk_norm_rope", &paged_qk_norm_rope,
+        "qk_norm_rope of N rows, each row's k/v into its slot of a paged cache's layer");
+  m.def("paged_attention", &paged_attention,
+        "attention of N query rows [N, H, D] over their sequences in a paged cache -> [N, H*D]");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
   py::class_<Matrix>(m, "Matrix")
       .def(py::init([](at::Tensor weight, c10::optional<at::Tensor> scales,
@@ -59,4 +64,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return x;
       },
       "one decode step of every decoder layer in turn (a list of DecoderLayerWeights)");
+  m.def(
+      "paged_layers",
+      [](at::Tensor x, const py::list& layers, const at::Tensor& cos, const at::Tensor& sin,
+         const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& positions,
+         const at::Tensor& row_seq, const at::Tensor& block_tables, int64_t block_size) {
+        const auto cache = paged_kv(k_cache, v_cache, positions, row_seq, block_tables, block_size);
+        for (const auto& layer : layers)
+          x = paged_layer(x, layer.cast<const DecoderLayerWeights&>(), cos, sin, cache);
+        return x;
+      },
+      "every decoder layer in turn over the rows [N, hidden] of several sequences, with a "
+      "paged KV cache (a list of DecoderLayerWeights)");
 }

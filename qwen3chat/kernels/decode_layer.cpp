@@ -1,5 +1,6 @@
-// One decode step of a whole decoder layer; bindings.cpp runs every layer's in one call
-// from Python.
+// One decode step of a whole decoder layer, or one step of a batch of sequences' rows
+// over a paged KV cache (the server's); bindings.cpp runs every layer's in one call from
+// Python. Both run one layer body and differ only in where attention finds its rows.
 //
 // A layer's decode step is about a dozen operations (two norms, four or five products,
 // rotary embedding and the cache write, attention, SwiGLU, two residual adds), each
@@ -37,32 +38,63 @@ at::Tensor matmul(const at::Tensor& x, const Matrix& w) {
 
 namespace {
 
-// SwiGLU feed-forward of one row.
+// SwiGLU feed-forward of a block of rows.
 at::Tensor feed_forward(const at::Tensor& h, const Matrix& gate_up, const Matrix& down) {
   return matmul(silu_mul(matmul(h, gate_up)), down);
 }
 
-// Mixture of experts for one token, as model/moe.py computes it: softmax over the
-// router's logits in float32, the top k (renormalised if asked), each chosen expert's
+// Mixture of experts for the rows of h, as model/moe.py computes it: softmax over the
+// router's logits in float32, each row's top k (renormalised if asked), each expert's
 // output scaled by its weight in the activations' dtype and summed in ascending expert
-// order, which is the order the grouped path adds them in.
-at::Tensor experts_step(const at::Tensor& h, const DecoderLayerWeights& w) {
+// order, which is the order the grouped path adds them in. Each expert that got rows runs
+// once on all of them (its weights read once); the others are not touched.
+at::Tensor experts_step(const at::Tensor& x, const DecoderLayerWeights& w) {
   RECORD_FUNCTION("qwen3chat::experts_step", std::vector<c10::IValue>());
-  TORCH_CHECK(h.size(0) == 1, "decode_layer: a mixture-of-experts step takes one sequence");
-  const auto probs = at::softmax(matmul(h, w.router).view({-1}), -1, at::kFloat);
-  auto [weights, chosen] = probs.topk(w.top_k);
-  if (w.norm_topk_prob) weights = weights / weights.sum();
-  weights = weights.to(h.scalar_type());
+  const auto h = x.reshape({-1, x.size(-1)});
+  const int64_t rows = h.size(0), k = w.top_k;
+  const auto probs = at::softmax(matmul(h, w.router), -1, at::kFloat);
+  auto [weights, chosen] = probs.topk(k);
+  if (w.norm_topk_prob) weights = weights / weights.sum(-1, true);
+  weights = weights.to(h.scalar_type()).view({-1});
+  // The (row, choice) pairs by expert, then row.
   const auto* ids = chosen.data_ptr<int64_t>();
-  std::vector<int64_t> order(w.top_k);
-  std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ids[a] < ids[b]; });
+  std::vector<int64_t> pairs(rows * k);
+  std::iota(pairs.begin(), pairs.end(), 0);
+  std::sort(pairs.begin(), pairs.end(), [&](int64_t a, int64_t b) {
+    return ids[a] != ids[b] ? ids[a] < ids[b] : a < b;
+  });
+  std::vector<int64_t> pair_rows(pairs.size());
+  for (size_t i = 0; i < pairs.size(); ++i) pair_rows[i] = pairs[i] / k;
   auto out = at::zeros_like(h);
-  for (const int64_t i : order) {
-    const int64_t e = ids[i];
-    out.add_(feed_forward(h, w.expert_gate_up[e], w.expert_down[e]).mul(weights[i]));
+  for (int64_t first = 0, last; first < rows * k; first = last) {
+    const int64_t e = ids[pairs[first]];
+    for (last = first + 1; last < rows * k && ids[pairs[last]] == e; ++last) {
+    }
+    const int64_t count = last - first;
+    const auto scale =
+        weights.index_select(0, at::from_blob(pairs.data() + first, {count}, at::kLong))
+            .unsqueeze(1);
+    if (count == rows) {  // every row (a decode step's one): nothing to gather or scatter
+      out.add_(feed_forward(h, w.expert_gate_up[e], w.expert_down[e]).mul(scale));
+    } else {
+      const auto index = at::from_blob(pair_rows.data() + first, {count}, at::kLong);
+      const auto y = feed_forward(h.index_select(0, index), w.expert_gate_up[e], w.expert_down[e]);
+      out.index_add_(0, index, y.mul(scale));
+    }
   }
-  return out;
+  return out.view(x.sizes());
+}
+
+// A decoder layer on the rows of x, with ``attention`` turning the rows' qkv into their
+// attention outputs (and storing their keys and values): the contiguous and the paged
+// caches differ only there.
+template <typename Attention>
+at::Tensor layer_body(const at::Tensor& x, const DecoderLayerWeights& w, Attention attention) {
+  const auto context = attention(matmul(rms_norm(x, w.input_norm, w.eps), w.qkv));
+  const auto h = add_residual(x, matmul(context, w.o_proj));
+  const auto normed = rms_norm(h, w.post_norm, w.eps);
+  const bool moe = !w.expert_down.empty();
+  return add_residual(h, moe ? experts_step(normed, w) : feed_forward(normed, w.gate_up, w.down));
 }
 
 }  // namespace
@@ -72,12 +104,21 @@ at::Tensor decode_layer(const at::Tensor& x, const DecoderLayerWeights& w, const
                         int64_t start) {
   RECORD_FUNCTION("qwen3chat::decode_layer", std::vector<c10::IValue>());
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "decode_layer: expected x [B, 1, hidden]");
-  const auto q = qk_norm_rope_into(matmul(rms_norm(x, w.input_norm, w.eps), w.qkv), w.q_norm,
-                                   w.k_norm, cos, sin, w.eps, w.num_heads, w.num_kv_heads,
-                                   cache_rows(k_cache, v_cache, w.layer, start, 1));
-  const auto context = attend(q, cache_rows(k_cache, v_cache, w.layer, 0, start + 1));
-  const auto h = add_residual(x, matmul(context, w.o_proj));
-  const auto normed = rms_norm(h, w.post_norm, w.eps);
-  const bool moe = !w.expert_down.empty();
-  return add_residual(h, moe ? experts_step(normed, w) : feed_forward(normed, w.gate_up, w.down));
+  return layer_body(x, w, [&](const at::Tensor& qkv) {
+    const auto q = qk_norm_rope_into(qkv, w.q_norm, w.k_norm, cos, sin, w.eps, w.num_heads,
+                                     w.num_kv_heads, cache_rows(k_cache, v_cache, w.layer, start, 1));
+    return attend(q, cache_rows(k_cache, v_cache, w.layer, 0, start + 1));
+  });
+}
+
+at::Tensor paged_layer(const at::Tensor& x, const DecoderLayerWeights& w, const at::Tensor& cos,
+                       const at::Tensor& sin, const PagedKV& cache) {
+  RECORD_FUNCTION("qwen3chat::paged_layer", std::vector<c10::IValue>());
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == cache.rows,
+              "paged_layer: expected x [N, hidden] for the N rows of positions");
+  return layer_body(x, w, [&](const at::Tensor& qkv) {
+    const auto q = qk_norm_rope_into(qkv, w.q_norm, w.k_norm, cos, sin, w.eps, w.num_heads,
+                                     w.num_kv_heads, cache, w.layer);
+    return attend(q, cache, w.layer);
+  });
 }

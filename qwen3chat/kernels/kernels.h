@@ -27,6 +27,10 @@ constexpr int64_t kSwigluBlock = 8;         // silu_mul's output width
 constexpr int64_t kHeadDimBlock = 16;       // q/k norm + RoPE, and so the decode step
 constexpr int64_t kMaxHeadDim = 512;
 constexpr int64_t kAttentionHeadDimBlock = 8;  // decode attention
+// A paged KV cache's block of slots: whole groups of the 4 keys attention scores at once
+// and of its 16 value rows, so that a sequence's paged attention adds in the same order,
+// bit for bit, as over the same keys in one contiguous block.
+constexpr int64_t kPagedBlockAlign = 16;
 
 constexpr int64_t kGemmMinRows = 16;
 constexpr int64_t kIntegerGemmMinRows = 8;
@@ -65,12 +69,55 @@ struct KVRows {
 KVRows kv_rows(const at::Tensor& k, const at::Tensor& v);
 KVRows cache_rows(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t layer,
                   int64_t first, int64_t count);
-// qk_norm_rope and decode_attention on KVRows.
+// A paged KV cache, ``k_cache``/``v_cache`` [layers, KVH, slots, D] contiguous, and the
+// rows of one step of a batch of sequences: row i is at ``positions[i]`` of sequence
+// ``row_seq[i]``, whose position p lies in slot ``block_tables[row_seq[i]][p / block_size]
+// * block_size + p % block_size``. Row i's key and value go to its own position's slot
+// and it attends to its sequence's positions 0..positions[i]. paged_kv checks it all once
+// (the tensors are held, so the pointers stay valid).
+struct PagedKV {
+  at::Tensor k_cache, v_cache, positions_, row_seq_, block_tables_;
+  const int64_t *positions, *row_seq;
+  const int32_t* block_tables;
+  int64_t rows, layers, heads, slots, dim, block_size, max_blocks;
+  at::ScalarType dtype;
+
+  // Row i's sequence's block table.
+  const int32_t* table(int64_t i) const { return block_tables + row_seq[i] * max_blocks; }
+  // The slot of row i's own position.
+  int64_t slot(int64_t i) const {
+    return int64_t{table(i)[positions[i] / block_size]} * block_size + positions[i] % block_size;
+  }
+};
+PagedKV paged_kv(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                 const at::Tensor& positions, const at::Tensor& row_seq,
+                 const at::Tensor& block_tables, int64_t block_size);
+
+// qk_norm_rope and decode_attention on KVRows, or on a layer of a paged cache: qkv
+// [N, (H + 2 KVH) * D] with cos/sin [N, D] gives q [N, H, D], and attention of q [N, H, D]
+// gives [N, H * D]. The two layouts share the code, and differ in where rows lie.
 at::Tensor qk_norm_rope_into(const at::Tensor& qkv, const at::Tensor& q_weight,
                              const at::Tensor& k_weight, const at::Tensor& cos,
                              const at::Tensor& sin, double eps, int64_t num_heads,
                              int64_t num_kv_heads, const KVRows& out);
+at::Tensor qk_norm_rope_into(const at::Tensor& qkv, const at::Tensor& q_weight,
+                             const at::Tensor& k_weight, const at::Tensor& cos,
+                             const at::Tensor& sin, double eps, int64_t num_heads,
+                             int64_t num_kv_heads, const PagedKV& cache, int64_t layer);
 at::Tensor attend(const at::Tensor& q, const KVRows& kv);
+at::Tensor attend(const at::Tensor& q, const PagedKV& cache, int64_t layer);
+// The paged ones as Python calls them (for tests).
+at::Tensor paged_qk_norm_rope(const at::Tensor& qkv, const at::Tensor& q_weight,
+                              const at::Tensor& k_weight, const at::Tensor& cos,
+                              const at::Tensor& sin, double eps, int64_t num_heads,
+                              int64_t num_kv_heads, const at::Tensor& k_cache,
+                              const at::Tensor& v_cache, int64_t layer,
+                              const at::Tensor& positions, const at::Tensor& row_seq,
+                              const at::Tensor& block_tables, int64_t block_size);
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, int64_t layer, const at::Tensor& positions,
+                           const at::Tensor& row_seq, const at::Tensor& block_tables,
+                           int64_t block_size);
 
 // A layer's weight matrix in the form its product kernel takes: ``bits`` 0 for a float,
 // bfloat16 or half ``weight``, 8 or 4 for int8 codes or packed int4 codes with float16
@@ -101,6 +148,10 @@ struct DecoderLayerWeights {
 at::Tensor decode_layer(const at::Tensor& x, const DecoderLayerWeights& w, const at::Tensor& cos,
                         const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         int64_t start);
+// x [N, hidden], the rows of a step of several sequences over a paged cache (cos/sin
+// [N, head_dim] at each row's position): the layer's output, keys and values stored.
+at::Tensor paged_layer(const at::Tensor& x, const DecoderLayerWeights& w, const at::Tensor& cos,
+                       const at::Tensor& sin, const PagedKV& cache);
 
 // Shared vector helpers.
 namespace qk {

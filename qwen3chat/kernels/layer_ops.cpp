@@ -138,6 +138,57 @@ KVRows cache_rows(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t 
           k_cache.size(2), count, k_cache.size(4), k_cache.scalar_type()};
 }
 
+PagedKV paged_kv(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                 const at::Tensor& positions_in, const at::Tensor& row_seq_in,
+                 const at::Tensor& block_tables_in, int64_t block_size) {
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.scalar_type() == v_cache.scalar_type(),
+              "paged_kv: the caches must be contiguous [layers, kv_heads, slots, head_dim] "
+              "of one shape and dtype");
+  TORCH_CHECK(block_size > 0 && block_size % kPagedBlockAlign == 0 &&
+                  k_cache.size(2) % block_size == 0,
+              "paged_kv: block_size must be a multiple of ", kPagedBlockAlign,
+              " dividing the slots, got ", block_size, " for ", k_cache.size(2), " slots");
+  TORCH_CHECK(positions_in.scalar_type() == at::kLong && row_seq_in.scalar_type() == at::kLong &&
+                  positions_in.dim() == 1 && row_seq_in.sizes() == positions_in.sizes(),
+              "paged_kv: positions and row_seq must be int64 [N]");
+  TORCH_CHECK(block_tables_in.scalar_type() == at::kInt && block_tables_in.dim() == 2,
+              "paged_kv: block_tables must be int32 [sequences, max_blocks]");
+  PagedKV kv;
+  kv.k_cache = k_cache;
+  kv.v_cache = v_cache;
+  kv.positions_ = positions_in.contiguous();
+  kv.row_seq_ = row_seq_in.contiguous();
+  kv.block_tables_ = block_tables_in.contiguous();
+  kv.positions = kv.positions_.data_ptr<int64_t>();
+  kv.row_seq = kv.row_seq_.data_ptr<int64_t>();
+  kv.block_tables = kv.block_tables_.data_ptr<int32_t>();
+  kv.rows = kv.positions_.size(0);
+  kv.layers = k_cache.size(0);
+  kv.heads = k_cache.size(1);
+  kv.slots = k_cache.size(2);
+  kv.dim = k_cache.size(3);
+  kv.block_size = block_size;
+  kv.max_blocks = kv.block_tables_.size(1);
+  kv.dtype = k_cache.scalar_type();
+  // Every block a row reads or writes, checked here so that the kernels index freely.
+  const int64_t sequences = kv.block_tables_.size(0), blocks = kv.slots / block_size;
+  for (int64_t i = 0; i < kv.rows; ++i) {
+    const int64_t seq = kv.row_seq[i], position = kv.positions[i];
+    TORCH_CHECK(seq >= 0 && seq < sequences, "paged_kv: row ", i, " names sequence ", seq,
+                " of ", sequences);
+    TORCH_CHECK(position >= 0 && position / block_size < kv.max_blocks, "paged_kv: row ", i,
+                "'s position ", position, " is past its block table (", kv.max_blocks,
+                " blocks)");
+    const int32_t* table = kv.table(i);
+    for (int64_t j = 0; j <= position / block_size; ++j)
+      TORCH_CHECK(table[j] >= 0 && table[j] < blocks, "paged_kv: sequence ", seq, "'s block ", j,
+                  " is ", table[j], ", not one of the cache's ", blocks);
+  }
+  return kv;
+}
+
 at::Tensor qk_norm_rope(const at::Tensor& qkv, const at::Tensor& q_weight,
                         const at::Tensor& k_weight, const at::Tensor& cos, const at::Tensor& sin,
                         double eps, int64_t num_heads, int64_t num_kv_heads,
@@ -146,27 +197,49 @@ at::Tensor qk_norm_rope(const at::Tensor& qkv, const at::Tensor& q_weight,
                            kv_rows(k_out, v_out));
 }
 
-// qkv [B, T, (H + 2 KVH) * D] -> q [B, H, T, D] normed and rotated, returned; k (normed,
-// rotated) and v written to out's rows [B, KVH, T, D].
-at::Tensor qk_norm_rope_into(const at::Tensor& qkv_in, const at::Tensor& q_weight_in,
-                             const at::Tensor& k_weight_in, const at::Tensor& cos_in,
-                             const at::Tensor& sin_in, double eps, int64_t num_heads,
-                             int64_t num_kv_heads, const KVRows& out) {
-  RECORD_FUNCTION("qwen3chat::qk_norm_rope", std::vector<c10::IValue>());
+at::Tensor paged_qk_norm_rope(const at::Tensor& qkv, const at::Tensor& q_weight,
+                              const at::Tensor& k_weight, const at::Tensor& cos,
+                              const at::Tensor& sin, double eps, int64_t num_heads,
+                              int64_t num_kv_heads, const at::Tensor& k_cache,
+                              const at::Tensor& v_cache, int64_t layer,
+                              const at::Tensor& positions, const at::Tensor& row_seq,
+                              const at::Tensor& block_tables, int64_t block_size) {
+  return qk_norm_rope_into(qkv, q_weight, k_weight, cos, sin, eps, num_heads, num_kv_heads,
+                           paged_kv(k_cache, v_cache, positions, row_seq, block_tables, block_size),
+                           layer);
+}
+
+namespace {
+
+// Where one row of qkv goes: the row of cos/sin that rotates it, and the offsets (in
+// elements) of its key and value rows from the cache's pointers, for KV head 0.
+struct RowPlace {
+  int64_t rope, k, v;
+};
+
+// qkv's B * T rows [(H + 2 KVH) * D] -> q [B, H, T, D] normed and rotated, returned; each
+// row's k (normed, rotated) and v written at place(b, t), KV head h at h * k_head
+// (v_head) elements further. The contiguous and the paged caches differ only in place.
+template <typename Place>
+at::Tensor norm_rope_rows(const at::Tensor& qkv_in, const at::Tensor& q_weight_in,
+                          const at::Tensor& k_weight_in, const at::Tensor& cos_in,
+                          const at::Tensor& sin_in, double eps, int64_t num_heads,
+                          int64_t num_kv_heads, int64_t B, int64_t T, at::IntArrayRef q_sizes,
+                          void* k_out, void* v_out, int64_t k_head, int64_t v_head,
+                          at::ScalarType out_dtype, Place place) {
   const auto qkv = qkv_in.contiguous();
   const auto dtype = qkv.scalar_type();
   const auto q_weight = q_weight_in.to(dtype).contiguous();
   const auto k_weight = k_weight_in.to(dtype).contiguous();
   const auto cos = cos_in.to(dtype).contiguous();
   const auto sin = sin_in.to(dtype).contiguous();
-  const int64_t B = qkv.size(0), T = qkv.size(1), D = q_weight.numel();
-  const int64_t width = qkv.size(2), q_size = num_heads * D, kv_size = num_kv_heads * D;
-  TORCH_CHECK(width == q_size + 2 * kv_size && D <= kMaxHeadDim && D % kHeadDimBlock == 0 &&
-                  cos.size(0) == T && cos.size(1) == D && out.batch == B &&
-                  out.heads == num_kv_heads && out.rows == T && out.dim == D &&
-                  out.dtype == dtype,
+  const int64_t D = q_weight.numel();
+  const int64_t width = qkv.size(-1), q_size = num_heads * D, kv_size = num_kv_heads * D;
+  TORCH_CHECK(width == q_size + 2 * kv_size && qkv.numel() == B * T * width &&
+                  D <= kMaxHeadDim && D % kHeadDimBlock == 0 && cos.dim() == 2 &&
+                  cos.size(1) == D && sin.sizes() == cos.sizes() && out_dtype == dtype,
               "qk_norm_rope: shapes do not match");
-  auto q = at::empty({B, num_heads, T, D}, qkv.options());
+  auto q = at::empty(q_sizes, qkv.options());
   with_dtype(dtype, "qk_norm_rope", [&](auto tag) {
     using S = decltype(tag);
     const S* src = qkv.data_ptr<S>();
@@ -175,32 +248,74 @@ at::Tensor qk_norm_rope_into(const at::Tensor& qkv_in, const at::Tensor& q_weigh
     const S* cp = cos.data_ptr<S>();
     const S* sp = sin.data_ptr<S>();
     S* qp = q.data_ptr<S>();
-    S* kp = static_cast<S*>(out.k);
-    S* vp = static_cast<S*>(out.v);
-    const int64_t* ks = out.k_strides;
-    const int64_t* vs = out.v_strides;
+    S* kp = static_cast<S*>(k_out);
+    S* vp = static_cast<S*>(v_out);
     const int64_t heads = num_heads + num_kv_heads;
     // One task per (batch, token, head): q heads first, then k heads (which copy v too).
     at::parallel_for(0, B * T * heads, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / (T * heads), t = i / heads % T, h = i % heads;
         const S* row = src + (b * T + t) * width;
-        const S* c = cp + t * D;
-        const S* s = sp + t * D;
+        const RowPlace at = place(b, t);
+        const S* c = cp + at.rope * D;
+        const S* s = sp + at.rope * D;
         if (h < num_heads) {
           norm_rope_head(row + h * D, qw, c, s, qp + ((b * num_heads + h) * T + t) * D, D,
                          static_cast<float>(eps));
         } else {
           const int64_t kh = h - num_heads;
-          norm_rope_head(row + q_size + kh * D, kw, c, s,
-                         kp + b * ks[0] + kh * ks[1] + t * ks[2], D, static_cast<float>(eps));
+          norm_rope_head(row + q_size + kh * D, kw, c, s, kp + at.k + kh * k_head, D,
+                         static_cast<float>(eps));
           const S* v = row + q_size + kv_size + kh * D;
-          std::copy(v, v + D, vp + b * vs[0] + kh * vs[1] + t * vs[2]);
+          std::copy(v, v + D, vp + at.v + kh * v_head);
         }
       }
     });
   });
   return q;
+}
+
+}  // namespace
+
+// qkv [B, T, (H + 2 KVH) * D] -> q [B, H, T, D]; k and v written to out's rows [B, KVH, T, D].
+at::Tensor qk_norm_rope_into(const at::Tensor& qkv, const at::Tensor& q_weight,
+                             const at::Tensor& k_weight, const at::Tensor& cos,
+                             const at::Tensor& sin, double eps, int64_t num_heads,
+                             int64_t num_kv_heads, const KVRows& out) {
+  RECORD_FUNCTION("qwen3chat::qk_norm_rope", std::vector<c10::IValue>());
+  TORCH_CHECK(qkv.dim() == 3, "qk_norm_rope: expected qkv [B, T, (H + 2 KVH) * D]");
+  const int64_t B = qkv.size(0), T = qkv.size(1), D = q_weight.numel();
+  TORCH_CHECK(cos.size(0) == T && out.batch == B && out.heads == num_kv_heads && out.rows == T &&
+                  out.dim == D,
+              "qk_norm_rope: shapes do not match");
+  const int64_t* ks = out.k_strides;
+  const int64_t* vs = out.v_strides;
+  return norm_rope_rows(qkv, q_weight, k_weight, cos, sin, eps, num_heads, num_kv_heads, B, T,
+                        {B, num_heads, T, D}, out.k, out.v, ks[1], vs[1], out.dtype,
+                        [&](int64_t b, int64_t t) {
+                          return RowPlace{t, b * ks[0] + t * ks[2], b * vs[0] + t * vs[2]};
+                        });
+}
+
+// qkv [N, (H + 2 KVH) * D] -> q [N, H, D]; row i's k and v written to its slot.
+at::Tensor qk_norm_rope_into(const at::Tensor& qkv, const at::Tensor& q_weight,
+                             const at::Tensor& k_weight, const at::Tensor& cos,
+                             const at::Tensor& sin, double eps, int64_t num_heads,
+                             int64_t num_kv_heads, const PagedKV& cache, int64_t layer) {
+  RECORD_FUNCTION("qwen3chat::paged_qk_norm_rope", std::vector<c10::IValue>());
+  const int64_t N = cache.rows, D = q_weight.numel();
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == N && cos.size(0) == N &&
+                  cache.heads == num_kv_heads && cache.dim == D && layer >= 0 &&
+                  layer < cache.layers,
+              "paged_qk_norm_rope: expected qkv [N, (H + 2 KVH) * D] and cos [N, D] for the N "
+              "rows of positions, and a cache layer of KVH heads of D");
+  const int64_t head = cache.slots * D, first = layer * cache.heads * head;
+  return norm_rope_rows(qkv, q_weight, k_weight, cos, sin, eps, num_heads, num_kv_heads, N, 1,
+                        {N, num_heads, D}, cache.k_cache.data_ptr(), cache.v_cache.data_ptr(),
+                        head, head, cache.dtype, [&](int64_t i, int64_t) {
+                          const int64_t at = first + cache.slot(i) * D;
+                          return RowPlace{i, at, at};
+                        });
 }
 
 namespace {
@@ -254,11 +369,26 @@ void weighted_sum(const float* p, int64_t padded, const S* values, int64_t strid
     for (int j = 0; j < V; ++j) _mm256_storeu_ps(out + g * D + 8 * j, acc[g][j]);
 }
 
-// Every query head of one KV head against every key: scores [groups, padded]. Keys go
-// four at a time, through all the heads in pairs, so each is read from memory once.
+// One KV head's keys and values as attention reads them: ``rows`` rows, in blocks of
+// ``block_rows`` (the last may be shorter), rows k_stride (v_stride) elements apart. A
+// contiguous cache is one block; a paged one's blocks lie where its block table says.
 template <typename S>
-void head_scores(const float* query, int64_t groups, const S* keys, int64_t stride, int64_t L,
-                 int64_t D, float* scores, int64_t padded) {
+struct KeyBlocks {
+  const S *k, *v;
+  int64_t k_stride, v_stride, rows, block_rows;
+  const int32_t* table;  // block j's first row is table[j] * block_rows; none: j * block_rows
+
+  int64_t first_row(int64_t j) const {
+    return (table == nullptr ? j : int64_t{table[j]}) * block_rows;
+  }
+};
+
+// Every query head of one KV head against L contiguous keys: scores [groups, padded].
+// Keys go four at a time, through all the heads in pairs, so each is read from memory
+// once.
+template <typename S>
+void block_scores(const float* query, int64_t groups, const S* keys, int64_t stride, int64_t L,
+                  int64_t D, float* scores, int64_t padded) {
   int64_t l = 0;
   for (; l + 4 <= L; l += 4) {
     for (int64_t g = 0; g < groups; g += 2) {
@@ -280,6 +410,16 @@ void head_scores(const float* query, int64_t groups, const S* keys, int64_t stri
   }
 }
 
+// The scores of all of kv's keys, block by block. Blocks of whole fours of keys score
+// them as one contiguous sweep would.
+template <typename S>
+void head_scores(const float* query, int64_t groups, const KeyBlocks<S>& kv, int64_t D,
+                 float* scores, int64_t padded) {
+  for (int64_t first = 0, j = 0; first < kv.rows; first += kv.block_rows, ++j)
+    block_scores(query, groups, kv.k + kv.first_row(j) * kv.k_stride, kv.k_stride,
+                 std::min(kv.block_rows, kv.rows - first), D, scores + first, padded);
+}
+
 // acc [groups, D] = softmax weights [groups, padded] times the values, kValueRows rows at
 // a time: every block of columns and pair of heads reads the block's rows from L1, and
 // memory is read front to back. Sweeping all rows once per block of columns (a cache
@@ -287,32 +427,77 @@ void head_scores(const float* query, int64_t groups, const S* keys, int64_t stri
 constexpr int64_t kValueRows = 16;
 
 template <typename S>
-void head_values(const float* p, int64_t padded, int64_t groups, const S* values,
-                 int64_t stride, int64_t L, int64_t D, float* acc) {
+void head_values(const float* p_all, int64_t padded, int64_t groups, const KeyBlocks<S>& kv,
+                 int64_t D, float* acc) {
   std::fill(acc, acc + groups * D, 0.0f);
-  for (int64_t first = 0; first < L; first += kValueRows) {
-    const int64_t last = std::min(L, first + kValueRows);
-    for (int64_t d = 0; d < D;) {
-      const bool wide = D - d >= 32;
-      for (int64_t g = 0; g < groups; g += 2) {
-        const float* pg = p + g * padded;
-        const S* block = values + d;
-        float* out = acc + g * D + d;
-        if (groups - g >= 2) {
-          if (wide)
-            weighted_sum<2, 4>(pg, padded, block, stride, first, last, out, D);
-          else
-            weighted_sum<2, 1>(pg, padded, block, stride, first, last, out, D);
-        } else {
-          if (wide)
-            weighted_sum<1, 4>(pg, padded, block, stride, first, last, out, D);
-          else
-            weighted_sum<1, 1>(pg, padded, block, stride, first, last, out, D);
+  const int64_t stride = kv.v_stride;
+  for (int64_t row = 0, j = 0; row < kv.rows; row += kv.block_rows, ++j) {
+    const float* p = p_all + row;
+    const S* values = kv.v + kv.first_row(j) * stride;
+    const int64_t L = std::min(kv.block_rows, kv.rows - row);
+    for (int64_t first = 0; first < L; first += kValueRows) {
+      const int64_t last = std::min(L, first + kValueRows);
+      for (int64_t d = 0; d < D;) {
+        const bool wide = D - d >= 32;
+        for (int64_t g = 0; g < groups; g += 2) {
+          const float* pg = p + g * padded;
+          const S* block = values + d;
+          float* out = acc + g * D + d;
+          if (groups - g >= 2) {
+            if (wide)
+              weighted_sum<2, 4>(pg, padded, block, stride, first, last, out, D);
+            else
+              weighted_sum<2, 1>(pg, padded, block, stride, first, last, out, D);
+          } else {
+            if (wide)
+              weighted_sum<1, 4>(pg, padded, block, stride, first, last, out, D);
+            else
+              weighted_sum<1, 1>(pg, padded, block, stride, first, last, out, D);
+          }
         }
+        d += wide ? 32 : 8;
       }
-      d += wide ? 32 : 8;
     }
   }
+}
+
+// Attention of ``rows`` query tokens, q [rows, H, D] -> out [rows, H * D], where
+// key_blocks(r, kh) gives the KeyBlocks of row r's KV head kh. Scores, softmax and the
+// weighted sum in float32, the result rounded once, as SDPA does. One task per (row, KV
+// head), whose keys and values are each read once for all the query heads that share
+// them (two at a time from the registers, the rest from cache).
+template <typename S, typename Locate>
+void attention_rows(const S* qp, S* op, int64_t rows, int64_t H, int64_t KVH, int64_t D,
+                    Locate key_blocks) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int64_t groups = H / KVH;
+  at::parallel_for(0, rows * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, query(groups * D), acc(groups * D), sums(groups);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / KVH, kh = i % KVH, first = r * H + kh * groups;
+      const KeyBlocks<S> kv = key_blocks(r, kh);
+      const int64_t L = kv.rows, padded = (L + 7) / 8 * 8;
+      // Scores past L (up to padded) go through exp8 unused: any value does.
+      if (static_cast<int64_t>(scores.size()) < groups * padded) scores.resize(groups * padded);
+      for (int64_t d = 0; d < groups * D; ++d)
+        query[d] = static_cast<float>(qp[first * D + d]) * scale;
+      head_scores(query.data(), groups, kv, D, scores.data(), padded);
+      std::fill(sums.begin(), sums.end(), 0.0f);
+      for (int64_t g = 0; g < groups; ++g) {
+        float* p = scores.data() + g * padded;
+        float top = -INFINITY;
+        for (int64_t l = 0; l < L; ++l) top = std::max(top, p[l]);
+        for (int64_t l = 0; l < padded; l += 8)
+          _mm256_storeu_ps(p + l, exp8(_mm256_sub_ps(_mm256_loadu_ps(p + l), _mm256_set1_ps(top))));
+        for (int64_t l = 0; l < L; ++l) sums[g] += p[l];
+      }
+      head_values(scores.data(), padded, groups, kv, D, acc.data());
+      for (int64_t g = 0; g < groups; ++g) {
+        S* o = op + (first + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<S>(acc[g * D + d] / sums[g]);
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -322,56 +507,60 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 // One query token: q [B, H, 1, D] over the cached rows kv [B, KVH, L, D] -> [B, 1, H * D].
-// Scores, softmax and the weighted sum in float32, the result rounded once, as SDPA does.
-// One task per KV head, whose keys and values are each read once for all the query
-// heads that share them (two at a time from the registers, the rest from cache).
 at::Tensor attend(const at::Tensor& q_in, const KVRows& kv) {
   RECORD_FUNCTION("qwen3chat::decode_attention", std::vector<c10::IValue>());
   const auto q = q_in.contiguous();
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
   const int64_t KVH = kv.heads, L = kv.rows;
   TORCH_CHECK(q.size(2) == 1 && kv.batch == B && H % KVH == 0 && D % kAttentionHeadDimBlock == 0 &&
-                  kv.dim == D &&
-                  kv.dtype == q.scalar_type(),
+                  kv.dim == D && kv.dtype == q.scalar_type(),
               "decode_attention: shapes do not match");
   auto out = at::empty({B, 1, H * D}, q.options());
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const int64_t groups = H / KVH, padded = (L + 7) / 8 * 8;
   with_dtype(q.scalar_type(), "decode_attention", [&](auto tag) {
     using S = decltype(tag);
-    const S* qp = q.data_ptr<S>();
     const S* kp = static_cast<const S*>(kv.k);
     const S* vp = static_cast<const S*>(kv.v);
-    S* op = out.data_ptr<S>();
     const int64_t* ks = kv.k_strides;
     const int64_t* vs = kv.v_strides;
-    at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores(groups * padded), query(groups * D), acc(groups * D);
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / KVH, kh = i % KVH, first = b * H + kh * groups;
-        const S* keys = kp + b * ks[0] + kh * ks[1];
-        const S* values = vp + b * vs[0] + kh * vs[1];
-        for (int64_t d = 0; d < groups * D; ++d)
-          query[d] = static_cast<float>(qp[first * D + d]) * scale;
-        head_scores(query.data(), groups, keys, ks[2], L, D, scores.data(), padded);
-        std::vector<float> sums(groups);
-        for (int64_t g = 0; g < groups; ++g) {
-          float* p = scores.data() + g * padded;
-          float top = -INFINITY;
-          for (int64_t l = 0; l < L; ++l) top = std::max(top, p[l]);
-          for (int64_t l = 0; l < padded; l += 8)
-            _mm256_storeu_ps(p + l, exp8(_mm256_sub_ps(_mm256_loadu_ps(p + l), _mm256_set1_ps(top))));
-          for (int64_t l = 0; l < L; ++l) sums[g] += p[l];
-        }
-        head_values(scores.data(), padded, groups, values, vs[2], L, D, acc.data());
-        for (int64_t g = 0; g < groups; ++g) {
-          S* o = op + (first + g) * D;
-          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<S>(acc[g * D + d] / sums[g]);
-        }
-      }
+    attention_rows(q.data_ptr<S>(), out.data_ptr<S>(), B, H, KVH, D, [&](int64_t b, int64_t kh) {
+      return KeyBlocks<S>{kp + b * ks[0] + kh * ks[1], vp + b * vs[0] + kh * vs[1], ks[2], vs[2],
+                          L, L, nullptr};
     });
   });
   return out;
+}
+
+// q [N, H, D], row i at positions[i] of its sequence, over that sequence's positions
+// 0..positions[i] in the paged cache's layer -> [N, H * D].
+at::Tensor attend(const at::Tensor& q_in, const PagedKV& cache, int64_t layer) {
+  RECORD_FUNCTION("qwen3chat::paged_attention", std::vector<c10::IValue>());
+  const auto q = q_in.contiguous();
+  TORCH_CHECK(q.dim() == 3 && q.size(0) == cache.rows,
+              "paged_attention: expected q [N, H, D] for the N rows of positions");
+  const int64_t N = q.size(0), H = q.size(1), D = q.size(2), KVH = cache.heads;
+  TORCH_CHECK(H % KVH == 0 && D % kAttentionHeadDimBlock == 0 && cache.dim == D &&
+                  cache.dtype == q.scalar_type() && layer >= 0 && layer < cache.layers,
+              "paged_attention: q [N, H, D] does not match the cache's layer (heads, head_dim, "
+              "dtype)");
+  auto out = at::empty({N, H * D}, q.options());
+  with_dtype(q.scalar_type(), "paged_attention", [&](auto tag) {
+    using S = decltype(tag);
+    const int64_t head = cache.slots * D, first = layer * KVH * head;
+    const S* kp = static_cast<const S*>(cache.k_cache.data_ptr()) + first;
+    const S* vp = static_cast<const S*>(cache.v_cache.data_ptr()) + first;
+    attention_rows(q.data_ptr<S>(), out.data_ptr<S>(), N, H, KVH, D, [&](int64_t i, int64_t kh) {
+      return KeyBlocks<S>{kp + kh * head, vp + kh * head, D, D, cache.positions[i] + 1,
+                          cache.block_size, cache.table(i)};
+    });
+  });
+  return out;
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, int64_t layer, const at::Tensor& positions,
+                           const at::Tensor& row_seq, const at::Tensor& block_tables,
+                           int64_t block_size) {
+  return attend(q, paged_kv(k_cache, v_cache, positions, row_seq, block_tables, block_size), layer);
 }
 
 // gate_up [..., 2I] -> silu(gate) * up [..., I], each rounded as two torch operations.

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..device import matmul_dtype
-from ..kv_cache import Cache
+from ..kv_cache import Cache, PagedBatch
 from ..quant import QuantizedWeight
 from . import native
 
@@ -184,14 +184,27 @@ class Attention(nn.Module):
             if cache is None:
                 return q, k_slots, v_slots
             return (q, *cache.window(self.layer_idx, 0, end))
+        q, k, v = self.heads(qkv, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, start, k, v)
+        return q, k, v
+
+    def heads(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """``qkv [B, T, width]`` split into q, k, v ``[B, heads, T, head_dim]``, q and k normed
+        and rotated (the torch path)."""
+        batch, seq, _ = qkv.shape
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self.q_norm(q.view(batch, seq, self.num_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(k.view(batch, seq, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, start, k, v)
-        return q, k, v
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward_batch(self, x: torch.Tensor, cos, sin, batch: PagedBatch) -> torch.Tensor:
+        """The rows ``x [N, hidden]`` of a PagedBatch (torch path): keys and values stored,
+        each row attending to its own sequence."""
+        q, k, v = (t[0].transpose(0, 1) for t in self.heads(self.qkv_proj(x[None]), cos, sin))
+        batch.store(self.layer_idx, k, v)
+        return self.o_proj(batch.attend(self.layer_idx, q))
 
 
 class MLP(nn.Module):

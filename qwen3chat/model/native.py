@@ -8,7 +8,8 @@ A decode step of the decoder layers is one native call for all of them (``decode
 from Python, layer by layer, the same step costs ~0.5 ms a token more at Qwen3-0.6B (2-3%
 of an int4 step). A layer reaches it through the names every Qwen3-style block has
 (``input_layernorm``, ``self_attn.qkv_proj``, ``mlp.gate_up_proj`` or the experts, ...), so
-another family whose blocks carry those names reuses it as it is.
+another family whose blocks carry those names reuses it as it is. A step of a batch of
+sequences over a paged KV cache (the server's) is one call too (``paged_layers``).
 """
 
 from __future__ import annotations
@@ -109,6 +110,37 @@ def decode_layers(
     if None in weights:
         return None
     return native.decode_layers(x, weights, cos, sin, cache.k, cache.v, start)
+
+
+def paged_layers(
+    x: torch.Tensor,
+    layers: list[nn.Module],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    row_seq: torch.Tensor,
+    block_tables: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor | None:
+    """Every layer over ``x [N, hidden]``, the token rows of several sequences, in one
+    native call with a paged KV cache (kernels.h's PagedKV): ``k_cache``/``v_cache``
+    ``[layers, kv_heads, num_blocks * block_size, head_dim]``; row i is at
+    ``positions[i]`` of sequence ``row_seq[i]``, whose position p lies in slot
+    ``block_tables[row_seq[i], p // block_size] * block_size + p % block_size``; ``cos``/
+    ``sin`` ``[N, head_dim]`` are each row's. Each row's key and value are stored first,
+    then it attends to its sequence's positions up to its own. None where the kernels do
+    not run or do not cover the block size or one of the layers' weights."""
+    native = kernels.native(x)
+    if native is None or not _covers(native, "paged_block_align", block_size):
+        return None
+    weights = [layer_weights(native, layer) for layer in layers]
+    if None in weights:
+        return None
+    return native.paged_layers(
+        x, weights, cos, sin, k_cache, v_cache, positions, row_seq, block_tables, block_size
+    )
 
 
 # Each layer's DecoderLayerWeights (or None), built on first use; a model whose tensors

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..kv_cache import Cache, KVCache
+from ..kv_cache import Cache, KVCache, PagedBatch, PagedKVCache
 from . import native
 from .layers import (
     MLP,
@@ -42,7 +42,7 @@ class VisualTokens:
 class TextLayout:
     """How a text prompt lies in the cache and the forward passes (the engine's seam for
     what a family adds to ids: Qwen3-VL's pictures, see qwen3_vl.VisionPrompt): cached
-    under its ids, and its chunks and decode steps need nothing beyond ids and start."""
+    under its ids, and its forward passes need nothing beyond ids and start."""
 
     def __init__(self, ids: list[int]):
         self.keys = list(ids)
@@ -52,12 +52,9 @@ class TextLayout:
         for text); the seconds it took."""
         return 0.0
 
-    def chunk(self, start: int, end: int, device) -> dict:
-        """The forward's keyword arguments for the prompt's tokens ``start..end-1``."""
-        return {}
-
-    def decode(self, index: int, device) -> dict:
-        """The forward's keyword arguments for a generated token at cache index ``index``."""
+    def rows(self, start: int, end: int, device) -> dict:
+        """The forward's keyword arguments for positions ``start..end-1``: the prompt's
+        tokens, then generated ones."""
         return {}
 
 
@@ -80,6 +77,11 @@ class DecoderLayer(nn.Module):
             if out is not None:
                 return out
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_batch(self, x, cos, sin, batch: PagedBatch):
+        """The torch path of a PagedBatch's rows ``x [N, hidden]``."""
+        x = x + self.self_attn.forward_batch(self.input_layernorm(x), cos, sin, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -137,6 +139,27 @@ class Qwen3Model(nn.Module):
             self.device,
         )
 
+    def new_paged_cache(self, num_blocks: int, block_size: int, max_seq_len: int) -> PagedKVCache:
+        """A PagedKVCache for the batched engine; rotary tables up to ``max_seq_len``."""
+        if self.rope_cos is None or self.rope_cos.shape[0] < max_seq_len:
+            self.setup_rope(max_seq_len)
+        c = self.config
+        return PagedKVCache(
+            c.num_hidden_layers,
+            c.num_key_value_heads,
+            c.head_dim,
+            num_blocks,
+            block_size,
+            self.dtype,
+            self.device,
+        )
+
+    def kv_bytes_per_token(self) -> int:
+        c = self.config
+        return PagedKVCache.bytes_per_token(
+            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.dtype
+        )
+
     def prompt_layout(self, ids: list[int], visuals: Sequence = ()) -> TextLayout:
         if visuals:
             raise ValueError("a text model takes no pictures")
@@ -188,7 +211,53 @@ class Qwen3Model(nn.Module):
                 x = layer(x, cos, sin, mask, cache, start)
                 if visual is not None and i < len(visual.deepstack):
                     x[0, visual.mask] += visual.deepstack[i].to(x.dtype)
-        x = x if all_logits else x[:, -1]
-        x = self.norm(x)
+        return self.logits(x if all_logits else x[:, -1])
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (float32) of hidden states ``x [..., hidden]``."""
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(x, head).float()
+        return linear(self.norm(x), head).float()
+
+    def forward_batch(
+        self,
+        tokens: torch.Tensor,
+        batch: PagedBatch,
+        positions: torch.Tensor | None = None,
+        visual: VisualTokens | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[len(batch.logit_rows), vocab]`` of a PagedBatch's rows ``tokens [N]``.
+
+        Each row's rotary position is its position, or its column of ``positions [3, N]``
+        (M-RoPE); ``visual`` as ``forward`` takes it. The layers run in one native call
+        where the kernels cover them (one per layer when DeepStack adds between them)."""
+        if positions is None:
+            cos, sin = self.rope_cos[batch.positions], self.rope_sin[batch.positions]
+        else:
+            cos = mrope_rows(self.rope_cos, positions, self.mrope_axes)
+            sin = mrope_rows(self.rope_sin, positions, self.mrope_axes)
+        x = self.embed_tokens(tokens)
+        if visual is not None:
+            x[visual.mask] = visual.embeds.to(x.dtype)
+        cache = batch.cache
+        groups = [self.layers] if visual is None else [[layer] for layer in self.layers]
+        for i, group in enumerate(groups):
+            out = native.paged_layers(
+                x,
+                group,
+                cos,
+                sin,
+                cache.k,
+                cache.v,
+                batch.positions,
+                batch.row_seq,
+                batch.block_tables,
+                cache.block_size,
+            )
+            if out is None:
+                for layer in group:
+                    x = layer.forward_batch(x, cos, sin, batch)
+            else:
+                x = out
+            if visual is not None and i < len(visual.deepstack):
+                x[visual.mask] += visual.deepstack[i].to(x.dtype)
+        return self.logits(x[batch.logit_rows])

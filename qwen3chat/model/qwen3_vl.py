@@ -121,24 +121,25 @@ class VisionPrompt(TextLayout):
             self._embeds, self._deepstack = columns[0], columns[1:]
         return time.perf_counter() - started
 
-    def chunk(self, start: int, end: int, device) -> dict:
-        """M-RoPE positions and visual tokens of the prompt's tokens ``start..end-1`` (at
-        or after the ``prepare`` start)."""
-        positions = self.positions[:, start:end].to(device)
+    def rows(self, start: int, end: int, device) -> dict:
+        """M-RoPE positions of positions ``start..end-1`` and the visual tokens among them
+        (at or after the ``prepare`` start). Past the prompt, every axis of a generated
+        token is its index plus the pictures' delta."""
+        prompt = self.positions.shape[1]
+        generated = torch.arange(max(start, prompt), max(end, prompt)) + self.rope_delta
+        positions = torch.cat((self.positions[:, start:end], generated.expand(3, -1)), dim=1)
+        positions = positions.to(device)
         mask = self.mask[start:end]
         if not mask.any():
             return {"positions": positions}
         base = int(self._visual_before[self._from])
         first = int(self._visual_before[start]) - base
-        last = int(self._visual_before[end]) - base
+        last = int(self._visual_before[min(end, prompt)]) - base
+        mask = torch.cat((mask, torch.zeros(end - start - len(mask), dtype=torch.bool)))
         visual = VisualTokens(
             mask.to(device), self._embeds[first:last], [d[first:last] for d in self._deepstack]
         )
         return {"positions": positions, "visual": visual}
-
-    def decode(self, index: int, device) -> dict:
-        # Every axis of a generated token is its cache index plus the pictures' delta.
-        return {"positions": torch.full((3, 1), index + self.rope_delta, device=device)}
 
 
 def _runs(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import json
 import secrets
@@ -16,11 +18,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from ..engine import FinishEvent, TextEvent
 from ..errors import QwenChatError
+from ..generation import FinishEvent, TextEvent, TokenLogprob
 from ..grammar import GrammarConstraint, json_grammar, tool_call_grammar
 from ..sampling import SamplingSettings
 from ..tokenizer import Tokenizer
+from ..vision.prompt import VisionChat
+from .logprobs import LogprobsFormat
 from .protocol import (
     APIError,
     ChatCompletionRequest,
@@ -30,7 +34,7 @@ from .protocol import (
     usage,
 )
 from .reply import Reply
-from .runner import Job, Runner
+from .runner import RATE_WINDOW_S, Job, Runner
 
 # A request body larger than this is refused (413) before it is parsed.
 MAX_BODY_BYTES = 8 * 2**20
@@ -47,7 +51,10 @@ class ServerSettings:
     max_body_bytes: int = MAX_BODY_BYTES
 
 
-def create_app(runner: Runner, tokenizer: Tokenizer, settings: ServerSettings) -> FastAPI:
+def create_app(
+    runner: Runner, tokenizer: Tokenizer, settings: ServerSettings, vision: VisionChat | None = None
+) -> FastAPI:
+    """The app; ``vision`` (a vision model's picture handling) lets messages hold images."""
     app = FastAPI(title="qwen3chat", docs_url=None, redoc_url=None, openapi_url=None)
     created = now()
 
@@ -93,20 +100,32 @@ def create_app(runner: Runner, tokenizer: Tokenizer, settings: ServerSettings) -
     async def metrics():
         return PlainTextResponse(_prometheus(runner), media_type="text/plain; version=0.0.4")
 
+    def _encode(body: ChatCompletionRequest, think: bool, tools) -> tuple[list[int], list]:
+        """The prompt's ids and its pictures (with a vision model)."""
+        messages = [
+            m.for_template(None if vision is None else _pictures(vision, f"messages[{i}]"))
+            for i, m in enumerate(body.messages)
+        ]
+        if vision is None:
+            return tokenizer.encode_chat(messages, think, True, tools), []
+        return vision.encode_chat(tokenizer, messages, think, True, tools)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(body.model, settings)
-        _check_supported(body)
         kwargs = body.chat_template_kwargs or {}
         tools = body.tools if body.tools and body.tool_choice != "none" else None
         grammar = _grammar(body, tools)
         # A structured reply is the value (or the calls) alone: the grammar holds from the
         # first token, so the model answers without thinking first.
         think = grammar is None and bool(kwargs.get("enable_thinking", settings.think))
-        messages = [m.for_template() for m in body.messages]
-        ids = tokenizer.encode(tokenizer.render(messages, think, True, tools))
+        if vision is None:
+            ids, visuals = _encode(body, think, tools)
+        else:  # decoding and resizing pictures is work the event loop must not wait on
+            ids, visuals = await asyncio.to_thread(_encode, body, think, tools)
         reply = Reply(body.stop_strings(), tools)
         job = _job(ids, body, body.max_completion_tokens or body.max_tokens, settings)
+        job.visuals = visuals
         if grammar is not None:
             try:
                 job.constraint = GrammarConstraint(tokenizer, runner.engine.vocab_size, grammar)
@@ -114,12 +133,11 @@ def create_app(runner: Runner, tokenizer: Tokenizer, settings: ServerSettings) -
                 forced = body.tool_choice not in (None, "auto", "none")
                 field = "tool_choice" if forced else "response_format"
                 raise APIError(400, f"{field}: {e}", field) from None
-        return await _respond(runner, job, reply, body, settings, "chat.completion")
+        return await _respond(runner, job, reply, body, settings, "chat.completion", tokenizer)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         _check_model(body.model, settings)
-        _check_supported(body)
         if isinstance(body.prompt, str):
             ids = tokenizer.encode(body.prompt)
         else:
@@ -128,7 +146,7 @@ def create_app(runner: Runner, tokenizer: Tokenizer, settings: ServerSettings) -
                 raise APIError(400, "prompt: token ids outside the vocabulary", "prompt")
         reply = Reply(body.stop_strings(), raw=True)
         job = _job(ids, body, body.max_tokens, settings)
-        return await _respond(runner, job, reply, body, settings, "text_completion")
+        return await _respond(runner, job, reply, body, settings, "text_completion", tokenizer)
 
     return app
 
@@ -188,10 +206,27 @@ def _check_model(model: str | None, settings: ServerSettings) -> None:
         )
 
 
-def _check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
-    """Fields of the contract that are not built yet: refused, never ignored silently."""
-    if body.logprobs or body.top_logprobs:
-        raise APIError(400, "logprobs are not supported yet", "logprobs")
+def _pictures(vision: VisionChat, where: str):
+    """Reads a message's data-URL images as pictures; a bad one is a 400 naming it."""
+
+    def picture(url: str, field: str):
+        name = f"{where}.{field}"
+        if not url.startswith("data:"):
+            # Fetching a URL a request names would let any client make the server reach out.
+            raise APIError(400, f"{name}: images must be data: URLs (base64)", "messages")
+        header, _, data = url.partition(",")
+        try:
+            if not header.endswith(";base64"):
+                raise ValueError
+            raw = base64.b64decode(data, validate=True)
+        except (ValueError, binascii.Error):
+            raise APIError(400, f"{name}: not a base64 data URL", "messages") from None
+        try:
+            return vision.image(raw, name)
+        except QwenChatError as e:
+            raise APIError(400, str(e), "messages") from None
+
+    return picture
 
 
 def _grammar(body: ChatCompletionRequest, tools: list[dict] | None) -> str | None:
@@ -256,39 +291,49 @@ def _job(ids: list[int], body, max_tokens: int | None, settings: ServerSettings)
     seed = body.seed if body.seed is not None else secrets.randbits(31)
     given = {**settings.sampling_defaults, **body.sampling_fields(), "seed": seed}
     sampling = SamplingSettings(**given)
-    return Job(ids, max_tokens or room, sampling, asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    return Job(ids, max_tokens or room, sampling, loop, top_logprobs=body.alternatives())
 
 
 async def _events(
     job: Job, reply: Reply
-) -> AsyncIterator[tuple[list[dict], str | None, FinishEvent | None]]:
-    """(deltas, finish reason, finish event) as the engine's events arrive."""
+) -> AsyncIterator[tuple[list[dict], list[TokenLogprob], str | None, FinishEvent | None]]:
+    """(deltas, the logprobs of the tokens they complete, finish reason, finish event) as
+    the engine's events arrive."""
+    unsent: list[TokenLogprob] = []  # tokens whose text is held back (stop strings)
     while True:
         event = await job.events.get()
         if isinstance(event, Exception):
             raise event
         if isinstance(event, TextEvent):
+            unsent += event.logprobs
             deltas = reply.push(event)
             if reply.stopped:
                 job.cancelled.set()
             if deltas:
-                yield deltas, None, None
+                yield deltas, unsent, None, None
+                unsent = []
         elif isinstance(event, FinishEvent):
             deltas, reason = reply.finish(event)
-            yield deltas, reason, event
+            yield deltas, unsent, reason, event
             return
 
 
 async def _collect(job: Job, reply: Reply) -> tuple[str, FinishEvent]:
     """The finish reason and event of a reply taken whole (its deltas build ``reply``)."""
-    async for _deltas, reason, finish in _events(job, reply):
+    async for _deltas, _logprobs, reason, finish in _events(job, reply):
         if finish is not None:
             return reason, finish
     raise RuntimeError("the engine ended a request without finishing it")
 
 
-async def _respond(runner: Runner, job: Job, reply: Reply, body, settings, kind: str):
+async def _respond(
+    runner: Runner, job: Job, reply: Reply, body, settings, kind: str, tokenizer: Tokenizer
+):
     runner.submit(job)
+    logprobs = None
+    if job.top_logprobs is not None:
+        logprobs = LogprobsFormat(tokenizer, chat=kind == "chat.completion")
     rid = new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
     created = now()
     base = {"id": rid, "created": created, "model": settings.model_name}
@@ -302,35 +347,49 @@ async def _respond(runner: Runner, job: Job, reply: Reply, body, settings, kind:
             choice = {"index": 0, "message": reply.message(), "finish_reason": reason}
         else:
             choice = {"index": 0, "text": reply.content, "finish_reason": reason}
+        if logprobs is not None:
+            choice["logprobs"] = logprobs(finish.logprobs)
         return JSONResponse({**base, "object": kind, "choices": [choice], "usage": use})
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(
-        _sse(job, reply, base, kind, include_usage),
+        _sse(job, reply, base, kind, include_usage, logprobs),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _sse(job: Job, reply: Reply, base: dict, kind: str, include_usage: bool):
+async def _sse(
+    job: Job,
+    reply: Reply,
+    base: dict,
+    kind: str,
+    include_usage: bool,
+    logprobs: LogprobsFormat | None,
+):
     chat = kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices: list[dict], **extra) -> str:
         return f"data: {json.dumps({**base, 'object': obj, 'choices': choices, **extra})}\n\n"
 
-    def choice(delta: dict, reason: str | None = None) -> dict:
+    def choice(delta: dict, reason: str | None = None, tokens=None) -> dict:
         if chat:
-            return {"index": 0, "delta": delta, "finish_reason": reason}
-        return {"index": 0, "text": delta.get("content", ""), "finish_reason": reason}
+            out = {"index": 0, "delta": delta, "finish_reason": reason}
+        else:
+            out = {"index": 0, "text": delta.get("content", ""), "finish_reason": reason}
+        if logprobs is not None and tokens is not None:
+            out["logprobs"] = logprobs(tokens)
+        return out
 
     try:
         if chat:
             yield chunk([choice({"role": "assistant", "content": ""})])
-        async for deltas, reason, finish in _events(job, reply):
-            for delta in deltas:
-                yield chunk([choice(delta)])
+        async for deltas, tokens, reason, finish in _events(job, reply):
+            # The tokens' logprobs go with the first chunk of the text they complete.
+            for i, delta in enumerate(deltas):
+                yield chunk([choice(delta, tokens=tokens if i == 0 else None)])
             if finish is not None:
-                yield chunk([choice({}, reason)])
+                yield chunk([choice({}, reason, tokens=None if deltas else tokens)])
                 if include_usage:
                     use = usage(finish.prompt_tokens, len(finish.token_ids), finish.cached_tokens)
                     yield chunk([], usage=use)
@@ -343,7 +402,8 @@ async def _sse(job: Job, reply: Reply, base: dict, kind: str, include_usage: boo
 
 
 def _prometheus(runner: Runner) -> str:
-    s = runner.stats
+    s = runner.snapshot()
+    blocks = runner.engine.blocks
     rows = [
         ("requests_running", "gauge", "requests being generated", s.running),
         ("requests_waiting", "gauge", "requests waiting for the engine", s.waiting),
@@ -356,18 +416,14 @@ def _prometheus(runner: Runner) -> str:
             s.cached_tokens,
         ),
         ("generation_tokens_total", "counter", "tokens generated", s.generated_tokens),
-        ("kv_cache_tokens", "gauge", "tokens held in the KV cache", len(runner.engine.cache)),
+        ("kv_cache_blocks_in_use", "gauge", "KV cache blocks held by requests", s.blocks_in_use),
+        ("kv_cache_blocks", "gauge", "KV cache blocks in all", blocks.num_blocks),
+        ("kv_cache_block_size", "gauge", "tokens per KV cache block", blocks.block_size),
         (
-            "kv_cache_capacity_tokens",
+            "generation_tokens_per_second",
             "gauge",
-            "tokens the KV cache holds at most",
-            runner.engine.max_seq_len,
-        ),
-        (
-            "decode_tokens_per_second",
-            "gauge",
-            "decode speed over all requests so far",
-            s.generated_tokens / s.decode_s if s.decode_s else 0.0,
+            f"tokens generated per second over the last {RATE_WINDOW_S:g} s",
+            s.tokens_per_second,
         ),
     ]
     lines = []

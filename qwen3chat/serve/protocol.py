@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 # Longest stop list and stop string a request may give (OpenAI allows 4 strings).
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API
 
 
 class APIError(Exception):
@@ -65,8 +67,6 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -110,14 +110,21 @@ class Message(BaseModel):
     # the turns after the last question.
     reasoning_content: str | None = None
 
-    def for_template(self) -> dict:
-        """The message as chat templates read it: text content, tool calls as given."""
+    def for_template(self, picture: Callable[[str, str], Any] | None = None) -> dict:
+        """The message as chat templates read it, tool calls as given. Its images become
+        ``{"type": "image", "picture": picture(url, field)}`` items (vision/prompt.py's
+        form) with a vision model's ``picture``; text parts are joined otherwise."""
+        text = self.content if isinstance(self.content, str) else self.content or ""
         if isinstance(self.content, list):
-            if any(part.type == "image_url" for part in self.content):
+            images = [i for i, part in enumerate(self.content) if part.type == "image_url"]
+            if images and picture is None:
                 raise APIError(400, "image content needs a vision model", "messages")
-            text = "".join(part.text or "" for part in self.content)
-        else:
-            text = self.content or ""
+            if picture is None:
+                text = "".join(part.text or "" for part in self.content)
+            else:
+                text = [
+                    _part(part, picture, f"content[{i}]") for i, part in enumerate(self.content)
+                ]
         role = "system" if self.role == "developer" else self.role
         message: dict[str, Any] = {"role": role, "content": text}
         if self.tool_calls:
@@ -129,6 +136,13 @@ class Message(BaseModel):
         return message
 
 
+def _part(part: ContentPart, picture: Callable[[str, str], Any], field: str) -> dict:
+    if part.type != "image_url":
+        return {"type": "text", "text": part.text or ""}
+    url = part.image_url.get("url") if isinstance(part.image_url, dict) else part.image_url
+    return {"type": "image", "picture": picture(url if isinstance(url, str) else "", field)}
+
+
 class ChatCompletionRequest(_Request):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -136,10 +150,22 @@ class ChatCompletionRequest(_Request):
     tool_choice: str | dict | None = None
     response_format: dict | None = None
     chat_template_kwargs: dict | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def alternatives(self) -> int | None:
+        """Alternatives per token when logprobs are asked for, else None."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Request):
     prompt: str | list[int] = Field(min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def alternatives(self) -> int | None:
+        return self.logprobs
 
 
 def new_id(prefix: str) -> str:

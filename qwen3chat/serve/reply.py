@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..engine import FinishEvent, TextEvent
+from ..generation import FinishEvent, TextEvent
 from .tool_calls import ToolCall, ToolCallStream
 
 

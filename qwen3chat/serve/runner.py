@@ -1,21 +1,30 @@
-"""Runs the server's requests on the engine, one at a time, in a worker thread.
+"""Runs the server's requests on the batched engine, in one worker thread.
 
-The engine holds one KV cache, so requests take turns (as llama-server with one slot
-does); a request that shares a prefix with the one before it reuses its keys and values.
-Each request's events cross to the event loop through an asyncio queue; a request that is
-cancelled (its client went away, a stop string matched, the server is stopping) ends at
-the next token, or before its prefill when it has not started.
+Requests arrive from the event loop (``submit``) and join the engine between steps;
+every step's events cross back to each request's asyncio queue. A request that is
+cancelled (its client went away, a stop string matched, the server is stopping) leaves
+at the next step boundary, and its blocks are freed then.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
-from ..engine import Engine, FinishEvent
+from ..batch.engine import BatchEngine
+from ..batch.sequence import Sequence
+from ..errors import QwenChatError
+from ..generation import FinishEvent
 from ..sampling import SamplingSettings
+from .protocol import APIError
+
+# /metrics' tokens per second are those of the steps of the last this many seconds.
+RATE_WINDOW_S = 10.0
 
 
 @dataclass(eq=False)
@@ -25,6 +34,8 @@ class Job:
     sampling: SamplingSettings
     loop: asyncio.AbstractEventLoop
     constraint: object = None  # a grammar.GrammarConstraint, for response_format
+    top_logprobs: int | None = None  # alternatives per token, when logprobs are asked for
+    visuals: list = field(default_factory=list)  # the prompt's pictures (a vision model)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -38,35 +49,39 @@ class Stats:
 
     running: int = 0
     waiting: int = 0
+    blocks_in_use: int = 0
     requests: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
     generated_tokens: int = 0
-    decode_s: float = 0.0
     ttft_s_sum: float = 0.0
     ttft_count: int = 0
+    tokens_per_second: float = 0.0  # sampled over the last RATE_WINDOW_S
 
 
 class Runner:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: BatchEngine):
         self.engine = engine
         self.stats = Stats()
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._jobs: set[Job] = set()  # submitted and not finished
+        self._jobs: dict[Sequence, Job] = {}  # in the engine
+        self._live: set[Job] = set()  # submitted and not finished (in the engine or not yet)
         self._lock = threading.Lock()
+        self._stopping = False
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # steps
         self._thread = threading.Thread(target=self._work, name="qwen3chat-engine", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
         with self._lock:
-            self._jobs.add(job)
             self.stats.waiting += 1
+            self._live.add(job)
         self._queue.put(job)
 
     def cancel_all(self) -> None:
         """Cancel every request; each still gets its finish event."""
         with self._lock:
-            for job in self._jobs:
+            for job in self._live:
                 job.cancelled.set()
 
     def close(self) -> None:
@@ -76,27 +91,84 @@ class Runner:
         self._thread.join()
 
     def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
-            with self._lock:
-                self.stats.waiting -= 1
-                self.stats.running += 1
+        while not self._stopping or self._jobs:
+            self._admit(block=not self.engine.has_work and not self._stopping)
+            for seq, job in list(self._jobs.items()):
+                if job.cancelled.is_set():
+                    self._dispatch(self.engine.cancel(seq))
             try:
-                for event in self.engine.generate(
+                events = self.engine.step()
+            except Exception as e:  # every request in the step gets a server error
+                for seq, job in list(self._jobs.items()):
+                    self.engine.cancel(seq)
+                    self._end(job, e, seq)
+                continue
+            self._dispatch(events)
+            self._update()
+
+    def _admit(self, block: bool) -> None:
+        """Move submitted jobs into the engine (waiting for one when ``block``)."""
+        while True:
+            try:
+                job = self._queue.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if job is None:
+                self._stopping = True
+                continue
+            try:
+                seq = self.engine.add(
                     job.prompt_ids,
                     job.max_tokens,
                     job.sampling,
-                    should_stop=job.cancelled.is_set,
-                    constraint=job.constraint,
-                ):
-                    if isinstance(event, FinishEvent):
-                        self._count(event)
-                    job.send(event)
+                    job.constraint,
+                    job.top_logprobs,
+                    job.visuals,
+                )
+            except QwenChatError as e:  # e.g. picture tokens typed as text
+                self._end(job, APIError(400, str(e), "messages"))
+                continue
             except Exception as e:  # that request's client gets a server error
-                job.send(e)
-            finally:
-                with self._lock:
-                    self.stats.running -= 1
-                    self._jobs.discard(job)
+                self._end(job, e)
+                continue
+            with self._lock:
+                self._jobs[seq] = job
+
+    def snapshot(self) -> Stats:
+        with self._lock:
+            return dataclasses.replace(self.stats)
+
+    def _dispatch(self, events) -> None:
+        for seq, event in events:
+            job = self._jobs.get(seq)
+            if job is None:
+                continue
+            if isinstance(event, FinishEvent):
+                self._count(event)
+                self._end(job, event, seq)
+            else:
+                job.send(event)
+
+    def _end(self, job: Job, last, seq: Sequence | None = None) -> None:
+        """``job``'s last message (its finish event, or an error); it leaves the runner."""
+        with self._lock:
+            self._live.discard(job)
+            self._jobs.pop(seq, None)
+        job.send(last)
+
+    def _update(self) -> None:
+        now, recent = time.monotonic(), self._recent
+        recent.append((now, self.engine.tokens_sampled))
+        while now - recent[0][0] > RATE_WINDOW_S:
+            recent.popleft()
+        with self._lock:
+            s, scheduler = self.stats, self.engine.scheduler
+            span = now - recent[0][0]
+            s.tokens_per_second = (recent[-1][1] - recent[0][1]) / span if span else 0.0
+            s.running = len(scheduler.running)
+            s.waiting = len(scheduler.waiting) + self._queue.qsize()
+            s.blocks_in_use = self.engine.blocks.in_use
 
     def _count(self, finish: FinishEvent) -> None:
         with self._lock:
@@ -105,7 +177,6 @@ class Runner:
             s.prompt_tokens += finish.prompt_tokens
             s.cached_tokens += finish.cached_tokens
             s.generated_tokens += len(finish.token_ids)
-            s.decode_s += finish.timings.decode_s
             if finish.token_ids:
                 s.ttft_s_sum += finish.timings.ttft_s
                 s.ttft_count += 1

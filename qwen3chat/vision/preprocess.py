@@ -15,6 +15,7 @@ every ``merge x merge`` block of neighbouring patches consecutive.
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from collections.abc import Sequence
@@ -148,22 +149,26 @@ def _pick(*values):
 # ---------------------------------------------------------------------------- loading images
 
 
-def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
-    """Open an image file as RGB, transparency composited onto white as transformers does.
+def load_image(
+    source: str | Path | bytes, max_pixels: int | None = None, name: str | None = None
+) -> Image.Image:
+    """Open an image file (or an image's bytes, named ``name`` in errors) as RGB,
+    transparency composited onto white as transformers does.
 
     With ``max_pixels``, an image of 16 times that or more is shrunk while it is read (JPEG
     draft decoding, then a box reduction) to about 4 times that: such an image would lose
     that detail in the exact resize anyway, and reading it whole costs memory. Smaller images
     are left untouched, so they preprocess exactly as in transformers.
     """
-    path = Path(path)
+    opened = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
+    path = name or str(source)
     try:
         with warnings.catch_warnings():
             # Pillow's size warning is handled here by shrinking; past twice its limit it
             # raises DecompressionBombError instead, reported below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                _check_aspect_ratio(*image.size, str(path))
+            with Image.open(opened) as image:
+                _check_aspect_ratio(*image.size, path)
                 if max_pixels is not None:
                     _draft(image, max_pixels)
                 image = to_rgb(ImageOps.exif_transpose(image))

@@ -45,8 +45,10 @@ class VisionChat:
 
     settings: VisionPreprocessing
 
-    def image(self, path: str | Path) -> VisualInput:
-        image = load_image(path, self.settings.max_pixels)
+    def image(self, source: str | Path | bytes, name: str | None = None) -> VisualInput:
+        """A picture from an image file, or its bytes (``name`` says where they came from
+        in errors)."""
+        image = load_image(source, self.settings.max_pixels, name)
         pixels, grid = preprocess_images([image], self.settings)
         return VisualInput.of(pixels, grid[0], is_video=False)
 
@@ -68,6 +70,7 @@ class VisionChat:
         messages: list[dict],
         enable_thinking: bool = True,
         add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> tuple[list[int], list[VisualInput]]:
         """Ids of the templated ``messages`` with each picture's placeholder expanded to
         one pad per token, and the pictures in the order of the messages."""
@@ -78,7 +81,7 @@ class VisionChat:
             for item in message["content"]
             if "picture" in item
         ]
-        prompt = tokenizer.render(messages, enable_thinking, add_generation_prompt)
+        prompt = tokenizer.render(messages, enable_thinking, add_generation_prompt, tools)
         grids = [v.grid_thw for v in visuals if not v.is_video]
         videos = [
             VideoInputs(v.pixel_values, torch.tensor([v.grid_thw]), list(v.timestamps))

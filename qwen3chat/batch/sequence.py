@@ -1,0 +1,46 @@
+"""One request in the batched engine: what its cache must hold, and its reply."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from ..generation import Generation
+from ..model.qwen3 import TextLayout
+
+_arrivals = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """``ids`` is the prompt, then each generated id once it is fed back; ``keys`` the same
+    positions as the prefix cache knows them (a prompt layout's keys, then the generated
+    ids). ``computed`` leading positions have their keys and values in ``blocks``; a step
+    runs some of the rest, and when it reaches the end its logits choose the next token."""
+
+    ids: list[int]
+    layout: TextLayout  # the model's prompt layout (what a picture adds to its ids)
+    generation: Generation
+    blocks: list[int] = field(default_factory=list)
+    computed: int = 0
+    hashed: int = 0  # leading full blocks registered with the prefix cache
+    last_hash: bytes | None = None  # the hash of block hashed - 1 (hashes chain)
+    admitted: bool = False  # has run at least once (the cached prefix is counted then)
+    prepared: bool = False  # the layout has prepared what positions from computed need
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    order: int = field(default_factory=lambda: next(_arrivals))
+    keys: list = field(init=False)
+
+    def __post_init__(self):
+        self.keys = list(self.layout.keys)
+
+    @property
+    def remaining(self) -> int:
+        """Positions whose keys and values are still to be computed."""
+        return len(self.ids) - self.computed
+
+    def append(self, token: int) -> None:
+        self.ids.append(token)
+        self.keys.append(token)
