@@ -98,15 +98,23 @@ def sample(logits: torch.Tensor, s: SamplingSettings, generator: torch.Generator
     if s.temperature == 0:
         return logits.argmax()
     logits = logits / s.temperature
-    if s.top_k > 0 and s.top_k < logits.numel():
-        kth = torch.topk(logits, s.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    ids = None  # with top_k: the ids of the k logits kept, most likely first
+    if 0 < s.top_k < logits.numel():
+        # The rest of the vocabulary has no mass left: work on the k values alone.
+        logits, ids = torch.topk(logits, s.top_k)
     probs = torch.softmax(logits, dim=-1)
     if s.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
+        ranked, order = (probs, None) if ids is not None else probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
-        drop = sorted_probs.cumsum(0) - sorted_probs >= s.top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+        kept = ranked.masked_fill(ranked.cumsum(0) - ranked >= s.top_p, 0.0)
+        probs = kept if order is None else probs.scatter(0, order, kept)
     if s.min_p > 0.0:
         probs = probs.masked_fill(probs < s.min_p * probs.max(), 0.0)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+    # Inverse CDF with one uniform draw: the first id whose cumulative mass exceeds it (a
+    # zero-probability id never does). torch.multinomial draws an exponential for every
+    # id of the vocabulary, 2.7 ms a token at 151k ids on this class of CPU, where this
+    # takes ~0.1 ms: with 16 sequences a step, a quarter of the step.
+    cdf = probs.cumsum(0)
+    u = torch.rand((), generator=generator, device=probs.device) * cdf[-1]
+    choice = torch.searchsorted(cdf, u[None], right=True)[0].clamp_(max=probs.numel() - 1)
+    return choice if ids is None else ids[choice]

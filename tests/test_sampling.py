@@ -73,3 +73,22 @@ def test_seed_reproducible():
 def test_out_of_range_values_are_rejected(field, value):
     with pytest.raises(QwenChatError, match=f"--{field.replace('_', '-')}"):
         SamplingSettings(**{field: value}).validate()
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        (SamplingSettings(temperature=1.0, top_p=1.0), torch.softmax(LOGITS, 0)),
+        # top_k 3 then top_p 0.9: the third (cumulative 0.91 before it) is dropped.
+        (
+            SamplingSettings(temperature=1.0, top_p=0.9, top_k=3),
+            torch.tensor([1.0, torch.e**-1, 0, 0, 0, 0]) / (1 + torch.e**-1),
+        ),
+    ],
+)
+def test_draws_follow_the_distribution(settings, expected):
+    sampler = Sampler(settings, LOGITS.numel(), [], "cpu")
+    counts = torch.bincount(
+        torch.tensor([sampler(LOGITS.clone()) for _ in range(20_000)]), minlength=LOGITS.numel()
+    )
+    torch.testing.assert_close(counts / counts.sum(), expected, atol=0.015, rtol=0)

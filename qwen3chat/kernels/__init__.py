@@ -68,7 +68,7 @@ def _module():
         )
         notice.start()
         try:
-            return load(
+            module = load(
                 name="qwen3chat_kernels",
                 sources=[str(here / name) for name in _SOURCES],
                 extra_include_paths=[str(here)],
@@ -79,6 +79,9 @@ def _module():
             )
         finally:
             notice.cancel()
+        # torch's check covers what the OS allows, not only what cpuid reports.
+        module.set_native_bf16_gemm(torch.cpu._is_avx512_bf16_supported())
+        return module
     except Exception as e:  # no headers, ninja or a compile error: the torch path still works
         log.debug("native CPU kernel build failed", exc_info=True)
         _unavailable(f"build failed: {_cause(e)}")

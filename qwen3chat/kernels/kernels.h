@@ -34,6 +34,13 @@ constexpr int64_t kPagedBlockAlign = 16;
 
 constexpr int64_t kGemmMinRows = 16;
 constexpr int64_t kIntegerGemmMinRows = 8;
+// Where the CPU multiplies bfloat16 natively (AVX512-BF16, which the OS allows: Python
+// asks torch, set_native_bf16_gemm), bfloat16 products of this many rows or more go to
+// torch's own GEMM (oneDNN's vdpbf16ps kernels) with nothing widened: on an Intel Xeon
+// with AVX512-BF16 (2 threads, [16, 1024] x [1024, 3072]) 236 us against 742 widened,
+// 212 against 324 streamed at 4 rows, while one row streams faster (127 us against 202).
+constexpr int64_t kNativeBf16GemmMinRows = 4;
+void set_native_bf16_gemm(bool enabled);
 
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight);
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales);

@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 
@@ -484,6 +485,12 @@ at::Tensor widened_gemm(const at::Tensor& x, const T* w, int64_t N) {
 }  // namespace
 
 // weight [N, K] float32, bfloat16 or half.
+namespace {
+std::atomic<bool> native_bf16_gemm{false};
+}  // namespace
+
+void set_native_bf16_gemm(bool enabled) { native_bf16_gemm = enabled; }
+
 at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& weight_in) {
   RECORD_FUNCTION("qwen3chat::dense_linear", std::vector<c10::IValue>());
   const auto weight = weight_in.contiguous();
@@ -499,6 +506,9 @@ at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& weight_in) {
       return matvec(x, N, [&](int64_t n, int64_t m) { return dot_widened(w + n * K, xp + m * K, K); });
     }
     case at::kBFloat16: {
+      if (native_bf16_gemm && x.scalar_type() == at::kBFloat16 &&
+          x.size(0) >= kNativeBf16GemmMinRows)
+        return at::mm(x, weight.t());
       const auto* w = weight.data_ptr<c10::BFloat16>();
       if (!decode) return widened_gemm(x, w, N);
       const float* xp = float_rows(x, true);
