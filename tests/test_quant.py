@@ -143,3 +143,30 @@ def test_int4_product_at_every_block_layout(width, group, rows):
     expected = expected_product(x, m)
     out = linear(x, QuantizedWeight(m, torch.float32, CPU))
     assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.skipif(
+    kernels.native(torch.zeros(1)) is None or not kernels._avx512_vnni(),
+    reason="this CPU (or its OS) does not allow AVX512-VNNI",
+)
+@pytest.mark.parametrize(
+    "bits,group,zeros",
+    [(8, 32, False), (8, 256, False), (4, 32, False), (4, 32, True), (4, 128, True)],
+)
+@pytest.mark.parametrize("rows", [8, 16, 21, 40])
+def test_avx512_vnni_gemm_is_the_avx2_one_bit_for_bit(weight, bits, group, zeros, rows):
+    """The integer GEMM's AVX512-VNNI kernel (16 rows a vector) gives exactly the AVX2
+    kernel's results (8 rows a vector): the same integer sums, the same float steps."""
+    m = quantize(weight[:93], bits, group)
+    if bits == 4 and not zeros:
+        m.zeros.zero_()  # Q4_0: no zero points stored
+    layer = QuantizedWeight(m, torch.float32, CPU)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(2))
+    native = kernels.native(x)
+    vnni = linear(x, layer)
+    native.set_avx512_vnni(False)
+    try:
+        avx2 = linear(x, layer)
+    finally:
+        native.set_avx512_vnni(True)
+    assert torch.equal(vnni, avx2)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -81,11 +82,21 @@ def _module():
             notice.cancel()
         # torch's check covers what the OS allows, not only what cpuid reports.
         module.set_native_bf16_gemm(torch.cpu._is_avx512_bf16_supported())
+        module.set_avx512_vnni(_avx512_vnni())
         return module
     except Exception as e:  # no headers, ninja or a compile error: the torch path still works
         log.debug("native CPU kernel build failed", exc_info=True)
         _unavailable(f"build failed: {_cause(e)}")
         return None
+
+
+def _avx512_vnni() -> bool:
+    """AVX512-VNNI and the AVX512-BW it needs, as torch sees them (cpuinfo, which checks
+    that the OS saves the registers too); QWEN3CHAT_NO_AVX512_VNNI=1 turns them off (the
+    tests compare both kernels)."""
+    if os.environ.get("QWEN3CHAT_NO_AVX512_VNNI") == "1":
+        return False
+    return torch.cpu._is_vnni_supported() and torch.cpu._is_avx512_supported()
 
 
 def native(x: torch.Tensor):

@@ -41,6 +41,9 @@ constexpr int64_t kIntegerGemmMinRows = 8;
 // 212 against 324 streamed at 4 rows, while one row streams faster (127 us against 202).
 constexpr int64_t kNativeBf16GemmMinRows = 4;
 void set_native_bf16_gemm(bool enabled);
+// Integer GEMMs (prompt chunks, several sequences' rows) with AVX512-VNNI where the CPU and
+// the OS allow it (Python asks torch): bit for bit the AVX2 kernel's results.
+void set_avx512_vnni(bool enabled);
 
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight);
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales);

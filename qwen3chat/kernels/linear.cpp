@@ -342,8 +342,12 @@ QuantizedRows quantize_rows(const float* xp, int64_t M, int64_t K, bool pair_ord
 // float32 GEMM did, int8 ones (which pay for signs and a widening per step) 1.3x.
 constexpr int kGroupRows = 8;   // activation rows per vector, one per 32-bit lane
 constexpr int kWeightRows = 4;  // weight rows per pass: 4 + 4 accumulators stay in registers
+// With AVX512-VNNI a 64-byte vector holds the four codes of 16 rows, and vpdpbusd does a
+// maddubs, its widening and the add in one instruction: the same integer sums, twice the
+// rows per instruction.
+constexpr int kWideGroupRows = 16;
 
-// quantize_rows' output regrouped kGroupRows rows at a time (rows past M are zeros):
+// quantize_rows' output regrouped G rows at a time (rows past M are zeros):
 // codes [group][K / 4][row][4], block scales and sums [group][K / 32][row].
 struct RowGroups {
   const int8_t* codes;
@@ -352,20 +356,21 @@ struct RowGroups {
   int64_t count;
 };
 
+template <int G>
 RowGroups group_rows(const QuantizedRows& q, int64_t M, int64_t K) {
-  const int64_t B = K / 32, count = (M + kGroupRows - 1) / kGroupRows;
+  const int64_t B = K / 32, count = (M + G - 1) / G;
   thread_local std::vector<int32_t> codes;
   thread_local std::vector<float> scales, sums;
-  codes.assign(count * kGroupRows * K / 4, 0);
-  scales.assign(count * B * kGroupRows, 0.0f);
-  sums.assign(count * B * kGroupRows, 0.0f);
+  codes.assign(count * G * K / 4, 0);
+  scales.assign(count * B * G, 0.0f);
+  sums.assign(count * B * G, 0.0f);
   for (int64_t m = 0; m < M; ++m) {
-    const int64_t group = m / kGroupRows, lane = m % kGroupRows;
-    int32_t* dst = codes.data() + group * kGroupRows * K / 4 + lane;
-    for (int64_t s = 0; s < K / 4; ++s) std::memcpy(dst + s * kGroupRows, q.codes + m * K + 4 * s, 4);
+    const int64_t group = m / G, lane = m % G;
+    int32_t* dst = codes.data() + group * G * K / 4 + lane;
+    for (int64_t s = 0; s < K / 4; ++s) std::memcpy(dst + s * G, q.codes + m * K + 4 * s, 4);
     for (int64_t b = 0; b < B; ++b) {
-      scales[(group * B + b) * kGroupRows + lane] = q.scales[m * B + b];
-      sums[(group * B + b) * kGroupRows + lane] = q.sums[m * B + b];
+      scales[(group * B + b) * G + lane] = q.scales[m * B + b];
+      sums[(group * B + b) * G + lane] = q.sums[m * B + b];
     }
   }
   return {reinterpret_cast<const int8_t*>(codes.data()), scales.data(), sums.data(), count};
@@ -390,13 +395,35 @@ struct WeightRows {
       for (int64_t e = 0; e < per_group; ++e, ++b) scales[j * B + b] = s, offsets[j * B + b] = o;
     }
   }
+
+  // set_blocks where every block is its own group (GGUF's Q8_0 and Q4_0, --quantize int4),
+  // from the float16 scales (and int4 zeros) eight at a time: a row's scalar conversions
+  // cost as much as its products at 16 activation rows. int4's offset is zero - 8 * scale.
+  void set_block_halves(int64_t j, int64_t B, const c10::Half* s, const c10::Half* z, bool int4) {
+    float* sc = scales.data() + j * B;
+    float* of = offsets.data() + j * B;
+    int64_t b = 0;
+    for (; b + 8 <= B; b += 8) {
+      const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + b)));
+      _mm256_storeu_ps(sc + b, v);
+      __m256 o = int4 ? _mm256_mul_ps(v, _mm256_set1_ps(-8.0f)) : _mm256_setzero_ps();
+      if (int4 && z != nullptr)
+        o = _mm256_add_ps(o, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z + b))));
+      _mm256_storeu_ps(of + b, o);
+    }
+    for (; b < B; ++b) {
+      sc[b] = qk::to_float(s[b]);
+      of[b] = int4 ? (z != nullptr ? qk::to_float(z[b]) : 0.0f) - 8.0f * sc[b] : 0.0f;
+    }
+  }
 };
 
 // The dot products of kWeightRows weight rows with one group of activation rows:
-// acc[j] lane i = row i of the group times weight row j.
+// out[j][i] = row i of the group times weight row j.
 template <bool Int4>
 inline void row_group_products(const RowGroups& x, int64_t group, int64_t K, const WeightRows& w,
-                               __m256 acc[kWeightRows]) {
+                               float out[kWeightRows][kGroupRows]) {
+  __m256 acc[kWeightRows];
   const int64_t B = K / 32;
   const int8_t* xc = x.codes + group * kGroupRows * K;
   const __m256i ones = _mm256_set1_epi16(1);
@@ -408,17 +435,15 @@ inline void row_group_products(const RowGroups& x, int64_t group, int64_t K, con
       const int64_t k = b * 32 + t * 4;
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + k * kGroupRows));
       for (int j = 0; j < kWeightRows; ++j) {
-        int32_t four;
-        std::memcpy(&four, w.unsigned_codes.data() + j * K + k, 4);
+        // Broadcast straight from memory: a load, not a shuffle competing with maddubs.
+        const __m256i four = _mm256_broadcastd_epi32(_mm_loadu_si32(w.unsigned_codes.data() + j * K + k));
         if constexpr (Int4) {
           // Codes up to 15 against |x| up to 127: a block's 16 products per int16 lane
           // stay below 2^15, so the lanes widen once per block.
-          sums[j] = _mm256_add_epi16(sums[j], _mm256_maddubs_epi16(_mm256_set1_epi32(four), xv));
+          sums[j] = _mm256_add_epi16(sums[j], _mm256_maddubs_epi16(four, xv));
         } else {
-          int32_t signs;
-          std::memcpy(&signs, w.signed_codes[j] + k, 4);
-          const __m256i x_signed = _mm256_sign_epi8(xv, _mm256_set1_epi32(signs));
-          sums[j] = _mm256_add_epi32(sums[j], dot_u8_i8(_mm256_set1_epi32(four), x_signed));
+          const __m256i signs = _mm256_broadcastd_epi32(_mm_loadu_si32(w.signed_codes[j] + k));
+          sums[j] = _mm256_add_epi32(sums[j], dot_u8_i8(four, _mm256_sign_epi8(xv, signs)));
         }
       }
     }
@@ -431,15 +456,56 @@ inline void row_group_products(const RowGroups& x, int64_t group, int64_t K, con
       if constexpr (Int4) acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(w.offsets[j * B + b]), xsum, acc[j]);
     }
   }
+  for (int j = 0; j < kWeightRows; ++j) _mm256_storeu_ps(out[j], acc[j]);
+}
+
+// row_group_products with AVX512-VNNI, kWideGroupRows rows at a time: the integer sums are
+// the same, and the float steps after them the same in each lane, so the results are bit
+// for bit the AVX2 kernel's. Compiled for those instructions alone; called only where the
+// CPU and the OS allow them (set_avx512_vnni).
+template <bool Int4>
+__attribute__((target("avx512f,avx512bw,avx512vnni,fma"))) void row_group_products_vnni(
+    const RowGroups& x, int64_t group, int64_t K, const WeightRows& w,
+    float out[kWeightRows][kWideGroupRows]) {
+  const int64_t B = K / 32;
+  const int8_t* xc = x.codes + group * kWideGroupRows * K;
+  __m512 acc[kWeightRows];
+  for (int j = 0; j < kWeightRows; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    __m512i sums[kWeightRows];
+    for (int j = 0; j < kWeightRows; ++j) sums[j] = _mm512_setzero_si512();
+    for (int64_t t = 0; t < 8; ++t) {
+      const int64_t k = b * 32 + t * 4;
+      const __m512i xv = _mm512_loadu_si512(xc + k * kWideGroupRows);
+      for (int j = 0; j < kWeightRows; ++j) {
+        // Broadcast straight from memory: a load, not a shuffle competing with vpdpbusd.
+        const __m512i four = _mm512_broadcastd_epi32(_mm_loadu_si32(w.unsigned_codes.data() + j * K + k));
+        __m512i xs = xv;
+        if constexpr (!Int4) {  // x takes the weights' signs (|w| is the unsigned side)
+          const __m512i signs = _mm512_broadcastd_epi32(_mm_loadu_si32(w.signed_codes[j] + k));
+          xs = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(signs), _mm512_setzero_si512(), xv);
+        }
+        sums[j] = _mm512_dpbusd_epi32(sums[j], four, xs);
+      }
+    }
+    const __m512 xd = _mm512_loadu_ps(x.scales + (group * B + b) * kWideGroupRows);
+    const __m512 xsum = _mm512_loadu_ps(x.sums + (group * B + b) * kWideGroupRows);
+    for (int j = 0; j < kWeightRows; ++j) {
+      const __m512 scale = _mm512_mul_ps(xd, _mm512_set1_ps(w.scales[j * B + b]));
+      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[j]), scale, acc[j]);
+      if constexpr (Int4) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(w.offsets[j * B + b]), xsum, acc[j]);
+    }
+  }
+  for (int j = 0; j < kWeightRows; ++j) _mm512_storeu_ps(out[j], acc[j]);
 }
 
 // x [M, K] @ W.T for N quantized weight rows; expand(n, j, rows) writes weight row n into
 // row j of rows (n < N).
-template <bool Int4, typename Expand>
-at::Tensor integer_gemm(const at::Tensor& x, int64_t N, Expand expand) {
+template <bool Int4, int G, typename Expand>
+at::Tensor integer_gemm_of(const at::Tensor& x, int64_t N, Expand expand) {
   const int64_t M = x.size(0), K = x.size(1);
   const auto xq = quantize_rows(float_rows(x, false), M, K, false);
-  const RowGroups groups = group_rows(xq, M, K);
+  const RowGroups groups = group_rows<G>(xq, M, K);
   auto out = at::empty({M, N}, x.options());
   qk::with_dtype(x.scalar_type(), "linear", [&](auto tag) {
     using T = decltype(tag);
@@ -447,7 +513,7 @@ at::Tensor integer_gemm(const at::Tensor& x, int64_t N, Expand expand) {
     at::parallel_for(0, (N + kWeightRows - 1) / kWeightRows, 1, [&](int64_t begin, int64_t end) {
       WeightRows rows(K);
       const std::vector<int8_t> zero_row(K, 0);
-      alignas(32) float lanes[kWeightRows][kGroupRows];
+      alignas(64) float lanes[kWeightRows][G];
       for (int64_t pass = begin; pass < end; ++pass) {
         const int64_t n0 = pass * kWeightRows, count = std::min<int64_t>(kWeightRows, N - n0);
         for (int64_t j = 0; j < kWeightRows; ++j) {
@@ -460,17 +526,27 @@ at::Tensor integer_gemm(const at::Tensor& x, int64_t N, Expand expand) {
           }
         }
         for (int64_t g = 0; g < groups.count; ++g) {
-          __m256 acc[kWeightRows];
-          row_group_products<Int4>(groups, g, K, rows, acc);
-          for (int j = 0; j < kWeightRows; ++j) _mm256_store_ps(lanes[j], acc[j]);
-          for (int64_t i = 0; i < std::min<int64_t>(kGroupRows, M - g * kGroupRows); ++i)
+          if constexpr (G == kWideGroupRows)
+            row_group_products_vnni<Int4>(groups, g, K, rows, lanes);
+          else
+            row_group_products<Int4>(groups, g, K, rows, lanes);
+          for (int64_t i = 0; i < std::min<int64_t>(G, M - g * G); ++i)
             for (int64_t j = 0; j < count; ++j)
-              op[(g * kGroupRows + i) * N + n0 + j] = static_cast<T>(lanes[j][i]);
+              op[(g * G + i) * N + n0 + j] = static_cast<T>(lanes[j][i]);
         }
       }
     });
   });
   return out;
+}
+
+std::atomic<bool> avx512_vnni{false};
+
+// integer_gemm_of with the widest row groups this CPU runs.
+template <bool Int4, typename Expand>
+at::Tensor integer_gemm(const at::Tensor& x, int64_t N, Expand expand) {
+  if (avx512_vnni) return integer_gemm_of<Int4, kWideGroupRows>(x, N, expand);
+  return integer_gemm_of<Int4, kGroupRows>(x, N, expand);
 }
 
 // 16-bit weights times many rows: float32 GEMM on widened tiles.
@@ -490,6 +566,8 @@ std::atomic<bool> native_bf16_gemm{false};
 }  // namespace
 
 void set_native_bf16_gemm(bool enabled) { native_bf16_gemm = enabled; }
+
+void set_avx512_vnni(bool enabled) { avx512_vnni = enabled; }
 
 at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& weight_in) {
   RECORD_FUNCTION("qwen3chat::dense_linear", std::vector<c10::IValue>());
@@ -548,6 +626,7 @@ at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const a
                             _mm256_abs_epi8(v));
       }
       rows.signed_codes[j] = row;
+      if (group == 32) return rows.set_block_halves(j, K / 32, sp + n * G, nullptr, false);
       rows.set_blocks(
           j, K / 32, group / 32, [&](int64_t g) { return qk::to_float(sp[n * G + g]); },
           [](int64_t) { return 0.0f; });
@@ -605,6 +684,8 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const 
         _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k + 16),
                          _mm_and_si128(_mm_srli_epi16(bytes, 4), low4));
       }
+      if (group == 32)
+        return rows.set_block_halves(j, K / 32, sp + n * G, zp ? zp + n * G : nullptr, true);
       rows.set_blocks(j, K / 32, group / 32, [&](int64_t g) { return scale(n * G + g); },
                       [&](int64_t g) { return offset(n * G + g); });
     });
