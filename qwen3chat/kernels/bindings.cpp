@@ -74,8 +74,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& positions,
          const at::Tensor& row_seq, const at::Tensor& block_tables, int64_t block_size) {
         const auto cache = paged_kv(k_cache, v_cache, positions, row_seq, block_tables, block_size);
-        for (const auto& layer : layers)
-          x = paged_layer(x, layer.cast<const DecoderLayerWeights&>(), cos, sin, cache);
+        std::vector<const DecoderLayerWeights*> weights;
+        for (const auto& layer : layers) weights.push_back(&layer.cast<const DecoderLayerWeights&>());
+        // The server's event loop (its other thread) streams replies meanwhile.
+        py::gil_scoped_release released;
+        for (const auto* w : weights) x = paged_layer(x, *w, cos, sin, cache);
         return x;
       },
       "every decoder layer in turn over the rows [N, hidden] of several sequences, with a "

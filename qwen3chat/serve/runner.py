@@ -140,22 +140,29 @@ class Runner:
             return dataclasses.replace(self.stats)
 
     def _dispatch(self, events) -> None:
+        """A step's events to their jobs, in one wake-up of the event loop (one each cost
+        the server a tenth of its 16-stream throughput on two cores)."""
+        out: list[tuple[Job, object]] = []
         for seq, event in events:
             job = self._jobs.get(seq)
             if job is None:
                 continue
             if isinstance(event, FinishEvent):
                 self._count(event)
-                self._end(job, event, seq)
-            else:
-                job.send(event)
+                self._leave(job, seq)
+            out.append((job, event))
+        if out:
+            out[0][0].loop.call_soon_threadsafe(_deliver, out)
 
-    def _end(self, job: Job, last, seq: Sequence | None = None) -> None:
-        """``job``'s last message (its finish event, or an error); it leaves the runner."""
+    def _end(self, job: Job, error: Exception, seq: Sequence | None = None) -> None:
+        """``job`` ends with ``error`` and leaves the runner."""
+        self._leave(job, seq)
+        job.send(error)
+
+    def _leave(self, job: Job, seq: Sequence | None) -> None:
         with self._lock:
             self._live.discard(job)
             self._jobs.pop(seq, None)
-        job.send(last)
 
     def _update(self) -> None:
         now, recent = time.monotonic(), self._recent
@@ -180,3 +187,8 @@ class Runner:
             if finish.token_ids:
                 s.ttft_s_sum += finish.timings.ttft_s
                 s.ttft_count += 1
+
+
+def _deliver(events: list[tuple[Job, object]]) -> None:
+    for job, event in events:
+        job.events.put_nowait(event)
