@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 
 import pytest
 import torch.utils.cpp_extension
@@ -19,7 +20,10 @@ def fake_build(monkeypatch):
     monkeypatch.setattr(kernels.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     monkeypatch.setattr(kernels.shutil, "which", lambda name: "/usr/bin/" + name)
     monkeypatch.setattr(kernels, "_NOTICE_AFTER_S", 0.2)
-    built = object()
+    # A built module as far as loading goes: it takes the CPU's kernel choices.
+    built = types.SimpleNamespace(
+        set_native_bf16_gemm=lambda enabled: None, set_avx512_vnni=lambda enabled: None
+    )
 
     def run(seconds: float):
         monkeypatch.setattr(
