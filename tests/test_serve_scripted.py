@@ -102,6 +102,7 @@ def base_url(model, tokenizer):
     """One in-process server for the module (tests run one at a time; each sets the
     script it needs), on a free loopback port."""
     runner = Runner(BatchEngine(model, tokenizer, max_seq_len=MAX_SEQ_LEN))
+    runner.start()
     app = create_app(runner, tokenizer, ServerSettings("scripted", MAX_SEQ_LEN))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

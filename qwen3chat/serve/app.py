@@ -10,6 +10,7 @@ import json
 import secrets
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -444,11 +445,7 @@ def _prometheus(runner: Runner) -> str:
 
 class _Server(uvicorn.Server):
     """uvicorn's server, saying where it listens once the socket is bound (the port may
-    have been 0: any free one), and ending on Ctrl-C or SIGTERM with exit status 0."""
-
-    def __init__(self, config: uvicorn.Config, runner: Runner):
-        super().__init__(config)
-        self.runner = runner
+    have been 0: any free one)."""
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -457,23 +454,41 @@ class _Server(uvicorn.Server):
             host = f"[{host}]" if ":" in host else host
             print(f"listening on http://{host}:{port}", file=sys.stderr, flush=True)
 
-    def handle_exit(self, sig: int, frame) -> None:
-        # uvicorn's own records the signal and raises it again once it has shut down,
-        # which ends the process with -SIGTERM: a stop the user asked for is a clean exit.
-        # Running replies are cancelled, so their streams end now, not after max_tokens.
-        self.runner.cancel_all()
-        if self.should_exit and sig == signal.SIGINT:
-            self.force_exit = True
-        self.should_exit = True
-
 
 def run_server(app: FastAPI, runner: Runner, host: str, port: int) -> None:
     """Serve until Ctrl-C or SIGTERM: then stop accepting, cancel what runs (each client
-    gets its reply so far), and return."""
+    gets its reply so far), and return (exit status 0). The engine's loop runs on this
+    thread (see runner.py), the HTTP server on another."""
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10
     )
+    server = _Server(config)
+
+    def http() -> None:
+        try:
+            server.run()
+        except SystemExit:  # uvicorn's way out when it cannot listen (it said why)
+            pass
+        finally:
+            runner.close()  # the server has stopped: so does the engine's loop
+
+    def on_signal(sig: int, frame) -> None:
+        # Running replies are cancelled, so their streams end now, not after max_tokens;
+        # a second Ctrl-C stops without waiting for them.
+        if server.should_exit and sig == signal.SIGINT:
+            server.force_exit = True
+        server.should_exit = True
+        runner.cancel_all()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http, name="qwen3chat-http", daemon=True)
+    thread.start()
     try:
-        _Server(config, runner).run()
+        runner.run()
     finally:
-        runner.close()
+        server.should_exit = True
+        thread.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        raise QwenChatError(f"--host {host} --port {port}: cannot listen there (see above)")

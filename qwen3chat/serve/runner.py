@@ -1,7 +1,10 @@
-"""Runs the server's requests on the batched engine, in one worker thread.
+"""Runs the server's requests on the batched engine.
 
-Requests arrive from the event loop (``submit``) and join the engine between steps;
-every step's events cross back to each request's asyncio queue. A request that is
+``run`` is the engine's loop; the server runs it on the main thread, the HTTP server on
+another (OpenMP, which runs the native kernels' parallel parts, wakes its workers several
+times slower for a thread that is not the first to use it: a decode step took 1.4x as
+long). Requests arrive from the event loop (``submit``) and join the engine between
+steps; every step's events cross back to each request's asyncio queue. A request that is
 cancelled (its client went away, a stop string matched, the server is stopping) leaves
 at the next step boundary, and its blocks are freed then.
 """
@@ -69,8 +72,7 @@ class Runner:
         self._lock = threading.Lock()
         self._stopping = False
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # steps
-        self._thread = threading.Thread(target=self._work, name="qwen3chat-engine", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
     def submit(self, job: Job) -> None:
         with self._lock:
@@ -84,13 +86,24 @@ class Runner:
             for job in self._live:
                 job.cancelled.set()
 
-    def close(self) -> None:
-        """Cancel every request, then stop the worker."""
-        self.cancel_all()
-        self._queue.put(None)
-        self._thread.join()
+    def start(self) -> None:
+        """``run`` in a thread of its own (an app served in-process, e.g. by tests)."""
+        self._thread = threading.Thread(target=self.run, name="qwen3chat-engine", daemon=True)
+        self._thread.start()
 
-    def _work(self) -> None:
+    def stop(self) -> None:
+        """End ``run`` once what runs has finished (cancel_all first to end it now)."""
+        self._queue.put(None)
+
+    def close(self) -> None:
+        """Cancel every request, then stop the loop (and its thread, if ``start`` made one)."""
+        self.cancel_all()
+        self.stop()
+        if self._thread is not None:
+            self._thread.join()
+
+    def run(self) -> None:
+        """The engine's loop: admit new requests, drop cancelled ones, step; until ``stop``."""
         while not self._stopping or self._jobs:
             self._admit(block=not self.engine.has_work and not self._stopping)
             for seq, job in list(self._jobs.items()):
