@@ -120,10 +120,6 @@ class Engine:
         """Generate a reply to ``prompt_ids``; ``visuals`` are the prompt's pictures in the
         order of their pad tokens (a Qwen3-VL model); ``constraint`` holds the reply to a
         grammar (grammar.GrammarConstraint)."""
-        if not prompt_ids:
-            raise ValueError("generate needs at least one prompt token")
-        if len(prompt_ids) + 1 > self.max_seq_len:
-            raise ContextOverflowError(len(prompt_ids) + 1, self.max_seq_len)
         reply = Generation(
             self.tokenizer,
             prompt_ids,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import ContextOverflowError
 from .sampling import Sampler, SamplingSettings
 from .thinking import ThinkBudget, ThinkSplitter, prompt_ends_in_thinking
 from .tokenizer import Tokenizer
@@ -94,7 +95,12 @@ class Generation:
         top_logprobs: int | None = None,
     ):
         """``constraint`` holds the reply to a grammar (grammar.GrammarConstraint);
-        ``top_logprobs`` (0 or more alternatives) asks for each token's log-probability."""
+        ``top_logprobs`` (0 or more alternatives) asks for each token's log-probability.
+        A prompt that leaves no room for a token in ``max_seq_len`` is refused."""
+        if not prompt_ids:
+            raise ValueError("a reply needs at least one prompt token")
+        if len(prompt_ids) + 1 > max_seq_len:
+            raise ContextOverflowError(len(prompt_ids) + 1, max_seq_len)
         self.tokenizer = tokenizer
         self.prompt_tokens = len(prompt_ids)
         self.max_tokens = max_tokens

@@ -15,7 +15,6 @@ from collections.abc import Sequence as Sequence_
 import torch
 
 from ..device import available_memory
-from ..errors import ContextOverflowError
 from ..generation import Event, Generation
 from ..sampling import SamplingSettings
 from ..tokenizer import Tokenizer
@@ -77,11 +76,6 @@ class BatchEngine:
     ) -> Sequence:
         """Queue a reply to ``prompt_ids``; its events come from later steps. ``constraint``
         and ``top_logprobs`` as Generation takes them."""
-        if not prompt_ids:
-            raise ValueError("a request needs at least one prompt token")
-        if len(prompt_ids) + 1 > self.max_seq_len:
-            raise ContextOverflowError(len(prompt_ids) + 1, self.max_seq_len)
-        layout = self.model.prompt_layout(prompt_ids, visuals)
         reply = Generation(
             self.tokenizer,
             prompt_ids,
@@ -93,7 +87,7 @@ class BatchEngine:
             constraint=constraint,
             top_logprobs=top_logprobs,
         )
-        seq = Sequence(list(prompt_ids), layout, reply)
+        seq = Sequence(list(prompt_ids), self.model.prompt_layout(prompt_ids, visuals), reply)
         self.scheduler.add(seq)
         return seq
 

@@ -126,9 +126,12 @@ class Qwen3Model(nn.Module):
                 self.config.mrope_section, self.config.head_dim, self.device
             )
 
-    def new_cache(self, max_seq_len: int) -> KVCache:
+    def _rope_up_to(self, max_seq_len: int) -> None:
         if self.rope_cos is None or self.rope_cos.shape[0] < max_seq_len:
             self.setup_rope(max_seq_len)
+
+    def new_cache(self, max_seq_len: int) -> KVCache:
+        self._rope_up_to(max_seq_len)
         c = self.config
         return KVCache(
             c.num_hidden_layers,
@@ -141,8 +144,7 @@ class Qwen3Model(nn.Module):
 
     def new_paged_cache(self, num_blocks: int, block_size: int, max_seq_len: int) -> PagedKVCache:
         """A PagedKVCache for the batched engine; rotary tables up to ``max_seq_len``."""
-        if self.rope_cos is None or self.rope_cos.shape[0] < max_seq_len:
-            self.setup_rope(max_seq_len)
+        self._rope_up_to(max_seq_len)
         c = self.config
         return PagedKVCache(
             c.num_hidden_layers,
