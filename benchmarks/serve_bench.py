@@ -28,6 +28,16 @@ Definitions (times are the client's, `time.perf_counter` when a streamed chunk a
   stream; median over rounds. (A server that takes requests one at a time gets about
   its single-stream speed here, and TTFTs that grow with K.)
 
+llama-server for this machine (no internet but PyPI): the llama-cpp-python sdist vendors
+llama.cpp's sources. `pip download --no-binary :all: --no-deps llama-cpp-python`, unpack,
+then `cmake -S vendor/llama.cpp -B build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF
+-DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+-DLLAMA_BUILD_SERVER=ON -DGGML_NATIVE=OFF` plus the instruction sets `lscpu` lists
+(`-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON
+-DGGML_AVX512_BF16=ON ...`) and `-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
+-DGGML_AMX_BF16=OFF` where cpuid reports AMX that the VM refuses (SIGILL), and
+`cmake --build build --target llama-server -j2`.
+
 Writes a Markdown table (and ratios) to docs/serve_benchmark.md and prints it. The client
 runs on the same CPUs as the server, but only parses a few hundred small events a second.
 """
