@@ -432,6 +432,7 @@ def serve(
         engine = BatchEngine(
             loaded.model, loaded.tokenizer, max_seq_len, max_running, token_budget=chunk_size
         )
+        engine.warm_up()
         runner = Runner(engine)
         settings = ServerSettings(
             name, max_seq_len, think, api_key or None, loaded.generation_defaults

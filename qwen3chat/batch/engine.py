@@ -91,6 +91,13 @@ class BatchEngine:
         self.scheduler.add(seq)
         return seq
 
+    def warm_up(self) -> None:
+        """Run one step of a one-token prompt, so that the first request does not wait for
+        the native kernels to be built or loaded (a build takes about a minute)."""
+        self.add([0], 1, SamplingSettings(temperature=0.0))
+        while self.has_work:
+            self.step()
+
     def cancel(self, seq: Sequence) -> list[tuple[Sequence, Event]]:
         """End ``seq`` now (its blocks are freed); its closing events, as ``step``'s."""
         return self._finish(seq, "cancelled")
