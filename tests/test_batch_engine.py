@@ -65,6 +65,16 @@ def run_all(engine: BatchEngine, requests, join_every: int = 0) -> dict[Sequence
 
 @pytest.mark.parametrize("join_every", [0, 3])
 def test_each_sequence_gets_its_greedy_ids_alone(loaded, join_every):
+    check_alone(loaded, join_every)
+
+
+def test_the_torch_path_too(loaded, torch_matmuls):
+    """Where the native kernels do not run (another device, shapes they do not cover): the
+    PagedBatch's own store and attention, one SDPA over the padded sequences."""
+    check_alone(loaded, join_every=2)
+
+
+def check_alone(loaded, join_every: int) -> None:
     requests = [(ids, 12 + 5 * (i % 3)) for i, ids in enumerate(prompts(loaded.tokenizer, 6))]
     engine = BatchEngine(loaded.model, loaded.tokenizer, MAX_SEQ_LEN, token_budget=24)
     events = run_all(engine, requests, join_every)
