@@ -409,7 +409,7 @@ def serve(
     chunk_size: int | None = typer.Option(
         None,
         min=1,
-        help="Token rows per step: prompt chunks fill what decoding leaves. \\[default: 256]",
+        help="Rows a step runs at most (chunked prefill). \\[default: whole prompts]",
     ),
     quantize: Quantize = typer.Option(Quantize.none, help="Weight quantization at load."),
     group_size: int = typer.Option(32, min=8, help="Inputs per int4 scale (--quantize int4)."),

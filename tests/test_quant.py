@@ -150,18 +150,31 @@ def test_int4_product_at_every_block_layout(width, group, rows):
     reason="this CPU (or its OS) does not allow AVX512-VNNI",
 )
 @pytest.mark.parametrize(
-    "bits,group,zeros",
-    [(8, 32, False), (8, 256, False), (4, 32, False), (4, 32, True), (4, 128, True)],
+    "bits,group,zeros,width",
+    [
+        (8, 32, False, 256),
+        (8, 256, False, 256),
+        (8, 32, False, 224),  # an odd count of blocks: the last one alone
+        (4, 32, False, 256),
+        (4, 32, True, 256),
+        (4, 128, True, 256),
+        (4, 32, True, 224),  # an odd count of blocks: the AVX2 kernel's
+    ],
 )
 @pytest.mark.parametrize("rows", [8, 16, 21, 40])
-def test_avx512_vnni_gemm_is_the_avx2_one_bit_for_bit(weight, bits, group, zeros, rows):
-    """The integer GEMM's AVX512-VNNI kernel (16 rows a vector) gives exactly the AVX2
-    kernel's results (8 rows a vector): the same integer sums, the same float steps."""
-    m = quantize(weight[:93], bits, group)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_avx512_vnni_gemm_is_the_avx2_one_bit_for_bit(
+    weight, bits, group, zeros, width, rows, dtype
+):
+    """The integer GEMM's AVX512-VNNI kernel (16 activation rows a vector, 8 weight rows a
+    pass, blocks in pairs) gives exactly the AVX2 kernel's results (8 rows a vector, 4
+    weight rows a pass): the same integer sums, the same float steps, the same rounding
+    of the outputs. 93 weight rows leave a pass of 5."""
+    m = quantize(weight[:93, :width], bits, group)
     if bits == 4 and not zeros:
         m.zeros.zero_()  # Q4_0: no zero points stored
     layer = QuantizedWeight(m, torch.float32, CPU)
-    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(2)).to(dtype)
     native = kernels.native(x)
     vnni = linear(x, layer)
     native.set_avx512_vnni(False)

@@ -37,6 +37,11 @@ def default_num_blocks(model, max_running: int, max_seq_len: int) -> int:
     return max(-(-max_seq_len // BLOCK_SIZE), min(wanted, affordable))
 
 
+# Rows of a step without --chunk-size, beside the decode rows: vLLM's default
+# max_num_batched_tokens.
+STEP_ROWS = 2048
+
+
 class BatchEngine:
     def __init__(
         self,
@@ -48,7 +53,10 @@ class BatchEngine:
         num_blocks: int | None = None,
     ):
         """``token_budget``: rows a step runs at most (prompt chunks fill what decoding
-        leaves), by default 256 or ``max_running`` if more."""
+        leaves; ``--chunk-size``). By default a step takes whole prompts, as ``chat``
+        does, up to STEP_ROWS rows or one longest prompt: prompts that arrive together
+        are prefilled in one step and then decode together, where chunks of 256 started
+        each stream's decoding behind the others' prompts."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
@@ -56,7 +64,7 @@ class BatchEngine:
         num_blocks = num_blocks or default_num_blocks(model, max_running, max_seq_len)
         self.cache = model.new_paged_cache(num_blocks, BLOCK_SIZE, max_seq_len)
         self.blocks = BlockManager(num_blocks, BLOCK_SIZE)
-        budget = token_budget or max(256, max_running)
+        budget = token_budget or max(max_seq_len, STEP_ROWS) + max_running
         self.scheduler = Scheduler(self.blocks, max_running, budget)
         self.runner = ModelRunner(model, self.cache)
         self.tokens_sampled = 0  # over all steps (for a tokens-per-second rate)

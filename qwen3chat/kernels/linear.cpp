@@ -344,48 +344,76 @@ constexpr int kGroupRows = 8;   // activation rows per vector, one per 32-bit la
 constexpr int kWeightRows = 4;  // weight rows per pass: 4 + 4 accumulators stay in registers
 // With AVX512-VNNI a 64-byte vector holds the four codes of 16 rows, and vpdpbusd does a
 // maddubs, its widening and the add in one instruction: the same integer sums, twice the
-// rows per instruction.
+// rows per instruction. vpdpbusd can issue twice a cycle but takes several cycles to
+// finish, so its kernel takes eight weight rows a pass and two blocks at a time: 16
+// independent sums, where four rows and one block left it waiting on its own results.
 constexpr int kWideGroupRows = 16;
+constexpr int kWideWeightRows = 8;
 
 // quantize_rows' output regrouped G rows at a time (rows past M are zeros):
-// codes [group][K / 4][row][4], block scales and sums [group][K / 32][row].
+// codes [group][K / 4][row][4], block scales and sums [group][K / 32][row], and with
+// code_sums 128 times each block's sum of codes, [group][K / 32][row] (see biased).
 struct RowGroups {
   const int8_t* codes;
   const float* scales;
   const float* sums;
+  const int32_t* code_sums;
   int64_t count;
 };
 
 template <int G>
-RowGroups group_rows(const QuantizedRows& q, int64_t M, int64_t K) {
+RowGroups group_rows(const QuantizedRows& q, int64_t M, int64_t K, bool code_sums) {
   const int64_t B = K / 32, count = (M + G - 1) / G;
-  thread_local std::vector<int32_t> codes;
+  thread_local std::vector<int32_t> codes, biases;
   thread_local std::vector<float> scales, sums;
   codes.assign(count * G * K / 4, 0);
   scales.assign(count * B * G, 0.0f);
   sums.assign(count * B * G, 0.0f);
+  biases.assign(code_sums ? count * B * G : 0, 0);
   for (int64_t m = 0; m < M; ++m) {
     const int64_t group = m / G, lane = m % G;
     int32_t* dst = codes.data() + group * G * K / 4 + lane;
     for (int64_t s = 0; s < K / 4; ++s) std::memcpy(dst + s * G, q.codes + m * K + 4 * s, 4);
     for (int64_t b = 0; b < B; ++b) {
-      scales[(group * B + b) * G + lane] = q.scales[m * B + b];
-      sums[(group * B + b) * G + lane] = q.sums[m * B + b];
+      const int64_t at = (group * B + b) * G + lane;
+      scales[at] = q.scales[m * B + b];
+      sums[at] = q.sums[m * B + b];
+      if (code_sums)
+        for (int64_t k = 0; k < 32; ++k) biases[at] += 128 * q.codes[m * K + b * 32 + k];
     }
   }
-  return {reinterpret_cast<const int8_t*>(codes.data()), scales.data(), sums.data(), count};
+  return {reinterpret_cast<const int8_t*>(codes.data()), scales.data(), sums.data(),
+          biases.data(), count};
 }
 
-// kWeightRows weight rows, expanded for row_group_products: one unsigned byte per value
-// (int4: the code; int8: |code|, with the codes themselves for their signs), and per block
-// of 32 the scale and, for int4, the offset (zero - 8 * scale). Rows past N are zeros.
+// Weight rows expanded for a pass of row_group_products: one unsigned byte per value and
+// per block of 32 the scale and, for int4, the offset (zero - 8 * scale). Rows past N are
+// zeros. The AVX2 kernel takes int4 codes in order and int8 as |code|, with the codes
+// themselves for their signs; the VNNI one (vnni) int8 codes plus 128 and int4 codes
+// in quantize_rows' pair order.
 struct WeightRows {
   std::vector<uint8_t> unsigned_codes;
-  const int8_t* signed_codes[kWeightRows];
+  std::vector<const int8_t*> signed_codes;
   std::vector<float> scales, offsets;
+  bool vnni;
+  // The next pass's weights, asked for a few cache lines per block while this pass
+  // multiplies (see integer_gemm_of): null once asked for.
+  const char* ahead = nullptr;
+  int64_t ahead_lines = 0;  // per block
 
-  WeightRows(int64_t K)
-      : unsigned_codes(kWeightRows * K), scales(kWeightRows * K / 32), offsets(kWeightRows * K / 32) {}
+  void prefetch_ahead(int64_t b) const {
+    if (ahead == nullptr) return;
+    for (int64_t line = b * ahead_lines; line < (b + 1) * ahead_lines; ++line)
+      _mm_prefetch(ahead + line * 64, _MM_HINT_T1);
+  }
+
+  // Scales and offsets are block by block, [K / 32][rows]: a kernel finishing block b
+  // finds all its rows' at one address, not at one per row.
+  const int rows;
+
+  WeightRows(int64_t K, int rows, bool vnni)
+      : unsigned_codes(rows * K), signed_codes(rows), scales(rows * K / 32),
+        offsets(rows * K / 32), vnni(vnni), rows(rows) {}
 
   // Row j's per-block scales and offsets from its per-group ones.
   template <typename Scale, typename Offset>
@@ -429,6 +457,7 @@ inline void row_group_products(const RowGroups& x, int64_t group, int64_t K, con
   const __m256i ones = _mm256_set1_epi16(1);
   for (int j = 0; j < kWeightRows; ++j) acc[j] = _mm256_setzero_ps();
   for (int64_t b = 0; b < B; ++b) {
+    w.prefetch_ahead(b);
     __m256i sums[kWeightRows];
     for (int j = 0; j < kWeightRows; ++j) sums[j] = _mm256_setzero_si256();
     for (int64_t t = 0; t < 8; ++t) {
@@ -459,71 +488,106 @@ inline void row_group_products(const RowGroups& x, int64_t group, int64_t K, con
   for (int j = 0; j < kWeightRows; ++j) _mm256_storeu_ps(out[j], acc[j]);
 }
 
-// row_group_products with AVX512-VNNI, kWideGroupRows rows at a time: the integer sums are
-// the same, and the float steps after them the same in each lane, so the results are bit
-// for bit the AVX2 kernel's. Compiled for those instructions alone; called only where the
-// CPU and the OS allow them (set_avx512_vnni).
+#define QK_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,fma")))
+
+// Adds step t (four inputs) of the block whose codes start at `first` to the sums of the
+// VNNI kernel's weight rows. In pair order an int4 block's codes 0-15 come first in its
+// pair's 64, and its codes 16-31 at 32 on.
 template <bool Int4>
-__attribute__((target("avx512f,avx512bw,avx512vnni,fma"))) void row_group_products_vnni(
-    const RowGroups& x, int64_t group, int64_t K, const WeightRows& w,
-    float out[kWeightRows][kWideGroupRows]) {
+QK_VNNI inline void vnni_step(const int8_t* xc, const WeightRows& w, int64_t K, int64_t first,
+                              int t, __m512i sums[kWideWeightRows]) {
+  const int64_t k = first + (Int4 ? (t / 4) * 32 + (t % 4) * 4 : t * 4);
+  const __m512i xv = _mm512_loadu_si512(xc + k * kWideGroupRows);
+  for (int j = 0; j < kWideWeightRows; ++j) {
+    // Broadcast straight from memory: a load, not a shuffle competing with vpdpbusd.
+    const __m512i four = _mm512_broadcastd_epi32(_mm_loadu_si32(w.unsigned_codes.data() + j * K + k));
+    sums[j] = _mm512_dpbusd_epi32(sums[j], four, xv);
+  }
+}
+
+// Block b's sums into the float accumulators, as the AVX2 kernel does. int8 weights went
+// in as unsigned w + 128, so 128 times the activation codes' sum comes off first: exact,
+// as int32 lanes do not saturate, and two instructions fewer per product than signing x
+// by w.
+template <bool Int4>
+QK_VNNI inline void vnni_finish(const RowGroups& x, const WeightRows& w, int64_t group, int64_t B,
+                                int64_t b, __m512i sums[kWideWeightRows],
+                                __m512 acc[kWideWeightRows]) {
+  const int64_t at = (group * B + b) * kWideGroupRows;
+  const __m512 xd = _mm512_loadu_ps(x.scales + at);
+  const __m512 xsum = _mm512_loadu_ps(x.sums + at);
+  for (int j = 0; j < kWideWeightRows; ++j) {
+    if constexpr (!Int4) sums[j] = _mm512_sub_epi32(sums[j], _mm512_loadu_si512(x.code_sums + at));
+    const __m512 scale = _mm512_mul_ps(xd, _mm512_set1_ps(w.scales[j * B + b]));
+    acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[j]), scale, acc[j]);
+    if constexpr (Int4) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(w.offsets[j * B + b]), xsum, acc[j]);
+  }
+}
+
+// row_group_products with AVX512-VNNI, kWideGroupRows activation rows and kWideWeightRows
+// weight rows at a time, taking blocks in pairs: the integer sums are the same, and the
+// float steps after them the same in each lane and in block order, so the results are bit
+// for bit the AVX2 kernel's. int4 takes an even number of blocks. Compiled for those
+// instructions alone; called only where the CPU and the OS allow them (set_avx512_vnni).
+template <bool Int4>
+QK_VNNI void row_group_products_vnni(const RowGroups& x, int64_t group, int64_t K,
+                                     const WeightRows& w,
+                                     float out[kWideWeightRows][kWideGroupRows]) {
+  constexpr int R = kWideWeightRows;
   const int64_t B = K / 32;
   const int8_t* xc = x.codes + group * kWideGroupRows * K;
-  __m512 acc[kWeightRows];
-  for (int j = 0; j < kWeightRows; ++j) acc[j] = _mm512_setzero_ps();
-  // int8 weights go in as unsigned w + 128 (a flipped sign bit), and 128 times the
-  // activation codes' sum comes off each block's sums: exact, as int32 lanes do not
-  // saturate, and two instructions fewer per product than signing x by w.
-  const __m512i sign_bits = _mm512_set1_epi8(static_cast<char>(0x80));
-  const __m512i ones = _mm512_set1_epi8(1);
-  for (int64_t b = 0; b < B; ++b) {
-    __m512i sums[kWeightRows], code_sums = _mm512_setzero_si512();
-    for (int j = 0; j < kWeightRows; ++j) sums[j] = _mm512_setzero_si512();
-    for (int64_t t = 0; t < 8; ++t) {
-      const int64_t k = b * 32 + t * 4;
-      const __m512i xv = _mm512_loadu_si512(xc + k * kWideGroupRows);
-      if constexpr (!Int4) code_sums = _mm512_dpbusd_epi32(code_sums, ones, xv);
-      for (int j = 0; j < kWeightRows; ++j) {
-        // Broadcast straight from memory: a load, not a shuffle competing with vpdpbusd.
-        const uint8_t* codes = Int4 ? w.unsigned_codes.data() + j * K + k
-                                    : reinterpret_cast<const uint8_t*>(w.signed_codes[j] + k);
-        __m512i four = _mm512_broadcastd_epi32(_mm_loadu_si32(codes));
-        if constexpr (!Int4) four = _mm512_xor_si512(four, sign_bits);
-        sums[j] = _mm512_dpbusd_epi32(sums[j], four, xv);
-      }
+  __m512 acc[R];
+  for (int j = 0; j < R; ++j) acc[j] = _mm512_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= B; b += 2) {
+    w.prefetch_ahead(b);
+    w.prefetch_ahead(b + 1);
+    __m512i even[R], odd[R];
+    for (int j = 0; j < R; ++j) even[j] = odd[j] = _mm512_setzero_si512();
+    // Unrolled whole: a loop over t made GCC shuffle the sums between registers each step.
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) {
+      vnni_step<Int4>(xc, w, K, b * 32, t, even);
+      vnni_step<Int4>(xc, w, K, b * 32 + (Int4 ? 16 : 32), t, odd);
     }
-    if constexpr (!Int4)
-      for (int j = 0; j < kWeightRows; ++j)
-        sums[j] = _mm512_sub_epi32(sums[j], _mm512_slli_epi32(code_sums, 7));
-    const __m512 xd = _mm512_loadu_ps(x.scales + (group * B + b) * kWideGroupRows);
-    const __m512 xsum = _mm512_loadu_ps(x.sums + (group * B + b) * kWideGroupRows);
-    for (int j = 0; j < kWeightRows; ++j) {
-      const __m512 scale = _mm512_mul_ps(xd, _mm512_set1_ps(w.scales[j * B + b]));
-      acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[j]), scale, acc[j]);
-      if constexpr (Int4) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(w.offsets[j * B + b]), xsum, acc[j]);
-    }
+    vnni_finish<Int4>(x, w, group, B, b, even, acc);
+    vnni_finish<Int4>(x, w, group, B, b + 1, odd, acc);
   }
-  for (int j = 0; j < kWeightRows; ++j) _mm512_storeu_ps(out[j], acc[j]);
+  if (b < B) {  // int8's last block of an odd count
+    __m512i sums[R];
+    for (int j = 0; j < R; ++j) sums[j] = _mm512_setzero_si512();
+    for (int t = 0; t < 8; ++t) vnni_step<Int4>(xc, w, K, b * 32, t, sums);
+    vnni_finish<Int4>(x, w, group, B, b, sums, acc);
+  }
+  for (int j = 0; j < R; ++j) _mm512_storeu_ps(out[j], acc[j]);
 }
 
 // x [M, K] @ W.T for N quantized weight rows; expand(n, j, rows) writes weight row n into
-// row j of rows (n < N).
-template <bool Int4, int G, typename Expand>
-at::Tensor integer_gemm_of(const at::Tensor& x, int64_t N, Expand expand) {
+// row j of rows (n < N). G activation rows by R weight rows at a time: the AVX2 kernel's
+// or (G = kWideGroupRows) the VNNI one's.
+//
+// Weight row n's codes are the row_bytes at weights + n * row_bytes. Expanding a pass's
+// rows read them from memory while the core waited, and multiplying them waited on no
+// memory: at 16 activation rows each took about as long as the other. The kernel asks for
+// the next pass's codes while it multiplies, a few lines per block, so the two overlap.
+template <bool Int4, int G, int R, typename Expand>
+at::Tensor integer_gemm_of(const at::Tensor& x, int64_t N, Expand expand, const void* weights,
+                           int64_t row_bytes) {
+  constexpr bool vnni = G == kWideGroupRows;
   const int64_t M = x.size(0), K = x.size(1);
-  const auto xq = quantize_rows(float_rows(x, false), M, K, false);
-  const RowGroups groups = group_rows<G>(xq, M, K);
+  const auto xq = quantize_rows(float_rows(x, false), M, K, Int4 && vnni);
+  const RowGroups groups = group_rows<G>(xq, M, K, !Int4 && vnni);
   auto out = at::empty({M, N}, x.options());
   qk::with_dtype(x.scalar_type(), "linear", [&](auto tag) {
     using T = decltype(tag);
     T* op = out.data_ptr<T>();
-    at::parallel_for(0, (N + kWeightRows - 1) / kWeightRows, 1, [&](int64_t begin, int64_t end) {
-      WeightRows rows(K);
+    at::parallel_for(0, (N + R - 1) / R, 1, [&](int64_t begin, int64_t end) {
+      WeightRows rows(K, R, vnni);
       const std::vector<int8_t> zero_row(K, 0);
-      alignas(64) float lanes[kWeightRows][G];
+      alignas(64) float lanes[R][G];
       for (int64_t pass = begin; pass < end; ++pass) {
-        const int64_t n0 = pass * kWeightRows, count = std::min<int64_t>(kWeightRows, N - n0);
-        for (int64_t j = 0; j < kWeightRows; ++j) {
+        const int64_t n0 = pass * R, count = std::min<int64_t>(R, N - n0);
+        for (int64_t j = 0; j < R; ++j) {
           if (j < count) {
             expand(n0 + j, j, rows);
           } else {  // past N: products of zero
@@ -532,14 +596,26 @@ at::Tensor integer_gemm_of(const at::Tensor& x, int64_t N, Expand expand) {
             rows.set_blocks(j, K / 32, 1, [](int64_t) { return 0.0f; }, [](int64_t) { return 0.0f; });
           }
         }
+        const int64_t lines = (R * row_bytes + 63) / 64, B = K / 32;
+        rows.ahead = static_cast<const char*>(weights) + (n0 + R) * row_bytes;
+        rows.ahead_lines = (lines + B - 1) / B;
         for (int64_t g = 0; g < groups.count; ++g) {
-          if constexpr (G == kWideGroupRows)
+          if (g == 1) rows.ahead = nullptr;  // asked for by the first group
+          if constexpr (vnni)
             row_group_products_vnni<Int4>(groups, g, K, rows, lanes);
           else
             row_group_products<Int4>(groups, g, K, rows, lanes);
-          for (int64_t i = 0; i < std::min<int64_t>(G, M - g * G); ++i)
-            for (int64_t j = 0; j < count; ++j)
-              op[(g * G + i) * N + n0 + j] = static_cast<T>(lanes[j][i]);
+          const int64_t live = std::min<int64_t>(G, M - g * G);
+          if (R == 8 && count == R) {  // an output row's 8 values at once: scalar conversions
+            const __m256i across = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                                      _mm256_set1_epi32(G));  // cost 10%
+            for (int64_t i = 0; i < live; ++i)
+              qk::store8(op + (g * G + i) * N + n0, _mm256_i32gather_ps(&lanes[0][i], across, 4));
+          } else {
+            for (int64_t i = 0; i < live; ++i)
+              for (int64_t j = 0; j < count; ++j)
+                op[(g * G + i) * N + n0 + j] = static_cast<T>(lanes[j][i]);
+          }
         }
       }
     });
@@ -549,11 +625,14 @@ at::Tensor integer_gemm_of(const at::Tensor& x, int64_t N, Expand expand) {
 
 std::atomic<bool> avx512_vnni{false};
 
-// integer_gemm_of with the widest row groups this CPU runs.
+// integer_gemm_of with the widest kernel this CPU runs (int4's VNNI kernel takes blocks
+// in pairs).
 template <bool Int4, typename Expand>
-at::Tensor integer_gemm(const at::Tensor& x, int64_t N, Expand expand) {
-  if (avx512_vnni) return integer_gemm_of<Int4, kWideGroupRows>(x, N, expand);
-  return integer_gemm_of<Int4, kGroupRows>(x, N, expand);
+at::Tensor integer_gemm(const at::Tensor& x, int64_t N, Expand expand, const void* weights,
+                        int64_t row_bytes) {
+  if (avx512_vnni && (!Int4 || x.size(1) % 64 == 0))
+    return integer_gemm_of<Int4, kWideGroupRows, kWideWeightRows>(x, N, expand, weights, row_bytes);
+  return integer_gemm_of<Int4, kGroupRows, kWeightRows>(x, N, expand, weights, row_bytes);
 }
 
 // 16-bit weights times many rows: float32 GEMM on widened tiles.
@@ -627,17 +706,18 @@ at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const a
   if (x.size(0) >= kIntegerGemmMinRows) {
     return integer_gemm<false>(x, N, [&](int64_t n, int64_t j, WeightRows& rows) {
       const int8_t* row = cp + n * K;
+      const __m256i sign_bits = _mm256_set1_epi8(static_cast<char>(0x80));
       for (int64_t k = 0; k < K; k += 32) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows.unsigned_codes.data() + j * K + k),
-                            _mm256_abs_epi8(v));
+                            rows.vnni ? _mm256_xor_si256(v, sign_bits) : _mm256_abs_epi8(v));
       }
       rows.signed_codes[j] = row;
       if (group == 32) return rows.set_block_halves(j, K / 32, sp + n * G, nullptr, false);
       rows.set_blocks(
           j, K / 32, group / 32, [&](int64_t g) { return qk::to_float(sp[n * G + g]); },
           [](int64_t) { return 0.0f; });
-    });
+    }, cp, K);
   }
   const auto xq = quantize_rows(float_rows(x, false), x.size(0), K, false);
   const int64_t B = K / 32, per_group = group / 32;
@@ -684,18 +764,29 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const 
     return integer_gemm<true>(x, N, [&](int64_t n, int64_t j, WeightRows& rows) {
       const uint8_t* row = pp + n * K / 2;
       uint8_t* codes = rows.unsigned_codes.data() + j * K;
-      const __m128i low4 = _mm_set1_epi8(0x0F);
-      for (int64_t k = 0; k < K; k += 32) {  // a block's 16 bytes: codes 0-15 low, 16-31 high
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm_and_si128(bytes, low4));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k + 16),
-                         _mm_and_si128(_mm_srli_epi16(bytes, 4), low4));
+      // A block's 16 bytes: codes 0-15 low, 16-31 high. Taken as 32 bytes, two blocks'
+      // low nibbles and then their high ones are pair order.
+      const int64_t step = rows.vnni ? 64 : 32;
+      for (int64_t k = 0; k < K; k += step) {
+        const __m256i bytes = rows.vnni
+                                  ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2))
+                                  : _mm256_castsi128_si256(_mm_loadu_si128(
+                                        reinterpret_cast<const __m128i*>(row + k / 2)));
+        const __m256i low = _mm256_and_si256(bytes, _mm256_set1_epi8(0x0F));
+        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), _mm256_set1_epi8(0x0F));
+        if (rows.vnni) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + k), low);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + k + 32), high);
+        } else {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm256_castsi256_si128(low));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k + 16), _mm256_castsi256_si128(high));
+        }
       }
       if (group == 32)
         return rows.set_block_halves(j, K / 32, sp + n * G, zp ? zp + n * G : nullptr, true);
       rows.set_blocks(j, K / 32, group / 32, [&](int64_t g) { return scale(n * G + g); },
                       [&](int64_t g) { return offset(n * G + g); });
-    });
+    }, pp, K / 2);
   }
   // sum(w * x) over a block = scale * sum(code * x) + offset * sum(x): the offsets
   // multiply each group's sum of the float activations.
