@@ -407,13 +407,9 @@ struct WeightRows {
       _mm_prefetch(ahead + line * 64, _MM_HINT_T1);
   }
 
-  // Scales and offsets are block by block, [K / 32][rows]: a kernel finishing block b
-  // finds all its rows' at one address, not at one per row.
-  const int rows;
-
   WeightRows(int64_t K, int rows, bool vnni)
       : unsigned_codes(rows * K), signed_codes(rows), scales(rows * K / 32),
-        offsets(rows * K / 32), vnni(vnni), rows(rows) {}
+        offsets(rows * K / 32), vnni(vnni) {}
 
   // Row j's per-block scales and offsets from its per-group ones.
   template <typename Scale, typename Offset>
