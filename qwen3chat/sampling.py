@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, fields
 
 import torch
+
+# A row's top-k logits and their ids, most likely first.
+TopK = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -73,7 +77,18 @@ class Sampler:
         if self.constraint is not None:
             self.constraint.advance(token_id)
 
-    def __call__(self, logits: torch.Tensor) -> int:
+    def raw_top_k(self) -> int:
+        """k where the next id is drawn from the raw logits' top k (no penalty or grammar
+        changes them first, temperature above 0), else 0."""
+        s = self.settings
+        plain = self.constraint is None and s.repetition_penalty == 1.0
+        plain = plain and not (s.presence_penalty or s.frequency_penalty)
+        return s.top_k if plain and s.temperature > 0 and 0 < s.top_k < self.seen.numel() else 0
+
+    def __call__(self, logits: torch.Tensor, top: TopK | None = None) -> int:
+        """The next id; ``top``: the logits' top ``raw_top_k()``, if already taken."""
+        if top is not None:
+            return int(sample(logits, self.settings, self.generator, top))
         logits = self.penalize(logits.view(-1).float())
         if self.constraint is not None:
             logits = self.constraint.mask(logits)
@@ -93,15 +108,39 @@ class Sampler:
         return logits
 
 
-def sample(logits: torch.Tensor, s: SamplingSettings, generator: torch.Generator) -> torch.Tensor:
-    """One id from 1-D float logits; temperature 0 is argmax."""
+def top_k_rows(samplers: list[Sampler], logits: torch.Tensor) -> list[TopK | None]:
+    """Each row's top-k logits where its sampler draws from the raw logits' top k (else
+    None), one torch.topk for all rows of a k: row by row, topk over a 151k vocabulary
+    took 6 ms of a 16-sequence int4 step of 70, all rows at once 2.3."""
+    tops: list[TopK | None] = [None] * len(samplers)
+    rows = defaultdict(list)
+    for i, sampler in enumerate(samplers):
+        if k := sampler.raw_top_k():
+            rows[k].append(i)
+    for k, members in rows.items():
+        values, ids = torch.topk(logits[members].float(), k, dim=-1)
+        for j, i in enumerate(members):
+            tops[i] = (values[j], ids[j])
+    return tops
+
+
+def sample(
+    logits: torch.Tensor,
+    s: SamplingSettings,
+    generator: torch.Generator,
+    top: TopK | None = None,
+) -> torch.Tensor:
+    """One id from 1-D float logits; temperature 0 is argmax. ``top``: their top
+    ``s.top_k`` values and ids, where the caller took them already."""
     if s.temperature == 0:
         return logits.argmax()
-    logits = logits / s.temperature
     ids = None  # with top_k: the ids of the k logits kept, most likely first
-    if 0 < s.top_k < logits.numel():
+    if top is None and 0 < s.top_k < logits.numel():
+        top = torch.topk(logits, s.top_k)
+    if top is not None:
         # The rest of the vocabulary has no mass left: work on the k values alone.
-        logits, ids = torch.topk(logits, s.top_k)
+        logits, ids = top
+    logits = logits / s.temperature
     probs = torch.softmax(logits, dim=-1)
     if s.top_p < 1.0:
         ranked, order = (probs, None) if ids is not None else probs.sort(descending=True)

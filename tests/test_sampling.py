@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qwen3chat.errors import QwenChatError
-from qwen3chat.sampling import Sampler, SamplingSettings
+from qwen3chat.sampling import Sampler, SamplingSettings, top_k_rows
 
 LOGITS = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0, -1.0])
 
@@ -92,3 +92,32 @@ def test_draws_follow_the_distribution(settings, expected):
         torch.tensor([sampler(LOGITS.clone()) for _ in range(20_000)]), minlength=LOGITS.numel()
     )
     torch.testing.assert_close(counts / counts.sum(), expected, atol=0.015, rtol=0)
+
+
+def test_top_k_taken_for_all_rows_at_once_draws_what_each_row_draws_alone():
+    """The batched engine takes every row's top k in one torch.topk (top_k_rows); each
+    seeded sampler then draws the ids it draws from its own row. bfloat16 logits tie
+    often, so the k kept must be the same ones too. Rows with a penalty or at
+    temperature 0 are left to their samplers."""
+    vocab, rows = 5000, 6
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(4)).bfloat16()
+    settings = [SamplingSettings(temperature=1.0, top_k=40, top_p=1.0, seed=i) for i in range(rows)]
+    settings[2] = SamplingSettings(temperature=0.7, top_k=7, top_p=0.8, seed=2)
+    settings[4] = SamplingSettings(temperature=1.0, top_k=40, presence_penalty=0.5, seed=4)
+    settings[5] = SamplingSettings(temperature=0.0, top_k=40)
+
+    def samplers():
+        return [Sampler(s, vocab, [1, 2, 3], "cpu") for s in settings]
+
+    batched, alone = samplers(), samplers()
+    for step in range(20):
+        tops = top_k_rows(batched, logits)
+        assert [top is None for top in tops] == [False, False, False, False, True, True]
+        for i in range(rows):
+            if tops[i] is not None:
+                expected = torch.topk(logits[i].float(), settings[i].top_k)
+                assert torch.equal(tops[i][1], expected.indices)
+            got, want = batched[i](logits[i], tops[i]), alone[i](logits[i])
+            assert got == want, (step, i)
+            batched[i].observe(got)
+            alone[i].observe(want)

@@ -16,7 +16,7 @@ import torch
 
 from ..device import available_memory
 from ..generation import Event, Generation
-from ..sampling import SamplingSettings
+from ..sampling import SamplingSettings, top_k_rows
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
@@ -129,9 +129,10 @@ class BatchEngine:
             self.blocks.register(seq)
         now = time.perf_counter()
         events: list[tuple[Sequence, Event]] = []
-        for seq, row in zip(sampled, logits, strict=True):
+        tops = top_k_rows([seq.generation.sampler for seq in sampled], logits)
+        for seq, row, top in zip(sampled, logits, tops, strict=True):
             reply = seq.generation
-            token = reply.choose(row)
+            token = reply.choose(row, top)
             timings = reply.timings
             if seq.first_token_at is None:
                 seq.first_token_at = now
