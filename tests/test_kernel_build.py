@@ -22,7 +22,9 @@ def fake_build(monkeypatch):
     monkeypatch.setattr(kernels, "_NOTICE_AFTER_S", 0.2)
     # A built module as far as loading goes: it takes the CPU's kernel choices.
     built = types.SimpleNamespace(
-        set_native_bf16_gemm=lambda enabled: None, set_avx512_vnni=lambda enabled: None
+        set_native_bf16_gemm=lambda enabled: None,
+        set_avx512_vnni=lambda enabled: None,
+        set_avx512_attention=lambda enabled: None,
     )
 
     def run(seconds: float):

@@ -80,10 +80,26 @@ def cache(layers, kv_heads, head_dim, dtype, seed=1):
     )
 
 
+@pytest.fixture(params=["avx512", "avx2"])
+def attention_kernels(request):
+    """Attention over bf16 caches runs AVX-512 code where the CPU allows it: both kinds
+    are checked (the AVX-512 one only where it can run)."""
+    wide = request.param == "avx512"
+    if wide and not kernels._avx512():
+        pytest.skip("this CPU (or its OS, or QWEN3CHAT_NO_AVX512) does not allow AVX-512")
+    native.set_avx512_attention(wide)
+    yield
+    native.set_avx512_attention(kernels._avx512())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (6, 2, 64), (3, 3, 32)])
-def test_paged_attention(dtype, heads, kv_heads, head_dim):
-    """Each row over its own sequence's keys 0..position through the block table."""
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim", [(4, 2, 16), (6, 2, 64), (3, 3, 32), (4, 1, 96), (2, 2, 128)]
+)
+def test_paged_attention(dtype, heads, kv_heads, head_dim, attention_kernels):
+    """Each row over its own sequence's keys 0..position through the block table (with
+    AVX-512 and bf16: head sizes of one and two sweeps of 64 columns, a sweep of 32, and
+    an odd number of query heads per KV head)."""
     batch = Batch()
     k_cache, v_cache = cache(2, kv_heads, head_dim, dtype)
     q = rand(len(batch.positions), heads, head_dim, dtype=dtype, seed=3)

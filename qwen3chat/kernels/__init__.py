@@ -83,11 +83,18 @@ def _module():
         # torch's check covers what the OS allows, not only what cpuid reports.
         module.set_native_bf16_gemm(torch.cpu._is_avx512_bf16_supported())
         module.set_avx512_vnni(_avx512_vnni())
+        module.set_avx512_attention(_avx512())
         return module
     except Exception as e:  # no headers, ninja or a compile error: the torch path still works
         log.debug("native CPU kernel build failed", exc_info=True)
         _unavailable(f"build failed: {_cause(e)}")
         return None
+
+
+def _avx512() -> bool:
+    """AVX-512 (F, BW, DQ, VL) as torch sees it, which checks that the OS saves the
+    registers; QWEN3CHAT_NO_AVX512=1 turns it off."""
+    return os.environ.get("QWEN3CHAT_NO_AVX512") != "1" and torch.cpu._is_avx512_supported()
 
 
 def _avx512_vnni() -> bool:

@@ -44,6 +44,8 @@ void set_native_bf16_gemm(bool enabled);
 // Integer GEMMs (prompt chunks, several sequences' rows) with AVX512-VNNI where the CPU and
 // the OS allow it (Python asks torch): bit for bit the AVX2 kernel's results.
 void set_avx512_vnni(bool enabled);
+// Attention over bfloat16 caches with AVX-512 (F, BW, DQ) where the CPU and OS allow it.
+void set_avx512_attention(bool enabled);
 
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight);
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales);

@@ -8,7 +8,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -369,6 +371,121 @@ void weighted_sum(const float* p, int64_t padded, const S* values, int64_t strid
     for (int j = 0; j < V; ++j) _mm256_storeu_ps(out + g * D + 8 * j, acc[g][j]);
 }
 
+// The AVX-512 forms of the two above, for bfloat16 caches (set_avx512_attention). A
+// 64-byte load holds 32 bf16 values, and its 32-bit lanes give the floats of the even-
+// indexed ones (shifted left) and of the odd ones (masked): no widening shuffle, and
+// twice the lanes, so each key and value takes a third of the instructions. Queries (and
+// a value sweep's sums, in registers) are kept in that even/odd order.
+std::atomic<bool> avx512_attention{false};
+
+#define QK_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,fma")))
+
+QK_AVX512 inline void widen_even_odd(const c10::BFloat16* p, __m512& even, __m512& odd) {
+  const __m512i v = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// Every block of 32 floats of x in even/odd order: its 16 even-indexed values, then its
+// 16 odd ones (D a multiple of 32).
+QK_AVX512 inline void to_even_odd(float* x, int64_t D) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t d = 0; d < D; d += 32) {
+    const __m512 lo = _mm512_loadu_ps(x + d), hi = _mm512_loadu_ps(x + d + 16);
+    _mm512_storeu_ps(x + d, _mm512_permutex2var_ps(lo, even, hi));
+    _mm512_storeu_ps(x + d + 16, _mm512_permutex2var_ps(lo, odd, hi));
+  }
+}
+
+QK_AVX512 inline __m256 halves_added(__m512 v) {
+  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+}
+
+// One float of each of four zmm sums, their lanes added (as hsum4 does for ymm).
+QK_AVX512 inline __m128 hsum4_512(__m512 a, __m512 b, __m512 c, __m512 d) {
+  return hsum4(halves_added(a), halves_added(b), halves_added(c), halves_added(d));
+}
+
+// scores_of_four_keys over bf16 keys with the query in even/odd order.
+template <int G>
+QK_AVX512 void scores_of_four_keys_wide(const float* query, const c10::BFloat16* keys,
+                                        int64_t stride, int64_t D, float* scores,
+                                        int64_t padded) {
+  __m512 even[G][4], odd[G][4];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < 4; ++j) even[g][j] = odd[g][j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32) {
+    __m512 qe[G], qo[G];
+    for (int g = 0; g < G; ++g) {
+      qe[g] = _mm512_loadu_ps(query + g * D + d);
+      qo[g] = _mm512_loadu_ps(query + g * D + d + 16);
+    }
+    for (int j = 0; j < 4; ++j) {
+      __m512 ke, ko;
+      widen_even_odd(keys + j * stride + d, ke, ko);
+      for (int g = 0; g < G; ++g) {
+        even[g][j] = _mm512_fmadd_ps(ke, qe[g], even[g][j]);
+        odd[g][j] = _mm512_fmadd_ps(ko, qo[g], odd[g][j]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    __m512 sum[4];
+    for (int j = 0; j < 4; ++j) sum[j] = _mm512_add_ps(even[g][j], odd[g][j]);
+    _mm_storeu_ps(scores + g * padded, hsum4_512(sum[0], sum[1], sum[2], sum[3]));
+  }
+}
+
+QK_AVX512 float score_wide(const float* query, const c10::BFloat16* key, int64_t D) {
+  __m512 a = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32) {
+    __m512 ke, ko;
+    widen_even_odd(key + d, ke, ko);
+    a = _mm512_fmadd_ps(ke, _mm512_loadu_ps(query + d), a);
+    a = _mm512_fmadd_ps(ko, _mm512_loadu_ps(query + d + 16), a);
+  }
+  return _mm512_reduce_add_ps(a);
+}
+
+// weighted_sum over bf16 values, 32 * C columns: the same multiply-adds in the same order
+// for every output, so the same sums bit for bit; out stays in natural order.
+template <int G, int C>
+QK_AVX512 void weighted_sum_wide(const float* p, int64_t padded, const c10::BFloat16* values,
+                                 int64_t stride, int64_t first, int64_t last, float* out,
+                                 int64_t D) {
+  const __m512i to_even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i to_odd = _mm512_add_epi32(to_even, _mm512_set1_epi32(1));
+  const __m512i to_low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i to_high = _mm512_add_epi32(to_low, _mm512_set1_epi32(8));
+  __m512 even[G][C], odd[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) {
+      const __m512 lo = _mm512_loadu_ps(out + g * D + 32 * c);
+      const __m512 hi = _mm512_loadu_ps(out + g * D + 32 * c + 16);
+      even[g][c] = _mm512_permutex2var_ps(lo, to_even, hi);
+      odd[g][c] = _mm512_permutex2var_ps(lo, to_odd, hi);
+    }
+  for (int64_t l = first; l < last; ++l) {
+    __m512 weight[G];
+    for (int g = 0; g < G; ++g) weight[g] = _mm512_set1_ps(p[g * padded + l]);
+    for (int c = 0; c < C; ++c) {
+      __m512 ve, vo;
+      widen_even_odd(values + l * stride + 32 * c, ve, vo);
+      for (int g = 0; g < G; ++g) {
+        even[g][c] = _mm512_fmadd_ps(weight[g], ve, even[g][c]);
+        odd[g][c] = _mm512_fmadd_ps(weight[g], vo, odd[g][c]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) {
+      _mm512_storeu_ps(out + g * D + 32 * c, _mm512_permutex2var_ps(even[g][c], to_low, odd[g][c]));
+      _mm512_storeu_ps(out + g * D + 32 * c + 16,
+                       _mm512_permutex2var_ps(even[g][c], to_high, odd[g][c]));
+    }
+}
+
 // One KV head's keys and values as attention reads them: ``rows`` rows, in blocks of
 // ``block_rows`` (the last may be shorter), rows k_stride (v_stride) elements apart. A
 // contiguous cache is one block; a paged one's blocks lie where its block table says.
@@ -388,7 +505,25 @@ struct KeyBlocks {
 // once.
 template <typename S>
 void block_scores(const float* query, int64_t groups, const S* keys, int64_t stride, int64_t L,
-                  int64_t D, float* scores, int64_t padded) {
+                  int64_t D, float* scores, int64_t padded, bool wide) {
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    if (wide) {
+      int64_t l = 0;
+      for (; l + 4 <= L; l += 4)
+        for (int64_t g = 0; g < groups; g += 2) {
+          const float* qg = query + g * D;
+          float* sg = scores + g * padded + l;
+          if (groups - g >= 2)
+            scores_of_four_keys_wide<2>(qg, keys + l * stride, stride, D, sg, padded);
+          else
+            scores_of_four_keys_wide<1>(qg, keys + l * stride, stride, D, sg, padded);
+        }
+      for (; l < L; ++l)
+        for (int64_t g = 0; g < groups; ++g)
+          scores[g * padded + l] = score_wide(query + g * D, keys + l * stride, D);
+      return;
+    }
+  }
   int64_t l = 0;
   for (; l + 4 <= L; l += 4) {
     for (int64_t g = 0; g < groups; g += 2) {
@@ -414,10 +549,10 @@ void block_scores(const float* query, int64_t groups, const S* keys, int64_t str
 // them as one contiguous sweep would.
 template <typename S>
 void head_scores(const float* query, int64_t groups, const KeyBlocks<S>& kv, int64_t D,
-                 float* scores, int64_t padded) {
+                 float* scores, int64_t padded, bool wide) {
   for (int64_t first = 0, j = 0; first < kv.rows; first += kv.block_rows, ++j)
     block_scores(query, groups, kv.k + kv.first_row(j) * kv.k_stride, kv.k_stride,
-                 std::min(kv.block_rows, kv.rows - first), D, scores + first, padded);
+                 std::min(kv.block_rows, kv.rows - first), D, scores + first, padded, wide);
 }
 
 // acc [groups, D] = softmax weights [groups, padded] times the values, kValueRows rows at
@@ -428,7 +563,7 @@ constexpr int64_t kValueRows = 16;
 
 template <typename S>
 void head_values(const float* p_all, int64_t padded, int64_t groups, const KeyBlocks<S>& kv,
-                 int64_t D, float* acc) {
+                 int64_t D, float* acc, bool wide) {
   std::fill(acc, acc + groups * D, 0.0f);
   const int64_t stride = kv.v_stride;
   for (int64_t row = 0, j = 0; row < kv.rows; row += kv.block_rows, ++j) {
@@ -438,24 +573,26 @@ void head_values(const float* p_all, int64_t padded, int64_t groups, const KeyBl
     for (int64_t first = 0; first < L; first += kValueRows) {
       const int64_t last = std::min(L, first + kValueRows);
       for (int64_t d = 0; d < D;) {
-        const bool wide = D - d >= 32;
+        // Columns a sweep takes: 64 or 32 (AVX-512, bf16), else 32 or 8.
+        const int64_t step = wide ? (D - d >= 64 ? 64 : 32) : (D - d >= 32 ? 32 : 8);
         for (int64_t g = 0; g < groups; g += 2) {
           const float* pg = p + g * padded;
           const S* block = values + d;
           float* out = acc + g * D + d;
-          if (groups - g >= 2) {
-            if (wide)
-              weighted_sum<2, 4>(pg, padded, block, stride, first, last, out, D);
-            else
-              weighted_sum<2, 1>(pg, padded, block, stride, first, last, out, D);
-          } else {
-            if (wide)
-              weighted_sum<1, 4>(pg, padded, block, stride, first, last, out, D);
-            else
-              weighted_sum<1, 1>(pg, padded, block, stride, first, last, out, D);
+          const bool two = groups - g >= 2;
+          if constexpr (std::is_same_v<S, c10::BFloat16>) {
+            if (wide) {
+              auto sweep = two ? (step == 64 ? weighted_sum_wide<2, 2> : weighted_sum_wide<2, 1>)
+                               : (step == 64 ? weighted_sum_wide<1, 2> : weighted_sum_wide<1, 1>);
+              sweep(pg, padded, block, stride, first, last, out, D);
+              continue;
+            }
           }
+          auto sweep = two ? (step == 32 ? weighted_sum<2, 4, S> : weighted_sum<2, 1, S>)
+                           : (step == 32 ? weighted_sum<1, 4, S> : weighted_sum<1, 1, S>);
+          sweep(pg, padded, block, stride, first, last, out, D);
         }
-        d += wide ? 32 : 8;
+        d += step;
       }
     }
   }
@@ -471,6 +608,7 @@ void attention_rows(const S* qp, S* op, int64_t rows, int64_t H, int64_t KVH, in
                     Locate key_blocks) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t groups = H / KVH;
+  const bool wide = std::is_same_v<S, c10::BFloat16> && avx512_attention && D % 32 == 0;
   at::parallel_for(0, rows * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, query(groups * D), acc(groups * D), sums(groups);
     for (int64_t i = begin; i < end; ++i) {
@@ -481,7 +619,8 @@ void attention_rows(const S* qp, S* op, int64_t rows, int64_t H, int64_t KVH, in
       if (static_cast<int64_t>(scores.size()) < groups * padded) scores.resize(groups * padded);
       for (int64_t d = 0; d < groups * D; ++d)
         query[d] = static_cast<float>(qp[first * D + d]) * scale;
-      head_scores(query.data(), groups, kv, D, scores.data(), padded);
+      if (wide) to_even_odd(query.data(), groups * D);
+      head_scores(query.data(), groups, kv, D, scores.data(), padded, wide);
       std::fill(sums.begin(), sums.end(), 0.0f);
       for (int64_t g = 0; g < groups; ++g) {
         float* p = scores.data() + g * padded;
@@ -491,7 +630,7 @@ void attention_rows(const S* qp, S* op, int64_t rows, int64_t H, int64_t KVH, in
           _mm256_storeu_ps(p + l, exp8(_mm256_sub_ps(_mm256_loadu_ps(p + l), _mm256_set1_ps(top))));
         for (int64_t l = 0; l < L; ++l) sums[g] += p[l];
       }
-      head_values(scores.data(), padded, groups, kv, D, acc.data());
+      head_values(scores.data(), padded, groups, kv, D, acc.data(), wide);
       for (int64_t g = 0; g < groups; ++g) {
         S* o = op + (first + g) * D;
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<S>(acc[g * D + d] / sums[g]);
@@ -501,6 +640,8 @@ void attention_rows(const S* qp, S* op, int64_t rows, int64_t H, int64_t KVH, in
 }
 
 }  // namespace
+
+void set_avx512_attention(bool enabled) { avx512_attention = enabled; }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   return attend(q, kv_rows(k, v));
