@@ -500,49 +500,35 @@ struct KeyBlocks {
   }
 };
 
+// One key's score, for the keys past the last whole four.
+template <typename S>
+float score_of_key(const float* query, const S* key, int64_t D) {
+  __m256 a = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(load8(key + d), _mm256_loadu_ps(query + d), a);
+  return hsum(a);
+}
+
 // Every query head of one KV head against L contiguous keys: scores [groups, padded].
 // Keys go four at a time, through all the heads in pairs, so each is read from memory
 // once.
 template <typename S>
 void block_scores(const float* query, int64_t groups, const S* keys, int64_t stride, int64_t L,
                   int64_t D, float* scores, int64_t padded, bool wide) {
+  auto two = scores_of_four_keys<2, S>, one = scores_of_four_keys<1, S>;
+  auto single = score_of_key<S>;
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
-    if (wide) {
-      int64_t l = 0;
-      for (; l + 4 <= L; l += 4)
-        for (int64_t g = 0; g < groups; g += 2) {
-          const float* qg = query + g * D;
-          float* sg = scores + g * padded + l;
-          if (groups - g >= 2)
-            scores_of_four_keys_wide<2>(qg, keys + l * stride, stride, D, sg, padded);
-          else
-            scores_of_four_keys_wide<1>(qg, keys + l * stride, stride, D, sg, padded);
-        }
-      for (; l < L; ++l)
-        for (int64_t g = 0; g < groups; ++g)
-          scores[g * padded + l] = score_wide(query + g * D, keys + l * stride, D);
-      return;
-    }
+    if (wide) two = scores_of_four_keys_wide<2>, one = scores_of_four_keys_wide<1>, single = score_wide;
   }
   int64_t l = 0;
   for (; l + 4 <= L; l += 4) {
     for (int64_t g = 0; g < groups; g += 2) {
-      const float* qg = query + g * D;
-      float* sg = scores + g * padded + l;
-      if (groups - g >= 2)
-        scores_of_four_keys<2>(qg, keys + l * stride, stride, D, sg, padded);
-      else
-        scores_of_four_keys<1>(qg, keys + l * stride, stride, D, sg, padded);
+      const auto four = groups - g >= 2 ? two : one;
+      four(query + g * D, keys + l * stride, stride, D, scores + g * padded + l, padded);
     }
   }
-  for (; l < L; ++l) {
-    for (int64_t g = 0; g < groups; ++g) {
-      __m256 a = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; d += 8)
-        a = _mm256_fmadd_ps(load8(keys + l * stride + d), _mm256_loadu_ps(query + g * D + d), a);
-      scores[g * padded + l] = hsum(a);
-    }
-  }
+  for (; l < L; ++l)
+    for (int64_t g = 0; g < groups; ++g)
+      scores[g * padded + l] = single(query + g * D, keys + l * stride, D);
 }
 
 // The scores of all of kv's keys, block by block. Blocks of whole fours of keys score
