@@ -51,6 +51,25 @@ def test_json_has_the_contract_keys_as_positive_numbers(report):
     assert report["parameters"] == num_parameters(preset_config("tiny"))
 
 
+def test_it_says_which_kernels_ran_and_they_are_ones_this_cpu_allows(report):
+    """bench names the code each kind of work ran on; where AVX-512 is chosen, the OS
+    allows it (torch's check), and the tests of those kernels ran against the AVX2 ones."""
+    from qwen3chat import kernels
+
+    ran = report["kernels"]
+    if kernels.native(torch.zeros(1)) is None:
+        assert ran == {"native kernels": "unavailable (torch path)"}
+        return
+    allowed = {
+        "int8/int4 products of 8+ rows": "AVX512-VNNI" if kernels._avx512_vnni() else "AVX2",
+        "attention over a bf16 cache": "AVX-512" if kernels._avx512() else "AVX2",
+        "bf16 products of 4+ rows": (
+            "oneDNN (AVX512-BF16)" if torch.cpu._is_avx512_bf16_supported() else "AVX2"
+        ),
+    }
+    assert ran == {"one-row products": "AVX2", **allowed}
+
+
 def test_top_level_figures_are_medians_of_the_runs(report):
     (result,) = report["results"]
     assert len(result["runs"]) == 2

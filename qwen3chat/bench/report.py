@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..kernels import describe_variants, variants
 from ..model import num_parameters
 from .ops import OpTiming, ProfiledOp, SkippedOp
 from .run import PROBE_MIB, PROBE_TRIES, BenchReport, Result, Spread, roofline, setup_line
@@ -29,6 +30,7 @@ def report_json(report: BenchReport) -> dict:
         "dtype": str(report.model.model.dtype).removeprefix("torch."),
         "quantize": s.quantize,
         "threads": report.threads,
+        "kernels": variants(report.model.model.device),
         "chunk_size": s.chunk_size,
         "repeat": s.repeat,
         "parameters": num_parameters(report.model.model.config),
@@ -97,6 +99,7 @@ def _summary(report: BenchReport) -> Table:
             f"{report.weight_bytes / 2**30:.2f} GiB of weights",
         ),
         ("setup", setup_line(report) + f", quantize {report.settings.quantize}"),
+        ("kernels", describe_variants(report.model.model.device)),
         (
             "load",
             f"{m.load_s:.2f} s" + ("" if after_load is None else f", RSS {after_load:,.0f} MiB"),

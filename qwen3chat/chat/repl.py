@@ -35,6 +35,7 @@ except ImportError:  # Windows: typed keys are echoed during a reply
 from ..engine import Engine
 from ..errors import QwenChatError
 from ..generation import FinishEvent
+from ..kernels import describe_variants
 from ..loading import LoadedModel
 from ..model import num_parameters
 from ..model.qwen3_vl import VisualInput
@@ -449,6 +450,7 @@ class Repl:
             ("model", f"{model.path} ({model.format}, {num_parameters(config) / 1e6:.0f}M)"),
             ("quantization", self.model.quantization),
             ("device", f"{self.engine.device}, {self.engine.model.dtype}".replace("torch.", "")),
+            ("kernels", describe_variants(self.engine.device)),
             ("template", f"{template} chat template (/show template prints it)"),
             ("thinking", f"{think}, budget {budget}"),
             ("settings", describe_settings(self.options, self.sampling)),

@@ -49,6 +49,25 @@ def _cause(e: Exception) -> str:
     return line
 
 
+# What the kernels run on this CPU, by kind of work (set where the module loads).
+_CHOICES: dict[str, str] = {}
+
+
+def variants(device: torch.device) -> dict[str, str]:
+    """Which code runs each kind of work on ``device``, for bench and /show: on the CPU
+    the native kernels' choices for this processor (one-row products are AVX2
+    everywhere), or the torch path where they cannot run."""
+    if device.type != "cpu":
+        return {"all work": f"torch on {device.type}"}
+    if _module() is None:
+        return {"native kernels": "unavailable (torch path)"}
+    return {"one-row products": "AVX2", **_CHOICES}
+
+
+def describe_variants(device: torch.device) -> str:
+    return ", ".join(f"{work}: {code}" for work, code in variants(device).items())
+
+
 @functools.cache
 def _module():
     capability = torch.backends.cpu.get_cpu_capability()
@@ -81,9 +100,17 @@ def _module():
         finally:
             notice.cancel()
         # torch's check covers what the OS allows, not only what cpuid reports.
-        module.set_native_bf16_gemm(torch.cpu._is_avx512_bf16_supported())
-        module.set_avx512_vnni(_avx512_vnni())
-        module.set_avx512_attention(_avx512())
+        bf16, vnni, wide = torch.cpu._is_avx512_bf16_supported(), _avx512_vnni(), _avx512()
+        module.set_native_bf16_gemm(bf16)
+        module.set_avx512_vnni(vnni)
+        module.set_avx512_attention(wide)
+        _CHOICES.update(
+            {
+                "int8/int4 products of 8+ rows": "AVX512-VNNI" if vnni else "AVX2",
+                "bf16 products of 4+ rows": "oneDNN (AVX512-BF16)" if bf16 else "AVX2",
+                "attention over a bf16 cache": "AVX-512" if wide else "AVX2",
+            }
+        )
         return module
     except Exception as e:  # no headers, ninja or a compile error: the torch path still works
         log.debug("native CPU kernel build failed", exc_info=True)
