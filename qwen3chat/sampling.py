@@ -118,7 +118,9 @@ def top_k_rows(samplers: list[Sampler], logits: torch.Tensor) -> list[TopK | Non
         if k := sampler.raw_top_k():
             rows[k].append(i)
     for k, members in rows.items():
-        values, ids = torch.topk(logits[members].float(), k, dim=-1)
+        # All rows alike (the usual case): no copy of the [rows, vocab] logits.
+        chosen = logits if len(members) == len(samplers) else logits[members]
+        values, ids = torch.topk(chosen.float(), k, dim=-1)
         for j, i in enumerate(members):
             tops[i] = (values[j], ids[j])
     return tops

@@ -121,3 +121,14 @@ def test_top_k_taken_for_all_rows_at_once_draws_what_each_row_draws_alone():
             assert got == want, (step, i)
             batched[i].observe(got)
             alone[i].observe(want)
+
+
+def test_top_k_of_all_rows_alike_is_each_row_s():
+    logits = torch.randn(5, 3000, generator=torch.Generator().manual_seed(5)).bfloat16().float()
+    samplers = [
+        Sampler(SamplingSettings(temperature=1.0, top_k=20, seed=i), 3000, [], "cpu")
+        for i in range(5)
+    ]
+    for i, (values, ids) in enumerate(top_k_rows(samplers, logits)):
+        expected = torch.topk(logits[i], 20)
+        assert torch.equal(ids, expected.indices) and torch.equal(values, expected.values)
