@@ -65,6 +65,24 @@ class Quantize(str, Enum):
     int4 = "int4"
 
 
+class KvCache(str, Enum):
+    auto = "auto"
+    int8 = "int8"
+
+    @property
+    def dtype(self):
+        """What the KV cache stores: None for the compute dtype, else torch.int8."""
+        import torch
+
+        return torch.int8 if self is KvCache.int8 else None
+
+
+KV_CACHE_HELP = (
+    "KV cache storage: auto keeps the compute dtype; int8 stores keys and values as int8 "
+    "per block of 32 with a scale (llama.cpp's -ctk/-ctv q8_0)."
+)
+
+
 class Format(str, Enum):
     auto = "auto"
     safetensors = "safetensors"
@@ -146,6 +164,7 @@ def chat(
     chunk_size: int | None = typer.Option(None, min=1, help="Prefill chunk size in tokens."),
     quantize: Quantize = typer.Option(Quantize.none, help="Weight quantization at load."),
     group_size: int = typer.Option(32, min=8, help="Inputs per int4 scale (--quantize int4)."),
+    kv_cache: KvCache = typer.Option(KvCache.auto, help=KV_CACHE_HELP),
     format: Format = typer.Option(Format.auto, "--format", help="Model format."),
     seed: int = typer.Option(42, help="Sampling RNG seed."),
     think: bool = typer.Option(True, "--think/--no-think", help="Qwen3 thinking mode."),
@@ -193,7 +212,13 @@ def _run_chat(flags: dict, vision_flags: dict | None = None) -> None:
         # generation_config.json replaces our defaults; a flag given replaces both.
         sampling = SamplingSettings(**{**loaded.generation_defaults, **given, "seed": f["seed"]})
         sampling.validate()
-        engine = Engine(loaded.model, loaded.tokenizer, f["max_seq_len"], f["chunk_size"])
+        engine = Engine(
+            loaded.model,
+            loaded.tokenizer,
+            f["max_seq_len"],
+            f["chunk_size"],
+            f["kv_cache"].dtype,
+        )
         if interactive:
             from .chat.repl import Repl
             from .chat.session import ChatOptions, Conversation
@@ -413,6 +438,7 @@ def serve(
     ),
     quantize: Quantize = typer.Option(Quantize.none, help="Weight quantization at load."),
     group_size: int = typer.Option(32, min=8, help="Inputs per int4 scale (--quantize int4)."),
+    kv_cache: KvCache = typer.Option(KvCache.auto, help=KV_CACHE_HELP),
     format: Format = typer.Option(Format.auto, "--format", help="Model format."),
     device: Device = typer.Option(Device.auto, help="Compute device."),
     dtype: Dtype = typer.Option(Dtype.auto, help="Compute dtype."),
@@ -430,7 +456,12 @@ def serve(
         loaded = _load(f)
         name = served_model_name or preset or _served_name(model_path or DEFAULT_MODEL)
         engine = BatchEngine(
-            loaded.model, loaded.tokenizer, max_seq_len, max_running, token_budget=chunk_size
+            loaded.model,
+            loaded.tokenizer,
+            max_seq_len,
+            max_running,
+            token_budget=chunk_size,
+            kv_dtype=kv_cache.dtype,
         )
         engine.warm_up()
         runner = Runner(engine)
@@ -530,6 +561,7 @@ def bench(
         3, "-r", "--repeat", min=1, help="Timed runs per combination, after one warm-up."
     ),
     quantize: Quantize = typer.Option(Quantize.none, help="Weight quantization at load."),
+    kv_cache: KvCache = typer.Option(KvCache.auto, help=KV_CACHE_HELP),
     format: Format = typer.Option(Format.auto, "--format", help="Model format (with -m)."),
     device: Device = typer.Option(Device.auto, help="Compute device."),
     dtype: Dtype = typer.Option(Dtype.auto, help="Compute dtype."),
@@ -575,6 +607,7 @@ def bench(
                 repeat=repeat,
                 fmt=format.value,
                 quantize=quantize.value,
+                kv_cache=kv_cache.value,
                 device=device.value,
                 dtype=dtype.value,
                 chunk_size=chunk_size,

@@ -29,12 +29,14 @@ class Engine:
         tokenizer: Tokenizer,
         max_seq_len: int,
         chunk_size: int | None = None,
+        kv_dtype: torch.dtype | None = None,
     ):
+        """``kv_dtype``: what the KV cache stores (torch.int8: ``--kv-cache int8``)."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.chunk_size = chunk_size
-        self.cache: Cache = model.new_cache(max_seq_len)
+        self.cache: Cache = model.new_cache(max_seq_len, kv_dtype)
         self.vocab_size = model.config.vocab_size
         # The last prompt's layout: what its decode steps pass the model besides ids.
         self.layout = model.prompt_layout([])

@@ -6,6 +6,12 @@ layer-stacked tensors), while the engine tracks what the cache holds through ``t
 ``commit``, ``trim`` and ``common_prefix``. Another kind of state (a recurrent layer's) is
 another class with the same methods. The server's batched engine keeps many sequences'
 keys and values in one PagedKVCache, which each step reaches through a PagedBatch.
+
+Either cache stores rows in the compute dtype, or (``dtype`` torch.int8, ``--kv-cache
+int8``) as llama.cpp's q8_0 does: each block of KV_BLOCK values as int8 codes with one
+float16 scale, a row of ``head_dim`` values packed as its codes and then its scales' bytes
+(``row_bytes``), 0.53 of a bf16 row. Attention reads them dequantized (``readable``);
+the native kernels read and write the packed rows themselves, with the same arithmetic.
 """
 
 from __future__ import annotations
@@ -14,6 +20,53 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from .errors import QwenChatError
+
+KV_BLOCK = 32  # values per int8 block and scale
+
+
+def row_bytes(head_dim: int) -> int:
+    """Elements of one stored row of an int8 cache: the codes, then float16 scales."""
+    return head_dim + head_dim // KV_BLOCK * 2
+
+
+def quantize_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., D]`` as an int8 cache's packed rows ``[..., row_bytes(D)]``: per block of
+    KV_BLOCK, scale = max |x| / 127 (float32) and codes round(x / scale), to nearest even
+    as the kernels round; the scale is stored as float16 (q8_0's)."""
+    blocks = x.float().unflatten(-1, (-1, KV_BLOCK))
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(scale > 0, 1 / scale, 0.0)
+    codes = torch.round(blocks * inverse).to(torch.int8).flatten(-2)
+    return torch.cat((codes, scale.squeeze(-1).half().view(torch.int8)), dim=-1)
+
+
+def dequantize_rows(rows: torch.Tensor) -> torch.Tensor:
+    """An int8 cache's packed rows ``[..., row_bytes(D)]`` as float32 ``[..., D]``."""
+    dim = rows.shape[-1] * KV_BLOCK // (KV_BLOCK + 2)
+    scales = rows[..., dim:].contiguous().view(torch.float16).float()
+    codes = rows[..., :dim].float().unflatten(-1, (-1, KV_BLOCK))
+    return (codes * scales[..., None]).flatten(-2)
+
+
+def stored(x: torch.Tensor, storage: torch.Tensor) -> torch.Tensor:
+    """Keys or values ``x`` as ``storage`` (a cache's tensor) holds them."""
+    return quantize_rows(x) if storage.dtype == torch.int8 else x
+
+
+def readable(rows: torch.Tensor) -> torch.Tensor:
+    """A cache's stored keys or values as attention reads them (int8 rows in float32)."""
+    return dequantize_rows(rows) if rows.dtype == torch.int8 else rows
+
+
+def stored_width(head_dim: int, dtype: torch.dtype) -> int:
+    """The last dimension of a cache that stores ``head_dim`` values a row as ``dtype``."""
+    if dtype != torch.int8:
+        return head_dim
+    if head_dim % KV_BLOCK:
+        raise QwenChatError(f"--kv-cache int8 needs a head_dim that is a multiple of {KV_BLOCK}")
+    return row_bytes(head_dim)
 
 
 class Cache(Protocol):
@@ -36,7 +89,8 @@ class Cache(Protocol):
 
 
 class KVCache:
-    """Keys and values of every layer, ``[layers, 1, kv_heads, max_seq_len, head_dim]``.
+    """Keys and values of every layer, ``[layers, 1, kv_heads, max_seq_len, head_dim]``
+    (the last dimension ``row_bytes(head_dim)`` in an int8 cache).
 
     ``tokens`` lists the ids whose keys/values are stored, in order (a picture's tokens
     as ``(id, digest)`` pairs, so another picture never matches them); the engine commits
@@ -54,7 +108,7 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ):
-        shape = (num_layers, 1, num_kv_heads, max_seq_len, head_dim)
+        shape = (num_layers, 1, num_kv_heads, max_seq_len, stored_width(head_dim, dtype))
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_seq_len = max_seq_len
@@ -64,17 +118,17 @@ class KVCache:
         return len(self.tokens)
 
     def window(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of one layer's keys and values at positions ``start..end-1``."""
+        """Views of one layer's stored keys and values at positions ``start..end-1``."""
         return self.k[layer, :, :, start:end], self.v[layer, :, :, start:end]
 
     def update(
         self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new keys/values at ``start``; return all keys/values up to their end."""
+        """Store new keys/values at ``start``; return all stored ones up to their end."""
         end = start + k.shape[2]
         k_slots, v_slots = self.window(layer, start, end)
-        k_slots.copy_(k)
-        v_slots.copy_(v)
+        k_slots.copy_(stored(k, k_slots))
+        v_slots.copy_(stored(v, v_slots))
         return self.window(layer, 0, end)
 
     def commit(self, ids: list[int]) -> None:
@@ -116,7 +170,7 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ):
-        shape = (num_layers, num_kv_heads, num_blocks * block_size, head_dim)
+        shape = (num_layers, num_kv_heads, num_blocks * block_size, stored_width(head_dim, dtype))
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
@@ -124,7 +178,7 @@ class PagedKVCache:
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
+        return 2 * num_layers * num_kv_heads * stored_width(head_dim, dtype) * dtype.itemsize
 
 
 class PagedBatch:
@@ -162,8 +216,9 @@ class PagedBatch:
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """The rows' keys and values ``[N, kv_heads, head_dim]`` into their slots."""
         slots = self.slots(self.positions[:, None], self.block_tables[self.row_seq])[:, 0]
-        self.cache.k[layer][:, slots] = k.transpose(0, 1)
-        self.cache.v[layer][:, slots] = v.transpose(0, 1)
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        k_cache[:, slots] = stored(k.transpose(0, 1), k_cache)
+        v_cache[:, slots] = stored(v.transpose(0, 1), v_cache)
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Each row's attention ``q [N, heads, head_dim] -> [N, heads * head_dim]``, over its
@@ -177,8 +232,8 @@ class PagedBatch:
         ends = self.positions[firsts + counts - 1] + 1  # each sequence's context
         keys = torch.arange(int(ends.max()), device=q.device)
         slots = self.slots(keys.expand(seqs, -1), self.block_tables)  # [S, L]
-        k = self.cache.k[layer][:, slots].transpose(0, 1)  # [S, kv_heads, L, D]
-        v = self.cache.v[layer][:, slots].transpose(0, 1)
+        k = readable(self.cache.k[layer][:, slots]).transpose(0, 1)  # [S, kv_heads, L, D]
+        v = readable(self.cache.v[layer][:, slots]).transpose(0, 1)
         padded = q.new_zeros(seqs, int(counts.max()), heads, dim)
         padded[self.row_seq, index] = q
         # A padding row sees key 0 (its output is dropped), so that no row is all masked.
@@ -186,6 +241,6 @@ class PagedBatch:
         seen[self.row_seq, index] = self.positions
         mask = keys[None, None, :] <= seen[:, :, None]
         out = F.scaled_dot_product_attention(
-            padded.transpose(1, 2), k, v, attn_mask=mask[:, None], enable_gqa=True
+            padded.transpose(1, 2).to(k.dtype), k, v, attn_mask=mask[:, None], enable_gqa=True
         )
-        return out.transpose(1, 2)[self.row_seq, index].reshape(rows, heads * dim)
+        return out.transpose(1, 2)[self.row_seq, index].reshape(rows, heads * dim).to(q.dtype)

@@ -62,7 +62,7 @@ def test_it_says_which_kernels_ran_and_they_are_ones_this_cpu_allows(report):
         return
     allowed = {
         "int8/int4 products of 8+ rows": "AVX512-VNNI" if kernels._avx512_vnni() else "AVX2",
-        "attention over a bf16 cache": "AVX-512" if kernels._avx512() else "AVX2",
+        "attention over a bf16 or int8 cache": "AVX-512" if kernels._avx512() else "AVX2",
         "bf16 products of 4+ rows": (
             "oneDNN (AVX512-BF16)" if torch.cpu._is_avx512_bf16_supported() else "AVX2"
         ),

@@ -427,7 +427,13 @@ def test_repl_commands(tiny_model_dir, tmp_path):
     ask(child, "hello", r"8 tokens .* length")
     ask(child, f"/save {saved}", "saved 1 turn")
     ask(child, "/clear", "conversation cleared")
-    ask(child, "/show", r"kernels\s+(one-row products|native kernels)", r"turns\s+0")
+    ask(
+        child,
+        "/show",
+        r"kernels\s+(one-row products|native kernels)",
+        r"kv cache\s+compute dtype, \d+ MiB for 2048 tokens",
+        r"turns\s+0",
+    )
     ask(child, f"/load {saved}", "loaded 1 turn")
     ask(child, "/show", r"context\s+\d+ of 2048 tokens used", r"turns\s+1")
     ask(child, "/regen", r"8 tokens .* length")

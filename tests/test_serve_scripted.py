@@ -71,10 +71,10 @@ class ScriptedModel(torch.nn.Module):
         self.script: list[int] = []
         self.prompts: list[list[int]] = []
 
-    def kv_bytes_per_token(self) -> int:
+    def kv_bytes_per_token(self, kv_dtype=None) -> int:
         return 8
 
-    def new_paged_cache(self, num_blocks: int, block_size: int, max_seq_len: int):
+    def new_paged_cache(self, num_blocks: int, block_size: int, max_seq_len: int, kv_dtype=None):
         # Real block bookkeeping (prefix caching, freeing), one-number keys and values.
         return PagedKVCache(1, 1, 1, num_blocks, block_size, torch.float32)
 

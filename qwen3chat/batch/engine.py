@@ -29,9 +29,9 @@ BLOCK_SIZE = 16  # positions per block: a multiple of the attention kernel's row
 KV_MEMORY_SHARE = 0.5
 
 
-def default_num_blocks(model, max_running: int, max_seq_len: int) -> int:
+def default_num_blocks(model, max_running: int, max_seq_len: int, kv_dtype=None) -> int:
     """Blocks for ``max_running`` whole contexts, as far as memory allows."""
-    per_block = model.kv_bytes_per_token() * BLOCK_SIZE
+    per_block = model.kv_bytes_per_token(kv_dtype) * BLOCK_SIZE
     wanted = -(-max_running * max_seq_len // BLOCK_SIZE)
     affordable = int(available_memory(model.device) * KV_MEMORY_SHARE) // per_block
     return max(-(-max_seq_len // BLOCK_SIZE), min(wanted, affordable))
@@ -51,18 +51,20 @@ class BatchEngine:
         max_running: int = 16,
         token_budget: int | None = None,
         num_blocks: int | None = None,
+        kv_dtype: torch.dtype | None = None,
     ):
         """``token_budget``: rows a step runs at most (prompt chunks fill what decoding
         leaves; ``--chunk-size``). By default a step takes whole prompts, as ``chat``
         does, up to STEP_ROWS rows or one longest prompt: prompts that arrive together
         are prefilled in one step and then decode together, where chunks of 256 started
-        each stream's decoding behind the others' prompts."""
+        each stream's decoding behind the others' prompts. ``kv_dtype``: what the KV
+        cache stores (torch.int8: ``--kv-cache int8``)."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.vocab_size = model.config.vocab_size
-        num_blocks = num_blocks or default_num_blocks(model, max_running, max_seq_len)
-        self.cache = model.new_paged_cache(num_blocks, BLOCK_SIZE, max_seq_len)
+        num_blocks = num_blocks or default_num_blocks(model, max_running, max_seq_len, kv_dtype)
+        self.cache = model.new_paged_cache(num_blocks, BLOCK_SIZE, max_seq_len, kv_dtype)
         self.blocks = BlockManager(num_blocks, BLOCK_SIZE)
         budget = token_budget or max(max_seq_len, STEP_ROWS) + max_running
         self.scheduler = Scheduler(self.blocks, max_running, budget)

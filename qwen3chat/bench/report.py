@@ -29,6 +29,7 @@ def report_json(report: BenchReport) -> dict:
         "device": report.model.model.device.type,
         "dtype": str(report.model.model.dtype).removeprefix("torch."),
         "quantize": s.quantize,
+        "kv_cache": s.kv_cache,
         "threads": report.threads,
         "kernels": variants(report.model.model.device),
         "chunk_size": s.chunk_size,
@@ -98,7 +99,11 @@ def _summary(report: BenchReport) -> Table:
             f"{_count(num_parameters(config))} parameters, "
             f"{report.weight_bytes / 2**30:.2f} GiB of weights",
         ),
-        ("setup", setup_line(report) + f", quantize {report.settings.quantize}"),
+        (
+            "setup",
+            setup_line(report)
+            + f", quantize {report.settings.quantize}, kv cache {report.settings.kv_cache}",
+        ),
         ("kernels", describe_variants(report.model.model.device)),
         (
             "load",

@@ -123,6 +123,7 @@ class BenchSettings:
     repeat: int = 3
     fmt: str = "auto"
     quantize: str = "none"
+    kv_cache: str = "auto"  # or "int8"
     device: str = "auto"
     dtype: str = "auto"
     chunk_size: int | None = None
@@ -422,7 +423,10 @@ def run_bench(settings: BenchSettings) -> BenchReport:
             bench_model = load_bench_model(settings, preset)
         rss_after_load = current_rss_mb()
         max_context = max(c.context for c in combinations)
-        engine = Engine(bench_model.model, bench_model.tokenizer, max_context, settings.chunk_size)
+        kv_dtype = torch.int8 if settings.kv_cache == "int8" else None
+        engine = Engine(
+            bench_model.model, bench_model.tokenizer, max_context, settings.chunk_size, kv_dtype
+        )
         ids = random_ids(max_context, bench_model.model.config.vocab_size)
         results = [bench_combination(engine, ids, c, settings.repeat, steps) for c in combinations]
         # After the runs: the probe's 512 MiB must not count in their peak RSS.

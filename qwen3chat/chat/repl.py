@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import Completer, NestedCompleter, PathCompleter, WordCompleter
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
@@ -451,6 +452,7 @@ class Repl:
             ("quantization", self.model.quantization),
             ("device", f"{self.engine.device}, {self.engine.model.dtype}".replace("torch.", "")),
             ("kernels", describe_variants(self.engine.device)),
+            ("kv cache", self._kv_cache()),
             ("template", f"{template} chat template (/show template prints it)"),
             ("thinking", f"{think}, budget {budget}"),
             ("settings", describe_settings(self.options, self.sampling)),
@@ -461,6 +463,11 @@ class Repl:
         for row in rows:
             table.add_row(*row)
         self.console.print(table)
+
+    def _kv_cache(self) -> str:
+        cache = self.engine.cache
+        kind = "int8 (32-value blocks)" if cache.k.dtype == torch.int8 else "compute dtype"
+        return f"{kind}, {cache.nbytes / 2**20:.0f} MiB for {cache.max_seq_len} tokens"
 
     def image(self, arg: str) -> None:
         if not arg:

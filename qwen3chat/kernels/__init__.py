@@ -108,7 +108,7 @@ def _module():
             {
                 "int8/int4 products of 8+ rows": "AVX512-VNNI" if vnni else "AVX2",
                 "bf16 products of 4+ rows": "oneDNN (AVX512-BF16)" if bf16 else "AVX2",
-                "attention over a bf16 cache": "AVX-512" if wide else "AVX2",
+                "attention over a bf16 or int8 cache": "AVX-512" if wide else "AVX2",
             }
         )
         return module

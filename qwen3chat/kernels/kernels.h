@@ -68,6 +68,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 at::Tensor silu_mul(const at::Tensor& gate_up);
 at::Tensor add_residual(const at::Tensor& a, const at::Tensor& b);
 
+// A KV cache stores rows of D values in the activations' dtype, or (int8, kv_cache.py's
+// ``--kv-cache int8``) as D int8 codes followed by a float16 scale per block of kKvBlock
+// values: a row of kv_row_width(D) bytes. ``dim`` below is always D.
+constexpr int64_t kKvBlock = 32;
+inline int64_t kv_row_width(int64_t D, at::ScalarType dtype) {
+  return dtype == at::kChar ? D + D / kKvBlock * 2 : D;
+}
+// D of a cache whose rows are ``width`` elements of ``dtype`` (checked).
+int64_t kv_head_dim(int64_t width, at::ScalarType dtype);
+
 // Rows [B, KVH, L, D] of keys and values, D contiguous, by address and strides (batch,
 // head, row): from two views (kv_rows), or from a layer of the KV cache [layers, B, KVH,
 // max_seq_len, D] (cache_rows), which a decode step then reaches without the half dozen
@@ -81,7 +91,7 @@ struct KVRows {
 KVRows kv_rows(const at::Tensor& k, const at::Tensor& v);
 KVRows cache_rows(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t layer,
                   int64_t first, int64_t count);
-// A paged KV cache, ``k_cache``/``v_cache`` [layers, KVH, slots, D] contiguous, and the
+// A paged KV cache, ``k_cache``/``v_cache`` [layers, KVH, slots, row] contiguous, and the
 // rows of one step of a batch of sequences: row i is at ``positions[i]`` of sequence
 // ``row_seq[i]``, whose position p lies in slot ``block_tables[row_seq[i]][p / block_size]
 // * block_size + p % block_size``. Row i's key and value go to its own position's slot

@@ -91,6 +91,35 @@ void norm_rope_head(const T* x, const T* weight, const T* cos, const T* sin, T* 
   }
 }
 
+// x [D] as an int8 cache's row, as kv_cache.py's quantize_rows does it: per block of 32,
+// scale = max |x| / 127 and codes x * (1 / scale) rounded to nearest even (the MXCSR
+// default, torch.round's rule); then the scales as float16.
+template <typename T>
+void quantize_kv_row(const T* x, int8_t* out, int64_t D) {
+  auto* scales = reinterpret_cast<c10::Half*>(out + D);
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t b = 0; b < D; b += kKvBlock) {
+    __m256 v[4], top = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = load8(x + b + 8 * i);
+      top = _mm256_max_ps(top, _mm256_and_ps(v[i], magnitude));
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    const float scale = _mm_cvtss_f32(m) / 127.0f;
+    const __m256 inverse = _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+    __m256i codes[4];
+    for (int i = 0; i < 4; ++i) codes[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse));
+    // packs interleave the 128-bit lanes; the permutation puts the 32 codes back in order.
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(codes[0], codes[1]),
+                                             _mm256_packs_epi32(codes[2], codes[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + b),
+                        _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    scales[b / kKvBlock] = c10::Half(scale);
+  }
+}
+
 }  // namespace
 
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight_in, double eps) {
@@ -114,13 +143,20 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight_in, double 
   return out;
 }
 
+int64_t kv_head_dim(int64_t width, at::ScalarType dtype) {
+  if (dtype != at::kChar) return width;
+  TORCH_CHECK(width % (kKvBlock + 2) == 0, "an int8 KV cache's rows are ", kKvBlock + 2,
+              " bytes a block of ", kKvBlock, " values, not ", width);
+  return width / (kKvBlock + 2) * kKvBlock;
+}
+
 KVRows kv_rows(const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.stride(3) == 1 && v.stride(3) == 1 &&
                   k.scalar_type() == v.scalar_type(),
               "kv_rows: keys and values must be [B, KVH, L, D] with D contiguous");
   return {k.data_ptr(), v.data_ptr(), {k.stride(0), k.stride(1), k.stride(2)},
-          {v.stride(0), v.stride(1), v.stride(2)}, k.size(0), k.size(1), k.size(2), k.size(3),
-          k.scalar_type()};
+          {v.stride(0), v.stride(1), v.stride(2)}, k.size(0), k.size(1), k.size(2),
+          kv_head_dim(k.size(3), k.scalar_type()), k.scalar_type()};
 }
 
 KVRows cache_rows(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t layer,
@@ -137,7 +173,8 @@ KVRows cache_rows(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t 
   return {at_row(k_cache), at_row(v_cache),
           {k_cache.stride(1), k_cache.stride(2), k_cache.stride(3)},
           {v_cache.stride(1), v_cache.stride(2), v_cache.stride(3)}, k_cache.size(1),
-          k_cache.size(2), count, k_cache.size(4), k_cache.scalar_type()};
+          k_cache.size(2), count, kv_head_dim(k_cache.size(4), k_cache.scalar_type()),
+          k_cache.scalar_type()};
 }
 
 PagedKV paged_kv(const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -170,7 +207,7 @@ PagedKV paged_kv(const at::Tensor& k_cache, const at::Tensor& v_cache,
   kv.layers = k_cache.size(0);
   kv.heads = k_cache.size(1);
   kv.slots = k_cache.size(2);
-  kv.dim = k_cache.size(3);
+  kv.dim = kv_head_dim(k_cache.size(3), k_cache.scalar_type());
   kv.block_size = block_size;
   kv.max_blocks = kv.block_tables_.size(1);
   kv.dtype = k_cache.scalar_type();
@@ -239,8 +276,10 @@ at::Tensor norm_rope_rows(const at::Tensor& qkv_in, const at::Tensor& q_weight_i
   const int64_t width = qkv.size(-1), q_size = num_heads * D, kv_size = num_kv_heads * D;
   TORCH_CHECK(width == q_size + 2 * kv_size && qkv.numel() == B * T * width &&
                   D <= kMaxHeadDim && D % kHeadDimBlock == 0 && cos.dim() == 2 &&
-                  cos.size(1) == D && sin.sizes() == cos.sizes() && out_dtype == dtype,
+                  cos.size(1) == D && sin.sizes() == cos.sizes() &&
+                  (out_dtype == dtype || (out_dtype == at::kChar && D % kKvBlock == 0)),
               "qk_norm_rope: shapes do not match");
+  const bool quantized = out_dtype == at::kChar;
   auto q = at::empty(q_sizes, qkv.options());
   with_dtype(dtype, "qk_norm_rope", [&](auto tag) {
     using S = decltype(tag);
@@ -250,8 +289,13 @@ at::Tensor norm_rope_rows(const at::Tensor& qkv_in, const at::Tensor& q_weight_i
     const S* cp = cos.data_ptr<S>();
     const S* sp = sin.data_ptr<S>();
     S* qp = q.data_ptr<S>();
-    S* kp = static_cast<S*>(k_out);
-    S* vp = static_cast<S*>(v_out);
+    // Into an int8 cache by the row's quantized form (k via a row in S, as stored in S).
+    auto store = [&](const S* x, void* base, int64_t offset) {
+      if (quantized)
+        quantize_kv_row(x, static_cast<int8_t*>(base) + offset, D);
+      else
+        std::copy(x, x + D, static_cast<S*>(base) + offset);
+    };
     const int64_t heads = num_heads + num_kv_heads;
     // One task per (batch, token, head): q heads first, then k heads (which copy v too).
     at::parallel_for(0, B * T * heads, 64, [&](int64_t begin, int64_t end) {
@@ -266,10 +310,10 @@ at::Tensor norm_rope_rows(const at::Tensor& qkv_in, const at::Tensor& q_weight_i
                          static_cast<float>(eps));
         } else {
           const int64_t kh = h - num_heads;
-          norm_rope_head(row + q_size + kh * D, kw, c, s, kp + at.k + kh * k_head, D,
-                         static_cast<float>(eps));
-          const S* v = row + q_size + kv_size + kh * D;
-          std::copy(v, v + D, vp + at.v + kh * v_head);
+          alignas(64) S k[kMaxHeadDim];
+          norm_rope_head(row + q_size + kh * D, kw, c, s, k, D, static_cast<float>(eps));
+          store(k, k_out, at.k + kh * k_head);
+          store(row + q_size + kv_size + kh * D, v_out, at.v + kh * v_head);
         }
       }
     });
@@ -311,11 +355,12 @@ at::Tensor qk_norm_rope_into(const at::Tensor& qkv, const at::Tensor& q_weight,
                   layer < cache.layers,
               "paged_qk_norm_rope: expected qkv [N, (H + 2 KVH) * D] and cos [N, D] for the N "
               "rows of positions, and a cache layer of KVH heads of D");
-  const int64_t head = cache.slots * D, first = layer * cache.heads * head;
+  const int64_t width = kv_row_width(D, cache.dtype);
+  const int64_t head = cache.slots * width, first = layer * cache.heads * head;
   return norm_rope_rows(qkv, q_weight, k_weight, cos, sin, eps, num_heads, num_kv_heads, N, 1,
                         {N, num_heads, D}, cache.k_cache.data_ptr(), cache.v_cache.data_ptr(),
                         head, head, cache.dtype, [&](int64_t i, int64_t) {
-                          const int64_t at = first + cache.slot(i) * D;
+                          const int64_t at = first + cache.slot(i) * width;
                           return RowPlace{i, at, at};
                         });
 }
@@ -328,11 +373,26 @@ inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
+// The values of a cache row (of D) attention reads, from column d: eight widened to
+// float32, or of an int8 row, eight codes times their block's scale (the product
+// kv_cache.py's dequantize_rows computes).
+template <typename K>
+inline __m256 row8(const K* row, int64_t d, int64_t) {
+  return load8(row + d);
+}
+inline float kv_scale(const int8_t* row, int64_t d, int64_t D) {
+  return qk::to_float(reinterpret_cast<const c10::Half*>(row + D)[d / kKvBlock]);
+}
+inline __m256 row8(const int8_t* row, int64_t d, int64_t D) {
+  const __m256i codes = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d)));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(codes), _mm256_set1_ps(kv_scale(row, d, D)));
+}
+
 // Scores of up to two query heads (G) against four keys at once: eight independent
 // accumulators keep the FMA units busy, each key is widened once for both heads, and the
 // four sums are reduced together instead of one horizontal sum per (key, head).
-template <int G, typename S>
-void scores_of_four_keys(const float* query, const S* keys, int64_t stride, int64_t D,
+template <int G, typename K>
+void scores_of_four_keys(const float* query, const K* keys, int64_t stride, int64_t D,
                          float* scores, int64_t padded) {
   __m256 acc[G][4];
   for (int g = 0; g < G; ++g)
@@ -341,7 +401,7 @@ void scores_of_four_keys(const float* query, const S* keys, int64_t stride, int6
     __m256 q[G];
     for (int g = 0; g < G; ++g) q[g] = _mm256_loadu_ps(query + g * D + d);
     for (int j = 0; j < 4; ++j) {
-      const __m256 k = load8(keys + j * stride + d);
+      const __m256 k = row8(keys + j * stride, d, D);
       for (int g = 0; g < G; ++g) acc[g][j] = _mm256_fmadd_ps(k, q[g], acc[g][j]);
     }
   }
@@ -350,11 +410,11 @@ void scores_of_four_keys(const float* query, const S* keys, int64_t stride, int6
 }
 
 // out[g][d] += sum over rows l in [first, last) of p[g][l] * values[l][d] for up to two
-// heads (G) and a block of 8 * V columns, kept in registers over the rows: each value is
-// widened once for both heads. Every output adds its rows in order, so a sweep split
-// into blocks of rows gives the same sums as one sweep.
-template <int G, int V, typename S>
-void weighted_sum(const float* p, int64_t padded, const S* values, int64_t stride,
+// heads (G) and the block of 8 * V columns from column c, kept in registers over the
+// rows: each value is widened once for both heads. Every output adds its rows in order,
+// so a sweep split into blocks of rows gives the same sums as one sweep.
+template <int G, int V, typename K>
+void weighted_sum(const float* p, int64_t padded, const K* values, int64_t stride, int64_t c,
                   int64_t first, int64_t last, float* out, int64_t D) {
   __m256 acc[G][V];
   for (int g = 0; g < G; ++g)
@@ -363,7 +423,7 @@ void weighted_sum(const float* p, int64_t padded, const S* values, int64_t strid
     __m256 weight[G];
     for (int g = 0; g < G; ++g) weight[g] = _mm256_set1_ps(p[g * padded + l]);
     for (int j = 0; j < V; ++j) {
-      const __m256 value = load8(values + l * stride + 8 * j);
+      const __m256 value = row8(values + l * stride, c + 8 * j, D);
       for (int g = 0; g < G; ++g) acc[g][j] = _mm256_fmadd_ps(weight[g], value, acc[g][j]);
     }
   }
@@ -371,19 +431,34 @@ void weighted_sum(const float* p, int64_t padded, const S* values, int64_t strid
     for (int j = 0; j < V; ++j) _mm256_storeu_ps(out + g * D + 8 * j, acc[g][j]);
 }
 
-// The AVX-512 forms of the two above, for bfloat16 caches (set_avx512_attention). A
-// 64-byte load holds 32 bf16 values, and its 32-bit lanes give the floats of the even-
-// indexed ones (shifted left) and of the odd ones (masked): no widening shuffle, and
-// twice the lanes, so each key and value takes a third of the instructions. Queries (and
-// a value sweep's sums, in registers) are kept in that even/odd order.
+// The AVX-512 forms of the two above, for bfloat16 and int8 caches
+// (set_avx512_attention), 32 values of a row at a time in two vectors. Of bfloat16, one
+// 64-byte load, whose 32-bit lanes give the floats of the even-indexed values (shifted
+// left) and of the odd ones (masked): no widening shuffle, and twice the lanes, so each
+// key and value takes a third of the instructions; queries (and a value sweep's sums, in
+// registers) are kept in that even/odd order. Of int8, one block: its codes in order,
+// times its scale.
 std::atomic<bool> avx512_attention{false};
 
-#define QK_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,fma")))
+#define QK_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,fma,f16c")))
 
-QK_AVX512 inline void widen_even_odd(const c10::BFloat16* p, __m512& even, __m512& odd) {
-  const __m512i v = _mm512_loadu_si512(p);
+template <typename K>
+constexpr bool kWideAttention = std::is_same_v<K, c10::BFloat16> || std::is_same_v<K, int8_t>;
+template <typename K>
+constexpr bool kEvenOdd = std::is_same_v<K, c10::BFloat16>;
+
+QK_AVX512 inline void widen32(const c10::BFloat16* row, int64_t d, int64_t, __m512& even,
+                              __m512& odd) {
+  const __m512i v = _mm512_loadu_si512(row + d);
   even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
   odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+QK_AVX512 inline void widen32(const int8_t* row, int64_t d, int64_t D, __m512& low, __m512& high) {
+  const __m512 scale = _mm512_set1_ps(kv_scale(row, d, D));
+  const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d));
+  low = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(codes))), scale);
+  high = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(codes, 1))), scale);
 }
 
 // Every block of 32 floats of x in even/odd order: its 16 even-indexed values, then its
@@ -407,91 +482,97 @@ QK_AVX512 inline __m128 hsum4_512(__m512 a, __m512 b, __m512 c, __m512 d) {
   return hsum4(halves_added(a), halves_added(b), halves_added(c), halves_added(d));
 }
 
-// scores_of_four_keys over bf16 keys with the query in even/odd order.
-template <int G>
-QK_AVX512 void scores_of_four_keys_wide(const float* query, const c10::BFloat16* keys,
-                                        int64_t stride, int64_t D, float* scores,
-                                        int64_t padded) {
-  __m512 even[G][4], odd[G][4];
+// scores_of_four_keys, the query in widen32's order.
+template <int G, typename K>
+QK_AVX512 void scores_of_four_keys_wide(const float* query, const K* keys, int64_t stride,
+                                        int64_t D, float* scores, int64_t padded) {
+  __m512 first[G][4], second[G][4];
   for (int g = 0; g < G; ++g)
-    for (int j = 0; j < 4; ++j) even[g][j] = odd[g][j] = _mm512_setzero_ps();
+    for (int j = 0; j < 4; ++j) first[g][j] = second[g][j] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; d += 32) {
-    __m512 qe[G], qo[G];
+    __m512 q1[G], q2[G];
     for (int g = 0; g < G; ++g) {
-      qe[g] = _mm512_loadu_ps(query + g * D + d);
-      qo[g] = _mm512_loadu_ps(query + g * D + d + 16);
+      q1[g] = _mm512_loadu_ps(query + g * D + d);
+      q2[g] = _mm512_loadu_ps(query + g * D + d + 16);
     }
     for (int j = 0; j < 4; ++j) {
-      __m512 ke, ko;
-      widen_even_odd(keys + j * stride + d, ke, ko);
+      __m512 k1, k2;
+      widen32(keys + j * stride, d, D, k1, k2);
       for (int g = 0; g < G; ++g) {
-        even[g][j] = _mm512_fmadd_ps(ke, qe[g], even[g][j]);
-        odd[g][j] = _mm512_fmadd_ps(ko, qo[g], odd[g][j]);
+        first[g][j] = _mm512_fmadd_ps(k1, q1[g], first[g][j]);
+        second[g][j] = _mm512_fmadd_ps(k2, q2[g], second[g][j]);
       }
     }
   }
   for (int g = 0; g < G; ++g) {
     __m512 sum[4];
-    for (int j = 0; j < 4; ++j) sum[j] = _mm512_add_ps(even[g][j], odd[g][j]);
+    for (int j = 0; j < 4; ++j) sum[j] = _mm512_add_ps(first[g][j], second[g][j]);
     _mm_storeu_ps(scores + g * padded, hsum4_512(sum[0], sum[1], sum[2], sum[3]));
   }
 }
 
-QK_AVX512 float score_wide(const float* query, const c10::BFloat16* key, int64_t D) {
+template <typename K>
+QK_AVX512 float score_wide(const float* query, const K* key, int64_t D) {
   __m512 a = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; d += 32) {
-    __m512 ke, ko;
-    widen_even_odd(key + d, ke, ko);
-    a = _mm512_fmadd_ps(ke, _mm512_loadu_ps(query + d), a);
-    a = _mm512_fmadd_ps(ko, _mm512_loadu_ps(query + d + 16), a);
+    __m512 k1, k2;
+    widen32(key, d, D, k1, k2);
+    a = _mm512_fmadd_ps(k1, _mm512_loadu_ps(query + d), a);
+    a = _mm512_fmadd_ps(k2, _mm512_loadu_ps(query + d + 16), a);
   }
   return _mm512_reduce_add_ps(a);
 }
 
-// weighted_sum over bf16 values, 32 * C columns: the same multiply-adds in the same order
-// for every output, so the same sums bit for bit; out stays in natural order.
-template <int G, int C>
-QK_AVX512 void weighted_sum_wide(const float* p, int64_t padded, const c10::BFloat16* values,
-                                 int64_t stride, int64_t first, int64_t last, float* out,
-                                 int64_t D) {
+// weighted_sum over 32 * C columns from column c: the same multiply-adds in the same
+// order for every output, so the same sums bit for bit; out stays in natural order.
+template <int G, int C, typename K>
+QK_AVX512 void weighted_sum_wide(const float* p, int64_t padded, const K* values,
+                                 int64_t stride, int64_t c0, int64_t first, int64_t last,
+                                 float* out, int64_t D) {
   const __m512i to_even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i to_odd = _mm512_add_epi32(to_even, _mm512_set1_epi32(1));
   const __m512i to_low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i to_high = _mm512_add_epi32(to_low, _mm512_set1_epi32(8));
-  __m512 even[G][C], odd[G][C];
+  __m512 one[G][C], two[G][C];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < C; ++c) {
       const __m512 lo = _mm512_loadu_ps(out + g * D + 32 * c);
       const __m512 hi = _mm512_loadu_ps(out + g * D + 32 * c + 16);
-      even[g][c] = _mm512_permutex2var_ps(lo, to_even, hi);
-      odd[g][c] = _mm512_permutex2var_ps(lo, to_odd, hi);
+      one[g][c] = kEvenOdd<K> ? _mm512_permutex2var_ps(lo, to_even, hi) : lo;
+      two[g][c] = kEvenOdd<K> ? _mm512_permutex2var_ps(lo, to_odd, hi) : hi;
     }
   for (int64_t l = first; l < last; ++l) {
     __m512 weight[G];
     for (int g = 0; g < G; ++g) weight[g] = _mm512_set1_ps(p[g * padded + l]);
     for (int c = 0; c < C; ++c) {
-      __m512 ve, vo;
-      widen_even_odd(values + l * stride + 32 * c, ve, vo);
+      __m512 v1, v2;
+      widen32(values + l * stride, c0 + 32 * c, D, v1, v2);
       for (int g = 0; g < G; ++g) {
-        even[g][c] = _mm512_fmadd_ps(weight[g], ve, even[g][c]);
-        odd[g][c] = _mm512_fmadd_ps(weight[g], vo, odd[g][c]);
+        one[g][c] = _mm512_fmadd_ps(weight[g], v1, one[g][c]);
+        two[g][c] = _mm512_fmadd_ps(weight[g], v2, two[g][c]);
       }
     }
   }
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < C; ++c) {
-      _mm512_storeu_ps(out + g * D + 32 * c, _mm512_permutex2var_ps(even[g][c], to_low, odd[g][c]));
-      _mm512_storeu_ps(out + g * D + 32 * c + 16,
-                       _mm512_permutex2var_ps(even[g][c], to_high, odd[g][c]));
+      float* o = out + g * D + 32 * c;
+      if constexpr (kEvenOdd<K>) {
+        _mm512_storeu_ps(o, _mm512_permutex2var_ps(one[g][c], to_low, two[g][c]));
+        _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(one[g][c], to_high, two[g][c]));
+      } else {
+        _mm512_storeu_ps(o, one[g][c]);
+        _mm512_storeu_ps(o + 16, two[g][c]);
+      }
     }
 }
 
 // One KV head's keys and values as attention reads them: ``rows`` rows, in blocks of
 // ``block_rows`` (the last may be shorter), rows k_stride (v_stride) elements apart. A
 // contiguous cache is one block; a paged one's blocks lie where its block table says.
-template <typename S>
+// K is the cache's element type (int8: quantized rows).
+template <typename K>
 struct KeyBlocks {
-  const S *k, *v;
+  const K *k, *v;
   int64_t k_stride, v_stride, rows, block_rows;
   const int32_t* table;  // block j's first row is table[j] * block_rows; none: j * block_rows
 
@@ -501,23 +582,25 @@ struct KeyBlocks {
 };
 
 // One key's score, for the keys past the last whole four.
-template <typename S>
-float score_of_key(const float* query, const S* key, int64_t D) {
+template <typename K>
+float score_of_key(const float* query, const K* key, int64_t D) {
   __m256 a = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(load8(key + d), _mm256_loadu_ps(query + d), a);
+  for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(row8(key, d, D), _mm256_loadu_ps(query + d), a);
   return hsum(a);
 }
 
 // Every query head of one KV head against L contiguous keys: scores [groups, padded].
 // Keys go four at a time, through all the heads in pairs, so each is read from memory
 // once.
-template <typename S>
-void block_scores(const float* query, int64_t groups, const S* keys, int64_t stride, int64_t L,
+template <typename K>
+void block_scores(const float* query, int64_t groups, const K* keys, int64_t stride, int64_t L,
                   int64_t D, float* scores, int64_t padded, bool wide) {
-  auto two = scores_of_four_keys<2, S>, one = scores_of_four_keys<1, S>;
-  auto single = score_of_key<S>;
-  if constexpr (std::is_same_v<S, c10::BFloat16>) {
-    if (wide) two = scores_of_four_keys_wide<2>, one = scores_of_four_keys_wide<1>, single = score_wide;
+  auto two = scores_of_four_keys<2, K>, one = scores_of_four_keys<1, K>;
+  auto single = score_of_key<K>;
+  if constexpr (kWideAttention<K>) {
+    if (wide)
+      two = scores_of_four_keys_wide<2, K>, one = scores_of_four_keys_wide<1, K>,
+      single = score_wide<K>;
   }
   int64_t l = 0;
   for (; l + 4 <= L; l += 4) {
@@ -533,8 +616,8 @@ void block_scores(const float* query, int64_t groups, const S* keys, int64_t str
 
 // The scores of all of kv's keys, block by block. Blocks of whole fours of keys score
 // them as one contiguous sweep would.
-template <typename S>
-void head_scores(const float* query, int64_t groups, const KeyBlocks<S>& kv, int64_t D,
+template <typename K>
+void head_scores(const float* query, int64_t groups, const KeyBlocks<K>& kv, int64_t D,
                  float* scores, int64_t padded, bool wide) {
   for (int64_t first = 0, j = 0; first < kv.rows; first += kv.block_rows, ++j)
     block_scores(query, groups, kv.k + kv.first_row(j) * kv.k_stride, kv.k_stride,
@@ -547,36 +630,35 @@ void head_scores(const float* query, int64_t groups, const KeyBlocks<S>& kv, int
 // line of every row per sweep) was 1.1-1.4x slower at 1024-4096 tokens of context.
 constexpr int64_t kValueRows = 16;
 
-template <typename S>
-void head_values(const float* p_all, int64_t padded, int64_t groups, const KeyBlocks<S>& kv,
+template <typename K>
+void head_values(const float* p_all, int64_t padded, int64_t groups, const KeyBlocks<K>& kv,
                  int64_t D, float* acc, bool wide) {
   std::fill(acc, acc + groups * D, 0.0f);
   const int64_t stride = kv.v_stride;
   for (int64_t row = 0, j = 0; row < kv.rows; row += kv.block_rows, ++j) {
     const float* p = p_all + row;
-    const S* values = kv.v + kv.first_row(j) * stride;
+    const K* values = kv.v + kv.first_row(j) * stride;
     const int64_t L = std::min(kv.block_rows, kv.rows - row);
     for (int64_t first = 0; first < L; first += kValueRows) {
       const int64_t last = std::min(L, first + kValueRows);
       for (int64_t d = 0; d < D;) {
-        // Columns a sweep takes: 64 or 32 (AVX-512, bf16), else 32 or 8.
+        // Columns a sweep takes: 64 or 32 (AVX-512), else 32 or 8.
         const int64_t step = wide ? (D - d >= 64 ? 64 : 32) : (D - d >= 32 ? 32 : 8);
         for (int64_t g = 0; g < groups; g += 2) {
           const float* pg = p + g * padded;
-          const S* block = values + d;
           float* out = acc + g * D + d;
           const bool two = groups - g >= 2;
-          if constexpr (std::is_same_v<S, c10::BFloat16>) {
+          if constexpr (kWideAttention<K>) {
             if (wide) {
-              auto sweep = two ? (step == 64 ? weighted_sum_wide<2, 2> : weighted_sum_wide<2, 1>)
-                               : (step == 64 ? weighted_sum_wide<1, 2> : weighted_sum_wide<1, 1>);
-              sweep(pg, padded, block, stride, first, last, out, D);
+              auto sweep = two ? (step == 64 ? weighted_sum_wide<2, 2, K> : weighted_sum_wide<2, 1, K>)
+                               : (step == 64 ? weighted_sum_wide<1, 2, K> : weighted_sum_wide<1, 1, K>);
+              sweep(pg, padded, values, stride, d, first, last, out, D);
               continue;
             }
           }
-          auto sweep = two ? (step == 32 ? weighted_sum<2, 4, S> : weighted_sum<2, 1, S>)
-                           : (step == 32 ? weighted_sum<1, 4, S> : weighted_sum<1, 1, S>);
-          sweep(pg, padded, block, stride, first, last, out, D);
+          auto sweep = two ? (step == 32 ? weighted_sum<2, 4, K> : weighted_sum<2, 1, K>)
+                           : (step == 32 ? weighted_sum<1, 4, K> : weighted_sum<1, 1, K>);
+          sweep(pg, padded, values, stride, d, first, last, out, D);
         }
         d += step;
       }
@@ -588,24 +670,25 @@ void head_values(const float* p_all, int64_t padded, int64_t groups, const KeyBl
 // key_blocks(r, kh) gives the KeyBlocks of row r's KV head kh. Scores, softmax and the
 // weighted sum in float32, the result rounded once, as SDPA does. One task per (row, KV
 // head), whose keys and values are each read once for all the query heads that share
-// them (two at a time from the registers, the rest from cache).
-template <typename S, typename Locate>
+// them (two at a time from the registers, the rest from cache). Queries of type S, a
+// cache of K.
+template <typename S, typename K, typename Locate>
 void attention_rows(const S* qp, S* op, int64_t rows, int64_t H, int64_t KVH, int64_t D,
                     Locate key_blocks) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t groups = H / KVH;
-  const bool wide = std::is_same_v<S, c10::BFloat16> && avx512_attention && D % 32 == 0;
+  const bool wide = kWideAttention<K> && avx512_attention && D % 32 == 0;
   at::parallel_for(0, rows * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, query(groups * D), acc(groups * D), sums(groups);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / KVH, kh = i % KVH, first = r * H + kh * groups;
-      const KeyBlocks<S> kv = key_blocks(r, kh);
+      const KeyBlocks<K> kv = key_blocks(r, kh);
       const int64_t L = kv.rows, padded = (L + 7) / 8 * 8;
       // Scores past L (up to padded) go through exp8 unused: any value does.
       if (static_cast<int64_t>(scores.size()) < groups * padded) scores.resize(groups * padded);
       for (int64_t d = 0; d < groups * D; ++d)
         query[d] = static_cast<float>(qp[first * D + d]) * scale;
-      if (wide) to_even_odd(query.data(), groups * D);
+      if (wide && kEvenOdd<K>) to_even_odd(query.data(), groups * D);
       head_scores(query.data(), groups, kv, D, scores.data(), padded, wide);
       std::fill(sums.begin(), sums.end(), 0.0f);
       for (int64_t g = 0; g < groups; ++g) {
@@ -629,6 +712,22 @@ void attention_rows(const S* qp, S* op, int64_t rows, int64_t H, int64_t KVH, in
 
 void set_avx512_attention(bool enabled) { avx512_attention = enabled; }
 
+namespace {
+
+// Calls f with the queries' and the cache's element types: the cache stores the queries'
+// dtype, or int8 rows.
+template <typename F>
+void with_kv_dtypes(at::ScalarType q_dtype, at::ScalarType cache_dtype, const char* name, F f) {
+  with_dtype(q_dtype, name, [&](auto tag) {
+    using S = decltype(tag);
+    if (cache_dtype == at::kChar) return f(S{}, int8_t{});
+    TORCH_CHECK(cache_dtype == q_dtype, name, ": the KV cache must be of the queries' dtype or int8");
+    f(S{}, S{});
+  });
+}
+
+}  // namespace
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   return attend(q, kv_rows(k, v));
 }
@@ -640,17 +739,18 @@ at::Tensor attend(const at::Tensor& q_in, const KVRows& kv) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
   const int64_t KVH = kv.heads, L = kv.rows;
   TORCH_CHECK(q.size(2) == 1 && kv.batch == B && H % KVH == 0 && D % kAttentionHeadDimBlock == 0 &&
-                  kv.dim == D && kv.dtype == q.scalar_type(),
+                  kv.dim == D,
               "decode_attention: shapes do not match");
   auto out = at::empty({B, 1, H * D}, q.options());
-  with_dtype(q.scalar_type(), "decode_attention", [&](auto tag) {
+  with_kv_dtypes(q.scalar_type(), kv.dtype, "decode_attention", [&](auto tag, auto cache_tag) {
     using S = decltype(tag);
-    const S* kp = static_cast<const S*>(kv.k);
-    const S* vp = static_cast<const S*>(kv.v);
+    using K = decltype(cache_tag);
+    const K* kp = static_cast<const K*>(kv.k);
+    const K* vp = static_cast<const K*>(kv.v);
     const int64_t* ks = kv.k_strides;
     const int64_t* vs = kv.v_strides;
-    attention_rows(q.data_ptr<S>(), out.data_ptr<S>(), B, H, KVH, D, [&](int64_t b, int64_t kh) {
-      return KeyBlocks<S>{kp + b * ks[0] + kh * ks[1], vp + b * vs[0] + kh * vs[1], ks[2], vs[2],
+    attention_rows<S, K>(q.data_ptr<S>(), out.data_ptr<S>(), B, H, KVH, D, [&](int64_t b, int64_t kh) {
+      return KeyBlocks<K>{kp + b * ks[0] + kh * ks[1], vp + b * vs[0] + kh * vs[1], ks[2], vs[2],
                           L, L, nullptr};
     });
   });
@@ -666,17 +766,18 @@ at::Tensor attend(const at::Tensor& q_in, const PagedKV& cache, int64_t layer) {
               "paged_attention: expected q [N, H, D] for the N rows of positions");
   const int64_t N = q.size(0), H = q.size(1), D = q.size(2), KVH = cache.heads;
   TORCH_CHECK(H % KVH == 0 && D % kAttentionHeadDimBlock == 0 && cache.dim == D &&
-                  cache.dtype == q.scalar_type() && layer >= 0 && layer < cache.layers,
-              "paged_attention: q [N, H, D] does not match the cache's layer (heads, head_dim, "
-              "dtype)");
+                  layer >= 0 && layer < cache.layers,
+              "paged_attention: q [N, H, D] does not match the cache's layer (heads, head_dim)");
   auto out = at::empty({N, H * D}, q.options());
-  with_dtype(q.scalar_type(), "paged_attention", [&](auto tag) {
+  with_kv_dtypes(q.scalar_type(), cache.dtype, "paged_attention", [&](auto tag, auto cache_tag) {
     using S = decltype(tag);
-    const int64_t head = cache.slots * D, first = layer * KVH * head;
-    const S* kp = static_cast<const S*>(cache.k_cache.data_ptr()) + first;
-    const S* vp = static_cast<const S*>(cache.v_cache.data_ptr()) + first;
-    attention_rows(q.data_ptr<S>(), out.data_ptr<S>(), N, H, KVH, D, [&](int64_t i, int64_t kh) {
-      return KeyBlocks<S>{kp + kh * head, vp + kh * head, D, D, cache.positions[i] + 1,
+    using K = decltype(cache_tag);
+    const int64_t width = kv_row_width(D, cache.dtype);
+    const int64_t head = cache.slots * width, first = layer * KVH * head;
+    const K* kp = static_cast<const K*>(cache.k_cache.data_ptr()) + first;
+    const K* vp = static_cast<const K*>(cache.v_cache.data_ptr()) + first;
+    attention_rows<S, K>(q.data_ptr<S>(), out.data_ptr<S>(), N, H, KVH, D, [&](int64_t i, int64_t kh) {
+      return KeyBlocks<K>{kp + kh * head, vp + kh * head, width, width, cache.positions[i] + 1,
                           cache.block_size, cache.table(i)};
     });
   });

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..device import matmul_dtype
-from ..kv_cache import Cache, PagedBatch
+from ..kv_cache import Cache, PagedBatch, readable
 from ..quant import QuantizedWeight
 from . import native
 
@@ -145,6 +145,8 @@ class Attention(nn.Module):
         out = native.decode_attention(q, k, v) if seq == 1 else None
         if out is not None:
             return self.o_proj(out)
+        k, v = readable(k), readable(v)  # an int8 cache's rows in float32
+        q = q.to(k.dtype)
         if seq == 1:
             # One query row sees every cached key, so no mask; and the query heads that
             # share a KV head go in as rows of one group (5x faster than enable_gqa on
@@ -158,7 +160,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
             )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.q_size))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.q_size).to(x.dtype))
 
     def project(
         self,
@@ -169,7 +171,8 @@ class Attention(nn.Module):
         start: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q ``[B, heads, T, head_dim]`` normed and rotated, and all the keys and values
-        attention sees ``[B, kv_heads, start + T, head_dim]``, the new ones stored."""
+        attention sees ``[B, kv_heads, start + T, head_dim]`` as the cache stores them,
+        the new ones stored."""
         batch, seq, _ = x.shape
         qkv = self.qkv_proj(x)
         end = start + seq

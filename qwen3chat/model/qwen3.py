@@ -130,7 +130,9 @@ class Qwen3Model(nn.Module):
         if self.rope_cos is None or self.rope_cos.shape[0] < max_seq_len:
             self.setup_rope(max_seq_len)
 
-    def new_cache(self, max_seq_len: int) -> KVCache:
+    def new_cache(self, max_seq_len: int, kv_dtype: torch.dtype | None = None) -> KVCache:
+        """A KVCache storing ``kv_dtype`` (torch.int8: quantized rows; default the
+        weights' dtype)."""
         self._rope_up_to(max_seq_len)
         c = self.config
         return KVCache(
@@ -138,11 +140,17 @@ class Qwen3Model(nn.Module):
             c.num_key_value_heads,
             c.head_dim,
             max_seq_len,
-            self.dtype,
+            kv_dtype or self.dtype,
             self.device,
         )
 
-    def new_paged_cache(self, num_blocks: int, block_size: int, max_seq_len: int) -> PagedKVCache:
+    def new_paged_cache(
+        self,
+        num_blocks: int,
+        block_size: int,
+        max_seq_len: int,
+        kv_dtype: torch.dtype | None = None,
+    ) -> PagedKVCache:
         """A PagedKVCache for the batched engine; rotary tables up to ``max_seq_len``."""
         self._rope_up_to(max_seq_len)
         c = self.config
@@ -152,14 +160,14 @@ class Qwen3Model(nn.Module):
             c.head_dim,
             num_blocks,
             block_size,
-            self.dtype,
+            kv_dtype or self.dtype,
             self.device,
         )
 
-    def kv_bytes_per_token(self) -> int:
+    def kv_bytes_per_token(self, kv_dtype: torch.dtype | None = None) -> int:
         c = self.config
         return PagedKVCache.bytes_per_token(
-            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.dtype
+            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, kv_dtype or self.dtype
         )
 
     def prompt_layout(self, ids: list[int], visuals: Sequence = ()) -> TextLayout:
