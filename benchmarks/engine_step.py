@@ -37,8 +37,8 @@ def prompt(loaded, index: int, length: int) -> list[int]:
     return ids[:length]
 
 
-def chat_engine(loaded, prompt_len: int, tokens: int) -> float:
-    engine = Engine(loaded.model, loaded.tokenizer, prompt_len + tokens + 8)
+def chat_engine(loaded, prompt_len: int, tokens: int, kv_dtype=None) -> float:
+    engine = Engine(loaded.model, loaded.tokenizer, prompt_len + tokens + 8, kv_dtype=kv_dtype)
     engine.tokenizer.stop_ids = []
     [finish] = [
         e
@@ -48,8 +48,10 @@ def chat_engine(loaded, prompt_len: int, tokens: int) -> float:
     return finish.timings.decode_tok_s
 
 
-def batch_engine(loaded, streams: int, prompt_len: int, tokens: int) -> float:
-    engine = BatchEngine(loaded.model, loaded.tokenizer, prompt_len + tokens + 8, streams)
+def batch_engine(loaded, streams: int, prompt_len: int, tokens: int, kv_dtype=None) -> float:
+    engine = BatchEngine(
+        loaded.model, loaded.tokenizer, prompt_len + tokens + 8, streams, kv_dtype=kv_dtype
+    )
     for i in range(streams):
         engine.add(prompt(loaded, i, prompt_len), tokens, SAMPLING)
     first = last = None
@@ -83,7 +85,9 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--kv-cache", default="auto", choices=["auto", "int8"])
     args = parser.parse_args()
+    kv_dtype = torch.int8 if args.kv_cache == "int8" else None
     torch.manual_seed(0)
     loaded = load_preset(args.preset, "cpu", args.dtype, args.quantize)
     loaded.tokenizer.stop_ids = []
@@ -91,13 +95,15 @@ def main() -> None:
     results: dict[str, list[float]] = {}
     chat_engine(loaded, args.prompt, 4)  # warm up (kernel build, first-touch pages)
     for _ in range(args.rounds):
-        results.setdefault("chat engine", []).append(chat_engine(loaded, args.prompt, args.tokens))
+        speed = chat_engine(loaded, args.prompt, args.tokens, kv_dtype)
+        results.setdefault("chat engine", []).append(speed)
         for n in streams:
-            speed = batch_engine(loaded, n, args.prompt, args.tokens)
+            speed = batch_engine(loaded, n, args.prompt, args.tokens, kv_dtype)
             results.setdefault(f"batched, {n} streams", []).append(speed)
     base = statistics.median(results["chat engine"])
     print(
-        f"{args.preset} {args.dtype} quantize={args.quantize}, {torch.get_num_threads()} "
+        f"{args.preset} {args.dtype} quantize={args.quantize} kv-cache={args.kv_cache}, "
+        f"{torch.get_num_threads()} "
         f"threads, {cpu_model()}, medians of {args.rounds} rounds"
     )
     print("| engine | decode tok/s (aggregate) | / chat engine |")

@@ -150,6 +150,8 @@ def start_qwen3chat(args, checkpoint: Path, weights: str, k: int) -> Server:
     cmd += ["--max-seq-len", str(PROMPT_BUDGET + args.max_tokens)]
     if weights == "int4":
         cmd += ["--quantize", "int4"]
+    if args.kv_cache == "int8":
+        cmd += ["--kv-cache", "int8"]
     if args.serve_has_threads:
         cmd += ["--threads", str(args.threads)]
     # torch's intra-op pool follows OMP_NUM_THREADS where serve has no --threads.
@@ -172,6 +174,8 @@ def start_llamacpp(args, gguf: Path, k: int) -> Server:
     cmd = [args.llama_server, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["-np", str(k), "-c", str(ctx), "--threads", str(args.threads)]
     cmd += ["--threads-batch", str(args.threads), "--jinja", "--no-webui"]
+    if args.kv_cache == "int8":  # a quantized V cache needs flash attention
+        cmd += ["-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on"]
     server = Server("llama-server", cmd)
     server.base = f"http://127.0.0.1:{port}"
 
@@ -364,7 +368,8 @@ def write_report(args, systems: list[str], results: dict, notes: list[str]) -> N
         "Command: `python benchmarks/serve_bench.py "
         f"--preset {args.preset} --streams {','.join(map(str, args.streams))} "
         f"--max-tokens {args.max_tokens} --rounds {args.rounds} "
-        f"--weights {','.join(args.weights)} --threads {args.threads}`"
+        f"--weights {','.join(args.weights)} --threads {args.threads} "
+        f"--kv-cache {args.kv_cache}`"
     )
     table = "\n".join(lines) + "\n"
     print(table)
@@ -384,6 +389,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--weights", default="bf16,int4", help="a comma list of bf16, int4")
     parser.add_argument("--threads", type=int, default=2, help="threads per server")
+    parser.add_argument(
+        "--kv-cache",
+        default="auto",
+        choices=["auto", "int8"],
+        help="int8: both servers keep keys and values as q8_0 blocks",
+    )
     parser.add_argument("--llama-server", default="/work/llamacpp/llama-server")
     parser.add_argument("--gguf-bf16", default="BF16", help="GGUF type of the bf16 rows")
     parser.add_argument("--gguf-int4", default="Q4_0", help="GGUF type of the int4 rows")
