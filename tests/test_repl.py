@@ -430,7 +430,7 @@ def test_repl_commands(tiny_model_dir, tmp_path):
     ask(
         child,
         "/show",
-        r"kernels\s+(one-row products|native kernels)",
+        r"kernels\s+(one-row float|native kernels)",
         r"kv cache\s+compute dtype, \d+ MiB for 2048 tokens",
         r"turns\s+0",
     )

@@ -55,13 +55,13 @@ _CHOICES: dict[str, str] = {}
 
 def variants(device: torch.device) -> dict[str, str]:
     """Which code runs each kind of work on ``device``, for bench and /show: on the CPU
-    the native kernels' choices for this processor (one-row products are AVX2
+    the native kernels' choices for this processor (one-row integer products are AVX2
     everywhere), or the torch path where they cannot run."""
     if device.type != "cpu":
         return {"all work": f"torch on {device.type}"}
     if _module() is None:
         return {"native kernels": "unavailable (torch path)"}
-    return {"one-row products": "AVX2", **_CHOICES}
+    return dict(_CHOICES)
 
 
 def describe_variants(device: torch.device) -> str:
@@ -104,8 +104,11 @@ def _module():
         module.set_native_bf16_gemm(bf16)
         module.set_avx512_vnni(vnni)
         module.set_avx512_attention(wide)
+        module.set_avx512_products(wide)
         _CHOICES.update(
             {
+                "one-row float/bf16/f16 products": "AVX-512" if wide else "AVX2",
+                "one-row int8/int4 products": "AVX2",
                 "int8/int4 products of 8+ rows": "AVX512-VNNI" if vnni else "AVX2",
                 "bf16 products of 4+ rows": "oneDNN (AVX512-BF16)" if bf16 else "AVX2",
                 "attention over a bf16 or int8 cache": "AVX-512" if wide else "AVX2",

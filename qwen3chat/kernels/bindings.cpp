@@ -19,7 +19,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_avx512_vnni", &set_avx512_vnni,
         "run integer GEMMs with AVX512-VNNI (the CPU and the OS allow it)");
   m.def("set_avx512_attention", &set_avx512_attention,
-        "run attention over bfloat16 caches with AVX-512 (the CPU and the OS allow it)");
+        "run attention over bfloat16 and int8 caches with AVX-512 (the CPU and the OS allow it)");
+  m.def("set_avx512_products", &set_avx512_products,
+        "run one-row products of float weights with AVX-512 (the CPU and the OS allow it)");
   m.def("q8_linear", &q8_linear, "x @ W.T for group-wise int8 weights");
   m.def("q4_linear", &q4_linear, "x @ W.T for group-wise int4 weights");
   m.def("quantize_rows", &quantize_rows, "round-to-nearest int8/int4 codes and group scales");

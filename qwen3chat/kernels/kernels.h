@@ -44,8 +44,11 @@ void set_native_bf16_gemm(bool enabled);
 // Integer GEMMs (prompt chunks, several sequences' rows) with AVX512-VNNI where the CPU and
 // the OS allow it (Python asks torch): bit for bit the AVX2 kernel's results.
 void set_avx512_vnni(bool enabled);
-// Attention over bfloat16 caches with AVX-512 (F, BW, DQ) where the CPU and OS allow it.
+// Attention over bfloat16 and int8 caches with AVX-512 (F, BW, DQ) where the CPU and OS
+// allow it.
 void set_avx512_attention(bool enabled);
+// One-row (decode) products of float, bfloat16 and half weights with AVX-512, likewise.
+void set_avx512_products(bool enabled);
 
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight);
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales);
