@@ -144,3 +144,40 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     model = build_reference_model(tie=True, seed=0)
     path = save_model_dir(model, tmp_path_factory.mktemp("tiny-tied"), tokenizer_dir)
     return path, model
+
+
+def _both_kernels(request, setter: str):
+    """Run a test with the AVX-512 and the AVX2 form of a kernel (``setter`` of the native
+    module chooses), the AVX-512 one only where the CPU and OS allow it."""
+    from qwen3chat import kernels
+
+    native = kernels.native(torch.zeros(1))
+    if native is None:
+        pytest.skip("no AVX2 CPU or no C++ compiler here")
+    wide = request.param == "avx512"
+    if wide and not kernels._avx512():
+        pytest.skip("this CPU (or its OS, or QWEN3CHAT_NO_AVX512) does not allow AVX-512")
+    getattr(native, setter)(wide)
+    yield
+    getattr(native, setter)(kernels._avx512())
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def attention_kernels(request):
+    """Attention over bf16 and int8 caches, in both forms."""
+    yield from _both_kernels(request, "set_avx512_attention")
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def product_kernels(request):
+    """One-row products of float weights, in both forms."""
+    yield from _both_kernels(request, "set_avx512_products")
+
+
+def chat_prompts(tokenizer, n: int) -> list[list[int]]:
+    """``n`` different short chat prompts."""
+    words = "the quick brown fox jumps over a lazy dog while seven cats watch it"
+    return [
+        tokenizer.encode_chat([{"role": "user", "content": words[: 9 + i * 11 % 57]}])
+        for i in range(n)
+    ]

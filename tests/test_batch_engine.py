@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_reference_model, save_model_dir
+from conftest import build_reference_model, chat_prompts, save_model_dir
 
 from qwen3chat.batch.block_manager import BlockManager
 from qwen3chat.batch.engine import BLOCK_SIZE, BatchEngine
@@ -29,14 +29,6 @@ def loaded(request, tmp_path_factory, tokenizer_dir):
     model = build_reference_model(tie=True, seed=3, moe=request.param == "moe")
     path = save_model_dir(model, tmp_path_factory.mktemp(request.param), tokenizer_dir)
     return load_model(path, device="cpu", dtype="float32")
-
-
-def prompts(tokenizer, n: int) -> list[list[int]]:
-    words = "the quick brown fox jumps over a lazy dog while seven cats watch it"
-    return [
-        tokenizer.encode_chat([{"role": "user", "content": words[: 9 + i * 11 % 57]}])
-        for i in range(n)
-    ]
 
 
 def alone(loaded, ids: list[int], max_tokens: int) -> FinishEvent:
@@ -75,7 +67,7 @@ def test_the_torch_path_too(loaded, torch_matmuls):
 
 
 def check_alone(loaded, join_every: int) -> None:
-    requests = [(ids, 12 + 5 * (i % 3)) for i, ids in enumerate(prompts(loaded.tokenizer, 6))]
+    requests = [(ids, 12 + 5 * (i % 3)) for i, ids in enumerate(chat_prompts(loaded.tokenizer, 6))]
     engine = BatchEngine(loaded.model, loaded.tokenizer, MAX_SEQ_LEN, token_budget=24)
     events = run_all(engine, requests, join_every)
     for (ids, max_tokens), seq in zip(requests, events, strict=True):
@@ -106,7 +98,7 @@ def test_a_shared_prefix_is_computed_once(loaded):
 
 
 def test_preempted_sequences_are_recomputed_to_the_same_ids(loaded):
-    requests = [(ids, 40) for ids in prompts(loaded.tokenizer, 4)]
+    requests = [(ids, 40) for ids in chat_prompts(loaded.tokenizer, 4)]
     longest = max(len(ids) for ids, _ in requests) + 40
     # Room for about two of the four at their full length: the newest are preempted.
     blocks = 2 * -(-longest // BLOCK_SIZE) + 1
@@ -123,7 +115,7 @@ def test_preempted_sequences_are_recomputed_to_the_same_ids(loaded):
 
 def test_cancel_frees_blocks_at_once(loaded):
     engine = BatchEngine(loaded.model, loaded.tokenizer, MAX_SEQ_LEN)
-    [ids] = prompts(loaded.tokenizer, 1)
+    [ids] = chat_prompts(loaded.tokenizer, 1)
     seq = engine.add(ids, 100, GREEDY)
     other = engine.add(ids[:-1], 100, GREEDY)
     for _ in range(3):
@@ -139,7 +131,7 @@ def test_batched_logits_match_the_single_sequence_forward(loaded):
     """Two sequences decoding beside a prefill chunk: each row's logits equal what the
     single-sequence path gives at that position."""
     model = loaded.model
-    ids = prompts(loaded.tokenizer, 3)
+    ids = chat_prompts(loaded.tokenizer, 3)
     engine = BatchEngine(model, loaded.tokenizer, MAX_SEQ_LEN, token_budget=1000)
     seqs = [engine.add(p, 8, GREEDY) for p in ids[:2]]
     engine.step()  # both prompts, whole
@@ -198,7 +190,7 @@ def test_a_step_is_one_native_call_for_all_layers(loaded, monkeypatch):
     real = native.paged_layers
     monkeypatch.setattr(native, "paged_layers", lambda *a: calls.append(a) or real(*a))
     engine = BatchEngine(loaded.model, loaded.tokenizer, MAX_SEQ_LEN)
-    events = run_all(engine, [(ids, 5) for ids in prompts(loaded.tokenizer, 3)])
+    events = run_all(engine, [(ids, 5) for ids in chat_prompts(loaded.tokenizer, 3)])
     assert len(calls) == 5  # a step: the prompts, then four decode steps
     assert all(len(call[1]) == len(loaded.model.layers) for call in calls)
     assert all(call[-1] is not None for call in calls)

@@ -25,18 +25,6 @@ def rand(*shape, dtype=torch.float32, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-@pytest.fixture(params=["avx512", "avx2"])
-def product_kernels(request):
-    """One-row float products run AVX-512 code where the CPU allows it: both kinds are
-    checked (the AVX-512 one only where it can run)."""
-    wide = request.param == "avx512"
-    if wide and not kernels._avx512():
-        pytest.skip("this CPU (or its OS, or QWEN3CHAT_NO_AVX512) does not allow AVX-512")
-    native.set_avx512_products(wide)
-    yield
-    native.set_avx512_products(kernels._avx512())
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 9, 15, 16, 20])
 @pytest.mark.parametrize("width", [512, 96])  # AVX-512: whole steps of 64, and a last 32

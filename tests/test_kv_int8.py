@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_reference_model, save_model_dir
+from conftest import build_reference_model, chat_prompts, save_model_dir
 from typer.testing import CliRunner
 
 from qwen3chat import kernels
@@ -37,19 +37,6 @@ def rand(*shape, dtype=torch.float32, seed=0):
 def config_of(preset: str, head_dim: int = 32):
     """A tiny preset with head_dim a multiple of the int8 blocks (tiny's own is 16)."""
     return dataclasses.replace(preset_config(preset), head_dim=head_dim)
-
-
-@pytest.fixture(params=["avx512", "avx2"])
-def attention_kernels(request):
-    """Both attention variants, the AVX-512 one only where the CPU and OS allow it."""
-    if native is None:
-        pytest.skip("no AVX2 CPU or no C++ compiler here")
-    wide = request.param == "avx512"
-    if wide and not kernels._avx512():
-        pytest.skip("this CPU (or its OS, or QWEN3CHAT_NO_AVX512) does not allow AVX-512")
-    native.set_avx512_attention(wide)
-    yield
-    native.set_avx512_attention(kernels._avx512())
 
 
 def test_rows_hold_each_value_to_half_a_step():
@@ -196,18 +183,10 @@ def loaded(tmp_path_factory, tokenizer_dir):
     return load_model(path, device="cpu", dtype="float32")
 
 
-def prompts(tokenizer, n: int) -> list[list[int]]:
-    words = "the quick brown fox jumps over a lazy dog while seven cats watch it"
-    return [
-        tokenizer.encode_chat([{"role": "user", "content": words[: 9 + i * 13 % 55]}])
-        for i in range(n)
-    ]
-
-
 def test_the_batched_engine_over_an_int8_cache_gives_each_sequence_its_own_ids(loaded):
     """Six sequences decoded together over a paged int8 cache: each gets the ids the chat
     engine gives it alone over a contiguous int8 cache."""
-    requests = prompts(loaded.tokenizer, 6)
+    requests = chat_prompts(loaded.tokenizer, 6)
     engine = BatchEngine(loaded.model, loaded.tokenizer, 256, kv_dtype=INT8)
     assert engine.cache.k.dtype == INT8
     events = {engine.add(ids, 12, GREEDY): ids for ids in requests}

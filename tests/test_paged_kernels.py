@@ -80,18 +80,6 @@ def cache(layers, kv_heads, head_dim, dtype, seed=1):
     )
 
 
-@pytest.fixture(params=["avx512", "avx2"])
-def attention_kernels(request):
-    """Attention over bf16 caches runs AVX-512 code where the CPU allows it: both kinds
-    are checked (the AVX-512 one only where it can run)."""
-    wide = request.param == "avx512"
-    if wide and not kernels._avx512():
-        pytest.skip("this CPU (or its OS, or QWEN3CHAT_NO_AVX512) does not allow AVX-512")
-    native.set_avx512_attention(wide)
-    yield
-    native.set_avx512_attention(kernels._avx512())
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "heads,kv_heads,head_dim", [(4, 2, 16), (6, 2, 64), (3, 3, 32), (4, 1, 96), (2, 2, 128)]
