@@ -24,6 +24,7 @@ import torch
 from qwen3chat.batch.engine import BatchEngine
 from qwen3chat.engine import Engine
 from qwen3chat.generation import FinishEvent
+from qwen3chat.kv_cache import kv_dtype
 from qwen3chat.loading import load_preset
 from qwen3chat.sampling import SamplingSettings
 
@@ -37,8 +38,8 @@ def prompt(loaded, index: int, length: int) -> list[int]:
     return ids[:length]
 
 
-def chat_engine(loaded, prompt_len: int, tokens: int, kv_dtype=None) -> float:
-    engine = Engine(loaded.model, loaded.tokenizer, prompt_len + tokens + 8, kv_dtype=kv_dtype)
+def chat_engine(loaded, prompt_len: int, tokens: int, kv=None) -> float:
+    engine = Engine(loaded.model, loaded.tokenizer, prompt_len + tokens + 8, kv_dtype=kv)
     engine.tokenizer.stop_ids = []
     [finish] = [
         e
@@ -48,9 +49,9 @@ def chat_engine(loaded, prompt_len: int, tokens: int, kv_dtype=None) -> float:
     return finish.timings.decode_tok_s
 
 
-def batch_engine(loaded, streams: int, prompt_len: int, tokens: int, kv_dtype=None) -> float:
+def batch_engine(loaded, streams: int, prompt_len: int, tokens: int, kv=None) -> float:
     engine = BatchEngine(
-        loaded.model, loaded.tokenizer, prompt_len + tokens + 8, streams, kv_dtype=kv_dtype
+        loaded.model, loaded.tokenizer, prompt_len + tokens + 8, streams, kv_dtype=kv
     )
     for i in range(streams):
         engine.add(prompt(loaded, i, prompt_len), tokens, SAMPLING)
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--kv-cache", default="auto", choices=["auto", "int8"])
     args = parser.parse_args()
-    kv_dtype = torch.int8 if args.kv_cache == "int8" else None
+    kv = kv_dtype(args.kv_cache)
     torch.manual_seed(0)
     loaded = load_preset(args.preset, "cpu", args.dtype, args.quantize)
     loaded.tokenizer.stop_ids = []
@@ -95,10 +96,10 @@ def main() -> None:
     results: dict[str, list[float]] = {}
     chat_engine(loaded, args.prompt, 4)  # warm up (kernel build, first-touch pages)
     for _ in range(args.rounds):
-        speed = chat_engine(loaded, args.prompt, args.tokens, kv_dtype)
+        speed = chat_engine(loaded, args.prompt, args.tokens, kv)
         results.setdefault("chat engine", []).append(speed)
         for n in streams:
-            speed = batch_engine(loaded, n, args.prompt, args.tokens, kv_dtype)
+            speed = batch_engine(loaded, n, args.prompt, args.tokens, kv)
             results.setdefault(f"batched, {n} streams", []).append(speed)
     base = statistics.median(results["chat engine"])
     print(

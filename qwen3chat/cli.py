@@ -71,10 +71,9 @@ class KvCache(str, Enum):
 
     @property
     def dtype(self):
-        """What the KV cache stores: None for the compute dtype, else torch.int8."""
-        import torch
+        from .kv_cache import kv_dtype
 
-        return torch.int8 if self is KvCache.int8 else None
+        return kv_dtype(self.value)
 
 
 KV_CACHE_HELP = (

@@ -26,6 +26,11 @@ from .errors import QwenChatError
 KV_BLOCK = 32  # values per int8 block and scale
 
 
+def kv_dtype(name: str) -> torch.dtype | None:
+    """What ``--kv-cache NAME`` stores: None (auto, the compute dtype) or torch.int8."""
+    return torch.int8 if name == "int8" else None
+
+
 def row_bytes(head_dim: int) -> int:
     """Elements of one stored row of an int8 cache: the codes, then float16 scales."""
     return head_dim + head_dim // KV_BLOCK * 2

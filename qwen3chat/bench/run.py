@@ -47,6 +47,7 @@ from ..config import ModelConfig
 from ..device import resolve_device, resolve_dtype
 from ..engine import Engine
 from ..errors import QwenChatError
+from ..kv_cache import kv_dtype
 from ..loading import load_model, random_model
 from ..model.moe import SparseMoE
 from ..model.qwen3 import Qwen3Model
@@ -423,9 +424,12 @@ def run_bench(settings: BenchSettings) -> BenchReport:
             bench_model = load_bench_model(settings, preset)
         rss_after_load = current_rss_mb()
         max_context = max(c.context for c in combinations)
-        kv_dtype = torch.int8 if settings.kv_cache == "int8" else None
         engine = Engine(
-            bench_model.model, bench_model.tokenizer, max_context, settings.chunk_size, kv_dtype
+            bench_model.model,
+            bench_model.tokenizer,
+            max_context,
+            settings.chunk_size,
+            kv_dtype(settings.kv_cache),
         )
         ids = random_ids(max_context, bench_model.model.config.vocab_size)
         results = [bench_combination(engine, ids, c, settings.repeat, steps) for c in combinations]

@@ -124,8 +124,9 @@ inline float dot_bf16(const c10::BFloat16* w, const float* x_split, int64_t K) {
 // The AVX-512 form of the two above (set_avx512_products): 32 weights a step as two
 // vectors of 16 floats, half the instructions of the AVX2 loops for the same bytes, which
 // leaves more reads in flight (float16 decode of the 0.6B shape: 1.25x on an Intel Xeon
-// with two threads, before prefetching; see float_matvec). bfloat16 is widened by shift and mask as above, so its activations
-// are kept with the 16 even-indexed values of each block of 32 first.
+// with two threads, before prefetching; see float_matvec). bfloat16 is widened by shift
+// and mask as above, so its activations are kept with the 16 even-indexed values of each
+// block of 32 first.
 std::atomic<bool> avx512_products{false};
 
 #define QK_AVX512_DOT __attribute__((target("avx512f,avx512bw,avx512dq,fma,f16c")))
