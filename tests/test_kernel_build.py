@@ -122,3 +122,43 @@ def test_a_build_error_without_a_message_is_named_by_its_type(monkeypatch, warni
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
     assert "build failed: ImportError" in _the_one_reason(warnings_of_two_loads())
+
+
+def test_arm_without_simde_is_reported_once_with_the_fix(monkeypatch, warnings_of_two_loads):
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(kernels, "_simde_flags", lambda: None)
+    message = _the_one_reason(warnings_of_two_loads())
+    assert "SIMDe headers not found" in message and "libsimde-dev" in message
+
+
+def test_other_cpus_are_reported_once_by_name(monkeypatch, warnings_of_two_loads):
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "riscv64")
+    assert "no native kernels for riscv64 CPUs" in _the_one_reason(warnings_of_two_loads())
+
+
+@pytest.mark.parametrize("dotprod", [True, False])
+def test_an_arm_build_is_named_for_the_features_it_assumes(monkeypatch, tmp_path, dotprod):
+    """A build cached in a home shared by ARM machines with and without the dot-product
+    instructions is used only by those it was compiled for: its name says which."""
+    (tmp_path / "simde/x86").mkdir(parents=True)
+    (tmp_path / "simde/x86/avx2.h").touch()
+    monkeypatch.setenv("CPATH", str(tmp_path))
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(kernels, "_arm_dotprod", lambda: dotprod)
+    target = kernels._target()
+    assert target.name == ("qwen3chat_kernels_dotprod" if dotprod else "qwen3chat_kernels_neon")
+    assert ("-march=armv8.2-a+dotprod" in target.flags) == dotprod
+    assert not any(flag.startswith(("-mavx", "-I")) for flag in target.flags)  # CPATH finds SIMDe
+    expected = "NEON dot product" if dotprod else "NEON (SIMDe)"
+    assert target.variants["one-row int8/int4 products"] == expected
+
+
+def test_simde_outside_the_compilers_paths_is_passed_to_it(monkeypatch, tmp_path):
+    (tmp_path / "simde/x86").mkdir(parents=True)
+    (tmp_path / "simde/x86/avx2.h").touch()
+    monkeypatch.delenv("CPATH", raising=False)
+    monkeypatch.delenv("CPLUS_INCLUDE_PATH", raising=False)
+    monkeypatch.setattr(kernels, "_SIMDE_DIRS", ("/nonexistent", str(tmp_path)))
+    assert kernels._simde_flags() == (f"-I{tmp_path}",)
+    monkeypatch.setattr(kernels, "_SIMDE_DIRS", ("/nonexistent",))
+    assert kernels._simde_flags() is None

@@ -5,19 +5,25 @@ int8, int4), quantize.cpp the quantization of weights at load, layer_ops.cpp the
 operations of a decoder layer (RMSNorm, q/k norm with RoPE and the cache write, decode
 attention, SwiGLU), and decode_layer.cpp a decode step of the decoder layers built from
 them, one call per token (and a step of several sequences over a paged KV cache, one
-call per step). They need an x86-64 CPU with AVX2 and a C++ compiler; without
-either, or when the build fails, ``native()`` returns None, a warning says why (once),
-and callers run the plain torch code, which is correct everywhere and is what the
-kernels are tested against.
+call per step). They need a C++ compiler and an x86-64 CPU with AVX2, or a 64-bit ARM
+CPU and the SIMDe headers (which translate the x86 intrinsics to NEON; the integer
+products use ARM's dot-product instructions where the CPU has them); without these, or
+when the build fails, ``native()`` returns None, a warning says why (once), and callers
+run the plain torch code, which is correct everywhere and is what the kernels are tested
+against.
 The build is cached by torch (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions).
 """
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import functools
 import logging
 import os
+import platform
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -55,8 +61,8 @@ _CHOICES: dict[str, str] = {}
 
 def variants(device: torch.device) -> dict[str, str]:
     """Which code runs each kind of work on ``device``, for bench and /show: on the CPU
-    the native kernels' choices for this processor (one-row integer products are AVX2
-    everywhere), or the torch path where they cannot run."""
+    the native kernels' choices for this processor, or the torch path where they cannot
+    run."""
     if device.type != "cpu":
         return {"all work": f"torch on {device.type}"}
     if _module() is None:
@@ -68,11 +74,89 @@ def describe_variants(device: torch.device) -> str:
     return ", ".join(f"{work}: {code}" for work, code in variants(device).items())
 
 
+# The kinds of work whose code depends on the CPU.
+_WORK = (
+    "one-row float/bf16/f16 products",
+    "one-row int8/int4 products",
+    "int8/int4 products of 8+ rows",
+    "bf16 products of 4+ rows",
+    "attention over a bf16 or int8 cache",
+)
+# SIMDe's headers, where ARM builds look for them: the compiler's own paths, and Homebrew's.
+_SIMDE_DIRS = ("/usr/include", "/usr/local/include", "/opt/homebrew/include")
+_SIMDE_HINT = "install SIMDe (Debian/Ubuntu: libsimde-dev, Fedora: simde-devel, Homebrew: simde)"
+# getauxval(AT_HWCAP)'s bit for ARM's dot-product instructions (Linux).
+_AT_HWCAP, _HWCAP_ASIMDDP = 16, 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """What a build for this CPU assumes: its name (a build cached in a home directory
+    that several machines share is then used only where its name's features hold), the
+    compiler flags, and the code each kind of work runs before the x86 extensions are
+    asked for."""
+
+    name: str
+    flags: tuple[str, ...]
+    variants: dict[str, str]
+
+
+def _arm_dotprod() -> bool:
+    """ARM's dot-product instructions (SDOT/UDOT): every Apple Silicon chip has them; on
+    Linux the kernel's hardware capabilities say."""
+    if sys.platform == "darwin":
+        return True
+    try:
+        return bool(ctypes.CDLL(None).getauxval(_AT_HWCAP) & _HWCAP_ASIMDDP)
+    except (OSError, AttributeError):
+        return False
+
+
+def _simde_flags() -> tuple[str, ...] | None:
+    """The include flag that finds SIMDe (none where the compiler looks already), or None
+    where it is not installed."""
+    env = [
+        d
+        for var in ("CPATH", "CPLUS_INCLUDE_PATH")
+        for d in os.environ.get(var, "").split(os.pathsep)
+        if d
+    ]
+    for base in env + list(_SIMDE_DIRS):
+        if (Path(base) / "simde/x86/avx2.h").is_file():
+            return () if base in env or base.startswith("/usr/") else (f"-I{base}",)
+    return None
+
+
+def _target() -> _Target | str:
+    """The build for this CPU, or why there is none."""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        capability = torch.backends.cpu.get_cpu_capability()
+        if capability not in ("AVX2", "AVX512"):
+            return f"the CPU lacks AVX2: torch reports its capability as {capability}"
+        return _Target(
+            "qwen3chat_kernels", ("-mavx2", "-mfma", "-mf16c"), dict.fromkeys(_WORK, "AVX2")
+        )
+    if machine in ("aarch64", "arm64"):
+        simde = _simde_flags()
+        if simde is None:
+            return f"SIMDe headers not found: {_SIMDE_HINT}"
+        dotprod = _arm_dotprod()
+        variants = dict.fromkeys(_WORK, "NEON (SIMDe)")
+        if dotprod:
+            variants["one-row int8/int4 products"] = "NEON dot product"
+            return _Target(
+                "qwen3chat_kernels_dotprod", ("-march=armv8.2-a+dotprod", *simde), variants
+            )
+        return _Target("qwen3chat_kernels_neon", ("-march=armv8-a", *simde), variants)
+    return f"no native kernels for {platform.machine()} CPUs"
+
+
 @functools.cache
 def _module():
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in ("AVX2", "AVX512"):
-        _unavailable(f"the CPU lacks AVX2: torch reports its capability as {capability}")
+    target = _target()
+    if isinstance(target, str):
+        _unavailable(target)
         return None
     if shutil.which("c++") is None and shutil.which("g++") is None:
         _unavailable("no C++ compiler found: install g++")
@@ -89,31 +173,31 @@ def _module():
         notice.start()
         try:
             module = load(
-                name="qwen3chat_kernels",
+                name=target.name,
                 sources=[str(here / name) for name in _SOURCES],
                 extra_include_paths=[str(here)],
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                extra_cflags=["-O3", *target.flags, "-fopenmp"],
                 # Without OpenMP, at::parallel_for in an extension runs on one thread.
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
         finally:
             notice.cancel()
-        # torch's check covers what the OS allows, not only what cpuid reports.
+        # torch's check covers what the OS allows, not only what cpuid reports (all False
+        # off x86).
         bf16, vnni, wide = torch.cpu._is_avx512_bf16_supported(), _avx512_vnni(), _avx512()
         module.set_native_bf16_gemm(bf16)
         module.set_avx512_vnni(vnni)
         module.set_avx512_attention(wide)
         module.set_avx512_products(wide)
-        _CHOICES.update(
-            {
-                "one-row float/bf16/f16 products": "AVX-512" if wide else "AVX2",
-                "one-row int8/int4 products": "AVX2",
-                "int8/int4 products of 8+ rows": "AVX512-VNNI" if vnni else "AVX2",
-                "bf16 products of 4+ rows": "oneDNN (AVX512-BF16)" if bf16 else "AVX2",
-                "attention over a bf16 or int8 cache": "AVX-512" if wide else "AVX2",
-            }
-        )
+        _CHOICES.update(target.variants)
+        if wide:
+            _CHOICES["one-row float/bf16/f16 products"] = "AVX-512"
+            _CHOICES["attention over a bf16 or int8 cache"] = "AVX-512"
+        if vnni:
+            _CHOICES["int8/int4 products of 8+ rows"] = "AVX512-VNNI"
+        if bf16:
+            _CHOICES["bf16 products of 4+ rows"] = "oneDNN (AVX512-BF16)"
         return module
     except Exception as e:  # no headers, ninja or a compile error: the torch path still works
         log.debug("native CPU kernel build failed", exc_info=True)

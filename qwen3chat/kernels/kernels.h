@@ -1,15 +1,82 @@
 // The native CPU kernels (AVX2 + FMA), one declaration per entry point; bindings.cpp
 // exposes them to Python and kernels/__init__.py says when each is used.
 //
+// They are written in x86 intrinsics. Elsewhere (ARM) SIMDe's headers translate the same
+// calls to NEON, so one source serves both; the integer products have NEON dot-product
+// forms of their own (linear.cpp, QK_DOTPROD). Functions for instruction sets the build
+// does not assume carry QK_TARGET and run only where the CPU allows them.
+//
 // Each entry point opens a profiler scope, RECORD_FUNCTION("qwen3chat::<name>"), so that
 // torch's profiler (bench --profile) shows the time spent in the kernels, which it cannot
 // see otherwise; with no profiler running a scope costs a few nanoseconds.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
-#include <immintrin.h>
 
+#include <cstring>
 #include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define QK_TARGET(features) __attribute__((target(features)))
+#else
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#include <simde/x86/f16c.h>
+#include <simde/x86/fma.h>
+// The x86-only variants compile to (unused) NEON there.
+#define QK_TARGET(features)
+// What SIMDe releases before 0.8 (Debian 12's) lack, from what they have: the AVX-512
+// ones only for the x86-only variants to compile.
+#ifndef _MM_FROUND_NO_EXC
+#define _MM_FROUND_NO_EXC SIMDE_MM_FROUND_NO_EXC
+#endif
+#ifndef _cvtsh_ss
+inline float _cvtsh_ss(uint16_t h) { return c10::Half(h, c10::Half::from_bits()); }
+#endif
+#ifndef _cvtss_sh
+inline uint16_t _cvtss_sh(float f, int) { return c10::Half(f).x; }
+#endif
+// Each of 16 lanes of a as a lane of the result type.
+template <typename To, typename ToLane, typename FromLane, typename From>
+inline To qk_lanes16(From a) {
+  FromLane in[64 / sizeof(FromLane)];
+  ToLane out[16];
+  std::memcpy(in, &a, sizeof(a));
+  for (int i = 0; i < 16; ++i) out[i] = static_cast<ToLane>(in[i]);
+  To r;
+  std::memcpy(&r, out, sizeof(r));
+  return r;
+}
+#ifndef _mm512_cvtepi32_ps
+#define _mm512_cvtepi32_ps(a) qk_lanes16<__m512, float, int32_t>(a)
+#endif
+#ifndef _mm512_cvtepi8_epi32
+#define _mm512_cvtepi8_epi32(a) qk_lanes16<__m512i, int32_t, int8_t>(a)
+#endif
+#ifndef _mm512_cvtph_ps
+#define _mm512_cvtph_ps(a) qk_lanes16<__m512, float, c10::Half>(a)
+#endif
+#ifndef _mm512_extractf32x8_ps
+#define _mm512_extractf32x8_ps(a, i) \
+  _mm256_loadu_ps(reinterpret_cast<const float*>(&(a)) + 8 * (i))
+#endif
+#ifndef _mm512_reduce_add_ps
+inline float _mm512_reduce_add_ps(__m512 a) {
+  float v[16], sum = 0.0f;
+  std::memcpy(v, &a, sizeof(a));
+  for (float x : v) sum += x;
+  return sum;
+}
+#endif
+#endif
+#if defined(__ARM_FEATURE_DOTPROD)
+#include <arm_neon.h>
+#define QK_DOTPROD 1
+#else
+#define QK_DOTPROD 0
+#endif
+
 
 // Linear layers, ``x [M, K] @ W.T -> [M, N]`` in x's dtype (linear.cpp). Below a
 // threshold of rows the weights stream once, each weight row against every activation

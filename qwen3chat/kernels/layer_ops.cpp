@@ -440,7 +440,7 @@ void weighted_sum(const float* p, int64_t padded, const K* values, int64_t strid
 // times its scale.
 std::atomic<bool> avx512_attention{false};
 
-#define QK_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,fma,f16c")))
+#define QK_AVX512 QK_TARGET("avx512f,avx512bw,avx512dq,fma,f16c")
 
 template <typename K>
 constexpr bool kWideAttention = std::is_same_v<K, c10::BFloat16> || std::is_same_v<K, int8_t>;

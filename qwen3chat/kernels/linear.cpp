@@ -129,7 +129,7 @@ inline float dot_bf16(const c10::BFloat16* w, const float* x_split, int64_t K) {
 // block of 32 first.
 std::atomic<bool> avx512_products{false};
 
-#define QK_AVX512_DOT __attribute__((target("avx512f,avx512bw,avx512dq,fma,f16c")))
+#define QK_AVX512_DOT QK_TARGET("avx512f,avx512bw,avx512dq,fma,f16c")
 
 QK_AVX512_DOT inline void weights32(const float* w, __m512& a, __m512& b) {
   a = _mm512_loadu_ps(w), b = _mm512_loadu_ps(w + 16);
@@ -196,21 +196,64 @@ inline __m256i dot_u8_i8(__m256i u, __m256i s) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
+#if QK_DOTPROD
+// The block products below with ARM's dot-product instruction, which sums four signed
+// byte products into an int32 lane as maddubs and madd do in two steps (with weights as
+// they are, no sign trick): the same eight int32 sums, as two NEON vectors, which are
+// SIMDe's __m256i.
+inline __m256i joined(int32x4_t low, int32x4_t high) {
+  const int32x4_t halves[2] = {low, high};
+  __m256i v;
+  std::memcpy(&v, halves, sizeof(v));
+  return v;
+}
+
+inline int32x4_t sdot(int32x4_t sum, uint8x16_t codes, const int8_t* x) {
+  return vdotq_s32(sum, vreinterpretq_s8_u8(codes), vld1q_s8(x));
+}
+
+// sums + the four byte products, in each int32 lane, of x's four bytes there and the four
+// at w (the integer GEMM's step: eight rows' codes against four of a weight row's).
+inline __m256i sdot_broadcast(__m256i sums, const int8_t* w, __m256i x) {
+  int32_t four;
+  std::memcpy(&four, w, sizeof(four));
+  const int8x16_t wv = vreinterpretq_s8_s32(vdupq_n_s32(four));
+  int32x4_t s[2];
+  int8x16_t xv[2];
+  std::memcpy(s, &sums, sizeof(s));
+  std::memcpy(xv, &x, sizeof(xv));
+  return joined(vdotq_s32(s[0], wv, xv[0]), vdotq_s32(s[1], wv, xv[1]));
+}
+#endif
+
 // int8 weight row times int8 activations: sum over blocks b of
 // scale[b / per_group] * xd[b] * dot(w_b, x_b), dot(w_b, x_b) exact in int32.
 inline __m256i dot_i8_block(const int8_t* w, const int8_t* x) {
+#if QK_DOTPROD
+  const int32x4_t zero = vdupq_n_s32(0);
+  return joined(vdotq_s32(zero, vld1q_s8(w), vld1q_s8(x)),
+                vdotq_s32(zero, vld1q_s8(w + 16), vld1q_s8(x + 16)));
+#else
   // maddubs takes one unsigned operand: |w| times x with w's sign.
   const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
   const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
   return dot_u8_i8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+#endif
 }
 
 // Codes of 32 int4 weights (16 bytes) times 32 int8 activations.
 inline __m256i dot_u4_block(const uint8_t* w, const int8_t* x) {
+#if QK_DOTPROD
+  const uint8x16_t bytes = vld1q_u8(w);
+  const int32x4_t zero = vdupq_n_s32(0);
+  return joined(sdot(zero, vandq_u8(bytes, vdupq_n_u8(0x0F)), x),
+                sdot(zero, vshrq_n_u8(bytes, 4), x + 16));
+#else
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
   const __m256i codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes),
                                          _mm256_set1_epi8(0x0F));
   return dot_u8_i8(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+#endif
 }
 
 // Two consecutive int4 blocks (32 bytes) times their activations in pair order (see
@@ -219,6 +262,12 @@ inline __m256i dot_u4_block(const uint8_t* w, const int8_t* x) {
 // load and two masks give all 64 codes, and the two halves' int16 sums (at most
 // 4 * 15 * 128) add before one widening: 35% fewer instructions than a block at a time.
 inline __m256i dot_u4_pair(const uint8_t* w, const int8_t* x) {
+#if QK_DOTPROD
+  const uint8x16_t mask = vdupq_n_u8(0x0F), b0 = vld1q_u8(w), b1 = vld1q_u8(w + 16);
+  const int32x4_t zero = vdupq_n_s32(0);
+  return joined(sdot(sdot(zero, vandq_u8(b0, mask), x), vshrq_n_u8(b0, 4), x + 32),
+                sdot(sdot(zero, vandq_u8(b1, mask), x + 16), vshrq_n_u8(b1, 4), x + 48));
+#else
   const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
   const __m256i mask = _mm256_set1_epi8(0x0F);
   const __m256i low = _mm256_and_si256(bytes, mask);
@@ -227,6 +276,7 @@ inline __m256i dot_u4_pair(const uint8_t* w, const int8_t* x) {
       _mm256_maddubs_epi16(low, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
       _mm256_maddubs_epi16(high, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
   return _mm256_madd_epi16(sums, _mm256_set1_epi16(1));
+#endif
 }
 
 // One int4 row with a scale per block (Q4_0, Q4_1, Q4_K, --quantize int4) and an even
@@ -508,6 +558,12 @@ inline void row_group_products(const RowGroups& x, int64_t group, int64_t K, con
       const int64_t k = b * 32 + t * 4;
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + k * kGroupRows));
       for (int j = 0; j < kWeightRows; ++j) {
+#if QK_DOTPROD
+        // int8 codes as they are, int4 ones (0-15) as signed bytes: int32 sums at once.
+        const int8_t* codes = Int4 ? reinterpret_cast<const int8_t*>(w.unsigned_codes.data() + j * K)
+                                   : w.signed_codes[j];
+        sums[j] = sdot_broadcast(sums[j], codes + k, xv);
+#else
         // Broadcast straight from memory: a load, not a shuffle competing with maddubs.
         const __m256i four = _mm256_broadcastd_epi32(_mm_loadu_si32(w.unsigned_codes.data() + j * K + k));
         if constexpr (Int4) {
@@ -518,12 +574,13 @@ inline void row_group_products(const RowGroups& x, int64_t group, int64_t K, con
           const __m256i signs = _mm256_broadcastd_epi32(_mm_loadu_si32(w.signed_codes[j] + k));
           sums[j] = _mm256_add_epi32(sums[j], dot_u8_i8(four, _mm256_sign_epi8(xv, signs)));
         }
+#endif
       }
     }
     const __m256 xd = _mm256_loadu_ps(x.scales + (group * B + b) * kGroupRows);
     const __m256 xsum = _mm256_loadu_ps(x.sums + (group * B + b) * kGroupRows);
     for (int j = 0; j < kWeightRows; ++j) {
-      const __m256i dot = Int4 ? _mm256_madd_epi16(sums[j], ones) : sums[j];
+      const __m256i dot = Int4 && !QK_DOTPROD ? _mm256_madd_epi16(sums[j], ones) : sums[j];
       const __m256 scale = _mm256_mul_ps(xd, _mm256_set1_ps(w.scales[j * B + b]));
       acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[j]);
       if constexpr (Int4) acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(w.offsets[j * B + b]), xsum, acc[j]);
@@ -532,7 +589,7 @@ inline void row_group_products(const RowGroups& x, int64_t group, int64_t K, con
   for (int j = 0; j < kWeightRows; ++j) _mm256_storeu_ps(out[j], acc[j]);
 }
 
-#define QK_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,fma")))
+#define QK_VNNI QK_TARGET("avx512f,avx512bw,avx512vnni,fma")
 
 // Adds step t (four inputs) of the block whose codes start at `first` to the sums of the
 // VNNI kernel's weight rows. In pair order an int4 block's codes 0-15 come first in its

@@ -1,0 +1,88 @@
+"""The kernels on 64-bit ARM Linux, emulated: torch's extension builder in an arm64 Python
+under qemu-aarch64 compiles them with Debian's cross compiler (which it runs natively),
+through SIMDe and with ARM's dot-product instructions where the CPU has them, and the
+kernel tests run there against the torch code. Two CPUs: qemu's ``max`` (dot product)
+and a Cortex-A72 (NEON alone, as a Raspberry Pi 4), each with the build named for its
+features. The emulated system is made by .ci/arm64-env (CI does); without it these are
+skipped."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ARM = Path(os.environ.get("QWEN3CHAT_ARM64_ENV", REPO / ".arm64"))
+QEMU = shutil.which("qemu-aarch64")
+CROSS = shutil.which("aarch64-linux-gnu-g++")
+
+pytestmark = pytest.mark.skipif(
+    not (ARM / "ready").exists() or QEMU is None or CROSS is None,
+    reason=f"no emulated ARM system at {ARM}: make it with .ci/arm64-env {ARM}",
+)
+
+# On the CPU with the dot product: the products (every weight format, one row and many;
+# float ones at one width, as the other's many-row GEMM is torch's and slow to emulate),
+# the per-layer operations, attention over contiguous, paged and int8 caches, and paged
+# decode steps of whole models against the contiguous ones. Without the dot product only
+# the integer products differ.
+PRODUCTS = ["tests/test_quant.py", "-k", "linear_matches or int4_product or native_quantization"]
+EVERYTHING = [
+    "tests/test_quant.py",
+    "tests/test_kernels.py::test_dense_linear",
+    "tests/test_kernels.py::test_decode_attention",
+    "tests/test_kernels.py::test_projection_and_cache_write",
+    "tests/test_kv_int8.py::test_native_cache_writes_are_the_torch_quantization",
+    "tests/test_kv_int8.py::test_decode_attention_reads_int8_rows",
+    "tests/test_paged_kernels.py::test_paged_attention",
+    "tests/test_paged_kernels.py::test_one_decode_row_is_the_contiguous_decode_step",
+    "-k",
+    "not (test_dense_linear and 512)",
+]
+
+VARIANTS = """
+import json, platform, torch
+from qwen3chat import kernels
+built = kernels.native(torch.zeros(1)) is not None
+print(json.dumps([platform.machine(), built, kernels.variants(torch.device("cpu"))]))
+"""
+
+
+def emulated(cpu: str, *args: str) -> subprocess.CompletedProcess:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "QEMU_LD_PREFIX": str(ARM / "root"),
+        "QEMU_CPU": cpu,
+        "PYTHONPATH": f"{ARM / 'site'}:{REPO}",
+        "CXX": CROSS,
+        "CPATH": f"{ARM / 'include'}:{ARM / 'root/usr/include/python3.11'}",
+        "TORCH_EXTENSIONS_DIR": str(ARM / "extensions"),
+    }
+    python = str(ARM / "root/usr/bin/python3.11")
+    return subprocess.run(
+        [QEMU, python, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500
+    )
+
+
+@pytest.mark.parametrize(
+    "cpu,int_products,tests",
+    [("max", "NEON dot product", EVERYTHING), ("cortex-a72", "NEON (SIMDe)", PRODUCTS)],
+)
+def test_the_kernels_build_and_pass_their_tests_on_arm(cpu, int_products, tests):
+    result = emulated(cpu, "-c", VARIANTS)
+    assert result.returncode == 0, result.stderr[-2000:]
+    machine, built, variants = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (machine, built) == ("aarch64", True), result.stderr[-2000:]
+    assert variants["one-row int8/int4 products"] == int_products
+    assert set(variants.values()) <= {"NEON dot product", "NEON (SIMDe)"}, variants
+
+    result = emulated(cpu, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in summary and "failed" not in summary, summary
