@@ -5,6 +5,7 @@ had the user is told why, once."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 import types
 
@@ -45,6 +46,26 @@ def test_a_compile_is_announced(fake_build, caplog):
     with caplog.at_level(logging.WARNING, logger="qwen3chat.kernels"):
         fake_build(0.6)
     assert any("compiling the native CPU kernels" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("age_s,cleared", [(3600, True), (30, False)])
+def test_a_lock_left_by_a_stopped_build_is_cleared(
+    fake_build, monkeypatch, tmp_path, caplog, age_s, cleared
+):
+    """torch waits forever on a build's lock file that a killed build left behind; one far
+    older than a build takes is removed (with a warning), a recent one is another build's."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "qwen3chat_kernels/lock"
+    lock.parent.mkdir()
+    lock.touch()
+    os.utime(lock, (time.time() - age_s,) * 2)
+    with caplog.at_level(logging.WARNING, logger="qwen3chat.kernels"):
+        fake_build(0.0)
+    assert lock.exists() != cleared
+    assert (
+        any("left by a kernel build that was stopped" in r.getMessage() for r in caplog.records)
+        == cleared
+    )
 
 
 def test_a_cached_load_is_silent(fake_build, caplog):

@@ -25,6 +25,7 @@ import platform
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -35,6 +36,10 @@ _SOURCES = ("bindings.cpp", "linear.cpp", "quantize.cpp", "layer_ops.cpp", "deco
 # Loading a cached build takes well under a second; a longer wait is a compile, which the
 # user is told about rather than left facing a silent pause.
 _NOTICE_AFTER_S = 2.0
+# A build holds a lock file in its folder; one stopped without its cleanup (a closed
+# terminal, a killed process) leaves it, and torch's next build waits on it forever. A
+# build takes a minute or two, so a lock this old is such a one.
+_STALE_LOCK_S = 600
 # A failed build's message carries ninja's output, whose first line is a whole compiler
 # command: the warning names the compiler's first error line (or else keeps this much of
 # the first line); the whole output is logged at debug level.
@@ -152,6 +157,19 @@ def _target() -> _Target | str:
     return f"no native kernels for {platform.machine()} CPUs"
 
 
+def _clear_stale_lock(name: str) -> None:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > _STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
+        log.warning("removed %s, left by a kernel build that was stopped", lock)
+
+
 @functools.cache
 def _module():
     target = _target()
@@ -165,6 +183,7 @@ def _module():
         from torch.utils.cpp_extension import load
 
         here = Path(__file__).parent
+        _clear_stale_lock(target.name)
         notice = threading.Timer(
             _NOTICE_AFTER_S,
             log.warning,
@@ -185,7 +204,8 @@ def _module():
             notice.cancel()
         # torch's check covers what the OS allows, not only what cpuid reports (all False
         # off x86).
-        bf16, vnni, wide = torch.cpu._is_avx512_bf16_supported(), _avx512_vnni(), _avx512()
+        wide, vnni = _avx512(), _avx512_vnni()
+        bf16 = wide and torch.cpu._is_avx512_bf16_supported()
         module.set_native_bf16_gemm(bf16)
         module.set_avx512_vnni(vnni)
         module.set_avx512_attention(wide)

@@ -34,17 +34,16 @@ namespace {
 // (into L2, so that the activations stay in L1). Their integer dot products keep the core
 // busy, and the hardware prefetcher alone then keeps too few reads in flight: one core's
 // int4 product runs ~35% faster with a 4 KiB lead, two cores' 5-15% (2 and 8 KiB were no
-// better). Float rows are streamed at memory speed without it (it measured 0-5% slower).
+// better). Float rows gain on Intel too (see float_matvec).
 constexpr int64_t kPrefetchBytes = 4096;
 
 // ``dot(n, m)``, weight row n times activation row m, for every pair: [M, N] in x's dtype.
-// With prefetch_rows, weight row n is the row_bytes at prefetch_rows + n * row_bytes.
+// Weight row n is the row_bytes at rows_in + n * row_bytes (asked for ahead).
 template <typename Dot>
-at::Tensor matvec(const at::Tensor& x, int64_t N, Dot dot, const void* prefetch_rows = nullptr,
-                  int64_t row_bytes = 0) {
+at::Tensor matvec(const at::Tensor& x, int64_t N, Dot dot, const void* rows_in, int64_t row_bytes) {
   const int64_t M = x.size(0);
   auto out = at::empty({M, N}, x.options());
-  const char* rows = static_cast<const char*>(prefetch_rows);
+  const char* rows = static_cast<const char*>(rows_in);
   qk::with_dtype(x.scalar_type(), "linear", [&](auto tag) {
     using T = decltype(tag);
     T* op = out.data_ptr<T>();
@@ -746,12 +745,13 @@ at::Tensor float_matvec(const at::Tensor& x, const T* w, int64_t N,
   constexpr bool bf16 = std::is_same_v<T, c10::BFloat16>;
   const float* xp = float_rows(x, wide ? (bf16 ? 32 : 0) : split);
   if (wide) dot = dot_wide<T>;
-  // With the wide loop's fewer instructions, asking for rows ahead (as for quantized
-  // ones) pays: float16 decode of the 0.6B shape 1.15-1.26x on an Intel Xeon. The AVX2
-  // loop measured 0-5% slower with it (AMD EPYC).
+  // Rows asked for ahead, as quantized ones are: float16 decode of the 0.6B shape on an
+  // Intel Xeon 1.15-1.26x with the AVX-512 loop and 1.2-1.4x with the AVX2 one (AVX-512
+  // turned off). The AVX2 loop on an AMD EPYC measured 0-5% slower with it, within that
+  // machine's noise.
   return matvec(
       x, N, [&](int64_t n, int64_t m) { return dot(w + n * K, xp + m * K, K); },
-      wide ? w : nullptr, wide ? K * static_cast<int64_t>(sizeof(T)) : 0);
+      w, K * static_cast<int64_t>(sizeof(T)));
 }
 
 // 16-bit weights times many rows: float32 GEMM on widened tiles.
