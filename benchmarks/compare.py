@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import lzma
-import platform
 import shutil
 import statistics
 import subprocess
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from qwen3chat.bench.run import peak_rss_mb
+from qwen3chat.bench.run import cpu_model, peak_rss_mb
 from qwen3chat.config import SHAPE_FIELDS
 from qwen3chat.presets import PRESETS, preset_config
 
@@ -282,7 +281,7 @@ def write_table(args, rows, weight_bytes) -> None:
         f"## {args.shape}, random weights, {args.prompt_tokens}-token prompt, "
         f"{args.gen_tokens} new tokens, {args.threads} threads",
         "",
-        f"Measured {date.today()} on {platform.processor() or platform.machine()} "
+        f"Measured {date.today()} on {cpu_model()} "
         f"(torch {torch.__version__}); checkpoint {weight_bytes / 2**30:.2f} GiB bf16. "
         f"Median (min-max) of {args.rounds} rounds x {args.repeat} timed runs, each after a "
         "warm-up run; in each round every system runs in turn in its own process (peak "

@@ -15,13 +15,13 @@ sequence's first token to the last one's last (the aggregate over all sequences)
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
 from qwen3chat.batch.engine import BatchEngine
+from qwen3chat.bench.run import cpu_model
 from qwen3chat.engine import Engine
 from qwen3chat.generation import FinishEvent
 from qwen3chat.kv_cache import kv_dtype
@@ -67,14 +67,6 @@ def batch_engine(loaded, streams: int, prompt_len: int, tokens: int, kv=None) ->
             counted += sampled
             last = now
     return counted / (last - first)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def main() -> None:

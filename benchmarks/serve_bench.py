@@ -48,7 +48,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import signal
 import socket
@@ -66,6 +65,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from compare import ROOT, build_checkpoint, build_gguf  # noqa: E402
 
+from qwen3chat.bench.run import cpu_model  # noqa: E402
 from qwen3chat.presets import PRESETS  # noqa: E402
 
 SYSTEMS = ("qwen3chat", "llama.cpp")
@@ -271,16 +271,6 @@ def run_one(args, system: str, weights: str, k: int, seed0: int, files: dict) ->
         raise RuntimeError(f"{system} {weights} x{k}: {e}\n{server.log_tail()}") from e
     finally:
         server.stop()
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def med(values: list[float]) -> float:

@@ -5,6 +5,7 @@ measured and how it is reported is checked, never how fast anything runs."""
 from __future__ import annotations
 
 import json
+import platform
 import statistics
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 
 from qwen3chat import kernels
 from qwen3chat.bench.ops import OPS, SEQ_LENS
-from qwen3chat.bench.run import DEFAULT_PLOT_DEPTHS
+from qwen3chat.bench.run import DEFAULT_PLOT_DEPTHS, cpu_model
 from qwen3chat.cli import app
 from qwen3chat.model import num_parameters
 from qwen3chat.presets import PRESETS, preset_config
@@ -66,10 +67,42 @@ def test_it_says_which_kernels_ran_and_they_are_ones_this_cpu_allows(report):
         "int8/int4 products of 8+ rows": "AVX512-VNNI" if kernels._avx512_vnni() else "AVX2",
         "attention over a bf16 or int8 cache": "AVX-512" if kernels._avx512() else "AVX2",
         "bf16 products of 4+ rows": (
-            "oneDNN (AVX512-BF16)" if torch.cpu._is_avx512_bf16_supported() else "AVX2"
+            "oneDNN (AVX512-BF16)"
+            if kernels._avx512() and torch.cpu._is_avx512_bf16_supported()
+            else "AVX2"
         ),
     }
     assert ran == allowed
+
+
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 207
+model name\t: Intel(R) Xeon(R) Processor
+processor\t: 1
+cpu family\t: 6
+model\t\t: 207
+model name\t: Intel(R) Xeon(R) Processor
+"""
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics asimddp
+CPU implementer\t: 0x41
+CPU part\t: 0xd0c
+"""
+
+
+def test_the_cpu_is_named_with_its_family_and_model(report, tmp_path, monkeypatch):
+    """Figures are quoted beside the CPU; a VM's model name alone is often generic."""
+    info = tmp_path / "cpuinfo"
+    info.write_text(X86_CPUINFO)
+    assert cpu_model(info) == "Intel(R) Xeon(R) Processor (family 6, model 207)"
+    info.write_text(ARM_CPUINFO)  # no model name: what Python's platform module says
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    assert cpu_model(info) == platform.machine()
+    assert cpu_model(tmp_path / "missing") == platform.machine()
+    assert report["cpu"] == cpu_model()
 
 
 def test_top_level_figures_are_medians_of_the_runs(report):

@@ -11,7 +11,16 @@ from rich.text import Text
 from ..kernels import describe_variants, variants
 from ..model import num_parameters
 from .ops import OpTiming, ProfiledOp, SkippedOp
-from .run import PROBE_MIB, PROBE_TRIES, BenchReport, Result, Spread, roofline, setup_line
+from .run import (
+    PROBE_MIB,
+    PROBE_TRIES,
+    BenchReport,
+    Result,
+    Spread,
+    cpu_model,
+    roofline,
+    setup_line,
+)
 
 # Metrics of a run, in report order; peak_gpu_mb is None off CUDA.
 METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb", "peak_gpu_mb")
@@ -31,6 +40,7 @@ def report_json(report: BenchReport) -> dict:
         "quantize": s.quantize,
         "kv_cache": s.kv_cache,
         "threads": report.threads,
+        "cpu": cpu_model(),
         "kernels": variants(report.model.model.device),
         "chunk_size": s.chunk_size,
         "repeat": s.repeat,
@@ -104,6 +114,7 @@ def _summary(report: BenchReport) -> Table:
             setup_line(report)
             + f", quantize {report.settings.quantize}, kv cache {report.settings.kv_cache}",
         ),
+        ("cpu", cpu_model()),
         ("kernels", describe_variants(report.model.model.device)),
         (
             "load",

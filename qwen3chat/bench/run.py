@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import platform
 import resource
 import statistics
 import sys
@@ -244,6 +245,23 @@ class IdsOnlyTokenizer:
 
 # ---------------------------------------------------------------------------------------
 # Measuring
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The processor, as figures are quoted beside it: /proc/cpuinfo's model name and, for
+    x86, its family and model numbers (a VM's name is often generic: "Intel(R) Xeon(R)
+    Processor"); elsewhere what Python's platform module says."""
+    fields: dict[str, str] = {}
+    with suppress(OSError):
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    numbers = ("cpu family", "model")
+    if all(key in fields for key in numbers):
+        return f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']})"
+    return fields["model name"]
 
 
 def peak_rss_mb() -> float:
