@@ -12,14 +12,37 @@ from .errors import QwenChatError
 from .jsonfiles import read_json
 
 VISION_ARCHITECTURES = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", *VISION_ARCHITECTURES)
+# The hybrid generation: Gated DeltaNet layers between gated full-attention ones. The
+# ConditionalGeneration classes of Qwen3.5 nest the text model's fields under
+# text_config (their vision tower is not run yet: their text path is).
+HYBRID_MULTIMODAL = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
+HYBRID_ARCHITECTURES = (
+    "Qwen3NextForCausalLM",
+    "Qwen3_5ForCausalLM",
+    "Qwen3_5MoeForCausalLM",
+    *HYBRID_MULTIMODAL,
+)
+SUPPORTED_ARCHITECTURES = (
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+    *VISION_ARCHITECTURES,
+    *HYBRID_ARCHITECTURES,
+)
 # config.json's model_type, for configs that do not list their architecture.
 _ARCHITECTURE_OF_TYPE = {
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
     "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    "qwen3_next": "Qwen3NextForCausalLM",
+    "qwen3_5_text": "Qwen3_5ForCausalLM",
+    "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
+    "qwen3_5": "Qwen3_5ForConditionalGeneration",
+    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
 }
+# Every layer of a Qwen3.5-MoE model is sparse; its config has no decoder_sparse_step.
+_ALL_SPARSE = ("Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration")
+LAYER_TYPES = ("full_attention", "linear_attention")
 _MROPE_SECTION = (24, 20, 20)
 # The vision tower's activations (model/vision.py's ACTIVATIONS implements them).
 VISION_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "silu")
@@ -142,6 +165,35 @@ class ModelConfig:
     mrope_section: list[int] | None = None
     image_token_id: int = 151655
     video_token_id: int = 151656
+    # The hybrid generation (HYBRID_ARCHITECTURES): each layer's kind (LAYER_TYPES; None:
+    # every layer full attention, as Qwen3), the Gated DeltaNet layers' shape, the
+    # rotated share of an attention head (the rest passes through), and the shared
+    # expert beside the routed ones (0: none).
+    layer_types: list[str] | None = None
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
+    partial_rotary_factor: float = 1.0
+    shared_expert_intermediate_size: int = 0
+    # Which key head a value head reads: j // (value heads per key head) in Hugging Face
+    # checkpoints; j % key heads in llama.cpp's qwen35 files ("tiled", which its converter
+    # reorders the value heads into).
+    linear_value_heads_tiled: bool = False
+
+    @property
+    def hybrid(self) -> bool:
+        """Gated DeltaNet and gated attention layers (Qwen3-Next, Qwen3.5/3.6)."""
+        return self.layer_types is not None
+
+    def is_linear_layer(self, layer_idx: int) -> bool:
+        return self.hybrid and self.layer_types[layer_idx] == "linear_attention"
+
+    @property
+    def rotary_dim(self) -> int:
+        """Columns of an attention head that RoPE rotates (the first ones)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether a layer's feed-forward is the sparse expert block (else a dense MLP)."""
@@ -190,6 +242,31 @@ class ModelConfig:
                 raise QwenChatError(
                     "config: moe_intermediate_size and decoder_sparse_step must be positive"
                 )
+        if self.hybrid:
+            self._validate_hybrid()
+
+    def _validate_hybrid(self) -> None:
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise QwenChatError(
+                f"config: layer_types lists {len(self.layer_types)} layers, "
+                f"num_hidden_layers is {self.num_hidden_layers}"
+            )
+        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if unknown:
+            raise QwenChatError(
+                f"config: layer_types has {unknown[0]!r}; expected {' or '.join(LAYER_TYPES)}"
+            )
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise QwenChatError(
+                f"config: linear_num_value_heads ({self.linear_num_value_heads}) is not a "
+                f"multiple of linear_num_key_heads ({self.linear_num_key_heads})"
+            )
+        rot = self.rotary_dim
+        if rot <= 0 or rot % 2 or rot > self.head_dim:
+            raise QwenChatError(
+                f"config: partial_rotary_factor {self.partial_rotary_factor} gives {rot} "
+                f"rotated columns of {self.head_dim}; expected an even count, at least 2"
+            )
 
     @classmethod
     def from_hf_dict(cls, raw: Mapping, source: str = "config.json") -> ModelConfig:
@@ -207,6 +284,7 @@ class ModelConfig:
         vision = None
         if arch in VISION_ARCHITECTURES:
             vision = VisionConfig.from_hf_dict(raw.get("vision_config") or {}, source)
+        if arch in VISION_ARCHITECTURES or arch in HYBRID_MULTIMODAL:
             # The text model's fields are in text_config; a few stay at the top level.
             top = {k: raw[k] for k in _VL_TOP_LEVEL_KEYS if raw.get(k) is not None}
             raw = {**(raw.get("text_config") or {}), **top}
@@ -217,6 +295,11 @@ class ModelConfig:
         # says how many frequencies follow height and width.
         mrope_section = rope.pop("mrope_section", None)
         rope.pop("mrope_interleaved", None)
+        # The hybrid models rotate a quarter of each head unless the config says otherwise
+        # (transformers' default for them).
+        partial = rope.pop("partial_rotary_factor", raw.get("partial_rotary_factor"))
+        if partial is None:
+            partial = 0.25 if arch in HYBRID_ARCHITECTURES else 1.0
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         eos = raw.get("eos_token_id")
         values = {
@@ -229,7 +312,14 @@ class ModelConfig:
             "rope_theta": float(rope_theta),
             "rope_scaling": None if rope_type == "default" else rope,
             "eos_token_ids": [eos] if isinstance(eos, int) else list(eos or []),
+            "partial_rotary_factor": float(partial),
         }
+        # transformers 5 writes layer_types for Qwen3 too (its sliding-window layout, unused).
+        values["layer_types"] = None
+        if arch in HYBRID_ARCHITECTURES:
+            values["layer_types"] = hybrid_layer_types(raw)
+            if arch in _ALL_SPARSE:
+                values.update(decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
         if arch == "Qwen3VLMoeForConditionalGeneration":
             # Its router always renormalises the top-k weights (transformers 4.57 and 5.x
             # alike); the hub's configs say so, transformers 5 writes no such field.
@@ -282,7 +372,7 @@ class ModelConfig:
         """Inverse frequencies and the cos/sin scale (YaRN's attention factor, else 1)."""
         import torch
 
-        dim = self.head_dim
+        dim = self.rotary_dim
         base = self.rope_theta
         exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
         pos_freqs = base**exponents
@@ -317,6 +407,18 @@ class ModelConfig:
         if attention_factor is None:
             attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
         return inv_freq, float(attention_factor)
+
+
+def hybrid_layer_types(raw: Mapping) -> list[str]:
+    """A hybrid config's layer_types, or transformers' default when it lists none: every
+    ``full_attention_interval``-th layer (default 4) full attention, the rest linear."""
+    if raw.get("layer_types") is not None:
+        return list(raw["layer_types"])
+    interval = raw.get("full_attention_interval") or 4
+    layers = raw.get("num_hidden_layers") or 0
+    return [
+        "full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(layers)
+    ]
 
 
 SHAPE_FIELDS = (

@@ -8,6 +8,7 @@ takes. The CLI, the REPL and bench all drive it through ``generate``.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -51,7 +52,7 @@ class Engine:
     def reusable_prefix(self, keys: list) -> int:
         """Prompt tokens whose keys/values the cache already holds (at least one token is
         always left to run, so that there are logits); ``keys`` as a layout's."""
-        return min(self.cache.common_prefix(keys), len(keys) - 1)
+        return self.cache.common_prefix(keys[: len(keys) - 1])
 
     @torch.inference_mode()
     def prefill(
@@ -80,16 +81,34 @@ class Engine:
         encoding_s = layout.prepare(self.model, reuse)
         if timings is not None:
             timings.vision_s = encoding_s
-        step = self.chunk_size or len(prompt_ids) - reuse
+        end = len(prompt_ids)
+        step = self.chunk_size or end - reuse
+        marks = self._checkpoint_marks(prompt_ids, reuse)
         logits = None
-        for start in range(reuse, len(prompt_ids), step):
+        bounds = sorted({*range(reuse, end, step), *marks, end})
+        for start, stop in itertools.pairwise(bounds):
             if should_stop():
                 return None
-            end = min(start + step, len(prompt_ids))
-            ids = self._ids(prompt_ids[start:end])
-            logits = self.model(ids, self.cache, start, **layout.rows(start, end, self.device))
-            self.cache.commit(layout.keys[start:end])
+            ids = self._ids(prompt_ids[start:stop])
+            logits = self.model(ids, self.cache, start, **layout.rows(start, stop, self.device))
+            self.cache.commit(layout.keys[start:stop])
+            if stop in marks:
+                self.cache.checkpoint()
         return logits
+
+    def _checkpoint_marks(self, prompt_ids: list[int], reuse: int) -> set[int]:
+        """Where a cache whose state cannot be trimmed back (a recurrent one) keeps a copy
+        of it: at the prompt's end, and before its last turn's header, where the next
+        turn's prompt often parts from this one (a template that renders a past reply
+        without its thinking, as Qwen3.5's does, changes what follows the header)."""
+        if not self.cache.recurrent:
+            return set()
+        marks = {len(prompt_ids)}
+        header = self.tokenizer.turn_start_id
+        starts = [i for i, token in enumerate(prompt_ids) if header is not None and token == header]
+        if starts and starts[-1] > reuse:
+            marks.add(starts[-1])
+        return marks
 
     @torch.inference_mode()
     def decode_step(self, token: int) -> torch.Tensor:

@@ -77,6 +77,9 @@ def stored_width(head_dim: int, dtype: torch.dtype) -> int:
 class Cache(Protocol):
     max_seq_len: int
     tokens: list
+    # Whether it holds state that cannot be trimmed back to any prefix, so that the
+    # engine asks for checkpoints (hybrid_cache.py).
+    recurrent: bool
 
     def __len__(self) -> int: ...
 
@@ -91,6 +94,18 @@ class Cache(Protocol):
     def trim(self, length: int) -> None: ...
 
     def common_prefix(self, ids: list) -> int: ...
+
+    def checkpoint(self) -> None: ...
+
+
+def shared_prefix(a: list, b: list) -> int:
+    """How many leading items ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class KVCache:
@@ -118,6 +133,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_seq_len = max_seq_len
         self.tokens: list[int] = []
+        self.recurrent = False
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -143,12 +159,12 @@ class KVCache:
         del self.tokens[length:]
 
     def common_prefix(self, ids: list[int]) -> int:
-        n = 0
-        for cached, new in zip(self.tokens, ids, strict=False):
-            if cached != new:
-                break
-            n += 1
-        return n
+        return shared_prefix(self.tokens, ids)
+
+    def checkpoint(self) -> None:
+        """Nothing to keep: keys and values can be trimmed back to any prefix."""
+
+    state_nbytes = 0  # no state besides keys and values (hybrid_cache.py has some)
 
     @property
     def nbytes(self) -> int:

@@ -76,6 +76,27 @@ def read_generation_defaults(directory: Path) -> tuple[dict, list[int]]:
     return defaults, [eos] if isinstance(eos, int) else list(eos or [])
 
 
+# The packaged template a family falls back on when its files bring none (Qwen3's
+# otherwise; Qwen3-Next uses Qwen3's).
+_BUILTIN_TEMPLATES = {
+    "Qwen3VLForConditionalGeneration": "qwen3_vl",
+    "Qwen3VLMoeForConditionalGeneration": "qwen3_vl",
+    **dict.fromkeys(
+        (
+            "Qwen3_5ForCausalLM",
+            "Qwen3_5MoeForCausalLM",
+            "Qwen3_5ForConditionalGeneration",
+            "Qwen3_5MoeForConditionalGeneration",
+        ),
+        "qwen3_5",
+    ),
+}
+
+
+def builtin_template_of(config: ModelConfig) -> str:
+    return _BUILTIN_TEMPLATES.get(config.architecture, "qwen3")
+
+
 def _tokenizer_from_dir(directory: Path, config: ModelConfig, stop_ids: list[int]) -> Tokenizer:
     """The folder's tokenizer.json with a template for the model (one that places the
     pictures for a vision model) and its stop ids (else config.json's)."""
@@ -83,7 +104,7 @@ def _tokenizer_from_dir(directory: Path, config: ModelConfig, stop_ids: list[int
     return Tokenizer.from_dir(
         directory,
         stop_ids or config.eos_token_ids,
-        builtin="qwen3_vl" if vision else "qwen3",
+        builtin=builtin_template_of(config),
         requires=IMAGE_PAD if vision else None,
     )
 
@@ -92,7 +113,7 @@ def _open_safetensors(path: Path):
     if not path.is_dir():
         raise QwenChatError(f"{path}: --format safetensors needs a model directory")
     config, config_json = read_config_json(path / "config.json")
-    source = SafeTensorsSource(path, config_json)
+    source = SafeTensorsSource(path, config_json, config)
     config.complete_from_shapes(source.shapes())
     generation, stop_ids = read_generation_defaults(path)
     return config, source, _tokenizer_from_dir(path, config, stop_ids), generation
@@ -111,7 +132,7 @@ def _open_gguf(path: Path):
     else:
         tokenizer = tokenizer_from_gguf(reader, path)
     release_vocabulary(reader)
-    return config, GGUFSource(reader, path), tokenizer, generation
+    return config, GGUFSource(reader, path, config), tokenizer, generation
 
 
 def load_model(
@@ -162,6 +183,12 @@ def load_model(
     )
 
 
+# Parameters a random model sets rather than draws: Gated DeltaNet's decay rate must be
+# negative (a positive one grows the state without bound), its time-step bias as the
+# reference initialises it.
+_RANDOM_CONSTANTS = {"A": -1.0, "dt_bias": 1.0}
+
+
 def random_model(
     config: ModelConfig,
     dtype: torch.dtype,
@@ -177,8 +204,10 @@ def random_model(
     model = build_on_meta(config)
     heap = HeapTrimmer()
     for name, param in list(model.named_parameters()):
-        if name.endswith("norm.weight"):
-            set_parameter(model, name, torch.ones(param.shape, dtype=dtype, device=device))
+        constant = _RANDOM_CONSTANTS.get(name.rpartition(".")[2])
+        if name.endswith("norm.weight") or constant is not None:
+            value = torch.full(param.shape, constant or 1.0, dtype=dtype, device=device)
+            set_parameter(model, name, value)
             continue
         layout = quant_layout(name, param.shape, quant)
         if layout is not None:
@@ -205,7 +234,7 @@ def load_preset(
     start = time.perf_counter()
     name = name.lower()
     config = preset_config(name)
-    tokenizer = Tokenizer.builtin_qwen3()
+    tokenizer = Tokenizer.builtin_qwen3(builtin_template_of(config))
     if config.vocab_size < tokenizer.vocab_size:
         raise QwenChatError(
             f"--preset {name}: its {config.vocab_size}-id vocabulary is smaller than the "

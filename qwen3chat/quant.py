@@ -60,6 +60,13 @@ class QuantizedMatrix:
             self.bits, self.group_size, self.codes[index], self.scales[index], zeros
         )
 
+    def take_rows(self, index: torch.Tensor) -> QuantizedMatrix:
+        """The rows ``index`` of a matrix, in that order (each row is quantized alone)."""
+        zeros = None if self.zeros is None else self.zeros[index]
+        return QuantizedMatrix(
+            self.bits, self.group_size, self.codes[index], self.scales[index], zeros
+        )
+
     def reshape(self, *shape: int) -> QuantizedMatrix:
         """The same weights viewed as ``shape`` (e.g. ``[E*R, C]`` as ``[E, R, C]``);
         the last dimension (the inputs) stays."""

@@ -13,6 +13,7 @@ from .errors import QwenChatError
 from .jsonfiles import read_json
 
 THINK_START = "<think>"
+TURN_START = "<|im_start|>"  # opens every turn of the ChatML templates
 THINK_END = "</think>"
 _DEFAULT_STOPS = ("<|im_end|>", "<|endoftext|>")
 # The real Qwen3 tokenizer.json, xz-compressed (1.4 MB instead of 11 MB), shipped so that
@@ -40,6 +41,7 @@ class Tokenizer:
         stops = [*(stop_ids or []), *(self.token_id(t) for t in _DEFAULT_STOPS)]
         self.stop_ids = sorted({i for i in stops if i is not None})
         self.think_start_id = self.token_id(THINK_START)
+        self.turn_start_id = self.token_id(TURN_START)
         self.think_end_id = self.token_id(THINK_END)
         self._special_ids = {
             i for i, tok in backend.get_added_tokens_decoder().items() if tok.special
@@ -72,11 +74,11 @@ class Tokenizer:
         return cls(backend, template, special, stop_ids, builtin)
 
     @classmethod
-    def builtin_qwen3(cls) -> Tokenizer:
-        """The packaged Qwen3 tokenizer with the builtin template and the default stops."""
+    def builtin_qwen3(cls, template: str = "qwen3") -> Tokenizer:
+        """The packaged Qwen3 tokenizer with a builtin template and the default stops."""
         packed = resources.files("qwen3chat").joinpath(_QWEN3_ASSET).read_bytes()
         backend = HFTokenizer.from_str(lzma.decompress(packed).decode("utf-8"))
-        return cls(backend, None, dict(_QWEN3_SPECIAL))
+        return cls(backend, None, dict(_QWEN3_SPECIAL), builtin=template)
 
     @property
     def vocab_size(self) -> int:

@@ -126,6 +126,64 @@ def build_reference_model(tie: bool = True, seed: int = 0, moe: bool = False, **
     return model
 
 
+# A tiny hybrid model (Qwen3.5 / Qwen3.6 / Qwen3-Next): three Gated DeltaNet layers and
+# a gated attention layer rotating a quarter of its 32-wide heads, two key heads serving
+# four value heads; TINY's other shapes.
+TINY_HYBRID = {
+    **{k: v for k, v in TINY.items() if k != "rope_theta"},
+    "num_hidden_layers": 4,
+    "head_dim": 32,
+    "tie_word_embeddings": False,
+    "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_conv_kernel_dim": 4,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
+}
+# Routed experts beside a shared one (Qwen3.5-MoE, Qwen3-Next).
+TINY_SHARED_EXPERTS = dict(
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=64,
+)
+
+
+def build_hybrid_reference(kind: str = "dense", seed: int = 0, **overrides):
+    """A transformers hybrid model with decisive random weights, in float32: ``kind``
+    dense (Qwen3_5ForCausalLM), moe (Qwen3_5MoeForCausalLM), next (Qwen3NextForCausalLM)
+    or multimodal (Qwen3_5ForConditionalGeneration, a tiny vision tower beside)."""
+    import transformers as tf
+
+    values = {**TINY_HYBRID, **overrides}
+    if kind == "dense":
+        model = tf.Qwen3_5ForCausalLM, tf.Qwen3_5TextConfig(**values)
+    elif kind == "moe":
+        values.pop("intermediate_size")
+        model = tf.Qwen3_5MoeForCausalLM, tf.Qwen3_5MoeTextConfig(**values, **TINY_SHARED_EXPERTS)
+    elif kind == "next":
+        config = tf.Qwen3NextConfig(**values, **TINY_SHARED_EXPERTS, norm_topk_prob=True)
+        model = tf.Qwen3NextForCausalLM, config
+    else:
+        vision = {**TINY_VISION, "deepstack_visual_indexes": []}
+        config = tf.Qwen3_5Config(text_config=values, vision_config=vision)
+        model = tf.Qwen3_5ForConditionalGeneration, config
+    model_class, config = model
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("linear_attn.norm.weight") or ("norm" in name and "visual" in name):
+                p.uniform_(0.5, 1.5)
+            elif "norm" in name:
+                p.uniform_(-0.5, 0.5)  # zero-centred: the norm multiplies by 1 + w
+            elif not name.endswith(("A_log", "dt_bias")):  # the reference's own init
+                p.normal_(0.0, INIT_STD)
+    return model
+
+
 def save_model_dir(model, directory: Path, tokenizer_dir: Path, dtype=torch.float32, shard=None):
     """Save as a Hugging Face model directory with the real tokenizer files beside it."""
     directory.mkdir(parents=True, exist_ok=True)

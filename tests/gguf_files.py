@@ -178,3 +178,187 @@ def add_tensor(writer, name: str, array: np.ndarray, qtype: T, rng) -> torch.Ten
     if qtype in (T.F32, T.F16):
         return torch.from_numpy(raw.astype(np.float32))
     return torch.from_numpy(gguf.quants.dequantize(raw, qtype)).reshape(array.shape)
+
+
+# The hybrid generation (llama.cpp's Qwen3NextModel and its Qwen3.5 subclasses in
+# convert_hf_to_gguf.py): more names, and tensors stored converted.
+HYBRID_ARCHS = {
+    "qwen3_5_text": "qwen35",
+    "qwen3_5_moe_text": "qwen35moe",
+    "qwen3_next": "qwen3next",
+}
+HYBRID_LAYER_NAMES = {
+    **LAYER_NAMES,
+    "post_attention_layernorm": "post_attention_norm",
+    "linear_attn.in_proj_qkv": "attn_qkv",
+    "linear_attn.in_proj_z": "attn_gate",
+    "linear_attn.in_proj_b": "ssm_beta",
+    "linear_attn.in_proj_a": "ssm_alpha",
+    "linear_attn.in_proj_ba": "ssm_ba",
+    "linear_attn.conv1d": "ssm_conv1d",
+    "linear_attn.norm": "ssm_norm",
+    "linear_attn.out_proj": "ssm_out",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+}
+
+
+def _v_heads(tensor: torch.Tensor, dim: int, k_heads: int, per_k: int, width: int, tiled: bool):
+    """Value heads along ``dim`` from Hugging Face's order (grouped by key head) to the
+    tiled one qwen35 files hold, or back (``tiled`` False)."""
+    shape = list(tensor.shape)
+    dim %= len(shape)
+    split = (k_heads, per_k) if tiled else (per_k, k_heads)
+    tensor = tensor.reshape(*shape[:dim], *split, width, *shape[dim + 1 :])
+    return tensor.transpose(dim, dim + 1).reshape(shape)
+
+
+def write_hybrid_gguf(model, tokenizer_dir: Path, path: Path, qtype: T, seed: int = 0):
+    """``model`` (Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM or Qwen3NextForCausalLM) as
+    llama.cpp's converter writes it: zero-centred norms plus one, A_log as -exp(A_log)
+    (``ssm_a``), dt_bias as ``ssm_dt.bias``, the conv squeezed and F32; for qwen35 the value
+    heads reordered to follow the key heads tiled; for qwen3next in_proj_qkvz regrouped
+    into attn_qkv and attn_gate, in_proj_ba kept as it is (ssm_ba). Returns the weights as
+    the file holds them, dequantized, in the model's own names and layout."""
+    config = model.config
+    arch = HYBRID_ARCHS[config.model_type]
+    moe = arch != "qwen35"
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    if getattr(config, "intermediate_size", None) and not moe:
+        writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    rope = config.rope_parameters
+    writer.add_rope_freq_base(rope["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    if moe:
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    nk, nv = config.linear_num_key_heads, config.linear_num_value_heads
+    dk, dv = config.linear_key_head_dim, config.linear_value_head_dim
+    writer.add_ssm_conv_kernel(config.linear_conv_kernel_dim)
+    writer.add_ssm_state_size(dk)
+    writer.add_ssm_group_count(nk)
+    writer.add_ssm_time_step_rank(nv)
+    writer.add_ssm_inner_size(dv * nv)
+    interval = config.layer_types.index("full_attention") + 1
+    writer.add_full_attention_interval(interval)
+    writer.add_rope_dimension_count(int(config.head_dim * rope["partial_rotary_factor"]))
+    if arch != "qwen3next":
+        writer.add_rope_dimension_sections([11, 11, 10, 0])
+    tokens, types, merges = vocab_metadata(tokenizer_dir, config.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(151645)
+    writer.add_chat_template(
+        json.loads((tokenizer_dir / "tokenizer_config.json").read_text())["chat_template"]
+    )
+
+    tiled = arch != "qwen3next" and nk != nv
+    per_k = nv // nk
+    rng = np.random.default_rng(seed)
+    stored = {}
+
+    def put(gguf_name: str, array: torch.Tensor, f32: bool = False) -> torch.Tensor:
+        array = array.float().contiguous().numpy()
+        kind = T.F32 if f32 or array.ndim == 1 else qtype
+        return add_tensor(writer, gguf_name, array, kind, rng)
+
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        short = name.removeprefix("model.")
+        if not short.startswith("layers."):
+            held = tensor + 1 if short == "norm.weight" else tensor
+            out = put(gguf_name(name), held, f32=short == "norm.weight")
+            stored[name] = out - 1 if short == "norm.weight" else out
+            continue
+        _, layer, rest = short.split(".", 2)
+        module, _, kind = rest.rpartition(".")
+        blk = f"blk.{layer}"
+        stack = next((s for s in EXPERT_STACKS if rest == s), None)
+        if stack is not None:
+            parts = np.split(tensor.float().numpy(), len(EXPERT_STACKS[stack]), axis=1)
+            stored[name] = torch.cat(
+                [
+                    add_tensor(writer, f"{blk}.{n}.weight", p, qtype, rng)
+                    for n, p in zip(EXPERT_STACKS[stack], parts, strict=True)
+                ],
+                dim=1,
+            )
+            continue
+        if tiled and rest.startswith("linear_attn."):
+            v = lambda t, dim, width, back=False: _v_heads(t, dim, nk, per_k, width, not back)  # noqa: E731
+        else:
+            v = None
+        if rest == "linear_attn.A_log":
+            held = -tensor.float().exp()
+            held = v(held[:, None], 0, 1)[:, 0] if v else held
+            out = put(f"{blk}.ssm_a", held)
+            out = v(out[:, None], 0, 1, back=True)[:, 0] if v else out
+            stored[name] = (-out).log()
+        elif rest == "linear_attn.dt_bias":
+            held = v(tensor[:, None], 0, 1)[:, 0] if v else tensor
+            out = put(f"{blk}.ssm_dt.bias", held)
+            stored[name] = v(out[:, None], 0, 1, back=True)[:, 0] if v else out
+        elif rest == "linear_attn.conv1d.weight":
+            held = tensor.squeeze(1)
+            qk = 2 * nk * dk
+            if v:
+                held = torch.cat((held[:qk], v(held[qk:], 0, dv)))
+            out = put(f"{blk}.ssm_conv1d.weight", held, f32=True)
+            if v:
+                out = torch.cat((out[:qk], v(out[qk:], 0, dv, back=True)))
+            stored[name] = out[:, None]
+        elif rest == "linear_attn.in_proj_qkvz.weight":  # qwen3next: regrouped
+            widths = [dk, dk, per_k * dv, per_k * dv]
+            q, k, vv, z = tensor.unflatten(0, (nk, -1)).split(widths, dim=1)
+            qkv = torch.cat([t.flatten(0, 1) for t in (q, k, vv)])
+            out_qkv = put(f"{blk}.attn_qkv.weight", qkv)
+            out_z = put(f"{blk}.attn_gate.weight", z.flatten(0, 1))
+            q, k, vv = out_qkv.split([nk * dk, nk * dk, nv * dv])
+            groups = [t.unflatten(0, (nk, -1)) for t in (q, k, vv, out_z)]
+            stored[name] = torch.cat(groups, dim=1).flatten(0, 1)
+        elif rest == "linear_attn.in_proj_qkv.weight" and v:
+            qk = 2 * nk * dk
+            out = put(f"{blk}.attn_qkv.weight", torch.cat((tensor[:qk], v(tensor[qk:], 0, dv))))
+            stored[name] = torch.cat((out[:qk], v(out[qk:], 0, dv, back=True)))
+        elif (
+            rest
+            in (
+                "linear_attn.in_proj_z.weight",
+                "linear_attn.in_proj_b.weight",
+                "linear_attn.in_proj_a.weight",
+            )
+            and v
+        ):
+            width = dv if rest.endswith("z.weight") else 1
+            out = put(f"{blk}.{HYBRID_LAYER_NAMES[module]}.weight", v(tensor, 0, width))
+            stored[name] = v(out, 0, width, back=True)
+        elif rest == "linear_attn.out_proj.weight" and v:
+            out = put(f"{blk}.ssm_out.weight", v(tensor, 1, dv))
+            stored[name] = v(out, 1, dv, back=True)
+        else:
+            zero_centred = float(
+                kind == "weight" and module.endswith("norm") and module != "linear_attn.norm"
+            )
+            f32 = module.endswith(("norm", "mlp.gate", "shared_expert_gate"))
+            out = put(f"{blk}.{HYBRID_LAYER_NAMES[module]}.{kind}", tensor + zero_centred, f32=f32)
+            stored[name] = out - zero_centred
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return stored

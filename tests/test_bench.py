@@ -167,17 +167,20 @@ def test_every_combination_of_the_lists_gets_one_result():
     assert out["decode_tok_s"] == out["results"][0]["decode_tok_s"]["median"]
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "tiny-hybrid"])
 def test_ops_times_every_op_at_every_length(preset):
     out = bench_json("--preset", preset, "-p", "8", "-n", "4", "-r", "1", "--ops")
     ops = out["ops"]
     assert {o["op"] for o in ops} == set(OPS)
     timed = set(OPS)
-    if preset == "tiny":
-        (moe,) = [o for o in ops if o["op"] == "moe_layer"]
-        assert moe["skipped"] is True
-        assert "dense model" in moe["reason"]
-        timed.discard("moe_layer")
+    skipped = {"moe_layer": "dense model"} if preset != "tiny-moe" else {}
+    if preset != "tiny-hybrid":
+        skipped |= dict.fromkeys(("linear_attention_prefill", "linear_attention_decode"), "hybrid")
+    for op, reason in skipped.items():
+        (entry,) = [o for o in ops if o["op"] == op]
+        assert entry["skipped"] is True
+        assert reason in entry["reason"]
+        timed.discard(op)
     for op in timed:
         timings = [o for o in ops if o["op"] == op]
         assert [o["seq_len"] for o in timings] == list(SEQ_LENS), op

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qwen3chat"
 
 # Lowest first; a module may import its own floor and those below.
 FLOORS = (
-    ("errors", "jsonfiles", "device", "kernels", "kv_cache"),
+    ("errors", "jsonfiles", "device", "kernels", "kv_cache", "hybrid_cache"),
     ("config", "presets", "quant", "chat_template", "tokenizer", "thinking", "sampling", "grammar"),
     ("generation",),
     ("download", "weights", "vision.preprocess"),

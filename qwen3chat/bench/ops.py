@@ -1,10 +1,11 @@
 """Per-operation costs at a model's own dimensions, for `qwen3chat bench --ops/--profile`.
 
 ``--ops`` times each building block of a decoder layer alone (the model's own modules and
-weights, layer 0), at several sequence lengths: where a whole-model number is slow, this
-says which piece is. On a MoE model, feed_forward is a dense FFN with the active experts'
-parameter count, the yardstick for moe_layer. ``--profile`` is the other view:
-torch.profiler over one real prefill and one real decode step of the engine, per aten op.
+weights, its first layer of each kind), at several sequence lengths: where a whole-model
+number is slow, this says which piece is. On a MoE model, feed_forward is a dense FFN with
+the active experts' parameter count, the yardstick for moe_layer. ``--profile`` is the
+other view: torch.profiler over one real prefill and one real decode step of the engine,
+per aten op.
 """
 
 from __future__ import annotations
@@ -68,14 +69,18 @@ def synchronize(device: torch.device) -> None:
 
 
 class _Workbench:
-    """Layer 0 of the model, its RoPE tables, a KV cache and random inputs of any length;
+    """The model's first attention layer, its RoPE tables, a cache and random inputs of
+    any length; for a hybrid model also its first Gated DeltaNet layer and states for it;
     for a MoE model also its first sparse block and a dense feed-forward of the same active
     width (num_experts_per_tok x moe_intermediate_size), stored like the model's weights,
     to compare the two."""
 
     def __init__(self, model: Qwen3Model, max_seq_len: int):
         self.config = model.config
-        self.layer = model.layers[0]
+        self.layer = next(layer for layer in model.layers if hasattr(layer, "self_attn"))
+        self.linear = next(
+            (layer.linear_attn for layer in model.layers if hasattr(layer, "linear_attn")), None
+        )
         self.moe = next((m for m in model.modules() if isinstance(m, SparseMoE)), None)
         self.dense_ffn = self.layer.mlp
         if isinstance(self.dense_ffn, SparseMoE):
@@ -145,6 +150,32 @@ def _attention_decode(bench: _Workbench, seq: int) -> Callable[[], object]:
     return lambda: attn(x, cos, sin, None, bench.cache, seq)
 
 
+class _LinearStates:
+    """One Gated DeltaNet layer's conv and delta states, reused by every timed call."""
+
+    def __init__(self, linear, dtype: torch.dtype, device: torch.device):
+        history = linear.conv1d.weight.shape[1] - 1
+        self.conv = torch.zeros(1, linear.conv_dim, history, dtype=dtype, device=device)
+        shape = (1, linear.num_v_heads, linear.head_k_dim, linear.head_v_dim)
+        self.delta = torch.zeros(shape, dtype=torch.float32, device=device)
+
+    def linear_state(self, layer: int, start: int):
+        return self.conv, self.delta
+
+
+def _linear_attention_prefill(bench: _Workbench, seq: int) -> Callable[[], object]:
+    """Gated DeltaNet over ``seq`` new tokens (the chunked form of the delta rule)."""
+    x, states = bench.hidden(seq), _LinearStates(bench.linear, bench.dtype, bench.device)
+    return lambda: bench.linear(x, states, 0)
+
+
+def _linear_attention_decode(bench: _Workbench, seq: int) -> Callable[[], object]:
+    """One token through Gated DeltaNet (the recurrent form): its cost is the same at
+    every depth ``seq``, the state being of fixed size."""
+    x, states = bench.hidden(1), _LinearStates(bench.linear, bench.dtype, bench.device)
+    return lambda: bench.linear(x, states, seq)
+
+
 def _transformer_block(bench: _Workbench, seq: int) -> Callable[[], object]:
     x, layer = bench.hidden(seq), bench.layer
     cos, sin = bench.cos[:seq], bench.sin[:seq]
@@ -166,7 +197,8 @@ def _causal_mask(bench: _Workbench, seq: int) -> Callable[[], object]:
 def _kv_cache(bench: _Workbench, seq: int) -> Callable[[], object]:
     kv_heads = bench.config.num_key_value_heads
     k, v = bench.heads(kv_heads, seq), bench.heads(kv_heads, seq)
-    return lambda: bench.cache.update(0, 0, k, v)
+    layer = bench.layer.self_attn.layer_idx
+    return lambda: bench.cache.update(layer, 0, k, v)
 
 
 _MEASURED: dict[str, Callable[[_Workbench, int], Callable[[], object]]] = {
@@ -176,6 +208,8 @@ _MEASURED: dict[str, Callable[[_Workbench, int], Callable[[], object]]] = {
     "moe_layer": _moe_layer,
     "attention_prefill": _attention_prefill,
     "attention_decode": _attention_decode,
+    "linear_attention_prefill": _linear_attention_prefill,
+    "linear_attention_decode": _linear_attention_decode,
     "transformer_block": _transformer_block,
     "causal_mask": _causal_mask,
     "kv_cache": _kv_cache,
@@ -187,6 +221,8 @@ OPS = (
     "moe_layer",
     "attention_prefill",
     "attention_decode",
+    "linear_attention_prefill",
+    "linear_attention_decode",
     "transformer_block",
     "causal_mask",
     "kv_cache",
@@ -218,6 +254,8 @@ class OpBenchmarks:
     def run(self, op: str) -> list[OpTiming | SkippedOp]:
         if op == "moe_layer" and self.bench.moe is None:
             return [SkippedOp(op, "a dense model has no mixture-of-experts layer")]
+        if op.startswith("linear_attention") and self.bench.linear is None:
+            return [SkippedOp(op, "only the hybrid generation has Gated DeltaNet layers")]
         timings: list[OpTiming | SkippedOp] = []
         for seq in self.seq_lens:
             samples = time_per_call(_MEASURED[op](self.bench, seq), self.bench.device)

@@ -234,7 +234,7 @@ class IdsOnlyTokenizer:
 
     def __init__(self) -> None:
         self.stop_ids: list[int] = []
-        self.think_start_id = self.think_end_id = None
+        self.think_start_id = self.think_end_id = self.turn_start_id = None
 
     def is_special(self, token_id: int) -> bool:
         return True
@@ -313,7 +313,8 @@ def decode_bytes_per_token(engine: Engine, context: float) -> float:
     """Bytes one decode step reads with ``context`` cached positions: every weight once, the
     LM head included, but of an untied embedding table only the one row it looks up, and
     of each MoE layer's experts only the num_experts_per_tok that the token is routed to;
-    and the keys and values of every cached position."""
+    the keys and values of every cached position; a hybrid model's linear-layer states,
+    read and written."""
     model = engine.model
     weights = weight_bytes(model)
     if model.lm_head is not None:
@@ -323,8 +324,9 @@ def decode_bytes_per_token(engine: Engine, context: float) -> float:
         if isinstance(module, SparseMoE):
             idle = 1 - module.top_k / module.num_experts
             weights -= idle * sum(t.nbytes for t in module.experts.state_dict().values())
-    kv_per_position = engine.cache.nbytes / engine.cache.max_seq_len
-    return weights + kv_per_position * context
+    cache = engine.cache
+    kv_per_position = (cache.nbytes - cache.state_nbytes) / cache.max_seq_len
+    return weights + 2 * cache.state_nbytes + kv_per_position * context
 
 
 def random_ids(count: int, vocab_size: int, seed: int = 0) -> list[int]:

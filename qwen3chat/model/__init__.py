@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelConfig
+from ..config import HYBRID_ARCHITECTURES, ModelConfig
 from .qwen3 import Qwen3Model
 from .qwen3_vl import Qwen3VLModel
 
@@ -15,6 +15,8 @@ MODELS: dict[str, type[Qwen3Model]] = {
     "Qwen3MoeForCausalLM": Qwen3Model,
     "Qwen3VLForConditionalGeneration": Qwen3VLModel,
     "Qwen3VLMoeForConditionalGeneration": Qwen3VLModel,
+    # The hybrid generation: the same decoder, with Gated DeltaNet layers (config.layer_types).
+    **dict.fromkeys(HYBRID_ARCHITECTURES, Qwen3Model),
 }
 
 

@@ -106,14 +106,22 @@ def mrope_rows(table: torch.Tensor, positions: torch.Tensor, axes: torch.Tensor)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, heads, T, head_dim]`` by the tables' rows for its positions."""
-    half = x.shape[-1] // 2
+    """Rotate ``x [B, heads, T, head_dim]`` by the tables' rows for its positions. Tables
+    narrower than the head (partial rotary) rotate its first columns; the rest pass."""
+    width = cos.shape[-1]
+    if width < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :width], cos, sin), x[..., width:]), dim=-1)
+    half = width // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with per-head RMSNorm on q and k before RoPE (Qwen3)."""
+    """Grouped-query attention with per-head RMSNorm on q and k before RoPE (Qwen3).
+
+    The hybrid generation's is gated: q_proj gives each head its query and then as many
+    gate columns, and the output is multiplied by sigmoid(gate) before o_proj; its RoPE
+    rotates only part of each head (the tables say how much)."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -122,10 +130,12 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.gated = config.hybrid
+        q_width = 2 * self.q_size if self.gated else self.q_size
         self.qkv_proj = Linear(
             config.hidden_size,
-            self.q_size + 2 * self.kv_size,
-            split=(self.q_size, self.kv_size, self.kv_size),
+            q_width + 2 * self.kv_size,
+            split=(q_width, self.kv_size, self.kv_size),
         )
         self.o_proj = Linear(self.q_size, config.hidden_size)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -141,10 +151,30 @@ class Attention(nn.Module):
         start: int,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q, k, v = self.project(x, cos, sin, cache, start)
+        qkv, gate = self.split_gate(self.qkv_proj(x))
+        q, k, v = self.project_qkv(qkv, cos, sin, cache, start)
         out = native.decode_attention(q, k, v) if seq == 1 else None
-        if out is not None:
-            return self.o_proj(out)
+        if out is None:
+            out = self.attend(q, k, v, mask).transpose(1, 2).reshape(batch, seq, self.q_size)
+        return self.o_proj(self.gated_output(out.to(x.dtype), gate))
+
+    def split_gate(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A gated layer's projection ``[..., 2 * q_size + 2 * kv_size]`` (each head's query
+        columns, then its gate's) as the plain q, k, v projection and the gate
+        ``[..., q_size]``; (qkv, None) for an ungated layer."""
+        if not self.gated:
+            return qkv, None
+        q_gate, kv = qkv.split([2 * self.q_size, 2 * self.kv_size], dim=-1)
+        q, gate = q_gate.unflatten(-1, (self.num_heads, 2, self.head_dim)).unbind(-2)
+        return torch.cat((q.flatten(-2), kv), dim=-1), gate.flatten(-2)
+
+    @staticmethod
+    def gated_output(out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        return out if gate is None else out * torch.sigmoid(gate)
+
+    def attend(self, q, k, v, mask) -> torch.Tensor:
+        """SDPA of ``q [B, heads, T, head_dim]`` over the keys and values a cache stores."""
+        batch, _, seq, _ = q.shape
         k, v = readable(k), readable(v)  # an int8 cache's rows in float32
         q = q.to(k.dtype)
         if seq == 1:
@@ -160,7 +190,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
             )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.q_size).to(x.dtype))
+        return out
 
     def project(
         self,
@@ -172,9 +202,12 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q ``[B, heads, T, head_dim]`` normed and rotated, and all the keys and values
         attention sees ``[B, kv_heads, start + T, head_dim]`` as the cache stores them,
-        the new ones stored."""
-        batch, seq, _ = x.shape
-        qkv = self.qkv_proj(x)
+        the new ones stored (an ungated layer's)."""
+        return self.project_qkv(self.qkv_proj(x), cos, sin, cache, start)
+
+    def project_qkv(self, qkv, cos, sin, cache: Cache | None, start: int):
+        """``project`` from the q, k, v projection ``qkv [B, T, width]``."""
+        batch, seq, _ = qkv.shape
         end = start + seq
         # The native call splits, norms and rotates, and writes k and v into the cache.
         if cache is not None:
@@ -205,9 +238,11 @@ class Attention(nn.Module):
     def forward_batch(self, x: torch.Tensor, cos, sin, batch: PagedBatch) -> torch.Tensor:
         """The rows ``x [N, hidden]`` of a PagedBatch (torch path): keys and values stored,
         each row attending to its own sequence."""
-        q, k, v = (t[0].transpose(0, 1) for t in self.heads(self.qkv_proj(x[None]), cos, sin))
+        qkv, gate = self.split_gate(self.qkv_proj(x[None]))
+        q, k, v = (t[0].transpose(0, 1) for t in self.heads(qkv, cos, sin))
         batch.store(self.layer_idx, k, v)
-        return self.o_proj(batch.attend(self.layer_idx, q))
+        out = batch.attend(self.layer_idx, q)
+        return self.o_proj(self.gated_output(out, None if gate is None else gate[0]))
 
 
 class MLP(nn.Module):

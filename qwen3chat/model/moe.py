@@ -15,7 +15,7 @@ from torch import nn
 
 from ..device import matmul_dtype
 from ..quant import QuantizedExperts
-from .layers import Linear, linear, silu_mul
+from .layers import MLP, Linear, linear, silu_mul
 
 
 class ExpertLinear(nn.Module):
@@ -34,7 +34,10 @@ class ExpertLinear(nn.Module):
 
 class SparseMoE(nn.Module):
     """Softmax router over ``num_experts``, top-k (renormalised with ``norm_topk_prob``),
-    and SwiGLU experts with gate and up fused, as Qwen3MoeSparseMoeBlock computes it."""
+    and SwiGLU experts with gate and up fused, as Qwen3MoeSparseMoeBlock computes it.
+
+    The hybrid generation adds a shared expert that every token runs through, its output
+    weighted by sigmoid(shared_expert_gate(x)) (Qwen3NextSparseMoeBlock)."""
 
     def __init__(self, config):
         super().__init__()
@@ -49,6 +52,9 @@ class SparseMoE(nn.Module):
             config.num_experts, d, 2 * width, split=(width, width)
         )
         self.experts.down_proj = ExpertLinear(config.num_experts, width, d)
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = MLP(d, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = Linear(d, 1)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's top-k experts ``[rows, k]`` and their weights, in x's dtype."""
@@ -70,7 +76,11 @@ class SparseMoE(nn.Module):
         h = grouped_linear(x[rows], self.experts.gate_up_proj.weight, counts, x.shape[0])
         h = grouped_linear(silu_mul(h), self.experts.down_proj.weight, counts, x.shape[0])
         h = h * weights.flatten()[order, None]
-        return torch.zeros_like(x).index_add_(0, rows, h).view(shape)
+        out = torch.zeros_like(x).index_add_(0, rows, h)
+        if hasattr(self, "shared_expert"):
+            gate = torch.sigmoid(self.shared_expert_gate(x))
+            out += gate * self.shared_expert(x)
+        return out.view(shape)
 
 
 def grouped_linear(

@@ -70,6 +70,8 @@ def qk_norm_rope(qkv, attn, cos, sin, k_out, v_out) -> torch.Tensor | None:
     native = kernels.native(qkv)
     if native is None or not _covers_head_dim(native, attn.head_dim):
         return None
+    if cos.shape[-1] != attn.head_dim:  # partial rotary: the torch path for now
+        return None
     return native.qk_norm_rope(
         qkv,
         attn.q_norm.weight,
@@ -165,7 +167,11 @@ def layer_weights(native, layer: nn.Module):
 
 
 def _build_layer_weights(native, layer: nn.Module):
-    attn, mlp = layer.self_attn, layer.mlp
+    # The hybrid generation's layers (Gated DeltaNet, gated attention, a shared expert)
+    # are not in the kernels' step yet.
+    attn, mlp = getattr(layer, "self_attn", None), layer.mlp
+    if attn is None or attn.gated or hasattr(mlp, "shared_expert"):
+        return None
     if not _covers_head_dim(native, attn.head_dim):
         return None
     w = native.DecoderLayerWeights()

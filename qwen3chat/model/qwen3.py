@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import QwenChatError
+from ..hybrid_cache import HybridCache
 from ..kv_cache import Cache, KVCache, PagedBatch, PagedKVCache
 from . import native
+from .gated_delta_net import GatedDeltaNet
 from .layers import (
     MLP,
     Attention,
@@ -59,10 +62,16 @@ class TextLayout:
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm block: a token mixer (attention, or in the hybrid generation's linear
+    layers Gated DeltaNet) and a feed-forward (MLP or experts), each added back."""
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
+        if config.is_linear_layer(layer_idx):
+            self.linear_attn = GatedDeltaNet(config, layer_idx)
+        else:
+            self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.is_moe_layer(layer_idx):
             self.mlp = SparseMoE(config)
@@ -76,7 +85,11 @@ class DecoderLayer(nn.Module):
             out = native.decode_layers(x, [self], cos, sin, cache, start)
             if out is not None:
                 return out
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        h = self.input_layernorm(x)
+        if hasattr(self, "linear_attn"):
+            x = x + self.linear_attn(h, cache, start)
+        else:
+            x = x + self.self_attn(h, cos, sin, mask, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward_batch(self, x, cos, sin, batch: PagedBatch):
@@ -130,11 +143,15 @@ class Qwen3Model(nn.Module):
         if self.rope_cos is None or self.rope_cos.shape[0] < max_seq_len:
             self.setup_rope(max_seq_len)
 
-    def new_cache(self, max_seq_len: int, kv_dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(
+        self, max_seq_len: int, kv_dtype: torch.dtype | None = None
+    ) -> KVCache | HybridCache:
         """A KVCache storing ``kv_dtype`` (torch.int8: quantized rows; default the
-        weights' dtype)."""
+        weights' dtype); a hybrid model's HybridCache holds its linear layers' states too."""
         self._rope_up_to(max_seq_len)
         c = self.config
+        if c.hybrid:
+            return HybridCache(c, max_seq_len, self.dtype, kv_dtype, self.device)
         return KVCache(
             c.num_hidden_layers,
             c.num_key_value_heads,
@@ -152,8 +169,13 @@ class Qwen3Model(nn.Module):
         kv_dtype: torch.dtype | None = None,
     ) -> PagedKVCache:
         """A PagedKVCache for the batched engine; rotary tables up to ``max_seq_len``."""
-        self._rope_up_to(max_seq_len)
         c = self.config
+        if c.hybrid:
+            raise QwenChatError(
+                f"{c.architecture}: the batched engine (serve) does not run the hybrid "
+                "generation's linear-attention layers yet; use chat"
+            )
+        self._rope_up_to(max_seq_len)
         return PagedKVCache(
             c.num_hidden_layers,
             c.num_key_value_heads,
@@ -166,8 +188,9 @@ class Qwen3Model(nn.Module):
 
     def kv_bytes_per_token(self, kv_dtype: torch.dtype | None = None) -> int:
         c = self.config
+        layers = sum(not c.is_linear_layer(i) for i in range(c.num_hidden_layers))
         return PagedKVCache.bytes_per_token(
-            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, kv_dtype or self.dtype
+            layers, c.num_key_value_heads, c.head_dim, kv_dtype or self.dtype
         )
 
     def prompt_layout(self, ids: list[int], visuals: Sequence = ()) -> TextLayout:

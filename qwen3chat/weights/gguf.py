@@ -17,10 +17,26 @@ from ..config import ModelConfig
 from ..errors import QwenChatError
 from ..quant import QuantizedMatrix
 from . import gguf_quants
-from .names import canonical_from_gguf
+from .names import KeyHeadPart, canonical_from_gguf, key_head_parts
 
 # GGUF architecture -> ours (config.json's name).
-SUPPORTED_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
+SUPPORTED_ARCHITECTURES = {
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
+    "qwen35": "Qwen3_5ForCausalLM",
+    "qwen35moe": "Qwen3_5MoeForCausalLM",
+    "qwen3next": "Qwen3NextForCausalLM",
+}
+_MOE_ARCHITECTURES = ("qwen3moe", "qwen35moe", "qwen3next")
+# llama.cpp's converter reorders qwen35 files' value heads to follow the key heads tiled.
+_TILED_VALUE_HEADS = ("qwen35", "qwen35moe")
+# The hybrid generation's Gated DeltaNet shape: our field -> the key after "<arch>.".
+_SSM_KEYS = {
+    "linear_conv_kernel_dim": "ssm.conv_kernel",
+    "linear_key_head_dim": "ssm.state_size",
+    "linear_num_key_heads": "ssm.group_count",
+    "linear_num_value_heads": "ssm.time_step_rank",
+}
 # No real GGUF holds arrays or counts near these; a header that claims more is corrupt,
 # and is refused before the reader walks (and allocates for) it.
 _MAX_ARRAY_ITEMS = 1 << 24
@@ -220,7 +236,7 @@ def config_from_gguf(reader: GGUFReader, path: Path) -> ModelConfig:
         raise QwenChatError(f"{path}: tensor token_embd.weight is missing")
     shape = {attr: get(key) for attr, key in _SHAPE_KEYS.items()}
     moe = {}
-    if arch == "qwen3moe":
+    if arch in _MOE_ARCHITECTURES:
         moe = {attr: get(key) for attr, key in _MOE_KEYS.items()}
         # A layer without a router is a dense one; llama.cpp's converter writes none,
         # but a file may, and then its feed_forward_length is the dense width.
@@ -233,8 +249,9 @@ def config_from_gguf(reader: GGUFReader, path: Path) -> ModelConfig:
         moe["norm_topk_prob"] = bool(get("expert_weights_norm", True))
         if not moe["mlp_only_layers"] and shape["intermediate_size"] is None:
             shape["intermediate_size"] = 0
-    read = {**shape, **moe}
-    keys = {**_SHAPE_KEYS, **_MOE_KEYS}
+    hybrid = _hybrid_fields(get, arch, shape) if arch in HYBRID_GGUF else {}
+    read = {**shape, **moe, **hybrid}
+    keys = {**_SHAPE_KEYS, **_MOE_KEYS, **_SSM_KEYS, "linear_value_head_dim": "ssm.inner_size"}
     missing = [keys[attr] for attr in keys if attr in read and read[attr] is None]
     if missing:
         raise QwenChatError(f"{path}: metadata {arch}.{missing[0]} is missing")
@@ -248,22 +265,55 @@ def config_from_gguf(reader: GGUFReader, path: Path) -> ModelConfig:
         max_position_embeddings=get("context_length", 40960),
         tie_word_embeddings="output.weight" not in names,
         architecture=SUPPORTED_ARCHITECTURES[arch],
+        **hybrid,
     )
     config.validate()
     return config
 
 
+HYBRID_GGUF = ("qwen35", "qwen35moe", "qwen3next")
+
+
+def _hybrid_fields(get, arch: str, shape: dict) -> dict:
+    """The hybrid generation's fields from a file's metadata, as llama.cpp reads them:
+    the layer kinds from attention.recurrent_layers if written, else every
+    full_attention_interval-th layer full attention; the rotated share of a head from
+    rope.dimension_count; the shared expert's width."""
+    fields = {attr: get(key) for attr, key in _SSM_KEYS.items()}
+    layers = shape["num_hidden_layers"] or 0
+    recurrent = get("attention.recurrent_layers")
+    if recurrent is None:
+        interval = get("full_attention_interval", 4)
+        recurrent = [(i + 1) % interval != 0 for i in range(layers)]
+    fields["layer_types"] = [
+        "linear_attention" if r else "full_attention" for r in list(recurrent)[:layers]
+    ]
+    inner, heads = get("ssm.inner_size"), fields["linear_num_value_heads"]
+    fields["linear_value_head_dim"] = inner // heads if inner and heads else None
+    rotated, head_dim = get("rope.dimension_count"), shape["head_dim"]
+    fields["partial_rotary_factor"] = rotated / head_dim if rotated and head_dim else 0.25
+    fields["shared_expert_intermediate_size"] = get("expert_shared_feed_forward_length", 0)
+    fields["linear_value_heads_tiled"] = arch in _TILED_VALUE_HEADS
+    return fields
+
+
 class GGUFSource:
     """Canonical tensor name -> float tensor, or QuantizedMatrix for quantized blocks."""
 
-    def __init__(self, reader: GGUFReader, path: Path):
+    def __init__(self, reader: GGUFReader, path: Path, config: ModelConfig | None = None):
+        """``config``: the model's, where a qwen3next file's ssm_ba holds two of our
+        tensors (names.key_head_parts)."""
         self.reader = reader
         self.path = path
         self._tensors = {}
+        # Canonical part -> (the tensor holding it, how to take it).
+        self._key_head_part: dict[str, tuple[str, KeyHeadPart]] = {}
         for tensor in reader.tensors:
             name = canonical_from_gguf(tensor.name)
             if name is None:
                 raise QwenChatError(f"{path}: unexpected tensor {tensor.name}")
+            for part, take in (key_head_parts(name, config) if config else {}).items():
+                self._key_head_part[part] = (name, take)
             if not gguf_quants.supported(tensor.tensor_type):
                 raise QwenChatError(
                     f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}, "
@@ -279,7 +329,12 @@ class GGUFSource:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         # GGUF lists dimensions innermost first; torch order is the reverse.
-        return {n: tuple(int(d) for d in reversed(t.shape)) for n, t in self._tensors.items()}
+        shapes = {n: tuple(int(d) for d in reversed(t.shape)) for n, t in self._tensors.items()}
+        for part, (whole, take) in self._key_head_part.items():
+            shapes[part] = (take.rows, int(self._tensors[whole].shape[0]))
+        for whole, _ in self._key_head_part.values():
+            shapes.pop(whole, None)
+        return shapes
 
     def file_of(self, name: str) -> str:
         return self.path.name
@@ -294,6 +349,11 @@ class GGUFSource:
         self, name: str, dtype: torch.dtype, kept: bool = False
     ) -> torch.Tensor | QuantizedMatrix:
         """Always decoded into memory of its own: the file's pages are released here."""
+        if name in self._key_head_part:  # some rows of another tensor, as stored
+            whole, take = self._key_head_part[name]
+            held = self.read(whole, dtype)
+            index = take.row_index()
+            return held.take_rows(index) if isinstance(held, QuantizedMatrix) else held[index]
         tensor = self._tensors[name]
         shape = tuple(int(d) for d in reversed(tensor.shape))
         try:

@@ -43,8 +43,11 @@ def check_tensors(model: nn.Module, source: WeightSource, where: str) -> None:
                 f"{where}/{source.file_of(name)}: tensor {name} has shape "
                 f"{list(available[name])}, expected {list(shape)} from the config"
             )
-    # A tied checkpoint may still carry a copy of the embedding as lm_head: unused.
+    # A tied checkpoint may still carry a copy of the embedding as lm_head: unused; so is
+    # the vision tower of a multimodal checkpoint whose text path is all we run.
     allowed_extra = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if model.config.vision is None:
+        allowed_extra |= {name for name in available if name.startswith("visual.")}
     for name in sorted(set(available) - set(expected) - allowed_extra):
         raise QwenChatError(
             f"{where}/{source.file_of(name)}: unexpected tensor {name}; "

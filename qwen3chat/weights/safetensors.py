@@ -16,7 +16,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import QwenChatError
-from .names import IGNORED, ExpertStacks, canonical_from_hf, expert_stacks, fp8_scale_of
+from .names import (
+    IGNORED,
+    ExpertStacks,
+    KeyHeadPart,
+    canonical_from_hf,
+    expert_stacks,
+    fp8_scale_of,
+    hybrid_converts,
+    hybrid_from_hf,
+    hybrid_shape,
+    key_head_parts,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 # What quantization_config.weight_block_size defaults to in transformers' FP8 support.
@@ -36,8 +47,11 @@ class SafeTensorsSource:
     at a time, transposed as it is converted when the file stores it as ``x @ W``.
     """
 
-    def __init__(self, directory: Path, config_json: Mapping | None = None):
+    def __init__(self, directory: Path, config_json: Mapping | None = None, config=None):
+        """``config``: the model's, where a hybrid-generation checkpoint holds tensors we
+        read converted (names.hybrid_from_hf) or split (names.key_head_parts)."""
         self.directory = directory
+        self.hybrid = config is not None and config.hybrid
         # config.json's raw fields, as loading.py read them (FP8 blocks, who wrote it).
         self.config_json = config_json or {}
         # Canonical name -> its (file, checkpoint name) slices: one, or one per expert.
@@ -48,6 +62,8 @@ class SafeTensorsSource:
         # Canonical stack -> (which slice, stored transposed) of the checkpoint tensor
         # that holds it (names.EXPERT_STACKS).
         self._stack_part: dict[str, tuple[int, bool]] = {}
+        # Canonical part -> how to take it from a per-key-head fused tensor (Qwen3-Next).
+        self._key_head_part: dict[str, KeyHeadPart] = {}
         # File -> its open handle for kept tensors, which share that one mapping.
         self._kept_mappings: dict[Path, safe_open] = {}
         stacks = []
@@ -63,9 +79,18 @@ class SafeTensorsSource:
                             continue
                         name, expert = canonical_from_hf(hf_name)
                         shape = tuple(f.get_slice(hf_name).get_shape())
+                        if self.hybrid:
+                            shape = hybrid_shape(name, shape)
                         held = expert_stacks(name)
                         if held:
                             stacks.append((file, hf_name, shape, held))
+                            continue
+                        key_head = key_head_parts(name, config) if self.hybrid else {}
+                        for part, take in key_head.items():
+                            self._slices[part] = {None: (file, hf_name)}
+                            self._shape[part] = (take.rows, shape[-1])
+                            self._key_head_part[part] = take
+                        if key_head:
                             continue
                         self._slices.setdefault(name, {})[expert] = (file, hf_name)
                         if self._shape.setdefault(name, shape) != shape:
@@ -160,9 +185,10 @@ class SafeTensorsSource:
             try:
                 with safe_open(file, framework="pt") as f:
                     for expert, hf_name in names:
-                        tensor = self._get(f, name, hf_name).to(
-                            dtype=dtype, memory_format=torch.contiguous_format
-                        )
+                        tensor = self._get(f, name, hf_name)
+                        if self.hybrid:
+                            tensor = hybrid_from_hf(name, tensor)
+                        tensor = tensor.to(dtype=dtype, memory_format=torch.contiguous_format)
                         if stacked is None:
                             return tensor
                         stacked[expert] = tensor
@@ -177,7 +203,9 @@ class SafeTensorsSource:
         converted first (another dtype, FP8, a slice of an expert stack). Making the view
         reads none of its pages, so a None leaves nothing of the tensor in memory."""
         file, hf_name = where
-        if name in self._stack_part or hf_name in self._fp8_scales:
+        if name in self._stack_part or name in self._key_head_part or hf_name in self._fp8_scales:
+            return None
+        if self.hybrid and hybrid_converts(name):
             return None
         try:
             if file not in self._kept_mappings:
@@ -190,6 +218,8 @@ class SafeTensorsSource:
     def _get(self, f, name: str, hf_name: str) -> torch.Tensor:
         """The checkpoint tensor ``hf_name`` as floats (FP8 dequantized); for one holding
         expert stacks, only ``name``'s slice of it, as ``[experts, out, in]`` (a view)."""
+        if name in self._key_head_part:
+            return f.get_tensor(hf_name)[self._key_head_part[name].row_index()]
         stack = self._stack_part.get(name)
         scaled = hf_name in self._fp8_scales
         if stack is not None:

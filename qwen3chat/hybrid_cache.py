@@ -1,0 +1,123 @@
+"""The cache of a hybrid model (Qwen3-Next, Qwen3.5/3.6): keys and values of its
+full-attention layers, and the conv and delta states of its Gated DeltaNet layers.
+
+It keeps kv_cache.Cache's protocol, so the engine drives it as a KVCache. What differs is
+``trim``: keys and values can be cut back to any prefix, a recurrent state cannot (it
+holds every token it has seen). So the cache keeps *checkpoints*, copies of the states
+after a given number of tokens: the engine asks for one at the end of each prompt
+(``checkpoint``), as llama.cpp's context checkpoints do, and ``common_prefix`` only
+offers lengths it can return to (a checkpoint, the live state, or nothing). A new turn
+whose prompt starts with the last one's thus prefills only what is new.
+
+A forward pass moves the states on in place before the engine commits its tokens; if it
+is interrupted the live state is not trusted again (``_state_len`` None) and only the
+checkpoints are offered.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kv_cache import KVCache, shared_prefix
+
+MAX_CHECKPOINTS = 4  # the newest kept; each is a copy of every linear layer's states
+
+
+class HybridCache:
+    def __init__(self, config, max_seq_len: int, dtype: torch.dtype, kv_dtype, device):
+        attention = [i for i in range(config.num_hidden_layers) if not config.is_linear_layer(i)]
+        linear = [i for i in range(config.num_hidden_layers) if config.is_linear_layer(i)]
+        # Each kind of layer indexes its own stack.
+        self._slot = {layer: slot for slot, layer in enumerate(attention)}
+        self._slot.update({layer: slot for slot, layer in enumerate(linear)})
+        self.kv = KVCache(
+            len(attention),
+            config.num_key_value_heads,
+            config.head_dim,
+            max_seq_len,
+            kv_dtype or dtype,
+            device,
+        )
+        conv_dim = 2 * config.linear_num_key_heads * config.linear_key_head_dim
+        conv_dim += config.linear_num_value_heads * config.linear_value_head_dim
+        self.conv = torch.zeros(
+            len(linear), 1, conv_dim, config.linear_conv_kernel_dim - 1, dtype=dtype, device=device
+        )
+        self.delta = torch.zeros(
+            len(linear),
+            1,
+            config.linear_num_value_heads,
+            config.linear_key_head_dim,
+            config.linear_value_head_dim,
+            dtype=torch.float32,
+            device=device,
+        )
+        self._first_linear = linear[0] if linear else None
+        self.max_seq_len = max_seq_len
+        self.recurrent = True
+        self.tokens: list = []
+        self._state_len: int | None = 0  # tokens the live states hold; None: not trusted
+        self._checkpoints: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def window(self, layer: int, start: int, end: int):
+        return self.kv.window(self._slot[layer], start, end)
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        return self.kv.update(self._slot[layer], start, k, v)
+
+    def linear_state(self, layer: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of one Gated DeltaNet layer's conv and delta states, which the layer moves
+        on in place from ``start`` tokens."""
+        if layer == self._first_linear:
+            if start != self._state_len:
+                raise RuntimeError(f"hybrid cache: states hold {self._state_len}, not {start}")
+            self._state_len = None  # until commit: a pass is moving the states on
+        slot = self._slot[layer]
+        return self.conv[slot], self.delta[slot]
+
+    def commit(self, ids: list) -> None:
+        self.tokens.extend(ids)
+        self._state_len = len(self.tokens)
+
+    def checkpoint(self) -> None:
+        """Keep a copy of the live states (the engine calls this at a prompt's end)."""
+        length = self._state_len
+        if not length or length in self._checkpoints:
+            return
+        self._checkpoints[length] = (self.conv.clone(), self.delta.clone())
+        while len(self._checkpoints) > MAX_CHECKPOINTS:
+            del self._checkpoints[min(self._checkpoints)]
+
+    def common_prefix(self, ids: list) -> int:
+        """The longest prefix of ``ids`` that the cache holds and can return to."""
+        shared = shared_prefix(self.tokens, ids)
+        usable = [n for n in (*self._checkpoints, self._state_len) if n is not None and n <= shared]
+        return max(usable, default=0)
+
+    def trim(self, length: int) -> None:
+        """Forget every token from ``length`` on (``length`` as ``common_prefix`` gave)."""
+        if length != self._state_len:
+            if length == 0:
+                self.conv.zero_()
+                self.delta.zero_()
+            else:
+                conv, delta = self._checkpoints[length]
+                self.conv.copy_(conv)
+                self.delta.copy_(delta)
+            self._state_len = length
+        # Checkpoints past the cut describe tokens that are gone.
+        for n in [n for n in self._checkpoints if n > length]:
+            del self._checkpoints[n]
+        del self.tokens[length:]
+
+    @property
+    def state_nbytes(self) -> int:
+        """The linear layers' states: a decode step reads and writes them all."""
+        return self.conv.nbytes + self.delta.nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes + self.state_nbytes

@@ -1,0 +1,176 @@
+"""Gated DeltaNet, the linear-attention layer of the hybrid generation (Qwen3-Next,
+Qwen3.5/3.6), with the checkpoint's names.
+
+Per token: one fused projection gives q, k, v (through a short causal depthwise conv and
+SiLU), the output gate z, and per value head the write strength beta = sigmoid(b) and
+the decay g = A * softplus(a + dt_bias) (A < 0: a decay in log space). Each value head
+keeps a state S [dk, dv]; a token decays it by exp(g), writes beta * (v - S^T k) along k
+(the delta rule: only what S does not already predict), and reads q from it. The output
+is RMS-normed per head, multiplied by silu(z), and projected back.
+
+A prompt runs the chunked form of the rule (matmuls within chunks of CHUNK tokens, a
+scan over chunks), a decode step the recurrent form; both are vectorized over heads and
+use float32 state, as the reference does. The conv and delta states live in the cache
+(hybrid_cache.py), which hands each layer its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import Linear
+
+CHUNK = 64  # tokens per chunk of the chunked delta rule (the reference's)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of each head's output, then times silu(gate), in float32 as the reference."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = self.weight * h.to(x.dtype)
+        return (h * F.silu(gate.float())).to(x.dtype)
+
+
+class CausalConv(nn.Module):
+    """Depthwise causal conv1d over time, ``weight [channels, kernel]``, no bias."""
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, kernel), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        """``x [B, T, C]`` after the ``kernel - 1`` inputs in ``state [B, C, kernel - 1]``
+        (zeros when None); the state is moved on in place. SiLU applied."""
+        history = self.weight.shape[1] - 1
+        x = x.transpose(1, 2)
+        if state is None:
+            padded = F.pad(x, (history, 0))
+        else:
+            padded = torch.cat((state.to(x.dtype), x), dim=-1)
+            state.copy_(padded[..., -history:])
+        out = F.conv1d(padded, self.weight.unsqueeze(1).to(x.dtype), groups=x.shape[1])
+        return F.silu(out).transpose(1, 2)
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_k_heads = config.linear_num_key_heads
+        self.num_v_heads = config.linear_num_value_heads
+        self.head_k_dim = config.linear_key_head_dim
+        self.head_v_dim = config.linear_value_head_dim
+        self.key_dim = self.num_k_heads * self.head_k_dim
+        self.value_dim = self.num_v_heads * self.head_v_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.tiled = config.linear_value_heads_tiled
+        # q, k, v (conv input), z, b, a in one matmul (weights/names.py's FUSED).
+        self.in_proj = Linear(
+            config.hidden_size,
+            self.conv_dim + self.value_dim + 2 * self.num_v_heads,
+            split=(self.conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads),
+        )
+        self.conv1d = CausalConv(self.conv_dim, config.linear_conv_kernel_dim)
+        self.dt_bias = nn.Parameter(torch.empty(self.num_v_heads), requires_grad=False)
+        # -exp(A_log) of the checkpoint, as llama.cpp stores it (ssm_a).
+        self.A = nn.Parameter(torch.empty(self.num_v_heads), requires_grad=False)
+        self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps)
+        self.out_proj = Linear(self.value_dim, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, cache, start: int) -> torch.Tensor:
+        """``x [B, T, hidden]`` following the ``start`` tokens whose conv and delta states
+        ``cache`` holds (None: from nothing, states discarded)."""
+        batch, seq, _ = x.shape
+        conv_state, state = (
+            (None, None) if cache is None else cache.linear_state(self.layer_idx, start)
+        )
+        mixed, z, b, a = self.in_proj(x).split(self.in_proj.split, dim=-1)
+        mixed = self.conv1d(mixed, conv_state)
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = q.unflatten(-1, (self.num_k_heads, self.head_k_dim))
+        k = k.unflatten(-1, (self.num_k_heads, self.head_k_dim))
+        v = v.unflatten(-1, (self.num_v_heads, self.head_v_dim))
+        beta = torch.sigmoid(b.float())
+        g = self.A.float() * F.softplus(a.float() + self.dt_bias.float())
+        if state is None:
+            state = x.new_zeros(
+                batch, self.num_v_heads, self.head_k_dim, self.head_v_dim, dtype=torch.float32
+            )
+        rule = recurrent_delta_rule if seq == 1 else chunked_delta_rule
+        out = rule(*self._heads(q, k, v, beta, g), state)  # [B, Hv, T, dv]
+        out = self.norm(out.transpose(1, 2).to(x.dtype), z.unflatten(-1, (self.num_v_heads, -1)))
+        return self.out_proj(out.flatten(-2))
+
+    def _heads(self, q, k, v, beta, g):
+        """Float32 ``[B, Hv, T, .]`` inputs of the rule: q and k L2-normed (q also scaled
+        by dk^-0.5) and repeated for the value heads they serve."""
+        repeat = self.num_v_heads // self.num_k_heads
+        q, k = (l2_normalize(t.float()) for t in (q, k))
+        if self.tiled:
+            q, k = (t.repeat(1, 1, repeat, 1) for t in (q, k))
+        else:
+            q, k = (t.repeat_interleave(repeat, dim=2) for t in (q, k))
+        q = q * self.head_k_dim**-0.5
+        heads = (t.transpose(1, 2) for t in (q, k, v.float(), beta, g))
+        return tuple(heads)
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """``x / |x|`` along the last dim, with the reference's epsilon inside the root."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)
+
+
+def recurrent_delta_rule(q, k, v, beta, g, state: torch.Tensor) -> torch.Tensor:
+    """One token per sequence: ``q, k [B, H, 1, dk]``, ``v [B, H, 1, dv]``, ``beta, g
+    [B, H, 1]``; ``state [B, H, dk, dv]`` moved on in place. Output ``[B, H, 1, dv]``."""
+    state.mul_(g.exp()[..., None])
+    predicted = k @ state  # [B, H, 1, dv]
+    delta = (v - predicted) * beta[..., None]
+    state.add_(k.transpose(-1, -2) @ delta)
+    return q @ state
+
+
+def chunked_delta_rule(q, k, v, beta, g, state: torch.Tensor) -> torch.Tensor:
+    """Several tokens per sequence (shapes as ``recurrent_delta_rule``'s with T tokens):
+    within each chunk the T sequential updates become one triangular solve (the WY form
+    of the delta rule), and the chunks are scanned in order; ``state`` moved on in place."""
+    seq = q.shape[2]
+    pad = -seq % CHUNK
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    beta, g = (F.pad(t, (0, pad)) for t in (beta, g))
+    q, k, v = (t.unflatten(2, (-1, CHUNK)) for t in (q, k, v))  # [B, H, N, C, d]
+    beta, g = (t.unflatten(2, (-1, CHUNK)) for t in (beta, g))  # [B, H, N, C]
+    decay = g.cumsum(-1)  # log of the decay from the chunk's start to each token
+    causal = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).tril()
+    # pairwise[i, j]: decay from token j to token i (i >= j), else 0.
+    pairwise = (decay[..., :, None] - decay[..., None, :]).masked_fill(~causal, float("-inf"))
+    pairwise = pairwise.exp()
+    k_beta = k * beta[..., None]
+    # (I + strictly lower part of A) solves the chunk's updates at once (unit diagonal).
+    system = (k_beta @ k.transpose(-1, -2)) * pairwise
+    new_values = torch.linalg.solve_triangular(
+        system, v * beta[..., None], upper=False, unitriangular=True
+    )
+    state_keys = torch.linalg.solve_triangular(
+        system, k_beta * decay.exp()[..., None], upper=False, unitriangular=True
+    )
+    within = (q @ k.transpose(-1, -2)) * pairwise
+    q = q * decay.exp()[..., None]
+    last = decay[..., -1:]
+    k = k * (last - decay).exp()[..., None]
+    chunk_decay = last.exp()[..., None]  # [B, H, N, 1, 1]
+    out = torch.empty_like(new_values)
+    for i in range(q.shape[2]):
+        fresh = new_values[:, :, i] - state_keys[:, :, i] @ state
+        out[:, :, i] = q[:, :, i] @ state + within[:, :, i] @ fresh
+        state.mul_(chunk_decay[:, :, i]).add_(k[:, :, i].transpose(-1, -2) @ fresh)
+    return out.flatten(2, 3)[:, :, :seq]
