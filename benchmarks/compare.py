@@ -1,7 +1,8 @@
 """Decode/prefill speed and peak memory of qwen3chat next to transformers, in one run.
 
-Builds a random-weight checkpoint of a real Qwen3 shape once (bf16 SafeTensors, the real
-tokenizer; GGUF files written from it the way llama.cpp's converter writes them), then
+Builds a random-weight checkpoint of a real Qwen3 (or Qwen3.5/3.6/Qwen3-Next) shape once
+(bf16 SafeTensors, the real tokenizer; GGUF files written from it the way llama.cpp's
+converter writes them), then
 runs each system in its own process on the same prompt, so peak RSS is per system.
 Writes a Markdown table to docs/benchmarks.md.
 
@@ -49,14 +50,18 @@ def build_gguf(checkpoint: Path, qtype_name: str) -> Path:
         return path
     sys.path.insert(0, str(ROOT / "tests"))
     import gguf
-    from gguf_files import write_gguf
-    from transformers import Qwen3ForCausalLM
+    from gguf_files import write_gguf, write_hybrid_gguf
+    from transformers import AutoModelForCausalLM
 
-    model = Qwen3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     tmp = path.with_suffix(".tmp")
     layers, _, table = qtype_name.partition("+")
     types = gguf.GGMLQuantizationType
-    write_gguf(model, checkpoint, tmp, types[layers], table_qtype=types[table] if table else None)
+    if model.config.model_type in ("qwen3", "qwen3_moe"):
+        table_qtype = types[table] if table else None
+        write_gguf(model, checkpoint, tmp, types[layers], table_qtype=table_qtype)
+    else:  # the hybrid generation, as llama.cpp's converter writes it
+        write_hybrid_gguf(model, checkpoint, tmp, types[layers])
     tmp.rename(path)
     return path
 
@@ -65,13 +70,25 @@ def build_checkpoint(shape: str, directory: Path) -> Path:
     """Random bf16 weights of ``shape`` saved by transformers, with the real tokenizer."""
     if (directory / "config.json").is_file():
         return directory
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    import transformers
 
     preset = preset_config(shape)
     fields = (*SHAPE_FIELDS, "tie_word_embeddings", "max_position_embeddings")
-    config = Qwen3Config(eos_token_id=151645, **{f: getattr(preset, f) for f in fields})
+    values = {f: getattr(preset, f) for f in fields}
+    config_class, model_class = HF_CLASSES[preset.architecture]
+    if preset.hybrid:
+        values.update({f: getattr(preset, f) for f in HYBRID_FIELDS})
+        values["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": preset.rope_theta,
+            "partial_rotary_factor": preset.partial_rotary_factor,
+        }
+        if preset.num_experts:
+            values.pop("intermediate_size")
+            values.update({f: getattr(preset, f) for f in MOE_FIELDS})
+    config = getattr(transformers, config_class)(eos_token_id=151645, **values)
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model = getattr(transformers, model_class)._from_config(config, dtype=torch.bfloat16)
     tmp = directory.with_suffix(".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -79,6 +96,29 @@ def build_checkpoint(shape: str, directory: Path) -> Path:
     shutil.copy(TOKENIZER / "tokenizer_config.json", tmp / "tokenizer_config.json")
     tmp.rename(directory)
     return directory
+
+
+# A preset's architecture -> transformers' config and model classes.
+HF_CLASSES = {
+    "Qwen3ForCausalLM": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "Qwen3_5ForCausalLM": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM"),
+    "Qwen3_5MoeForCausalLM": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM"),
+    "Qwen3NextForCausalLM": ("Qwen3NextConfig", "Qwen3NextForCausalLM"),
+}
+HYBRID_FIELDS = (
+    "layer_types",
+    "linear_conv_kernel_dim",
+    "linear_key_head_dim",
+    "linear_value_head_dim",
+    "linear_num_key_heads",
+    "linear_num_value_heads",
+)
+MOE_FIELDS = (
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+)
 
 
 def prompt_ids(n: int) -> list[int]:
@@ -114,10 +154,10 @@ def run_qwen3chat(path: Path, variant: str, prompt: list[int], gen: int, repeat:
 
 
 def run_transformers(path: Path, dtype: str, prompt: list[int], gen: int, repeat: int) -> dict:
-    from transformers import Qwen3ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
-    model = Qwen3ForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     load_s = time.perf_counter() - start
     weights_mb = sum(t.nbytes for t in [*model.parameters(), *model.buffers()]) / 2**20
     ids = torch.tensor([prompt])

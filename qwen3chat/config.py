@@ -14,7 +14,7 @@ from .jsonfiles import read_json
 VISION_ARCHITECTURES = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 # The hybrid generation: Gated DeltaNet layers between gated full-attention ones. The
 # ConditionalGeneration classes of Qwen3.5 nest the text model's fields under
-# text_config (their vision tower is not run yet: their text path is).
+# text_config, beside a Qwen3-VL vision tower without DeepStack.
 HYBRID_MULTIMODAL = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
 HYBRID_ARCHITECTURES = (
     "Qwen3NextForCausalLM",
@@ -43,7 +43,9 @@ _ARCHITECTURE_OF_TYPE = {
 # Every layer of a Qwen3.5-MoE model is sparse; its config has no decoder_sparse_step.
 _ALL_SPARSE = ("Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration")
 LAYER_TYPES = ("full_attention", "linear_attention")
-_MROPE_SECTION = (24, 20, 20)
+# transformers' default M-RoPE sections (time, height, width) when a config gives none:
+# Qwen3-VL's, and Qwen3.5's over its rotated quarter of each head.
+_MROPE_SECTION = ((24, 20, 20), (11, 11, 10))
 # The vision tower's activations (model/vision.py's ACTIVATIONS implements them).
 VISION_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "silu")
 # Keys of a Qwen3-VL config.json that live beside text_config but describe the text model.
@@ -190,6 +192,11 @@ class ModelConfig:
     def is_linear_layer(self, layer_idx: int) -> bool:
         return self.hybrid and self.layer_types[layer_idx] == "linear_attention"
 
+    def layer_slot(self, layer_idx: int) -> int:
+        """A layer's index among the layers of its kind (their cache's stacks)."""
+        kind = self.is_linear_layer(layer_idx)
+        return sum(self.is_linear_layer(i) == kind for i in range(layer_idx))
+
     @property
     def rotary_dim(self) -> int:
         """Columns of an attention head that RoPE rotates (the first ones)."""
@@ -227,10 +234,10 @@ class ModelConfig:
             raise QwenChatError("config: attention_bias=true is not a Qwen3 layout")
         if self.head_dim % 2:
             raise QwenChatError(f"config: head_dim ({self.head_dim}) must be even for RoPE")
-        if self.mrope_section and sum(self.mrope_section) != self.head_dim // 2:
+        if self.mrope_section and sum(self.mrope_section) != self.rotary_dim // 2:
             raise QwenChatError(
-                f"config: mrope_section {self.mrope_section} must add up to head_dim / 2 "
-                f"({self.head_dim // 2})"
+                f"config: mrope_section {self.mrope_section} must add up to half the rotated "
+                f"columns of a head ({self.rotary_dim // 2})"
             )
         if self.num_experts:
             if not 0 < self.num_experts_per_tok <= self.num_experts:
@@ -282,9 +289,11 @@ class ModelConfig:
                 f"expected one of {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         vision = None
-        if arch in VISION_ARCHITECTURES:
-            vision = VisionConfig.from_hf_dict(raw.get("vision_config") or {}, source)
         if arch in VISION_ARCHITECTURES or arch in HYBRID_MULTIMODAL:
+            vision_raw = dict(raw.get("vision_config") or {})
+            if arch in HYBRID_MULTIMODAL:  # Qwen3.5's tower has no DeepStack mergers
+                vision_raw.setdefault("deepstack_visual_indexes", [])
+            vision = VisionConfig.from_hf_dict(vision_raw, source)
             # The text model's fields are in text_config; a few stay at the top level.
             top = {k: raw[k] for k in _VL_TOP_LEVEL_KEYS if raw.get(k) is not None}
             raw = {**(raw.get("text_config") or {}), **top}
@@ -306,7 +315,9 @@ class ModelConfig:
             "architecture": arch,
             "vision": vision,
             # transformers' default when a VL config leaves the section out.
-            "mrope_section": list(mrope_section or _MROPE_SECTION) if vision else None,
+            "mrope_section": list(mrope_section or _MROPE_SECTION[arch in HYBRID_MULTIMODAL])
+            if vision
+            else None,
             # transformers 5 writes the expert count as num_local_experts.
             "num_experts": raw.get("num_experts", raw.get("num_local_experts", 0)) or 0,
             "rope_theta": float(rope_theta),

@@ -28,8 +28,7 @@ class HybridCache:
         attention = [i for i in range(config.num_hidden_layers) if not config.is_linear_layer(i)]
         linear = [i for i in range(config.num_hidden_layers) if config.is_linear_layer(i)]
         # Each kind of layer indexes its own stack.
-        self._slot = {layer: slot for slot, layer in enumerate(attention)}
-        self._slot.update({layer: slot for slot, layer in enumerate(linear)})
+        self._slot = {i: config.layer_slot(i) for i in range(config.num_hidden_layers)}
         self.kv = KVCache(
             len(attention),
             config.num_key_value_heads,
@@ -72,11 +71,17 @@ class HybridCache:
         """Views of one Gated DeltaNet layer's conv and delta states, which the layer moves
         on in place from ``start`` tokens."""
         if layer == self._first_linear:
-            if start != self._state_len:
-                raise RuntimeError(f"hybrid cache: states hold {self._state_len}, not {start}")
-            self._state_len = None  # until commit: a pass is moving the states on
+            self.moving(start)
         slot = self._slot[layer]
         return self.conv[slot], self.delta[slot]
+
+    def moving(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every linear layer's states ``[layers, 1, ...]``, which a pass from ``start``
+        tokens is about to move on (not trusted again until it commits)."""
+        if start != self._state_len:
+            raise RuntimeError(f"hybrid cache: states hold {self._state_len}, not {start}")
+        self._state_len = None
+        return self.conv, self.delta
 
     def commit(self, ids: list) -> None:
         self.tokens.extend(ids)

@@ -31,6 +31,7 @@ from .weights.loader import (
     return_freed_memory,
     set_parameter,
 )
+from .weights.names import FLOAT32
 from .weights.safetensors import SafeTensorsSource
 
 
@@ -206,7 +207,8 @@ def random_model(
     for name, param in list(model.named_parameters()):
         constant = _RANDOM_CONSTANTS.get(name.rpartition(".")[2])
         if name.endswith("norm.weight") or constant is not None:
-            value = torch.full(param.shape, constant or 1.0, dtype=dtype, device=device)
+            held = torch.float32 if FLOAT32.search(name) else dtype
+            value = torch.full(param.shape, constant or 1.0, dtype=held, device=device)
             set_parameter(model, name, value)
             continue
         layout = quant_layout(name, param.shape, quant)

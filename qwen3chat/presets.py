@@ -105,7 +105,7 @@ PRESETS: dict[str, ModelConfig] = {
         _TINY,
         architecture="Qwen3_5ForCausalLM",
         num_hidden_layers=4,
-        head_dim=32,
+        head_dim=64,
         partial_rotary_factor=0.25,
         layer_types=["linear_attention"] * 3 + ["full_attention"],
         linear_num_key_heads=2,

@@ -127,12 +127,12 @@ def build_reference_model(tie: bool = True, seed: int = 0, moe: bool = False, **
 
 
 # A tiny hybrid model (Qwen3.5 / Qwen3.6 / Qwen3-Next): three Gated DeltaNet layers and
-# a gated attention layer rotating a quarter of its 32-wide heads, two key heads serving
+# a gated attention layer rotating a quarter of its 64-wide heads, two key heads serving
 # four value heads; TINY's other shapes.
 TINY_HYBRID = {
     **{k: v for k, v in TINY.items() if k != "rope_theta"},
     "num_hidden_layers": 4,
-    "head_dim": 32,
+    "head_dim": 64,
     "tie_word_embeddings": False,
     "layer_types": ["linear_attention"] * 3 + ["full_attention"],
     "linear_num_key_heads": 2,
@@ -168,7 +168,12 @@ def build_hybrid_reference(kind: str = "dense", seed: int = 0, **overrides):
         model = tf.Qwen3NextForCausalLM, config
     else:
         vision = {**TINY_VISION, "deepstack_visual_indexes": []}
-        config = tf.Qwen3_5Config(text_config=values, vision_config=vision)
+        # M-RoPE over the 8 rotated frequencies of a 64-wide head.
+        rope = {**values["rope_parameters"], "mrope_section": [3, 3, 2], "mrope_interleaved": True}
+        values = {**values, "rope_parameters": rope}
+        ids = dict(image_token_id=151655, video_token_id=151656)  # the Qwen3 tokenizer's
+        ids.update(vision_start_token_id=151652, vision_end_token_id=151653)
+        config = tf.Qwen3_5Config(text_config=values, vision_config=vision, **ids)
         model = tf.Qwen3_5ForConditionalGeneration, config
     model_class, config = model
     torch.manual_seed(seed)

@@ -32,7 +32,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("bindings.cpp", "linear.cpp", "quantize.cpp", "layer_ops.cpp", "decode_layer.cpp")
+_SOURCES = (
+    "bindings.cpp",
+    "linear.cpp",
+    "quantize.cpp",
+    "layer_ops.cpp",
+    "delta_net.cpp",
+    "decode_layer.cpp",
+)
 # Loading a cached build takes well under a second; a longer wait is a compile, which the
 # user is told about rather than left facing a silent pause.
 _NOTICE_AFTER_S = 2.0

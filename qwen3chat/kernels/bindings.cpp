@@ -33,6 +33,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention,
         "attention of N query rows [N, H, D] over their sequences in a paged cache -> [N, H*D]");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
+  m.def("gated_delta_step", &gated_delta_step,
+        "Gated DeltaNet's decode step between its projections, conv and delta states in place");
   py::class_<Matrix>(m, "Matrix")
       .def(py::init([](at::Tensor weight, c10::optional<at::Tensor> scales,
                        c10::optional<at::Tensor> zeros, int64_t bits) {
@@ -58,20 +60,43 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("expert_gate_up", &DecoderLayerWeights::expert_gate_up)
       .def_readwrite("expert_down", &DecoderLayerWeights::expert_down)
       .def_readwrite("top_k", &DecoderLayerWeights::top_k)
-      .def_readwrite("norm_topk_prob", &DecoderLayerWeights::norm_topk_prob);
+      .def_readwrite("norm_topk_prob", &DecoderLayerWeights::norm_topk_prob)
+      .def_readwrite("shared_gate_up", &DecoderLayerWeights::shared_gate_up)
+      .def_readwrite("shared_down", &DecoderLayerWeights::shared_down)
+      .def_readwrite("shared_gate", &DecoderLayerWeights::shared_gate)
+      .def_readwrite("gated", &DecoderLayerWeights::gated)
+      .def_readwrite("linear", &DecoderLayerWeights::linear)
+      .def_readwrite("tiled", &DecoderLayerWeights::tiled)
+      .def_readwrite("in_proj", &DecoderLayerWeights::in_proj)
+      .def_readwrite("out_proj", &DecoderLayerWeights::out_proj)
+      .def_readwrite("conv_weight", &DecoderLayerWeights::conv_weight)
+      .def_readwrite("A", &DecoderLayerWeights::A)
+      .def_readwrite("dt_bias", &DecoderLayerWeights::dt_bias)
+      .def_readwrite("linear_norm", &DecoderLayerWeights::linear_norm)
+      .def_readwrite("k_heads", &DecoderLayerWeights::k_heads)
+      .def_readwrite("k_dim", &DecoderLayerWeights::k_dim)
+      .def_readwrite("v_dim", &DecoderLayerWeights::v_dim);
   m.def("matmul", &matmul, "x @ W.T with the kernel of W's format");
   // The list's items are cast by reference: converting it to a std::vector would copy
   // every layer's tensors and matrices on every token.
   m.def(
       "decode_layers",
       [](at::Tensor x, const py::list& layers, const at::Tensor& cos, const at::Tensor& sin,
-         const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t start) {
+         const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t start,
+         const c10::optional<at::Tensor>& conv_cache,
+         const c10::optional<at::Tensor>& delta_cache) {
+        const auto conv = conv_cache.value_or(at::Tensor());
+        const auto delta = delta_cache.value_or(at::Tensor());
         for (const auto& layer : layers)
           x = decode_layer(x, layer.cast<const DecoderLayerWeights&>(), cos, sin, k_cache,
-                           v_cache, start);
+                           v_cache, start, conv, delta);
         return x;
       },
-      "one decode step of every decoder layer in turn (a list of DecoderLayerWeights)");
+      py::arg("x"), py::arg("layers"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),
+      py::arg("v_cache"), py::arg("start"), py::arg("conv_cache") = py::none(),
+      py::arg("delta_cache") = py::none(),
+      "one decode step of every decoder layer in turn (a list of DecoderLayerWeights), with "
+      "the hybrid generation's linear-layer states where it has them");
   m.def(
       "paged_layers",
       [](at::Tensor x, const py::list& layers, const at::Tensor& cos, const at::Tensor& sin,

@@ -66,6 +66,10 @@ at::Tensor experts_step(const at::Tensor& x, const DecoderLayerWeights& w) {
   std::vector<int64_t> pair_rows(pairs.size());
   for (size_t i = 0; i < pairs.size(); ++i) pair_rows[i] = pairs[i] / k;
   auto out = at::zeros_like(h);
+  if (w.shared_down.weight.defined()) {  // the shared expert, weighted by its gate
+    const auto gate = at::sigmoid(matmul(h, w.shared_gate));
+    out.add_(feed_forward(h, w.shared_gate_up, w.shared_down).mul(gate));
+  }
   for (int64_t first = 0, last; first < rows * k; first = last) {
     const int64_t e = ids[pairs[first]];
     for (last = first + 1; last < rows * k && ids[pairs[last]] == e; ++last) {
@@ -85,13 +89,40 @@ at::Tensor experts_step(const at::Tensor& x, const DecoderLayerWeights& w) {
   return out.view(x.sizes());
 }
 
-// A decoder layer on the rows of x, with ``attention`` turning the rows' qkv into their
-// attention outputs (and storing their keys and values): the contiguous and the paged
-// caches differ only there.
+// The token mixer of a layer's normed rows: attention (``attention`` turning qkv into its
+// outputs, storing keys and values: the contiguous and the paged caches differ only
+// there), gated where the layer is; or Gated DeltaNet on its states.
 template <typename Attention>
-at::Tensor layer_body(const at::Tensor& x, const DecoderLayerWeights& w, Attention attention) {
-  const auto context = attention(matmul(rms_norm(x, w.input_norm, w.eps), w.qkv));
-  const auto h = add_residual(x, matmul(context, w.o_proj));
+at::Tensor mixer(const at::Tensor& normed, const DecoderLayerWeights& w, Attention attention,
+                 const at::Tensor& conv_cache, const at::Tensor& delta_cache) {
+  if (w.linear) {
+    const auto out = gated_delta_step(matmul(normed, w.in_proj), w.conv_weight,
+                                      conv_cache[w.layer], w.A, w.dt_bias, w.linear_norm,
+                                      delta_cache[w.layer], w.k_heads, w.k_dim, w.v_dim, w.tiled,
+                                      w.eps);
+    return matmul(out, w.out_proj);
+  }
+  auto qkv = matmul(normed, w.qkv);
+  if (!w.gated) return matmul(attention(qkv), w.o_proj);
+  const int64_t q_size = w.num_heads * w.q_norm.numel();
+  auto sizes = qkv.sizes().vec();
+  const auto q_gate = qkv.narrow(-1, 0, 2 * q_size);
+  sizes.back() = w.num_heads;
+  sizes.push_back(2);
+  sizes.push_back(w.q_norm.numel());
+  const auto heads = q_gate.reshape(sizes);
+  const auto q = heads.select(-2, 0).flatten(-2);
+  const auto gate = heads.select(-2, 1).flatten(-2);
+  const auto plain = at::cat({q, qkv.narrow(-1, 2 * q_size, qkv.size(-1) - 2 * q_size)}, -1);
+  return matmul(attention(plain).mul(at::sigmoid(gate)), w.o_proj);
+}
+
+// A decoder layer on the rows of x.
+template <typename Attention>
+at::Tensor layer_body(const at::Tensor& x, const DecoderLayerWeights& w, Attention attention,
+                      const at::Tensor& conv_cache = {}, const at::Tensor& delta_cache = {}) {
+  const auto normed_in = rms_norm(x, w.input_norm, w.eps);
+  const auto h = add_residual(x, mixer(normed_in, w, attention, conv_cache, delta_cache));
   const auto normed = rms_norm(h, w.post_norm, w.eps);
   const bool moe = !w.expert_down.empty();
   return add_residual(h, moe ? experts_step(normed, w) : feed_forward(normed, w.gate_up, w.down));
@@ -101,14 +132,20 @@ at::Tensor layer_body(const at::Tensor& x, const DecoderLayerWeights& w, Attenti
 
 at::Tensor decode_layer(const at::Tensor& x, const DecoderLayerWeights& w, const at::Tensor& cos,
                         const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                        int64_t start) {
+                        int64_t start, const at::Tensor& conv_cache, const at::Tensor& delta_cache) {
   RECORD_FUNCTION("qwen3chat::decode_layer", std::vector<c10::IValue>());
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "decode_layer: expected x [B, 1, hidden]");
-  return layer_body(x, w, [&](const at::Tensor& qkv) {
-    const auto q = qk_norm_rope_into(qkv, w.q_norm, w.k_norm, cos, sin, w.eps, w.num_heads,
-                                     w.num_kv_heads, cache_rows(k_cache, v_cache, w.layer, start, 1));
-    return attend(q, cache_rows(k_cache, v_cache, w.layer, 0, start + 1));
-  });
+  TORCH_CHECK(!w.linear || (conv_cache.defined() && delta_cache.defined()),
+              "decode_layer: a linear layer needs its conv and delta states");
+  return layer_body(
+      x, w,
+      [&](const at::Tensor& qkv) {
+        const auto q =
+            qk_norm_rope_into(qkv, w.q_norm, w.k_norm, cos, sin, w.eps, w.num_heads,
+                              w.num_kv_heads, cache_rows(k_cache, v_cache, w.layer, start, 1));
+        return attend(q, cache_rows(k_cache, v_cache, w.layer, 0, start + 1));
+      },
+      conv_cache, delta_cache);
 }
 
 at::Tensor paged_layer(const at::Tensor& x, const DecoderLayerWeights& w, const at::Tensor& cos,
@@ -116,6 +153,7 @@ at::Tensor paged_layer(const at::Tensor& x, const DecoderLayerWeights& w, const 
   RECORD_FUNCTION("qwen3chat::paged_layer", std::vector<c10::IValue>());
   TORCH_CHECK(x.dim() == 2 && x.size(0) == cache.rows,
               "paged_layer: expected x [N, hidden] for the N rows of positions");
+  TORCH_CHECK(!w.linear, "paged_layer: linear layers keep no state in a paged cache");
   return layer_body(x, w, [&](const at::Tensor& qkv) {
     const auto q = qk_norm_rope_into(qkv, w.q_norm, w.k_norm, cos, sin, w.eps, w.num_heads,
                                      w.num_kv_heads, cache, w.layer);

@@ -138,6 +138,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 at::Tensor silu_mul(const at::Tensor& gate_up);
 at::Tensor add_residual(const at::Tensor& a, const at::Tensor& b);
 
+// Gated DeltaNet's decode step between its two projections (delta_net.cpp): the input
+// projection's rows proj [B, 1, conv + value + 2 Hv] -> [B, 1, value], moving on the conv
+// history [B, conv, kernel - 1] (activations' dtype) and the delta state [B, Hv, dk, dv]
+// (float32) in place. ``tiled``: value head h reads key head h % Hk (else h / (Hv / Hk)).
+at::Tensor gated_delta_step(const at::Tensor& proj, const at::Tensor& conv_weight,
+                            const at::Tensor& conv_state, const at::Tensor& A,
+                            const at::Tensor& dt_bias, const at::Tensor& norm,
+                            const at::Tensor& state, int64_t num_k_heads, int64_t head_k_dim,
+                            int64_t head_v_dim, bool tiled, double eps);
+
 // A KV cache stores rows of D values in the activations' dtype, or (int8, kv_cache.py's
 // ``--kv-cache int8``) as D int8 codes followed by a float16 scale per block of kKvBlock
 // values: a row of kv_row_width(D) bytes. ``dim`` below is always D.
@@ -224,7 +234,12 @@ struct Matrix {
 at::Tensor matmul(const at::Tensor& x, const Matrix& w);
 
 // Everything one decode step of a decoder layer reads but the KV cache. A dense layer
-// has gate_up and down; a mixture-of-experts layer has router and one matrix per expert.
+// has gate_up and down; a mixture-of-experts layer has router and one matrix per expert
+// (and in the hybrid generation a shared expert: shared_gate_up, shared_down and its
+// one-row gate shared_gate). The hybrid generation's attention is ``gated`` (qkv gives
+// each head's query and then its gate); its ``linear`` layers are Gated DeltaNet instead
+// of attention (in_proj, the conv, A, dt_bias, linear_norm, out_proj). ``layer`` is the
+// layer's index in the stacks of its kind's cache.
 struct DecoderLayerWeights {
   int64_t layer = 0, num_heads = 0, num_kv_heads = 0;
   double eps = 1e-6;
@@ -233,13 +248,20 @@ struct DecoderLayerWeights {
   std::vector<Matrix> expert_gate_up, expert_down;
   int64_t top_k = 0;
   bool norm_topk_prob = false;
+  Matrix shared_gate_up, shared_down, shared_gate;
+  bool gated = false, linear = false, tiled = false;
+  Matrix in_proj, out_proj;
+  at::Tensor conv_weight, A, dt_bias, linear_norm;
+  int64_t k_heads = 0, k_dim = 0, v_dim = 0;
 };
 
 // x [B, 1, hidden] at position ``start``: the layer's output, its key and value stored
-// in the caches [layers, B, kv_heads, max_seq_len, head_dim] (decode_layer.cpp).
+// in the caches [layers, B, kv_heads, max_seq_len, head_dim], or a linear layer's states
+// moved on in conv_cache [layers, B, conv, kernel - 1] and delta_cache [layers, B, Hv, dk,
+// dv] (decode_layer.cpp).
 at::Tensor decode_layer(const at::Tensor& x, const DecoderLayerWeights& w, const at::Tensor& cos,
                         const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                        int64_t start);
+                        int64_t start, const at::Tensor& conv_cache, const at::Tensor& delta_cache);
 // x [N, hidden], the rows of a step of several sequences over a paged cache (cos/sin
 // [N, head_dim] at each row's position): the layer's output, keys and values stored.
 at::Tensor paged_layer(const at::Tensor& x, const DecoderLayerWeights& w, const at::Tensor& cos,

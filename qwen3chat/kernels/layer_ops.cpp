@@ -71,18 +71,21 @@ void rms_norm_row(const T* x, const T* weight, T* out, int64_t dim, float eps) {
   for (int64_t i = 0; i < dim; i += 8) store8(out + i, normed8(x + i, weight + i, inverse));
 }
 
-// RMSNorm of one head, then its rotation: x * cos + rotate_half(x) * sin, each product
-// and the sum rounded to T as three torch operations would. dim a multiple of 16.
+// RMSNorm of one head, then the rotation of its first ``rot`` values (all of them but in
+// the hybrid generation's partial rotary): x * cos + rotate_half(x) * sin, each product
+// and the sum rounded to T as three torch operations would; the rest pass normed. dim
+// and rot multiples of 16.
 template <typename T>
 void norm_rope_head(const T* x, const T* weight, const T* cos, const T* sin, T* out,
-                    int64_t dim, float eps) {
+                    int64_t dim, int64_t rot, float eps) {
   alignas(32) float normed[kMaxHeadDim];
   const __m256 inverse = _mm256_set1_ps(inverse_rms(x, dim, eps));
   for (int64_t i = 0; i < dim; i += 8)
     _mm256_store_ps(normed + i, round_to(T{}, normed8(x + i, weight + i, inverse)));
-  const int64_t half = dim / 2;
+  for (int64_t i = rot; i < dim; i += 8) store8(out + i, _mm256_load_ps(normed + i));
+  const int64_t half = rot / 2;
   const __m256 negate = _mm256_set1_ps(-0.0f);
-  for (int64_t i = 0; i < dim; i += 8) {
+  for (int64_t i = 0; i < rot; i += 8) {
     const __m256 rotated = i < half ? _mm256_xor_ps(_mm256_load_ps(normed + i + half), negate)
                                     : _mm256_load_ps(normed + i - half);
     const __m256 a = round_to(T{}, _mm256_mul_ps(_mm256_load_ps(normed + i), load8(cos + i)));
@@ -272,11 +275,11 @@ at::Tensor norm_rope_rows(const at::Tensor& qkv_in, const at::Tensor& q_weight_i
   const auto k_weight = k_weight_in.to(dtype).contiguous();
   const auto cos = cos_in.to(dtype).contiguous();
   const auto sin = sin_in.to(dtype).contiguous();
-  const int64_t D = q_weight.numel();
+  const int64_t D = q_weight.numel(), rot = cos.size(-1);
   const int64_t width = qkv.size(-1), q_size = num_heads * D, kv_size = num_kv_heads * D;
   TORCH_CHECK(width == q_size + 2 * kv_size && qkv.numel() == B * T * width &&
                   D <= kMaxHeadDim && D % kHeadDimBlock == 0 && cos.dim() == 2 &&
-                  cos.size(1) == D && sin.sizes() == cos.sizes() &&
+                  rot <= D && rot % kHeadDimBlock == 0 && sin.sizes() == cos.sizes() &&
                   (out_dtype == dtype || (out_dtype == at::kChar && D % kKvBlock == 0)),
               "qk_norm_rope: shapes do not match");
   const bool quantized = out_dtype == at::kChar;
@@ -303,15 +306,15 @@ at::Tensor norm_rope_rows(const at::Tensor& qkv_in, const at::Tensor& q_weight_i
         const int64_t b = i / (T * heads), t = i / heads % T, h = i % heads;
         const S* row = src + (b * T + t) * width;
         const RowPlace at = place(b, t);
-        const S* c = cp + at.rope * D;
-        const S* s = sp + at.rope * D;
+        const S* c = cp + at.rope * rot;
+        const S* s = sp + at.rope * rot;
         if (h < num_heads) {
-          norm_rope_head(row + h * D, qw, c, s, qp + ((b * num_heads + h) * T + t) * D, D,
+          norm_rope_head(row + h * D, qw, c, s, qp + ((b * num_heads + h) * T + t) * D, D, rot,
                          static_cast<float>(eps));
         } else {
           const int64_t kh = h - num_heads;
           alignas(64) S k[kMaxHeadDim];
-          norm_rope_head(row + q_size + kh * D, kw, c, s, k, D, static_cast<float>(eps));
+          norm_rope_head(row + q_size + kh * D, kw, c, s, k, D, rot, static_cast<float>(eps));
           store(k, k_out, at.k + kh * k_head);
           store(row + q_size + kv_size + kh * D, v_out, at.v + kh * v_head);
         }

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import HYBRID_ARCHITECTURES, ModelConfig
+from ..config import HYBRID_ARCHITECTURES, HYBRID_MULTIMODAL, ModelConfig
 from .qwen3 import Qwen3Model
 from .qwen3_vl import Qwen3VLModel
 
@@ -17,6 +17,7 @@ MODELS: dict[str, type[Qwen3Model]] = {
     "Qwen3VLMoeForConditionalGeneration": Qwen3VLModel,
     # The hybrid generation: the same decoder, with Gated DeltaNet layers (config.layer_types).
     **dict.fromkeys(HYBRID_ARCHITECTURES, Qwen3Model),
+    **dict.fromkeys(HYBRID_MULTIMODAL, Qwen3VLModel),
 }
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .layers import Linear
 
 CHUNK = 64  # tokens per chunk of the chunked delta rule (the reference's)
@@ -65,6 +66,7 @@ class GatedDeltaNet(nn.Module):
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+        self.slot = config.layer_slot(layer_idx)  # its place in the cache's state stacks
         self.num_k_heads = config.linear_num_key_heads
         self.num_v_heads = config.linear_num_value_heads
         self.head_k_dim = config.linear_key_head_dim
@@ -93,7 +95,12 @@ class GatedDeltaNet(nn.Module):
         conv_state, state = (
             (None, None) if cache is None else cache.linear_state(self.layer_idx, start)
         )
-        mixed, z, b, a = self.in_proj(x).split(self.in_proj.split, dim=-1)
+        proj = self.in_proj(x)
+        if state is not None and seq == 1:
+            out = native.gated_delta_step(proj, self, conv_state, state)
+            if out is not None:
+                return self.out_proj(out)
+        mixed, z, b, a = proj.split(self.in_proj.split, dim=-1)
         mixed = self.conv1d(mixed, conv_state)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.unflatten(-1, (self.num_k_heads, self.head_k_dim))

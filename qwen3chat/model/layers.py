@@ -126,6 +126,7 @@ class Attention(nn.Module):
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+        self.slot = config.layer_slot(layer_idx)  # its place in a hybrid cache's KV stack
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..hybrid_cache import HybridCache
 from ..kv_cache import Cache, KVCache
 from ..quant import QuantizedWeight
 
@@ -70,7 +71,7 @@ def qk_norm_rope(qkv, attn, cos, sin, k_out, v_out) -> torch.Tensor | None:
     native = kernels.native(qkv)
     if native is None or not _covers_head_dim(native, attn.head_dim):
         return None
-    if cos.shape[-1] != attn.head_dim:  # partial rotary: the torch path for now
+    if not _covers(native, "head_dim_block", cos.shape[-1]):  # the rotated share of a head
         return None
     return native.qk_norm_rope(
         qkv,
@@ -94,6 +95,28 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return native.decode_attention(q, k, v)
 
 
+def gated_delta_step(proj, layer, conv_state, state) -> torch.Tensor | None:
+    """A Gated DeltaNet layer's (model/gated_delta_net.py) decode step from its input
+    projection ``proj [B, 1, width]`` to what out_proj multiplies, the states moved on."""
+    native = kernels.native(proj)
+    if native is None or proj.shape[1] != 1 or layer.head_v_dim % 8:
+        return None
+    return native.gated_delta_step(
+        proj,
+        layer.conv1d.weight,
+        conv_state,
+        layer.A,
+        layer.dt_bias,
+        layer.norm.weight,
+        state,
+        layer.num_k_heads,
+        layer.head_k_dim,
+        layer.head_v_dim,
+        layer.tiled,
+        layer.norm.eps,
+    )
+
+
 def decode_layers(
     x: torch.Tensor,
     layers: list[nn.Module],
@@ -106,12 +129,16 @@ def decode_layers(
     call (kernels/decode_layer.cpp), keys and values written into ``cache``; None where
     that does not apply or the kernels do not cover one of the layers' weights."""
     native = kernels.native(x)
-    if native is None or x.shape[1] != 1 or not isinstance(cache, KVCache):
+    if native is None or x.shape[1] != 1 or not isinstance(cache, KVCache | HybridCache):
         return None
     weights = [layer_weights(native, layer) for layer in layers]
     if None in weights:
         return None
-    return native.decode_layers(x, weights, cos, sin, cache.k, cache.v, start)
+    if isinstance(cache, KVCache):
+        return native.decode_layers(x, weights, cos, sin, cache.k, cache.v, start)
+    conv, delta = cache.moving(start)
+    kv = cache.kv
+    return native.decode_layers(x, weights, cos, sin, kv.k, kv.v, start, conv, delta)
 
 
 def paged_layers(
@@ -167,19 +194,35 @@ def layer_weights(native, layer: nn.Module):
 
 
 def _build_layer_weights(native, layer: nn.Module):
-    # The hybrid generation's layers (Gated DeltaNet, gated attention, a shared expert)
-    # are not in the kernels' step yet.
-    attn, mlp = getattr(layer, "self_attn", None), layer.mlp
-    if attn is None or attn.gated or hasattr(mlp, "shared_expert"):
-        return None
-    if not _covers_head_dim(native, attn.head_dim):
-        return None
+    attn, linear, mlp = (
+        getattr(layer, "self_attn", None),
+        getattr(layer, "linear_attn", None),
+        layer.mlp,
+    )
     w = native.DecoderLayerWeights()
-    w.layer, w.eps = attn.layer_idx, layer.input_layernorm.eps
-    w.num_heads, w.num_kv_heads = attn.num_heads, attn.num_kv_heads
+    w.eps = layer.input_layernorm.eps
     w.input_norm, w.post_norm = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-    w.q_norm, w.k_norm = attn.q_norm.weight, attn.k_norm.weight
-    matrices = {"qkv": attn.qkv_proj.weight, "o_proj": attn.o_proj.weight}
+    if linear is not None:  # Gated DeltaNet (the hybrid generation)
+        if linear.head_v_dim % 8:
+            return None
+        w.linear, w.tiled, w.layer = True, linear.tiled, linear.slot
+        w.conv_weight, w.A, w.dt_bias = linear.conv1d.weight, linear.A, linear.dt_bias
+        w.linear_norm = linear.norm.weight
+        w.k_heads, w.k_dim, w.v_dim = linear.num_k_heads, linear.head_k_dim, linear.head_v_dim
+        matrices = {"in_proj": linear.in_proj.weight, "out_proj": linear.out_proj.weight}
+    else:
+        if not _covers_head_dim(native, attn.head_dim):
+            return None
+        w.layer, w.gated = attn.slot, attn.gated
+        w.num_heads, w.num_kv_heads = attn.num_heads, attn.num_kv_heads
+        w.q_norm, w.k_norm = attn.q_norm.weight, attn.k_norm.weight
+        matrices = {"qkv": attn.qkv_proj.weight, "o_proj": attn.o_proj.weight}
+    if hasattr(mlp, "shared_expert"):
+        matrices.update(
+            shared_gate_up=mlp.shared_expert.gate_up_proj.weight,
+            shared_down=mlp.shared_expert.down_proj.weight,
+            shared_gate=mlp.shared_expert_gate.weight,
+        )
     if hasattr(mlp, "experts"):
         matrices["router"] = mlp.gate.weight
         w.top_k, w.norm_topk_prob = mlp.top_k, mlp.norm_topk_prob

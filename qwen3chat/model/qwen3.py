@@ -79,9 +79,10 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, cos, sin, mask, cache, start):
-        if x.shape[1] == 1 and cache is not None:
+        if x.shape[1] == 1 and isinstance(cache, KVCache):
             # A layer called on its own (bench --ops, a model with a layer the kernels do
-            # not cover) runs its decode step natively too.
+            # not cover) runs its decode step natively too (a hybrid cache's states move
+            # for all layers at once: not one by one).
             out = native.decode_layers(x, [self], cos, sin, cache, start)
             if out is not None:
                 return out
@@ -136,7 +137,7 @@ class Qwen3Model(nn.Module):
         )
         if self.config.mrope_section:
             self.mrope_axes = mrope_axes(
-                self.config.mrope_section, self.config.head_dim, self.device
+                self.config.mrope_section, self.config.rotary_dim, self.device
             )
 
     def _rope_up_to(self, max_seq_len: int) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import QwenChatError
 from ..quant import QuantizedExperts, QuantizedMatrix, QuantizedWeight, QuantSpec, quantize
-from .names import FULL_PRECISION, TABLES, checkpoint_parts, expected_shapes
+from .names import FLOAT32, FULL_PRECISION, TABLES, checkpoint_parts, expected_shapes
 
 
 class WeightSource(Protocol):
@@ -69,7 +69,9 @@ def load_weights(
     at a time, so the model never exists in float first.
     """
     heap = HeapTrimmer()
+    compute = dtype
     for name, param in list(model.named_parameters()):
+        dtype = torch.float32 if FLOAT32.search(name) else compute
         names = checkpoint_parts(name)
         kept = len(names) == 1 and quant_layout(name, param.shape, quant) is None
         parts = [source.read(part, dtype, kept=kept) for part in names]

@@ -40,6 +40,10 @@ IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|^mtp\.")
 # the Gated DeltaNet's short conv (a few values per channel, as llama.cpp keeps it).
 FULL_PRECISION = re.compile(r"\.mlp\.(shared_expert_)?gate\.weight$|\.conv1d\.weight$")
 
+# Held in float32 whatever the compute dtype, as llama.cpp keeps them: Gated DeltaNet's
+# decay rate and time-step bias (rounded to bfloat16 they would move every token's decay).
+FLOAT32 = re.compile(r"\.linear_attn\.(A|dt_bias)$")
+
 # A hybrid checkpoint's tensors that we hold as llama.cpp's converter writes them, so that
 # GGUF files are read as they are: its RMSNorms are zero-centred (they multiply by 1 + w:
 # we hold 1 + w; the Gated DeltaNet's output norm multiplies by w), A_log is held as the

@@ -1,0 +1,171 @@
+// Gated DeltaNet's decode step (the hybrid generation's linear-attention layers), from
+// the layer's input projection to what its output projection multiplies: the short
+// causal conv and SiLU, q and k L2-normed, the gate and decay of each value head, the
+// recurrent delta rule on the float32 state, and the gated RMSNorm. As
+// model/gated_delta_net.py computes it (rounded to the activations' dtype where the
+// torch code rounds), in one call where the torch code takes some thirty operations.
+//
+// The rule reads each head's state [dk, dv] twice and writes it once. With decay d, key
+// k, query q, value v and strength beta:
+//   delta = (v - d S^T k) beta,   out = d S^T q + (k . q) delta,   S <- d S + k delta^T,
+// the same values as decaying S, reading it with k, writing the delta and reading it with
+// q, in one pass over S for the two reads and one for the write.
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+#include "kernels.h"
+
+using qk::hsum;
+using qk::load8;
+using qk::round_to;
+using qk::store8;
+using qk::with_dtype;
+
+namespace {
+
+inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+
+// torch's softplus (threshold 20: above it, x itself).
+inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+
+// A float rounded to T and back, as a torch operation in T would have stored it.
+template <typename T>
+inline float rounded(float x) {
+  return static_cast<float>(static_cast<T>(x));
+}
+
+// One value head's rule and gated norm. S [dk, dv] (dv a multiple of 8) moves on in place.
+template <typename T>
+void head_step(float* S, const float* k, const float* q, const T* v, const T* z, const T* norm,
+               float decay, float beta, T* out, int64_t dk, int64_t dv, float eps) {
+  alignas(32) float read_k[kMaxHeadDim], read_q[kMaxHeadDim], delta[kMaxHeadDim];
+  for (int64_t c = 0; c < dv; c += 32) {  // 32 columns: 8 accumulators in registers
+    const int64_t width = std::min<int64_t>(32, dv - c);
+    __m256 uk[4], uq[4];
+    for (int j = 0; j < 4; ++j) uk[j] = uq[j] = _mm256_setzero_ps();
+    for (int64_t r = 0; r < dk; ++r) {
+      const float* row = S + r * dv + c;
+      const __m256 kr = _mm256_set1_ps(k[r]), qr = _mm256_set1_ps(q[r]);
+      for (int j = 0; j < width / 8; ++j) {
+        const __m256 s = _mm256_loadu_ps(row + 8 * j);
+        uk[j] = _mm256_fmadd_ps(s, kr, uk[j]);
+        uq[j] = _mm256_fmadd_ps(s, qr, uq[j]);
+      }
+    }
+    for (int j = 0; j < width / 8; ++j) {
+      _mm256_store_ps(read_k + c + 8 * j, uk[j]);
+      _mm256_store_ps(read_q + c + 8 * j, uq[j]);
+    }
+  }
+  float kq = 0.0f;
+  for (int64_t r = 0; r < dk; ++r) kq += k[r] * q[r];
+  alignas(32) float o[kMaxHeadDim];
+  for (int64_t c = 0; c < dv; ++c) {
+    delta[c] = (static_cast<float>(v[c]) - decay * read_k[c]) * beta;
+    o[c] = decay * read_q[c] + kq * delta[c];
+  }
+  const __m256 d = _mm256_set1_ps(decay);
+  for (int64_t r = 0; r < dk; ++r) {
+    float* row = S + r * dv;
+    const __m256 kr = _mm256_set1_ps(k[r]);
+    for (int64_t c = 0; c < dv; c += 8)
+      _mm256_storeu_ps(row + c, _mm256_fmadd_ps(kr, _mm256_load_ps(delta + c),
+                                                _mm256_mul_ps(_mm256_loadu_ps(row + c), d)));
+  }
+  // The rule's output in T, RMS-normed in float32, scaled by the weight in T, then times
+  // silu(z) in float32 and rounded to T (GatedRMSNorm).
+  float squares = 0.0f;
+  for (int64_t c = 0; c < dv; ++c) {
+    o[c] = rounded<T>(o[c]);
+    squares += o[c] * o[c];
+  }
+  const float inverse = 1.0f / std::sqrt(squares / static_cast<float>(dv) + eps);
+  for (int64_t c = 0; c < dv; ++c) {
+    const float scaled = rounded<T>(static_cast<float>(norm[c]) * rounded<T>(o[c] * inverse));
+    out[c] = static_cast<T>(scaled * silu(static_cast<float>(z[c])));
+  }
+}
+
+}  // namespace
+
+at::Tensor gated_delta_step(const at::Tensor& proj_in, const at::Tensor& conv_weight_in,
+                            const at::Tensor& conv_state, const at::Tensor& A_in,
+                            const at::Tensor& dt_bias_in, const at::Tensor& norm_in,
+                            const at::Tensor& state, int64_t num_k_heads, int64_t head_k_dim,
+                            int64_t head_v_dim, bool tiled, double eps) {
+  RECORD_FUNCTION("qwen3chat::gated_delta_step", std::vector<c10::IValue>());
+  const auto proj = proj_in.contiguous();
+  const auto dtype = proj.scalar_type();
+  const auto conv_weight = conv_weight_in.to(dtype).contiguous();
+  const auto norm = norm_in.to(dtype).contiguous();
+  const auto A = A_in.to(at::kFloat).contiguous();
+  const auto dt_bias = dt_bias_in.to(at::kFloat).contiguous();
+  const int64_t B = proj.size(0), Hv = A.numel(), Hk = num_k_heads, dk = head_k_dim,
+                dv = head_v_dim;
+  const int64_t key_dim = Hk * dk, value_dim = Hv * dv, C = 2 * key_dim + value_dim;
+  const int64_t K = conv_weight.size(1), history = K - 1;
+  TORCH_CHECK(proj.dim() == 3 && proj.size(1) == 1 && proj.size(2) == C + value_dim + 2 * Hv &&
+                  conv_weight.dim() == 2 && conv_weight.size(0) == C && K >= 2 &&
+                  conv_state.sizes() == at::IntArrayRef({B, C, history}) &&
+                  conv_state.scalar_type() == dtype && conv_state.is_contiguous() &&
+                  state.sizes() == at::IntArrayRef({B, Hv, dk, dv}) &&
+                  state.scalar_type() == at::kFloat && state.is_contiguous() &&
+                  norm.numel() == dv && dt_bias.numel() == Hv && Hv % Hk == 0 &&
+                  dv % 8 == 0 && dv <= kMaxHeadDim && dk <= kMaxHeadDim,
+              "gated_delta_step: shapes do not match");
+  auto out = at::empty({B, 1, value_dim}, proj.options());
+  const int64_t per_k = Hv / Hk;
+  const float q_scale = 1.0f / std::sqrt(static_cast<float>(dk));
+  with_dtype(dtype, "gated_delta_step", [&](auto tag) {
+    using T = decltype(tag);
+    for (int64_t b = 0; b < B; ++b) {
+      const T* row = proj.data_ptr<T>() + b * proj.size(2);
+      T* history_row = conv_state.data_ptr<T>() + b * C * history;
+      // The conv over the history and the new input, rounded, SiLU, rounded (float32
+      // copies of the mixed q, k, v); the history moves on by one.
+      std::vector<float> mixed(C);
+      const T* w = conv_weight.data_ptr<T>();
+      for (int64_t c = 0; c < C; ++c) {
+        T* h = history_row + c * history;
+        float acc = 0.0f;
+        for (int64_t j = 0; j < history; ++j) acc += static_cast<float>(h[j]) * static_cast<float>(w[c * K + j]);
+        acc += static_cast<float>(row[c]) * static_cast<float>(w[c * K + history]);
+        mixed[c] = rounded<T>(silu(rounded<T>(acc)));
+        for (int64_t j = 0; j + 1 < history; ++j) h[j] = h[j + 1];
+        h[history - 1] = row[c];
+      }
+      // q and k L2-normed per key head (q also by dk^-0.5), in float32.
+      for (int64_t part = 0; part < 2; ++part) {
+        for (int64_t hk = 0; hk < Hk; ++hk) {
+          float* x = mixed.data() + part * key_dim + hk * dk;
+          float squares = 0.0f;
+          for (int64_t i = 0; i < dk; ++i) squares += x[i] * x[i];
+          const float scale = 1.0f / std::sqrt(squares + 1e-6f) * (part == 0 ? q_scale : 1.0f);
+          for (int64_t i = 0; i < dk; ++i) x[i] *= scale;
+        }
+      }
+      const T* z = row + C;
+      const T* beta_in = z + value_dim;
+      const T* a_in = beta_in + Hv;
+      float* S = state.data_ptr<float>() + b * Hv * dk * dv;
+      T* o = out.data_ptr<T>() + b * value_dim;
+      const float* Ap = A.data_ptr<float>();
+      const float* dt = dt_bias.data_ptr<float>();
+      std::vector<T> v(value_dim);
+      for (int64_t i = 0; i < value_dim; ++i) v[i] = static_cast<T>(mixed[2 * key_dim + i]);
+      at::parallel_for(0, Hv, 1, [&](int64_t first, int64_t last) {
+        for (int64_t h = first; h < last; ++h) {
+          const int64_t hk = tiled ? h % Hk : h / per_k;
+          const float beta = 1.0f / (1.0f + std::exp(-static_cast<float>(beta_in[h])));
+          const float decay = std::exp(Ap[h] * softplus(static_cast<float>(a_in[h]) + dt[h]));
+          head_step<T>(S + h * dk * dv, mixed.data() + key_dim + hk * dk,
+                       mixed.data() + hk * dk, v.data() + h * dv, z + h * dv,
+                       norm.data_ptr<T>(), decay, beta, o + h * dv, dk, dv,
+                       static_cast<float>(eps));
+        }
+      });
+    }
+  });
+  return out;
+}
