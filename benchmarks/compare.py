@@ -53,10 +53,16 @@ def build_gguf(checkpoint: Path, qtype_name: str) -> Path:
     from gguf_files import write_gguf, write_hybrid_gguf
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     tmp = path.with_suffix(".tmp")
     layers, _, table = qtype_name.partition("+")
     types = gguf.GGMLQuantizationType
+    if (checkpoint / RANDOM_SHAPE).is_file():  # --random-gguf: no checkpoint, random blocks
+        with torch.device("meta"):
+            model = hf_model(preset_config((checkpoint / RANDOM_SHAPE).read_text()))
+        write_hybrid_gguf(model, checkpoint, tmp, types[layers], random_weights=True)
+        tmp.rename(path)
+        return path
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     if model.config.model_type in ("qwen3", "qwen3_moe"):
         table_qtype = types[table] if table else None
         write_gguf(model, checkpoint, tmp, types[layers], table_qtype=table_qtype)
@@ -66,13 +72,11 @@ def build_gguf(checkpoint: Path, qtype_name: str) -> Path:
     return path
 
 
-def build_checkpoint(shape: str, directory: Path) -> Path:
-    """Random bf16 weights of ``shape`` saved by transformers, with the real tokenizer."""
-    if (directory / "config.json").is_file():
-        return directory
+def hf_model(preset, dtype: torch.dtype = torch.bfloat16):
+    """transformers' model of a preset's shape, randomly initialised (on the meta device
+    when built under ``torch.device("meta")``)."""
     import transformers
 
-    preset = preset_config(shape)
     fields = (*SHAPE_FIELDS, "tie_word_embeddings", "max_position_embeddings")
     values = {f: getattr(preset, f) for f in fields}
     config_class, model_class = HF_CLASSES[preset.architecture]
@@ -88,13 +92,39 @@ def build_checkpoint(shape: str, directory: Path) -> Path:
             values.update({f: getattr(preset, f) for f in MOE_FIELDS})
     config = getattr(transformers, config_class)(eos_token_id=151645, **values)
     torch.manual_seed(0)
-    model = getattr(transformers, model_class)._from_config(config, dtype=torch.bfloat16)
+    return getattr(transformers, model_class)._from_config(config, dtype=dtype)
+
+
+def with_tokenizer(directory: Path) -> None:
+    (directory / "tokenizer.json").write_bytes(lzma.decompress(TOKENIZER_JSON_XZ.read_bytes()))
+    shutil.copy(TOKENIZER / "tokenizer_config.json", directory / "tokenizer_config.json")
+
+
+def build_checkpoint(shape: str, directory: Path) -> Path:
+    """Random bf16 weights of ``shape`` saved by transformers, with the real tokenizer."""
+    if (directory / "config.json").is_file():
+        return directory
+    model = hf_model(preset_config(shape))
     tmp = directory.with_suffix(".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "tokenizer.json").write_bytes(lzma.decompress(TOKENIZER_JSON_XZ.read_bytes()))
-    shutil.copy(TOKENIZER / "tokenizer_config.json", tmp / "tokenizer_config.json")
+    with_tokenizer(tmp)
     tmp.rename(directory)
+    return directory
+
+
+# In a --random-gguf folder: the preset whose GGUF files build_gguf writes.
+RANDOM_SHAPE = "random-shape"
+
+
+def random_gguf_dir(shape: str, directory: Path) -> Path:
+    """A folder for GGUF files of ``shape`` written straight from random blocks (shapes
+    too large for a checkpoint in memory: the hybrid generation's only)."""
+    if not preset_config(shape).hybrid:
+        raise SystemExit(f"--random-gguf: {shape} is not a hybrid-generation shape")
+    directory.mkdir(parents=True, exist_ok=True)
+    with_tokenizer(directory)
+    (directory / RANDOM_SHAPE).write_text(shape)
     return directory
 
 
@@ -249,6 +279,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="timed runs per process")
     parser.add_argument("--rounds", type=int, default=3, help="processes per system")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--random-gguf",
+        action="store_true",
+        help="write the GGUF files from random blocks, with no checkpoint (large hybrid "
+        "shapes; GGUF and llama.cpp runs only)",
+    )
     parser.add_argument("--cache-dir", default=str(ROOT / ".bench"))
     parser.add_argument("--out", default=str(ROOT / "docs/benchmarks.md"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -258,7 +294,10 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    path = build_checkpoint(args.shape, Path(args.cache_dir) / args.shape)
+    if args.random_gguf:
+        path = random_gguf_dir(args.shape, Path(args.cache_dir) / f"{args.shape}-random")
+    else:
+        path = build_checkpoint(args.shape, Path(args.cache_dir) / args.shape)
     weight_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     for run in args.runs.split(","):  # build GGUF files before timing anything
         system, variant = run.split(":")
@@ -321,9 +360,13 @@ def write_table(args, rows, weight_bytes) -> None:
         f"## {args.shape}, random weights, {args.prompt_tokens}-token prompt, "
         f"{args.gen_tokens} new tokens, {args.threads} threads",
         "",
-        f"Measured {date.today()} on {cpu_model()} "
-        f"(torch {torch.__version__}); checkpoint {weight_bytes / 2**30:.2f} GiB bf16. "
-        f"Median (min-max) of {args.rounds} rounds x {args.repeat} timed runs, each after a "
+        f"Measured {date.today()} on {cpu_model()} (torch {torch.__version__}); "
+        + (
+            f"checkpoint {weight_bytes / 2**30:.2f} GiB bf16. "
+            if weight_bytes
+            else "GGUF files of random blocks (--random-gguf). "
+        )
+        + f"Median (min-max) of {args.rounds} rounds x {args.repeat} timed runs, each after a "
         "warm-up run; in each round every system runs in turn in its own process (peak "
         "RSS: the highest of its rounds).",
         "",
@@ -343,7 +386,8 @@ def write_table(args, rows, weight_bytes) -> None:
         "Command: `python benchmarks/compare.py "
         f"--shape {args.shape} --runs {args.runs} "
         f"--prompt-tokens {args.prompt_tokens} --gen-tokens {args.gen_tokens} "
-        f"--repeat {args.repeat} --rounds {args.rounds} --threads {args.threads}`"
+        f"--repeat {args.repeat} --rounds {args.rounds} --threads {args.threads}"
+        f"{' --random-gguf' if args.random_gguf else ''}`"
     )
     table = "\n".join(lines) + "\n"
     print(table)

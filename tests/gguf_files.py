@@ -215,13 +215,19 @@ def _v_heads(tensor: torch.Tensor, dim: int, k_heads: int, per_k: int, width: in
     return tensor.transpose(dim, dim + 1).reshape(shape)
 
 
-def write_hybrid_gguf(model, tokenizer_dir: Path, path: Path, qtype: T, seed: int = 0):
+def write_hybrid_gguf(
+    model, tokenizer_dir: Path, path: Path, qtype: T, seed: int = 0, random_weights=False
+):
     """``model`` (Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM or Qwen3NextForCausalLM) as
     llama.cpp's converter writes it: zero-centred norms plus one, A_log as -exp(A_log)
     (``ssm_a``), dt_bias as ``ssm_dt.bias``, the conv squeezed and F32; for qwen35 the value
     heads reordered to follow the key heads tiled; for qwen3next in_proj_qkvz regrouped
     into attn_qkv and attn_gate, in_proj_ba kept as it is (ssm_ba). Returns the weights as
-    the file holds them, dequantized, in the model's own names and layout."""
+    the file holds them, dequantized, in the model's own names and layout.
+
+    ``random_weights``: ``model`` may be on the meta device (a shape too large to hold):
+    each tensor is written as random values or blocks of its type, one at a time, and
+    nothing is returned (benchmarks' files)."""
     config = model.config
     arch = HYBRID_ARCHS[config.model_type]
     moe = arch != "qwen35"
@@ -270,11 +276,17 @@ def write_hybrid_gguf(model, tokenizer_dir: Path, path: Path, qtype: T, seed: in
     per_k = nv // nk
     rng = np.random.default_rng(seed)
     stored = {}
+    planned: list[tuple[str, tuple[int, ...], T]] = []
 
     def put(gguf_name: str, array: torch.Tensor, f32: bool = False) -> torch.Tensor:
-        array = array.float().contiguous().numpy()
-        kind = T.F32 if f32 or array.ndim == 1 else qtype
-        return add_tensor(writer, gguf_name, array, kind, rng)
+        kind = T.F32 if f32 or array.dim() == 1 else qtype
+        if random_weights:
+            planned.append((gguf_name, tuple(array.shape), kind))
+            writer.add_tensor_info(
+                gguf_name, array.shape, np.float32, _nbytes(array.shape, kind), raw_dtype=kind
+            )
+            return torch.empty(array.shape, device="meta")
+        return add_tensor(writer, gguf_name, array.float().contiguous().numpy(), kind, rng)
 
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -290,10 +302,10 @@ def write_hybrid_gguf(model, tokenizer_dir: Path, path: Path, qtype: T, seed: in
         blk = f"blk.{layer}"
         stack = next((s for s in EXPERT_STACKS if rest == s), None)
         if stack is not None:
-            parts = np.split(tensor.float().numpy(), len(EXPERT_STACKS[stack]), axis=1)
+            parts = tensor.chunk(len(EXPERT_STACKS[stack]), dim=1)
             stored[name] = torch.cat(
                 [
-                    add_tensor(writer, f"{blk}.{n}.weight", p, qtype, rng)
+                    put(f"{blk}.{n}.weight", p)
                     for n, p in zip(EXPERT_STACKS[stack], parts, strict=True)
                 ],
                 dim=1,
@@ -359,6 +371,37 @@ def write_hybrid_gguf(model, tokenizer_dir: Path, path: Path, qtype: T, seed: in
             stored[name] = out - zero_centred
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    if not random_weights:
+        writer.write_tensors_to_file()
+        writer.close()
+        return stored
+    writer.write_ti_data_to_file()
+    for tensor_name, shape, kind in planned:
+        writer.write_tensor_data(_random_data(tensor_name, shape, kind, rng))
     writer.close()
-    return stored
+    return None
+
+
+def _nbytes(shape, kind: T) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    return int(np.prod(shape)) // block * size
+
+
+def _random_data(tensor_name: str, shape, kind: T, rng) -> np.ndarray:
+    """Random values of a tensor of a benchmark's file: norms one, Gated DeltaNet's decay
+    rate negative and its time-step bias one, matrices with a spread like a trained
+    model's (quantized blocks built directly: random codes, fixed scales)."""
+    if kind == T.F32:
+        if "norm" in tensor_name or tensor_name.endswith("ssm_dt.bias"):
+            return np.ones(shape, np.float32)
+        if tensor_name.endswith("ssm_a"):
+            return -rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        return rng.normal(0, 0.02, shape).astype(np.float32)
+    if kind == T.F16:
+        return rng.normal(0, 0.02, shape).astype(np.float16)
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    rows = int(np.prod(shape[:-1]))
+    raw = rng.integers(0, 256, (rows, shape[-1] // block, size), dtype=np.uint8)
+    scale = {T.Q8_0: 3e-4, T.Q4_0: 5e-3}[kind]
+    raw[..., 0:2] = np.full((rows, shape[-1] // block, 1), scale, np.float16).view(np.uint8)
+    return raw.reshape(*shape[:-1], -1)
