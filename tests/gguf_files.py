@@ -84,6 +84,18 @@ def vocab_metadata(tokenizer_dir: Path, vocab_size: int):
     return tokens, types, merges
 
 
+def add_vocabulary(writer, tokenizer_dir: Path, vocab_size: int) -> None:
+    """The tokenizer's metadata as the converter writes Qwen's (gpt2 model, qwen2
+    pre-tokenizer, <|im_end|> as the end of text)."""
+    tokens, types, merges = vocab_metadata(tokenizer_dir, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(151645)
+
+
 def write_gguf(
     model,
     tokenizer_dir: Path,
@@ -118,13 +130,7 @@ def write_gguf(
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
-    tokens, types, merges = vocab_metadata(tokenizer_dir, config.vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_eos_token_id(151645)
+    add_vocabulary(writer, tokenizer_dir, config.vocab_size)
     writer.add_pad_token_id(151643)
     writer.add_bos_token_id(151643)
     writer.add_add_bos_token(False)
@@ -261,13 +267,7 @@ def write_hybrid_gguf(
     writer.add_rope_dimension_count(int(config.head_dim * rope["partial_rotary_factor"]))
     if arch != "qwen3next":
         writer.add_rope_dimension_sections([11, 11, 10, 0])
-    tokens, types, merges = vocab_metadata(tokenizer_dir, config.vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_eos_token_id(151645)
+    add_vocabulary(writer, tokenizer_dir, config.vocab_size)
     writer.add_chat_template(
         json.loads((tokenizer_dir / "tokenizer_config.json").read_text())["chat_template"]
     )

@@ -275,3 +275,32 @@ def test_native_delta_step_equals_the_torch_step(dtype, tiled, monkeypatch):
     )
     for ours, theirs in zip(native, reference, strict=True):
         torch.testing.assert_close(ours.float(), theirs.float(), **tolerance)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantize_at_load_keeps_what_must_stay_float(hybrid_dir, quantize):
+    """--quantize on a hybrid checkpoint: the projections become integer codes (each
+    fused part's rows where they belong: the codes dequantize to the float weights within
+    the format's rounding), while the conv, the decay rate and time-step bias (float32) and
+    the routers stay as they were. (These chaotic tiny models turn any weight error into
+    large logit changes, so the check is on the weights.)"""
+    from qwen3chat.quant import QuantizedWeight
+
+    path, _ = hybrid_dir
+    exact = load_model(path, device="cpu", dtype="float32").model
+    model = load_model(path, device="cpu", dtype="float32", quantize=quantize).model
+    linear, exact_linear = model.layers[0].linear_attn, exact.layers[0].linear_attn
+    bound = 0.01 if quantize == "int8" else 0.15
+    for name in ("in_proj", "out_proj"):
+        weight = getattr(linear, name).weight
+        assert isinstance(weight, QuantizedWeight)
+        expected = getattr(exact_linear, name).weight
+        error = (weight.matrix().dequantize() - expected).norm() / expected.norm()
+        assert error < bound, (name, error)
+    assert isinstance(linear.conv1d.weight, torch.nn.Parameter)
+    assert torch.equal(linear.conv1d.weight, exact_linear.conv1d.weight)
+    assert linear.A.dtype == linear.dt_bias.dtype == torch.float32
+    for module in model.modules():
+        if hasattr(module, "shared_expert_gate"):
+            assert isinstance(module.gate.weight, torch.nn.Parameter)
+            assert isinstance(module.shared_expert_gate.weight, torch.nn.Parameter)

@@ -368,3 +368,22 @@ def test_the_batched_engine_runs_pictures_beside_text(vl_dir, loaded, files):
     first_pad = ids.index(loaded.config.image_token_id)
     assert finished[other].cached_tokens <= first_pad
     assert engine.blocks.in_use == 0
+
+
+def test_quantize_keeps_the_vision_tower_float(vl_dir, files):
+    """--quantize int8 on a vision model: the decoder's matrices are quantized, the tower
+    stays float (its 5-D patch convolution was once taken for a matrix and refused to
+    load) and a picture still runs."""
+    from qwen3chat.quant import QuantizedWeight
+
+    path, _ = vl_dir
+    loaded = load_model(path, device="cpu", dtype="float32", quantize="int8")
+    tower = loaded.model.visual
+    assert all(isinstance(p, torch.nn.Parameter) for p in tower.parameters())
+    assert not any(isinstance(m, QuantizedWeight) for m in tower.modules())
+    assert isinstance(loaded.model.layers[0].self_attn.qkv_proj.weight, QuantizedWeight)
+    chat = VisionChat(settings_of(path))
+    messages = [user_message("Describe.", [chat.image(files["a"])])]
+    ids, visuals = chat.encode_chat(loaded.tokenizer, messages)
+    finish = list(Engine(loaded.model, loaded.tokenizer, 256).generate(ids, 3, visuals=visuals))[-1]
+    assert isinstance(finish, FinishEvent) and finish.timings.vision_s > 0

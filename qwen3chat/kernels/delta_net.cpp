@@ -16,10 +16,6 @@
 
 #include "kernels.h"
 
-using qk::hsum;
-using qk::load8;
-using qk::round_to;
-using qk::store8;
 using qk::with_dtype;
 
 namespace {

@@ -121,7 +121,8 @@ def quant_layout(
     name: str, shape: tuple[int, ...], quant: QuantSpec | None
 ) -> tuple[int, int] | None:
     """(bits, group size) that ``--quantize`` gives the float parameter ``name``, or None
-    for what stays float: norms, the MoE router, everything without ``quant``."""
+    for what stays float: norms, the MoE router, the vision tower, everything without
+    ``quant``."""
     if quant is None or len(shape) < 2 or FULL_PRECISION.search(name):
         return None
     return quant.layout(shape[-1], bool(TABLES.search(name)) or name == "lm_head.weight")

@@ -36,9 +36,10 @@ TABLES = re.compile(r"(^|\.)embed_tokens\.weight$")
 IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|^mtp\.")
 
 # Kept in full precision whatever the rest is quantized to: the MoE routers, since a
-# quantized router picks different experts (a known cause of wrong, slow MoE runs), and
-# the Gated DeltaNet's short conv (a few values per channel, as llama.cpp keeps it).
-FULL_PRECISION = re.compile(r"\.mlp\.(shared_expert_)?gate\.weight$|\.conv1d\.weight$")
+# quantized router picks different experts (a known cause of wrong, slow MoE runs), the
+# Gated DeltaNet's short conv (a few values per channel, as llama.cpp keeps it), and the
+# vision tower (run once per picture, as llama.cpp keeps its mmproj files in F16).
+FULL_PRECISION = re.compile(r"\.mlp\.(shared_expert_)?gate\.weight$|\.conv1d\.weight$|^visual\.")
 
 # Held in float32 whatever the compute dtype, as llama.cpp keeps them: Gated DeltaNet's
 # decay rate and time-step bias (rounded to bfloat16 they would move every token's decay).
