@@ -105,9 +105,8 @@ class Engine:
             return set()
         marks = {len(prompt_ids)}
         header = self.tokenizer.turn_start_id
-        starts = [i for i, token in enumerate(prompt_ids) if header is not None and token == header]
-        if starts and starts[-1] > reuse:
-            marks.add(starts[-1])
+        if header in prompt_ids[reuse + 1 :]:
+            marks.add(len(prompt_ids) - 1 - prompt_ids[::-1].index(header))
         return marks
 
     @torch.inference_mode()
