@@ -4,10 +4,11 @@ full-attention layers, and the conv and delta states of its Gated DeltaNet layer
 It keeps kv_cache.Cache's protocol, so the engine drives it as a KVCache. What differs is
 ``trim``: keys and values can be cut back to any prefix, a recurrent state cannot (it
 holds every token it has seen). So the cache keeps *checkpoints*, copies of the states
-after a given number of tokens: the engine asks for one at the end of each prompt
-(``checkpoint``), as llama.cpp's context checkpoints do, and ``common_prefix`` only
-offers lengths it can return to (a checkpoint, the live state, or nothing). A new turn
-whose prompt starts with the last one's thus prefills only what is new.
+after a given number of tokens: the engine asks for one at the end of each prompt and
+before its last turn's header (``checkpoint``), as llama.cpp's context checkpoints do,
+and ``common_prefix`` only offers lengths it can return to (a checkpoint, the live
+state, or nothing). A new turn whose prompt starts with the last one's thus prefills
+only what is new.
 
 A forward pass moves the states on in place before the engine commits its tokens; if it
 is interrupted the live state is not trusted again (``_state_len`` None) and only the
@@ -88,7 +89,7 @@ class HybridCache:
         self._state_len = len(self.tokens)
 
     def checkpoint(self) -> None:
-        """Keep a copy of the live states (the engine calls this at a prompt's end)."""
+        """Keep a copy of the live states (the engine's marks: engine._checkpoint_marks)."""
         length = self._state_len
         if not length or length in self._checkpoints:
             return
