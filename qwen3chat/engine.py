@@ -16,6 +16,7 @@ import torch
 
 from .errors import ContextOverflowError
 from .generation import Event, Generation, Timings
+from .hybrid_cache import checkpoint_marks
 from .kv_cache import Cache
 from .sampling import SamplingSettings
 from .tokenizer import Tokenizer
@@ -97,17 +98,10 @@ class Engine:
         return logits
 
     def _checkpoint_marks(self, prompt_ids: list[int], reuse: int) -> set[int]:
-        """Where a cache whose state cannot be trimmed back (a recurrent one) keeps a copy
-        of it: at the prompt's end, and before its last turn's header, where the next
-        turn's prompt often parts from this one (a template that renders a past reply
-        without its thinking, as Qwen3.5's does, changes what follows the header)."""
+        """Where a cache whose state cannot be trimmed back (a recurrent one) keeps a copy."""
         if not self.cache.recurrent:
             return set()
-        marks = {len(prompt_ids)}
-        header = self.tokenizer.turn_start_id
-        if header in prompt_ids[reuse + 1 :]:
-            marks.add(len(prompt_ids) - 1 - prompt_ids[::-1].index(header))
-        return marks
+        return checkpoint_marks(prompt_ids, self.tokenizer.turn_start_id, reuse)
 
     @torch.inference_mode()
     def decode_step(self, token: int) -> torch.Tensor:

@@ -13,15 +13,54 @@ only what is new.
 A forward pass moves the states on in place before the engine commits its tokens; if it
 is interrupted the live state is not trusted again (``_state_len`` None) and only the
 checkpoints are offered.
+
+The server's engine keeps many sequences in a PagedHybridCache: the attention layers'
+keys and values in blocks, and a pool of state slots, one per running sequence and the
+rest copies kept at block ends (batch/state_slots.py says which slot is whose).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .kv_cache import KVCache, shared_prefix
+from .kv_cache import KVCache, PagedKVCache, shared_prefix
 
 MAX_CHECKPOINTS = 4  # the newest kept; each is a copy of every linear layer's states
+
+
+def checkpoint_marks(ids: list, header, after: int = 0) -> set[int]:
+    """Where a recurrent state is worth keeping for a prompt ``ids`` (run from ``after``):
+    at its end, and before its last turn's ``header`` (the turn start id), where the next
+    turn's prompt often parts from this one (a template that renders a past reply without
+    its thinking, as Qwen3.5's does, changes what follows the header)."""
+    marks = {len(ids)}
+    if header in ids[after + 1 :]:
+        marks.add(len(ids) - 1 - ids[::-1].index(header))
+    return marks
+
+
+def attention_layers(config) -> int:
+    return sum(not config.is_linear_layer(i) for i in range(config.num_hidden_layers))
+
+
+def linear_states(config, slots: int, dtype, device, make=torch.zeros):
+    """Every linear layer's conv history ``[layers, slots, conv, kernel - 1]`` (``dtype``)
+    and delta state ``[layers, slots, Hv, dk, dv]`` (float32, as the reference keeps it)."""
+    layers = config.num_hidden_layers - attention_layers(config)
+    conv_dim = 2 * config.linear_num_key_heads * config.linear_key_head_dim
+    conv_dim += config.linear_num_value_heads * config.linear_value_head_dim
+    history = config.linear_conv_kernel_dim - 1
+    conv = make(layers, slots, conv_dim, history, dtype=dtype, device=device)
+    delta = make(
+        layers,
+        slots,
+        config.linear_num_value_heads,
+        config.linear_key_head_dim,
+        config.linear_value_head_dim,
+        dtype=torch.float32,
+        device=device,
+    )
+    return conv, delta
 
 
 class HybridCache:
@@ -38,20 +77,7 @@ class HybridCache:
             kv_dtype or dtype,
             device,
         )
-        conv_dim = 2 * config.linear_num_key_heads * config.linear_key_head_dim
-        conv_dim += config.linear_num_value_heads * config.linear_value_head_dim
-        self.conv = torch.zeros(
-            len(linear), 1, conv_dim, config.linear_conv_kernel_dim - 1, dtype=dtype, device=device
-        )
-        self.delta = torch.zeros(
-            len(linear),
-            1,
-            config.linear_num_value_heads,
-            config.linear_key_head_dim,
-            config.linear_value_head_dim,
-            dtype=torch.float32,
-            device=device,
-        )
+        self.conv, self.delta = linear_states(config, 1, dtype, device)
         self._first_linear = linear[0] if linear else None
         self.max_seq_len = max_seq_len
         self.recurrent = True
@@ -127,3 +153,37 @@ class HybridCache:
     @property
     def nbytes(self) -> int:
         return self.kv.nbytes + self.state_nbytes
+
+
+class PagedHybridCache(PagedKVCache):
+    """A PagedKVCache over a hybrid model's attention layers, and ``state_slots`` slots of
+    its linear layers' states (``conv``, ``delta``: linear_states' pools). Allocated with
+    ``torch.empty`` like the blocks: a slot costs memory once used, and is set (``start``)
+    before a sequence runs on it."""
+
+    def __init__(self, config, num_blocks, block_size, state_slots, dtype, kv_dtype, device):
+        super().__init__(
+            attention_layers(config),
+            config.num_key_value_heads,
+            config.head_dim,
+            num_blocks,
+            block_size,
+            kv_dtype or dtype,
+            device,
+        )
+        self.state_slots = state_slots
+        self.conv, self.delta = linear_states(config, state_slots, dtype, device, torch.empty)
+
+    def copy_state(self, source: int | None, target: int) -> None:
+        """Slot ``target`` takes slot ``source``'s states (None: the states of no tokens)."""
+        if source is None:
+            self.conv[:, target].zero_()
+            self.delta[:, target].zero_()
+        else:
+            self.conv[:, target] = self.conv[:, source]
+            self.delta[:, target] = self.delta[:, source]
+
+    @property
+    def state_nbytes(self) -> int:
+        """One slot's states."""
+        return (self.conv.nbytes + self.delta.nbytes) // self.state_slots

@@ -197,6 +197,8 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
 
+    state_slots = 0  # no per-sequence state besides keys and values (hybrid_cache.py's)
+
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype) -> int:
         return 2 * num_layers * num_kv_heads * stored_width(head_dim, dtype) * dtype.itemsize
@@ -212,6 +214,8 @@ class PagedBatch:
     values are stored at its slot, then it attends to its sequence's positions up to its
     own. ``store``/``attend`` are the torch path (the reference, and what runs where the
     native kernels do not: model/native.py's ``paged_layers`` does both in its one call).
+    ``counts`` lists each sequence's rows, and ``states`` its state slot where the cache
+    keeps states (a hybrid model's linear layers).
     """
 
     def __init__(
@@ -221,12 +225,26 @@ class PagedBatch:
         row_seq: torch.Tensor,
         block_tables: torch.Tensor,
         logit_rows: torch.Tensor,
+        counts: list[int] | None = None,
+        states: list[int] | None = None,
     ):
         self.cache = cache
         self.positions = positions
         self.row_seq = row_seq
         self.block_tables = block_tables
         self.logit_rows = logit_rows
+        self.counts = counts
+        self.states = states
+
+    @property
+    def decode_only(self) -> bool:
+        """One row per sequence (each sequence's next token)."""
+        return len(self.positions) == len(self.block_tables)
+
+    def row_states(self) -> torch.Tensor:
+        """Each row's state slot ``[N]``."""
+        states = torch.tensor(self.states, dtype=torch.long, device=self.positions.device)
+        return states[self.row_seq]
 
     def slots(self, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """The slots of ``positions`` in the sequences whose block tables are ``tables``

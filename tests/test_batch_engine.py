@@ -138,7 +138,7 @@ def test_batched_logits_match_the_single_sequence_forward(loaded):
     late = engine.add(ids[2], 8, GREEDY)
     chosen = engine.scheduler.schedule()
     assert [count for _, count in chosen] == [1, 1, len(ids[2])]
-    sampled, logits = engine.runner.run(chosen)
+    sampled, logits = engine.run(chosen)
     assert sampled == [*seqs, late]
     for seq, row in zip(sampled, logits, strict=True):
         cache = model.new_cache(MAX_SEQ_LEN)
@@ -186,12 +186,18 @@ def test_a_step_is_one_native_call_for_all_layers(loaded, monkeypatch):
 
     if kernels.native(torch.zeros(1)) is None:
         pytest.skip("the native kernels are not available here")
-    calls = []
+    calls, results = [], []
     real = native.paged_layers
-    monkeypatch.setattr(native, "paged_layers", lambda *a: calls.append(a) or real(*a))
+
+    def recorded(*args):
+        calls.append(args)
+        results.append(real(*args))
+        return results[-1]
+
+    monkeypatch.setattr(native, "paged_layers", recorded)
     engine = BatchEngine(loaded.model, loaded.tokenizer, MAX_SEQ_LEN)
     events = run_all(engine, [(ids, 5) for ids in chat_prompts(loaded.tokenizer, 3)])
     assert len(calls) == 5  # a step: the prompts, then four decode steps
     assert all(len(call[1]) == len(loaded.model.layers) for call in calls)
-    assert all(call[-1] is not None for call in calls)
+    assert all(result is not None for result in results)  # none fell back to torch
     assert all(len(e[-1].token_ids) == 5 for e in events.values())

@@ -176,14 +176,6 @@ def test_config_defaults_and_errors():
         ModelConfig.from_hf_dict(heads).validate()
 
 
-def test_serve_refuses_a_hybrid_model_clearly():
-    from qwen3chat.loading import load_preset
-
-    model = load_preset("tiny-hybrid", device="cpu", dtype="float32").model
-    with pytest.raises(QwenChatError, match="batched engine"):
-        model.new_paged_cache(8, 16, 64)
-
-
 def test_turns_through_the_qwen3_5_template_prefill_only_what_is_new(tmp_path, tokenizer_dir):
     """Qwen3.5's template ends a prompt with ``<think>\\n`` and renders a past reply
     without it, so the next prompt parts from this one inside the last turn's header: the

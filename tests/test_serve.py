@@ -280,6 +280,26 @@ def test_sigterm_ends_a_running_stream_and_exits_0(tiny_model_dir):
     assert running.stop() == 0
 
 
+def test_an_idle_server_exits_on_a_sigterm_another_thread_receives(tiny_model_dir):
+    """The kernel hands a process's signal to any of its threads: one that lands on the
+    HTTP server's thread while the engine's loop waits for work still stops the server."""
+    import ctypes
+
+    running = Server(tiny_model_dir[0])
+    pid = running.process.pid
+    others = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "tgkill"):
+        running.stop()
+        pytest.skip("this C library has no tgkill (glibc 2.30 or later has)")
+    try:
+        assert libc.tgkill(pid, others[0], signal.SIGTERM) == 0
+        assert running.process.wait(timeout=30) == 0
+    finally:
+        running.process.kill()
+        running.stop()
+
+
 def test_json_schema_output_parses_and_validates(server):
     from test_grammar import SCHEMA, follows_schema
 

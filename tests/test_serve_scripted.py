@@ -74,7 +74,7 @@ class ScriptedModel(torch.nn.Module):
     def kv_bytes_per_token(self, kv_dtype=None) -> int:
         return 8
 
-    def new_paged_cache(self, num_blocks: int, block_size: int, max_seq_len: int, kv_dtype=None):
+    def new_paged_cache(self, num_blocks, block_size, max_seq_len, kv_dtype=None, state_slots=0):
         # Real block bookkeeping (prefix caching, freeing), one-number keys and values.
         return PagedKVCache(1, 1, 1, num_blocks, block_size, torch.float32)
 

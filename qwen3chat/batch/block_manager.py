@@ -39,22 +39,30 @@ class BlockManager:
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
-    def adopt_prefix(self, seq: Sequence) -> int:
+    def adopt_prefix(self, seq: Sequence, resumable=None) -> int:
         """Give ``seq`` the cached blocks of its leading full blocks; the positions adopted.
 
         The block with the last position is never adopted: that position runs, so that
-        there are logits, and must not write into a block others read."""
+        there are logits, and must not write into a block others read. ``resumable(hash)``
+        says whether a sequence can start after the block with that hash (a hybrid model's
+        states, state_slots.py): then the adopted blocks end at the last such block."""
         size = self.block_size
+        found: list[tuple[bytes, int]] = []
+        h = seq.last_hash
         for j in range((len(seq.keys) - 1) // size):
-            h = chain_hash(seq.last_hash, seq.keys[j * size : (j + 1) * size])
+            h = chain_hash(h, seq.keys[j * size : (j + 1) * size])
             block = self.by_hash.get(h)
             if block is None:
                 break
+            found.append((h, block))
+        while resumable is not None and found and not resumable(found[-1][0]):
+            found.pop()
+        for h, block in found:
             if self.refs[block] == 0:
                 del self.free[block]
             self.refs[block] += 1
             seq.blocks.append(block)
-            seq.last_hash, seq.hashed = h, j + 1
+            seq.last_hash, seq.hashed = h, len(seq.blocks)
         return len(seq.blocks) * size
 
     def grow(self, seq: Sequence, tokens: int) -> bool:

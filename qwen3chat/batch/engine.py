@@ -5,6 +5,10 @@ running sequence and prefill chunks of new ones (scheduler.py), samples each seq
 whose last position ran with its own settings, and returns every sequence's events (the
 single-sequence engine's: text, thinking end, finish). A sequence that finishes or is
 ``cancel``led frees its blocks at once.
+
+A hybrid model's sequences also move on recurrent states, each in its own slot, and
+stop at a few block ends of their prompt so that the states there are kept for later
+requests that share those blocks (state_slots.py).
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ import torch
 
 from ..device import available_memory
 from ..generation import Event, Generation
+from ..hybrid_cache import checkpoint_marks
 from ..sampling import SamplingSettings, top_k_rows
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .state_slots import StateSlots
 
 BLOCK_SIZE = 16  # positions per block: a multiple of the attention kernel's row blocks
 # The KV cache takes at most this share of the memory available at start (it is allocated
@@ -40,6 +46,8 @@ def default_num_blocks(model, max_running: int, max_seq_len: int, kv_dtype=None)
 # Rows of a step without --chunk-size, beside the decode rows: vLLM's default
 # max_num_batched_tokens.
 STEP_ROWS = 2048
+# A hybrid model's state slots: one per running sequence, and as many again for snapshots.
+SNAPSHOTS_PER_SEQUENCE = 1
 
 
 class BatchEngine:
@@ -64,10 +72,14 @@ class BatchEngine:
         self.max_seq_len = max_seq_len
         self.vocab_size = model.config.vocab_size
         num_blocks = num_blocks or default_num_blocks(model, max_running, max_seq_len, kv_dtype)
-        self.cache = model.new_paged_cache(num_blocks, BLOCK_SIZE, max_seq_len, kv_dtype)
+        slots = max_running * (1 + SNAPSHOTS_PER_SEQUENCE)
+        self.cache = model.new_paged_cache(num_blocks, BLOCK_SIZE, max_seq_len, kv_dtype, slots)
         self.blocks = BlockManager(num_blocks, BLOCK_SIZE)
+        self.states = None
+        if self.cache.state_slots:
+            self.states = StateSlots(max_running, self.cache.state_slots - max_running)
         budget = token_budget or max(max_seq_len, STEP_ROWS) + max_running
-        self.scheduler = Scheduler(self.blocks, max_running, budget)
+        self.scheduler = Scheduler(self.blocks, max_running, budget, self.states)
         self.runner = ModelRunner(model, self.cache)
         self.tokens_sampled = 0  # over all steps (for a tokens-per-second rate)
 
@@ -98,8 +110,21 @@ class BatchEngine:
             top_logprobs=top_logprobs,
         )
         seq = Sequence(list(prompt_ids), self.model.prompt_layout(prompt_ids, visuals), reply)
+        if self.states:
+            seq.stops = self._stops(prompt_ids)
         self.scheduler.add(seq)
         return seq
+
+    def _stops(self, ids: list[int]) -> list[int]:
+        """Where a hybrid sequence's states are kept: the single-sequence engine's
+        checkpoint marks and the end of the prompt's first turn (a system prompt that many
+        requests share), each at or before the block with the last position."""
+        header = self.tokenizer.turn_start_id
+        marks = checkpoint_marks(ids, header)
+        if ids.count(header) > 1:
+            marks.add(ids.index(header, 1))
+        size = BLOCK_SIZE
+        return sorted({min(m, len(ids) - 1) // size * size for m in marks} - {0})
 
     def warm_up(self) -> None:
         """Run one step of a one-token prompt, so that the first request does not wait for
@@ -117,11 +142,7 @@ class BatchEngine:
         chosen = self.scheduler.schedule()
         if not chosen:
             return []
-        for seq, _ in chosen:
-            if not seq.prepared:  # (again, after a preemption) e.g. run the vision tower
-                seq.generation.timings.vision_s += seq.layout.prepare(self.model, seq.computed)
-                seq.prepared = True
-        sampled, logits = self.runner.run(chosen)
+        sampled, logits = self.run(chosen)
         self.tokens_sampled += len(sampled)
         for seq, count in chosen:
             if not seq.admitted:
@@ -129,6 +150,8 @@ class BatchEngine:
                 seq.generation.cached = seq.computed
             seq.computed += count
             self.blocks.register(seq)
+            if seq.computed in seq.stops:
+                self._keep_state(seq)
         now = time.perf_counter()
         events: list[tuple[Sequence, Event]] = []
         tops = top_k_rows([seq.generation.sampler for seq in sampled], logits)
@@ -148,6 +171,24 @@ class BatchEngine:
             else:
                 seq.append(token)
         return events
+
+    def run(self, chosen: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
+        """The forward of the scheduled ``(sequence, count)`` pairs, what they need first
+        set up; the sequences to sample and their logits (ModelRunner.run's)."""
+        for seq, _ in chosen:
+            if not seq.prepared:  # (again, after a preemption) e.g. run the vision tower
+                seq.generation.timings.vision_s += seq.layout.prepare(self.model, seq.computed)
+                if self.states:  # the states at its adopted blocks' end
+                    kept = self.states.snapshot_of(seq.last_hash) if seq.computed else None
+                    self.cache.copy_state(kept, seq.state)
+                seq.prepared = True
+        return self.runner.run(chosen)
+
+    def _keep_state(self, seq: Sequence) -> None:
+        """Snapshot ``seq``'s states at the end of its block ``computed`` ends."""
+        slot = self.states.new_snapshot(seq.last_hash)
+        if slot is not None:
+            self.cache.copy_state(seq.state, slot)
 
     def _finish(self, seq: Sequence, reason: str) -> list[tuple[Sequence, Event]]:
         self.scheduler.remove(seq)

@@ -50,6 +50,8 @@ class ModelRunner:
             tensor(row_seq),
             tensor(tables, torch.int32),
             tensor(logit_rows),
+            counts=[count for _, count in chosen],
+            states=[seq.state for seq, _ in chosen],
         )
         kwargs = _joined(list(zip(extras, [count for _, count in chosen], strict=True)), batch)
         return sampled, self.model.forward_batch(tensor(tokens), batch, **kwargs)

@@ -31,6 +31,10 @@ class Sequence:
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     order: int = field(default_factory=lambda: next(_arrivals))
+    # A hybrid model's: the slot its states move on in while it runs (state_slots.py),
+    # and the positions at which a step stops so that they can be kept (engine.py).
+    state: int | None = None
+    stops: list[int] = field(default_factory=list)
     keys: list = field(init=False)
 
     def __post_init__(self):
@@ -40,6 +44,13 @@ class Sequence:
     def remaining(self) -> int:
         """Positions whose keys and values are still to be computed."""
         return len(self.ids) - self.computed
+
+    def runnable(self, budget: int) -> int:
+        """Positions the next step may run: what remains, within ``budget``, up to the
+        next stop."""
+        count = min(self.remaining, budget)
+        end = next((s for s in self.stops if self.computed < s < self.computed + count), None)
+        return count if end is None else end - self.computed
 
     def append(self, token: int) -> None:
         self.ids.append(token)

@@ -34,7 +34,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "attention of N query rows [N, H, D] over their sequences in a paged cache -> [N, H*D]");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
   m.def("gated_delta_step", &gated_delta_step,
-        "Gated DeltaNet's decode step between its projections, conv and delta states in place");
+        "Gated DeltaNet's decode step between its projections, conv and delta states in place "
+        "(row b on slots[b] of the state pools where slots is given)",
+        py::arg("proj"), py::arg("conv_weight"), py::arg("conv_state"), py::arg("A"),
+        py::arg("dt_bias"), py::arg("norm"), py::arg("state"), py::arg("num_k_heads"),
+        py::arg("head_k_dim"), py::arg("head_v_dim"), py::arg("tiled"), py::arg("eps"),
+        py::arg("slots") = py::none());
   py::class_<Matrix>(m, "Matrix")
       .def(py::init([](at::Tensor weight, c10::optional<at::Tensor> scales,
                        c10::optional<at::Tensor> zeros, int64_t bits) {
@@ -101,15 +106,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "paged_layers",
       [](at::Tensor x, const py::list& layers, const at::Tensor& cos, const at::Tensor& sin,
          const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& positions,
-         const at::Tensor& row_seq, const at::Tensor& block_tables, int64_t block_size) {
+         const at::Tensor& row_seq, const at::Tensor& block_tables, int64_t block_size,
+         const c10::optional<at::Tensor>& conv_cache, const c10::optional<at::Tensor>& delta_cache,
+         const c10::optional<at::Tensor>& row_states) {
         const auto cache = paged_kv(k_cache, v_cache, positions, row_seq, block_tables, block_size);
+        const auto conv = conv_cache.value_or(at::Tensor());
+        const auto delta = delta_cache.value_or(at::Tensor());
+        const auto states = row_states.value_or(at::Tensor());
         std::vector<const DecoderLayerWeights*> weights;
         for (const auto& layer : layers) weights.push_back(&layer.cast<const DecoderLayerWeights&>());
         // The server's event loop (its other thread) streams replies meanwhile.
         py::gil_scoped_release released;
-        for (const auto* w : weights) x = paged_layer(x, *w, cos, sin, cache);
+        for (const auto* w : weights) x = paged_layer(x, *w, cos, sin, cache, conv, delta, states);
         return x;
       },
+      py::arg("x"), py::arg("layers"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),
+      py::arg("v_cache"), py::arg("positions"), py::arg("row_seq"), py::arg("block_tables"),
+      py::arg("block_size"), py::arg("conv_cache") = py::none(),
+      py::arg("delta_cache") = py::none(), py::arg("row_states") = py::none(),
       "every decoder layer in turn over the rows [N, hidden] of several sequences, with a "
-      "paged KV cache (a list of DecoderLayerWeights)");
+      "paged KV cache (a list of DecoderLayerWeights), and the hybrid generation's state "
+      "pools and each row's slot in them where it has linear layers");
 }

@@ -91,16 +91,19 @@ at::Tensor experts_step(const at::Tensor& x, const DecoderLayerWeights& w) {
 
 // The token mixer of a layer's normed rows: attention (``attention`` turning qkv into its
 // outputs, storing keys and values: the contiguous and the paged caches differ only
-// there), gated where the layer is; or Gated DeltaNet on its states.
+// there), gated where the layer is; or Gated DeltaNet on its states (a row a sequence:
+// row i on slot ``row_states[i]`` of the pools where given).
 template <typename Attention>
 at::Tensor mixer(const at::Tensor& normed, const DecoderLayerWeights& w, Attention attention,
-                 const at::Tensor& conv_cache, const at::Tensor& delta_cache) {
+                 const at::Tensor& conv_cache, const at::Tensor& delta_cache,
+                 const at::Tensor& row_states) {
   if (w.linear) {
-    const auto out = gated_delta_step(matmul(normed, w.in_proj), w.conv_weight,
-                                      conv_cache[w.layer], w.A, w.dt_bias, w.linear_norm,
-                                      delta_cache[w.layer], w.k_heads, w.k_dim, w.v_dim, w.tiled,
-                                      w.eps);
-    return matmul(out, w.out_proj);
+    const auto proj = matmul(normed, w.in_proj);
+    const auto out = gated_delta_step(
+        proj.view({-1, 1, proj.size(-1)}), w.conv_weight, conv_cache[w.layer], w.A, w.dt_bias,
+        w.linear_norm, delta_cache[w.layer], w.k_heads, w.k_dim, w.v_dim, w.tiled, w.eps,
+        row_states.defined() ? c10::optional<at::Tensor>(row_states) : c10::nullopt);
+    return matmul(out, w.out_proj).view(normed.sizes());
   }
   auto qkv = matmul(normed, w.qkv);
   if (!w.gated) return matmul(attention(qkv), w.o_proj);
@@ -120,9 +123,11 @@ at::Tensor mixer(const at::Tensor& normed, const DecoderLayerWeights& w, Attenti
 // A decoder layer on the rows of x.
 template <typename Attention>
 at::Tensor layer_body(const at::Tensor& x, const DecoderLayerWeights& w, Attention attention,
-                      const at::Tensor& conv_cache = {}, const at::Tensor& delta_cache = {}) {
+                      const at::Tensor& conv_cache, const at::Tensor& delta_cache,
+                      const at::Tensor& row_states = {}) {
   const auto normed_in = rms_norm(x, w.input_norm, w.eps);
-  const auto h = add_residual(x, mixer(normed_in, w, attention, conv_cache, delta_cache));
+  const auto h =
+      add_residual(x, mixer(normed_in, w, attention, conv_cache, delta_cache, row_states));
   const auto normed = rms_norm(h, w.post_norm, w.eps);
   const bool moe = !w.expert_down.empty();
   return add_residual(h, moe ? experts_step(normed, w) : feed_forward(normed, w.gate_up, w.down));
@@ -149,14 +154,21 @@ at::Tensor decode_layer(const at::Tensor& x, const DecoderLayerWeights& w, const
 }
 
 at::Tensor paged_layer(const at::Tensor& x, const DecoderLayerWeights& w, const at::Tensor& cos,
-                       const at::Tensor& sin, const PagedKV& cache) {
+                       const at::Tensor& sin, const PagedKV& cache, const at::Tensor& conv_cache,
+                       const at::Tensor& delta_cache, const at::Tensor& row_states) {
   RECORD_FUNCTION("qwen3chat::paged_layer", std::vector<c10::IValue>());
   TORCH_CHECK(x.dim() == 2 && x.size(0) == cache.rows,
               "paged_layer: expected x [N, hidden] for the N rows of positions");
-  TORCH_CHECK(!w.linear, "paged_layer: linear layers keep no state in a paged cache");
-  return layer_body(x, w, [&](const at::Tensor& qkv) {
-    const auto q = qk_norm_rope_into(qkv, w.q_norm, w.k_norm, cos, sin, w.eps, w.num_heads,
-                                     w.num_kv_heads, cache, w.layer);
-    return attend(q, cache, w.layer);
-  });
+  // The decode form of the rule moves a state on by one token: one row per sequence.
+  TORCH_CHECK(!w.linear || (row_states.defined() && conv_cache.defined() &&
+                            delta_cache.defined() && cache.rows == cache.block_tables_.size(0)),
+              "paged_layer: a linear layer needs one row per sequence and its state slots");
+  return layer_body(
+      x, w,
+      [&](const at::Tensor& qkv) {
+        const auto q = qk_norm_rope_into(qkv, w.q_norm, w.k_norm, cos, sin, w.eps, w.num_heads,
+                                         w.num_kv_heads, cache, w.layer);
+        return attend(q, cache, w.layer);
+      },
+      conv_cache, delta_cache, row_states);
 }

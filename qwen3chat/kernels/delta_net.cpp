@@ -89,7 +89,8 @@ at::Tensor gated_delta_step(const at::Tensor& proj_in, const at::Tensor& conv_we
                             const at::Tensor& conv_state, const at::Tensor& A_in,
                             const at::Tensor& dt_bias_in, const at::Tensor& norm_in,
                             const at::Tensor& state, int64_t num_k_heads, int64_t head_k_dim,
-                            int64_t head_v_dim, bool tiled, double eps) {
+                            int64_t head_v_dim, bool tiled, double eps,
+                            const c10::optional<at::Tensor>& slots_in) {
   RECORD_FUNCTION("qwen3chat::gated_delta_step", std::vector<c10::IValue>());
   const auto proj = proj_in.contiguous();
   const auto dtype = proj.scalar_type();
@@ -101,11 +102,20 @@ at::Tensor gated_delta_step(const at::Tensor& proj_in, const at::Tensor& conv_we
                 dv = head_v_dim;
   const int64_t key_dim = Hk * dk, value_dim = Hv * dv, C = 2 * key_dim + value_dim;
   const int64_t K = conv_weight.size(1), history = K - 1;
+  // Row b's states: slot b, or slots[b] of the pools.
+  const auto slots = slots_in.has_value() ? slots_in->contiguous() : at::arange(B, at::kLong);
+  const int64_t P = conv_state.size(0);
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == B &&
+                  (slots_in.has_value() || P == B),
+              "gated_delta_step: slots must be int64 [B] (or the states [B, ...])");
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(slot[b] >= 0 && slot[b] < P, "gated_delta_step: slot ", slot[b], " of ", P);
   TORCH_CHECK(proj.dim() == 3 && proj.size(1) == 1 && proj.size(2) == C + value_dim + 2 * Hv &&
                   conv_weight.dim() == 2 && conv_weight.size(0) == C && K >= 2 &&
-                  conv_state.sizes() == at::IntArrayRef({B, C, history}) &&
+                  conv_state.sizes() == at::IntArrayRef({P, C, history}) &&
                   conv_state.scalar_type() == dtype && conv_state.is_contiguous() &&
-                  state.sizes() == at::IntArrayRef({B, Hv, dk, dv}) &&
+                  state.sizes() == at::IntArrayRef({P, Hv, dk, dv}) &&
                   state.scalar_type() == at::kFloat && state.is_contiguous() &&
                   norm.numel() == dv && dt_bias.numel() == Hv && Hv % Hk == 0 &&
                   dv % 8 == 0 && dv <= kMaxHeadDim && dk <= kMaxHeadDim,
@@ -117,7 +127,7 @@ at::Tensor gated_delta_step(const at::Tensor& proj_in, const at::Tensor& conv_we
     using T = decltype(tag);
     for (int64_t b = 0; b < B; ++b) {
       const T* row = proj.data_ptr<T>() + b * proj.size(2);
-      T* history_row = conv_state.data_ptr<T>() + b * C * history;
+      T* history_row = conv_state.data_ptr<T>() + slot[b] * C * history;
       // The conv over the history and the new input, rounded, SiLU, rounded (float32
       // copies of the mixed q, k, v); the history moves on by one.
       std::vector<float> mixed(C);
@@ -144,7 +154,7 @@ at::Tensor gated_delta_step(const at::Tensor& proj_in, const at::Tensor& conv_we
       const T* z = row + C;
       const T* beta_in = z + value_dim;
       const T* a_in = beta_in + Hv;
-      float* S = state.data_ptr<float>() + b * Hv * dk * dv;
+      float* S = state.data_ptr<float>() + slot[b] * Hv * dk * dv;
       T* o = out.data_ptr<T>() + b * value_dim;
       const float* Ap = A.data_ptr<float>();
       const float* dt = dt_bias.data_ptr<float>();

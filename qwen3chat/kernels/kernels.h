@@ -142,11 +142,14 @@ at::Tensor add_residual(const at::Tensor& a, const at::Tensor& b);
 // projection's rows proj [B, 1, conv + value + 2 Hv] -> [B, 1, value], moving on the conv
 // history [B, conv, kernel - 1] (activations' dtype) and the delta state [B, Hv, dk, dv]
 // (float32) in place. ``tiled``: value head h reads key head h % Hk (else h / (Hv / Hk)).
+// With ``slots`` (int64 [B]) the states are pools [P, ...] and row b moves on slot
+// slots[b] (the server's sequences, each with its own slot).
 at::Tensor gated_delta_step(const at::Tensor& proj, const at::Tensor& conv_weight,
                             const at::Tensor& conv_state, const at::Tensor& A,
                             const at::Tensor& dt_bias, const at::Tensor& norm,
                             const at::Tensor& state, int64_t num_k_heads, int64_t head_k_dim,
-                            int64_t head_v_dim, bool tiled, double eps);
+                            int64_t head_v_dim, bool tiled, double eps,
+                            const c10::optional<at::Tensor>& slots = c10::nullopt);
 
 // A KV cache stores rows of D values in the activations' dtype, or (int8, kv_cache.py's
 // ``--kv-cache int8``) as D int8 codes followed by a float16 scale per block of kKvBlock
@@ -263,9 +266,14 @@ at::Tensor decode_layer(const at::Tensor& x, const DecoderLayerWeights& w, const
                         const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         int64_t start, const at::Tensor& conv_cache, const at::Tensor& delta_cache);
 // x [N, hidden], the rows of a step of several sequences over a paged cache (cos/sin
-// [N, head_dim] at each row's position): the layer's output, keys and values stored.
+// [N, head_dim] at each row's position): the layer's output, keys and values stored. A
+// linear layer needs a step of one row per sequence: row i moves on slot row_states[i]
+// of the state pools conv_cache [layers, P, conv, kernel - 1] and delta_cache [layers, P,
+// Hv, dk, dv].
 at::Tensor paged_layer(const at::Tensor& x, const DecoderLayerWeights& w, const at::Tensor& cos,
-                       const at::Tensor& sin, const PagedKV& cache);
+                       const at::Tensor& sin, const PagedKV& cache,
+                       const at::Tensor& conv_cache = {}, const at::Tensor& delta_cache = {},
+                       const at::Tensor& row_states = {});
 
 // Shared vector helpers.
 namespace qk {

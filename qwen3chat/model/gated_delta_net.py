@@ -91,15 +91,37 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, cache, start: int) -> torch.Tensor:
         """``x [B, T, hidden]`` following the ``start`` tokens whose conv and delta states
         ``cache`` holds (None: from nothing, states discarded)."""
-        batch, seq, _ = x.shape
         conv_state, state = (
             (None, None) if cache is None else cache.linear_state(self.layer_idx, start)
         )
+        return self.out_proj(self.mix(self.in_proj(x), conv_state, state))
+
+    def forward_batch(self, x: torch.Tensor, batch) -> torch.Tensor:
+        """The rows ``x [N, hidden]`` of a PagedBatch, each sequence's run of rows on its
+        state slot: a step of one row each in one native call, else a sequence at a time
+        (a prompt's chunk through the chunked rule)."""
         proj = self.in_proj(x)
+        conv, delta = batch.cache.conv[self.slot], batch.cache.delta[self.slot]
+        out = None
+        if batch.decode_only:
+            out = native.gated_delta_step(proj[:, None], self, conv, delta, batch.row_states())
+        if out is None:
+            parts, first = [], 0
+            for count, s in zip(batch.counts, batch.states, strict=True):
+                rows = proj[None, first : first + count]
+                parts.append(self.mix(rows, conv[s : s + 1], delta[s : s + 1])[0])
+                first += count
+            out = torch.cat(parts)
+        return self.out_proj(out.reshape(len(x), -1))
+
+    def mix(self, proj: torch.Tensor, conv_state, state) -> torch.Tensor:
+        """From the input projection ``proj [B, T, width]`` to what out_proj multiplies
+        ``[B, T, value_dim]``, the states (None: none kept) moved on in place."""
+        batch, seq, _ = proj.shape
         if state is not None and seq == 1:
             out = native.gated_delta_step(proj, self, conv_state, state)
             if out is not None:
-                return self.out_proj(out)
+                return out
         mixed, z, b, a = proj.split(self.in_proj.split, dim=-1)
         mixed = self.conv1d(mixed, conv_state)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
@@ -109,13 +131,13 @@ class GatedDeltaNet(nn.Module):
         beta = torch.sigmoid(b.float())
         g = self.A.float() * F.softplus(a.float() + self.dt_bias.float())
         if state is None:
-            state = x.new_zeros(
+            state = proj.new_zeros(
                 batch, self.num_v_heads, self.head_k_dim, self.head_v_dim, dtype=torch.float32
             )
         rule = recurrent_delta_rule if seq == 1 else chunked_delta_rule
         out = rule(*self._heads(q, k, v, beta, g), state)  # [B, Hv, T, dv]
-        out = self.norm(out.transpose(1, 2).to(x.dtype), z.unflatten(-1, (self.num_v_heads, -1)))
-        return self.out_proj(out.flatten(-2))
+        out = self.norm(out.transpose(1, 2).to(proj.dtype), z.unflatten(-1, (self.num_v_heads, -1)))
+        return out.flatten(-2)
 
     def _heads(self, q, k, v, beta, g):
         """Float32 ``[B, Hv, T, .]`` inputs of the rule: q and k L2-normed (q also scaled

@@ -241,8 +241,8 @@ class Attention(nn.Module):
         each row attending to its own sequence."""
         qkv, gate = self.split_gate(self.qkv_proj(x[None]))
         q, k, v = (t[0].transpose(0, 1) for t in self.heads(qkv, cos, sin))
-        batch.store(self.layer_idx, k, v)
-        out = batch.attend(self.layer_idx, q)
+        batch.store(self.slot, k, v)
+        out = batch.attend(self.slot, q)
         return self.o_proj(self.gated_output(out, None if gate is None else gate[0]))
 
 

@@ -95,9 +95,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return native.decode_attention(q, k, v)
 
 
-def gated_delta_step(proj, layer, conv_state, state) -> torch.Tensor | None:
+def gated_delta_step(proj, layer, conv_state, state, slots=None) -> torch.Tensor | None:
     """A Gated DeltaNet layer's (model/gated_delta_net.py) decode step from its input
-    projection ``proj [B, 1, width]`` to what out_proj multiplies, the states moved on."""
+    projection ``proj [B, 1, width]`` to what out_proj multiplies, the states moved on
+    (row b's at ``slots[b]`` of the pools ``conv_state``/``state`` where given)."""
     native = kernels.native(proj)
     if native is None or proj.shape[1] != 1 or layer.head_v_dim % 8:
         return None
@@ -114,6 +115,7 @@ def gated_delta_step(proj, layer, conv_state, state) -> torch.Tensor | None:
         layer.head_v_dim,
         layer.tiled,
         layer.norm.eps,
+        slots,
     )
 
 
@@ -152,6 +154,7 @@ def paged_layers(
     row_seq: torch.Tensor,
     block_tables: torch.Tensor,
     block_size: int,
+    states: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
     """Every layer over ``x [N, hidden]``, the token rows of several sequences, in one
     native call with a paged KV cache (kernels.h's PagedKV): ``k_cache``/``v_cache``
@@ -159,8 +162,10 @@ def paged_layers(
     ``positions[i]`` of sequence ``row_seq[i]``, whose position p lies in slot
     ``block_tables[row_seq[i], p // block_size] * block_size + p % block_size``; ``cos``/
     ``sin`` ``[N, head_dim]`` are each row's. Each row's key and value are stored first,
-    then it attends to its sequence's positions up to its own. None where the kernels do
-    not run or do not cover the block size or one of the layers' weights."""
+    then it attends to its sequence's positions up to its own. A hybrid model's linear
+    layers take ``states``: its state pools (hybrid_cache.py's PagedHybridCache) and each
+    row's slot, in a step of one row per sequence. None where the kernels do not run or
+    do not cover the block size or one of the layers' weights."""
     native = kernels.native(x)
     if native is None or not _covers(native, "paged_block_align", block_size):
         return None
@@ -168,7 +173,17 @@ def paged_layers(
     if None in weights:
         return None
     return native.paged_layers(
-        x, weights, cos, sin, k_cache, v_cache, positions, row_seq, block_tables, block_size
+        x,
+        weights,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        positions,
+        row_seq,
+        block_tables,
+        block_size,
+        *(states or ()),
     )
 
 

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import QwenChatError
-from ..hybrid_cache import HybridCache
+from ..hybrid_cache import HybridCache, PagedHybridCache
 from ..kv_cache import Cache, KVCache, PagedBatch, PagedKVCache
 from . import native
 from .gated_delta_net import GatedDeltaNet
@@ -95,7 +94,11 @@ class DecoderLayer(nn.Module):
 
     def forward_batch(self, x, cos, sin, batch: PagedBatch):
         """The torch path of a PagedBatch's rows ``x [N, hidden]``."""
-        x = x + self.self_attn.forward_batch(self.input_layernorm(x), cos, sin, batch)
+        h = self.input_layernorm(x)
+        if hasattr(self, "linear_attn"):
+            x = x + self.linear_attn.forward_batch(h, batch)
+        else:
+            x = x + self.self_attn.forward_batch(h, cos, sin, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -168,15 +171,16 @@ class Qwen3Model(nn.Module):
         block_size: int,
         max_seq_len: int,
         kv_dtype: torch.dtype | None = None,
+        state_slots: int = 0,
     ) -> PagedKVCache:
-        """A PagedKVCache for the batched engine; rotary tables up to ``max_seq_len``."""
+        """A PagedKVCache for the batched engine; rotary tables up to ``max_seq_len``. A
+        hybrid model's keeps ``state_slots`` slots of its linear layers' states too."""
         c = self.config
-        if c.hybrid:
-            raise QwenChatError(
-                f"{c.architecture}: the batched engine (serve) does not run the hybrid "
-                "generation's linear-attention layers yet; use chat"
-            )
         self._rope_up_to(max_seq_len)
+        if c.hybrid:
+            return PagedHybridCache(
+                c, num_blocks, block_size, state_slots, self.dtype, kv_dtype, self.device
+            )
         return PagedKVCache(
             c.num_hidden_layers,
             c.num_key_value_heads,
@@ -273,20 +277,29 @@ class Qwen3Model(nn.Module):
         if visual is not None:
             x[visual.mask] = visual.embeds.to(x.dtype)
         cache = batch.cache
-        groups = [self.layers] if visual is None else [[layer] for layer in self.layers]
+        states = None
+        if cache.state_slots:
+            # The decode form of the delta rule runs natively for a step of one row per
+            # sequence; prompt chunks take the chunked form, a layer at a time.
+            states = (cache.conv, cache.delta, batch.row_states()) if batch.decode_only else None
+        whole = visual is None and (states is not None or not cache.state_slots)
+        groups = [self.layers] if whole else [[layer] for layer in self.layers]
         for i, group in enumerate(groups):
-            out = native.paged_layers(
-                x,
-                group,
-                cos,
-                sin,
-                cache.k,
-                cache.v,
-                batch.positions,
-                batch.row_seq,
-                batch.block_tables,
-                cache.block_size,
-            )
+            out = None
+            if states is not None or not hasattr(group[0], "linear_attn"):
+                out = native.paged_layers(
+                    x,
+                    group,
+                    cos,
+                    sin,
+                    cache.k,
+                    cache.v,
+                    batch.positions,
+                    batch.row_seq,
+                    batch.block_tables,
+                    cache.block_size,
+                    states,
+                )
             if out is None:
                 for layer in group:
                     x = layer.forward_batch(x, cos, sin, batch)

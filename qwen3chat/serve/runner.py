@@ -28,6 +28,10 @@ from .protocol import APIError
 
 # /metrics' tokens per second are those of the steps of the last this many seconds.
 RATE_WINDOW_S = 10.0
+# How long the idle loop waits for a request at a time. A signal (Ctrl-C, SIGTERM) that
+# the kernel hands to another thread (the HTTP server's, a torch worker's) runs its Python
+# handler only once the main thread runs Python again: a wait without end missed it.
+IDLE_WAIT_S = 0.25
 
 
 @dataclass(eq=False)
@@ -123,7 +127,7 @@ class Runner:
         """Move submitted jobs into the engine (waiting for one when ``block``)."""
         while True:
             try:
-                job = self._queue.get(block=block)
+                job = self._queue.get(block=block, timeout=IDLE_WAIT_S if block else None)
             except queue.Empty:
                 return
             block = False
