@@ -8,7 +8,12 @@ import pytest
 from conftest import build_hybrid_reference
 from test_vision_inputs import video_backend
 from test_vision_tower import randomise
-from test_vl_parity import files, run_case, save_vl_dir
+from test_vl_parity import (
+    files,
+    run_case,
+    save_vl_dir,
+    test_the_batched_engine_runs_pictures_beside_text,  # noqa: F401 (on this module's model)
+)
 
 from qwen3chat.loading import load_model
 
@@ -28,6 +33,17 @@ def build_reference(seed: int = 0):
     model = build_hybrid_reference("multimodal", seed=seed)
     randomise(model.model.visual, seed=seed + 1)
     return model
+
+
+@pytest.fixture(scope="module")
+def vl_dir(tmp_path_factory, tokenizer_dir):
+    reference = build_reference()
+    return save_vl_dir(reference, tmp_path_factory.mktemp("qwen3.5-vl"), tokenizer_dir), reference
+
+
+@pytest.fixture(scope="module")
+def loaded(vl_dir):
+    return load_model(vl_dir[0], device="cpu", dtype="float32")
 
 
 @pytest.mark.parametrize("names", [["a"], ["a", "b"]], ids=["one image", "two images"])
