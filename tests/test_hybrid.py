@@ -269,6 +269,41 @@ def test_native_delta_step_equals_the_torch_step(dtype, tiled, monkeypatch):
         torch.testing.assert_close(ours.float(), theirs.float(), **tolerance)
 
 
+def test_native_delta_step_runs_each_row_on_its_own_slot(monkeypatch):
+    """The server's decode step: rows on scattered slots of the state pools (run in
+    parallel) each equal the torch step on that slot; other slots stay as they were, and
+    two rows on one slot are refused."""
+    from qwen3chat import kernels
+    from qwen3chat.loading import load_preset
+    from qwen3chat.model import native
+
+    model = load_preset("tiny-hybrid", device="cpu", dtype="float32").model
+    layer = model.layers[0].linear_attn
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.A.copy_(-torch.rand(layer.num_v_heads) * 2)
+        layer.conv1d.weight.normal_(0, 0.5)
+        proj = layer.in_proj(torch.randn(3, 1, model.config.hidden_size))
+    conv = torch.randn(4, layer.conv_dim, 3)
+    delta = torch.randn(4, layer.num_v_heads, layer.head_k_dim, layer.head_v_dim)
+    slots = torch.tensor([2, 0, 3])
+    ours = conv.clone(), delta.clone()
+    out = native.gated_delta_step(proj, layer, *ours, slots)
+    assert out is not None
+    with pytest.raises(RuntimeError, match="taken twice"):
+        native.gated_delta_step(proj, layer, *ours, torch.tensor([1, 1, 3]))
+    monkeypatch.setattr(kernels, "native", lambda x: None)
+    theirs = conv.clone(), delta.clone()
+    with torch.no_grad():
+        for row, slot in enumerate(slots.tolist()):
+            views = (t[slot : slot + 1] for t in theirs)
+            expected = layer.mix(proj[row : row + 1], *views)
+            torch.testing.assert_close(out[row], expected[0], atol=1e-5, rtol=1e-5)
+    for mine, reference, start in zip(ours, theirs, (conv, delta), strict=True):
+        torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-5)
+        assert torch.equal(mine[1], start[1])
+
+
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_quantize_at_load_keeps_what_must_stay_float(hybrid_dir, quantize):
     """--quantize on a hybrid checkpoint: the projections become integer codes (each

@@ -9,7 +9,7 @@
 // k, query q, value v and strength beta:
 //   delta = (v - d S^T k) beta,   out = d S^T q + (k . q) delta,   S <- d S + k delta^T,
 // the same values as decaying S, reading it with k, writing the delta and reading it with
-// q, in one pass over S for the two reads and one for the write.
+// q, in one pass over S for the two reads and the write.
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -32,10 +32,16 @@ inline float rounded(float x) {
 }
 
 // One value head's rule and gated norm. S [dk, dv] (dv a multiple of 8) moves on in place.
+// A strip of 32 columns at a time: its two reads in one pass from memory, then its write
+// from L1 (the strip is dk * 128 bytes), so S crosses the memory bus once each way.
 template <typename T>
 void head_step(float* S, const float* k, const float* q, const T* v, const T* z, const T* norm,
                float decay, float beta, T* out, int64_t dk, int64_t dv, float eps) {
   alignas(32) float read_k[kMaxHeadDim], read_q[kMaxHeadDim], delta[kMaxHeadDim];
+  alignas(32) float o[kMaxHeadDim];
+  float kq = 0.0f;
+  for (int64_t r = 0; r < dk; ++r) kq += k[r] * q[r];
+  const __m256 d = _mm256_set1_ps(decay);
   for (int64_t c = 0; c < dv; c += 32) {  // 32 columns: 8 accumulators in registers
     const int64_t width = std::min<int64_t>(32, dv - c);
     __m256 uk[4], uq[4];
@@ -53,21 +59,18 @@ void head_step(float* S, const float* k, const float* q, const T* v, const T* z,
       _mm256_store_ps(read_k + c + 8 * j, uk[j]);
       _mm256_store_ps(read_q + c + 8 * j, uq[j]);
     }
-  }
-  float kq = 0.0f;
-  for (int64_t r = 0; r < dk; ++r) kq += k[r] * q[r];
-  alignas(32) float o[kMaxHeadDim];
-  for (int64_t c = 0; c < dv; ++c) {
-    delta[c] = (static_cast<float>(v[c]) - decay * read_k[c]) * beta;
-    o[c] = decay * read_q[c] + kq * delta[c];
-  }
-  const __m256 d = _mm256_set1_ps(decay);
-  for (int64_t r = 0; r < dk; ++r) {
-    float* row = S + r * dv;
-    const __m256 kr = _mm256_set1_ps(k[r]);
-    for (int64_t c = 0; c < dv; c += 8)
-      _mm256_storeu_ps(row + c, _mm256_fmadd_ps(kr, _mm256_load_ps(delta + c),
-                                                _mm256_mul_ps(_mm256_loadu_ps(row + c), d)));
+    for (int64_t i = c; i < c + width; ++i) {
+      delta[i] = (static_cast<float>(v[i]) - decay * read_k[i]) * beta;
+      o[i] = decay * read_q[i] + kq * delta[i];
+    }
+    for (int64_t r = 0; r < dk; ++r) {
+      float* row = S + r * dv + c;
+      const __m256 kr = _mm256_set1_ps(k[r]);
+      for (int j = 0; j < width / 8; ++j)
+        _mm256_storeu_ps(row + 8 * j,
+                         _mm256_fmadd_ps(kr, _mm256_load_ps(delta + c + 8 * j),
+                                         _mm256_mul_ps(_mm256_loadu_ps(row + 8 * j), d)));
+    }
   }
   // The rule's output in T, RMS-normed in float32, scaled by the weight in T, then times
   // silu(z) in float32 and rounded to T (GatedRMSNorm).
@@ -109,8 +112,12 @@ at::Tensor gated_delta_step(const at::Tensor& proj_in, const at::Tensor& conv_we
                   (slots_in.has_value() || P == B),
               "gated_delta_step: slots must be int64 [B] (or the states [B, ...])");
   const int64_t* slot = slots.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(slot[b] >= 0 && slot[b] < P, "gated_delta_step: slot ", slot[b], " of ", P);
+  std::vector<bool> taken(P);  // rows run in parallel: each on a slot of its own
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(slot[b] >= 0 && slot[b] < P && !taken[slot[b]], "gated_delta_step: slot ",
+                slot[b], " of ", P, " out of range or taken twice");
+    taken[slot[b]] = true;
+  }
   TORCH_CHECK(proj.dim() == 3 && proj.size(1) == 1 && proj.size(2) == C + value_dim + 2 * Hv &&
                   conv_weight.dim() == 2 && conv_weight.size(0) == C && K >= 2 &&
                   conv_state.sizes() == at::IntArrayRef({P, C, history}) &&
@@ -125,53 +132,60 @@ at::Tensor gated_delta_step(const at::Tensor& proj_in, const at::Tensor& conv_we
   const float q_scale = 1.0f / std::sqrt(static_cast<float>(dk));
   with_dtype(dtype, "gated_delta_step", [&](auto tag) {
     using T = decltype(tag);
-    for (int64_t b = 0; b < B; ++b) {
-      const T* row = proj.data_ptr<T>() + b * proj.size(2);
-      T* history_row = conv_state.data_ptr<T>() + slot[b] * C * history;
-      // The conv over the history and the new input, rounded, SiLU, rounded (float32
-      // copies of the mixed q, k, v); the history moves on by one.
-      std::vector<float> mixed(C);
-      const T* w = conv_weight.data_ptr<T>();
-      for (int64_t c = 0; c < C; ++c) {
-        T* h = history_row + c * history;
-        float acc = 0.0f;
-        for (int64_t j = 0; j < history; ++j) acc += static_cast<float>(h[j]) * static_cast<float>(w[c * K + j]);
-        acc += static_cast<float>(row[c]) * static_cast<float>(w[c * K + history]);
-        mixed[c] = rounded<T>(silu(rounded<T>(acc)));
-        for (int64_t j = 0; j + 1 < history; ++j) h[j] = h[j + 1];
-        h[history - 1] = row[c];
-      }
-      // q and k L2-normed per key head (q also by dk^-0.5), in float32.
-      for (int64_t part = 0; part < 2; ++part) {
-        for (int64_t hk = 0; hk < Hk; ++hk) {
-          float* x = mixed.data() + part * key_dim + hk * dk;
-          float squares = 0.0f;
-          for (int64_t i = 0; i < dk; ++i) squares += x[i] * x[i];
-          const float scale = 1.0f / std::sqrt(squares + 1e-6f) * (part == 0 ? q_scale : 1.0f);
-          for (int64_t i = 0; i < dk; ++i) x[i] *= scale;
+    // Per row: the conv over the history and the new input, rounded, SiLU, rounded
+    // (float32 copies of the mixed q, k, v; the history moves on by one), then q and k
+    // L2-normed per key head (q also by dk^-0.5) and v rounded back to T.
+    std::vector<float> mixed(B * C);
+    std::vector<T> values(B * value_dim);
+    const T* w = conv_weight.data_ptr<T>();
+    at::parallel_for(0, B, 1, [&](int64_t first, int64_t last) {
+      for (int64_t b = first; b < last; ++b) {
+        const T* row = proj.data_ptr<T>() + b * proj.size(2);
+        T* history_row = conv_state.data_ptr<T>() + slot[b] * C * history;
+        float* m = mixed.data() + b * C;
+        for (int64_t c = 0; c < C; ++c) {
+          T* h = history_row + c * history;
+          float acc = 0.0f;
+          for (int64_t j = 0; j < history; ++j)
+            acc += static_cast<float>(h[j]) * static_cast<float>(w[c * K + j]);
+          acc += static_cast<float>(row[c]) * static_cast<float>(w[c * K + history]);
+          m[c] = rounded<T>(silu(rounded<T>(acc)));
+          for (int64_t j = 0; j + 1 < history; ++j) h[j] = h[j + 1];
+          h[history - 1] = row[c];
         }
-      }
-      const T* z = row + C;
-      const T* beta_in = z + value_dim;
-      const T* a_in = beta_in + Hv;
-      float* S = state.data_ptr<float>() + slot[b] * Hv * dk * dv;
-      T* o = out.data_ptr<T>() + b * value_dim;
-      const float* Ap = A.data_ptr<float>();
-      const float* dt = dt_bias.data_ptr<float>();
-      std::vector<T> v(value_dim);
-      for (int64_t i = 0; i < value_dim; ++i) v[i] = static_cast<T>(mixed[2 * key_dim + i]);
-      at::parallel_for(0, Hv, 1, [&](int64_t first, int64_t last) {
-        for (int64_t h = first; h < last; ++h) {
-          const int64_t hk = tiled ? h % Hk : h / per_k;
-          const float beta = 1.0f / (1.0f + std::exp(-static_cast<float>(beta_in[h])));
-          const float decay = std::exp(Ap[h] * softplus(static_cast<float>(a_in[h]) + dt[h]));
-          head_step<T>(S + h * dk * dv, mixed.data() + key_dim + hk * dk,
-                       mixed.data() + hk * dk, v.data() + h * dv, z + h * dv,
-                       norm.data_ptr<T>(), decay, beta, o + h * dv, dk, dv,
-                       static_cast<float>(eps));
+        for (int64_t part = 0; part < 2; ++part) {
+          for (int64_t hk = 0; hk < Hk; ++hk) {
+            float* x = m + part * key_dim + hk * dk;
+            float squares = 0.0f;
+            for (int64_t i = 0; i < dk; ++i) squares += x[i] * x[i];
+            const float scale =
+                1.0f / std::sqrt(squares + 1e-6f) * (part == 0 ? q_scale : 1.0f);
+            for (int64_t i = 0; i < dk; ++i) x[i] *= scale;
+          }
         }
-      });
-    }
+        for (int64_t i = 0; i < value_dim; ++i)
+          values[b * value_dim + i] = static_cast<T>(m[2 * key_dim + i]);
+      }
+    });
+    // Then every (row, value head) pair's rule, spread over the threads at once.
+    const float* Ap = A.data_ptr<float>();
+    const float* dt = dt_bias.data_ptr<float>();
+    at::parallel_for(0, B * Hv, 1, [&](int64_t first, int64_t last) {
+      for (int64_t i = first; i < last; ++i) {
+        const int64_t b = i / Hv, h = i % Hv;
+        const int64_t hk = tiled ? h % Hk : h / per_k;
+        const T* z = proj.data_ptr<T>() + b * proj.size(2) + C;
+        const T* beta_in = z + value_dim;
+        const T* a_in = beta_in + Hv;
+        const float beta = 1.0f / (1.0f + std::exp(-static_cast<float>(beta_in[h])));
+        const float decay = std::exp(Ap[h] * softplus(static_cast<float>(a_in[h]) + dt[h]));
+        const float* m = mixed.data() + b * C;
+        head_step<T>(state.data_ptr<float>() + (slot[b] * Hv + h) * dk * dv,
+                     m + key_dim + hk * dk, m + hk * dk, values.data() + b * value_dim + h * dv,
+                     z + h * dv, norm.data_ptr<T>(), decay, beta,
+                     out.data_ptr<T>() + b * value_dim + h * dv, dk, dv, static_cast<float>(eps));
+      }
+    });
   });
   return out;
 }

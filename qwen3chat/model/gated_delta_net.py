@@ -58,8 +58,14 @@ class CausalConv(nn.Module):
         else:
             padded = torch.cat((state.to(x.dtype), x), dim=-1)
             state.copy_(padded[..., -history:])
-        out = F.conv1d(padded, self.weight.unsqueeze(1).to(x.dtype), groups=x.shape[1])
-        return F.silu(out).transpose(1, 2)
+        # A multiply-add per tap of the kernel in float32, in the decode kernel's order,
+        # rounded to x's dtype as a conv in it rounds: torch's depthwise conv1d in
+        # bfloat16 runs a convolution per channel (thousands of calls a layer).
+        padded, weight, length = padded.float(), self.weight.float(), x.shape[-1]
+        out = padded[..., :length] * weight[:, :1]
+        for tap in range(1, history + 1):
+            out.addcmul_(padded[..., tap : tap + length], weight[:, tap : tap + 1])
+        return F.silu(out.to(x.dtype)).transpose(1, 2)
 
 
 class GatedDeltaNet(nn.Module):
