@@ -76,6 +76,19 @@ class KvCache(str, Enum):
         return kv_dtype(self.value)
 
 
+class Split(str, Enum):
+    auto = "auto"
+    tensor = "tensor"
+    expert = "expert"
+    pipeline = "pipeline"
+
+
+SPLIT_HELP = (
+    "Under torchrun, how the model divides among the processes: auto takes experts for "
+    "mixture-of-experts layers and tensor for the rest."
+)
+
+
 KV_CACHE_HELP = (
     "KV cache storage: auto keeps the compute dtype; int8 stores keys and values as int8 "
     "per block of 32 with a scale (llama.cpp's -ctk/-ctv q8_0)."
@@ -172,6 +185,7 @@ def chat(
     ),
     device: Device = typer.Option(Device.auto, help="Compute device."),
     dtype: Dtype = typer.Option(Dtype.auto, help="Compute dtype."),
+    split: Split = typer.Option(Split.auto, help=SPLIT_HELP),
     json_output: bool = typer.Option(False, "--json", help="One-shot: print one JSON object."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -200,48 +214,63 @@ def _run_chat(flags: dict, vision_flags: dict | None = None) -> None:
             SamplingSettings(**given).validate()
         except QwenChatError as e:
             _usage_error(str(e))
-        text = None if interactive else _read_prompt(f["prompt"])
+        world = _join(f)
+        try:
+            if world is not None and not world.driver:
+                _follow(f, world)
+                return
+            text = None if interactive else _read_prompt(f["prompt"])
+            loaded = _load(f, spinner=interactive, world=world)
+            from .distributed.driver import driving
 
-        from .engine import Engine
+            with driving(loaded.model, world):
+                _chat(f, vision_flags, loaded, given, interactive, text)
+        finally:
+            _leave(world)
 
-        loaded = _load(f, spinner=interactive)
-        vision, pictures = None, []
-        if vision_flags is not None:
-            vision, pictures = _open_pictures(loaded, vision_flags, f["max_seq_len"])
-        # generation_config.json replaces our defaults; a flag given replaces both.
-        sampling = SamplingSettings(**{**loaded.generation_defaults, **given, "seed": f["seed"]})
-        sampling.validate()
-        engine = Engine(
-            loaded.model,
-            loaded.tokenizer,
-            f["max_seq_len"],
-            f["chunk_size"],
-            f["kv_cache"].dtype,
-        )
-        if interactive:
-            from .chat.repl import Repl
-            from .chat.session import ChatOptions, Conversation
 
-            options = ChatOptions(f["max_tokens"], f["think"], f["think_budget"])
-            repl = Repl(engine, loaded, sampling, options, Conversation(f["system"]), vision=vision)
-            repl.pending.extend(pictures)
-            repl.run()
-            return
-        from .chat.oneshot import run_oneshot
+def _chat(f: dict, vision_flags: dict | None, loaded, given: dict, interactive: bool, text):
+    """`chat` once its model is loaded: the REPL, or the one-shot answer to ``text``."""
+    from .engine import Engine
+    from .sampling import SamplingSettings
 
-        run_oneshot(
-            engine,
-            text,
-            f["system"],
-            sampling,
-            f["max_tokens"],
-            f["think"],
-            f["json_output"],
-            loaded.load_s,
-            think_budget=f["think_budget"],
-            prompts=vision,
-            pictures=pictures,
-        )
+    vision, pictures = None, []
+    if vision_flags is not None:
+        vision, pictures = _open_pictures(loaded, vision_flags, f["max_seq_len"])
+    # generation_config.json replaces our defaults; a flag given replaces both.
+    sampling = SamplingSettings(**{**loaded.generation_defaults, **given, "seed": f["seed"]})
+    sampling.validate()
+    engine = Engine(
+        loaded.model,
+        loaded.tokenizer,
+        f["max_seq_len"],
+        f["chunk_size"],
+        f["kv_cache"].dtype,
+    )
+    if interactive:
+        from .chat.repl import Repl
+        from .chat.session import ChatOptions, Conversation
+
+        options = ChatOptions(f["max_tokens"], f["think"], f["think_budget"])
+        repl = Repl(engine, loaded, sampling, options, Conversation(f["system"]), vision=vision)
+        repl.pending.extend(pictures)
+        repl.run()
+        return
+    from .chat.oneshot import run_oneshot
+
+    run_oneshot(
+        engine,
+        text,
+        f["system"],
+        sampling,
+        f["max_tokens"],
+        f["think"],
+        f["json_output"],
+        loaded.load_s,
+        think_budget=f["think_budget"],
+        prompts=vision,
+        pictures=pictures,
+    )
 
 
 def _check_model_flags(f: dict) -> None:
@@ -258,18 +287,52 @@ def _check_model_flags(f: dict) -> None:
         _usage_error(str(e))
 
 
-def _load(f: dict, spinner: bool = False):
-    """The model the flags name (-m or --preset), its notices said on stderr."""
+def _join(f: dict):
+    """The run's World when torchrun started this process among several, else None."""
+    from .device import resolve_device
+    from .distributed.world import join
+
+    return join(resolve_device(f["device"].value))
+
+
+def _leave(world) -> None:
+    if world is not None:
+        from .distributed.world import leave
+
+        leave()
+
+
+def _follow(f: dict, world) -> None:
+    """A process other than 0: load its share and run process 0's model calls until it
+    stops. Ctrl-C ends it at once (torchrun stops the run; process 0 reports)."""
+    import signal
+
+    from .distributed.driver import follow
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    follow(_load(f, world=world, quiet=True).model, world)
+
+
+def _load(f: dict, spinner: bool = False, world=None, quiet: bool = False):
+    """The model the flags name (-m or --preset), its notices said on stderr (not
+    ``quiet``); with a ``world``, this process's share of it (--split)."""
+    from .distributed.split import Sharding
     from .download import resolve_model_path
     from .loading import load_model, load_preset
 
     preset, model_path = f["preset"], f["model_path"] or DEFAULT_MODEL
+    sharding = None if world is None else Sharding(world, f["split"].value)
     # A first-use download shows its own progress; a preset needs none.
     path = None if preset else resolve_model_path(model_path)
     with _loading_spinner(preset or model_path) if spinner else contextlib.nullcontext():
         if preset:
             loaded = load_preset(
-                preset, f["device"].value, f["dtype"].value, f["quantize"].value, f["group_size"]
+                preset,
+                f["device"].value,
+                f["dtype"].value,
+                f["quantize"].value,
+                f["group_size"],
+                sharding,
             )
         else:
             loaded = load_model(
@@ -279,8 +342,9 @@ def _load(f: dict, spinner: bool = False):
                 f["dtype"].value,
                 f["quantize"].value,
                 f["group_size"],
+                sharding,
             )
-    for notice in loaded.notices:
+    for notice in [] if quiet else loaded.notices:
         typer.echo(f"note: {notice}", err=True)
     return loaded
 
@@ -441,6 +505,7 @@ def serve(
     format: Format = typer.Option(Format.auto, "--format", help="Model format."),
     device: Device = typer.Option(Device.auto, help="Compute device."),
     dtype: Dtype = typer.Option(Dtype.auto, help="Compute dtype."),
+    split: Split = typer.Option(Split.auto, help=SPLIT_HELP),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """An OpenAI-compatible HTTP server (chat and raw completions, streaming, models,
@@ -448,33 +513,48 @@ def serve(
     f = locals()
     with reported_errors(debug):
         _check_model_flags(f)
-        from .batch.engine import BatchEngine
-        from .serve.app import ServerSettings, create_app, run_server
-        from .serve.runner import Runner
+        world = _join(f)
+        try:
+            if world is not None and not world.driver:
+                _follow(f, world)
+                return
+            loaded = _load(f, world=world)
+            from .distributed.driver import driving
 
-        loaded = _load(f)
-        name = served_model_name or preset or _served_name(model_path or DEFAULT_MODEL)
-        engine = BatchEngine(
-            loaded.model,
-            loaded.tokenizer,
-            max_seq_len,
-            max_running,
-            token_budget=chunk_size,
-            kv_dtype=kv_cache.dtype,
-        )
-        engine.warm_up()
-        runner = Runner(engine)
-        settings = ServerSettings(
-            name, max_seq_len, think, api_key or None, loaded.generation_defaults
-        )
-        vision = None
-        if loaded.config.vision is not None:
-            from .vision.preprocess import VisionPreprocessing
-            from .vision.prompt import VisionChat
+            with driving(loaded.model, world):
+                _serve(f, loaded)
+        finally:
+            _leave(world)
 
-            vision = VisionChat(VisionPreprocessing.from_model_dir(loaded.path))
-        app = create_app(runner, loaded.tokenizer, settings, vision)
-        run_server(app, runner, host, port)
+
+def _serve(f: dict, loaded) -> None:
+    """`serve` once its model is loaded: the engine, the app, the server until it stops."""
+    from .batch.engine import BatchEngine
+    from .serve.app import ServerSettings, create_app, run_server
+    from .serve.runner import Runner
+
+    name = f["served_model_name"] or f["preset"] or _served_name(f["model_path"] or DEFAULT_MODEL)
+    engine = BatchEngine(
+        loaded.model,
+        loaded.tokenizer,
+        f["max_seq_len"],
+        f["max_running"],
+        token_budget=f["chunk_size"],
+        kv_dtype=f["kv_cache"].dtype,
+    )
+    engine.warm_up()
+    runner = Runner(engine)
+    settings = ServerSettings(
+        name, f["max_seq_len"], f["think"], f["api_key"] or None, loaded.generation_defaults
+    )
+    vision = None
+    if loaded.config.vision is not None:
+        from .vision.preprocess import VisionPreprocessing
+        from .vision.prompt import VisionChat
+
+        vision = VisionChat(VisionPreprocessing.from_model_dir(loaded.path))
+    app = create_app(runner, loaded.tokenizer, settings, vision)
+    run_server(app, runner, f["host"], f["port"])
 
 
 def _served_name(model_path: str) -> str:
@@ -574,6 +654,7 @@ def bench(
     profile: bool = typer.Option(
         False, "--profile", help="Per-op time table of one prefill and one decode step."
     ),
+    split: Split = typer.Option(Split.auto, help=SPLIT_HELP),
     json_output: bool = typer.Option(
         False, "--json", help="Print one JSON object on stdout instead of tables."
     ),
@@ -614,10 +695,20 @@ def bench(
                 ops=ops,
                 profile=profile,
                 plot=None if plot is None else Path(plot),
+                split=split.value,
             )
         except QwenChatError as e:
             _usage_error(str(e))
-        report = run_bench(settings)
+        from .device import resolve_device
+        from .distributed.world import join
+
+        world = join(resolve_device(device.value))
+        try:
+            report = run_bench(settings, world)
+        finally:
+            _leave(world)
+        if report is None:  # a process other than 0: it followed
+            return
         if json_output:
             typer.echo(json.dumps(report_json(report)))
         else:

@@ -10,6 +10,7 @@ import torch
 
 from .config import ModelConfig, read_config_json
 from .device import resolve_device, resolve_dtype
+from .distributed.split import Sharding, take_fused
 from .download import resolve_model_path
 from .errors import QwenChatError
 from .jsonfiles import read_json
@@ -143,7 +144,9 @@ def load_model(
     dtype: str = "auto",
     quantize: str = "none",
     group_size: int = 32,
+    sharding: Sharding | None = None,
 ) -> LoadedModel:
+    """``sharding``: load this process's share of the model only (a run of several)."""
     path = resolve_model_path(path)  # a repo id becomes its cached (or just fetched) folder
     start = time.perf_counter()
     fmt = detect_format(path, fmt)
@@ -154,6 +157,8 @@ def load_model(
     config, source, tokenizer, generation = opener(path)
     model = build_on_meta(config)
     check_tensors(model, source, str(path))
+    if sharding is not None:
+        sharding.apply(model)
     notices = []
     stored = getattr(source, "quant_types", dict)()
     if quant and any(t not in ("F32", "F16", "BF16") for t in stored):
@@ -197,12 +202,17 @@ def random_model(
     seed: int = 0,
     std: float = 0.02,
     quant: QuantSpec | None = None,
+    sharding: Sharding | None = None,
 ) -> Qwen3Model:
     """A model of ``config``'s shape with random weights, filled in place (fast). With
     ``quant`` each matrix is drawn directly as quantized codes, so a preset that only fits
-    memory quantized (30B-A3B int4 in 24 GB) never exists in float."""
+    memory quantized (30B-A3B int4 in 24 GB) never exists in float. With ``sharding``
+    each process draws every weight whole, as one process does, and keeps its share: the
+    processes of a run hold one model."""
     generator = torch.Generator(device=device).manual_seed(seed)
     model = build_on_meta(config)
+    whole = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    splits = sharding.apply(model) if sharding is not None else {}
     heap = HeapTrimmer()
     for name, param in list(model.named_parameters()):
         constant = _RANDOM_CONSTANTS.get(name.rpartition(".")[2])
@@ -211,12 +221,15 @@ def random_model(
             value = torch.full(param.shape, constant or 1.0, dtype=held, device=device)
             set_parameter(model, name, value)
             continue
-        layout = quant_layout(name, param.shape, quant)
+        layout = quant_layout(name, whole[name], quant)
         if layout is not None:
-            weight = random_quantized(param.shape, *layout, std, generator, device)
+            weight = random_quantized(whole[name], *layout, std, generator, device)
         else:
-            weight = torch.empty(param.shape, dtype=dtype, device=device)
+            weight = torch.empty(whole[name], dtype=dtype, device=device)
             weight.normal_(0.0, std, generator=generator)
+        parts = getattr(model.get_submodule(name.rpartition(".")[0]), "parts", None)
+        if parts is not None:
+            weight = take_fused(weight, splits[name], parts)
         place(model, name, weight, dtype, device)
         del weight
         heap.placed(param.numel())
@@ -230,6 +243,7 @@ def load_preset(
     dtype: str = "auto",
     quantize: str = "none",
     group_size: int = 32,
+    sharding: Sharding | None = None,
 ) -> LoadedModel:
     """A preset's shape with seeded random weights and the packaged Qwen3 tokenizer: the
     whole chat interface with no download, though the words are noise."""
@@ -245,7 +259,9 @@ def load_preset(
     quant = QuantSpec.parse(quantize, group_size)
     torch_device = resolve_device(device)
     # As bench: a quantized preset is drawn directly quantized, never held in float.
-    model = random_model(config, resolve_dtype(dtype, torch_device), torch_device, quant=quant)
+    model = random_model(
+        config, resolve_dtype(dtype, torch_device), torch_device, quant=quant, sharding=sharding
+    )
     notice = f"--preset {name} has random weights, so the words are noise; -m MODEL chats for real"
     return LoadedModel(
         model,

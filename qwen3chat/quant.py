@@ -80,6 +80,29 @@ class QuantizedMatrix:
             zeros,
         )
 
+    def narrow(self, dim: int, start: int, length: int) -> QuantizedMatrix:
+        """A copy of the values ``start..start+length-1`` along ``dim`` (-1: inputs, in
+        whole groups), for a process's share of a weight (distributed/split.py)."""
+        scale_start, scale_length = start, length
+        code_start, code_length = start, length
+        if dim % len(self.shape) == len(self.shape) - 1:
+            if start % self.group_size or length % self.group_size:
+                raise ValueError(f"columns {start}+{length} split a group of {self.group_size}")
+            scale_start, scale_length = start // self.group_size, length // self.group_size
+            if self.bits == 4:  # two codes a byte, a group's bytes together
+                code_start, code_length = start // 2, length // 2
+
+        def cut(t, at, n):
+            return None if t is None else t.narrow(dim, at, n).clone()
+
+        return QuantizedMatrix(
+            self.bits,
+            self.group_size,
+            cut(self.codes, code_start, code_length),
+            cut(self.scales, scale_start, scale_length),
+            cut(self.zeros, scale_start, scale_length),
+        )
+
     @staticmethod
     def cat(parts: list[QuantizedMatrix]) -> QuantizedMatrix:
         """Concatenate along rows (output features; per expert for stacks of experts)."""

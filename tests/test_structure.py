@@ -13,10 +13,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qwen3chat"
 FLOORS = (
     ("errors", "jsonfiles", "device", "kernels", "kv_cache", "hybrid_cache"),
     ("config", "presets", "quant", "chat_template", "tokenizer", "thinking", "sampling", "grammar"),
+    # which share of the weights a process holds, and its collectives: below the weights'
+    # readers and the model, which take shares
+    ("distributed",),
     ("generation",),
     ("download", "weights", "vision.preprocess"),
     ("model",),
-    ("loading", "engine", "batch"),
+    ("loading", "engine", "batch", "distributed.driver"),
     ("chat", "vision.prompt", "bench", "serve", "cli", "__main__"),
 )
 

@@ -40,6 +40,8 @@ def report_json(report: BenchReport) -> dict:
         "quantize": s.quantize,
         "kv_cache": s.kv_cache,
         "threads": report.threads,
+        "processes": report.processes,
+        "split": s.split,
         "cpu": cpu_model(),
         "kernels": variants(report.model.model.device),
         "chunk_size": s.chunk_size,
@@ -94,6 +96,13 @@ def print_report(report: BenchReport) -> None:
         console.print(Text(f"decode speed by depth plotted to {report.settings.plot}"))
 
 
+def _processes_row(report: BenchReport) -> list[tuple[str, str]]:
+    if report.processes == 1:
+        return []
+    split = report.settings.split
+    return [("processes", f"{report.processes} (--split {split}); weights and RSS: process 0's")]
+
+
 def _summary(report: BenchReport) -> Table:
     m = report.model
     config = m.model.config
@@ -116,6 +125,7 @@ def _summary(report: BenchReport) -> Table:
         ),
         ("cpu", cpu_model()),
         ("kernels", describe_variants(report.model.model.device)),
+        *_processes_row(report),
         (
             "load",
             f"{m.load_s:.2f} s" + ("" if after_load is None else f", RSS {after_load:,.0f} MiB"),

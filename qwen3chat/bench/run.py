@@ -46,6 +46,9 @@ from rich.progress import (
 
 from ..config import ModelConfig
 from ..device import resolve_device, resolve_dtype
+from ..distributed.driver import driving, follow
+from ..distributed.split import Sharding
+from ..distributed.world import World
 from ..engine import Engine
 from ..errors import QwenChatError
 from ..kv_cache import kv_dtype
@@ -133,6 +136,7 @@ class BenchSettings:
     ops: bool = False
     profile: bool = False
     plot: Path | None = None
+    split: str = "auto"  # under torchrun (distributed/split.py)
 
     def __post_init__(self) -> None:
         """Flag combinations that cannot work: usage errors, raised before anything loads."""
@@ -225,6 +229,7 @@ class BenchReport:
     bandwidth_gb_s: float
     ops: list[OpTiming | SkippedOp] | None
     profile: dict[str, list[ProfiledOp]] | None
+    processes: int = 1  # under torchrun: the figures are process 0's (its share's weights)
 
 
 class IdsOnlyTokenizer:
@@ -396,10 +401,19 @@ def check_buildable(settings: BenchSettings) -> ModelConfig | None:
     return preset_config(settings.preset)
 
 
-def load_bench_model(settings: BenchSettings, preset: ModelConfig | None) -> BenchModel:
+def load_bench_model(
+    settings: BenchSettings, preset: ModelConfig | None, world: World | None = None
+) -> BenchModel:
+    """The model benched (with a ``world``, this process's share of it)."""
+    sharding = None if world is None else Sharding(world, settings.split)
     if preset is None:
         loaded = load_model(
-            settings.model_path, settings.fmt, settings.device, settings.dtype, settings.quantize
+            settings.model_path,
+            settings.fmt,
+            settings.device,
+            settings.dtype,
+            settings.quantize,
+            sharding=sharding,
         )
         loaded.tokenizer.stop_ids = []  # so every run generates all of --gen-tokens
         return BenchModel(
@@ -409,7 +423,8 @@ def load_bench_model(settings: BenchSettings, preset: ModelConfig | None) -> Ben
     dtype = resolve_dtype(settings.dtype, device)
     start = time.perf_counter()
     # A quantized preset is drawn directly quantized: it never exists in float.
-    model = random_model(preset, dtype, device, quant=QuantSpec.parse(settings.quantize))
+    quant = QuantSpec.parse(settings.quantize)
+    model = random_model(preset, dtype, device, quant=quant, sharding=sharding)
     synchronize(device)
     return BenchModel(
         model, IdsOnlyTokenizer(), settings.preset, "random", time.perf_counter() - start
@@ -434,34 +449,54 @@ def bench_combination(
     return Result(c, runs, decode_bytes_per_token(engine, mean_context))
 
 
-def run_bench(settings: BenchSettings) -> BenchReport:
+def run_bench(settings: BenchSettings, world: World | None = None) -> BenchReport | None:
+    """The report; under torchrun (a ``world``) process 0's, the others following its
+    runs (None for them)."""
     preset = check_buildable(settings)
+    if world is not None and settings.ops:
+        raise QwenChatError(
+            "--ops times each operation alone, in one process: run without torchrun"
+        )
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    combinations = settings.combinations
+    if world is not None and not world.driver:
+        follow(load_bench_model(settings, preset, world).model, world)
+        return None
     with _Steps(settings.step_count) as steps:
         with steps.step(f"loading {settings.model_path or settings.preset}"):
-            bench_model = load_bench_model(settings, preset)
+            bench_model = load_bench_model(settings, preset, world)
         rss_after_load = current_rss_mb()
-        max_context = max(c.context for c in combinations)
-        engine = Engine(
-            bench_model.model,
-            bench_model.tokenizer,
-            max_context,
-            settings.chunk_size,
-            kv_dtype(settings.kv_cache),
-        )
-        ids = random_ids(max_context, bench_model.model.config.vocab_size)
-        results = [bench_combination(engine, ids, c, settings.repeat, steps) for c in combinations]
-        # After the runs: the probe's 512 MiB must not count in their peak RSS.
-        with steps.step("memory bandwidth probe"):
-            bandwidth = probe_bandwidth(engine.device)
-        ops = run_ops(bench_model.model, steps) if settings.ops else None
-        profile = None
-        if settings.profile:
-            with steps.step("profiling one prefill and one decode step"):
-                profile = profile_prefill_and_decode(engine, ids[: settings.prompt_tokens[0]])
-    report = BenchReport(
+        with driving(bench_model.model, world):
+            report = _run(settings, bench_model, rss_after_load, steps)
+    if world is not None:
+        report.processes = world.size
+    if settings.plot is not None:
+        plot_depth_sweep(report, settings.plot)
+    return report
+
+
+def _run(settings: BenchSettings, bench_model: BenchModel, rss_after_load, steps) -> BenchReport:
+    """The timed runs of every combination, the bandwidth probe, ops and profile."""
+    combinations = settings.combinations
+    max_context = max(c.context for c in combinations)
+    engine = Engine(
+        bench_model.model,
+        bench_model.tokenizer,
+        max_context,
+        settings.chunk_size,
+        kv_dtype(settings.kv_cache),
+    )
+    ids = random_ids(max_context, bench_model.model.config.vocab_size)
+    results = [bench_combination(engine, ids, c, settings.repeat, steps) for c in combinations]
+    # After the runs: the probe's 512 MiB must not count in their peak RSS.
+    with steps.step("memory bandwidth probe"):
+        bandwidth = probe_bandwidth(engine.device)
+    ops = run_ops(bench_model.model, steps) if settings.ops else None
+    profile = None
+    if settings.profile:
+        with steps.step("profiling one prefill and one decode step"):
+            profile = profile_prefill_and_decode(engine, ids[: settings.prompt_tokens[0]])
+    return BenchReport(
         settings,
         bench_model,
         torch.get_num_threads(),
@@ -472,9 +507,6 @@ def run_bench(settings: BenchSettings) -> BenchReport:
         ops,
         profile,
     )
-    if settings.plot is not None:
-        plot_depth_sweep(report, settings.plot)
-    return report
 
 
 def run_ops(model: Qwen3Model, steps: _Steps) -> list[OpTiming | SkippedOp]:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..device import matmul_dtype
+from ..distributed.split import Part, kv_part
 from ..kv_cache import Cache, PagedBatch, readable
 from ..quant import QuantizedWeight
 from . import native
@@ -19,15 +20,38 @@ class Linear(nn.Module):
     """``y = x @ W.T`` (no bias: Qwen3 has none); the weight may be a QuantizedWeight.
 
     A projection fused from several of the checkpoint's (weights/names.py's FUSED) gives
-    ``split``, the rows of each part in order."""
+    ``split``, the rows of each part in order.
+
+    Run across processes (distributed/), ``parts`` are this process's shares of the
+    checkpoint's tensors (shard_weight), and a ``reduce`` World makes the output the sum
+    of every process's share: partial sums in float32, rounded once after the all-reduce."""
 
     def __init__(self, in_features: int, out_features: int, split: tuple[int, ...] = ()):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.split = split
+        self.parts: tuple[Part, ...] | None = None
+        self.reduce = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        if self.reduce is None:
+            return linear(x, self.weight)
+        return self.reduce.all_reduce(linear(x.float(), self.weight)).to(x.dtype)
+
+
+def shard_weight(module: nn.Module, parts: tuple[Part, ...]) -> None:
+    """Make the (meta) ``module.weight`` of a Linear or ExpertLinear this process's share:
+    ``parts`` gives one Part per checkpoint tensor fused into it (its ``split``), which
+    the loader reads; rows shrink part by part, columns and experts all alike."""
+    shape = list(module.weight.shape)
+    split = module.split or (shape[-2],)
+    rows = [p.size(n) if p.dim == -2 else n for p, n in zip(parts, split, strict=True)]
+    for dim in {p.dim for p in parts if p.dim != -2}:
+        shape[dim] = parts[0].size(shape[dim])
+    shape[-2] = sum(rows)
+    module.split = tuple(rows) if module.split else ()
+    module.parts = parts
+    module.weight = nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False)
 
 
 class Embedding(nn.Module):
@@ -141,6 +165,18 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, config.hidden_size)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def shard(self, world) -> None:
+        """Keep this process's share of the heads (tensor split): its query heads and the
+        KV heads they read; o_proj's output is summed over processes."""
+        q, kv = Part(-2, world.rank, world.size), kv_part(world.rank, world.size, self.num_kv_heads)
+        self.num_heads //= world.size
+        self.num_kv_heads = kv.size(self.num_kv_heads)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        shard_weight(self.qkv_proj, (q, kv, kv))
+        shard_weight(self.o_proj, (Part(-1, world.rank, world.size),))
+        self.o_proj.reduce = world
 
     def forward(
         self,
@@ -258,6 +294,14 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_mul(self.gate_up_proj(x)))
+
+    def shard(self, world) -> None:
+        """Keep this process's share of the inner width (tensor split); the output is
+        summed over processes."""
+        inner = Part(-2, world.rank, world.size)
+        shard_weight(self.gate_up_proj, (inner, inner))
+        shard_weight(self.down_proj, (Part(-1, world.rank, world.size),))
+        self.down_proj.reduce = world
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

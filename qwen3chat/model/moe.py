@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..device import matmul_dtype
+from ..distributed.split import Part
 from ..quant import QuantizedExperts
-from .layers import MLP, Linear, linear, silu_mul
+from .layers import MLP, Linear, linear, shard_weight, silu_mul
 
 
 class ExpertLinear(nn.Module):
@@ -30,6 +31,7 @@ class ExpertLinear(nn.Module):
             torch.empty(num_experts, out_features, in_features), requires_grad=False
         )
         self.split = split
+        self.parts: tuple[Part, ...] | None = None
 
 
 class SparseMoE(nn.Module):
@@ -37,7 +39,10 @@ class SparseMoE(nn.Module):
     and SwiGLU experts with gate and up fused, as Qwen3MoeSparseMoeBlock computes it.
 
     The hybrid generation adds a shared expert that every token runs through, its output
-    weighted by sigmoid(shared_expert_gate(x)) (Qwen3NextSparseMoeBlock)."""
+    weighted by sigmoid(shared_expert_gate(x)) (Qwen3NextSparseMoeBlock).
+
+    Run across processes, a process holds the experts ``expert_range`` (expert split) or a
+    share of every expert's inner width (tensor split), and ``reduce`` sums the outputs."""
 
     def __init__(self, config):
         super().__init__()
@@ -55,6 +60,21 @@ class SparseMoE(nn.Module):
         if config.shared_expert_intermediate_size:
             self.shared_expert = MLP(d, config.shared_expert_intermediate_size)
             self.shared_expert_gate = Linear(d, 1)
+        self.expert_range = (0, config.num_experts)
+        self.reduce = None
+
+    def shard(self, world, experts: bool) -> None:
+        """Keep a range of the experts (``experts``) or a share of each one's inner width."""
+        if experts:
+            held = Part(0, world.rank, world.size)
+            gate_up, down = (held, held), (held,)
+            self.expert_range = held.bounds(self.num_experts)
+        else:
+            inner = Part(-2, world.rank, world.size)
+            gate_up, down = (inner, inner), (Part(-1, world.rank, world.size),)
+        shard_weight(self.experts.gate_up_proj, gate_up)
+        shard_weight(self.experts.down_proj, down)
+        self.reduce = world
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's top-k experts ``[rows, k]`` and their weights, in x's dtype."""
@@ -72,14 +92,23 @@ class SparseMoE(nn.Module):
         order = experts.flatten().argsort(stable=True)
         rows = order // self.top_k
         counts = torch.bincount(experts.flatten(), minlength=self.num_experts)
+        low, high = self.expert_range
+        if (low, high) != (0, self.num_experts):  # the pairs of the experts held here
+            ends = counts.cumsum(0).tolist()
+            first, last = ends[low - 1] if low else 0, ends[high - 1]
+            order, rows, counts = order[first:last], rows[first:last], counts[low:high]
         # An expert multiplies at most as many rows as there are tokens.
         h = grouped_linear(x[rows], self.experts.gate_up_proj.weight, counts, x.shape[0])
         h = grouped_linear(silu_mul(h), self.experts.down_proj.weight, counts, x.shape[0])
         h = h * weights.flatten()[order, None]
-        out = torch.zeros_like(x).index_add_(0, rows, h)
+        # A share of the sum over processes: kept in float32 until the all-reduce.
+        out = torch.zeros_like(x, dtype=x.dtype if self.reduce is None else torch.float32)
+        out.index_add_(0, rows, h.to(out.dtype))
         if hasattr(self, "shared_expert"):
             gate = torch.sigmoid(self.shared_expert_gate(x))
             out += gate * self.shared_expert(x)
+        if self.reduce is not None:
+            out = self.reduce.all_reduce(out).to(x.dtype)
         return out.view(shape)
 
 

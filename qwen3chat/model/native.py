@@ -209,6 +209,8 @@ def layer_weights(native, layer: nn.Module):
 
 
 def _build_layer_weights(native, layer: nn.Module):
+    if layer.sharded:  # its outputs are summed over processes between the native steps
+        return None
     attn, linear, mlp = (
         getattr(layer, "self_attn", None),
         getattr(layer, "linear_attn", None),

@@ -76,6 +76,19 @@ class DecoderLayer(nn.Module):
             self.mlp = SparseMoE(config)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.sharded = False  # run across processes: the native fused steps skip it
+
+    def shard(self, world, split: str) -> None:
+        """Keep this process's share (distributed/split.py): heads and MLP widths unless
+        ``split`` is expert; the experts held, or a share of each."""
+        tensor = split != "expert"
+        if tensor:
+            self.self_attn.shard(world)
+        if isinstance(self.mlp, SparseMoE):
+            self.mlp.shard(world, experts=split != "tensor")
+        elif tensor:
+            self.mlp.shard(world)
+        self.sharded = True
 
     def forward(self, x, cos, sin, mask, cache, start):
         if x.shape[1] == 1 and isinstance(cache, KVCache):
@@ -114,6 +127,7 @@ class Qwen3Model(nn.Module):
         self.lm_head = (
             None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
         )
+        self.kv_heads = config.num_key_value_heads  # this process's (a share: shard)
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
         self.mrope_axes: torch.Tensor | None = None
@@ -121,6 +135,15 @@ class Qwen3Model(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.norm.weight.dtype
+
+    def shard(self, world, split: str) -> None:
+        """Make this model (on the meta device, before loading) the share of process
+        ``world.rank`` of ``world.size`` under ``split`` (distributed/split.py checked
+        that it divides); its caches hold the KV heads it holds (config keeps the whole
+        model's)."""
+        for layer in self.layers:
+            layer.shard(world, split)
+        self.kv_heads = self.layers[0].self_attn.num_kv_heads
 
     def _apply(self, fn, recurse=True):
         # Moving or converting the weights makes new tensors: the native step's view of
@@ -158,7 +181,7 @@ class Qwen3Model(nn.Module):
             return HybridCache(c, max_seq_len, self.dtype, kv_dtype, self.device)
         return KVCache(
             c.num_hidden_layers,
-            c.num_key_value_heads,
+            self.kv_heads,
             c.head_dim,
             max_seq_len,
             kv_dtype or self.dtype,
@@ -183,7 +206,7 @@ class Qwen3Model(nn.Module):
             )
         return PagedKVCache(
             c.num_hidden_layers,
-            c.num_key_value_heads,
+            self.kv_heads,
             c.head_dim,
             num_blocks,
             block_size,
@@ -195,7 +218,7 @@ class Qwen3Model(nn.Module):
         c = self.config
         layers = sum(not c.is_linear_layer(i) for i in range(c.num_hidden_layers))
         return PagedKVCache.bytes_per_token(
-            layers, c.num_key_value_heads, c.head_dim, kv_dtype or self.dtype
+            layers, self.kv_heads, c.head_dim, kv_dtype or self.dtype
         )
 
     def prompt_layout(self, ids: list[int], visuals: Sequence = ()) -> TextLayout:

@@ -14,6 +14,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueTy
 from gguf.gguf_reader import ReaderField
 
 from ..config import ModelConfig
+from ..distributed.split import Part
 from ..errors import QwenChatError
 from ..quant import QuantizedMatrix
 from . import gguf_quants
@@ -346,9 +347,12 @@ class GGUFSource:
         return counts
 
     def read(
-        self, name: str, dtype: torch.dtype, kept: bool = False
+        self, name: str, dtype: torch.dtype, kept: bool = False, part: Part | None = None
     ) -> torch.Tensor | QuantizedMatrix:
-        """Always decoded into memory of its own: the file's pages are released here."""
+        """Always decoded into memory of its own: the file's pages are released here.
+        ``part``: that share, cut once the tensor is decoded."""
+        if part is not None:
+            return part.take(self.read(name, dtype))
         if name in self._key_head_part:  # some rows of another tensor, as stored
             whole, take = self._key_head_part[name]
             held = self.read(whole, dtype)

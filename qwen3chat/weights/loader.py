@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..distributed.split import Part
 from ..errors import QwenChatError
 from ..quant import QuantizedExperts, QuantizedMatrix, QuantizedWeight, QuantSpec, quantize
 from .names import FLOAT32, FULL_PRECISION, TABLES, checkpoint_parts, expected_shapes
@@ -22,11 +23,12 @@ class WeightSource(Protocol):
     def file_of(self, name: str) -> str: ...
 
     def read(
-        self, name: str, dtype: torch.dtype, kept: bool = False
+        self, name: str, dtype: torch.dtype, kept: bool = False, part: Part | None = None
     ) -> torch.Tensor | QuantizedMatrix:
         """``kept``: the model keeps the tensor as returned (a source may then hand out
         the file's mapped pages); otherwise the caller converts it (quantizes,
-        concatenates) and drops it."""
+        concatenates) and drops it. ``part``: only this process's share of it
+        (distributed/split.py), read without the rest where the format allows."""
         ...
 
 
@@ -74,7 +76,13 @@ def load_weights(
         dtype = torch.float32 if FLOAT32.search(name) else compute
         names = checkpoint_parts(name)
         kept = len(names) == 1 and quant_layout(name, param.shape, quant) is None
-        parts = [source.read(part, dtype, kept=kept) for part in names]
+        # A model run across processes holds a share of some tensors (their modules' parts).
+        shares = getattr(model.get_submodule(name.rpartition(".")[0]), "parts", None)
+        shares = shares or (None,) * len(names)
+        parts = [
+            source.read(part, dtype, kept=kept, part=share)
+            for part, share in zip(names, shares, strict=True)
+        ]
         if len(parts) == 1:
             weight = parts[0]
         elif all(isinstance(p, torch.Tensor) for p in parts):

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..distributed.split import Part
 from ..errors import QwenChatError
 from .names import (
     IGNORED,
@@ -168,16 +169,29 @@ class SafeTensorsSource:
     def file_of(self, name: str) -> str:
         return next(iter(self._slices[name].values()))[0].name
 
-    def read(self, name: str, dtype: torch.dtype, kept: bool = False) -> torch.Tensor:
+    def read(
+        self, name: str, dtype: torch.dtype, kept: bool = False, part: Part | None = None
+    ) -> torch.Tensor:
         """The tensor converted to ``dtype``. ``kept``: the model keeps it as returned,
         so where no conversion is needed it is a view of the file's lasting mapping;
-        otherwise a view of a brief one or memory of its own."""
+        otherwise a view of a brief one or memory of its own. ``part``: only that share,
+        the rest never read (a share of the experts reads only theirs)."""
         slices = self._slices[name]
-        if kept and None in slices:
+        if kept and part is None and None in slices:
             mapped = self._mapped_view(name, slices[None], dtype)
             if mapped is not None:
                 return mapped
-        stacked = None if None in slices else torch.empty(self._shape[name], dtype=dtype)
+        shape = list(self._shape[name])
+        if part is not None:
+            shape[part.dim] = part.size(shape[part.dim])
+        # A share of a stack of per-expert tensors: only its experts, each whole, or a
+        # share of each.
+        first, each = 0, part
+        if part is not None and None not in slices and part.dim % len(shape) == 0:
+            first, stop = part.bounds(len(slices))
+            slices = {e: slices[e] for e in range(first, stop)}
+            each = None
+        stacked = None if None in slices else torch.empty(shape, dtype=dtype)
         by_file: dict[Path, list[tuple[int | None, str]]] = {}
         for expert, (file, hf_name) in slices.items():
             by_file.setdefault(file, []).append((expert, hf_name))
@@ -185,13 +199,11 @@ class SafeTensorsSource:
             try:
                 with safe_open(file, framework="pt") as f:
                     for expert, hf_name in names:
-                        tensor = self._get(f, name, hf_name)
-                        if self.hybrid:
-                            tensor = hybrid_from_hf(name, tensor)
+                        tensor = self._get(f, name, hf_name, each)
                         tensor = tensor.to(dtype=dtype, memory_format=torch.contiguous_format)
                         if stacked is None:
                             return tensor
-                        stacked[expert] = tensor
+                        stacked[expert - first] = tensor
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise QwenChatError(f"{file}: cannot read {name} ({e})") from None
         return stacked
@@ -215,7 +227,25 @@ class SafeTensorsSource:
             raise QwenChatError(f"{file}: cannot read {name} ({e})") from None
         return tensor if tensor.dtype == dtype and tensor.is_contiguous() else None
 
-    def _get(self, f, name: str, hf_name: str) -> torch.Tensor:
+    def _get(self, f, name: str, hf_name: str, part: Part | None) -> torch.Tensor:
+        """``name`` from the checkpoint tensor ``hf_name``, converted (FP8 dequantized,
+        the hybrid generation's forms), or its share ``part``: a plain tensor's read
+        alone, any other's cut from the whole."""
+        plain = not (
+            name in self._key_head_part
+            or name in self._stack_part
+            or hf_name in self._fp8_scales
+            or (self.hybrid and hybrid_converts(name))
+        )
+        if part is not None and plain:
+            sliced = f.get_slice(hf_name)
+            return sliced[part.slices(tuple(sliced.get_shape()))]
+        tensor = self._whole(f, name, hf_name)
+        if self.hybrid:
+            tensor = hybrid_from_hf(name, tensor)
+        return tensor if part is None else part.take(tensor)
+
+    def _whole(self, f, name: str, hf_name: str) -> torch.Tensor:
         """The checkpoint tensor ``hf_name`` as floats (FP8 dequantized); for one holding
         expert stacks, only ``name``'s slice of it, as ``[experts, out, in]`` (a view)."""
         if name in self._key_head_part:

@@ -1,0 +1,323 @@
+"""One model across processes: torchrun starts 2 or 4 local processes on gloo (loopback),
+each holding its share under --split, and the answers must be the one process's."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, build_reference_model, save_model_dir
+from safetensors.torch import load_file
+
+from qwen3chat.config import ModelConfig, read_config_json
+from qwen3chat.distributed.split import Part, check_split
+from qwen3chat.errors import QwenChatError
+from qwen3chat.quant import quantize
+from qwen3chat.weights.safetensors import SafeTensorsSource
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+# One thread per process: 2 or 4 processes share this machine's cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(nproc: int, *args: str, env: dict | None = None, timeout: float = 240, **popen):
+    """``python -m qwen3chat ARGS`` (or a script) in ``nproc`` processes on this host."""
+    target = [str(a) for a in args] if str(args[0]).endswith(".py") else ["-m", "qwen3chat", *args]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += [f"--nproc-per-node={nproc}", *target]
+    kwargs = dict(capture_output=True, text=True, env={**ENV, **(env or {})})
+    kwargs.update(stdin=subprocess.DEVNULL, timeout=timeout, **popen)
+    return subprocess.run(command, **kwargs)
+
+
+def one_process(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "qwen3chat", *[str(a) for a in args]]
+    return subprocess.run(
+        command, capture_output=True, text=True, env=ENV, stdin=subprocess.DEVNULL, timeout=240
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, tokenizer_dir):
+    """A tiny dense model (tied embeddings) and a tiny MoE one (8 experts, untied)."""
+    return {
+        "dense": save_model_dir(
+            build_reference_model(tie=True, seed=0), tmp_path_factory.mktemp("dense"), tokenizer_dir
+        ),
+        "moe": save_model_dir(
+            build_reference_model(tie=False, seed=1, moe=True),
+            tmp_path_factory.mktemp("moe"),
+            tokenizer_dir,
+        ),
+    }
+
+
+CHAT = ("chat", "-p", "Tell me about the sea.", "--temperature", "0", "-n", "10", "--json")
+
+
+def answer(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize(
+    "kind, processes, split, quantize_as",
+    [
+        ("dense", 2, "tensor", "none"),
+        ("dense", 4, "auto", "none"),  # 2 KV heads among 4: each held by two processes
+        ("dense", 2, "tensor", "int4"),
+        ("moe", 2, "auto", "none"),  # experts split
+        ("moe", 2, "tensor", "none"),  # every expert's width split
+        ("moe", 4, "expert", "none"),
+    ],
+)
+def test_greedy_reply_equals_one_process(model_dirs, kind, processes, split, quantize_as):
+    flags = (*CHAT, "-m", model_dirs[kind], "--quantize", quantize_as)
+    alone = answer(one_process(*flags))
+    together = answer(torchrun(processes, *flags, "--split", split))
+    assert together["token_ids"] == alone["token_ids"]
+    assert together["text"] == alone["text"]
+
+
+@pytest.mark.parametrize("kind, split", [("dense", "tensor"), ("moe", "expert")])
+def test_logits_within_float_tolerance(model_dirs, tmp_path, kind, split):
+    ids = "9707,11,1879,0,358,1079,264,1273"
+    alone, together = tmp_path / "alone", tmp_path / "together"
+    alone.mkdir(), together.mkdir()
+    worker = (WORKER, "--model", model_dirs[kind], "--ids", ids, "--split", split)
+    run = subprocess.run(
+        [sys.executable, *map(str, worker), "--out", str(alone)], env=ENV, capture_output=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    run = torchrun(2, *worker, "--out", together)
+    assert run.returncode == 0, run.stderr[-2000:]
+    expected = load_file(alone / "logits.safetensors")["logits"]
+    got = load_file(together / "logits.safetensors")["logits"]
+    assert expected.shape == (8, TINY["vocab_size"])
+    scale = expected.abs().max()
+    assert (got - expected).abs().max() <= 1e-5 * scale
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_each_process_holds_its_share(tmp_path):
+    """Qwen3-0.6B's shape in bfloat16, tensor split in two: each process holds the tied
+    embedding (replicated) and half of the rest, and its resident memory grows by that,
+    not by the whole model (measured from /proc, before and after loading)."""
+    alone, together = tmp_path / "alone", tmp_path / "together"
+    alone.mkdir(), together.mkdir()
+    worker = (WORKER, "--preset", "qwen3-0.6b", "--dtype", "bfloat16", "--ids", "1,2")
+    run = subprocess.run(
+        [sys.executable, *map(str, worker), "--out", str(alone)], env=ENV, capture_output=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    run = torchrun(2, *worker, "--out", together)
+    assert run.returncode == 0, run.stderr[-2000:]
+    whole = json.loads((alone / "rank0.json").read_text())
+    embedding = 151936 * 1024 * 2
+    for rank in range(2):
+        share = json.loads((together / f"rank{rank}.json").read_text())
+        expected = embedding + (whole["held_bytes"] - embedding) / 2
+        assert abs(share["held_bytes"] - expected) < 0.01 * expected
+        grew = (share["rss_after_mb"] - share["rss_before_mb"]) * 2**20
+        assert grew < 1.1 * share["held_bytes"] + 48 * 2**20
+        whole_grew = (whole["rss_after_mb"] - whole["rss_before_mb"]) * 2**20
+        assert grew < 0.75 * whole_grew
+
+
+def test_a_killed_process_ends_the_run(model_dirs):
+    """A process killed mid-reply: every process ends, non-zero, within seconds."""
+    flags = ("chat", "-m", model_dirs["dense"], "-p", "Hi", "-n", "4000", "--max-seq-len", "4096")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    launcher = subprocess.Popen(
+        [*command, "-m", "qwen3chat", *map(str, flags), "--temperature", "0", "--no-think"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=ENV,
+    )
+    try:
+        assert launcher.stdout.read(64)  # process 0 is answering
+        workers = _children(launcher.pid)
+        assert len(workers) == 2
+        os.kill(max(workers), signal.SIGKILL)
+        killed = time.monotonic()
+        launcher.wait(timeout=60)
+        assert time.monotonic() - killed < 30
+        assert launcher.returncode != 0
+        for pid in workers:  # none left behind
+            assert not Path(f"/proc/{pid}").exists() or _state(pid) == "Z"
+    finally:
+        _stop(launcher)
+
+
+def _stop(launcher: subprocess.Popen) -> None:
+    """torchrun and whatever it started (a failed test must not leave workers holding
+    its pipes)."""
+    for pid in [*_children(launcher.pid), launcher.pid]:  # workers have sessions of their own
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    launcher.communicate()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    if not Path(f"/proc/{pid}/task").exists():
+        return found
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_process_of_another_host_that_dies_is_reported_in_one_line(model_dirs):
+    """Without torchrun's agent to stop the rest (processes on other hosts), process 0
+    finds its peer gone at the next all-reduce and says so in one line."""
+    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29651"}
+    flags = ("-m", "qwen3chat", "chat", "-m", model_dirs["dense"], "-p", "Hi", "-n", "4000")
+    flags += ("--max-seq-len", "4096", "--temperature", "0", "--no-think")
+    started = [
+        subprocess.Popen(
+            [sys.executable, *map(str, flags)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env={**env, "RANK": str(rank), "LOCAL_RANK": "0"},
+        )
+        for rank in range(2)
+    ]
+    driver, follower = started
+    try:
+        assert driver.stdout.read(64)
+        follower.kill()
+        _, err = driver.communicate(timeout=60)
+        assert driver.returncode == 1
+        lines = err.decode().strip().splitlines()
+        assert len(lines) == 1
+        assert lines[0].startswith("error: process 0: another process of the run stopped")
+    finally:
+        for process in started:
+            process.kill()
+            process.communicate()
+
+
+def test_a_rendezvous_that_cannot_form_is_an_error(model_dirs):
+    env = {**ENV, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    env.update(MASTER_PORT="29652", QWEN3CHAT_DIST_TIMEOUT="3")
+    start = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "qwen3chat", *CHAT, "-m", str(model_dirs["dense"])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert time.monotonic() - start < 60
+    assert run.returncode == 1
+    assert run.stderr.startswith("error: the processes of the run could not form a group")
+    assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_a_split_that_does_not_divide_is_named(model_dirs):
+    run = torchrun(3, *CHAT, "-m", model_dirs["dense"])
+    assert run.returncode != 0
+    assert "--split auto: num_attention_heads = 4 does not divide among 3 processes" in run.stderr
+
+
+def test_check_split(model_dirs):
+    config = _config(model_dirs["dense"])
+    check_split(config, "tensor", 2)
+    check_split(config, "tensor", 4)  # KV heads held twice each
+    with pytest.raises(QwenChatError, match="num_attention_heads = 4 does not divide among 3"):
+        check_split(config, "tensor", 3)
+    with pytest.raises(QwenChatError, match="--split pipeline is not built yet"):
+        check_split(config, "pipeline", 2)
+
+
+def test_parts_cut_tensors_and_quantized_matrices_alike():
+    w = torch.randn(6, 128)
+    assert torch.equal(Part(-2, 1, 3).take(w), w[2:4])
+    assert torch.equal(Part(-1, 1, 2).take(w), w[:, 64:])
+    assert Part(0, 2, 3).bounds(8) == (5, 8)
+    for bits in (8, 4):
+        q = quantize(w, bits, 32)
+        for part in (Part(-2, 1, 2), Part(-1, 1, 4)):
+            assert torch.equal(part.take(q).dequantize(), part.take(q.dequantize()))
+    with pytest.raises(ValueError, match="split a group of 32"):
+        Part(-1, 1, 8).take(quantize(w, 4, 32))
+
+
+def test_a_source_reads_only_the_share(model_dirs):
+    """SafeTensors shares equal the whole tensor cut: rows, columns, and a range of the
+    experts of a stack read expert by expert."""
+    path = Path(model_dirs["moe"])
+    source = SafeTensorsSource(path, config=_config(path))
+    for name, part in [
+        ("layers.0.self_attn.q_proj.weight", Part(-2, 1, 2)),
+        ("layers.0.self_attn.o_proj.weight", Part(-1, 0, 2)),
+        ("layers.1.mlp.experts.gate_proj.weight", Part(0, 1, 3)),
+        ("layers.1.mlp.experts.down_proj.weight", Part(-1, 1, 2)),
+    ]:
+        whole = source.read(name, torch.float32)
+        assert torch.equal(source.read(name, torch.float32, part=part), part.take(whole))
+
+
+def _config(path: Path) -> ModelConfig:
+    return read_config_json(Path(path) / "config.json")[0]
+
+
+def test_serve_across_processes(model_dirs):
+    """`serve` in two processes (experts split): concurrent requests get the one-process
+    greedy replies; SIGTERM to process 0 stops the server and every process, exit 0."""
+    import concurrent.futures
+
+    import httpx
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    command += ["-m", "qwen3chat", "serve", "-m", str(model_dirs["moe"]), "--port", "0"]
+    launcher = subprocess.Popen(
+        [*command, "--dtype", "float32", "--no-think", "--served-model-name", "m"],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=ENV,
+    )
+    try:
+        url = None
+        for line in launcher.stderr:
+            if line.startswith("listening on "):
+                url = line.split()[-1]
+                break
+        assert url, "the server did not start"
+        prompts = [f"Tell me about the number {i}." for i in range(4)]
+
+        def ask(prompt: str) -> str:
+            body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 8}
+            body.update(temperature=0, model="m")
+            reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+            assert reply.status_code == 200, reply.text
+            return reply.json()["choices"][0]["message"]["content"]
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(ask, prompts))
+        for prompt, reply in zip(prompts, replies, strict=True):
+            flags = ("chat", "-m", model_dirs["moe"], "-p", prompt, "--temperature", "0")
+            alone = answer(
+                one_process(*flags, "-n", "8", "--json", "--no-think", "--dtype", "float32")
+            )
+            assert reply == alone["text"]
+        workers = _children(launcher.pid)
+        os.kill(min(workers), signal.SIGTERM)  # process 0 (started first)
+        assert launcher.wait(timeout=60) == 0
+    finally:
+        _stop(launcher)
