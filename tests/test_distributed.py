@@ -321,3 +321,64 @@ def test_serve_across_processes(model_dirs):
         assert launcher.wait(timeout=60) == 0
     finally:
         _stop(launcher)
+
+
+@contextlib.contextmanager
+def two_hosts():
+    """Two network namespaces joined by a veth pair, 10.77.0.1 and 10.77.0.2: processes
+    in them share no network stack, as on two machines. Skips where namespaces cannot be
+    made (not root, no `ip`)."""
+    names = (f"qwen3chat-a{os.getpid()}", f"qwen3chat-b{os.getpid()}")
+    ends = (f"qa{os.getpid()}", f"qb{os.getpid()}")
+
+    def ip(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", *args], capture_output=True, text=True)
+
+    try:
+        if ip("netns", "add", names[0]).returncode:
+            pytest.skip("network namespaces cannot be made here (needs root and iproute2)")
+        ip("netns", "add", names[1])
+        ip("link", "add", ends[0], "type", "veth", "peer", "name", ends[1])
+        for name, end, address in zip(names, ends, ("10.77.0.1", "10.77.0.2"), strict=True):
+            ip("link", "set", end, "netns", name)
+            for args in (
+                ("addr", "add", f"{address}/24", "dev", end),
+                ("link", "set", end, "up"),
+                ("link", "set", "lo", "up"),
+            ):
+                done = ip("netns", "exec", name, "ip", *args)
+                assert done.returncode == 0, done.stderr
+        yield [("ip", "netns", "exec", name) for name in names], ends
+    except FileNotFoundError:
+        pytest.skip("no `ip` command (iproute2)")
+    finally:
+        for name in names:
+            ip("netns", "del", name)
+
+
+def test_two_hosts_through_network_namespaces(model_dirs):
+    """Process 0 and 1 in namespaces of their own, meeting over a veth pair at process
+    0's address (as `torchrun --nnodes 2 --rdzv-endpoint` would): the one-process reply."""
+    flags = (*CHAT, "-m", str(model_dirs["moe"]))
+    alone = answer(one_process(*flags))
+    with two_hosts() as (hosts, ends):
+        env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "10.77.0.1", "MASTER_PORT": "29653"}
+        started = [
+            subprocess.Popen(
+                [*host, sys.executable, "-m", "qwen3chat", *flags],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                env={**env, "RANK": str(rank), "LOCAL_RANK": "0", "GLOO_SOCKET_IFNAME": end},
+            )
+            for rank, (host, end) in enumerate(zip(hosts, ends, strict=True))
+        ]
+        try:
+            outputs = [p.communicate(timeout=180) for p in started]
+        finally:
+            for p in started:
+                p.kill()
+    assert [p.returncode for p in started] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert json.loads(outputs[0][0])["token_ids"] == alone["token_ids"]
+    assert outputs[1][0] == ""  # process 1 only computes
