@@ -30,7 +30,6 @@ from .weights.loader import (
     place,
     quant_layout,
     return_freed_memory,
-    set_parameter,
 )
 from .weights.names import FLOAT32
 from .weights.safetensors import SafeTensorsSource
@@ -214,27 +213,32 @@ def random_model(
     whole = {name: tuple(p.shape) for name, p in model.named_parameters()}
     splits = sharding.apply(model) if sharding is not None else {}
     heap = HeapTrimmer()
-    for name, param in list(model.named_parameters()):
-        constant = _RANDOM_CONSTANTS.get(name.rpartition(".")[2])
-        if name.endswith("norm.weight") or constant is not None:
-            held = torch.float32 if FLOAT32.search(name) else dtype
-            value = torch.full(param.shape, constant or 1.0, dtype=held, device=device)
-            set_parameter(model, name, value)
+    held = dict(model.named_parameters())
+    for name, shape in whole.items():
+        weight = _random_weight(name, shape, dtype, device, quant, std, generator)
+        if name not in held:  # another pipeline stage's: drawn all the same, to stay in step
             continue
-        layout = quant_layout(name, whole[name], quant)
-        if layout is not None:
-            weight = random_quantized(whole[name], *layout, std, generator, device)
-        else:
-            weight = torch.empty(whole[name], dtype=dtype, device=device)
-            weight.normal_(0.0, std, generator=generator)
         parts = getattr(model.get_submodule(name.rpartition(".")[0]), "parts", None)
         if parts is not None:
             weight = take_fused(weight, splits[name], parts)
         place(model, name, weight, dtype, device)
         del weight
-        heap.placed(param.numel())
+        heap.placed(held[name].numel())
     return_freed_memory()
     return model.eval()
+
+
+def _random_weight(name, shape, dtype, device, quant, std, generator):
+    """Parameter ``name`` of ``shape``, drawn (quantized where ``quant`` says) or a constant."""
+    constant = _RANDOM_CONSTANTS.get(name.rpartition(".")[2])
+    if name.endswith("norm.weight") or constant is not None:
+        held = torch.float32 if FLOAT32.search(name) else dtype
+        return torch.full(shape, constant or 1.0, dtype=held, device=device)
+    layout = quant_layout(name, shape, quant)
+    if layout is not None:
+        return random_quantized(shape, *layout, std, generator, device)
+    weight = torch.empty(shape, dtype=dtype, device=device)
+    return weight.normal_(0.0, std, generator=generator)
 
 
 def load_preset(

@@ -77,6 +77,8 @@ def answer(result: subprocess.CompletedProcess) -> dict:
         ("moe", 2, "auto", "none"),  # experts split
         ("moe", 2, "tensor", "none"),  # every expert's width split
         ("moe", 4, "expert", "none"),
+        ("dense", 2, "pipeline", "none"),  # a layer each
+        ("moe", 2, "pipeline", "int4"),
     ],
 )
 def test_greedy_reply_equals_one_process(model_dirs, kind, processes, split, quantize_as):
@@ -87,7 +89,9 @@ def test_greedy_reply_equals_one_process(model_dirs, kind, processes, split, qua
     assert together["text"] == alone["text"]
 
 
-@pytest.mark.parametrize("kind, split", [("dense", "tensor"), ("moe", "expert")])
+@pytest.mark.parametrize(
+    "kind, split", [("dense", "tensor"), ("moe", "expert"), ("moe", "pipeline")]
+)
 def test_logits_within_float_tolerance(model_dirs, tmp_path, kind, split):
     ids = "9707,11,1879,0,358,1079,264,1273"
     alone, together = tmp_path / "alone", tmp_path / "together"
@@ -240,8 +244,9 @@ def test_check_split(model_dirs):
     check_split(config, "tensor", 4)  # KV heads held twice each
     with pytest.raises(QwenChatError, match="num_attention_heads = 4 does not divide among 3"):
         check_split(config, "tensor", 3)
-    with pytest.raises(QwenChatError, match="--split pipeline is not built yet"):
-        check_split(config, "pipeline", 2)
+    check_split(config, "pipeline", 2)
+    with pytest.raises(QwenChatError, match="--split pipeline: 2 layers among 3 processes"):
+        check_split(config, "pipeline", 3)
 
 
 def test_parts_cut_tensors_and_quantized_matrices_alike():
@@ -276,9 +281,11 @@ def _config(path: Path) -> ModelConfig:
     return read_config_json(Path(path) / "config.json")[0]
 
 
-def test_serve_across_processes(model_dirs):
-    """`serve` in two processes (experts split): concurrent requests get the one-process
-    greedy replies; SIGTERM to process 0 stops the server and every process, exit 0."""
+@pytest.mark.parametrize("split", ["auto", "pipeline"])
+def test_serve_across_processes(model_dirs, split):
+    """`serve` in two processes (experts split, or a layer each): concurrent requests get
+    the one-process greedy replies; SIGTERM to process 0 stops the server and every
+    process, exit 0."""
     import concurrent.futures
 
     import httpx
@@ -286,7 +293,16 @@ def test_serve_across_processes(model_dirs):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     command += ["-m", "qwen3chat", "serve", "-m", str(model_dirs["moe"]), "--port", "0"]
     launcher = subprocess.Popen(
-        [*command, "--dtype", "float32", "--no-think", "--served-model-name", "m"],
+        [
+            *command,
+            "--dtype",
+            "float32",
+            "--no-think",
+            "--served-model-name",
+            "m",
+            "--split",
+            split,
+        ],
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,

@@ -4,6 +4,7 @@ tensor: attention by heads (q, k, v by rows, o_proj by columns) and feed-forward
 their inner width (gate and up by rows, down by columns); each block's output is the sum
 over processes, one all-reduce. expert: each process holds a range of each MoE layer's
 experts, and everything else whole. auto: experts for MoE layers, tensor for the rest.
+pipeline: each process holds a range of the layers (pipeline.py).
 """
 
 from __future__ import annotations
@@ -53,12 +54,17 @@ def check_split(config, split: str, size: int) -> None:
     error naming the flag and what does not divide."""
     if split not in SPLITS:
         raise QwenChatError(f"--split: unknown split {split!r}; use {', '.join(SPLITS)}")
-    if split == "pipeline":
-        raise QwenChatError("--split pipeline is not built yet; use --split tensor or expert")
     if config.hybrid or config.vision is not None:
         raise QwenChatError(
             "this model's family does not run across processes yet (dense and MoE Qwen3 do)"
         )
+    if split == "pipeline":
+        if config.num_hidden_layers < size:
+            raise QwenChatError(
+                f"--split pipeline: {config.num_hidden_layers} layers among {size} processes; "
+                "run at most one process a layer"
+            )
+        return
     moe = any(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
     dense = not all(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
     uneven = []

@@ -41,6 +41,16 @@ class World:
             dist.all_reduce(tensor, group=self.steps)
         return tensor
 
+    def send(self, tensor: torch.Tensor, to: int) -> None:
+        with collective_errors(self):
+            dist.send(tensor, to, group=self.steps)
+
+    def receive(self, tensor: torch.Tensor, source: int) -> torch.Tensor:
+        """``source``'s tensor, received into ``tensor``."""
+        with collective_errors(self):
+            dist.recv(tensor, source, group=self.steps)
+        return tensor
+
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         """Process 0's CPU ``tensor`` on every process, in place, over the command group."""
         with collective_errors(self):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..distributed.pipeline import Stage
 from ..hybrid_cache import HybridCache, PagedHybridCache
 from ..kv_cache import Cache, KVCache, PagedBatch, PagedKVCache
 from . import native
@@ -128,6 +129,7 @@ class Qwen3Model(nn.Module):
             None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
         )
         self.kv_heads = config.num_key_value_heads  # this process's (a share: shard)
+        self.stage: Stage | None = None  # the pipeline split's range of layers
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
         self.mrope_axes: torch.Tensor | None = None
@@ -140,10 +142,22 @@ class Qwen3Model(nn.Module):
         """Make this model (on the meta device, before loading) the share of process
         ``world.rank`` of ``world.size`` under ``split`` (distributed/split.py checked
         that it divides); its caches hold the KV heads it holds (config keeps the whole
-        model's)."""
+        model's). Under the pipeline split it keeps its stage's layers, the others left
+        as empty modules, so that names and cache layers stay the whole model's."""
+        if split == "pipeline":
+            self.stage = Stage(world, len(self.layers))
+            for i in range(len(self.layers)):
+                if not self.stage.first <= i < self.stage.end:
+                    self.layers[i] = nn.Module()
+            return
         for layer in self.layers:
             layer.shard(world, split)
         self.kv_heads = self.layers[0].self_attn.num_kv_heads
+
+    @property
+    def running(self) -> nn.ModuleList:
+        """The layers this process runs: all, or its pipeline stage's."""
+        return self.layers if self.stage is None else self.layers[self.stage.first : self.stage.end]
 
     def _apply(self, fn, recurse=True):
         # Moving or converting the weights makes new tensors: the native step's view of
@@ -262,16 +276,20 @@ class Qwen3Model(nn.Module):
         x = self.embed_tokens(tokens)
         if visual is not None:
             x[0, visual.mask] = visual.embeds.to(x.dtype)
+        if self.stage is not None:
+            x = self.stage.receive(x)
         decoded = None
         if seq == 1 and cache is not None and visual is None:
-            decoded = native.decode_layers(x, self.layers, cos, sin, cache, start)
+            decoded = native.decode_layers(x, self.running, cos, sin, cache, start)
         if decoded is not None:
             x = decoded
         else:
-            for i, layer in enumerate(self.layers):
+            for i, layer in enumerate(self.running):
                 x = layer(x, cos, sin, mask, cache, start)
                 if visual is not None and i < len(visual.deepstack):
                     x[0, visual.mask] += visual.deepstack[i].to(x.dtype)
+        if self.stage is not None and (x := self.stage.pass_on(x)) is None:
+            return None  # a later stage: process 0 takes the logits
         return self.logits(x if all_logits else x[:, -1])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -306,7 +324,9 @@ class Qwen3Model(nn.Module):
             # sequence; prompt chunks take the chunked form, a layer at a time.
             states = (cache.conv, cache.delta, batch.row_states()) if batch.decode_only else None
         whole = visual is None and (states is not None or not cache.state_slots)
-        groups = [self.layers] if whole else [[layer] for layer in self.layers]
+        if self.stage is not None:
+            x = self.stage.receive(x)
+        groups = [self.running] if whole else [[layer] for layer in self.running]
         for i, group in enumerate(groups):
             out = None
             if states is not None or not hasattr(group[0], "linear_attn"):
@@ -330,4 +350,6 @@ class Qwen3Model(nn.Module):
                 x = out
             if visual is not None and i < len(visual.deepstack):
                 x[visual.mask] += visual.deepstack[i].to(x.dtype)
+        if self.stage is not None and (x := self.stage.pass_on(x)) is None:
+            return None
         return self.logits(x[batch.logit_rows])
