@@ -230,6 +230,11 @@ def test_a_rendezvous_that_cannot_form_is_an_error(model_dirs):
     assert run.returncode == 1
     assert run.stderr.startswith("error: the processes of the run could not form a group")
     assert len(run.stderr.strip().splitlines()) == 1
+    env["QWEN3CHAT_DIST_TIMEOUT"] = "soon"
+    command = [sys.executable, "-m", "qwen3chat", *CHAT, "-m", str(model_dirs["dense"])]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 1
+    assert run.stderr == "error: QWEN3CHAT_DIST_TIMEOUT='soon': expected a number of seconds > 0\n"
 
 
 def test_a_split_that_does_not_divide_is_named(model_dirs):

@@ -5,7 +5,9 @@ alone, and so does sampling. Each call of its model's forward is first sent to t
 processes: the ids (the sampled ones included, so every process sees the same sequence),
 which of process 0's caches it runs in, and where it starts. The followers run the same
 forward on their shares of the weights and their own caches, and the model's all-reduces
-meet in between. A message is a header of int64 values, then the ids.
+meet in between. A message is a header of int64 values, then the op's tensors (the ids;
+for a step of the server's batched engine also each row's position and sequence, the
+block tables and the rows whose logits are taken).
 """
 
 from __future__ import annotations

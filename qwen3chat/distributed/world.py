@@ -12,10 +12,11 @@ import torch.distributed as dist
 
 from ..errors import QwenChatError
 
-# A collective inside a model step waits at most this long for the other processes: a
-# process that hangs (rather than dies, which closes its connections at once) ends the
-# run with an error then. Long enough for a first step that compiles the kernels.
-STEP_TIMEOUT_S = float(os.environ.get("QWEN3CHAT_DIST_TIMEOUT", "300"))
+# A collective inside a model step waits at most this long for the other processes
+# (QWEN3CHAT_DIST_TIMEOUT seconds): a process that hangs (rather than dies, which closes
+# its connections at once) ends the run with an error then. Long enough for a first step
+# that compiles the kernels.
+STEP_TIMEOUT_S = 300.0
 # Followers wait for process 0's next command as long as a user may think in the REPL.
 IDLE_TIMEOUT = timedelta(days=7)
 
@@ -95,11 +96,18 @@ def join(device: torch.device) -> World | None:
         raise QwenChatError(
             "WORLD_SIZE is set but RANK or MASTER_ADDR is not: start every process with torchrun"
         )
+    given = os.environ.get("QWEN3CHAT_DIST_TIMEOUT", str(STEP_TIMEOUT_S))
+    try:
+        timeout = timedelta(seconds=float(given))
+    except (ValueError, OverflowError):
+        timeout = None
+    if timeout is None or timeout.total_seconds() <= 0:
+        raise QwenChatError(f"QWEN3CHAT_DIST_TIMEOUT={given!r}: expected a number of seconds > 0")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
-        dist.init_process_group(backend, timeout=timedelta(seconds=STEP_TIMEOUT_S))
+        dist.init_process_group(backend, timeout=timeout)
         commands = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     except (RuntimeError, ValueError, dist.DistError) as e:
         raise QwenChatError(
