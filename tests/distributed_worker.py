@@ -1,8 +1,9 @@
 """Run by test_distributed.py, under torchrun or alone: loads a model (a directory, or a
-preset's random weights), this process's share of it under --split, runs one forward of
---ids on process 0 with the others following, and writes OUT/rank<r>.json (bytes of
-weights held, resident memory before and after loading) and, on process 0,
-OUT/logits.safetensors (the logits at every position)."""
+preset's random weights), this process's share of it under --split, runs --ids on process
+0 with the others following (the first --prompt of them in one forward, then one decode
+step each), and writes OUT/rank<r>.json (bytes of weights held, resident memory before and
+after loading, whether the native decode step covers each layer it runs) and, on process
+0, OUT/logits.safetensors (the logits at every position)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from qwen3chat import kernels
 from qwen3chat.bench.run import current_rss_mb
 from qwen3chat.distributed.driver import driving, follow
 from qwen3chat.distributed.split import Sharding
 from qwen3chat.distributed.world import join, leave
 from qwen3chat.loading import load_model, load_preset
+from qwen3chat.model import native as native_step
 
 
 def main() -> None:
@@ -29,6 +32,7 @@ def main() -> None:
     parser.add_argument("--quantize", default="none")
     parser.add_argument("--split", default="auto")
     parser.add_argument("--ids", default="1,2,3")
+    parser.add_argument("--prompt", type=int, default=0, help="ids in the first forward (all)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     world = join(torch.device("cpu"))
@@ -45,17 +49,28 @@ def main() -> None:
     )
     rank = 0 if world is None else world.rank
     out = Path(args.out)
-    facts = {"held_bytes": held, "rss_before_mb": before, "rss_after_mb": after}
+    native = kernels.native(torch.zeros(1, dtype=model.dtype))
+    fused = [
+        native is not None and native_step.layer_weights(native, layer) is not None
+        for layer in model.running
+    ]
+    facts = {"held_bytes": held, "rss_before_mb": before, "rss_after_mb": after, "fused": fused}
     (out / f"rank{rank}.json").write_text(json.dumps(facts))
     try:
         if rank:
             follow(model, world)
             return
         ids = torch.tensor([[int(i) for i in args.ids.split(",")]])
+        prompt = args.prompt or ids.shape[1]
         with driving(model, world), torch.inference_mode():
             cache = model.new_cache(ids.shape[1] + 1)
-            logits = model(ids, cache, 0, all_logits=True)
-        save_file({"logits": logits[0].float().contiguous()}, out / "logits.safetensors")
+            rows = [model(ids[:, :prompt], cache, 0, all_logits=True)[0]]
+            cache.commit(ids[0, :prompt].tolist())  # a hybrid cache's states hold them
+            for at in range(prompt, ids.shape[1]):
+                rows.append(model(ids[:, at : at + 1], cache, at))
+                cache.commit([int(ids[0, at])])
+        logits = torch.cat(rows).float().contiguous()
+        save_file({"logits": logits}, out / "logits.safetensors")
     finally:
         leave()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, build_reference_model, save_model_dir
+from conftest import TINY, build_hybrid_reference, build_reference_model, save_model_dir
 from safetensors.torch import load_file
 
 from qwen3chat.config import ModelConfig, read_config_json
@@ -47,7 +47,10 @@ def one_process(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, tokenizer_dir):
-    """A tiny dense model (tied embeddings) and a tiny MoE one (8 experts, untied)."""
+    """A tiny dense model (tied embeddings), a tiny MoE one (8 experts, untied), one
+    whose experts are wide enough that half of one is a whole column block for the native
+    step (its greedy margins are not decisive in bfloat16: logits only), and the hybrid
+    generation's dense and MoE (routed experts beside a shared one) tiny models."""
     return {
         "dense": save_model_dir(
             build_reference_model(tie=True, seed=0), tmp_path_factory.mktemp("dense"), tokenizer_dir
@@ -55,6 +58,21 @@ def model_dirs(tmp_path_factory, tokenizer_dir):
         "moe": save_model_dir(
             build_reference_model(tie=False, seed=1, moe=True),
             tmp_path_factory.mktemp("moe"),
+            tokenizer_dir,
+        ),
+        "wide-moe": save_model_dir(
+            build_reference_model(tie=False, seed=1, moe=True, moe_intermediate_size=64),
+            tmp_path_factory.mktemp("wide-moe"),
+            tokenizer_dir,
+        ),
+        "hybrid": save_model_dir(
+            build_hybrid_reference("dense", seed=2),
+            tmp_path_factory.mktemp("hybrid"),
+            tokenizer_dir,
+        ),
+        "hybrid-moe": save_model_dir(
+            build_hybrid_reference("moe", seed=3),
+            tmp_path_factory.mktemp("hybrid-moe"),
             tokenizer_dir,
         ),
     }
@@ -79,10 +97,19 @@ def answer(result: subprocess.CompletedProcess) -> dict:
         ("moe", 4, "expert", "none"),
         ("dense", 2, "pipeline", "none"),  # a layer each
         ("moe", 2, "pipeline", "int4"),
+        ("hybrid", 2, "auto", "none"),  # the pipeline: linear attention does not divide yet
+        ("hybrid-moe", 2, "auto", "none"),  # experts (and the shared one's width) split
+        ("hybrid-moe", 4, "pipeline", "int4"),
     ],
 )
 def test_greedy_reply_equals_one_process(model_dirs, kind, processes, split, quantize_as):
-    flags = (*CHAT, "-m", model_dirs[kind], "--quantize", quantize_as)
+    """A split sums its shares in another order than one process: float weights run in
+    float32, where that moves the logits by ~1e-6 (bfloat16 rounding could flip the tiny
+    models' closer choices). int4 runs in bfloat16: its products quantize activations per
+    block of 32, and in float32 the split's last-bit differences flip some of those
+    roundings, which then grow; bfloat16 rounds them away first."""
+    dtype = "bfloat16" if quantize_as == "int4" else "float32"
+    flags = (*CHAT, "-m", model_dirs[kind], "--quantize", quantize_as, "--dtype", dtype)
     alone = answer(one_process(*flags))
     together = answer(torchrun(processes, *flags, "--split", split))
     assert together["token_ids"] == alone["token_ids"]
@@ -90,13 +117,22 @@ def test_greedy_reply_equals_one_process(model_dirs, kind, processes, split, qua
 
 
 @pytest.mark.parametrize(
-    "kind, split", [("dense", "tensor"), ("moe", "expert"), ("moe", "pipeline")]
+    "kind, split",
+    [
+        ("dense", "tensor"),
+        ("moe", "expert"),
+        ("wide-moe", "tensor"),
+        ("moe", "pipeline"),
+        ("hybrid-moe", "expert"),
+    ],
 )
 def test_logits_within_float_tolerance(model_dirs, tmp_path, kind, split):
+    """A prompt's logits, then those of decode steps: each step is the one native call over
+    the layers, the all-reduces between blocks inside it (pipeline: no all-reduce)."""
     ids = "9707,11,1879,0,358,1079,264,1273"
     alone, together = tmp_path / "alone", tmp_path / "together"
     alone.mkdir(), together.mkdir()
-    worker = (WORKER, "--model", model_dirs[kind], "--ids", ids, "--split", split)
+    worker = (WORKER, "--model", model_dirs[kind], "--ids", ids, "--prompt", 3, "--split", split)
     run = subprocess.run(
         [sys.executable, *map(str, worker), "--out", str(alone)], env=ENV, capture_output=True
     )
@@ -109,6 +145,8 @@ def test_logits_within_float_tolerance(model_dirs, tmp_path, kind, split):
     scale = expected.abs().max()
     assert (got - expected).abs().max() <= 1e-5 * scale
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    for rank in range(2):  # the decode steps ran natively on every process
+        assert all(json.loads((together / f"rank{rank}.json").read_text())["fused"])
 
 
 def test_each_process_holds_its_share(tmp_path):
@@ -134,6 +172,31 @@ def test_each_process_holds_its_share(tmp_path):
         assert grew < 1.1 * share["held_bytes"] + 48 * 2**20
         whole_grew = (whole["rss_after_mb"] - whole["rss_before_mb"]) * 2**20
         assert grew < 0.75 * whole_grew
+
+
+def test_the_lm_head_is_split_by_vocabulary(model_dirs, tmp_path):
+    """Under the expert split each of 2 processes holds half of the untied LM head's rows
+    (and half the experts), exactly, and process 0's logits are the whole head's."""
+    alone, together = tmp_path / "alone", tmp_path / "together"
+    alone.mkdir(), together.mkdir()
+    worker = (WORKER, "--model", model_dirs["moe"], "--ids", "9707,11,1879", "--prompt", 2)
+    run = subprocess.run(
+        [sys.executable, *map(str, worker), "--out", str(alone)], env=ENV, capture_output=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    run = torchrun(2, *worker, "--split", "expert", "--out", together)
+    assert run.returncode == 0, run.stderr[-2000:]
+    config = _config(model_dirs["moe"])
+    head = config.vocab_size * config.hidden_size * 4  # float32
+    experts = config.num_hidden_layers * config.num_experts * 3 * config.hidden_size * 32 * 4
+    whole = json.loads((alone / "rank0.json").read_text())["held_bytes"]
+    for rank in range(2):
+        held = json.loads((together / f"rank{rank}.json").read_text())["held_bytes"]
+        assert whole - held == (head + experts) // 2
+    expected = load_file(alone / "logits.safetensors")["logits"]
+    got = load_file(together / "logits.safetensors")["logits"]
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 def test_a_killed_process_ends_the_run(model_dirs):
@@ -286,17 +349,19 @@ def _config(path: Path) -> ModelConfig:
     return read_config_json(Path(path) / "config.json")[0]
 
 
-@pytest.mark.parametrize("split", ["auto", "pipeline"])
-def test_serve_across_processes(model_dirs, split):
+@pytest.mark.parametrize(
+    "kind, split", [("moe", "auto"), ("moe", "pipeline"), ("hybrid-moe", "auto")]
+)
+def test_serve_across_processes(model_dirs, kind, split):
     """`serve` in two processes (experts split, or a layer each): concurrent requests get
-    the one-process greedy replies; SIGTERM to process 0 stops the server and every
-    process, exit 0."""
+    the one-process greedy replies (a hybrid model's state slots copied alike on every
+    process); SIGTERM to process 0 stops the server and every process, exit 0."""
     import concurrent.futures
 
     import httpx
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    command += ["-m", "qwen3chat", "serve", "-m", str(model_dirs["moe"]), "--port", "0"]
+    command += ["-m", "qwen3chat", "serve", "-m", str(model_dirs[kind]), "--port", "0"]
     launcher = subprocess.Popen(
         [
             *command,
@@ -332,14 +397,14 @@ def test_serve_across_processes(model_dirs, split):
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             replies = list(pool.map(ask, prompts))
         for prompt, reply in zip(prompts, replies, strict=True):
-            flags = ("chat", "-m", model_dirs["moe"], "-p", prompt, "--temperature", "0")
+            flags = ("chat", "-m", model_dirs[kind], "-p", prompt, "--temperature", "0")
             alone = answer(
                 one_process(*flags, "-n", "8", "--json", "--no-think", "--dtype", "float32")
             )
             assert reply == alone["text"]
         workers = _children(launcher.pid)
         os.kill(min(workers), signal.SIGTERM)  # process 0 (started first)
-        assert launcher.wait(timeout=60) == 0
+        assert launcher.wait(timeout=60) == 0, launcher.stderr.read()[-3000:]
     finally:
         _stop(launcher)
 

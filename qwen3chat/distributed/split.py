@@ -3,8 +3,11 @@
 tensor: attention by heads (q, k, v by rows, o_proj by columns) and feed-forwards by
 their inner width (gate and up by rows, down by columns); each block's output is the sum
 over processes, one all-reduce. expert: each process holds a range of each MoE layer's
-experts, and everything else whole. auto: experts for MoE layers, tensor for the rest.
-pipeline: each process holds a range of the layers (pipeline.py).
+experts (and a share of a shared expert's width), and everything else whole. auto:
+experts for MoE layers, tensor for the rest. pipeline: each process holds a range of the
+layers (pipeline.py). The hybrid generation's linear-attention layers do not divide
+yet: its models take the expert split (auto, for a MoE one) or the pipeline (auto, for a
+dense one).
 """
 
 from __future__ import annotations
@@ -49,15 +52,33 @@ class Part:
         return share.clone() if isinstance(share, torch.Tensor) else share
 
 
+def _has_experts(config) -> bool:
+    return any(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+
+
+def resolved(config, split: str) -> str:
+    """``split`` as ``config``'s layers take it: auto stays auto (experts and tensor) but
+    for the hybrid generation (see the module's docstring)."""
+    if split != "auto" or not config.hybrid:
+        return split
+    return "expert" if _has_experts(config) else "pipeline"
+
+
 def check_split(config, split: str, size: int) -> None:
     """That ``config``'s model divides ``size`` ways as ``split`` says, else a one-line
     error naming the flag and what does not divide."""
     if split not in SPLITS:
         raise QwenChatError(f"--split: unknown split {split!r}; use {', '.join(SPLITS)}")
-    if config.hybrid or config.vision is not None:
+    if config.vision is not None:
         raise QwenChatError(
-            "this model's family does not run across processes yet (dense and MoE Qwen3 do)"
+            "models that see pictures do not run across processes yet (text models do)"
         )
+    if config.hybrid and split == "tensor":
+        raise QwenChatError(
+            "--split tensor: the hybrid generation's linear-attention layers do not divide "
+            "among processes yet; use --split expert (a MoE model) or --split pipeline"
+        )
+    split = resolved(config, split)
     if split == "pipeline":
         if config.num_hidden_layers < size:
             raise QwenChatError(
@@ -65,7 +86,7 @@ def check_split(config, split: str, size: int) -> None:
                 "run at most one process a layer"
             )
         return
-    moe = any(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    moe = _has_experts(config)
     dense = not all(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
     uneven = []
     if split != "expert":
@@ -105,13 +126,14 @@ class Sharding:
         """Make ``model`` (on the meta device, before loading) this process's share, once
         it is checked to divide; the whole model's row splits of its fused parameters."""
         check_split(model.config, self.split, self.world.size)
+        split = resolved(model.config, self.split)
         whole = {
             name: getattr(model.get_submodule(name.rpartition(".")[0]), "split", ())
             or (param.shape[-2],)
             for name, param in model.named_parameters()
             if param.dim() >= 2
         }
-        model.shard(self.world, self.split)
+        model.shard(self.world, split)
         return whole
 
 

@@ -52,6 +52,14 @@ class World:
             dist.recv(tensor, source, group=self.steps)
         return tensor
 
+    def gather(self, tensor: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every process's ``tensor`` (one shape on all) on process 0, in rank order; None
+        on the others."""
+        pieces = [torch.empty_like(tensor) for _ in range(self.size)] if self.driver else None
+        with collective_errors(self):
+            dist.gather(tensor, pieces, dst=0, group=self.steps)
+        return pieces
+
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         """Process 0's CPU ``tensor`` on every process, in place, over the command group."""
         with collective_errors(self):

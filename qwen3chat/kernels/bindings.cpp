@@ -80,7 +80,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("linear_norm", &DecoderLayerWeights::linear_norm)
       .def_readwrite("k_heads", &DecoderLayerWeights::k_heads)
       .def_readwrite("k_dim", &DecoderLayerWeights::k_dim)
-      .def_readwrite("v_dim", &DecoderLayerWeights::v_dim);
+      .def_readwrite("v_dim", &DecoderLayerWeights::v_dim)
+      .def_readwrite("attention_group", &DecoderLayerWeights::attention_group)
+      .def_readwrite("feed_forward_group", &DecoderLayerWeights::feed_forward_group)
+      .def_readwrite("expert_first", &DecoderLayerWeights::expert_first);
   m.def("matmul", &matmul, "x @ W.T with the kernel of W's format");
   // The list's items are cast by reference: converting it to a std::vector would copy
   // every layer's tensors and matrices on every token.

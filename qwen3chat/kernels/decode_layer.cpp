@@ -10,6 +10,15 @@
 // result is bit for bit the per-operation path's. The layer reaches its rows of the KV
 // cache by address and adds the residuals in one loop: the view and add operations
 // that did it cost ~20 us a layer (3% of a 0.6B int4 step).
+//
+// Run across processes (distributed/), a layer holds a share of its heads, widths or
+// experts, and a block's output is the sum over processes of each one's part: the
+// all-reduce runs here, between the blocks, through torch.distributed's functional
+// collective (the dispatcher finds it by name; the process group by its name), so a
+// sharded step is still one call: from Python, layer by layer, it cost ~2 ms a layer
+// more on Qwen3-30B-A3B's MoE blocks.
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include <algorithm>
 #include <numeric>
 
@@ -38,16 +47,41 @@ at::Tensor matmul(const at::Tensor& x, const Matrix& w) {
 
 namespace {
 
-// SwiGLU feed-forward of a block of rows.
-at::Tensor feed_forward(const at::Tensor& h, const Matrix& gate_up, const Matrix& down) {
-  return matmul(silu_mul(matmul(h, gate_up)), down);
+// The sum over the processes of ``group`` of their float32 ``x``, in place.
+at::Tensor summed(at::Tensor x, const std::string& group) {
+  RECORD_FUNCTION("qwen3chat::all_reduce", std::vector<c10::IValue>());
+  static const auto all_reduce =
+      c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::all_reduce_", "");
+  static const auto wait =
+      c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::wait_tensor", "");
+  std::vector<c10::IValue> stack{x, std::string("sum"), group};
+  all_reduce.callBoxed(&stack);
+  stack = {x};
+  wait.callBoxed(&stack);
+  return x;
+}
+
+// x @ w.T; where ``group`` is set, the sum over its processes of each one's product with
+// its columns of w: partial products in float32, rounded once after the sum, as
+// model/layers.py's Linear with ``reduce`` computes it.
+at::Tensor block_output(const at::Tensor& x, const Matrix& w, const std::string& group) {
+  if (group.empty()) return matmul(x, w);
+  return summed(matmul(x.to(at::kFloat), w), group).to(x.scalar_type());
+}
+
+// SwiGLU feed-forward of a block of rows (its output summed over ``group`` where set).
+at::Tensor feed_forward(const at::Tensor& h, const Matrix& gate_up, const Matrix& down,
+                        const std::string& group = {}) {
+  return block_output(silu_mul(matmul(h, gate_up)), down, group);
 }
 
 // Mixture of experts for the rows of h, as model/moe.py computes it: softmax over the
 // router's logits in float32, each row's top k (renormalised if asked), each expert's
 // output scaled by its weight in the activations' dtype and summed in ascending expert
 // order, which is the order the grouped path adds them in. Each expert that got rows runs
-// once on all of them (its weights read once); the others are not touched.
+// once on all of them (its weights read once); the others are not touched. Across
+// processes, a process runs the experts it holds (or its share of each one's width) and
+// the float32 sum over processes is rounded once, as model/moe.py does.
 at::Tensor experts_step(const at::Tensor& x, const DecoderLayerWeights& w) {
   RECORD_FUNCTION("qwen3chat::experts_step", std::vector<c10::IValue>());
   const auto h = x.reshape({-1, x.size(-1)});
@@ -65,7 +99,9 @@ at::Tensor experts_step(const at::Tensor& x, const DecoderLayerWeights& w) {
   });
   std::vector<int64_t> pair_rows(pairs.size());
   for (size_t i = 0; i < pairs.size(); ++i) pair_rows[i] = pairs[i] / k;
-  auto out = at::zeros_like(h);
+  const bool split = !w.feed_forward_group.empty();
+  auto out = at::zeros_like(h, split ? at::kFloat : h.scalar_type());
+  const int64_t held = static_cast<int64_t>(w.expert_down.size());
   if (w.shared_down.weight.defined()) {  // the shared expert, weighted by its gate
     const auto gate = at::sigmoid(matmul(h, w.shared_gate));
     out.add_(feed_forward(h, w.shared_gate_up, w.shared_down).mul(gate));
@@ -74,18 +110,21 @@ at::Tensor experts_step(const at::Tensor& x, const DecoderLayerWeights& w) {
     const int64_t e = ids[pairs[first]];
     for (last = first + 1; last < rows * k && ids[pairs[last]] == e; ++last) {
     }
-    const int64_t count = last - first;
+    const int64_t count = last - first, local = e - w.expert_first;
+    if (local < 0 || local >= held) continue;  // another process's expert
     const auto scale =
         weights.index_select(0, at::from_blob(pairs.data() + first, {count}, at::kLong))
             .unsqueeze(1);
     if (count == rows) {  // every row (a decode step's one): nothing to gather or scatter
-      out.add_(feed_forward(h, w.expert_gate_up[e], w.expert_down[e]).mul(scale));
+      out.add_(feed_forward(h, w.expert_gate_up[local], w.expert_down[local]).mul(scale));
     } else {
       const auto index = at::from_blob(pair_rows.data() + first, {count}, at::kLong);
-      const auto y = feed_forward(h.index_select(0, index), w.expert_gate_up[e], w.expert_down[e]);
-      out.index_add_(0, index, y.mul(scale));
+      const auto y =
+          feed_forward(h.index_select(0, index), w.expert_gate_up[local], w.expert_down[local]);
+      out.index_add_(0, index, y.mul(scale).to(out.scalar_type()));
     }
   }
+  if (split) out = summed(out, w.feed_forward_group).to(h.scalar_type());
   return out.view(x.sizes());
 }
 
@@ -103,10 +142,10 @@ at::Tensor mixer(const at::Tensor& normed, const DecoderLayerWeights& w, Attenti
         proj.view({-1, 1, proj.size(-1)}), w.conv_weight, conv_cache[w.layer], w.A, w.dt_bias,
         w.linear_norm, delta_cache[w.layer], w.k_heads, w.k_dim, w.v_dim, w.tiled, w.eps,
         row_states.defined() ? c10::optional<at::Tensor>(row_states) : c10::nullopt);
-    return matmul(out, w.out_proj).view(normed.sizes());
+    return block_output(out, w.out_proj, w.attention_group).view(normed.sizes());
   }
   auto qkv = matmul(normed, w.qkv);
-  if (!w.gated) return matmul(attention(qkv), w.o_proj);
+  if (!w.gated) return block_output(attention(qkv), w.o_proj, w.attention_group);
   const int64_t q_size = w.num_heads * w.q_norm.numel();
   auto sizes = qkv.sizes().vec();
   const auto q_gate = qkv.narrow(-1, 0, 2 * q_size);
@@ -117,7 +156,7 @@ at::Tensor mixer(const at::Tensor& normed, const DecoderLayerWeights& w, Attenti
   const auto q = heads.select(-2, 0).flatten(-2);
   const auto gate = heads.select(-2, 1).flatten(-2);
   const auto plain = at::cat({q, qkv.narrow(-1, 2 * q_size, qkv.size(-1) - 2 * q_size)}, -1);
-  return matmul(attention(plain).mul(at::sigmoid(gate)), w.o_proj);
+  return block_output(attention(plain).mul(at::sigmoid(gate)), w.o_proj, w.attention_group);
 }
 
 // A decoder layer on the rows of x.
@@ -130,7 +169,8 @@ at::Tensor layer_body(const at::Tensor& x, const DecoderLayerWeights& w, Attenti
       add_residual(x, mixer(normed_in, w, attention, conv_cache, delta_cache, row_states));
   const auto normed = rms_norm(h, w.post_norm, w.eps);
   const bool moe = !w.expert_down.empty();
-  return add_residual(h, moe ? experts_step(normed, w) : feed_forward(normed, w.gate_up, w.down));
+  return add_residual(h, moe ? experts_step(normed, w)
+                             : feed_forward(normed, w.gate_up, w.down, w.feed_forward_group));
 }
 
 }  // namespace

@@ -14,6 +14,7 @@
 #include <ATen/record_function.h>
 
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -256,6 +257,11 @@ struct DecoderLayerWeights {
   Matrix in_proj, out_proj;
   at::Tensor conv_weight, A, dt_bias, linear_norm;
   int64_t k_heads = 0, k_dim = 0, v_dim = 0;
+  // Run across processes (distributed/): the name of the process group that sums a block's
+  // outputs, for the attention block and the feed-forward one (empty: held whole here),
+  // and the first expert of the range this process holds (its stacks hold only those).
+  std::string attention_group, feed_forward_group;
+  int64_t expert_first = 0;
 };
 
 // x [B, 1, hidden] at position ``start``: the layer's output, its key and value stored

@@ -295,13 +295,14 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
-    def shard(self, world) -> None:
+    def shard(self, world, summed: bool = True) -> None:
         """Keep this process's share of the inner width (tensor split); the output is
-        summed over processes."""
+        summed over processes here, or (not ``summed``) left a share for the caller's sum."""
         inner = Part(-2, world.rank, world.size)
         shard_weight(self.gate_up_proj, (inner, inner))
         shard_weight(self.down_proj, (Part(-1, world.rank, world.size),))
-        self.down_proj.reduce = world
+        if summed:
+            self.down_proj.reduce = world
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,8 @@ class SparseMoE(nn.Module):
     weighted by sigmoid(shared_expert_gate(x)) (Qwen3NextSparseMoeBlock).
 
     Run across processes, a process holds the experts ``expert_range`` (expert split) or a
-    share of every expert's inner width (tensor split), and ``reduce`` sums the outputs."""
+    share of every expert's inner width (tensor split), and a share of the shared expert's
+    width, and ``reduce`` sums the outputs."""
 
     def __init__(self, config):
         super().__init__()
@@ -74,6 +75,8 @@ class SparseMoE(nn.Module):
             gate_up, down = (inner, inner), (Part(-1, world.rank, world.size),)
         shard_weight(self.experts.gate_up_proj, gate_up)
         shard_weight(self.experts.down_proj, down)
+        if hasattr(self, "shared_expert"):  # every token's: a share of its width each
+            self.shared_expert.shard(world, summed=False)
         self.reduce = world
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

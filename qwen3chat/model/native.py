@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..distributed.world import collective_errors
 from ..hybrid_cache import HybridCache
 from ..kv_cache import Cache, KVCache
 from ..quant import QuantizedWeight
@@ -136,11 +137,12 @@ def decode_layers(
     weights = [layer_weights(native, layer) for layer in layers]
     if None in weights:
         return None
-    if isinstance(cache, KVCache):
-        return native.decode_layers(x, weights, cos, sin, cache.k, cache.v, start)
-    conv, delta = cache.moving(start)
-    kv = cache.kv
-    return native.decode_layers(x, weights, cos, sin, kv.k, kv.v, start, conv, delta)
+    with collective_errors(layers[0].world):
+        if isinstance(cache, KVCache):
+            return native.decode_layers(x, weights, cos, sin, cache.k, cache.v, start)
+        conv, delta = cache.moving(start)
+        kv = cache.kv
+        return native.decode_layers(x, weights, cos, sin, kv.k, kv.v, start, conv, delta)
 
 
 def paged_layers(
@@ -172,19 +174,20 @@ def paged_layers(
     weights = [layer_weights(native, layer) for layer in layers]
     if None in weights:
         return None
-    return native.paged_layers(
-        x,
-        weights,
-        cos,
-        sin,
-        k_cache,
-        v_cache,
-        positions,
-        row_seq,
-        block_tables,
-        block_size,
-        *(states or ()),
-    )
+    with collective_errors(layers[0].world):
+        return native.paged_layers(
+            x,
+            weights,
+            cos,
+            sin,
+            k_cache,
+            v_cache,
+            positions,
+            row_seq,
+            block_tables,
+            block_size,
+            *(states or ()),
+        )
 
 
 # Each layer's DecoderLayerWeights (or None), built on first use; a model whose tensors
@@ -208,9 +211,12 @@ def layer_weights(native, layer: nn.Module):
     return _built[layer]
 
 
+def _group(world) -> str:
+    """The name of the process group that sums a block's outputs ('': held whole)."""
+    return "" if world is None else world.steps.group_name
+
+
 def _build_layer_weights(native, layer: nn.Module):
-    if layer.sharded:  # its outputs are summed over processes between the native steps
-        return None
     attn, linear, mlp = (
         getattr(layer, "self_attn", None),
         getattr(layer, "linear_attn", None),
@@ -226,6 +232,7 @@ def _build_layer_weights(native, layer: nn.Module):
         w.conv_weight, w.A, w.dt_bias = linear.conv1d.weight, linear.A, linear.dt_bias
         w.linear_norm = linear.norm.weight
         w.k_heads, w.k_dim, w.v_dim = linear.num_k_heads, linear.head_k_dim, linear.head_v_dim
+        w.attention_group = _group(linear.out_proj.reduce)
         matrices = {"in_proj": linear.in_proj.weight, "out_proj": linear.out_proj.weight}
     else:
         if not _covers_head_dim(native, attn.head_dim):
@@ -233,6 +240,7 @@ def _build_layer_weights(native, layer: nn.Module):
         w.layer, w.gated = attn.slot, attn.gated
         w.num_heads, w.num_kv_heads = attn.num_heads, attn.num_kv_heads
         w.q_norm, w.k_norm = attn.q_norm.weight, attn.k_norm.weight
+        w.attention_group = _group(attn.o_proj.reduce)
         matrices = {"qkv": attn.qkv_proj.weight, "o_proj": attn.o_proj.weight}
     if hasattr(mlp, "shared_expert"):
         matrices.update(
@@ -243,6 +251,7 @@ def _build_layer_weights(native, layer: nn.Module):
     if hasattr(mlp, "experts"):
         matrices["router"] = mlp.gate.weight
         w.top_k, w.norm_topk_prob = mlp.top_k, mlp.norm_topk_prob
+        w.feed_forward_group, w.expert_first = _group(mlp.reduce), mlp.expert_range[0]
         experts = {
             "expert_gate_up": mlp.experts.gate_up_proj.weight,
             "expert_down": mlp.experts.down_proj.weight,
@@ -253,6 +262,7 @@ def _build_layer_weights(native, layer: nn.Module):
                 return None
             setattr(w, name, per_expert)
     else:
+        w.feed_forward_group = _group(mlp.down_proj.reduce)
         matrices.update(gate_up=mlp.gate_up_proj.weight, down=mlp.down_proj.weight)
     for name, weight in matrices.items():
         matrix = _matrix(native, weight)

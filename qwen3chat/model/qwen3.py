@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..distributed.pipeline import Stage
+from ..distributed.vocab import VocabSplit
 from ..hybrid_cache import HybridCache, PagedHybridCache
 from ..kv_cache import Cache, KVCache, PagedBatch, PagedKVCache
 from . import native
@@ -24,6 +25,7 @@ from .layers import (
     mrope_axes,
     mrope_rows,
     rope_tables,
+    shard_weight,
 )
 from .moe import SparseMoE
 
@@ -77,7 +79,7 @@ class DecoderLayer(nn.Module):
             self.mlp = SparseMoE(config)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
-        self.sharded = False  # run across processes: the native fused steps skip it
+        self.world = None  # run across processes: the World that sums its blocks' outputs
 
     def shard(self, world, split: str) -> None:
         """Keep this process's share (distributed/split.py): heads and MLP widths unless
@@ -89,7 +91,7 @@ class DecoderLayer(nn.Module):
             self.mlp.shard(world, experts=split != "tensor")
         elif tensor:
             self.mlp.shard(world)
-        self.sharded = True
+        self.world = world
 
     def forward(self, x, cos, sin, mask, cache, start):
         if x.shape[1] == 1 and isinstance(cache, KVCache):
@@ -130,6 +132,8 @@ class Qwen3Model(nn.Module):
         )
         self.kv_heads = config.num_key_value_heads  # this process's (a share: shard)
         self.stage: Stage | None = None  # the pipeline split's range of layers
+        self.vocab: VocabSplit | None = None  # the other splits' share of the LM head
+        self._head_rows = None  # a tied head's share (VocabSplit.rows), taken on first use
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
         self.mrope_axes: torch.Tensor | None = None
@@ -142,8 +146,9 @@ class Qwen3Model(nn.Module):
         """Make this model (on the meta device, before loading) the share of process
         ``world.rank`` of ``world.size`` under ``split`` (distributed/split.py checked
         that it divides); its caches hold the KV heads it holds (config keeps the whole
-        model's). Under the pipeline split it keeps its stage's layers, the others left
-        as empty modules, so that names and cache layers stay the whole model's."""
+        model's), and it computes the logits of its share of the vocabulary. Under the
+        pipeline split it keeps its stage's layers, the others left as empty modules, so
+        that names and cache layers stay the whole model's."""
         if split == "pipeline":
             self.stage = Stage(world, len(self.layers))
             for i in range(len(self.layers)):
@@ -152,7 +157,11 @@ class Qwen3Model(nn.Module):
             return
         for layer in self.layers:
             layer.shard(world, split)
-        self.kv_heads = self.layers[0].self_attn.num_kv_heads
+        attention = next(layer.self_attn for layer in self.layers if hasattr(layer, "self_attn"))
+        self.kv_heads = attention.num_kv_heads
+        self.vocab = VocabSplit(world, self.config.vocab_size)
+        if self.lm_head is not None:  # a tied head's table stays whole for the lookup
+            shard_weight(self.lm_head, (self.vocab.part,))
 
     @property
     def running(self) -> nn.ModuleList:
@@ -163,6 +172,7 @@ class Qwen3Model(nn.Module):
         # Moving or converting the weights makes new tensors: the native step's view of
         # them is built anew.
         native.forget(self)
+        self._head_rows = None
         return super()._apply(fn, recurse)
 
     @property
@@ -292,10 +302,18 @@ class Qwen3Model(nn.Module):
             return None  # a later stage: process 0 takes the logits
         return self.logits(x if all_logits else x[:, -1])
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (float32) of hidden states ``x [..., hidden]``."""
+    def logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Next-token logits (float32) of hidden states ``x [..., hidden]``. Across
+        processes (tensor and expert splits) each computes its share of the vocabulary
+        and process 0 gets them all; the others get None."""
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(self.norm(x), head).float()
+        if self.vocab is None:
+            return linear(self.norm(x), head).float()
+        if self.lm_head is None:
+            if self._head_rows is None:
+                self._head_rows = self.vocab.rows(head)
+            head = self._head_rows
+        return self.vocab.gather(linear(self.norm(x), head).float())
 
     def forward_batch(
         self,
