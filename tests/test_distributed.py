@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY, build_hybrid_reference, build_reference_model, save_model_dir
+from gguf import GGMLQuantizationType as T
 from safetensors.torch import load_file
 
 from qwen3chat.config import ModelConfig, read_config_json
@@ -145,8 +146,10 @@ def test_logits_within_float_tolerance(model_dirs, tmp_path, kind, split):
     scale = expected.abs().max()
     assert (got - expected).abs().max() <= 1e-5 * scale
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
-    for rank in range(2):  # the decode steps ran natively on every process
-        assert all(json.loads((together / f"rank{rank}.json").read_text())["fused"])
+    ranks = [json.loads((together / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert all(ranks[0]["fused"]) and all(ranks[1]["fused"])  # decode steps ran natively
+    if split == "pipeline":  # the second stage holds neither the embedding nor the head
+        assert ranks[1]["held_bytes"] < 0.05 * ranks[0]["held_bytes"]
 
 
 def test_each_process_holds_its_share(tmp_path):
@@ -343,6 +346,39 @@ def test_a_source_reads_only_the_share(model_dirs):
     ]:
         whole = source.read(name, torch.float32)
         assert torch.equal(source.read(name, torch.float32, part=part), part.take(whole))
+
+
+@pytest.mark.parametrize("qtype", [T.F16, T.Q8_0, T.Q4_0, T.Q6_K])
+def test_a_gguf_source_cuts_the_stored_blocks(tmp_path, tokenizer_dir, qtype):
+    """GGUF shares, cut from the stored blocks before decoding (a range of experts,
+    rows, columns in whole blocks; Q6_K's 256-wide blocks cannot give 32 of 64 columns,
+    so that share is cut once decoded), equal the whole tensor decoded and cut."""
+    from gguf_files import write_gguf
+
+    from qwen3chat.weights.gguf import GGUFSource, open_gguf
+
+    # Experts 64 wide, so that half of one is a whole block of 32; Q6_K's blocks are 256
+    # wide, so every input is a multiple of 256 there.
+    shapes = dict(moe_intermediate_size=64)
+    if qtype == T.Q6_K:
+        shapes = dict(
+            hidden_size=256, head_dim=64, intermediate_size=512, moe_intermediate_size=256
+        )
+    path = tmp_path / "moe.gguf"
+    write_gguf(build_reference_model(moe=True, **shapes), tokenizer_dir, path, qtype)
+    source = GGUFSource(open_gguf(path), path)
+    for name, part in [
+        ("layers.1.mlp.experts.gate_proj.weight", Part(0, 1, 3)),
+        ("layers.1.mlp.experts.down_proj.weight", Part(-1, 1, 2)),
+        ("layers.0.self_attn.q_proj.weight", Part(-2, 1, 2)),
+        ("layers.0.self_attn.o_proj.weight", Part(-1, 0, 2)),
+    ]:
+        whole = part.take(source.read(name, torch.float32))
+        share = source.read(name, torch.float32, part=part)
+        if isinstance(whole, torch.Tensor):
+            assert torch.equal(share, whole)
+        else:
+            assert torch.equal(share.dequantize(), whole.dequantize())
 
 
 def _config(path: Path) -> ModelConfig:

@@ -148,12 +148,17 @@ class Qwen3Model(nn.Module):
         that it divides); its caches hold the KV heads it holds (config keeps the whole
         model's), and it computes the logits of its share of the vocabulary. Under the
         pipeline split it keeps its stage's layers, the others left as empty modules, so
-        that names and cache layers stay the whole model's."""
+        that names and cache layers stay the whole model's; a later stage holds no
+        embedding or LM head either (its input comes from the stage before, and process
+        0 takes the logits)."""
         if split == "pipeline":
             self.stage = Stage(world, len(self.layers))
             for i in range(len(self.layers)):
                 if not self.stage.first <= i < self.stage.end:
                     self.layers[i] = nn.Module()
+            if self.stage.first:
+                self.embed_tokens = nn.Module()
+                self.lm_head = None if self.lm_head is None else nn.Module()
             return
         for layer in self.layers:
             layer.shard(world, split)
@@ -283,7 +288,7 @@ class Qwen3Model(nn.Module):
         if seq > 1 and start > 0:
             indices = torch.arange(end, device=tokens.device)
             mask = indices[None, :] <= indices[start:, None]
-        x = self.embed_tokens(tokens)
+        x = self.embed(tokens)
         if visual is not None:
             x[0, visual.mask] = visual.embeds.to(x.dtype)
         if self.stage is not None:
@@ -301,6 +306,14 @@ class Qwen3Model(nn.Module):
         if self.stage is not None and (x := self.stage.pass_on(x)) is None:
             return None  # a later stage: process 0 takes the logits
         return self.logits(x if all_logits else x[:, -1])
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The ids' embeddings; on a later pipeline stage, which holds no table, a buffer
+        that the stage before's hidden states are received into."""
+        if self.stage is not None and self.stage.first:
+            size = (*tokens.shape, self.config.hidden_size)
+            return torch.empty(size, dtype=self.dtype, device=tokens.device)
+        return self.embed_tokens(tokens)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor | None:
         """Next-token logits (float32) of hidden states ``x [..., hidden]``. Across
@@ -332,7 +345,7 @@ class Qwen3Model(nn.Module):
         else:
             cos = mrope_rows(self.rope_cos, positions, self.mrope_axes)
             sin = mrope_rows(self.rope_sin, positions, self.mrope_axes)
-        x = self.embed_tokens(tokens)
+        x = self.embed(tokens)
         if visual is not None:
             x[visual.mask] = visual.embeds.to(x.dtype)
         cache = batch.cache

@@ -350,8 +350,9 @@ class GGUFSource:
         self, name: str, dtype: torch.dtype, kept: bool = False, part: Part | None = None
     ) -> torch.Tensor | QuantizedMatrix:
         """Always decoded into memory of its own: the file's pages are released here.
-        ``part``: that share, cut once the tensor is decoded."""
-        if part is not None:
+        ``part``: that share, cut from the stored blocks before decoding (a range of the
+        experts decodes only those), or once decoded where it would cut a block."""
+        if part is not None and name in self._key_head_part:
             return part.take(self.read(name, dtype))
         if name in self._key_head_part:  # some rows of another tensor, as stored
             whole, take = self._key_head_part[name]
@@ -362,7 +363,12 @@ class GGUFSource:
         shape = tuple(int(d) for d in reversed(tensor.shape))
         try:
             qtype = GGMLQuantizationType(tensor.tensor_type)
-            return gguf_quants.decode(tensor.data, qtype, shape, dtype)
+            raw = tensor.data
+            cut = None if part is None else gguf_quants.share(raw, qtype, shape, part)
+            if cut is not None:
+                raw, shape = cut
+            decoded = gguf_quants.decode(raw, qtype, shape, dtype)
+            return decoded if part is None or cut is not None else part.take(decoded)
         except (ValueError, IndexError) as e:
             raise QwenChatError(f"{self.path}: cannot read tensor {tensor.name} ({e})") from None
         finally:

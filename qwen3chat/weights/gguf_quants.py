@@ -89,6 +89,28 @@ def supported(qtype: T) -> bool:
     return True
 
 
+def share(
+    raw: np.ndarray, qtype: T, shape: tuple[int, ...], part
+) -> tuple[np.ndarray, tuple[int, ...]] | None:
+    """The stored data of ``part`` (distributed/split.py's Part) of a tensor of ``shape``
+    (torch order), and the share's shape: whole experts and rows as they lie in the file,
+    columns in whole blocks, copied out before anything is decoded. None where the
+    columns would cut a block (the caller decodes the whole and cuts it)."""
+    block = 1 if qtype in FLOAT_TYPES else quants.GGML_QUANT_SIZES[qtype][0]
+    dim = part.dim % len(shape)
+    start, stop = part.bounds(shape[dim])
+    if dim == len(shape) - 1:
+        if start % block or stop % block:
+            return None
+        start, stop = start // block, stop // block
+    # One entry a value (float types) or a block (its bytes along the last axis).
+    units = np.asarray(raw).reshape(*shape[:-1], shape[-1] // block, -1)
+    cut = np.ascontiguousarray(units[(slice(None),) * dim + (slice(start, stop),)])
+    sizes = list(shape)
+    sizes[dim] = part.size(shape[dim])
+    return cut, tuple(sizes)
+
+
 def decode(
     raw: np.ndarray, qtype: T, shape: tuple[int, ...], dtype: torch.dtype
 ) -> torch.Tensor | QuantizedMatrix:
