@@ -10,9 +10,9 @@ and ``common_prefix`` only offers lengths it can return to (a checkpoint, the li
 state, or nothing). A new turn whose prompt starts with the last one's thus prefills
 only what is new.
 
-A forward pass moves the states on in place before the engine commits its tokens; if it
-is interrupted the live state is not trusted again (``_state_len`` None) and only the
-checkpoints are offered.
+A forward pass moves the states on in place before the engine commits its tokens (a
+pipeline stage moves them a piece of the prompt at a time); if it is interrupted the live
+state is not trusted again (``_state_len`` None) and only the checkpoints are offered.
 
 The server's engine keeps many sequences in a PagedHybridCache: the attention layers'
 keys and values in blocks, and a pool of state slots, one per running sequence and the
@@ -83,10 +83,15 @@ class HybridCache:
         self.recurrent = True
         self.tokens: list = []
         self._state_len: int | None = 0  # tokens the live states hold; None: not trusted
+        self._moved = 0  # tokens the live states have moved through, committed or not
         self._checkpoints: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @property
+    def quantized(self) -> bool:
+        return self.kv.quantized
 
     def window(self, layer: int, start: int, end: int):
         return self.kv.window(self._slot[layer], start, end)
@@ -94,25 +99,26 @@ class HybridCache:
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         return self.kv.update(self._slot[layer], start, k, v)
 
-    def linear_state(self, layer: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def linear_state(self, layer: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of one Gated DeltaNet layer's conv and delta states, which the layer moves
-        on in place from ``start`` tokens."""
+        on in place from ``start`` tokens by ``count``."""
         if layer == self._first_linear:
-            self.moving(start)
+            self.moving(start, count)
         slot = self._slot[layer]
         return self.conv[slot], self.delta[slot]
 
-    def moving(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every linear layer's states ``[layers, 1, ...]``, which a pass from ``start``
-        tokens is about to move on (not trusted again until it commits)."""
-        if start != self._state_len:
-            raise RuntimeError(f"hybrid cache: states hold {self._state_len}, not {start}")
-        self._state_len = None
+    def moving(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every linear layer's states ``[layers, 1, ...]``, which a pass is about to move
+        on from ``start`` tokens by ``count`` (not trusted again until it commits): the
+        states must have moved through exactly ``start``, committed or not."""
+        if start != self._moved or self._state_len not in (start, None):
+            raise RuntimeError(f"hybrid cache: states hold {self._moved}, not {start}")
+        self._state_len, self._moved = None, start + count
         return self.conv, self.delta
 
     def commit(self, ids: list) -> None:
         self.tokens.extend(ids)
-        self._state_len = len(self.tokens)
+        self._state_len = self._moved = len(self.tokens)
 
     def checkpoint(self) -> None:
         """Keep a copy of the live states (the engine's marks: engine._checkpoint_marks)."""
@@ -140,6 +146,7 @@ class HybridCache:
                 self.conv.copy_(conv)
                 self.delta.copy_(delta)
             self._state_len = length
+        self._moved = length
         # Checkpoints past the cut describe tokens that are gone.
         for n in [n for n in self._checkpoints if n > length]:
             del self._checkpoints[n]

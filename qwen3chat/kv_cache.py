@@ -80,6 +80,7 @@ class Cache(Protocol):
     # Whether it holds state that cannot be trimmed back to any prefix, so that the
     # engine asks for checkpoints (hybrid_cache.py).
     recurrent: bool
+    quantized: bool  # keys and values stored as int8 rows
 
     def __len__(self) -> int: ...
 
@@ -137,6 +138,11 @@ class KVCache:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @property
+    def quantized(self) -> bool:
+        """Keys and values stored as int8 rows (``--kv-cache int8``)."""
+        return self.k.dtype == torch.int8
 
     def window(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of one layer's stored keys and values at positions ``start..end-1``."""
@@ -196,6 +202,8 @@ class PagedKVCache:
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
+
+    quantized = KVCache.quantized
 
     state_slots = 0  # no per-sequence state besides keys and values (hybrid_cache.py's)
 

@@ -104,22 +104,23 @@ class QuantizedMatrix:
         )
 
     @staticmethod
-    def cat(parts: list[QuantizedMatrix]) -> QuantizedMatrix:
-        """Concatenate along rows (output features; per expert for stacks of experts)."""
+    def cat(parts: list[QuantizedMatrix], dim: int = -2) -> QuantizedMatrix:
+        """Concatenate along rows (output features; per expert for stacks of experts), or
+        along columns (``dim`` -1: pieces of whole groups)."""
         first = parts[0]
         if any((p.bits, p.group_size) != (first.bits, first.group_size) for p in parts):
             # Mixed formats (a GGUF file may quantize q and v differently): requantize.
             return quantize(
-                torch.cat([p.dequantize() for p in parts], dim=-2), first.bits, first.group_size
+                torch.cat([p.dequantize() for p in parts], dim=dim), first.bits, first.group_size
             )
         zeros = None
         if any(p.zeros is not None for p in parts):  # Q4_0 (no zeros) beside Q4_1
-            zeros = torch.cat([_zeros_of(p) for p in parts], dim=-2)
+            zeros = torch.cat([_zeros_of(p) for p in parts], dim=dim)
         return QuantizedMatrix(
             first.bits,
             first.group_size,
-            torch.cat([p.codes for p in parts], dim=-2),
-            torch.cat([p.scales for p in parts], dim=-2),
+            torch.cat([p.codes for p in parts], dim=dim),
+            torch.cat([p.scales for p in parts], dim=dim),
             zeros,
         )
 

@@ -3,7 +3,9 @@ preset's random weights), this process's share of it under --split, runs --ids o
 0 with the others following (the first --prompt of them in one forward, then one decode
 step each), and writes OUT/rank<r>.json (bytes of weights held, resident memory before and
 after loading, whether the native decode step covers each layer it runs) and, on process
-0, OUT/logits.safetensors (the logits at every position)."""
+0, OUT/logits.safetensors (the logits at every position). With --image (a vision
+model), process 0 asks about that picture instead: --ids are then taken from the chat
+template, and --prompt counts the generated ones decoded after the prompt."""
 
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from qwen3chat.distributed.split import Sharding
 from qwen3chat.distributed.world import join, leave
 from qwen3chat.loading import load_model, load_preset
 from qwen3chat.model import native as native_step
+from qwen3chat.vision.preprocess import VisionPreprocessing
+from qwen3chat.vision.prompt import VisionChat, user_message
 
 
 def main() -> None:
@@ -33,6 +37,7 @@ def main() -> None:
     parser.add_argument("--split", default="auto")
     parser.add_argument("--ids", default="1,2,3")
     parser.add_argument("--prompt", type=int, default=0, help="ids in the first forward (all)")
+    parser.add_argument("--image")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     world = join(torch.device("cpu"))
@@ -60,14 +65,24 @@ def main() -> None:
         if rank:
             follow(model, world)
             return
-        ids = torch.tensor([[int(i) for i in args.ids.split(",")]])
-        prompt = args.prompt or ids.shape[1]
+        ids, visuals = [int(i) for i in args.ids.split(",")], []
+        prompt = args.prompt or len(ids)
+        if args.image:  # the picture's prompt, then --ids as generated tokens
+            chat = VisionChat(VisionPreprocessing.from_model_dir(args.model))
+            message = user_message("What is it?", [chat.image(args.image)])
+            prompt_ids, visuals = chat.encode_chat(loaded.tokenizer, [message])
+            ids, prompt = prompt_ids + ids, len(prompt_ids)
+        layout = model.prompt_layout(ids[:prompt], visuals)
+        ids = torch.tensor([ids])
         with driving(model, world), torch.inference_mode():
             cache = model.new_cache(ids.shape[1] + 1)
-            rows = [model(ids[:, :prompt], cache, 0, all_logits=True)[0]]
+            layout.prepare(model, 0)
+            extra = layout.rows(0, prompt, model.device)
+            rows = [model(ids[:, :prompt], cache, 0, all_logits=True, **extra)[0]]
             cache.commit(ids[0, :prompt].tolist())  # a hybrid cache's states hold them
             for at in range(prompt, ids.shape[1]):
-                rows.append(model(ids[:, at : at + 1], cache, at))
+                extra = layout.rows(at, at + 1, model.device)
+                rows.append(model(ids[:, at : at + 1], cache, at, **extra))
                 cache.commit([int(ids[0, at])])
         logits = torch.cat(rows).float().contiguous()
         save_file({"logits": logits}, out / "logits.safetensors")

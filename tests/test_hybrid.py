@@ -143,7 +143,7 @@ def test_an_interrupted_pass_is_never_reused(tmp_path, tokenizer_dir):
     _reply(engine, PROMPT)
     cache = engine.cache
     held = len(cache)
-    cache.linear_state(0, held)  # what a pass does first, then it is interrupted
+    cache.linear_state(0, held, 3)  # what a pass does first, then it is interrupted
     longer = cache.tokens + [9707] * 3
     assert cache.common_prefix(longer) == len(PROMPT)  # the checkpoint, not the live state
     prompt = [*longer, 151645, 198]
@@ -255,7 +255,7 @@ def test_native_delta_step_equals_the_torch_step(dtype, tiled, monkeypatch):
     def step():
         states = type("States", (), {})()
         states.conv, states.delta = conv.clone(), delta.clone()
-        states.linear_state = lambda layer, start: (states.conv, states.delta)
+        states.linear_state = lambda layer, start, count: (states.conv, states.delta)
         with torch.no_grad():
             return layer(x, states, 5), states.conv, states.delta
 

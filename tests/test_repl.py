@@ -14,6 +14,7 @@ import time
 
 import pexpect
 import pytest
+import torch
 from rich.console import Console
 from rich.text import Text
 
@@ -23,7 +24,7 @@ from qwen3chat.chat.session import ChatOptions, Conversation
 from qwen3chat.engine import Engine
 from qwen3chat.errors import QwenChatError
 from qwen3chat.generation import FinishEvent, TextEvent, ThinkingEnd, Timings
-from qwen3chat.loading import load_model
+from qwen3chat.loading import load_model, load_preset
 from qwen3chat.sampling import SamplingSettings
 
 GREEDY = SamplingSettings(temperature=0.0)
@@ -146,8 +147,8 @@ def loaded(tiny_model_dir):
     return load_model(tiny_model_dir[0], device="cpu", dtype="float32")
 
 
-def make_repl(loaded, max_seq_len=2048, system=None, vision=None, **options) -> Repl:
-    engine = Engine(loaded.model, loaded.tokenizer, max_seq_len)
+def make_repl(loaded, max_seq_len=2048, system=None, vision=None, kv_dtype=None, **options) -> Repl:
+    engine = Engine(loaded.model, loaded.tokenizer, max_seq_len, kv_dtype=kv_dtype)
     return Repl(
         engine,
         loaded,
@@ -324,6 +325,17 @@ def test_set_changes_settings_and_rejects_bad_values(loaded):
     assert "/set: stats takes on or off" in out
     repl.handle("/set think_budget off")
     assert repl.options.think_budget is None
+
+
+@pytest.mark.parametrize("kv_dtype", [None, torch.int8])
+def test_show_describes_a_hybrid_model_s_cache(kv_dtype):
+    """/show on the hybrid generation, whose cache keeps recurrent states beside the
+    attention layers' keys and values."""
+    repl = make_repl(load_preset("tiny-hybrid", "cpu", "float32"), 256, kv_dtype=kv_dtype)
+    repl.show("")
+    shown = repl.console.file.getvalue()
+    kind = "int8 (32-value blocks)" if kv_dtype else "compute dtype"
+    assert re.search(rf"kv cache\s+{re.escape(kind)}, \d+ MiB for 256 tokens", shown)
 
 
 def test_soft_switches_inside_a_message_are_sent_to_the_model(loaded):

@@ -159,7 +159,7 @@ class _LinearStates:
         shape = (1, linear.num_v_heads, linear.head_k_dim, linear.head_v_dim)
         self.delta = torch.zeros(shape, dtype=torch.float32, device=device)
 
-    def linear_state(self, layer: int, start: int):
+    def linear_state(self, layer: int, start: int, count: int):
         return self.conv, self.delta
 
 

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import Completer, NestedCompleter, PathCompleter, WordCompleter
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
@@ -466,7 +465,7 @@ class Repl:
 
     def _kv_cache(self) -> str:
         cache = self.engine.cache
-        kind = "int8 (32-value blocks)" if cache.k.dtype == torch.int8 else "compute dtype"
+        kind = "int8 (32-value blocks)" if cache.quantized else "compute dtype"
         return f"{kind}, {cache.nbytes / 2**20:.0f} MiB for {cache.max_seq_len} tokens"
 
     def image(self, arg: str) -> None:

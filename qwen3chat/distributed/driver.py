@@ -13,10 +13,12 @@ A message is MESSAGE int64 values: the op, a cache number, the op's five values,
 length of its payload, then the payload where it fits: the op's tensors flattened one
 after the other (the ids; for a step of the server's batched engine also each row's
 position and sequence, the block tables and the rows whose logits are taken, and with
-state slots each sequence's row count and slot). A longer
-payload follows in a second broadcast. So a decode step is one broadcast: each is a
-round trip between the processes (~0.75 ms on loopback here), and a token's all-reduces
-wait behind it.
+state slots each sequence's row count and slot; with pictures each row's M-RoPE
+positions and which rows are the tower's tokens). A longer payload follows in a second
+broadcast, and a forward with pictures sends the tower's tokens and DeepStack features
+(float32) in one more: process 0 alone holds and runs the vision tower. So a decode step
+is one broadcast: each is a round trip between the processes (~0.75 ms on loopback here),
+and a token's all-reduces wait behind it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 
 from ..errors import QwenChatError
 from ..kv_cache import PagedBatch
+from ..model.qwen3 import VisualTokens
 from .world import World
 
 FORWARD, BATCH, NEW_CACHE, NEW_PAGED_CACHE, DROP_CACHE, STOP, CALL = range(1, 8)
@@ -75,27 +78,31 @@ class Driver:
         call = self.signature.bind(*args, **kwargs)
         call.apply_defaults()
         given = call.arguments
-        self.no_pictures(given["positions"], given["visual"])
-        tokens, cache = given["tokens"], given["cache"]
+        tokens, cache, visual = given["tokens"], given["cache"], given["visual"]
         number = 0 if cache is None else self.number(cache)
         start, all_logits = given["start"], int(given["all_logits"])
-        self.send(FORWARD, number, start, tokens.shape[1], all_logits, payload=[tokens])
+        pictures, tensors = _pictures(given["positions"], visual)
+        values = start, tokens.shape[1], all_logits, pictures
+        self.send(FORWARD, number, *values, payload=[tokens, *tensors])
+        self.send_features(visual)
 
     def announce_batch(self, tokens, batch, positions=None, visual=None):
-        self.no_pictures(positions, visual)
         number = self.number(batch.cache)
         seqs, width = batch.block_tables.shape
         tensors = [tokens, batch.positions, batch.row_seq, batch.block_tables, batch.logit_rows]
         if batch.cache.state_slots:
             tensors += [torch.tensor(batch.counts), torch.tensor(batch.states)]
-        values = tokens.shape[0], seqs, width, batch.logit_rows.shape[0]
-        self.send(BATCH, number, *values, payload=tensors)
-        return self.forward_batch(tokens, batch)
+        pictures, more = _pictures(positions, visual)
+        values = tokens.shape[0], seqs, width, batch.logit_rows.shape[0], pictures
+        self.send(BATCH, number, *values, payload=[*tensors, *more])
+        self.send_features(visual)
+        return self.forward_batch(tokens, batch, positions, visual)
 
-    @staticmethod
-    def no_pictures(positions, visual) -> None:
-        if positions is not None or visual is not None:
-            raise QwenChatError("pictures do not run across processes yet; run one process")
+    def send_features(self, visual: VisualTokens | None) -> None:
+        """The tower's tokens and DeepStack features of a forward with pictures, in float32
+        (exact for every dtype they come in: each process rounds them alike)."""
+        if visual is not None:
+            self.world.broadcast(torch.stack([visual.embeds, *visual.deepstack]).float())
 
     def number(self, cache) -> int:
         """The cache's number among the followers, which make theirs when it is new (and
@@ -105,8 +112,7 @@ class Driver:
         if cache not in self.numbers:
             number = self.numbers[cache] = next(self.counter)
             weakref.finalize(cache, self.dropped.append, number)
-            keys = getattr(cache, "kv", cache).k  # a hybrid cache's attention layers' KVCache
-            int8 = int(keys.dtype == torch.int8)
+            int8 = int(cache.quantized)
             if hasattr(cache, "block_size"):  # paged: sized in blocks, rotary tables as ours
                 rope = self.model.rope_cos.shape[0]
                 sizes = cache.num_blocks, cache.block_size, rope, int8, cache.state_slots
@@ -168,15 +174,19 @@ def follow(model: torch.nn.Module, world: World) -> None:
             elif op == DROP_CACHE:
                 caches.pop(number, None)
             elif op == FORWARD:
-                model(payload.view(1, b), caches.get(number), a, all_logits=bool(c))
+                ids, rest = payload.split([b, length - b])
+                pictures = _received_pictures(model, world, d, rest, b)
+                model(ids.view(1, b), caches.get(number), a, all_logits=bool(c), **pictures)
             elif op == BATCH:
                 cache = caches[number]
-                sizes = (a, a, a, b * c, d, *((b, b) if cache.state_slots else ()))
-                tokens, positions, row_seq, tables, logit_rows, *states = payload.split(sizes)
+                sizes = [a, a, a, b * c, d, *((b, b) if cache.state_slots else ())]
+                *tensors, rest = payload.split([*sizes, length - sum(sizes)])
+                tokens, positions, row_seq, tables, logit_rows, *states = tensors
+                pictures = _received_pictures(model, world, e, rest, a)
                 tables = tables.view(b, c).to(torch.int32)
                 counts, slots = (t.tolist() for t in states) if states else (None, None)
                 batch = PagedBatch(cache, positions, row_seq, tables, logit_rows, counts, slots)
-                model.forward_batch(tokens, batch)
+                model.forward_batch(tokens, batch, **pictures)
             elif op == CALL:
                 name = MIRRORED[a]
                 values = [None if v < 0 else v for v in (c, d)[:b]]
@@ -196,3 +206,36 @@ def driving(model: torch.nn.Module, world: World | None) -> Iterator[None]:
         yield
     finally:
         driver.stop()
+
+
+# A forward's pictures word: M-RoPE positions sent, tower tokens sent, and above these
+# bits the number of DeepStack features.
+POSITIONS, VISUAL, DEEPSTACK_SHIFT = 1, 2, 2
+
+
+def _pictures(positions, visual: VisualTokens | None) -> tuple[int, list[torch.Tensor]]:
+    """A forward's pictures as the message carries them: the word, and the payload's
+    tensors after the op's own (positions ``[3, rows]``, the tower tokens' row mask)."""
+    word, tensors = 0, []
+    if positions is not None:
+        word, tensors = POSITIONS, [positions]
+    if visual is not None:
+        word |= VISUAL | len(visual.deepstack) << DEEPSTACK_SHIFT
+        tensors.append(visual.mask)
+    return word, tensors
+
+
+def _received_pictures(model, world: World, word: int, rest, rows: int) -> dict:
+    """A follower's ``positions`` and ``visual`` arguments for a forward of ``rows`` rows
+    from its pictures word, the payload after the op's own tensors, and the features
+    broadcast after the message."""
+    found = {}
+    if word & POSITIONS:
+        found["positions"], rest = rest[: 3 * rows].view(3, rows), rest[3 * rows :]
+    if word & VISUAL:
+        mask = rest.bool()
+        layers = 1 + (word >> DEEPSTACK_SHIFT)
+        size = (layers, int(mask.sum()), model.config.hidden_size)
+        features = world.broadcast(torch.empty(size, dtype=torch.float32, device=model.device))
+        found["visual"] = VisualTokens(mask, features[0], list(features[1:]))
+    return found

@@ -5,9 +5,9 @@ their inner width (gate and up by rows, down by columns); each block's output is
 over processes, one all-reduce. expert: each process holds a range of each MoE layer's
 experts (and a share of a shared expert's width), and everything else whole. auto:
 experts for MoE layers, tensor for the rest. pipeline: each process holds a range of the
-layers (pipeline.py). The hybrid generation's linear-attention layers do not divide
-yet: its models take the expert split (auto, for a MoE one) or the pipeline (auto, for a
-dense one).
+layers (pipeline.py). The hybrid generation's Gated DeltaNet layers divide as attention
+does, by heads: each process holds a share of the key heads and the value heads that
+read them, with their states.
 """
 
 from __future__ import annotations
@@ -26,42 +26,55 @@ SPLITS = ("auto", "tensor", "expert", "pipeline")
 @dataclass(frozen=True)
 class Part:
     """Share ``index`` of ``count`` of a checkpoint tensor along ``dim`` (0: experts of a
-    stack, -2: rows, the outputs, -1: columns, the inputs), cut as evenly as it divides."""
+    stack, -2: rows, the outputs, -1: columns, the inputs), cut as evenly as it divides.
+    With ``sections`` (sizes along ``dim``, adding up to it) each section is cut so and the
+    share is their pieces in order: a tensor that stacks several things, each divided by
+    heads (a Gated DeltaNet's q, k and v rows)."""
 
     dim: int
     index: int
     count: int
+    sections: tuple[int, ...] = ()
 
     def bounds(self, size: int) -> tuple[int, int]:
+        """The share of ``size`` things, one range (a Part without sections)."""
         return size * self.index // self.count, size * (self.index + 1) // self.count
 
-    def size(self, size: int) -> int:
-        start, stop = self.bounds(size)
-        return stop - start
+    def ranges(self, size: int) -> list[tuple[int, int]]:
+        """The (start, stop) of each piece of the share of ``size`` along ``dim``."""
+        if not self.sections:
+            return [self.bounds(size)]
+        if sum(self.sections) != size:
+            raise ValueError(f"sections {list(self.sections)} do not add up to {size}")
+        ranges, offset = [], 0
+        for section in self.sections:
+            start, stop = self.bounds(section)
+            ranges.append((offset + start, offset + stop))
+            offset += section
+        return ranges
 
-    def slices(self, shape) -> tuple[slice, ...]:
-        """The index that takes this share of a tensor of ``shape``."""
-        start, stop = self.bounds(shape[self.dim])
-        return (slice(None),) * (self.dim % len(shape)) + (slice(start, stop),)
+    def size(self, size: int) -> int:
+        return sum(stop - start for start, stop in self.ranges(size))
+
+    def slices(self, shape) -> list[tuple[slice, ...]]:
+        """The indices that take this share's pieces of a tensor of ``shape``."""
+        lead = (slice(None),) * (self.dim % len(shape))
+        return [(*lead, slice(start, stop)) for start, stop in self.ranges(shape[self.dim])]
 
     def take(self, value):
         """A copy of this share of ``value``, a tensor or a QuantizedMatrix (not a view:
         the whole may then be freed)."""
-        start, stop = self.bounds(value.shape[self.dim])
-        share = value.narrow(self.dim, start, stop - start)
-        return share.clone() if isinstance(share, torch.Tensor) else share
+        pieces = [
+            value.narrow(self.dim, start, stop - start)
+            for start, stop in self.ranges(value.shape[self.dim])
+        ]
+        if isinstance(value, QuantizedMatrix):  # narrow copied them
+            return pieces[0] if len(pieces) == 1 else QuantizedMatrix.cat(pieces, self.dim)
+        return torch.cat(pieces, dim=self.dim) if len(pieces) > 1 else pieces[0].clone()
 
 
 def _has_experts(config) -> bool:
     return any(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
-
-
-def resolved(config, split: str) -> str:
-    """``split`` as ``config``'s layers take it: auto stays auto (experts and tensor) but
-    for the hybrid generation (see the module's docstring)."""
-    if split != "auto" or not config.hybrid:
-        return split
-    return "expert" if _has_experts(config) else "pipeline"
 
 
 def check_split(config, split: str, size: int) -> None:
@@ -69,16 +82,6 @@ def check_split(config, split: str, size: int) -> None:
     error naming the flag and what does not divide."""
     if split not in SPLITS:
         raise QwenChatError(f"--split: unknown split {split!r}; use {', '.join(SPLITS)}")
-    if config.vision is not None:
-        raise QwenChatError(
-            "models that see pictures do not run across processes yet (text models do)"
-        )
-    if config.hybrid and split == "tensor":
-        raise QwenChatError(
-            "--split tensor: the hybrid generation's linear-attention layers do not divide "
-            "among processes yet; use --split expert (a MoE model) or --split pipeline"
-        )
-    split = resolved(config, split)
     if split == "pipeline":
         if config.num_hidden_layers < size:
             raise QwenChatError(
@@ -91,6 +94,8 @@ def check_split(config, split: str, size: int) -> None:
     uneven = []
     if split != "expert":
         fields = ["num_attention_heads", *(["intermediate_size"] if dense else [])]
+        if config.hybrid:
+            fields.append("linear_num_key_heads")
         if moe and split == "tensor":
             fields.append("moe_intermediate_size")
         uneven = [f"{f} = {getattr(config, f)}" for f in fields if getattr(config, f) % size]
@@ -126,14 +131,12 @@ class Sharding:
         """Make ``model`` (on the meta device, before loading) this process's share, once
         it is checked to divide; the whole model's row splits of its fused parameters."""
         check_split(model.config, self.split, self.world.size)
-        split = resolved(model.config, self.split)
         whole = {
             name: getattr(model.get_submodule(name.rpartition(".")[0]), "split", ())
-            or (param.shape[-2],)
+            or tuple(param.shape[-2:-1])
             for name, param in model.named_parameters()
-            if param.dim() >= 2
         }
-        model.shard(self.world, split)
+        model.shard(self.world, self.split)
         return whole
 
 

@@ -46,6 +46,17 @@ class World:
         with collective_errors(self):
             dist.send(tensor, to, group=self.steps)
 
+    def sending(self, tensor: torch.Tensor, to: int) -> dist.Work:
+        """Start sending ``tensor`` (kept unchanged until ``wait`` is given the handle)."""
+        with collective_errors(self):
+            return dist.isend(tensor, to, group=self.steps)
+
+    def wait(self, sends: list[dist.Work]) -> None:
+        """Until the sends started are done."""
+        with collective_errors(self):
+            for send in sends:
+                send.wait()
+
     def receive(self, tensor: torch.Tensor, source: int) -> torch.Tensor:
         """``source``'s tensor, received into ``tensor``."""
         with collective_errors(self):

@@ -16,12 +16,15 @@ use float32 state, as the reference does. The conv and delta states live in the 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed.split import Part
 from . import native
-from .layers import Linear
+from .layers import Linear, shard_weight
 
 CHUNK = 64  # tokens per chunk of the chunked delta rule (the reference's)
 
@@ -94,11 +97,40 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps)
         self.out_proj = Linear(self.value_dim, config.hidden_size)
 
+    def shard(self, world) -> None:
+        """Keep this process's share of the key heads and the value heads that read them
+        (tensor split): their rows of q, k, v (in_proj and the conv), z, b and a, their A
+        and dt_bias, their columns of out_proj, whose output is summed over processes."""
+        part = functools.partial(Part, -2, world.rank, world.size)
+        values, heads = self._by_value_head(self.head_v_dim), self._by_value_head(1)
+        qkv = part((self.key_dim,) * 2 + values)
+        shard_weight(self.in_proj, (qkv, part(values), part(heads), part(heads)))
+        shard_weight(self.conv1d, (qkv,))
+        shard_weight(self.out_proj, (Part(-1, world.rank, world.size, values),))
+        self.out_proj.reduce = world
+        self.parts = (Part(-1, world.rank, world.size, heads),)  # A's and dt_bias's
+        self.num_k_heads //= world.size
+        self.num_v_heads //= world.size
+        self.key_dim = self.num_k_heads * self.head_k_dim
+        self.value_dim = self.num_v_heads * self.head_v_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.A, self.dt_bias = (
+            nn.Parameter(torch.empty(self.num_v_heads, device="meta"), requires_grad=False)
+            for _ in range(2)
+        )
+
+    def _by_value_head(self, width: int) -> tuple[int, ...]:
+        """Sections of something ``width`` wide per value head, each of which a Part cuts
+        by key heads: one, or (tiled: value head j reads key head j % key heads) a section
+        per round of the key heads."""
+        rounds = self.num_v_heads // self.num_k_heads if self.tiled else 1
+        return (self.num_v_heads // rounds * width,) * rounds
+
     def forward(self, x: torch.Tensor, cache, start: int) -> torch.Tensor:
         """``x [B, T, hidden]`` following the ``start`` tokens whose conv and delta states
         ``cache`` holds (None: from nothing, states discarded)."""
         conv_state, state = (
-            (None, None) if cache is None else cache.linear_state(self.layer_idx, start)
+            (None, None) if cache is None else cache.linear_state(self.layer_idx, start, x.shape[1])
         )
         return self.out_proj(self.mix(self.in_proj(x), conv_state, state))
 

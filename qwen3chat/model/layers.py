@@ -40,16 +40,17 @@ class Linear(nn.Module):
 
 
 def shard_weight(module: nn.Module, parts: tuple[Part, ...]) -> None:
-    """Make the (meta) ``module.weight`` of a Linear or ExpertLinear this process's share:
+    """Make the (meta) ``module.weight`` of a Linear, ExpertLinear or conv this process's share:
     ``parts`` gives one Part per checkpoint tensor fused into it (its ``split``), which
     the loader reads; rows shrink part by part, columns and experts all alike."""
     shape = list(module.weight.shape)
-    split = module.split or (shape[-2],)
+    fused = getattr(module, "split", ())
+    split = fused or (shape[-2],)
     rows = [p.size(n) if p.dim == -2 else n for p, n in zip(parts, split, strict=True)]
     for dim in {p.dim for p in parts if p.dim != -2}:
         shape[dim] = parts[0].size(shape[dim])
     shape[-2] = sum(rows)
-    module.split = tuple(rows) if module.split else ()
+    module.split = tuple(rows) if fused else ()
     module.parts = parts
     module.weight = nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False)
 

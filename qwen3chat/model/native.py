@@ -140,7 +140,7 @@ def decode_layers(
     with collective_errors(layers[0].world):
         if isinstance(cache, KVCache):
             return native.decode_layers(x, weights, cos, sin, cache.k, cache.v, start)
-        conv, delta = cache.moving(start)
+        conv, delta = cache.moving(start, 1)
         kv = cache.kv
         return native.decode_layers(x, weights, cos, sin, kv.k, kv.v, start, conv, delta)
 

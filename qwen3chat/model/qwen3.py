@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -86,7 +87,7 @@ class DecoderLayer(nn.Module):
         ``split`` is expert; the experts held, or a share of each."""
         tensor = split != "expert"
         if tensor:
-            self.self_attn.shard(world)
+            (self.linear_attn if hasattr(self, "linear_attn") else self.self_attn).shard(world)
         if isinstance(self.mlp, SparseMoE):
             self.mlp.shard(world, experts=split != "tensor")
         elif tensor:
@@ -130,7 +131,7 @@ class Qwen3Model(nn.Module):
         self.lm_head = (
             None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
         )
-        self.kv_heads = config.num_key_value_heads  # this process's (a share: shard)
+        self.held = config  # the heads this process's caches hold (a share: shard)
         self.stage: Stage | None = None  # the pipeline split's range of layers
         self.vocab: VocabSplit | None = None  # the other splits' share of the LM head
         self._head_rows = None  # a tied head's share (VocabSplit.rows), taken on first use
@@ -145,8 +146,8 @@ class Qwen3Model(nn.Module):
     def shard(self, world, split: str) -> None:
         """Make this model (on the meta device, before loading) the share of process
         ``world.rank`` of ``world.size`` under ``split`` (distributed/split.py checked
-        that it divides); its caches hold the KV heads it holds (config keeps the whole
-        model's), and it computes the logits of its share of the vocabulary. Under the
+        that it divides); its caches hold the heads it holds (``held``; config keeps the
+        whole model's), and it computes the logits of its share of the vocabulary. Under the
         pipeline split it keeps its stage's layers, the others left as empty modules, so
         that names and cache layers stay the whole model's; a later stage holds no
         embedding or LM head either (its input comes from the stage before, and process
@@ -163,7 +164,15 @@ class Qwen3Model(nn.Module):
         for layer in self.layers:
             layer.shard(world, split)
         attention = next(layer.self_attn for layer in self.layers if hasattr(layer, "self_attn"))
-        self.kv_heads = attention.num_kv_heads
+        heads = {"num_key_value_heads": attention.num_kv_heads}
+        linear = next(
+            (layer.linear_attn for layer in self.layers if hasattr(layer, "linear_attn")), None
+        )
+        if linear is not None:
+            heads.update(
+                linear_num_key_heads=linear.num_k_heads, linear_num_value_heads=linear.num_v_heads
+            )
+        self.held = dataclasses.replace(self.config, **heads)
         self.vocab = VocabSplit(world, self.config.vocab_size)
         if self.lm_head is not None:  # a tied head's table stays whole for the lookup
             shard_weight(self.lm_head, (self.vocab.part,))
@@ -172,6 +181,11 @@ class Qwen3Model(nn.Module):
     def running(self) -> nn.ModuleList:
         """The layers this process runs: all, or its pipeline stage's."""
         return self.layers if self.stage is None else self.layers[self.stage.first : self.stage.end]
+
+    @property
+    def first_layer(self) -> int:
+        """The index of the first layer this process runs."""
+        return 0 if self.stage is None else self.stage.first
 
     def _apply(self, fn, recurse=True):
         # Moving or converting the weights makes new tensors: the native step's view of
@@ -205,12 +219,12 @@ class Qwen3Model(nn.Module):
         """A KVCache storing ``kv_dtype`` (torch.int8: quantized rows; default the
         weights' dtype); a hybrid model's HybridCache holds its linear layers' states too."""
         self._rope_up_to(max_seq_len)
-        c = self.config
+        c = self.held
         if c.hybrid:
             return HybridCache(c, max_seq_len, self.dtype, kv_dtype, self.device)
         return KVCache(
             c.num_hidden_layers,
-            self.kv_heads,
+            c.num_key_value_heads,
             c.head_dim,
             max_seq_len,
             kv_dtype or self.dtype,
@@ -227,7 +241,7 @@ class Qwen3Model(nn.Module):
     ) -> PagedKVCache:
         """A PagedKVCache for the batched engine; rotary tables up to ``max_seq_len``. A
         hybrid model's keeps ``state_slots`` slots of its linear layers' states too."""
-        c = self.config
+        c = self.held
         self._rope_up_to(max_seq_len)
         if c.hybrid:
             return PagedHybridCache(
@@ -235,7 +249,7 @@ class Qwen3Model(nn.Module):
             )
         return PagedKVCache(
             c.num_hidden_layers,
-            self.kv_heads,
+            c.num_key_value_heads,
             c.head_dim,
             num_blocks,
             block_size,
@@ -244,10 +258,10 @@ class Qwen3Model(nn.Module):
         )
 
     def kv_bytes_per_token(self, kv_dtype: torch.dtype | None = None) -> int:
-        c = self.config
+        c = self.held
         layers = sum(not c.is_linear_layer(i) for i in range(c.num_hidden_layers))
         return PagedKVCache.bytes_per_token(
-            layers, self.kv_heads, c.head_dim, kv_dtype or self.dtype
+            layers, c.num_key_value_heads, c.head_dim, kv_dtype or self.dtype
         )
 
     def prompt_layout(self, ids: list[int], visuals: Sequence = ()) -> TextLayout:
@@ -284,28 +298,41 @@ class Qwen3Model(nn.Module):
             # tokens moves the position on by max(h, w)), so the tables cover it.
             cos = mrope_rows(self.rope_cos, positions, self.mrope_axes)
             sin = mrope_rows(self.rope_sin, positions, self.mrope_axes)
-        mask = None
-        if seq > 1 and start > 0:
-            indices = torch.arange(end, device=tokens.device)
-            mask = indices[None, :] <= indices[start:, None]
         x = self.embed(tokens)
         if visual is not None:
             x[0, visual.mask] = visual.embeds.to(x.dtype)
-        if self.stage is not None:
+        if self.stage is None:
+            x = self.run_layers(x, cos, sin, cache, start, visual)
+        elif seq > 1 and cache is not None and visual is None:
+            # A prompt through the pipeline: the stages work on pieces of it at once.
+            def run(piece, first, end):
+                return self.run_layers(piece, cos[first:end], sin[first:end], cache, start + first)
+
+            x = self.stage.prompt(x, run)
+        else:
             x = self.stage.receive(x)
-        decoded = None
+            x = self.stage.pass_on(self.run_layers(x, cos, sin, cache, start, visual))
+        if x is None:
+            return None  # a later pipeline stage: process 0 takes the logits
+        return self.logits(x if all_logits else x[:, -1])
+
+    def run_layers(self, x, cos, sin, cache, start: int, visual: VisualTokens | None = None):
+        """The layers this process runs over ``x [1, T, hidden]`` at ``start``: a decode
+        step in one native call where the kernels cover it."""
+        seq = x.shape[1]
         if seq == 1 and cache is not None and visual is None:
             decoded = native.decode_layers(x, self.running, cos, sin, cache, start)
-        if decoded is not None:
-            x = decoded
-        else:
-            for i, layer in enumerate(self.running):
-                x = layer(x, cos, sin, mask, cache, start)
-                if visual is not None and i < len(visual.deepstack):
-                    x[0, visual.mask] += visual.deepstack[i].to(x.dtype)
-        if self.stage is not None and (x := self.stage.pass_on(x)) is None:
-            return None  # a later stage: process 0 takes the logits
-        return self.logits(x if all_logits else x[:, -1])
+            if decoded is not None:
+                return decoded
+        mask = None
+        if seq > 1 and start > 0:  # the new tokens see the cached ones and those before them
+            indices = torch.arange(start + seq, device=x.device)
+            mask = indices[None, :] <= indices[start:, None]
+        for i, layer in enumerate(self.running, self.first_layer):
+            x = layer(x, cos, sin, mask, cache, start)
+            if visual is not None and i < len(visual.deepstack):
+                x[0, visual.mask] += visual.deepstack[i].to(x.dtype)
+        return x
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """The ids' embeddings; on a later pipeline stage, which holds no table, a buffer
@@ -358,7 +385,7 @@ class Qwen3Model(nn.Module):
         if self.stage is not None:
             x = self.stage.receive(x)
         groups = [self.running] if whole else [[layer] for layer in self.running]
-        for i, group in enumerate(groups):
+        for i, group in enumerate(groups, self.first_layer):
             out = None
             if states is not None or not hasattr(group[0], "linear_attn"):
                 out = native.paged_layers(

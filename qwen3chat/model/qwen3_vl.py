@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..config import ModelConfig
 from ..errors import QwenChatError
@@ -60,6 +61,13 @@ class Qwen3VLModel(Qwen3Model):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.visual = VisionTower(config.vision)
+
+    def shard(self, world, split: str) -> None:
+        """The decoder's share (Qwen3Model.shard); the tower is held by process 0 alone,
+        which runs it and sends its tokens to the others (distributed/driver.py)."""
+        super().shard(world, split)
+        if world.rank:
+            self.visual = nn.Module()
 
     def encode_visual(self, item: VisualInput) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The tower's merged tokens of one picture and its DeepStack features."""

@@ -98,14 +98,15 @@ def share(
     columns would cut a block (the caller decodes the whole and cuts it)."""
     block = 1 if qtype in FLOAT_TYPES else quants.GGML_QUANT_SIZES[qtype][0]
     dim = part.dim % len(shape)
-    start, stop = part.bounds(shape[dim])
+    ranges = part.ranges(shape[dim])
     if dim == len(shape) - 1:
-        if start % block or stop % block:
+        if any(start % block or stop % block for start, stop in ranges):
             return None
-        start, stop = start // block, stop // block
+        ranges = [(start // block, stop // block) for start, stop in ranges]
     # One entry a value (float types) or a block (its bytes along the last axis).
     units = np.asarray(raw).reshape(*shape[:-1], shape[-1] // block, -1)
-    cut = np.ascontiguousarray(units[(slice(None),) * dim + (slice(start, stop),)])
+    lead = (slice(None),) * dim
+    cut = np.concatenate([units[(*lead, slice(start, stop))] for start, stop in ranges], dim)
     sizes = list(shape)
     sizes[dim] = part.size(shape[dim])
     return cut, tuple(sizes)

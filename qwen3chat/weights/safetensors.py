@@ -239,7 +239,8 @@ class SafeTensorsSource:
         )
         if part is not None and plain:
             sliced = f.get_slice(hf_name)
-            return sliced[part.slices(tuple(sliced.get_shape()))]
+            pieces = [sliced[index] for index in part.slices(tuple(sliced.get_shape()))]
+            return torch.cat(pieces, dim=part.dim) if len(pieces) > 1 else pieces[0]
         tensor = self._whole(f, name, hf_name)
         if self.hybrid:
             tensor = hybrid_from_hf(name, tensor)
