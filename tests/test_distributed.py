@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -273,7 +274,7 @@ def test_a_killed_process_ends_the_run(model_dirs):
         env=ENV,
     )
     try:
-        assert launcher.stdout.read(64)  # process 0 is answering
+        assert _first_output(launcher)  # process 0 is answering
         workers = _children(launcher.pid)
         assert len(workers) == 2
         os.kill(max(workers), signal.SIGKILL)
@@ -285,6 +286,14 @@ def test_a_killed_process_ends_the_run(model_dirs):
             assert not Path(f"/proc/{pid}").exists() or _state(pid) == "Z"
     finally:
         _stop(launcher)
+
+
+def _first_output(process: subprocess.Popen, timeout: float = 120) -> bytes:
+    """What ``process`` has written to stdout once it writes, within ``timeout`` seconds
+    (a run that hangs fails the test, not hangs it)."""
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    assert ready, f"no output within {timeout} s"
+    return os.read(process.stdout.fileno(), 64)
 
 
 def _stop(launcher: subprocess.Popen) -> None:
@@ -327,7 +336,7 @@ def test_a_process_of_another_host_that_dies_is_reported_in_one_line(model_dirs)
     ]
     driver, follower = started
     try:
-        assert driver.stdout.read(64)
+        assert _first_output(driver)
         follower.kill()
         _, err = driver.communicate(timeout=60)
         assert driver.returncode == 1

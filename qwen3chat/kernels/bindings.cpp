@@ -3,6 +3,17 @@
 
 #include "kernels.h"
 
+namespace {
+
+// The DecoderLayerWeights of a Python list, by address (the list keeps them alive).
+std::vector<const DecoderLayerWeights*> layer_weights(const py::list& layers) {
+  std::vector<const DecoderLayerWeights*> weights;
+  for (const auto& layer : layers) weights.push_back(&layer.cast<const DecoderLayerWeights&>());
+  return weights;
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::dict limits;
   limits["matrix_column_block"] = kMatrixColumnBlock;
@@ -85,8 +96,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("feed_forward_group", &DecoderLayerWeights::feed_forward_group)
       .def_readwrite("expert_first", &DecoderLayerWeights::expert_first);
   m.def("matmul", &matmul, "x @ W.T with the kernel of W's format");
-  // The list's items are cast by reference: converting it to a std::vector would copy
-  // every layer's tensors and matrices on every token.
+  // The list's items are cast by reference (a std::vector of them would copy every
+  // layer's tensors and matrices on every token). Both calls release the GIL: run across
+  // processes, a layer's all-reduce queues on gloo's worker thread, which may be freeing
+  // an earlier collective's tensors, and that needs the GIL (held here, a deadlock).
   m.def(
       "decode_layers",
       [](at::Tensor x, const py::list& layers, const at::Tensor& cos, const at::Tensor& sin,
@@ -95,9 +108,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          const c10::optional<at::Tensor>& delta_cache) {
         const auto conv = conv_cache.value_or(at::Tensor());
         const auto delta = delta_cache.value_or(at::Tensor());
-        for (const auto& layer : layers)
-          x = decode_layer(x, layer.cast<const DecoderLayerWeights&>(), cos, sin, k_cache,
-                           v_cache, start, conv, delta);
+        const auto weights = layer_weights(layers);
+        py::gil_scoped_release released;
+        for (const auto* w : weights)
+          x = decode_layer(x, *w, cos, sin, k_cache, v_cache, start, conv, delta);
         return x;
       },
       py::arg("x"), py::arg("layers"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),
@@ -116,8 +130,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         const auto conv = conv_cache.value_or(at::Tensor());
         const auto delta = delta_cache.value_or(at::Tensor());
         const auto states = row_states.value_or(at::Tensor());
-        std::vector<const DecoderLayerWeights*> weights;
-        for (const auto& layer : layers) weights.push_back(&layer.cast<const DecoderLayerWeights&>());
+        const auto weights = layer_weights(layers);
         // The server's event loop (its other thread) streams replies meanwhile.
         py::gil_scoped_release released;
         for (const auto* w : weights) x = paged_layer(x, *w, cos, sin, cache, conv, delta, states);
