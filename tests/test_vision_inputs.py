@@ -485,6 +485,15 @@ def test_expansion_layout():
     assert text == f"a{IMAGE_PAD * 6}b<0.5 seconds>{frame}<2.0 seconds>{frame}c"
 
 
+def test_expansion_replaces_the_templates_video_wrapper():
+    # The chat template writes <|vision_start|><|video_pad|><|vision_end|>; each frame has
+    # its own markers, so the wrapper goes (it doubled them in transformers 5.0-5.24).
+    video = VideoInputs(torch.empty(0), torch.tensor([[2, 2, 2]]), [0.5, 2.0])
+    frame = "<|vision_start|>" + VIDEO_PAD + "<|vision_end|>"
+    text = expand_vision_tokens(f"a<|vision_start|>{VIDEO_PAD}<|vision_end|>b", None, [video])
+    assert text == f"a<0.5 seconds>{frame}<2.0 seconds>{frame}b"
+
+
 def test_expansion_refuses_a_count_mismatch():
     with pytest.raises(QwenChatError, match="2 image and 0 video placeholders"):
         expand_vision_tokens(IMAGE_PAD * 2, torch.tensor([[1, 2, 2]]))

@@ -120,7 +120,10 @@ def expand_vision_tokens(
     merge_size: int = 2,
 ) -> str:
     """Each ``<|image_pad|>`` to one pad per merged patch of its image, each ``<|video_pad|>``
-    to its timestamped groups of pads, in order, as Qwen3VLProcessor does."""
+    to its timestamped frames, in order, as Qwen3VLProcessor does. Every frame brings its
+    own ``<|vision_start|>``/``<|vision_end|>``, so the template's wrapper around a video's
+    placeholder goes with it (Qwen's processor; transformers 5.0-5.24 kept it, doubling
+    the markers)."""
     grids = [] if image_grid_thw is None else image_grid_thw.tolist()
     found = (prompt.count(IMAGE_PAD), prompt.count(VIDEO_PAD))
     if found != (len(grids), len(videos)):
@@ -134,4 +137,5 @@ def expand_vision_tokens(
     def expand(match: re.Match) -> str:
         return next(images) if match.group() == IMAGE_PAD else next(clips)
 
-    return re.sub(f"{re.escape(IMAGE_PAD)}|{re.escape(VIDEO_PAD)}", expand, prompt)
+    video = f"{re.escape(VISION_START + VIDEO_PAD + VISION_END)}|{re.escape(VIDEO_PAD)}"
+    return re.sub(f"{re.escape(IMAGE_PAD)}|{video}", expand, prompt)
