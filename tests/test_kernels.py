@@ -26,16 +26,18 @@ def rand(*shape, dtype=torch.float32, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 9, 15, 16, 20])
-@pytest.mark.parametrize("width", [512, 96])  # AVX-512: whole steps of 64, and a last 32
+@pytest.mark.parametrize("rows", [1, 2, 9, 15, 16, 20, 101])
+@pytest.mark.parametrize("width", [512, 96, 288])  # AVX-512: whole steps of 64, and a last 32
 def test_dense_linear(dtype, rows, width, product_kernels):
-    """Fewer than 16 rows stream the weights, more take the float32 tiles; a large
-    matrix spans several tiles."""
-    weight = rand(1200, width, dtype=dtype)
+    """One row streams the weights; on AVX2 up to 63 rows take three weight rows by four
+    activation rows at a time (the last of each part full here), where AVX-512 runs up to
+    15 rows stream; more take the float32 tiles, and a large matrix spans several (the
+    last one part full)."""
+    weight = rand(1202, width, dtype=dtype)
     x = rand(rows, width, dtype=dtype, seed=1)
     out = native.dense_linear(x, weight)
     expected = x.float() @ weight.float().T
-    assert out.dtype == dtype and out.shape == (rows, 1200)
+    assert out.dtype == dtype and out.shape == (rows, 1202)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     assert (out.float() - expected).abs().max() <= tolerance * expected.abs().max()
 

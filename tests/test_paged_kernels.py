@@ -293,9 +293,16 @@ def test_one_decode_row_is_the_contiguous_decode_step(preset, dtype, quantize):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
-def test_a_batch_of_decode_rows_gives_each_sequence_what_it_gets_alone(preset):
-    """Rows batched together (one weight read, experts gathered) compute as each alone."""
-    model = model_of(preset, torch.float32)
+@pytest.mark.parametrize("quantize", ["none", "int4"])
+def test_a_batch_of_decode_rows_gives_each_sequence_what_it_gets_alone(
+    preset, quantize, product_kernels, request
+):
+    """Rows batched together (one weight read, experts gathered) compute as each alone: bit
+    for bit where each row's products are its own (integer ones; float ones where AVX-512
+    runs), to float32 rounding where AVX2 multiplies a few float rows together
+    (kernels/linear.cpp rows_dot). That one sums each output in one order whatever the
+    rows beside it, so a dense model's row is the same bits in any batch of two or more."""
+    model = model_of(preset, torch.float32, quantize)
     model.setup_rope(64)
     sequences = [(4, 1), (36, 1), (20, 1), (9, 1)]
     batch = Batch(sequences=sequences, order=(2, 0, 3, 1))
@@ -304,21 +311,36 @@ def test_a_batch_of_decode_rows_gives_each_sequence_what_it_gets_alone(preset):
     v_cache.copy_(rand(*v_cache.shape, seed=2))
     x = rand(len(sequences), model.config.hidden_size, seed=3)
     cos, sin = model.rope_cos[batch.positions], model.rope_sin[batch.positions]
+    # An MoE layer's router stays float when its experts are quantized.
+    exact = request.node.callspec.params["product_kernels"] == "avx512" or (
+        quantize != "none" and preset == "tiny"
+    )
+
+    def rows(index):
+        return native_step.paged_layers(
+            x[index],
+            model.layers,
+            cos[index],
+            sin[index],
+            k_cache.clone(),
+            v_cache.clone(),
+            batch.positions[index],
+            batch.row_seq[index],
+            batch.tables,
+            BLOCK,
+        )
+
     with torch.no_grad():
         together = native_step.paged_layers(
             x, model.layers, cos, sin, k_cache.clone(), v_cache.clone(), *batch.args()
         )
         for i in range(len(sequences)):
-            alone = native_step.paged_layers(
-                x[i : i + 1],
-                model.layers,
-                cos[i : i + 1],
-                sin[i : i + 1],
-                k_cache.clone(),
-                v_cache.clone(),
-                batch.positions[i : i + 1],
-                batch.row_seq[i : i + 1],
-                batch.tables,
-                BLOCK,
-            )
-            assert torch.equal(together[i : i + 1], alone), i
+            alone = rows(slice(i, i + 1))
+            if exact:
+                assert torch.equal(together[i : i + 1], alone), i
+            else:
+                scale = alone.abs().max().item()
+                torch.testing.assert_close(together[i : i + 1], alone, rtol=0, atol=1e-5 * scale)
+        if preset == "tiny":  # experts' row counts would change with the neighbours
+            pairs = torch.cat([rows(torch.tensor([1, 3])), rows(torch.tensor([2, 0]))])
+            assert torch.equal(pairs, together[[1, 3, 2, 0]])

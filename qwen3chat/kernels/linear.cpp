@@ -758,6 +758,84 @@ at::Tensor float_matvec(const at::Tensor& x, const T* w, int64_t N,
       w, K * static_cast<int64_t>(sizeof(T)));
 }
 
+// 2 to 63 activation rows times float, bfloat16 or half weights, on AVX2 (several
+// sequences' decode rows, a short prompt chunk): weight rows are widened in registers
+// once per group of four activation rows and multiplied against all four, three weight
+// rows at a time (12 accumulators), each output one 8-lane sum over the inputs in order,
+// added across lanes at the end, so a row gets the same bits whatever rows are beside it.
+// A pass over the weights per row (float_matvec, as where AVX-512 runs) widened every
+// weight once per row with one FMA per load, and float32 GEMM on widened tiles is built
+// for many rows: on two Zen 3 cores (2026-12-03, bfloat16 [M, 1024] x [1024, 3072]) this
+// ran 2-2.5x either at 4-16 rows, 1.4x at 32 and as fast as the GEMM at 64, where the
+// GEMM takes over. One row keeps float_matvec: this kernel in the same summing order
+// (one chain per output) streamed the 151,936-row LM head about 25% slower.
+constexpr int kDotRows = 4;
+constexpr int64_t kRowDotMaxRows = 64;
+
+// out[c][j] = weight row j (of R, K apart) times activation row c (of C, K apart).
+template <int R, int C, typename T>
+inline void row_dots(const T* w, const float* x, int64_t K, float* out, int64_t ldo) {
+  __m256 acc[R][C];
+#pragma GCC unroll 8
+  for (int j = 0; j < R; ++j)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) acc[j][c] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 wv[R];
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) wv[j] = load8(w + j * K + k);
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      const __m256 xv = _mm256_loadu_ps(x + c * K + k);
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j) acc[j][c] = _mm256_fmadd_ps(wv[j], xv, acc[j][c]);
+    }
+  }
+  for (int j = 0; j < R; ++j)
+    for (int c = 0; c < C; ++c) out[c * ldo + j] = hsum(acc[j][c]);
+}
+
+// A pass of `weights` (at most R) weight rows against every activation row, C at a time.
+template <int R, typename T>
+void dot_pass(int64_t weights, const T* w, const float* x, int64_t M, int64_t K, float* out,
+              int64_t ldo) {
+  if (weights < R) {  // the matrix's last rows, one at a time
+    for (int64_t j = 0; j < weights; ++j) dot_pass<1>(1, w + j * K, x, M, K, out + j, ldo);
+    return;
+  }
+  for (int64_t m = 0; m < M; m += kDotRows) {
+    const float* xm = x + m * K;
+    float* om = out + m * ldo;
+    switch (std::min<int64_t>(kDotRows, M - m)) {
+      case 4: row_dots<R, 4>(w, xm, K, om, ldo); break;
+      case 3: row_dots<R, 3>(w, xm, K, om, ldo); break;
+      case 2: row_dots<R, 2>(w, xm, K, om, ldo); break;
+      default: row_dots<R, 1>(w, xm, K, om, ldo);
+    }
+  }
+}
+
+template <typename T>
+at::Tensor rows_dot(const at::Tensor& x, const T* w, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const float* xp = float_rows(x);
+  constexpr int64_t per_pass = 3;
+  auto sums = at::empty({M, N}, x.options().dtype(at::kFloat));
+  float* sp = sums.data_ptr<float>();
+  at::parallel_for(0, (N + per_pass - 1) / per_pass, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t pass = begin; pass < end; ++pass) {
+      const int64_t n0 = pass * per_pass, weights = std::min(per_pass, N - n0);
+      // The pass after next asked for, as matvec asks for rows ahead (a prefetch past the
+      // matrix's end never faults).
+      const int64_t bytes = weights * K * static_cast<int64_t>(sizeof(T));
+      const char* next = reinterpret_cast<const char*>(w + n0 * K) + 2 * bytes;
+      for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(next + line, _MM_HINT_T1);
+      dot_pass<per_pass>(weights, w + n0 * K, xp, M, K, sp + n0, N);
+    }
+  });
+  return sums.to(x.scalar_type());
+}
+
 // 16-bit weights times many rows: float32 GEMM on widened tiles.
 template <typename T>
 at::Tensor widened_gemm(const at::Tensor& x, const T* w, int64_t N) {
@@ -786,23 +864,29 @@ at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& weight_in) {
   const auto x = x_in.contiguous();
   const int64_t N = weight.size(0), K = weight.size(1);
   check_rows(x, K, "dense_linear");
-  const bool decode = x.size(0) < kGemmMinRows;
+  const int64_t M = x.size(0);
+  const bool decode = M < kGemmMinRows;
+  // Where AVX-512 runs, its one-row products (and for bfloat16 with AVX512-BF16, oneDNN)
+  // keep taking a few rows: rows_dot was measured on AVX2 alone.
+  const bool few = !avx512_products && M > 1 && M < kRowDotMaxRows;
   switch (weight.scalar_type()) {
     case at::kFloat: {
       const float* w = weight.data_ptr<float>();
+      if (few) return rows_dot(x, w, N);
       if (!decode) return transposed(at::mm(weight, x.to(at::kFloat).t()), x.scalar_type());
       return float_matvec(x, w, N, dot_widened<float>);
     }
     case at::kBFloat16: {
-      if (native_bf16_gemm && x.scalar_type() == at::kBFloat16 &&
-          x.size(0) >= kNativeBf16GemmMinRows)
+      if (native_bf16_gemm && x.scalar_type() == at::kBFloat16 && M >= kNativeBf16GemmMinRows)
         return at::mm(x, weight.t());
       const auto* w = weight.data_ptr<c10::BFloat16>();
+      if (few) return rows_dot(x, w, N);
       if (!decode) return widened_gemm(x, w, N);
       return float_matvec(x, w, N, dot_bf16, 16);
     }
     case at::kHalf: {
       const auto* w = weight.data_ptr<c10::Half>();
+      if (few) return rows_dot(x, w, N);
       if (!decode) return widened_gemm(x, w, N);
       return float_matvec(x, w, N, dot_widened<c10::Half>);
     }
