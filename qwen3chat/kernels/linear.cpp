@@ -772,9 +772,10 @@ at::Tensor float_matvec(const at::Tensor& x, const T* w, int64_t N,
 constexpr int kDotRows = 4;
 constexpr int64_t kRowDotMaxRows = 64;
 
-// out[c][j] = weight row j (of R, K apart) times activation row c (of C, K apart).
-template <int R, int C, typename T>
-inline void row_dots(const T* w, const float* x, int64_t K, float* out, int64_t ldo) {
+// out[c][j] = weight row j (of R, K apart) times activation row c (of C, K apart), stored
+// as O (the activations' dtype, rounded as torch rounds).
+template <int R, int C, typename T, typename O>
+inline void row_dots(const T* w, const float* x, int64_t K, O* out, int64_t ldo) {
   __m256 acc[R][C];
 #pragma GCC unroll 8
   for (int j = 0; j < R; ++j)
@@ -792,12 +793,12 @@ inline void row_dots(const T* w, const float* x, int64_t K, float* out, int64_t 
     }
   }
   for (int j = 0; j < R; ++j)
-    for (int c = 0; c < C; ++c) out[c * ldo + j] = hsum(acc[j][c]);
+    for (int c = 0; c < C; ++c) out[c * ldo + j] = static_cast<O>(hsum(acc[j][c]));
 }
 
 // A pass of `weights` (at most R) weight rows against every activation row, C at a time.
-template <int R, typename T>
-void dot_pass(int64_t weights, const T* w, const float* x, int64_t M, int64_t K, float* out,
+template <int R, typename T, typename O>
+void dot_pass(int64_t weights, const T* w, const float* x, int64_t M, int64_t K, O* out,
               int64_t ldo) {
   if (weights < R) {  // the matrix's last rows, one at a time
     for (int64_t j = 0; j < weights; ++j) dot_pass<1>(1, w + j * K, x, M, K, out + j, ldo);
@@ -805,7 +806,7 @@ void dot_pass(int64_t weights, const T* w, const float* x, int64_t M, int64_t K,
   }
   for (int64_t m = 0; m < M; m += kDotRows) {
     const float* xm = x + m * K;
-    float* om = out + m * ldo;
+    O* om = out + m * ldo;
     switch (std::min<int64_t>(kDotRows, M - m)) {
       case 4: row_dots<R, 4>(w, xm, K, om, ldo); break;
       case 3: row_dots<R, 3>(w, xm, K, om, ldo); break;
@@ -820,20 +821,23 @@ at::Tensor rows_dot(const at::Tensor& x, const T* w, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1);
   const float* xp = float_rows(x);
   constexpr int64_t per_pass = 3;
-  auto sums = at::empty({M, N}, x.options().dtype(at::kFloat));
-  float* sp = sums.data_ptr<float>();
-  at::parallel_for(0, (N + per_pass - 1) / per_pass, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t pass = begin; pass < end; ++pass) {
-      const int64_t n0 = pass * per_pass, weights = std::min(per_pass, N - n0);
-      // The pass after next asked for, as matvec asks for rows ahead (a prefetch past the
-      // matrix's end never faults).
-      const int64_t bytes = weights * K * static_cast<int64_t>(sizeof(T));
-      const char* next = reinterpret_cast<const char*>(w + n0 * K) + 2 * bytes;
-      for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(next + line, _MM_HINT_T1);
-      dot_pass<per_pass>(weights, w + n0 * K, xp, M, K, sp + n0, N);
-    }
+  auto out = at::empty({M, N}, x.options());
+  qk::with_dtype(x.scalar_type(), "linear", [&](auto tag) {
+    using O = decltype(tag);
+    O* op = out.data_ptr<O>();
+    at::parallel_for(0, (N + per_pass - 1) / per_pass, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t pass = begin; pass < end; ++pass) {
+        const int64_t n0 = pass * per_pass, weights = std::min(per_pass, N - n0);
+        // The pass after next asked for, as matvec asks for rows ahead (a prefetch past
+        // the matrix's end never faults).
+        const int64_t bytes = weights * K * static_cast<int64_t>(sizeof(T));
+        const char* next = reinterpret_cast<const char*>(w + n0 * K) + 2 * bytes;
+        for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(next + line, _MM_HINT_T1);
+        dot_pass<per_pass>(weights, w + n0 * K, xp, M, K, op + n0, N);
+      }
+    });
   });
-  return sums.to(x.scalar_type());
+  return out;
 }
 
 // 16-bit weights times many rows: float32 GEMM on widened tiles.
