@@ -7,6 +7,7 @@ token beyond the engines' own: this isolates what batching and the paged cache c
 gain; benchmarks/serve_bench.py measures the servers end to end.
 
     python benchmarks/engine_step.py --preset qwen3-0.6b --quantize int4 --tokens 64
+    python benchmarks/engine_step.py --model .bench/qwen3-0.6b/model-Q4_0.gguf  # a file
 
 Decode tokens/s counts tokens after each sequence's first, over the time from the first
 sequence's first token to the last one's last (the aggregate over all sequences).
@@ -25,7 +26,7 @@ from qwen3chat.bench.run import cpu_model
 from qwen3chat.engine import Engine
 from qwen3chat.generation import FinishEvent
 from qwen3chat.kv_cache import kv_dtype
-from qwen3chat.loading import load_preset
+from qwen3chat.loading import load_model, load_preset
 from qwen3chat.sampling import SamplingSettings
 
 # Random weights: sampling over the whole vocabulary never meets the end token early, so
@@ -72,6 +73,7 @@ def batch_engine(loaded, streams: int, prompt_len: int, tokens: int, kv=None) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="qwen3-0.6b")
+    parser.add_argument("--model", help="a checkpoint directory or GGUF file instead of --preset")
     parser.add_argument("--quantize", default="none")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--streams", default="1,4,16")
@@ -82,7 +84,10 @@ def main() -> None:
     args = parser.parse_args()
     kv = kv_dtype(args.kv_cache)
     torch.manual_seed(0)
-    loaded = load_preset(args.preset, "cpu", args.dtype, args.quantize)
+    if args.model:
+        loaded = load_model(args.model, device="cpu", dtype=args.dtype, quantize=args.quantize)
+    else:
+        loaded = load_preset(args.preset, "cpu", args.dtype, args.quantize)
     loaded.tokenizer.stop_ids = []
     streams = [int(s) for s in args.streams.split(",")]
     results: dict[str, list[float]] = {}
@@ -95,9 +100,9 @@ def main() -> None:
             results.setdefault(f"batched, {n} streams", []).append(speed)
     base = statistics.median(results["chat engine"])
     print(
-        f"{args.preset} {args.dtype} quantize={args.quantize} kv-cache={args.kv_cache}, "
-        f"{torch.get_num_threads()} "
-        f"threads, {cpu_model()}, medians of {args.rounds} rounds"
+        f"{args.model or args.preset} {args.dtype} quantize={args.quantize} "
+        f"kv-cache={args.kv_cache}, {torch.get_num_threads()} threads, "
+        f"{cpu_model()}, medians of {args.rounds} rounds"
     )
     print("| engine | decode tok/s (aggregate) | / chat engine |")
     print("| --- | --- | --- |")

@@ -4,7 +4,8 @@ Builds (once, cached as benchmarks/compare.py does) a random-weight checkpoint o
 shape with the real tokenizer, and GGUF files of the same weights: BF16 for the bf16 rows,
 Q4_0 for the int4 rows. For each weights kind and each number of concurrent streams K,
 each system is started as a server on loopback (qwen3chat: `serve --dtype bfloat16
-[--quantize int4] --max-running K`; llama.cpp: `llama-server -np K`, a context of K slots
+[--quantize int4] --max-running K` on the checkpoint, or with `--qwen3chat-weights gguf`
+on the very GGUF file llama.cpp reads; llama.cpp: `llama-server -np K`, a context of K slots
 of prompt + max_tokens), warmed up with one request, sent K concurrent streaming chat
 requests (different ~40-token prompts, `max_tokens` new tokens, the same sampling
 settings and a per-request seed: random weights would make greedy decoding hit the end
@@ -144,11 +145,13 @@ def wait_ready(server: Server, ready, timeout: float) -> Server:
         raise
 
 
-def start_qwen3chat(args, checkpoint: Path, weights: str, k: int) -> Server:
-    cmd = [sys.executable, "-m", "qwen3chat", "serve", "-m", str(checkpoint), "--port", "0"]
+def start_qwen3chat(args, files: dict, weights: str, k: int) -> Server:
+    gguf = args.qwen3chat_weights == "gguf"
+    model = files[weights] if gguf else files["checkpoint"]
+    cmd = [sys.executable, "-m", "qwen3chat", "serve", "-m", str(model), "--port", "0"]
     cmd += ["--device", "cpu", "--dtype", "bfloat16", "--max-running", str(k)]
     cmd += ["--max-seq-len", str(PROMPT_BUDGET + args.max_tokens)]
-    if weights == "int4":
+    if weights == "int4" and not gguf:
         cmd += ["--quantize", "int4"]
     if args.kv_cache == "int8":
         cmd += ["--kv-cache", "int8"]
@@ -262,7 +265,7 @@ async def measure(base: str, k: int, n: int, seed0: int) -> dict:
 
 def run_one(args, system: str, weights: str, k: int, seed0: int, files: dict) -> dict:
     if system == "qwen3chat":
-        server = start_qwen3chat(args, files["checkpoint"], weights, k)
+        server = start_qwen3chat(args, files, weights, k)
     else:
         server = start_llamacpp(args, files[weights], k)
     try:
@@ -280,6 +283,8 @@ def med(values: list[float]) -> float:
 def write_report(args, systems: list[str], results: dict, notes: list[str]) -> None:
     gguf_of = {"bf16": args.gguf_bf16, "int4": args.gguf_int4}
     compute = {"bf16": "bf16", "int4": "int4 (--quantize)"}
+    if args.qwen3chat_weights == "gguf":
+        compute = {weights: f"GGUF {qtype} (the same file)" for weights, qtype in gguf_of.items()}
     prompt_tokens = [p for r in results.values() for run in r for p in run["prompt_tokens"]]
     lines = [
         f"## {args.preset}, random weights, {args.max_tokens} new tokens per stream, "
@@ -359,7 +364,7 @@ def write_report(args, systems: list[str], results: dict, notes: list[str]) -> N
         f"--preset {args.preset} --streams {','.join(map(str, args.streams))} "
         f"--max-tokens {args.max_tokens} --rounds {args.rounds} "
         f"--weights {','.join(args.weights)} --threads {args.threads} "
-        f"--kv-cache {args.kv_cache}`"
+        f"--kv-cache {args.kv_cache} --qwen3chat-weights {args.qwen3chat_weights}`"
     )
     table = "\n".join(lines) + "\n"
     print(table)
@@ -388,6 +393,14 @@ def main() -> None:
     parser.add_argument("--llama-server", default="/work/llamacpp/llama-server")
     parser.add_argument("--gguf-bf16", default="BF16", help="GGUF type of the bf16 rows")
     parser.add_argument("--gguf-int4", default="Q4_0", help="GGUF type of the int4 rows")
+    parser.add_argument(
+        "--qwen3chat-weights",
+        default="checkpoint",
+        choices=["checkpoint", "gguf"],
+        help="gguf: qwen3chat serves the GGUF files llama.cpp reads (equal bits throughout, "
+        "the LM head included; --quantize int4 keeps the LM head int8, a pure Q4_0 file "
+        "has it in Q4_0)",
+    )
     parser.add_argument("--cache-dir", default=str(ROOT / ".bench"))
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds")
     parser.add_argument("--out", default=str(ROOT / "docs/serve_benchmark.md"))
@@ -415,7 +428,8 @@ def main() -> None:
 
     checkpoint = build_checkpoint(args.preset, Path(args.cache_dir) / args.preset)
     files = {"checkpoint": checkpoint}
-    if "llama.cpp" in systems:  # GGUF files are built before anything is timed
+    # GGUF files are built before anything is timed.
+    if "llama.cpp" in systems or args.qwen3chat_weights == "gguf":
         for weights in args.weights:
             qtype = args.gguf_bf16 if weights == "bf16" else args.gguf_int4
             print(f"GGUF {qtype} ...", file=sys.stderr, flush=True)
