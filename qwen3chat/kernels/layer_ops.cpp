@@ -379,9 +379,9 @@ inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
 // The values of a cache row (of D) attention reads, from column d: eight widened to
 // float32, or of an int8 row, eight codes times their block's scale (the product
 // kv_cache.py's dequantize_rows computes). The scale, block_scale of the row's block of
-// kRowBlock columns, is taken once per block: converted for every eight values, it
-// made attention over an int8 cache compute-bound on AVX2 (Zen 3, 4096 tokens: 8.8 GB/s
-// against the bfloat16 cache's 12.7).
+// kRowBlock columns, is taken once per block: converted for every eight values it took
+// a fifth of the time of attention over an int8 cache on AVX2 (Zen 3, 2 threads, 4096
+// tokens of the 0.6B shape: 28.4 against about 23 ms a step for the 28 layers).
 template <typename K>
 constexpr int64_t kRowBlock = std::is_same_v<K, int8_t> ? kKvBlock : 8;
 
