@@ -130,10 +130,12 @@ def test_embedding_rows(weight):
     [(64, 32), (96, 32), (320, 32), (352, 32), (288, 96), (384, 64)],
     ids=["one-pair", "odd-blocks", "pairs-tail", "odd-tail", "odd-group", "even-group"],
 )
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 6])
 def test_int4_product_at_every_block_layout(width, group, rows):
     # The int4 kernel takes blocks two at a time where each block has its own scale and
     # the count is even, one at a time otherwise; both, with 8-block tails, must agree.
+    # Below 8 rows a weight row is decoded once for up to 4 activation rows (6 = 4 + 2),
+    # each row summed as if it were alone.
     generator = torch.Generator().manual_seed(2)
     m = quantize(torch.randn(40, width, generator=generator), 4, group)
     # Zeros of their own (GGUF's Q4_1, Q4_K), in float16 as the kernels store them.
@@ -141,8 +143,11 @@ def test_int4_product_at_every_block_layout(width, group, rows):
     m.scales.copy_(m.scales.half())
     x = torch.randn(rows, width, generator=generator)
     expected = expected_product(x, m)
-    out = linear(x, QuantizedWeight(m, torch.float32, CPU))
+    layer = QuantizedWeight(m, torch.float32, CPU)
+    out = linear(x, layer)
     assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+    if kernels.native(x) is not None:
+        assert torch.equal(out, torch.cat([linear(row[None], layer) for row in x]))
 
 
 @pytest.mark.skipif(

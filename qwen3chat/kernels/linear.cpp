@@ -19,9 +19,11 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -37,8 +39,13 @@ namespace {
 // better). Float rows gain on Intel too (see float_matvec).
 constexpr int64_t kPrefetchBytes = 4096;
 
+// Activation rows a matvec ``dots`` call takes at once (see matvec).
+constexpr int64_t kMatvecRows = 4;
+
 // ``dot(n, m)``, weight row n times activation row m, for every pair: [M, N] in x's dtype.
-// Weight row n is the row_bytes at rows_in + n * row_bytes (asked for ahead).
+// Weight row n is the row_bytes at rows_in + n * row_bytes (asked for ahead). ``dot`` may
+// instead be ``dots(n, m, count, out)``: weight row n times rows m .. m + count - 1
+// (count <= kMatvecRows) into out, for kernels that decode a weight row once for them.
 template <typename Dot>
 at::Tensor matvec(const at::Tensor& x, int64_t N, Dot dot, const void* rows_in, int64_t row_bytes) {
   const int64_t M = x.size(0);
@@ -52,7 +59,16 @@ at::Tensor matvec(const at::Tensor& x, int64_t N, Dot dot, const void* rows_in, 
         // A prefetch never faults, so running past the matrix's end is harmless.
         for (int64_t line = 0; line < row_bytes; line += 64)
           _mm_prefetch(rows + n * row_bytes + kPrefetchBytes + line, _MM_HINT_T1);
-        for (int64_t m = 0; m < M; ++m) op[m * N + n] = static_cast<T>(dot(n, m));
+        if constexpr (std::is_invocable_v<Dot, int64_t, int64_t, int64_t, float*>) {
+          float out[kMatvecRows];
+          for (int64_t m = 0; m < M; m += kMatvecRows) {
+            const int64_t count = std::min(kMatvecRows, M - m);
+            dot(n, m, count, out);
+            for (int64_t c = 0; c < count; ++c) op[(m + c) * N + n] = static_cast<T>(out[c]);
+          }
+        } else {
+          for (int64_t m = 0; m < M; ++m) op[m * N + n] = static_cast<T>(dot(n, m));
+        }
       }
     });
   });
@@ -264,57 +280,91 @@ inline __m256i dot_u4_block(const uint8_t* w, const int8_t* x) {
 // The low nibbles are both blocks' codes 0-15 and the high ones their codes 16-31, so one
 // load and two masks give all 64 codes, and the two halves' int16 sums (at most
 // 4 * 15 * 128) add before one widening: 35% fewer instructions than a block at a time.
-inline __m256i dot_u4_pair(const uint8_t* w, const int8_t* x) {
+// The codes are unpacked once (U4Pair) for every activation row they multiply.
+struct U4Pair {
+#if QK_DOTPROD
+  uint8x16_t low0, high0, low1, high1;
+#else
+  __m256i low, high;
+#endif
+};
+
+inline U4Pair unpack_u4_pair(const uint8_t* w) {
 #if QK_DOTPROD
   const uint8x16_t mask = vdupq_n_u8(0x0F), b0 = vld1q_u8(w), b1 = vld1q_u8(w + 16);
-  const int32x4_t zero = vdupq_n_s32(0);
-  return joined(sdot(sdot(zero, vandq_u8(b0, mask), x), vshrq_n_u8(b0, 4), x + 32),
-                sdot(sdot(zero, vandq_u8(b1, mask), x + 16), vshrq_n_u8(b1, 4), x + 48));
+  return {vandq_u8(b0, mask), vshrq_n_u8(b0, 4), vandq_u8(b1, mask), vshrq_n_u8(b1, 4)};
 #else
   const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
   const __m256i mask = _mm256_set1_epi8(0x0F);
-  const __m256i low = _mm256_and_si256(bytes, mask);
-  const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+  return {_mm256_and_si256(bytes, mask), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask)};
+#endif
+}
+
+inline __m256i dot_u4_pair(const U4Pair& w, const int8_t* x) {
+#if QK_DOTPROD
+  const int32x4_t zero = vdupq_n_s32(0);
+  return joined(sdot(sdot(zero, w.low0, x), w.high0, x + 32),
+                sdot(sdot(zero, w.low1, x + 16), w.high1, x + 48));
+#else
   const __m256i sums = _mm256_add_epi16(
-      _mm256_maddubs_epi16(low, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
-      _mm256_maddubs_epi16(high, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
+      _mm256_maddubs_epi16(w.low, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+      _mm256_maddubs_epi16(w.high, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
   return _mm256_madd_epi16(sums, _mm256_set1_epi16(1));
 #endif
 }
 
 // One int4 row with a scale per block (Q4_0, Q4_1, Q4_K, --quantize int4) and an even
-// number of blocks B, against activations in pair order: sum over blocks of
-// scale[b] * xd[b] * dot(b) + offset[b] * xsum[b], offset = zero - 8 * scale.
-inline float q4_pair_row(const uint8_t* w, const c10::Half* scales, const c10::Half* zeros,
-                         int64_t B, const int8_t* x, const float* xd, const float* xsum) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, offsets = acc0;
+// number of blocks B, against C activation rows in pair order (row c's codes at x + c * K,
+// its block scales and sums at xd + c * B and xsum + c * B): out[c] = the sum over blocks
+// of scale[b] * xd[b] * dot(b) + offset[b] * xsum[b], offset = zero - 8 * scale. Each
+// row's sums run in the same order whatever C is, so a row's result does not depend on
+// the rows beside it; the weight row's codes and scales are decoded once for all C (at 4
+// rows that was a fifth of the work).
+template <int C>
+inline void q4_pair_rows(const uint8_t* w, const c10::Half* scales, const c10::Half* zeros,
+                         int64_t B, const int8_t* x, const float* xd, const float* xsum, int64_t K,
+                         float* out) {
+  __m256 acc0[C], acc1[C], offsets[C];
+  for (int c = 0; c < C; ++c) acc0[c] = acc1[c] = offsets[c] = _mm256_setzero_ps();
   for (int64_t b = 0; b < B; b += 8) {
     const int64_t n = std::min<int64_t>(8, B - b);
-    __m256 s, z = _mm256_setzero_ps(), d, sums;
+    __m256 s, z = _mm256_setzero_ps(), d[C], sums[C];
     if (n == 8) {
       s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b)));
       if (zeros != nullptr)
         z = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zeros + b)));
-      d = _mm256_loadu_ps(xd + b);
-      sums = _mm256_loadu_ps(xsum + b);
+      for (int c = 0; c < C; ++c) {
+        d[c] = _mm256_loadu_ps(xd + c * B + b);
+        sums[c] = _mm256_loadu_ps(xsum + c * B + b);
+      }
     } else {  // the last 2, 4 or 6 blocks; the lanes past them stay 0
-      alignas(32) float fs[8] = {}, fz[8] = {}, fd[8] = {}, fx[8] = {};
+      alignas(32) float fs[8] = {}, fz[8] = {};
       for (int64_t j = 0; j < n; ++j) {
         fs[j] = qk::to_float(scales[b + j]);
         fz[j] = zeros != nullptr ? qk::to_float(zeros[b + j]) : 0.0f;
-        fd[j] = xd[b + j];
-        fx[j] = xsum[b + j];
       }
-      s = _mm256_load_ps(fs), z = _mm256_load_ps(fz), d = _mm256_load_ps(fd), sums = _mm256_load_ps(fx);
+      s = _mm256_load_ps(fs), z = _mm256_load_ps(fz);
+      for (int c = 0; c < C; ++c) {
+        alignas(32) float fd[8] = {}, fx[8] = {};
+        for (int64_t j = 0; j < n; ++j) fd[j] = xd[c * B + b + j], fx[j] = xsum[c * B + b + j];
+        d[c] = _mm256_load_ps(fd), sums[c] = _mm256_load_ps(fx);
+      }
     }
-    offsets = _mm256_fmadd_ps(_mm256_fmadd_ps(s, _mm256_set1_ps(-8.0f), z), sums, offsets);
-    const __m256 combined = _mm256_mul_ps(s, d);
+    const __m256 offset = _mm256_fmadd_ps(s, _mm256_set1_ps(-8.0f), z);
+    __m256 combined[C];
+    for (int c = 0; c < C; ++c) {
+      offsets[c] = _mm256_fmadd_ps(offset, sums[c], offsets[c]);
+      combined[c] = _mm256_mul_ps(s, d[c]);
+    }
     // Pair j / 2 takes lane j's scale for its first four sums and lane j + 1's for the rest.
-    auto pair = [&](int64_t j, __m256& acc) {
-      const __m256 lanes = _mm256_permutevar8x32_ps(
-          combined, _mm256_setr_epi32(j, j, j, j, j + 1, j + 1, j + 1, j + 1));
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u4_pair(w + (b + j) * 16, x + (b + j) * 32)),
-                            lanes, acc);
+    auto pair = [&](int64_t j, __m256* acc) {
+      const U4Pair codes = unpack_u4_pair(w + (b + j) * 16);
+      const __m256i lane = _mm256_setr_epi32(j, j, j, j, j + 1, j + 1, j + 1, j + 1);
+      for (int c = 0; c < C; ++c) {
+        const __m256i dot = dot_u4_pair(codes, x + c * K + (b + j) * 32);
+        acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_permutevar8x32_ps(combined[c], lane),
+                                 acc[c]);
+      }
     };
     if (n == 8) {
       pair(0, acc0), pair(2, acc1), pair(4, acc0), pair(6, acc1);
@@ -322,7 +372,7 @@ inline float q4_pair_row(const uint8_t* w, const c10::Half* scales, const c10::H
       for (int64_t j = 0; j < n; j += 2) pair(j, acc0);
     }
   }
-  return hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), offsets));
+  for (int c = 0; c < C; ++c) out[c] = hsum(_mm256_add_ps(_mm256_add_ps(acc0[c], acc1[c]), offsets[c]));
 }
 
 // One weight row of B blocks of 32 against quantized activations (codes x, block scales
@@ -1007,15 +1057,23 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const 
   group_sums.assign(M * G, 0.0f);
   for (int64_t b = 0; b < M * B; ++b) group_sums[b / per_group] += xq.sums[b];
   const float* xs = group_sums.data();
+  if (pairs) {
+    return matvec(
+        x, N,
+        [&](int64_t n, int64_t m, int64_t count, float* out) {
+          const auto rows = std::array{q4_pair_rows<1>, q4_pair_rows<2>, q4_pair_rows<3>,
+                                       q4_pair_rows<4>}[count - 1];
+          rows(pp + n * K / 2, sp + n * G, zp == nullptr ? nullptr : zp + n * G, B,
+               xq.codes + m * K, xq.scales + m * B, xs + m * G, K, out);
+        },
+        pp, K / 2);
+  }
   return matvec(
       x, N,
       [&](int64_t n, int64_t m) {
-        const c10::Half* row_zeros = zp == nullptr ? nullptr : zp + n * G;
-        if (pairs)
-          return q4_pair_row(pp + n * K / 2, sp + n * G, row_zeros, B, xq.codes + m * K,
-                             xq.scales + m * B, xs + m * G);
-        return quantized_row<16>(pp + n * K / 2, sp + n * G, row_zeros, B, per_group,
-                                 xq.codes + m * K, xq.scales + m * B, xs + m * G, dot_u4_block);
+        return quantized_row<16>(pp + n * K / 2, sp + n * G, zp == nullptr ? nullptr : zp + n * G,
+                                 B, per_group, xq.codes + m * K, xq.scales + m * B, xs + m * G,
+                                 dot_u4_block);
       },
       pp, K / 2);
 }
