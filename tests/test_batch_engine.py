@@ -144,7 +144,9 @@ def test_batched_logits_match_the_single_sequence_forward(loaded):
         cache = model.new_cache(MAX_SEQ_LEN)
         with torch.inference_mode():
             expected = model(torch.tensor([seq.ids]), cache, 0)[0]
-        torch.testing.assert_close(row, expected, rtol=1e-4, atol=1e-4)
+        # Within 1e-4 of the largest logit, as test_parity.py's: float32 sums in another
+        # order differ by 1.5e-4 at logits of 20 (Qwen3-Next's shape, AVX-512).
+        assert (row - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
 def test_block_manager_shares_evicts_and_counts():

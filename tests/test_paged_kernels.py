@@ -292,16 +292,29 @@ def test_one_decode_row_is_the_contiguous_decode_step(preset, dtype, quantize):
     assert torch.equal(v_cache[:, :, slots], contiguous.v[:, 0, :, : position + 1])
 
 
+@pytest.fixture
+def integer_gemm_from_8_rows():
+    """The integer GEMM's AVX2 kernel, which takes 8 rows or more (AVX512-VNNI's takes 4)."""
+    native = kernels.native(torch.zeros(1))
+    if native is not None:
+        native.set_avx512_vnni(False)
+    yield
+    if native is not None:
+        native.set_avx512_vnni(kernels._avx512_vnni())
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
 @pytest.mark.parametrize("quantize", ["none", "int4"])
 def test_a_batch_of_decode_rows_gives_each_sequence_what_it_gets_alone(
-    preset, quantize, product_kernels, request
+    preset, quantize, product_kernels, integer_gemm_from_8_rows, request
 ):
     """Rows batched together (one weight read, experts gathered) compute as each alone: bit
-    for bit where each row's products are its own (integer ones; float ones where AVX-512
-    runs), to float32 rounding where AVX2 multiplies a few float rows together
-    (kernels/linear.cpp rows_dot). That one sums each output in one order whatever the
-    rows beside it, so a dense model's row is the same bits in any batch of two or more."""
+    for bit where each row's products are its own (integer ones below 8 rows; float ones
+    where AVX-512 runs), to float32 rounding where AVX2 multiplies a few float rows
+    together (kernels/linear.cpp rows_dot). That one sums each output in one order whatever
+    the rows beside it, so a dense model's row is the same bits in any batch of two or
+    more. (Where AVX512-VNNI runs, the integer GEMM takes 4 rows or more: held at 8 here,
+    that GEMM is test_quant.py's.)"""
     model = model_of(preset, torch.float32, quantize)
     model.setup_rope(64)
     sequences = [(4, 1), (36, 1), (20, 1), (9, 1)]

@@ -146,7 +146,10 @@ def test_int4_product_at_every_block_layout(width, group, rows):
     layer = QuantizedWeight(m, torch.float32, CPU)
     out = linear(x, layer)
     assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
-    if kernels.native(x) is not None:
+    # A row in a batch equals the row alone while the rows take the per-row kernels: below
+    # 8 rows, below 4 where the integer GEMM runs AVX512-VNNI (int4: whole pairs of blocks).
+    gemm_rows = 4 if kernels._avx512_vnni() and width % 64 == 0 else 8
+    if kernels.native(x) is not None and rows < gemm_rows:
         assert torch.equal(out, torch.cat([linear(row[None], layer) for row in x]))
 
 
@@ -188,3 +191,23 @@ def test_avx512_vnni_gemm_is_the_avx2_one_bit_for_bit(
     finally:
         native.set_avx512_vnni(True)
     assert torch.equal(vnni, avx2)
+
+
+@pytest.mark.skipif(
+    kernels.native(torch.zeros(1)) is None or not kernels._avx512_vnni(),
+    reason="this CPU (or its OS) does not allow AVX512-VNNI",
+)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_avx512_vnni_gemm_takes_four_rows_or_more(weight, bits):
+    """Where the integer GEMM runs AVX512-VNNI it takes 4 rows or more (its vector holds 16
+    rows, so 4 cost about what 16 do): 4 and 5 rows give what the same rows give among 16,
+    bit for bit (each row in its own lanes); 3 rows take the per-row kernels."""
+    m = quantize(weight[:93, :256], bits, 32)
+    layer = QuantizedWeight(m, torch.float32, CPU)
+    x = torch.randn(16, 256, generator=torch.Generator().manual_seed(3))
+    sixteen = linear(x, layer)
+    for rows in (4, 5):
+        assert torch.equal(linear(x[:rows], layer), sixteen[:rows])
+    alone = torch.cat([linear(row[None], layer) for row in x[:3]])
+    assert torch.equal(linear(x[:3], layer), alone)
+    assert not torch.equal(alone, sixteen[:3])  # the two kernels sum in different orders

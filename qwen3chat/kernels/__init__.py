@@ -90,7 +90,7 @@ def describe_variants(device: torch.device) -> str:
 _WORK = (
     "one-row float/bf16/f16 products",
     "one-row int8/int4 products",
-    "int8/int4 products of 8+ rows",
+    "int8/int4 GEMMs (8+ rows, 4+ with VNNI)",
     "bf16 products of 4+ rows",
     "attention over a bf16 or int8 cache",
 )
@@ -222,7 +222,7 @@ def _module():
             _CHOICES["one-row float/bf16/f16 products"] = "AVX-512"
             _CHOICES["attention over a bf16 or int8 cache"] = "AVX-512"
         if vnni:
-            _CHOICES["int8/int4 products of 8+ rows"] = "AVX512-VNNI"
+            _CHOICES["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "AVX512-VNNI"
         if bf16:
             _CHOICES["bf16 products of 4+ rows"] = "oneDNN (AVX512-BF16)"
         return module

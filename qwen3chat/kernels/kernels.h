@@ -102,6 +102,7 @@ constexpr int64_t kPagedBlockAlign = 16;
 
 constexpr int64_t kGemmMinRows = 16;
 constexpr int64_t kIntegerGemmMinRows = 8;
+constexpr int64_t kVnniGemmMinRows = 4;  // where the integer GEMM runs AVX512-VNNI
 // Where the CPU multiplies bfloat16 natively (AVX512-BF16, which the OS allows: Python
 // asks torch, set_native_bf16_gemm), bfloat16 products of this many rows or more go to
 // torch's own GEMM (oneDNN's vdpbf16ps kernels) with nothing widened: on an Intel Xeon
