@@ -71,6 +71,8 @@ def test_it_says_which_kernels_ran_and_they_are_ones_this_cpu_allows(report):
         "bf16 products of 4+ rows": (
             "oneDNN (AVX512-BF16)"
             if kernels._avx512() and torch.cpu._is_avx512_bf16_supported()
+            else "AVX-512"
+            if kernels._avx512()
             else "AVX2"
         ),
     }

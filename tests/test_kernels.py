@@ -29,10 +29,10 @@ def rand(*shape, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("rows", [1, 2, 9, 15, 16, 20, 101])
 @pytest.mark.parametrize("width", [512, 96, 288])  # AVX-512: whole steps of 64, and a last 32
 def test_dense_linear(dtype, rows, width, product_kernels):
-    """One row streams the weights; on AVX2 up to 63 rows take three weight rows by four
-    activation rows at a time (the last of each part full here), where AVX-512 runs up to
-    15 rows stream; more take the float32 tiles, and a large matrix spans several (the
-    last one part full)."""
+    """One row streams the weights; up to 63 rows take three weight rows by four
+    activation rows at a time, in the AVX-512 form where it runs (the last of each part
+    full here); more take the float32 tiles, and a large matrix spans several (the last
+    one part full)."""
     weight = rand(1202, width, dtype=dtype)
     x = rand(rows, width, dtype=dtype, seed=1)
     out = native.dense_linear(x, weight)

@@ -306,15 +306,15 @@ def integer_gemm_from_8_rows():
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
 @pytest.mark.parametrize("quantize", ["none", "int4"])
 def test_a_batch_of_decode_rows_gives_each_sequence_what_it_gets_alone(
-    preset, quantize, product_kernels, integer_gemm_from_8_rows, request
+    preset, quantize, product_kernels, integer_gemm_from_8_rows
 ):
     """Rows batched together (one weight read, experts gathered) compute as each alone: bit
-    for bit where each row's products are its own (integer ones below 8 rows; float ones
-    where AVX-512 runs), to float32 rounding where AVX2 multiplies a few float rows
-    together (kernels/linear.cpp rows_dot). That one sums each output in one order whatever
-    the rows beside it, so a dense model's row is the same bits in any batch of two or
-    more. (Where AVX512-VNNI runs, the integer GEMM takes 4 rows or more: held at 8 here,
-    that GEMM is test_quant.py's.)"""
+    for bit where each row's products are its own (integer ones below 8 rows), to float32
+    rounding where a few float rows are multiplied together (kernels/linear.cpp rows_dot,
+    AVX2 or AVX-512). That one sums each output in one order whatever the rows beside it,
+    so a dense model's row is the same bits in any batch of two or more. (Where
+    AVX512-VNNI runs, the integer GEMM takes 4 rows or more: held at 8 here, that GEMM is
+    test_quant.py's.)"""
     model = model_of(preset, torch.float32, quantize)
     model.setup_rope(64)
     sequences = [(4, 1), (36, 1), (20, 1), (9, 1)]
@@ -325,9 +325,7 @@ def test_a_batch_of_decode_rows_gives_each_sequence_what_it_gets_alone(
     x = rand(len(sequences), model.config.hidden_size, seed=3)
     cos, sin = model.rope_cos[batch.positions], model.rope_sin[batch.positions]
     # An MoE layer's router stays float when its experts are quantized.
-    exact = request.node.callspec.params["product_kernels"] == "avx512" or (
-        quantize != "none" and preset == "tiny"
-    )
+    exact = quantize != "none" and preset == "tiny"
 
     def rows(index):
         return native_step.paged_layers(

@@ -221,6 +221,7 @@ def _module():
         if wide:
             _CHOICES["one-row float/bf16/f16 products"] = "AVX-512"
             _CHOICES["attention over a bf16 or int8 cache"] = "AVX-512"
+            _CHOICES["bf16 products of 4+ rows"] = "AVX-512"
         if vnni:
             _CHOICES["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "AVX512-VNNI"
         if bf16:

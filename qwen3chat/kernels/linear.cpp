@@ -823,12 +823,12 @@ at::Tensor float_matvec(const at::Tensor& x, const T* w, int64_t N,
       w, K * static_cast<int64_t>(sizeof(T)));
 }
 
-// 2 to 63 activation rows times float, bfloat16 or half weights, on AVX2 (several
-// sequences' decode rows, a short prompt chunk): weight rows are widened in registers
-// once per group of four activation rows and multiplied against all four, three weight
-// rows at a time (12 accumulators), each output one 8-lane sum over the inputs in order,
-// added across lanes at the end, so a row gets the same bits whatever rows are beside it.
-// A pass over the weights per row (float_matvec, as where AVX-512 runs) widened every
+// 2 to 63 activation rows times float, bfloat16 or half weights (several sequences'
+// decode rows, a short prompt chunk; the AVX2 form here, the AVX-512 one below): weight
+// rows are widened in registers once per group of four activation rows and multiplied
+// against all four, three weight rows at a time (12 accumulators), each output one vector
+// sum over the inputs in order, added across lanes at the end, so a row gets the same bits
+// whatever rows are beside it. A pass over the weights per row (float_matvec) widened every
 // weight once per row with one FMA per load, and float32 GEMM on widened tiles is built
 // for many rows: on two Zen 3 cores (2026-12-03, bfloat16 [M, 1024] x [1024, 3072]) this
 // ran 2-2.5x either at 4-16 rows, 1.4x at 32 and as fast as the GEMM at 64, where the
@@ -836,6 +836,9 @@ at::Tensor float_matvec(const at::Tensor& x, const T* w, int64_t N,
 // (one chain per output) streamed the 151,936-row LM head about 25% slower.
 constexpr int kDotRows = 4;
 constexpr int64_t kRowDotMaxRows = 64;
+// Where AVX-512 runs, its float32 GEMM catches up sooner (Intel Xeon, bf16, the 0.6B
+// shape's 28 layers: 212 ms against 205-216 at 32 rows, 300 against 262-274 at 48).
+constexpr int64_t kWideRowDotMaxRows = 32;
 
 // out[c][j] = weight row j (of R, K apart) times activation row c (of C, K apart), stored
 // as O (the activations' dtype, rounded as torch rounds).
@@ -861,22 +864,60 @@ inline void row_dots(const T* w, const float* x, int64_t K, O* out, int64_t ldo)
     for (int c = 0; c < C; ++c) out[c * ldo + j] = static_cast<O>(hsum(acc[j][c]));
 }
 
+// row_dots with AVX-512 (set_avx512_products): 32 weights a step, widened as dot_wide
+// widens them (bfloat16 activations in float_rows' split-32 order), two FMAs into each
+// output's one accumulator. On an Intel Xeon whose VM hides AVX512-BF16 (so bfloat16 rows
+// have no oneDNN GEMM), 2 threads, the 0.6B shape's 28 layers of bf16 products: 8 rows
+// 78 ms against 94-103 in a pass per row, 16 rows 127 against 158-168 in float32 GEMM on
+// widened tiles (one thread, [16, 1024] x [1024, 3072]: 1.33 ms, the AVX2 form 1.57). It is
+// FMA bound there at about one 512-bit FMA a cycle, so it gains less than its width.
+template <int R, int C, typename T, typename O>
+QK_AVX512_DOT void row_dots_wide(const T* w, const float* x, int64_t K, O* out, int64_t ldo) {
+  __m512 acc[R][C];
+#pragma GCC unroll 8
+  for (int j = 0; j < R; ++j)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) acc[j][c] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512 low[R], high[R];
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) weights32(w + j * K + k, low[j], high[j]);
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      const __m512 x0 = _mm512_loadu_ps(x + c * K + k), x1 = _mm512_loadu_ps(x + c * K + k + 16);
+#pragma GCC unroll 8
+      for (int j = 0; j < R; ++j)
+        acc[j][c] = _mm512_fmadd_ps(high[j], x1, _mm512_fmadd_ps(low[j], x0, acc[j][c]));
+    }
+  }
+  for (int j = 0; j < R; ++j)
+    for (int c = 0; c < C; ++c) out[c * ldo + j] = static_cast<O>(_mm512_reduce_add_ps(acc[j][c]));
+}
+
+template <int R, int C, bool Wide, typename T, typename O>
+inline void row_dots_of(const T* w, const float* x, int64_t K, O* out, int64_t ldo) {
+  if constexpr (Wide)
+    row_dots_wide<R, C>(w, x, K, out, ldo);
+  else
+    row_dots<R, C>(w, x, K, out, ldo);
+}
+
 // A pass of `weights` (at most R) weight rows against every activation row, C at a time.
-template <int R, typename T, typename O>
+template <int R, bool Wide, typename T, typename O>
 void dot_pass(int64_t weights, const T* w, const float* x, int64_t M, int64_t K, O* out,
               int64_t ldo) {
   if (weights < R) {  // the matrix's last rows, one at a time
-    for (int64_t j = 0; j < weights; ++j) dot_pass<1>(1, w + j * K, x, M, K, out + j, ldo);
+    for (int64_t j = 0; j < weights; ++j) dot_pass<1, Wide>(1, w + j * K, x, M, K, out + j, ldo);
     return;
   }
   for (int64_t m = 0; m < M; m += kDotRows) {
     const float* xm = x + m * K;
     O* om = out + m * ldo;
     switch (std::min<int64_t>(kDotRows, M - m)) {
-      case 4: row_dots<R, 4>(w, xm, K, om, ldo); break;
-      case 3: row_dots<R, 3>(w, xm, K, om, ldo); break;
-      case 2: row_dots<R, 2>(w, xm, K, om, ldo); break;
-      default: row_dots<R, 1>(w, xm, K, om, ldo);
+      case 4: row_dots_of<R, 4, Wide>(w, xm, K, om, ldo); break;
+      case 3: row_dots_of<R, 3, Wide>(w, xm, K, om, ldo); break;
+      case 2: row_dots_of<R, 2, Wide>(w, xm, K, om, ldo); break;
+      default: row_dots_of<R, 1, Wide>(w, xm, K, om, ldo);
     }
   }
 }
@@ -884,7 +925,8 @@ void dot_pass(int64_t weights, const T* w, const float* x, int64_t M, int64_t K,
 template <typename T>
 at::Tensor rows_dot(const at::Tensor& x, const T* w, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1);
-  const float* xp = float_rows(x);
+  const bool wide = avx512_products && K % 32 == 0;
+  const float* xp = float_rows(x, wide && std::is_same_v<T, c10::BFloat16> ? 32 : 0);
   constexpr int64_t per_pass = 3;
   auto out = at::empty({M, N}, x.options());
   qk::with_dtype(x.scalar_type(), "linear", [&](auto tag) {
@@ -898,7 +940,10 @@ at::Tensor rows_dot(const at::Tensor& x, const T* w, int64_t N) {
         const int64_t bytes = weights * K * static_cast<int64_t>(sizeof(T));
         const char* next = reinterpret_cast<const char*>(w + n0 * K) + 2 * bytes;
         for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(next + line, _MM_HINT_T1);
-        dot_pass<per_pass>(weights, w + n0 * K, xp, M, K, op + n0, N);
+        if (wide)
+          dot_pass<per_pass, true>(weights, w + n0 * K, xp, M, K, op + n0, N);
+        else
+          dot_pass<per_pass, false>(weights, w + n0 * K, xp, M, K, op + n0, N);
       }
     });
   });
@@ -935,9 +980,7 @@ at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& weight_in) {
   check_rows(x, K, "dense_linear");
   const int64_t M = x.size(0);
   const bool decode = M < kGemmMinRows;
-  // Where AVX-512 runs, its one-row products (and for bfloat16 with AVX512-BF16, oneDNN)
-  // keep taking a few rows: rows_dot was measured on AVX2 alone.
-  const bool few = !avx512_products && M > 1 && M < kRowDotMaxRows;
+  const bool few = M > 1 && M < (avx512_products ? kWideRowDotMaxRows : kRowDotMaxRows);
   switch (weight.scalar_type()) {
     case at::kFloat: {
       const float* w = weight.data_ptr<float>();
