@@ -76,18 +76,25 @@ def expected_product(x: torch.Tensor, m: QuantizedMatrix) -> torch.Tensor:
     scales = m.scales.repeat_interleave(m.group_size, dim=1)
     product = int8_activations(x) @ (m.code_values().float() * scales).T
     if m.bits == 4:
-        offsets = (m.zeros - 8 * m.scales).repeat_interleave(m.group_size, dim=1)
+        zeros = 0 if m.zeros is None else m.zeros
+        offsets = (zeros - 8 * m.scales).repeat_interleave(m.group_size, dim=1)
         product = product + x.float() @ offsets.T
     return product
 
 
-@pytest.mark.parametrize("bits,group", [(8, 32), (8, 256), (4, 32), (4, 128)])
+@pytest.mark.parametrize(
+    "bits,group,zero_points",
+    [(8, 32, False), (8, 256, False), (4, 32, True), (4, 128, True), (4, 32, False)],
+)
 @pytest.mark.parametrize("rows", [1, 7, 8, 15, 20, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_matches_float_matmul(weight, bits, group, rows, dtype):
+def test_linear_matches_float_matmul(weight, bits, group, zero_points, rows, dtype):
     """Decode steps and prompts, with rows and outputs that do not fill the kernels'
-    blocks of 8 activation rows and 4 weight rows."""
+    blocks of 8 activation rows and 4 weight rows; int4 with zero points (--quantize) and
+    without (GGUF's Q4_0, whose offsets are -8 * scale: the integer GEMM uses that)."""
     m = quantize(weight[:93], bits, group)
+    if not zero_points:
+        m.zeros = None
     layer = QuantizedWeight(m, dtype, CPU)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
     expected = expected_product(x, m)
@@ -179,8 +186,8 @@ def test_avx512_vnni_gemm_is_the_avx2_one_bit_for_bit(
     weight rows a pass): the same integer sums, the same float steps, the same rounding
     of the outputs. 93 weight rows leave a pass of 5."""
     m = quantize(weight[:93, :width], bits, group)
-    if bits == 4 and not zeros:
-        m.zeros.zero_()  # Q4_0: no zero points stored
+    if not zeros:
+        m.zeros = None  # Q4_0: no zero points stored
     layer = QuantizedWeight(m, torch.float32, CPU)
     x = torch.randn(rows, width, generator=torch.Generator().manual_seed(2)).to(dtype)
     native = kernels.native(x)
