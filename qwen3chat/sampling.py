@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from . import kernels
+
 # A row's top-k logits and their ids, most likely first.
 TopK = tuple[torch.Tensor, torch.Tensor]
 
@@ -108,9 +110,21 @@ class Sampler:
         return logits
 
 
+def top_k(logits: torch.Tensor, k: int) -> TopK:
+    """The k largest of ``logits`` ([rows, vocab] or [vocab]) as float32, and their ids,
+    largest first: the native kernel where it runs (equal values in id order), else
+    torch.topk (k = 40 of 16 rows of a 151k vocabulary on an Intel Xeon, 2 threads: the
+    kernel 0.45 ms, torch.topk 3.4, 5% of an int4 decode step of 16 sequences)."""
+    native = kernels.native(logits)
+    if native is None:
+        return torch.topk(logits.float(), k, dim=-1)
+    values, ids = native.top_k(logits.reshape(-1, logits.shape[-1]), k)
+    return values.view(*logits.shape[:-1], k), ids.view(*logits.shape[:-1], k)
+
+
 def top_k_rows(samplers: list[Sampler], logits: torch.Tensor) -> list[TopK | None]:
     """Each row's top-k logits where its sampler draws from the raw logits' top k (else
-    None), one torch.topk for all rows of a k: row by row, topk over a 151k vocabulary
+    None), one top_k for all rows of a k: row by row, torch.topk over a 151k vocabulary
     took 6 ms of a 16-sequence int4 step of 70, all rows at once 2.3."""
     tops: list[TopK | None] = [None] * len(samplers)
     rows = defaultdict(list)
@@ -120,7 +134,7 @@ def top_k_rows(samplers: list[Sampler], logits: torch.Tensor) -> list[TopK | Non
     for k, members in rows.items():
         # All rows alike (the usual case): no copy of the [rows, vocab] logits.
         chosen = logits if len(members) == len(samplers) else logits[members]
-        values, ids = torch.topk(chosen.float(), k, dim=-1)
+        values, ids = top_k(chosen, k)
         for j, i in enumerate(members):
             tops[i] = (values[j], ids[j])
     return tops
@@ -138,7 +152,7 @@ def sample(
         return logits.argmax()
     ids = None  # with top_k: the ids of the k logits kept, most likely first
     if top is None and 0 < s.top_k < logits.numel():
-        top = torch.topk(logits, s.top_k)
+        top = top_k(logits, s.top_k)
     if top is not None:
         # The rest of the vocabulary has no mass left: work on the k values alone.
         logits, ids = top

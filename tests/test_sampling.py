@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qwen3chat import kernels
 from qwen3chat.errors import QwenChatError
-from qwen3chat.sampling import Sampler, SamplingSettings, top_k_rows
+from qwen3chat.sampling import Sampler, SamplingSettings, top_k, top_k_rows
 
 LOGITS = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0, -1.0])
 
@@ -95,9 +96,9 @@ def test_draws_follow_the_distribution(settings, expected):
 
 
 def test_top_k_taken_for_all_rows_at_once_draws_what_each_row_draws_alone():
-    """The batched engine takes every row's top k in one torch.topk (top_k_rows); each
-    seeded sampler then draws the ids it draws from its own row. bfloat16 logits tie
-    often, so the k kept must be the same ones too. Rows with a penalty or at
+    """The batched engine takes every row's top k in one call (top_k_rows); each seeded
+    sampler then draws the ids it draws from its own row. bfloat16 logits tie often, so
+    the k kept must be the same ones too, in the same order. Rows with a penalty or at
     temperature 0 are left to their samplers."""
     vocab, rows = 5000, 6
     logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(4)).bfloat16()
@@ -115,8 +116,9 @@ def test_top_k_taken_for_all_rows_at_once_draws_what_each_row_draws_alone():
         assert [top is None for top in tops] == [False, False, False, False, True, True]
         for i in range(rows):
             if tops[i] is not None:
-                expected = torch.topk(logits[i].float(), settings[i].top_k)
-                assert torch.equal(tops[i][1], expected.indices)
+                values, ids = tops[i]
+                assert torch.equal(values, torch.topk(logits[i].float(), settings[i].top_k).values)
+                assert torch.equal(ids, top_k(logits[i], settings[i].top_k)[1])
             got, want = batched[i](logits[i], tops[i]), alone[i](logits[i])
             assert got == want, (step, i)
             batched[i].observe(got)
@@ -130,5 +132,33 @@ def test_top_k_of_all_rows_alike_is_each_row_s():
         for i in range(5)
     ]
     for i, (values, ids) in enumerate(top_k_rows(samplers, logits)):
-        expected = torch.topk(logits[i], 20)
-        assert torch.equal(ids, expected.indices) and torch.equal(values, expected.values)
+        expected = top_k(logits[i], 20)
+        assert torch.equal(ids, expected[1]) and torch.equal(values, expected[0])
+        assert torch.equal(values, torch.topk(logits[i], 20).values)
+
+
+@pytest.mark.skipif(kernels.native(torch.zeros(1)) is None, reason="no native kernels here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab,k", [(5003, 40), (5003, 1), (37, 37), (16, 3)])
+def test_native_top_k_keeps_the_largest_in_order(dtype, vocab, k):
+    """The kernel's top k of each row: the k largest values, largest first, equal values
+    in id order (a sort by value, then id), with ties that straddle the k-th place, a row
+    of -inf and a row with NaNs in the batch (never kept: a row with fewer than k other
+    values is padded with -inf at id 0); also as one row alone."""
+    generator = torch.Generator().manual_seed(7)
+    logits = (torch.randn(5, vocab, generator=generator) * 2).round() / 2  # many ties
+    logits[1] = float("-inf")
+    logits[2, ::3] = float("nan")
+    logits = logits.to(dtype)
+    values, ids = top_k(logits, k)
+    assert values.dtype == torch.float32 and ids.dtype == torch.int64
+    for row in range(5):
+        wide = logits[row].float()
+        keys = sorted(
+            (-v, i) for i, v in enumerate(wide.tolist()) if v == v
+        )  # value descending, then id; NaN left out
+        want = keys[:k] + [(float("inf"), 0)] * (k - len(keys))  # padded: -inf at id 0
+        assert values[row].tolist() == [-v for v, _ in want]
+        assert ids[row].tolist() == [i for _, i in want]
+    alone = top_k(logits[3], k)
+    assert torch.equal(alone[0], values[3]) and torch.equal(alone[1], ids[3])

@@ -3,14 +3,14 @@
 linear.cpp holds the matrix products of every weight format (float, bfloat16, half,
 int8, int4), quantize.cpp the quantization of weights at load, layer_ops.cpp the small
 operations of a decoder layer (RMSNorm, q/k norm with RoPE and the cache write, decode
-attention, SwiGLU), and decode_layer.cpp a decode step of the decoder layers built from
+attention, SwiGLU), decode_layer.cpp a decode step of the decoder layers built from
 them, one call per token (and a step of several sequences over a paged KV cache, one
-call per step). They need a C++ compiler and an x86-64 CPU with AVX2, or a 64-bit ARM
-CPU and the SIMDe headers (which translate the x86 intrinsics to NEON; the integer
-products use ARM's dot-product instructions where the CPU has them); without these, or
-when the build fails, ``native()`` returns None, a warning says why (once), and callers
-run the plain torch code, which is correct everywhere and is what the kernels are tested
-against.
+call per step), and top_k.cpp the k largest logits that top-k sampling draws from.
+They need a C++ compiler and an x86-64 CPU with AVX2, or a 64-bit ARM CPU and the SIMDe
+headers (which translate the x86 intrinsics to NEON; the integer products use ARM's
+dot-product instructions where the CPU has them); without these, or when the build
+fails, ``native()`` returns None, a warning says why (once), and callers run the plain
+torch code, which is correct everywhere and is what the kernels are tested against.
 The build is cached by torch (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions).
 """
 
@@ -39,6 +39,7 @@ _SOURCES = (
     "layer_ops.cpp",
     "delta_net.cpp",
     "decode_layer.cpp",
+    "top_k.cpp",
 )
 # Loading a cached build takes well under a second; a longer wait is a compile, which the
 # user is told about rather than left facing a silent pause.

@@ -44,6 +44,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention,
         "attention of N query rows [N, H, D] over their sequences in a paged cache -> [N, H*D]");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
+  m.def("top_k", &top_k, "each row's k largest values and their ids, largest first");
   m.def("gated_delta_step", &gated_delta_step,
         "Gated DeltaNet's decode step between its projections, conv and delta states in place "
         "(row b on slots[b] of the state pools where slots is given)",

@@ -140,6 +140,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 at::Tensor silu_mul(const at::Tensor& gate_up);
 at::Tensor add_residual(const at::Tensor& a, const at::Tensor& b);
 
+// The k largest values of each row of logits [rows, vocab] (float32, bfloat16 or half)
+// and their ids, largest first, equal values in id order (top_k.cpp): {float32, int64}
+// [rows, k].
+std::tuple<at::Tensor, at::Tensor> top_k(const at::Tensor& logits, int64_t k);
+
 // Gated DeltaNet's decode step between its two projections (delta_net.cpp): the input
 // projection's rows proj [B, 1, conv + value + 2 Hv] -> [B, 1, value], moving on the conv
 // history [B, conv, kernel - 1] (activations' dtype) and the delta state [B, Hv, dk, dv]
