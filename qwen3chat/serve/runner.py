@@ -32,6 +32,14 @@ RATE_WINDOW_S = 10.0
 # the kernel hands to another thread (the HTTP server's, a torch worker's) runs its Python
 # handler only once the main thread runs Python again: a wait without end missed it.
 IDLE_WAIT_S = 0.25
+# A request that finds the engine idle waits for the rest of its burst: until none follows
+# within BURST_GAP_S, BURST_MAX_S at most. Requests sent together reach the engine a few
+# ms apart (the HTTP thread renders and tokenizes each), and a first step taken with the
+# first prompt alone had the others' prompts wait for it, then that first stream wait
+# for their prefill: 16 bf16 streams of the 0.6B shape decoded at 67 tok/s in all when
+# that happened, 82-87 when one step took every prompt (Intel Xeon, 2 threads).
+BURST_GAP_S = 0.01
+BURST_MAX_S = 0.1
 
 
 @dataclass(eq=False)
@@ -109,7 +117,7 @@ class Runner:
     def run(self) -> None:
         """The engine's loop: admit new requests, drop cancelled ones, step; until ``stop``."""
         while not self._stopping or self._jobs:
-            self._admit(block=not self.engine.has_work and not self._stopping)
+            self._admit(idle=not self.engine.has_work and not self._stopping)
             for seq, job in list(self._jobs.items()):
                 if job.cancelled.is_set():
                     self._dispatch(self.engine.cancel(seq))
@@ -123,17 +131,24 @@ class Runner:
             self._dispatch(events)
             self._update()
 
-    def _admit(self, block: bool) -> None:
-        """Move submitted jobs into the engine (waiting for one when ``block``)."""
+    def _admit(self, idle: bool) -> None:
+        """Move submitted jobs into the engine; when ``idle``, wait for one and the rest of
+        its burst."""
+        timeout = IDLE_WAIT_S if idle else None
+        burst_end = None
         while True:
             try:
-                job = self._queue.get(block=block, timeout=IDLE_WAIT_S if block else None)
+                job = self._queue.get(block=timeout is not None, timeout=timeout)
             except queue.Empty:
                 return
-            block = False
             if job is None:
                 self._stopping = True
+                idle, timeout = False, None
                 continue
+            if idle:
+                burst_end = burst_end or time.monotonic() + BURST_MAX_S
+                left = burst_end - time.monotonic()
+                timeout = min(BURST_GAP_S, left) if left > 0 else None
             try:
                 seq = self.engine.add(
                     job.prompt_ids,
