@@ -927,8 +927,10 @@ inline void row_dots(const T* w, const float* x, int64_t K, O* out, int64_t ldo)
 // output's one accumulator. On an Intel Xeon whose VM hides AVX512-BF16 (so bfloat16 rows
 // have no oneDNN GEMM), 2 threads, the 0.6B shape's 28 layers of bf16 products: 8 rows
 // 78 ms against 94-103 in a pass per row, 16 rows 127 against 158-168 in float32 GEMM on
-// widened tiles (one thread, [16, 1024] x [1024, 3072]: 1.33 ms, the AVX2 form 1.57). It is
-// FMA bound there at about one 512-bit FMA a cycle, so it gains less than its width.
+// widened tiles (one thread, [16, 1024] x [1024, 3072]: 1.33 ms, the AVX2 form 1.57). Its
+// rows in L1 it runs 4.0 G FMAs a second on a core that issues 5.9 (two a cycle); off a
+// 64-byte boundary its activations' loads each cost two (2.1 G), and from L2 its weights
+// (3.4 G): hence the blocks of rows_dot.
 template <int R, int C, typename T, typename O>
 QK_AVX512_DOT void row_dots_wide(const T* w, const float* x, int64_t K, O* out, int64_t ldo) {
   __m512 acc[R][C];
