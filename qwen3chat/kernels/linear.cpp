@@ -551,8 +551,8 @@ RowGroups group_rows(const QuantizedRows& q, int64_t M, int64_t K, bool code_sum
 // per block of 32 the scale and, for int4, the offset (zero - 8 * scale). Rows past N are
 // zeros. The AVX2 kernel takes int4 codes in order and int8 as |code|, with the codes
 // themselves for their signs; the VNNI one (vnni) int8 codes plus 128 and int4 codes
-// in quantize_rows' pair order. Without zero points (GGUF's Q4_0, --quantize int4) every
-// offset is -8 * scale, and the kernels use that (see vnni_finish).
+// in quantize_rows' pair order. Without zero points (GGUF's Q4_0) every offset is
+// -8 * scale, and the kernels use that (see vnni_finish).
 struct WeightRows {
   std::vector<uint8_t> unsigned_codes;
   std::vector<const int8_t*> signed_codes;
@@ -697,9 +697,11 @@ QK_VNNI inline int64_t unpack_u4_wide(const uint8_t* row, int64_t K, uint8_t* co
     const __m512i bytes = _mm512_loadu_si512(row + k / 2);
     const __m512i low = _mm512_and_si512(bytes, mask);
     const __m512i high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), mask);
-    // Each pair's 32 low-nibble codes, then its 32 high ones.
-    _mm512_storeu_si512(codes + k, _mm512_shuffle_i64x2(low, high, 0x44));
-    _mm512_storeu_si512(codes + k + 64, _mm512_shuffle_i64x2(low, high, 0xEE));
+    // Each pair's 32 low-nibble codes, then its 32 high ones (a permute SIMDe has).
+    const __m512i first = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11);
+    const __m512i second = _mm512_setr_epi64(4, 5, 6, 7, 12, 13, 14, 15);
+    _mm512_storeu_si512(codes + k, _mm512_permutex2var_epi64(low, first, high));
+    _mm512_storeu_si512(codes + k + 64, _mm512_permutex2var_epi64(low, second, high));
   }
   return k;
 }
@@ -1160,6 +1162,7 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const 
       uint8_t* codes = rows.unsigned_codes.data() + j * K;
       // A block's 16 bytes: codes 0-15 low, 16-31 high. Taken as 32 bytes, two blocks'
       // low nibbles and then their high ones are pair order.
+      // width: K by value (the byte stores would reload a captured reference each step).
       const int64_t width = K, step = rows.vnni ? 64 : 32;
       for (int64_t k = rows.vnni ? unpack_u4_wide(row, width, codes) : 0; k < width; k += step) {
         const __m256i bytes = rows.vnni
