@@ -297,9 +297,7 @@ def _join(f: dict):
 
 def _leave(world) -> None:
     if world is not None:
-        from .distributed.world import leave
-
-        leave()
+        world.close()
 
 
 def _follow(f: dict, world) -> None:

@@ -21,7 +21,7 @@ from qwen3chat import kernels
 from qwen3chat.bench.run import current_rss_mb
 from qwen3chat.distributed.driver import driving, follow
 from qwen3chat.distributed.split import Sharding
-from qwen3chat.distributed.world import join, leave
+from qwen3chat.distributed.world import join
 from qwen3chat.loading import load_model, load_preset
 from qwen3chat.model import native as native_step
 from qwen3chat.vision.preprocess import VisionPreprocessing
@@ -87,7 +87,8 @@ def main() -> None:
         logits = torch.cat(rows).float().contiguous()
         save_file({"logits": logits}, out / "logits.safetensors")
     finally:
-        leave()
+        if world is not None:
+            world.close()
 
 
 if __name__ == "__main__":

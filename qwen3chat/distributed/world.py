@@ -21,11 +21,11 @@ STEP_TIMEOUT_S = 300.0
 IDLE_TIMEOUT = timedelta(days=7)
 
 
-@dataclass(frozen=True)
+@dataclass
 class World:
     """This process's place in the run: ``rank`` of ``size``; ``steps`` carries the
     model's collectives (all-reduces), ``commands`` process 0's commands, which followers
-    may wait for without bound."""
+    may wait for without bound. Nothing else holds the two groups (see ``close``)."""
 
     rank: int
     size: int
@@ -76,6 +76,17 @@ class World:
         with collective_errors(self):
             dist.broadcast(tensor, src=0, group=self.commands)
         return tensor
+
+    def close(self) -> None:
+        """Destroy the process groups and let go of them, which ends their worker threads
+        here, while Python runs. A worker lets go of a collective's tensors just after the
+        collective returns, and that takes the GIL: at interpreter exit, where the groups
+        used to be freed, a worker still doing so was ended mid-destructor and the process
+        aborted ("terminate called without an active exception"; seen about once in ten
+        pipeline-split servers stopping)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.steps = self.commands = None  # freed with the GIL released: the threads join
 
 
 class collective_errors:
@@ -134,9 +145,3 @@ def join(device: torch.device) -> World | None:
             "check torchrun's --rdzv-endpoint and that every host can reach it"
         ) from None
     return World(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, commands)
-
-
-def leave() -> None:
-    """Close the process group (at exit)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
