@@ -978,22 +978,27 @@ inline void dot_rows(int64_t rows, const T* w, const float* x, int64_t K, O* out
 // A block of `weights` weight rows against every activation row: kDotRows activation rows
 // at a time against the whole block, R weight rows at a time (the last weights % R one by
 // one), so those activation rows stay in L1 while the block comes from L2; the next block
-// (`next`) is asked for while the first activation rows go through this one. A pass of R
-// weight rows against all the activation rows in turn read them from L2 for every pass:
-// the bf16 LM head of the 0.6B shape at 16 rows (Intel Xeon, 2 threads) 42.5-43.8 ms,
-// 37.5-38.4 this way. Each output is still one row_dots sum: the same bits.
+// (`next`) is asked for into L2 a share at each step of every pass. A pass of R weight rows
+// against all the activation rows in turn read them from L2 for every pass: the bf16 LM
+// head of the 0.6B shape at 16 rows (Intel Xeon, 2 threads) 42.5-43.8 ms, 37.5-38.4 this
+// way. The whole next block asked for during the first pass (which streams this block
+// from memory unless it came in so) held that pass up: the 0.6B shape's bf16 products at 16
+// rows 163-167 ms, 129-132 with the requests spread (8 rows 112 -> 100). Each output is
+// still one row_dots sum: the same bits.
 template <int R, bool Wide, typename T, typename O>
 void dot_block(int64_t weights, const T* w, const T* next, const float* x, int64_t M, int64_t K,
                O* out, int64_t ldo) {
   const int64_t whole = weights / R * R, row_bytes = K * static_cast<int64_t>(sizeof(T));
+  const int64_t passes = (M + kDotRows - 1) / kDotRows, bytes = weights * row_bytes;
+  const char* ahead = reinterpret_cast<const char*>(next);
+  int64_t asked = 0;
   for (int64_t m = 0; m < M; m += kDotRows) {
-    const int64_t rows = std::min<int64_t>(kDotRows, M - m);
+    const int64_t rows = std::min<int64_t>(kDotRows, M - m), pass = m / kDotRows;
     for (int64_t j = 0; j < weights; j += j < whole ? R : 1) {
-      if (m == 0) {  // a prefetch past the matrix's end never faults
-        const char* ahead = reinterpret_cast<const char*>(next + j * K);
-        for (int64_t line = 0; line < (j < whole ? R : 1) * row_bytes; line += 64)
-          _mm_prefetch(ahead + line, _MM_HINT_T1);
-      }
+      // The next block's share of this step of all passes' (a prefetch past the matrix's
+      // end never faults).
+      const int64_t until = (pass * weights + j + (j < whole ? R : 1)) * bytes / (passes * weights);
+      for (; asked < until; asked += 64) _mm_prefetch(ahead + asked, _MM_HINT_T1);
       if (j < whole)
         dot_rows<R, Wide>(rows, w + j * K, x + m * K, K, out + m * ldo + j, ldo);
       else
