@@ -377,6 +377,39 @@ def test_a_split_that_does_not_divide_is_named(model_dirs):
     assert "--split auto: num_attention_heads = 4 does not divide among 3 processes" in run.stderr
 
 
+CLOSE_WORLD = """
+import os
+import torch
+import torch.distributed as dist
+from qwen3chat.distributed.world import World
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+before = threads()
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+world = World(0, 1, dist.group.WORLD, dist.new_group(backend="gloo"))
+world.broadcast(torch.arange(8))
+world.all_reduce(torch.ones(8))
+during = threads()
+world.close()
+print(before, during, threads(), dist.is_initialized())
+"""
+
+
+def test_closing_the_world_ends_the_groups_threads():
+    """World.close destroys both groups and lets go of them, so gloo's worker threads end
+    while Python runs: left to interpreter exit, a worker still letting go of a
+    collective's tensors took the GIL there and aborted the process."""
+    run = subprocess.run(
+        [sys.executable, "-c", CLOSE_WORLD], capture_output=True, text=True, env=ENV
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    before, during, after, initialized = run.stdout.split()
+    assert int(during) > int(before)  # the groups' threads ran
+    assert (after, initialized) == (before, "False")
+
+
 def test_check_split(model_dirs):
     config = _config(model_dirs["dense"])
     check_split(config, "tensor", 2)
