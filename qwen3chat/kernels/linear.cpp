@@ -989,15 +989,16 @@ template <int R, bool Wide, typename T, typename O>
 void dot_block(int64_t weights, const T* w, const T* next, const float* x, int64_t M, int64_t K,
                O* out, int64_t ldo) {
   const int64_t whole = weights / R * R, row_bytes = K * static_cast<int64_t>(sizeof(T));
-  const int64_t passes = (M + kDotRows - 1) / kDotRows, bytes = weights * row_bytes;
+  const int64_t passes = (M + kDotRows - 1) / kDotRows;
   const char* ahead = reinterpret_cast<const char*>(next);
   int64_t asked = 0;
   for (int64_t m = 0; m < M; m += kDotRows) {
     const int64_t rows = std::min<int64_t>(kDotRows, M - m), pass = m / kDotRows;
-    for (int64_t j = 0; j < weights; j += j < whole ? R : 1) {
+    for (int64_t j = 0, step; j < weights; j += step) {
+      step = j < whole ? R : 1;
       // The next block's share of this step of all passes' (a prefetch past the matrix's
       // end never faults).
-      const int64_t until = (pass * weights + j + (j < whole ? R : 1)) * bytes / (passes * weights);
+      const int64_t until = (pass * weights + j + step) * row_bytes / passes;
       for (; asked < until; asked += 64) _mm_prefetch(ahead + asked, _MM_HINT_T1);
       if (j < whole)
         dot_rows<R, Wide>(rows, w + j * K, x + m * K, K, out + m * ldo + j, ldo);
