@@ -264,7 +264,12 @@ class QuantizedWeight(nn.Module):
     or int4 codes packed two per byte, with float16 scales (and zeros) per group, which
     is GGUF's own precision for them. int4 zeros that are all 0 (Q4_0) are not stored.
     Where the kernels cannot run (another device, groups not a multiple of 32, no
-    build), each matmul dequantizes first, which is correct everywhere."""
+    build), each matmul dequantizes first, which is correct everywhere.
+
+    Q4_0 (int4 in groups of 32, no zeros) on a CPU with AVX512-VNNI is held ``interleaved``:
+    codes ``[rows / 16, cols / 32, 4, 16, 4]`` (each 16 rows' block of 32 as four steps of
+    the 16 rows' four bytes) and scales ``[rows / 16, cols / 32, 16]``, the layout its
+    kernel there reads (kernels.interleaves_int4); ``matrix`` gives rows back."""
 
     def __init__(self, matrix: QuantizedMatrix, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -273,8 +278,20 @@ class QuantizedWeight(nn.Module):
         self.out_features, self.in_features = matrix.shape
         self.dtype = dtype
         zeros = matrix.zeros if matrix.zeros is not None and matrix.zeros.any() else None
-        self.register_buffer("codes", matrix.codes.to(device))
-        self.register_buffer("scales", matrix.scales.to(device, torch.float16))
+        codes, scales = matrix.codes.to(device), matrix.scales.to(device, torch.float16)
+        self.interleaved = (
+            self.bits == 4
+            and self.group_size == 32
+            and zeros is None
+            and self.out_features % 16 == 0
+            and kernels.interleaves_int4(device)
+        )
+        if self.interleaved:
+            blocks = self.in_features // 32
+            codes = codes.view(-1, 16, blocks, 4, 4).permute(0, 2, 3, 1, 4).contiguous()
+            scales = scales.view(-1, 16, blocks).transpose(1, 2).contiguous()
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
         self.register_buffer("zeros", None if zeros is None else zeros.to(device, torch.float16))
 
     @property
@@ -288,9 +305,17 @@ class QuantizedWeight(nn.Module):
     def matrix(self, rows: torch.Tensor | slice = slice(None)) -> QuantizedMatrix:
         """The matrix (or some of its rows) with float32 scales, as QuantizedMatrix."""
         zeros = None if self.zeros is None else self.zeros[rows].float()
-        return QuantizedMatrix(
-            self.bits, self.group_size, self.codes[rows], self.scales[rows].float(), zeros
-        )
+        if not self.interleaved:
+            codes, scales = self.codes[rows], self.scales[rows]
+        else:  # row n is row n % 16 of interleaved group n // 16
+            n = (
+                rows
+                if isinstance(rows, torch.Tensor)
+                else torch.arange(self.out_features, device=self.codes.device)[rows]
+            )
+            codes = self.codes[n // 16, :, :, n % 16].flatten(-3)
+            scales = self.scales[n // 16, :, n % 16]
+        return QuantizedMatrix(self.bits, self.group_size, codes, scales.float(), zeros)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` by dequantizing first: the path where the native kernels (which

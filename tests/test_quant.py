@@ -218,3 +218,43 @@ def test_avx512_vnni_gemm_takes_four_rows_or_more(weight, bits):
     alone = torch.cat([linear(row[None], layer) for row in x[:3]])
     assert torch.equal(linear(x[:3], layer), alone)
     assert not torch.equal(alone, sixteen[:3])  # the two kernels sum in different orders
+
+
+@pytest.mark.skipif(
+    not kernels.interleaves_int4(CPU), reason="this CPU (or its OS) does not allow AVX512-VNNI"
+)
+@pytest.mark.parametrize("width", [64, 96, 256])  # one pair of blocks, an odd count, more
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q4_0_held_interleaved_gives_the_plain_products(width, dtype, monkeypatch):
+    """Q4_0 on a CPU with AVX512-VNNI is held interleaved by 16 rows (linear.cpp's
+    q4x16_linear_of): its matrix and embedding rows are the plain ones; its products are
+    the plain integer GEMM's bit for bit (the same sums in the same order) at any number of
+    rows, so a row's result is the row alone's; with AVX512-VNNI turned off after loading,
+    the plain kernels run on it."""
+    generator = torch.Generator().manual_seed(5)
+    m = quantize(torch.randn(48, width, generator=generator), 4, 32)
+    m.zeros = None  # Q4_0: no zero points
+    layer = QuantizedWeight(m, torch.float32, CPU)
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "interleaves_int4", lambda device: False)
+        plain = QuantizedWeight(m, torch.float32, CPU)
+    assert layer.interleaved and not plain.interleaved
+    assert layer.codes.shape == (3, width // 32, 4, 16, 4)
+    assert torch.equal(layer.matrix().codes, plain.codes)
+    assert torch.equal(layer.matrix().scales, plain.matrix().scales)
+    ids = torch.tensor([[47, 0, 16, 5]])
+    assert torch.equal(layer.rows(ids), plain.rows(ids))
+
+    x = torch.randn(21, width, generator=generator).to(dtype)
+    gemm = linear(x, plain)  # the plain integer GEMM (8 rows or more)
+    for rows in (21, 16, 9, 8):
+        assert torch.equal(linear(x[:rows], layer), gemm[:rows])
+    for i in range(4):
+        assert torch.equal(linear(x[i : i + 1], layer), gemm[i : i + 1])
+    native = kernels.native(x)
+    native.set_avx512_vnni(False)
+    try:
+        for rows in (21, 3):
+            assert torch.equal(linear(x[:rows], layer), linear(x[:rows], plain))
+    finally:
+        native.set_avx512_vnni(True)

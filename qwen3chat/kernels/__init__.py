@@ -92,6 +92,7 @@ _WORK = (
     "one-row float/bf16/f16 products",
     "one-row int8/int4 products",
     "int8/int4 GEMMs (8+ rows, 4+ with VNNI)",
+    "Q4_0 products (any rows)",
     "bf16 products of 4+ rows",
     "attention over a bf16 or int8 cache",
 )
@@ -225,6 +226,7 @@ def _module():
             _CHOICES["bf16 products of 4+ rows"] = "AVX-512"
         if vnni:
             _CHOICES["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "AVX512-VNNI"
+            _CHOICES["Q4_0 products (any rows)"] = "AVX512-VNNI, 16 rows interleaved"
         if bf16:
             _CHOICES["bf16 products of 4+ rows"] = "oneDNN (AVX512-BF16)"
         return module
@@ -247,6 +249,14 @@ def _avx512_vnni() -> bool:
     if os.environ.get("QWEN3CHAT_NO_AVX512_VNNI") == "1":
         return False
     return torch.cpu._is_vnni_supported() and torch.cpu._is_avx512_supported()
+
+
+def interleaves_int4(device: torch.device | str) -> bool:
+    """Whether int4 weights without zero points in groups of 32 (Q4_0) are held
+    interleaved by 16 rows on ``device``, as linear.cpp's AVX512-VNNI product of them reads
+    them (``q4x16_linear_of``): where that kernel runs, a build here and the CPU and OS
+    allowing AVX512-VNNI."""
+    return torch.device(device).type == "cpu" and _avx512_vnni() and _module() is not None
 
 
 def native(x: torch.Tensor):

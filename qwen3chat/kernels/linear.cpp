@@ -445,6 +445,35 @@ struct QuantizedRows {
   const float* sums;
 };
 
+// One block of 32 activations quantized: scale max|x| / 127, codes x * (127 / max|x|)
+// rounded to nearest even (the default mode, as nearbyint does), the 32 codes in order;
+// also the sum of the block's floats.
+template <typename T>
+inline __m256i quantize_block(const T* v, float& scale, float& sum) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 x[4], top = _mm256_setzero_ps();
+  for (int j = 0; j < 4; ++j) {
+    x[j] = load8(v + 8 * j);
+    top = _mm256_max_ps(top, _mm256_and_ps(x[j], magnitude));
+  }
+  __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+  t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+  const float high = _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1)));
+  const __m256 inverse = _mm256_set1_ps(high > 0.0f ? 127.0f / high : 0.0f);
+  __m256i q[4];
+  for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(x[j], inverse));
+  const __m256i words = _mm256_packs_epi32(q[0], q[1]), words2 = _mm256_packs_epi32(q[2], q[3]);
+  scale = high / 127.0f;
+  sum = qk::hsum(_mm256_add_ps(_mm256_add_ps(x[0], x[1]), _mm256_add_ps(x[2], x[3])));
+  // packs works within 128-bit lanes: restore the order of the 32 values.
+  return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words, words2),
+                                     _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// Where code k of a block goes in pair order, from the start of the block's pair
+// (b & ~1): codes 0-15 at (b & 1) * 16, codes 16-31 at 32 + (b & 1) * 16.
+inline int64_t pair_offset(int64_t b, int64_t k) { return (b & 1) * 16 + (k / 16) * 32 + k % 16; }
+
 QuantizedRows quantize_rows(const float* xp, int64_t M, int64_t K, bool pair_order) {
   const int64_t B = K / 32;
   thread_local std::vector<int8_t> codes;
@@ -452,36 +481,17 @@ QuantizedRows quantize_rows(const float* xp, int64_t M, int64_t K, bool pair_ord
   codes.resize(M * K);
   scales.resize(M * B);
   sums.resize(M * B);
-  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   for (int64_t b = 0; b < M * B; ++b) {
-    const float* v = xp + b * 32;
-    __m256 x[4], top = _mm256_setzero_ps();
-    for (int j = 0; j < 4; ++j) {
-      x[j] = _mm256_loadu_ps(v + 8 * j);
-      top = _mm256_max_ps(top, _mm256_and_ps(x[j], magnitude));
-    }
-    __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
-    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
-    const float high = _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1)));
-    const __m256 inverse = _mm256_set1_ps(high > 0.0f ? 127.0f / high : 0.0f);
-    // Round to nearest even (the default mode), as nearbyint does; then pack to bytes.
-    __m256i q[4];
-    for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(x[j], inverse));
-    const __m256i words = _mm256_packs_epi32(q[0], q[1]), words2 = _mm256_packs_epi32(q[2], q[3]);
-    // packs works within 128-bit lanes: restore the order of the 32 values.
-    const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words, words2),
-                                                      _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    const __m256i bytes = quantize_block(xp + b * 32, scales[b], sums[b]);
     int8_t* out = codes.data() + b * 32;
     if (pair_order) {
       // Blocks never pair across rows: B is even in pair order.
-      out = codes.data() + (b & ~int64_t{1}) * 32 + (b & 1) * 16;
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(bytes));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32), _mm256_extracti128_si256(bytes, 1));
+      out = codes.data() + (b & ~int64_t{1}) * 32;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + pair_offset(b, 0)), _mm256_castsi256_si128(bytes));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + pair_offset(b, 16)), _mm256_extracti128_si256(bytes, 1));
     } else {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), bytes);
     }
-    scales[b] = high / 127.0f;
-    sums[b] = qk::hsum(_mm256_add_ps(_mm256_add_ps(x[0], x[1]), _mm256_add_ps(x[2], x[3])));
   }
   return {codes.data(), scales.data(), sums.data()};
 }
@@ -503,9 +513,13 @@ constexpr int kWeightRows = 4;  // weight rows per pass: 4 + 4 accumulators stay
 constexpr int kWideGroupRows = 16;
 constexpr int kWideWeightRows = 8;
 
-// quantize_rows' output regrouped G rows at a time (rows past M are zeros):
-// codes [group][K / 4][row][4], block scales and sums [group][K / 32][row], and with
-// code_sums -128 times each block's sum of codes, [group][K / 32][row] (see vnni_finish).
+// The activations x [M, K] quantized as quantize_rows does, straight into the kernels'
+// layout, G rows a group (rows past M zeros): codes [group][K / 4][row][4] (int4 rows in
+// pair order with pair_order), block scales and sums [group][K / 32][row], and with
+// code_sums -128 times each block's sum of codes, [group][K / 32][row] (see vnni_start).
+// In buffers of the calling thread, filled by both threads: widened, quantized and then
+// regrouped on the calling thread alone, they took a tenth of a 16-row int4 product on
+// two threads (the 0.6B shape's layers, Intel Xeon).
 struct RowGroups {
   const int8_t* codes;
   const float* scales;
@@ -515,36 +529,59 @@ struct RowGroups {
 };
 
 template <int G>
-RowGroups group_rows(const QuantizedRows& q, int64_t M, int64_t K, bool code_sums) {
-  const int64_t B = K / 32, count = (M + G - 1) / G;
+RowGroups quantize_groups(const at::Tensor& x, bool pair_order, bool code_sums) {
+  const int64_t M = x.size(0), K = x.size(1), B = K / 32, count = (M + G - 1) / G;
   thread_local std::vector<int32_t> codes, biases;
   thread_local std::vector<float> scales, sums;
-  codes.assign(count * G * K / 4, 0);
-  scales.assign(count * B * G, 0.0f);
-  sums.assign(count * B * G, 0.0f);
-  biases.assign(code_sums ? count * B * G : 0, 0);
-  // Step by step, each row's four codes: row by row wrote every cache line of a group
-  // once per row (16 rows of K = 3072: 22 us a product, 5 this way).
-  for (int64_t group = 0; group < count; ++group) {
-    const int64_t live = std::min<int64_t>(G, M - group * G);
-    int32_t* dst = codes.data() + group * G * K / 4;
-    const int8_t* src = q.codes + group * G * K;
-    for (int64_t s = 0; s < K / 4; ++s)
-      for (int64_t lane = 0; lane < live; ++lane)
-        std::memcpy(dst + s * G + lane, src + lane * K + 4 * s, 4);
-  }
-  for (int64_t m = 0; m < M; ++m) {
-    const int64_t group = m / G, lane = m % G;
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t at = (group * B + b) * G + lane;
-      scales[at] = q.scales[m * B + b];
-      sums[at] = q.sums[m * B + b];
-      if (code_sums)
-        for (int64_t k = 0; k < 32; ++k) biases[at] -= 128 * q.codes[m * K + b * 32 + k];
-    }
-  }
-  return {reinterpret_cast<const int8_t*>(codes.data()), scales.data(), sums.data(),
-          biases.data(), count};
+  codes.resize(count * G * K / 4);
+  scales.resize(count * B * G);
+  sums.resize(count * B * G);
+  biases.resize(code_sums ? count * B * G : 0);
+  // The buffers by pointer: inside the loop's body, their names would be the workers' own.
+  int32_t* const cp = codes.data();
+  int32_t* const bp = biases.data();
+  float* const sp = scales.data();
+  float* const up = sums.data();
+  qk::with_dtype(x.scalar_type(), "linear", [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = x.data_ptr<T>();
+    // In parallel by blocks (pairs in pair order), not rows: a cache line of codes holds
+    // a step of every row of a group, and two threads writing one line took longer than
+    // the serial loops.
+    const int64_t per = pair_order ? 2 : 1, units = B / per;
+    at::parallel_for(0, count * units, 1, [&](int64_t begin, int64_t end) {
+      alignas(32) int32_t fours[8];
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t group = unit / units, live = std::min<int64_t>(G, M - group * G);
+        int32_t* steps = cp + group * G * K / 4;
+        for (int64_t b = unit % units * per; b < (unit % units + 1) * per; ++b) {
+          // The steps (of four codes) that take the block's codes 0-15 and 16-31.
+          const int64_t low = pair_order ? (b & ~int64_t{1}) * 8 + (b & 1) * 4 : b * 8;
+          const int64_t high = low + (pair_order ? 8 : 4);
+          for (int64_t lane = 0; lane < G; ++lane) {
+            const int64_t at = (group * B + b) * G + lane;
+            if (lane < live) {
+              _mm256_store_si256(reinterpret_cast<__m256i*>(fours),
+                                 quantize_block(xp + (group * G + lane) * K + b * 32, sp[at], up[at]));
+            } else {  // a last group's rows past M: products of zero
+              std::fill_n(fours, 8, 0);
+              sp[at] = up[at] = 0.0f;
+            }
+            for (int i = 0; i < 4; ++i) {
+              steps[(low + i) * G + lane] = fours[i];
+              steps[(high + i) * G + lane] = fours[4 + i];
+            }
+            if (code_sums) {
+              int32_t total = 0;
+              for (int i = 0; i < 32; ++i) total += reinterpret_cast<const int8_t*>(fours)[i];
+              bp[at] = -128 * total;
+            }
+          }
+        }
+      }
+    });
+  });
+  return {reinterpret_cast<const int8_t*>(cp), sp, up, bp, count};
 }
 
 // Weight rows expanded for a pass of row_group_products: one unsigned byte per value and
@@ -785,8 +822,7 @@ at::Tensor integer_gemm_of(const at::Tensor& x, int64_t N, Expand expand, const 
                            int64_t row_bytes, bool zero_points) {
   constexpr bool vnni = G == kWideGroupRows;
   const int64_t M = x.size(0), K = x.size(1);
-  const auto xq = quantize_rows(float_rows(x), M, K, Int4 && vnni);
-  const RowGroups groups = group_rows<G>(xq, M, K, !Int4 && vnni);
+  const RowGroups groups = quantize_groups<G>(x, Int4 && vnni, !Int4 && vnni);
   auto out = at::empty({M, N}, x.options());
   qk::with_dtype(x.scalar_type(), "linear", [&](auto tag) {
     using T = decltype(tag);
@@ -834,6 +870,97 @@ at::Tensor integer_gemm_of(const at::Tensor& x, int64_t N, Expand expand, const 
 }
 
 std::atomic<bool> avx512_vnni{false};
+
+// Q4_0 interleaved for AVX512-VNNI (quant.py's QuantizedWeight does it at load where the
+// CPU has it): codes [N / 16, K / 32, 4, 16, 4], each 16 weight rows' block of 32 as four
+// steps of the 16 rows' four bytes (step s: codes 4s..4s+3 in the low nibbles, 16 + 4s..
+// in the high ones), float16 scales [N / 16, K / 32, 16]. One 64-byte load is then four
+// codes of 16 weight rows (twice, by nibble), which vpdpbusd multiplies against one
+// activation row's four codes broadcast from memory: a pass takes 16 weight rows against
+// a group of activation rows, their int32 sums in registers and float sums in L1, and
+// stores each output row's 16 values as they are. integer_gemm unpacks every pass's rows
+// and gathers its outputs: the 0.6B shape's 28 layers of products at 16 rows took 27.8 ms
+// there and 17.0 this way (Intel Xeon, 2 threads, prototype). The same sums in the same
+// order as integer_gemm's kernels: the same bits, at any number of rows.
+#define QK_VNNI_Q4 QK_TARGET("avx512f,avx512bw,avx512vnni,fma,f16c")
+
+// The A activation rows of group `group` times 16 weight rows (their codes w, scales ws)
+// into acc; the next weight rows' codes (next, or null) are asked for a block at a time.
+template <int A>
+QK_VNNI_Q4 void q4x16_pass(const uint8_t* w, const c10::Half* ws, const RowGroups& x,
+                           const float* xsum8, int64_t group, int64_t B, const uint8_t* next,
+                           float acc[A][16]) {
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  for (int a = 0; a < A; ++a) _mm512_store_ps(acc[a], _mm512_setzero_ps());
+  for (int64_t b = 0; b < B; ++b) {
+    if (next != nullptr)
+      for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char*>(next + b * 256 + line * 64), _MM_HINT_T0);
+    const int32_t* xb = reinterpret_cast<const int32_t*>(x.codes) + (group * B + b) * 8 * A;
+    __m512i sums[A];
+#pragma GCC unroll 16
+    for (int a = 0; a < A; ++a) sums[a] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int s = 0; s < 4; ++s) {
+      const __m512i packed = _mm512_loadu_si512(w + b * 256 + s * 64);
+      const __m512i low = _mm512_and_si512(packed, mask);
+      const __m512i high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), mask);
+#pragma GCC unroll 16
+      for (int a = 0; a < A; ++a) {
+        sums[a] = _mm512_dpbusd_epi32(sums[a], low, _mm512_set1_epi32(xb[s * A + a]));
+        sums[a] = _mm512_dpbusd_epi32(sums[a], high, _mm512_set1_epi32(xb[(s + 4) * A + a]));
+      }
+    }
+    // Two halves joined in registers: stored and loaded as one, the load waited for the
+    // stores each block (a fifth of the kernel's time).
+    const __m256 first = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + b * 16)));
+    const __m256 second = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + b * 16 + 8)));
+    const __m512 ws16 = _mm512_castpd_ps(_mm512_insertf64x4(
+        _mm512_castpd256_pd512(_mm256_castps_pd(first)), _mm256_castps_pd(second), 1));
+    const int64_t at = (group * B + b) * A;
+#pragma GCC unroll 16
+    for (int a = 0; a < A; ++a) {
+      // As vnni_finish: scale * (xd * sum - 8 * xsum).
+      const __m512 part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[a]), _mm512_set1_ps(x.scales[at + a]),
+                                          _mm512_set1_ps(xsum8[at + a]));
+      _mm512_store_ps(acc[a], _mm512_fmadd_ps(part, ws16, _mm512_load_ps(acc[a])));
+    }
+    // The float sums stay in L1: held in registers, they pushed the int32 sums out.
+    asm volatile("" ::: "memory");
+  }
+}
+
+// x [M, K] times interleaved Q4_0 codes and scales: A activation rows a group (a power of
+// two; rows past M are zeros).
+template <int A>
+at::Tensor q4x16_linear_of(const at::Tensor& x, const uint8_t* codes, const c10::Half* scales,
+                           int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1), B = K / 32;
+  const RowGroups groups = quantize_groups<A>(x, false, false);
+  // -8 times the blocks' sums (exact), each broadcast from memory in the kernel.
+  thread_local std::vector<float> scaled;
+  scaled.resize(groups.count * B * A);
+  for (size_t i = 0; i < scaled.size(); ++i) scaled[i] = groups.sums[i] * -8.0f;
+  const float* xsum8 = scaled.data();
+  auto out = at::empty({M, N}, x.options());
+  qk::with_dtype(x.scalar_type(), "linear", [&](auto tag) {
+    using T = decltype(tag);
+    T* op = out.data_ptr<T>();
+    at::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
+      alignas(64) float acc[A][16];
+      for (int64_t n = begin; n < end; ++n) {
+        const uint8_t* w = codes + n * B * 256;
+        for (int64_t g = 0; g < groups.count; ++g) {
+          q4x16_pass<A>(w, scales + n * B * 16, groups, xsum8, g, B,
+                        g == 0 && n + 1 < end ? w + B * 256 : nullptr, acc);
+          for (int64_t a = 0; a < std::min<int64_t>(A, M - g * A); ++a)
+            for (int half = 0; half < 2; ++half)
+              qk::store8(op + (g * A + a) * N + n * 16 + 8 * half, _mm256_load_ps(acc[a] + 8 * half));
+        }
+      }
+    });
+  });
+  return out;
+}
 
 // Whether integer_gemm runs the VNNI kernel for K inputs (int4's takes blocks in pairs).
 template <bool Int4>
@@ -1135,15 +1262,45 @@ at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const a
       cp, K);
 }
 
+namespace {
+
+// Interleaved Q4_0 (packed [N / 16, K / 32, 4, 16, 4], scales [N / 16, K / 32, 16]; see
+// q4x16_linear_of). Where AVX512-VNNI is turned off after loading (tests do), the codes
+// are taken back to rows first.
+at::Tensor q4x16_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+  const int64_t N = packed.size(0) * 16, B = packed.size(1), K = B * 32;
+  check_rows(x, K, "q4_linear");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf &&
+                  packed.sizes() == at::IntArrayRef({N / 16, B, 4, 16, 4}) &&
+                  scales.sizes() == at::IntArrayRef({N / 16, B, 16}),
+              "q4_linear: expected interleaved uint8 codes [N / 16, K / 32, 4, 16, 4] and "
+              "float16 scales [N / 16, K / 32, 16]");
+  if (!avx512_vnni)
+    return q4_linear(x, packed.permute({0, 3, 1, 2, 4}).reshape({N, K / 2}),
+                     scales.permute({0, 2, 1}).reshape({N, B}), c10::nullopt);
+  const uint8_t* cp = packed.data_ptr<uint8_t>();
+  const c10::Half* sp = scales.data_ptr<c10::Half>();
+  const int64_t M = x.size(0);
+  if (M <= 1) return q4x16_linear_of<1>(x, cp, sp, N);
+  if (M <= 2) return q4x16_linear_of<2>(x, cp, sp, N);
+  if (M <= 4) return q4x16_linear_of<4>(x, cp, sp, N);
+  if (M <= 8) return q4x16_linear_of<8>(x, cp, sp, N);
+  return q4x16_linear_of<16>(x, cp, sp, N);
+}
+
+}  // namespace
+
 // packed [N, K / 2] uint8: in each block of 32 inputs, byte j holds code j in its low
 // nibble and code j + 16 in its high one (GGUF Q4_0's order). w = (code - 8) * scale +
 // zero, scales and zeros float16 [N, K / group] (no zeros: all 0); group a multiple of 32.
+// Or Q4_0 interleaved by 16 rows: packed 5-D (see q4x16_linear_of).
 at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& scales_in,
                      const c10::optional<at::Tensor>& zeros_in) {
   RECORD_FUNCTION("qwen3chat::q4_linear", std::vector<c10::IValue>());
   const auto packed = packed_in.contiguous();
   const auto scales = scales_in.contiguous();
   const auto x = x_in.contiguous();
+  if (packed.dim() == 5 && !zeros_in.has_value()) return q4x16_linear(x, packed, scales);
   const bool has_zeros = zeros_in.has_value();
   const auto zeros = has_zeros ? zeros_in->contiguous() : scales;
   const int64_t N = packed.size(0), K = packed.size(1) * 2, G = scales.size(1);
