@@ -25,7 +25,8 @@ class VocabSplit:
 
     def rows(self, head):
         """This share's rows of a whole head (a tied embedding table, held whole for the
-        lookup): a view of the float weights; a quantized one's codes viewed too."""
+        lookup): a view of the float weights; a quantized one's codes viewed too (copied
+        where they are held interleaved, quant.py's QuantizedWeight)."""
         if isinstance(head, torch.Tensor):
             return head[self.start : self.end]
         share = head.matrix(slice(self.start, self.end))
