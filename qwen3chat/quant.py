@@ -288,8 +288,8 @@ class QuantizedWeight(nn.Module):
         )
         if self.interleaved:
             blocks = self.in_features // 32
-            codes = codes.view(-1, 16, blocks, 4, 4).permute(0, 2, 3, 1, 4).contiguous()
-            scales = scales.view(-1, 16, blocks).transpose(1, 2).contiguous()
+            codes = codes.reshape(-1, 16, blocks, 4, 4).permute(0, 2, 3, 1, 4).contiguous()
+            scales = scales.reshape(-1, 16, blocks).transpose(1, 2).contiguous()
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", None if zeros is None else zeros.to(device, torch.float16))
