@@ -67,9 +67,13 @@ def test_it_says_which_kernels_ran_and_they_are_ones_this_cpu_allows(report):
         "int8/int4 GEMMs (8+ rows, 4+ with VNNI)": "AVX512-VNNI"
         if kernels._avx512_vnni()
         else "AVX2",
-        "Q4_0 products (any rows)": "AVX512-VNNI, 16 rows interleaved"
-        if kernels._avx512_vnni()
-        else "AVX2",
+        "Q4_0 products (any rows)": (
+            "AVX512-VNNI, 16 rows interleaved; AMX-INT8 from 32 rows"
+            if kernels._avx512_vnni() and kernels._amx_int8()
+            else "AVX512-VNNI, 16 rows interleaved"
+            if kernels._avx512_vnni()
+            else "AVX2"
+        ),
         "attention over a bf16 or int8 cache": "AVX-512" if kernels._avx512() else "AVX2",
         "bf16 products of 4+ rows": (
             "oneDNN (AVX512-BF16)"

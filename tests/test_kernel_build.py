@@ -25,6 +25,7 @@ def fake_build(monkeypatch):
     built = types.SimpleNamespace(
         set_native_bf16_gemm=lambda enabled: None,
         set_avx512_vnni=lambda enabled: None,
+        set_amx_int8=lambda enabled: None,
         set_avx512_attention=lambda enabled: None,
         set_avx512_products=lambda enabled: None,
     )

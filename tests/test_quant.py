@@ -245,9 +245,9 @@ def test_q4_0_held_interleaved_gives_the_plain_products(width, dtype, monkeypatc
     ids = torch.tensor([[47, 0, 16, 5]])
     assert torch.equal(layer.rows(ids), plain.rows(ids))
 
-    x = torch.randn(21, width, generator=generator).to(dtype)
+    x = torch.randn(40, width, generator=generator).to(dtype)
     gemm = linear(x, plain)  # the plain integer GEMM (8 rows or more)
-    for rows in (21, 16, 9, 8):
+    for rows in (40, 32, 21, 16, 9, 8):  # AMX-INT8 tiles from 32 rows where they run
         assert torch.equal(linear(x[:rows], layer), gemm[:rows])
     for i in range(4):
         assert torch.equal(linear(x[i : i + 1], layer), gemm[i : i + 1])
@@ -258,3 +258,30 @@ def test_q4_0_held_interleaved_gives_the_plain_products(width, dtype, monkeypatc
             assert torch.equal(linear(x[:rows], layer), linear(x[:rows], plain))
     finally:
         native.set_avx512_vnni(True)
+
+
+@pytest.mark.skipif(
+    not kernels.interleaves_int4(CPU) or not kernels._amx_int8(),
+    reason="this CPU (or its OS) does not allow AMX-INT8 tiles",
+)
+@pytest.mark.parametrize("width", [64, 96, 1024])  # one block pair, an odd count, more
+@pytest.mark.parametrize("rows", [32, 33, 47, 130])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amx_q4_0_products_are_the_vnni_ones_bit_for_bit(width, rows, dtype):
+    """Prompts' Q4_0 products run on AMX-INT8 tiles where the CPU and the OS allow them:
+    the same integer sums as vpdpbusd's, scaled in the same float steps, so the same bits,
+    whatever the rows past the last whole group of 16."""
+    generator = torch.Generator().manual_seed(6)
+    m = quantize(torch.randn(64, width, generator=generator), 4, 32)
+    m.zeros = None
+    layer = QuantizedWeight(m, torch.float32, CPU)
+    x = torch.randn(rows, width, generator=generator).to(dtype)
+    native = kernels.native(x)
+    tiles = linear(x, layer)
+    native.set_amx_int8(False)
+    try:
+        vnni = linear(x, layer)
+    finally:
+        native.set_amx_int8(True)
+    assert torch.equal(tiles, vnni)
+    assert tiles.abs().max() > 0

@@ -215,8 +215,10 @@ def _module():
         # off x86).
         wide, vnni = _avx512(), _avx512_vnni()
         bf16 = wide and torch.cpu._is_avx512_bf16_supported()
+        amx = vnni and _amx_int8()
         module.set_native_bf16_gemm(bf16)
         module.set_avx512_vnni(vnni)
+        module.set_amx_int8(amx)
         module.set_avx512_attention(wide)
         module.set_avx512_products(wide)
         _CHOICES.update(target.variants)
@@ -229,6 +231,10 @@ def _module():
             _CHOICES["Q4_0 products (any rows)"] = "AVX512-VNNI, 16 rows interleaved"
         if bf16:
             _CHOICES["bf16 products of 4+ rows"] = "oneDNN (AVX512-BF16)"
+        if amx:
+            _CHOICES["Q4_0 products (any rows)"] = (
+                "AVX512-VNNI, 16 rows interleaved; AMX-INT8 from 32 rows"
+            )
         return module
     except Exception as e:  # no headers, ninja or a compile error: the torch path still works
         log.debug("native CPU kernel build failed", exc_info=True)
@@ -249,6 +255,15 @@ def _avx512_vnni() -> bool:
     if os.environ.get("QWEN3CHAT_NO_AVX512_VNNI") == "1":
         return False
     return torch.cpu._is_vnni_supported() and torch.cpu._is_avx512_supported()
+
+
+def _amx_int8() -> bool:
+    """AMX-INT8 tiles where cpuid reports them, the OS saves their state and grants it to
+    this process (torch asks Linux for it: a VM may report the tiles and refuse them);
+    QWEN3CHAT_NO_AMX=1 turns them off."""
+    if os.environ.get("QWEN3CHAT_NO_AMX") == "1":
+        return False
+    return torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx()
 
 
 def interleaves_int4(device: torch.device | str) -> bool:

@@ -38,6 +38,13 @@ inline float _cvtsh_ss(uint16_t h) { return c10::Half(h, c10::Half::from_bits())
 #ifndef _cvtss_sh
 inline uint16_t _cvtss_sh(float f, int) { return c10::Half(f).x; }
 #endif
+// AMX tiles have no NEON form: their kernel compiles to a trap (set_amx_int8 stays off).
+#define _tile_loadconfig(config) __builtin_trap()
+#define _tile_release() __builtin_trap()
+#define _tile_loadd(tile, base, stride) __builtin_trap()
+#define _tile_stored(tile, base, stride) __builtin_trap()
+#define _tile_zero(tile) __builtin_trap()
+#define _tile_dpbsud(sums, a, b) __builtin_trap()
 // Each of 16 lanes of a as a lane of the result type.
 template <typename To, typename ToLane, typename FromLane, typename From>
 inline To qk_lanes16(From a) {
@@ -113,6 +120,11 @@ void set_native_bf16_gemm(bool enabled);
 // Integer GEMMs (prompt chunks, several sequences' rows) with AVX512-VNNI where the CPU and
 // the OS allow it (Python asks torch): bit for bit the AVX2 kernel's results.
 void set_avx512_vnni(bool enabled);
+// Q4_0 products of kAmxMinRows rows or more (prompts) with AMX-INT8 tiles where the CPU
+// has them and the OS grants them (Python asks torch): bit for bit the AVX512-VNNI
+// kernel's results.
+constexpr int64_t kAmxMinRows = 32;
+void set_amx_int8(bool enabled);
 // Attention over bfloat16 and int8 caches with AVX-512 (F, BW, DQ) where the CPU and OS
 // allow it.
 void set_avx512_attention(bool enabled);
