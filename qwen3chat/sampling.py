@@ -140,6 +140,15 @@ def top_k_rows(samplers: list[Sampler], logits: torch.Tensor) -> list[TopK | Non
     return tops
 
 
+# Top-p without top-k first looks for the nucleus among this many of the largest
+# probabilities: where they hold top_p of the mass (a trained model's next-token
+# distribution nearly always) only they are ranked, else the whole vocabulary is. Sorting
+# a 151k vocabulary took 11 ms a token (Intel Xeon, 2 threads; `chat`'s defaults, top_p
+# 0.9 and no top_k, on a GGUF file with no generation_config.json: decode 39 tok/s
+# against 60); the native top-k of 256 takes ~0.2 ms.
+NUCLEUS_CANDIDATES = 256
+
+
 def sample(
     logits: torch.Tensor,
     s: SamplingSettings,
@@ -159,6 +168,12 @@ def sample(
     logits = logits / s.temperature
     probs = torch.softmax(logits, dim=-1)
     if s.top_p < 1.0:
+        if ids is None and probs.numel() > NUCLEUS_CANDIDATES:
+            # The same cumulative sums as the full ranking's first entries: where they
+            # reach top_p there, every id ranked after them is dropped either way.
+            values, candidates = top_k(probs, NUCLEUS_CANDIDATES)
+            if values.cumsum(0)[-1] >= s.top_p:
+                probs, ids = values, candidates
         ranked, order = (probs, None) if ids is not None else probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
         kept = ranked.masked_fill(ranked.cumsum(0) - ranked >= s.top_p, 0.0)

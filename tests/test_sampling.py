@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen3chat import kernels
+from qwen3chat import kernels, sampling
 from qwen3chat.errors import QwenChatError
 from qwen3chat.sampling import Sampler, SamplingSettings, top_k, top_k_rows
 
@@ -36,6 +36,34 @@ def test_top_p_keeps_smallest_prefix_reaching_mass():
     assert probs[0] < 0.8 < probs[0] + probs[1]
     assert draws(SamplingSettings(temperature=1.0, top_p=0.8)) == {0, 1}
     assert draws(SamplingSettings(temperature=1.0, top_p=0.5)) == {0}
+
+
+def test_top_p_over_a_large_vocabulary_draws_from_the_nucleus():
+    """Top-p without top-k over more ids than NUCLEUS_CANDIDATES: where the largest of
+    them hold top_p of the mass, the draws follow the nucleus renormalized; where they do
+    not (a flat distribution), ids ranked past them are drawn as the full ranking keeps."""
+    generator = torch.Generator().manual_seed(11)
+    order = torch.randperm(4096, generator=generator)
+    peaked = torch.full((4096,), -30.0)
+    peaked[order[:3]] = torch.tensor([3.0, 2.0, 1.0])  # 0.67, 0.24, 0.09 of the mass
+    sampler = Sampler(SamplingSettings(temperature=1.0, top_p=0.85), 4096, [], "cpu")
+    counts = torch.bincount(
+        torch.tensor([sampler(peaked.clone()) for _ in range(6000)]), minlength=4096
+    )
+    kept = torch.softmax(torch.tensor([3.0, 2.0]), 0)
+    torch.testing.assert_close(counts[order[:2]] / 6000, kept, atol=0.02, rtol=0)
+    assert counts.sum() == counts[order[:2]].sum()  # the third (0.91 with it) is dropped
+
+    flat = torch.linspace(1.0, 0.0, 4096)[torch.argsort(order)]  # rank r at id order[r]
+    rank = torch.empty(4096, dtype=torch.long)
+    rank[order] = torch.arange(4096)
+    probs = torch.softmax(flat, 0)[order]
+    last = int((probs.cumsum(0) - probs < 0.5).sum())  # ranks the full ranking keeps
+    assert last > 2 * sampling.NUCLEUS_CANDIDATES
+    sampler = Sampler(SamplingSettings(temperature=1.0, top_p=0.5), 4096, [], "cpu")
+    ranks = rank[torch.tensor([sampler(flat.clone()) for _ in range(3000)])]
+    assert ranks.max() < last
+    assert (ranks >= sampling.NUCLEUS_CANDIDATES).float().mean() > 0.4
 
 
 def test_min_p():
