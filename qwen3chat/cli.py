@@ -191,8 +191,9 @@ def chat(
 ) -> None:
     """Chat with a model: interactive in a terminal, one-shot with -p or piped stdin.
 
-    Sampling values in the model's generation_config.json replace the defaults shown here;
-    a flag given on the command line always wins.
+    Sampling values in the model's generation_config.json (or a GGUF file's
+    general.sampling.* metadata) replace the defaults shown here; a flag given on the
+    command line always wins.
     """
     _run_chat(locals())
 

@@ -21,7 +21,13 @@ from .quant import QuantSpec, random_quantized
 from .sampling import SamplingSettings
 from .tokenizer import Tokenizer
 from .vision.preprocess import IMAGE_PAD
-from .weights.gguf import GGUFSource, config_from_gguf, open_gguf, release_vocabulary
+from .weights.gguf import (
+    GGUFSource,
+    config_from_gguf,
+    open_gguf,
+    release_vocabulary,
+    sampling_defaults_from_gguf,
+)
 from .weights.gguf_tokenizer import tokenizer_from_gguf
 from .weights.loader import (
     HeapTrimmer,
@@ -128,6 +134,8 @@ def _open_gguf(path: Path):
     # A tokenizer.json (and generation_config.json) beside the file win over the metadata.
     beside = path.parent
     generation, stop_ids = read_generation_defaults(beside)
+    if not (beside / "generation_config.json").is_file():
+        generation = sampling_defaults_from_gguf(reader)
     if (beside / "tokenizer.json").is_file():
         tokenizer = _tokenizer_from_dir(beside, config, stop_ids)
     else:

@@ -105,10 +105,13 @@ def write_gguf(
     chat_template: str | None = None,
     expert_weights_norm: bool | None = None,
     table_qtype: T | None = None,
+    sampling: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """Write ``model`` as a GGUF file with 2-D weights (and 3-D expert stacks) in
     ``qtype``, the embedding table and output in ``table_qtype`` when given (as
-    llama-quantize's --token-embedding-type and --output-tensor-type do); return the
+    llama-quantize's --token-embedding-type and --output-tensor-type do), and
+    ``sampling`` values ({"temp": 0.6, ...}) as the converter copies them from
+    generation_config.json into general.sampling.* keys; return the
     weights as the file holds them, dequantized (load them into the reference model to
     compare). The MoE router stays F32, as llama.cpp keeps it."""
     config = model.config
@@ -138,6 +141,8 @@ def write_gguf(
         tokenizer_config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
         chat_template = tokenizer_config["chat_template"]
     writer.add_chat_template(chat_template)
+    for name, value in (sampling or {}).items():
+        getattr(writer, f"add_sampling_{name}")(value)
 
     rng = np.random.default_rng(seed)
     stored = {}

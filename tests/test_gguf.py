@@ -214,6 +214,26 @@ def test_tokenizer_json_beside_the_file_wins(gguf_dir, tokenizer_dir, tmp_path):
     assert loaded.tokenizer.template_is_builtin  # no tokenizer_config.json beside it
 
 
+def test_sampling_values_in_the_metadata_are_the_defaults(tokenizer_dir, tmp_path):
+    """The general.sampling.* keys (llama.cpp's converter copies generation_config.json's
+    values there, and llama.cpp takes them as defaults) replace our defaults as a
+    generation_config.json does; one beside the file wins over them."""
+    path = tmp_path / "sampling.gguf"
+    sampling = {"temp": 0.6, "top_k": 20, "top_p": 0.95, "min_p": 0.0}
+    write_gguf(build_reference_model(tie=True), tokenizer_dir, path, T.F32, sampling=sampling)
+    loaded = load_model(path, device="cpu", dtype="float32")
+    assert loaded.generation_defaults == {
+        "temperature": 0.6,
+        "top_k": 20,
+        "top_p": 0.95,
+        "min_p": 0.0,
+    }
+    (tmp_path / "generation_config.json").write_text('{"temperature": 1.0}')
+    assert load_model(path, device="cpu", dtype="float32").generation_defaults == {
+        "temperature": 1.0
+    }
+
+
 def test_quantized_memory_is_smaller(gguf_dir, tokenizer_dir):
     """Weights stay quantized in memory: count the bytes the decoder layers hold."""
     sizes = {}

@@ -212,6 +212,28 @@ def metadata(reader: GGUFReader, key: str, default=None):
     return field.contents()
 
 
+# llama.cpp's converter copies generation_config.json's sampling values into these keys,
+# and llama.cpp takes them as its defaults; ours are SamplingSettings' names.
+_SAMPLING_KEYS = {
+    "temperature": "general.sampling.temp",
+    "top_k": "general.sampling.top_k",
+    "top_p": "general.sampling.top_p",
+    "min_p": "general.sampling.min_p",
+    "repetition_penalty": "general.sampling.penalty_repeat",
+}
+
+
+def sampling_defaults_from_gguf(reader: GGUFReader) -> dict:
+    """The sampling values the file's metadata gives (as generation_config.json's);
+    float32 values to six digits, as they were written (0.95, not 0.949999988)."""
+    found = {name: metadata(reader, key) for name, key in _SAMPLING_KEYS.items()}
+    return {
+        name: float(f"{value:.6g}") if isinstance(value, float) else value
+        for name, value in found.items()
+        if value is not None
+    }
+
+
 def config_from_gguf(reader: GGUFReader, path: Path) -> ModelConfig:
     arch = metadata(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
