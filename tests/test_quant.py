@@ -3,6 +3,8 @@ matmul on the dequantized weights."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -55,6 +57,17 @@ def test_cat_keeps_rows_in_order(weight):
     assert torch.equal(
         QuantizedMatrix.cat([a, b]).dequantize(), quantize(weight, 8, 32).dequantize()
     )
+
+
+@contextmanager
+def kernel_off(setter: str):
+    """The native kernel that ``setter`` chooses turned off inside, on again after."""
+    native = kernels.native(torch.zeros(1))
+    getattr(native, setter)(False)
+    try:
+        yield
+    finally:
+        getattr(native, setter)(True)
 
 
 def int8_activations(x: torch.Tensor) -> torch.Tensor:
@@ -190,13 +203,9 @@ def test_avx512_vnni_gemm_is_the_avx2_one_bit_for_bit(
         m.zeros = None  # Q4_0: no zero points stored
     layer = QuantizedWeight(m, torch.float32, CPU)
     x = torch.randn(rows, width, generator=torch.Generator().manual_seed(2)).to(dtype)
-    native = kernels.native(x)
     vnni = linear(x, layer)
-    native.set_avx512_vnni(False)
-    try:
+    with kernel_off("set_avx512_vnni"):
         avx2 = linear(x, layer)
-    finally:
-        native.set_avx512_vnni(True)
     assert torch.equal(vnni, avx2)
 
 
@@ -251,13 +260,9 @@ def test_q4_0_held_interleaved_gives_the_plain_products(width, dtype, monkeypatc
         assert torch.equal(linear(x[:rows], layer), gemm[:rows])
     for i in range(4):
         assert torch.equal(linear(x[i : i + 1], layer), gemm[i : i + 1])
-    native = kernels.native(x)
-    native.set_avx512_vnni(False)
-    try:
+    with kernel_off("set_avx512_vnni"):
         for rows in (21, 3):
             assert torch.equal(linear(x[:rows], layer), linear(x[:rows], plain))
-    finally:
-        native.set_avx512_vnni(True)
 
 
 @pytest.mark.skipif(
@@ -276,12 +281,8 @@ def test_amx_q4_0_products_are_the_vnni_ones_bit_for_bit(width, rows, dtype):
     m.zeros = None
     layer = QuantizedWeight(m, torch.float32, CPU)
     x = torch.randn(rows, width, generator=generator).to(dtype)
-    native = kernels.native(x)
     tiles = linear(x, layer)
-    native.set_amx_int8(False)
-    try:
+    with kernel_off("set_amx_int8"):
         vnni = linear(x, layer)
-    finally:
-        native.set_amx_int8(True)
     assert torch.equal(tiles, vnni)
     assert tiles.abs().max() > 0
