@@ -256,7 +256,7 @@ def test_q4_0_held_interleaved_gives_the_plain_products(width, dtype, monkeypatc
 
     x = torch.randn(40, width, generator=generator).to(dtype)
     gemm = linear(x, plain)  # the plain integer GEMM (8 rows or more)
-    for rows in (40, 32, 21, 16, 9, 8):  # AMX-INT8 tiles from 32 rows where they run
+    for rows in (40, 32, 21, 16, 9, 8):  # AMX-INT8 tiles from 9 rows where they run
         assert torch.equal(linear(x[:rows], layer), gemm[:rows])
     for i in range(4):
         assert torch.equal(linear(x[i : i + 1], layer), gemm[i : i + 1])
@@ -269,13 +269,15 @@ def test_q4_0_held_interleaved_gives_the_plain_products(width, dtype, monkeypatc
     not kernels.interleaves_int4(CPU) or not kernels._amx_int8(),
     reason="this CPU (or its OS) does not allow AMX-INT8 tiles",
 )
-@pytest.mark.parametrize("width", [64, 96, 1024])  # one block pair, an odd count, more
-@pytest.mark.parametrize("rows", [32, 33, 47, 130])
+# Blocks of 32 inputs: one pair and an odd count (fewer than a pass unpacks ahead, 8), more.
+@pytest.mark.parametrize("width", [64, 96, 320, 1024])
+@pytest.mark.parametrize("rows", [9, 16, 33, 47, 130])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_amx_q4_0_products_are_the_vnni_ones_bit_for_bit(width, rows, dtype):
-    """Prompts' Q4_0 products run on AMX-INT8 tiles where the CPU and the OS allow them:
-    the same integer sums as vpdpbusd's, scaled in the same float steps, so the same bits,
-    whatever the rows past the last whole group of 16."""
+    """Q4_0 products of 9 rows or more (prompts, batches of sequences) run on AMX-INT8
+    tiles where the CPU and the OS allow them: the same integer sums as vpdpbusd's, scaled
+    in the same float steps, so the same bits, whatever the rows past the last whole group
+    of 16."""
     generator = torch.Generator().manual_seed(6)
     m = quantize(torch.randn(64, width, generator=generator), 4, 32)
     m.zeros = None

@@ -233,7 +233,7 @@ def _module():
             _CHOICES["bf16 products of 4+ rows"] = "oneDNN (AVX512-BF16)"
         if amx:
             _CHOICES["Q4_0 products (any rows)"] = (
-                "AVX512-VNNI, 16 rows interleaved; AMX-INT8 from 32 rows"
+                "AVX512-VNNI, 16 rows interleaved; AMX-INT8 from 9 rows"
             )
         return module
     except Exception as e:  # no headers, ninja or a compile error: the torch path still works

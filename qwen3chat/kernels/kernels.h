@@ -120,10 +120,10 @@ void set_native_bf16_gemm(bool enabled);
 // Integer GEMMs (prompt chunks, several sequences' rows) with AVX512-VNNI where the CPU and
 // the OS allow it (Python asks torch): bit for bit the AVX2 kernel's results.
 void set_avx512_vnni(bool enabled);
-// Q4_0 products of kAmxMinRows rows or more (prompts) with AMX-INT8 tiles where the CPU
-// has them and the OS grants them (Python asks torch): bit for bit the AVX512-VNNI
-// kernel's results.
-constexpr int64_t kAmxMinRows = 32;
+// Q4_0 products of kAmxMinRows rows or more (prompts, batches of 9+ sequences) with
+// AMX-INT8 tiles where the CPU has them and the OS grants them (Python asks torch): bit
+// for bit the AVX512-VNNI kernel's results.
+constexpr int64_t kAmxMinRows = 9;
 void set_amx_int8(bool enabled);
 // Attention over bfloat16 and int8 caches with AVX-512 (F, BW, DQ) where the CPU and OS
 // allow it.

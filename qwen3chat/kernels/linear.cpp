@@ -957,9 +957,10 @@ QK_VNNI_Q4 void q4x16_pass(const uint8_t* w, const c10::Half* ws, const RowGroup
 // one instruction: tdpbsud takes the activations by rows (signed) and the weights as
 // interleaved Q4_0 already holds them, four bytes of each of 16 rows a step, once the
 // nibbles are apart (unsigned). Its int32 sums are vpdpbusd's, scaled in the same float
-// steps: the same bits as q4x16_pass. Prompts only (kAmxMinRows): the 0.6B shape's 28
-// layers of products on two threads, 128 rows 137 -> 108 ms, 64 rows 68 -> 59, 32 rows
-// 36 -> 33, but 16 rows 18 -> 21 and 4 rows 7 -> 19 (Intel Xeon, AMX allowed).
+// steps: the same bits as q4x16_pass. From kAmxMinRows rows (a tile takes 16; VNNI's
+// 8-row pass costs half of its 16-row one): the 0.6B shape's 28 layers of products on two
+// threads, 128 rows 130 -> 106 ms, 32 rows 35 -> 29, 16 rows 19.0-20.5 -> 17.5-18.6, 12
+// rows 1.11x (Intel Xeon, AMX allowed); a 16-sequence Q4_0 engine step 52.4 -> 49.4 ms.
 std::atomic<bool> amx_int8{false};
 
 #define QK_AMX_Q4 QK_TARGET("avx512f,avx512bw,avx512vnni,fma,f16c,amx-tile,amx-int8")
@@ -980,21 +981,19 @@ QK_AMX_Q4 void amx_begin() {
 
 QK_AMX_Q4 void amx_end() { _tile_release(); }
 
-// 16 weight rows' interleaved codes, B blocks, as tdpbsud's weight tiles: per block the
-// four steps' low nibbles (codes 0-15), then their high ones (16-31). The next rows'
-// codes (next, or null) are asked for a block at a time.
-QK_AMX_Q4 void q4x16_amx_unpack(const uint8_t* w, int64_t B, uint8_t* out, const uint8_t* next) {
+// Block b of 16 weight rows' interleaved codes w as tdpbsud's weight tile at out: the four
+// steps' low nibbles (codes 0-15), then their high ones (16-31).
+QK_AMX_Q4 __attribute__((always_inline)) inline void q4x16_amx_unpack(const uint8_t* w, uint8_t* out) {
   const __m512i mask = _mm512_set1_epi8(0x0F);
-  for (int64_t b = 0; b < B; ++b) {
-    if (next != nullptr)
-      for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char*>(next + b * 256 + line * 64), _MM_HINT_T0);
-    for (int s = 0; s < 4; ++s) {
-      const __m512i packed = _mm512_loadu_si512(w + b * 256 + s * 64);
-      _mm512_storeu_si512(out + b * 512 + s * 64, _mm512_and_si512(packed, mask));
-      _mm512_storeu_si512(out + b * 512 + 256 + s * 64, _mm512_and_si512(_mm512_srli_epi16(packed, 4), mask));
-    }
+  for (int s = 0; s < 4; ++s) {
+    const __m512i packed = _mm512_loadu_si512(w + s * 64);
+    _mm512_storeu_si512(out + s * 64, _mm512_and_si512(packed, mask));
+    _mm512_storeu_si512(out + 256 + s * 64, _mm512_and_si512(_mm512_srli_epi16(packed, 4), mask));
   }
 }
+
+// Blocks a pass unpacks ahead of the block whose product it issues (2: ~15% slower).
+constexpr int64_t kAmxUnpackAhead = 8;
 
 // Block b's product into tile `sums` (its activations in tile `acts`, its weights in
 // `wts`): a macro, as the tile intrinsics take the tiles' numbers as literal tokens.
@@ -1021,23 +1020,34 @@ QK_AMX_Q4 __attribute__((always_inline)) inline void amx_scale(
 }
 
 // q4x16_pass with tiles: the 16 activation rows of group `group` (codes by rows) times
-// 16 weight rows (unpacked by q4x16_amx_unpack, scales ws) into acc, the next block's
-// product issued before a block's sums are scaled. A block of 16 by 16 rows costs ~67
-// cycles on an Intel Xeon (one core, 128 rows) against q4x16_pass's ~100: the tiles and
-// the scaling take turns (the tiles alone 28 cycles, 36 with the store, the scaling ~33;
-// scaling a block later, or sums from other memory, changed nothing), and a block of 32
-// inputs is all one tile product can take, as each block has its own scales.
-QK_AMX_Q4 void q4x16_amx_pass(const uint8_t* unpacked, const c10::Half* ws, const RowGroups& x,
-                              const float* xsum8, int64_t group, int64_t B, int64_t K,
-                              float acc[16][16]) {
+// 16 weight rows (scales ws, unpacked at `unpacked`) into acc, the next block's product
+// issued before a block's sums are scaled. With w (the first group's pass), the pass
+// unpacks the rows' codes itself, kAmxUnpackAhead blocks ahead of the tiles that load
+// them; the next rows' (next, or null) are asked for into L2 a block at a time. Per block
+// of 16 by 16 rows on an Intel Xeon (one core, 16 rows): ~67-80 cycles against
+// q4x16_pass's ~95-105. The tiles and the vector work take turns rather than overlap
+// (tiles and store ~23 cycles, the scaling ~15, together ~47), and a block of 32 inputs is
+// all one tile product can take, as each block has its own scales. Unpacked all before
+// the pass, the rows' reads waited on memory with nothing to overlap (16 rows cost what
+// VNNI's did); unpacked a block ahead, the tiles waited for the stores; asked for into L1
+// (as q4x16_pass does), the products ran no faster than VNNI's.
+QK_AMX_Q4 void q4x16_amx_pass(const uint8_t* w, uint8_t* unpacked, const c10::Half* ws,
+                              const RowGroups& x, const float* xsum8, int64_t group, int64_t B,
+                              int64_t K, const uint8_t* next, float acc[16][16]) {
   alignas(64) int32_t sums[16][16];
   const int8_t* rows = x.codes + group * 16 * K;
   const int64_t at = group * B * 16;
   __m512 total[16];
 #pragma GCC unroll 16
   for (int a = 0; a < 16; ++a) total[a] = _mm512_setzero_ps();
+  if (w != nullptr)
+    for (int64_t b = 0; b < std::min(B, kAmxUnpackAhead); ++b) q4x16_amx_unpack(w + b * 256, unpacked + b * 512);
   QK_AMX_BLOCK(0, 2, 3, 0);
   for (int64_t b = 0; b < B; ++b) {
+    if (next != nullptr)
+      for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char*>(next + b * 256 + line * 64), _MM_HINT_T1);
+    if (w != nullptr && b + kAmxUnpackAhead < B)
+      q4x16_amx_unpack(w + (b + kAmxUnpackAhead) * 256, unpacked + (b + kAmxUnpackAhead) * 512);
     if (b % 2 == 0) {
       if (b + 1 < B) QK_AMX_BLOCK(1, 4, 5, b + 1);
       _tile_stored(0, sums, 64);
@@ -1078,10 +1088,10 @@ at::Tensor q4x16_linear_of(const at::Tensor& x, const uint8_t* codes, const c10:
       for (int64_t n = begin; n < end; ++n) {
         const uint8_t* w = codes + n * B * 256;
         const uint8_t* next = n + 1 < end ? w + B * 256 : nullptr;
-        if constexpr (Amx) q4x16_amx_unpack(w, B, unpacked.data(), next);
         for (int64_t g = 0; g < groups.count; ++g) {
           if constexpr (Amx)
-            q4x16_amx_pass(unpacked.data(), scales + n * B * 16, groups, xsum8, g, B, K, acc);
+            q4x16_amx_pass(g == 0 ? w : nullptr, unpacked.data(), scales + n * B * 16, groups,
+                           xsum8, g, B, K, g == 0 ? next : nullptr, acc);
           else
             q4x16_pass<A>(w, scales + n * B * 16, groups, xsum8, g, B, g == 0 ? next : nullptr, acc);
           for (int64_t a = 0; a < std::min<int64_t>(A, M - g * A); ++a)
