@@ -214,7 +214,7 @@ def _both_kernels(request, setter: str):
     module chooses), the AVX-512 one only where the CPU and OS allow it."""
     from qwen3chat import kernels
 
-    native = kernels.native(torch.zeros(1))
+    native = kernels._module()  # not kernels.native, which torch_matmuls replaces
     if native is None:
         pytest.skip("no AVX2 CPU or no C++ compiler here")
     wide = request.param == "avx512"
@@ -229,6 +229,12 @@ def _both_kernels(request, setter: str):
 def attention_kernels(request):
     """Attention over bf16 and int8 caches, in both forms."""
     yield from _both_kernels(request, "set_avx512_attention")
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def row_kernels(request):
+    """RMSNorm, q/k norm with RoPE and SwiGLU, in both forms."""
+    yield from _both_kernels(request, "set_avx512_rows")
 
 
 @pytest.fixture(params=["avx512", "avx2"])

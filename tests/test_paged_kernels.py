@@ -111,10 +111,11 @@ def norm_rope(x, weight, cos, sin, eps):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_qk_norm_rope_writes_each_rows_slot(dtype):
+@pytest.mark.parametrize("head_dim", [16, 64])  # 64: one the AVX-512 build takes
+def test_paged_qk_norm_rope_writes_each_rows_slot(dtype, head_dim, row_kernels):
     """q normed and rotated by each row's cos/sin, k and v in the rows' slots, every other
     slot untouched; bit for bit the contiguous kernel's over the same rows."""
-    heads, kv_heads, head_dim, eps = 4, 2, 16, 1e-6
+    heads, kv_heads, eps = 4, 2, 1e-6
     batch = Batch()
     n = len(batch.positions)
     qkv = rand(n, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=4)

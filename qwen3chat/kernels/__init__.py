@@ -95,6 +95,7 @@ _WORK = (
     "Q4_0 products (any rows)",
     "bf16 products of 4+ rows",
     "attention over a bf16 or int8 cache",
+    "norms, rotary embedding, SwiGLU",
 )
 # SIMDe's headers, where ARM builds look for them: the compiler's own paths, and Homebrew's.
 _SIMDE_DIRS = ("/usr/include", "/usr/local/include", "/opt/homebrew/include")
@@ -220,11 +221,13 @@ def _module():
         module.set_avx512_vnni(vnni)
         module.set_amx_int8(amx)
         module.set_avx512_attention(wide)
+        module.set_avx512_rows(wide)
         module.set_avx512_products(wide)
         _CHOICES.update(target.variants)
         if wide:
             _CHOICES["one-row float/bf16/f16 products"] = "AVX-512"
             _CHOICES["attention over a bf16 or int8 cache"] = "AVX-512"
+            _CHOICES["norms, rotary embedding, SwiGLU"] = "AVX-512"
             _CHOICES["bf16 products of 4+ rows"] = "AVX-512"
         if vnni:
             _CHOICES["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "AVX512-VNNI"

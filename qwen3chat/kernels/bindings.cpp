@@ -33,6 +33,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "run Q4_0 products of several rows with AMX-INT8 tiles (the CPU and the OS allow it)");
   m.def("set_avx512_attention", &set_avx512_attention,
         "run attention over bfloat16 and int8 caches with AVX-512 (the CPU and the OS allow it)");
+  m.def("set_avx512_rows", &set_avx512_rows,
+        "run RMSNorm, q/k norm with RoPE and SwiGLU with AVX-512 (the CPU and the OS allow it)");
   m.def("set_avx512_products", &set_avx512_products,
         "run one-row products of float weights with AVX-512 (the CPU and the OS allow it)");
   m.def("q8_linear", &q8_linear, "x @ W.T for group-wise int8 weights");

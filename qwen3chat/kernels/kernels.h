@@ -65,6 +65,26 @@ inline To qk_lanes16(From a) {
 #ifndef _mm512_cvtph_ps
 #define _mm512_cvtph_ps(a) qk_lanes16<__m512, float, c10::Half>(a)
 #endif
+#ifndef _mm512_cvtepu16_epi32
+#define _mm512_cvtepu16_epi32(a) qk_lanes16<__m512i, int32_t, uint16_t>(a)
+#endif
+#ifndef _mm512_cvtepi32_epi16
+#define _mm512_cvtepi32_epi16(a) qk_lanes16<__m256i, int16_t, int32_t>(a)
+#endif
+#ifndef _mm512_cvtps_ph
+#define _mm512_cvtps_ph(a, rounding) qk_lanes16<__m256i, c10::Half, float>(a)
+#endif
+#ifndef _mm512_cvtps_epi32
+inline __m512i _mm512_cvtps_epi32(__m512 a) {
+  float v[16];
+  int32_t r[16];
+  std::memcpy(v, &a, sizeof(a));
+  for (int i = 0; i < 16; ++i) r[i] = static_cast<int32_t>(std::nearbyint(v[i]));
+  __m512i out;
+  std::memcpy(&out, r, sizeof(out));
+  return out;
+}
+#endif
 #ifndef _mm512_extractf32x8_ps
 #define _mm512_extractf32x8_ps(a, i) \
   _mm256_loadu_ps(reinterpret_cast<const float*>(&(a)) + 8 * (i))
@@ -128,6 +148,8 @@ void set_amx_int8(bool enabled);
 // Attention over bfloat16 and int8 caches with AVX-512 (F, BW, DQ) where the CPU and OS
 // allow it.
 void set_avx512_attention(bool enabled);
+// RMSNorm, q/k norm with RoPE and SwiGLU (row_ops.inc) with AVX-512, likewise.
+void set_avx512_rows(bool enabled);
 // One-row (decode) products of float, bfloat16 and half weights with AVX-512, likewise.
 void set_avx512_products(bool enabled);
 
@@ -363,5 +385,92 @@ inline void store8(c10::BFloat16* p, __m256 v) {
 inline void store8(c10::Half* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
+
+// The float vectors the row operations (row_ops.inc) are written in: Lanes8 of AVX2 and
+// Lanes16 of AVX-512 (for QK_AVX512 functions only). load widens float, bfloat16 or half
+// values to float32; store and round round to them as torch does.
+struct Lanes8 {
+  using F = __m256;
+  static constexpr int64_t kWidth = 8;
+  template <typename T>
+  static F load(const T* p) { return load8(p); }
+  template <typename T>
+  static void store(T* p, F v) { store8(p, v); }
+  template <typename T>
+  static F round(T tag, F v) { return round_to(tag, v); }
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F zero() { return _mm256_setzero_ps(); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static F negate(F v) { return _mm256_xor_ps(v, _mm256_set1_ps(-0.0f)); }
+  static F round_even(F v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // 2^n for whole n in float's exponent range.
+  static F pow2(F n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  }
+  static float sum(F v) { return hsum(v); }
+};
+
+#define QK_AVX512 QK_TARGET("avx512f,avx512bw,avx512dq,fma,f16c")
+
+// bf16_bits of 16 floats.
+QK_AVX512 inline __m512 bf16_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  const __m512 rounded = _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  const __m512 nan = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000));
+  return _mm512_mask_mov_ps(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan);
+}
+
+struct Lanes16 {
+  using F = __m512;
+  static constexpr int64_t kWidth = 16;
+  QK_AVX512 static F load(const float* p) { return _mm512_loadu_ps(p); }
+  QK_AVX512 static F load(const c10::BFloat16* p) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  }
+  QK_AVX512 static F load(const c10::Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  QK_AVX512 static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  QK_AVX512 static void store(c10::BFloat16* p, F v) {
+    const __m512i high = _mm512_srli_epi32(_mm512_castps_si512(bf16_bits(v)), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(high));
+  }
+  QK_AVX512 static void store(c10::Half* p, F v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  QK_AVX512 static F round(float, F v) { return v; }
+  QK_AVX512 static F round(c10::BFloat16, F v) { return bf16_bits(v); }
+  QK_AVX512 static F round(c10::Half, F v) {
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  QK_AVX512 static F set1(float x) { return _mm512_set1_ps(x); }
+  QK_AVX512 static F zero() { return _mm512_setzero_ps(); }
+  QK_AVX512 static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  QK_AVX512 static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  QK_AVX512 static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  QK_AVX512 static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  QK_AVX512 static F min(F a, F b) { return _mm512_min_ps(a, b); }
+  QK_AVX512 static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  QK_AVX512 static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  QK_AVX512 static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  QK_AVX512 static F negate(F v) { return _mm512_xor_ps(v, _mm512_set1_ps(-0.0f)); }
+  QK_AVX512 static F round_even(F v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  QK_AVX512 static F pow2(F n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+  }
+  QK_AVX512 static float sum(F v) {
+    return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+  }
+};
 
 }  // namespace qk
