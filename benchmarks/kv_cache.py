@@ -7,6 +7,7 @@ same-run on a machine whose speed drifts by 20-30% over minutes (separate `bench
 processes a few minutes apart did not agree on which cache was faster).
 
     python benchmarks/kv_cache.py --preset qwen3-0.6b --quantize int4 --depths 0,1024,4096
+    python benchmarks/kv_cache.py --model model-Q4_0.gguf --quantize none   # a file's weights
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from qwen3chat.bench.run import cpu_model, random_ids, timed_run
 from qwen3chat.engine import Engine
 from qwen3chat.kv_cache import kv_dtype
-from qwen3chat.loading import load_preset
+from qwen3chat.loading import load_model, load_preset
 
 PROMPT = 8
 CACHES = ("auto", "int8")
@@ -28,6 +29,7 @@ CACHES = ("auto", "int8")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="qwen3-0.6b")
+    parser.add_argument("--model", help="a checkpoint folder or GGUF file instead of --preset")
     parser.add_argument("--quantize", default="int4")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--depths", default="0,1024,4096", help="context lengths, a comma list")
@@ -36,7 +38,10 @@ def main() -> None:
     args = parser.parse_args()
     depths = sorted(int(d) for d in args.depths.split(","))
     torch.manual_seed(0)
-    loaded = load_preset(args.preset, "cpu", args.dtype, args.quantize)
+    if args.model:
+        loaded = load_model(args.model, device="cpu", dtype=args.dtype, quantize=args.quantize)
+    else:
+        loaded = load_preset(args.preset, "cpu", args.dtype, args.quantize)
     loaded.tokenizer.stop_ids = []  # random weights: always decode every token
     ids = random_ids(depths[-1] + PROMPT, loaded.model.config.vocab_size)
     length = depths[-1] + PROMPT + args.tokens + 8
@@ -44,7 +49,8 @@ def main() -> None:
         c: Engine(loaded.model, loaded.tokenizer, length, kv_dtype=kv_dtype(c)) for c in CACHES
     }
     print(
-        f"{args.preset} {args.dtype} quantize={args.quantize}, {torch.get_num_threads()} "
+        f"{args.model or args.preset} {args.dtype} quantize={args.quantize}, "
+        f"{torch.get_num_threads()} "
         f"threads, {cpu_model()}; {PROMPT}-token prompt, {args.tokens} new tokens, "
         f"medians of {args.rounds} rounds"
     )

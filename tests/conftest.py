@@ -221,7 +221,7 @@ def _both_kernels(request, setter: str):
     if wide and not kernels._avx512():
         pytest.skip("this CPU (or its OS, or QWEN3CHAT_NO_AVX512) does not allow AVX-512")
     getattr(native, setter)(wide)
-    yield
+    yield wide
     getattr(native, setter)(kernels._avx512())
 
 

@@ -93,18 +93,33 @@ def test_native_cache_writes_are_the_torch_quantization(dtype, start, seq, monke
     "heads,kv_heads,head_dim,length",
     [(16, 8, 128, 141), (8, 1, 64, 33), (2, 2, 32, 1), (6, 2, 96, 7), (10, 2, 128, 1025)],
 )
+@pytest.mark.parametrize("integer_scores", [False, True])
 def test_decode_attention_reads_int8_rows(
-    dtype, heads, kv_heads, head_dim, length, attention_kernels
+    dtype, heads, kv_heads, head_dim, length, integer_scores, attention_kernels
 ):
     """One query over int8 rows (a strided view of a longer cache): SDPA over the rows
-    dequantized, in float32."""
+    dequantized, in float32. Integer scores (AVX-512 with VNNI, head_dim 64, 128, 256 or
+    512) are those of the query scaled by 1/sqrt(head_dim) and quantized as a cache row,
+    as llama.cpp's q8_0 keys meet q8_0 queries; the values' sum stays in floats."""
+    if integer_scores and not kernels._avx512_vnni():
+        pytest.skip("this CPU (or its OS) does not allow AVX512-VNNI")
+    integer = integer_scores and attention_kernels and head_dim in (64, 128, 256, 512)
     q = rand(1, heads, 1, head_dim, dtype=dtype)
     keys = quantize_rows(rand(1, kv_heads, 300, head_dim, seed=1))[:, :, :length]
     values = quantize_rows(rand(1, kv_heads, 300, head_dim, seed=2))[:, :, :length]
+    # The kernel's scale: float32 square root and division.
+    scale = 1 / torch.tensor(float(head_dim)).sqrt()
+    query = q.float() * scale
+    if integer:
+        query = dequantize_rows(quantize_rows(query))
     expected = F.scaled_dot_product_attention(
-        q.float(), dequantize_rows(keys), dequantize_rows(values), enable_gqa=True
+        query, dequantize_rows(keys), dequantize_rows(values), enable_gqa=True, scale=1.0
     )
-    out = native.decode_attention(q, keys, values)
+    native.set_vnni_attention(integer_scores)
+    try:
+        out = native.decode_attention(q, keys, values)
+    finally:
+        native.set_vnni_attention(kernels._avx512() and kernels._avx512_vnni())
     assert out.dtype == dtype and out.shape == (1, 1, heads * head_dim)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(

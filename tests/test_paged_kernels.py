@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen3chat import kernels
-from qwen3chat.kv_cache import KVCache
+from qwen3chat.kv_cache import KVCache, quantize_rows
 from qwen3chat.loading import random_model
 from qwen3chat.model import native as native_step
 from qwen3chat.model.layers import apply_rope
@@ -101,6 +101,22 @@ def test_paged_attention(dtype, heads, kv_heads, head_dim, attention_kernels):
         ).reshape(-1)
         tolerance = 1e-5 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(out[i].float(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("head_dim", [32, 128])  # 128: integer scores where VNNI runs
+def test_paged_attention_over_an_int8_cache_is_the_contiguous_ones(head_dim, attention_kernels):
+    """Over an int8 cache, each row is the single-sequence kernel's over the same rows
+    gathered, bit for bit (integer scores included where the CPU runs them)."""
+    heads, kv_heads = 4, 2
+    batch = Batch()
+    k_cache, v_cache = (quantize_rows(c) for c in cache(2, kv_heads, head_dim, torch.float32))
+    q = rand(len(batch.positions), heads, head_dim, dtype=torch.bfloat16, seed=3)
+    out = native.paged_attention(q, k_cache, v_cache, 1, *batch.args())
+    for i, (p, s) in enumerate(zip(batch.positions.tolist(), batch.row_seq.tolist(), strict=True)):
+        slots = batch.slots(s, p + 1)
+        keys, values = k_cache[1][None, :, slots], v_cache[1][None, :, slots]
+        expected = native.decode_attention(q[i][None, :, None], keys, values)
+        assert torch.equal(out[i], expected.reshape(-1))
 
 
 def norm_rope(x, weight, cos, sin, eps):

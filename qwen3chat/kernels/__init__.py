@@ -222,6 +222,7 @@ def _module():
         module.set_amx_int8(amx)
         module.set_avx512_attention(wide)
         module.set_avx512_rows(wide)
+        module.set_vnni_attention(wide and vnni)
         module.set_avx512_products(wide)
         _CHOICES.update(target.variants)
         if wide:
@@ -232,6 +233,8 @@ def _module():
         if vnni:
             _CHOICES["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "AVX512-VNNI"
             _CHOICES["Q4_0 products (any rows)"] = "AVX512-VNNI, 16 rows interleaved"
+        if wide and vnni:
+            _CHOICES["attention over a bf16 or int8 cache"] = "AVX-512; int8 scores AVX512-VNNI"
         if bf16:
             _CHOICES["bf16 products of 4+ rows"] = "oneDNN (AVX512-BF16)"
         if amx:

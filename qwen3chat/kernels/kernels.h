@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -150,6 +151,8 @@ void set_amx_int8(bool enabled);
 void set_avx512_attention(bool enabled);
 // RMSNorm, q/k norm with RoPE and SwiGLU (row_ops.inc) with AVX-512, likewise.
 void set_avx512_rows(bool enabled);
+// Attention's scores over an int8 cache as integer products (AVX512-VNNI), likewise.
+void set_vnni_attention(bool enabled);
 // One-row (decode) products of float, bfloat16 and half weights with AVX-512, likewise.
 void set_avx512_products(bool enabled);
 
@@ -415,6 +418,16 @@ struct Lanes8 {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
   }
   static float sum(F v) { return hsum(v); }
+  static float max_of(F v) {
+    __m128 t = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    return _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1)));
+  }
+  // v's first n lanes, the rest `fill`.
+  static F keep_first(F v, int64_t n, float fill) {
+    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), v, _mm256_cmp_ps(lane, _mm256_set1_ps(static_cast<float>(n)), _CMP_LT_OQ));
+  }
 };
 
 #define QK_AVX512 QK_TARGET("avx512f,avx512bw,avx512dq,fma,f16c")
@@ -470,6 +483,13 @@ struct Lanes16 {
   }
   QK_AVX512 static float sum(F v) {
     return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+  }
+  QK_AVX512 static float max_of(F v) {
+    return Lanes8::max_of(_mm256_max_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+  }
+  QK_AVX512 static F keep_first(F v, int64_t n, float fill) {
+    const unsigned lanes = n >= 16 ? 0xFFFFu : (1u << std::max<int64_t>(n, 0)) - 1;
+    return _mm512_mask_mov_ps(_mm512_set1_ps(fill), lanes, v);
   }
 };
 

@@ -491,6 +491,79 @@ QK_AVX512 void scores_of_four_keys_wide(const float* query, const K* keys, int64
   }
 }
 
+// Integer scores over an int8 cache (set_vnni_attention: AVX512-VNNI allowed): the
+// queries quantized as cache rows are (codes, a float16 scale per block of 32), as
+// llama.cpp's q8_0 keys meet q8_0 queries, and vpdpbusd multiplies the keys' |codes|
+// (unsigned) by the query's codes given the keys' signs, four products a lane; each
+// lane's sum is scaled by its block's two scales in float. About half the instructions of
+// widening each key to floats; the scores move by the queries' rounding (~0.4% of each).
+std::atomic<bool> vnni_attention{false};
+
+#define QK_VNNI_ATTENTION QK_TARGET("avx512f,avx512bw,avx512dq,avx512vnni,fma,f16c")
+
+// A row's float16 block scales (D / 32 of them: D is 64, 128, 256 or 512) as floats, the
+// rest zeros: loaded as they lie (copied into a zeroed buffer first, each load waited for
+// the copy's stores, and the integer scores took longer than the float ones).
+QK_VNNI_ATTENTION inline __m512 row_scales(const int8_t* row, int64_t D) {
+  const int8_t* at = row + D;
+  __m256i halves;
+  switch (D) {
+    case 64:
+      halves = _mm256_zextsi128_si256(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(at)));
+      break;
+    case 128:
+      halves = _mm256_zextsi128_si256(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at)));
+      break;
+    case 256:
+      halves = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
+      break;
+    default:
+      halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
+  }
+  return _mm512_cvtph_ps(halves);
+}
+
+// The scores of J keys (rows `stride` apart) for G query heads (cache rows q, `width`
+// bytes apart): scores [G, padded]. D a multiple of 64: a vector holds two blocks.
+template <int G, int J>
+QK_VNNI_ATTENTION void scores_vnni(const int8_t* q, int64_t width, const int8_t* keys,
+                                   int64_t stride, int64_t D, float* scores, int64_t padded) {
+  __m512 acc[G][J], key_scales[J], query_scales[G];
+  for (int j = 0; j < J; ++j) key_scales[j] = row_scales(keys + j * stride, D);
+  for (int g = 0; g < G; ++g) {
+    query_scales[g] = row_scales(q + g * width, D);
+    for (int j = 0; j < J; ++j) acc[g][j] = _mm512_setzero_ps();
+  }
+  // Lanes 0-7 hold block 2c's sums, lanes 8-15 block 2c + 1's.
+  const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  for (int64_t c = 0; c < D / 64; ++c) {
+    const __m512i blocks = _mm512_add_epi32(halves, _mm512_set1_epi32(static_cast<int>(2 * c)));
+    __m512i codes[G];
+    __m512 q_scale[G];
+    for (int g = 0; g < G; ++g) {
+      codes[g] = _mm512_loadu_si512(q + g * width + 64 * c);
+      q_scale[g] = _mm512_permutexvar_ps(blocks, query_scales[g]);
+    }
+    for (int j = 0; j < J; ++j) {
+      const __m512i key = _mm512_loadu_si512(keys + j * stride + 64 * c);
+      const __m512i magnitude = _mm512_abs_epi8(key);
+      const auto negative = _mm512_movepi8_mask(key);
+      const __m512 k_scale = _mm512_permutexvar_ps(blocks, key_scales[j]);
+      for (int g = 0; g < G; ++g) {
+        const __m512i signs = _mm512_mask_sub_epi8(codes[g], negative, _mm512_setzero_si512(), codes[g]);
+        const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude, signs);
+        acc[g][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(k_scale, q_scale[g]), acc[g][j]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    if constexpr (J == 4)
+      _mm_storeu_ps(scores + g * padded, hsum4_512(acc[g][0], acc[g][1], acc[g][2], acc[g][3]));
+    else
+      scores[g * padded] = _mm512_reduce_add_ps(acc[g][0]);
+  }
+}
+
 template <typename K>
 QK_AVX512 float score_wide(const float* query, const K* key, int64_t D) {
   __m512 a = _mm512_setzero_ps();
@@ -610,7 +683,8 @@ float score_of_key(const float* query, const K* key, int64_t D) {
 // once.
 template <typename K>
 void block_scores(const float* query, int64_t groups, const K* keys, int64_t stride, int64_t L,
-                  int64_t D, float* scores, int64_t padded, bool wide, RowsAhead<K> ahead) {
+                  int64_t D, float* scores, int64_t padded, bool wide, RowsAhead<K> ahead,
+                  const int8_t* q_rows) {
   auto two = scores_of_four_keys<2, K>, one = scores_of_four_keys<1, K>;
   auto single = score_of_key<K>;
   if constexpr (kWideAttention<K>) {
@@ -618,17 +692,32 @@ void block_scores(const float* query, int64_t groups, const K* keys, int64_t str
       two = scores_of_four_keys_wide<2, K>, one = scores_of_four_keys_wide<1, K>,
       single = score_wide<K>;
   }
+  const int64_t q_width = D + D / kKvBlock * 2;  // q_rows' rows: an int8 cache's
   int64_t l = 0;
   for (; l + 4 <= L; l += 4) {
     if (l < ahead.count) prefetch_rows(ahead.rows + l * stride, std::min<int64_t>(4, ahead.count - l), stride);
     for (int64_t g = 0; g < groups; g += 2) {
+      if constexpr (std::is_same_v<K, int8_t>) {
+        if (q_rows != nullptr) {
+          (groups - g >= 2 ? scores_vnni<2, 4> : scores_vnni<1, 4>)(
+              q_rows + g * q_width, q_width, keys + l * stride, stride, D, scores + g * padded + l, padded);
+          continue;
+        }
+      }
       const auto four = groups - g >= 2 ? two : one;
       four(query + g * D, keys + l * stride, stride, D, scores + g * padded + l, padded);
     }
   }
   for (; l < L; ++l)
-    for (int64_t g = 0; g < groups; ++g)
+    for (int64_t g = 0; g < groups; ++g) {
+      if constexpr (std::is_same_v<K, int8_t>) {
+        if (q_rows != nullptr) {
+          scores_vnni<1, 1>(q_rows + g * q_width, q_width, keys + l * stride, stride, D, scores + g * padded + l, padded);
+          continue;
+        }
+      }
       scores[g * padded + l] = single(query + g * D, keys + l * stride, D);
+    }
 }
 
 // The scores of all of kv's keys, block by block, asking for rows ahead as they go (of
@@ -636,13 +725,13 @@ void block_scores(const float* query, int64_t groups, const K* keys, int64_t str
 // of keys score them as one contiguous sweep would.
 template <typename K>
 void head_scores(const float* query, int64_t groups, const KeyBlocks<K>& kv, int64_t D,
-                 float* scores, int64_t padded, bool wide) {
+                 float* scores, int64_t padded, bool wide, const int8_t* q_rows) {
   const bool short_blocks = kv.block_rows <= kPrefetchRows;
   for (int64_t first = 0, j = 0; first < kv.rows; first += kv.block_rows, ++j) {
     const int64_t L = std::min(kv.block_rows, kv.rows - first);
     const K* following = j + 1 < kv.blocks() ? kv.keys(j + 1) : kv.values(0);
     block_scores(query, groups, kv.keys(j), kv.k_stride, L, D, scores + first, padded, wide,
-                 rows_ahead(kv.keys(j), L, kv.k_stride, short_blocks, following));
+                 rows_ahead(kv.keys(j), L, kv.k_stride, short_blocks, following), q_rows);
   }
 }
 
@@ -694,29 +783,6 @@ void head_values(const float* p_all, int64_t padded, int64_t groups, const KeyBl
   }
 }
 
-// p [L scores, room to a multiple of 8] -> exp(p - max p), whose sum it returns; the
-// room past L holds zeros. Eight lanes at a time (a lane's sums, then the lanes'): one
-// element at a time, these loops cost a fifth of a task's time at ~100 keys.
-inline float softmax_numerators(float* p, int64_t L) {
-  const int64_t padded = (L + 7) / 8 * 8;
-  std::fill(p + L, p + padded, -INFINITY);
-  __m256 top = _mm256_set1_ps(-INFINITY);
-  for (int64_t l = 0; l < padded; l += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(p + l));
-  top = _mm256_max_ps(top, _mm256_permute2f128_ps(top, top, 1));
-  top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, _MM_SHUFFLE(1, 0, 3, 2)));
-  top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, _MM_SHUFFLE(2, 3, 0, 1)));
-  const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-  __m256 sum = _mm256_setzero_ps();
-  for (int64_t l = 0; l < padded; l += 8) {
-    // exps takes -inf to e^-87, not 0: the room past L is masked.
-    const __m256 inside = _mm256_cmp_ps(lane, _mm256_set1_ps(static_cast<float>(L - l)), _CMP_LT_OQ);
-    const __m256 e = _mm256_and_ps(rows8::exps(_mm256_sub_ps(_mm256_loadu_ps(p + l), top)), inside);
-    _mm256_storeu_ps(p + l, e);
-    sum = _mm256_add_ps(sum, e);
-  }
-  return hsum(sum);
-}
-
 // Attention of ``rows`` query tokens, q [rows, H, D] -> out [rows, H * D], where
 // key_blocks(r, kh) gives the KeyBlocks of row r's KV head kh. Scores, softmax and the
 // weighted sum in float32, the result rounded once, as SDPA does. One task per (row, KV
@@ -729,19 +795,28 @@ void attention_rows(const S* qp, S* op, int64_t rows, int64_t H, int64_t KVH, in
   const __m256 scale8 = _mm256_set1_ps(1.0f / std::sqrt(static_cast<float>(D)));
   const int64_t groups = H / KVH;
   const bool wide = kWideAttention<K> && avx512_attention && D % 32 == 0;
+  const bool integer_scores = std::is_same_v<K, int8_t> && wide && vnni_attention &&
+                              (D == 64 || D == 128 || D == 256 || D == 512);
   at::parallel_for(0, rows * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, query(groups * D), acc(groups * D), sums(groups);
+    // With integer_scores, the queries quantized as rows of an int8 cache.
+    std::vector<int8_t> q_rows(integer_scores ? groups * (D + D / kKvBlock * 2) : 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / KVH, kh = i % KVH, first = r * H + kh * groups;
       const KeyBlocks<K> kv = key_blocks(r, kh);
-      const int64_t L = kv.rows, padded = (L + 7) / 8 * 8;
-      // Room past L, to a multiple of 8, for softmax_numerators.
+      const int64_t L = kv.rows, padded = (L + 15) / 16 * 16;
+      // Room past L, to a multiple of 16, for softmax_numerators.
       if (static_cast<int64_t>(scores.size()) < groups * padded) scores.resize(groups * padded);
       for (int64_t d = 0; d < groups * D; d += 8)
         _mm256_storeu_ps(query.data() + d, _mm256_mul_ps(load8(qp + first * D + d), scale8));
       if (wide && kEvenOdd<K>) to_even_odd(query.data(), groups * D);
-      head_scores(query.data(), groups, kv, D, scores.data(), padded, wide);
-      for (int64_t g = 0; g < groups; ++g) sums[g] = softmax_numerators(scores.data() + g * padded, L);
+      for (int64_t g = 0; g < static_cast<int64_t>(q_rows.size()) / (D + D / kKvBlock * 2); ++g)
+        quantize_kv_row(query.data() + g * D, q_rows.data() + g * (D + D / kKvBlock * 2), D);
+      head_scores(query.data(), groups, kv, D, scores.data(), padded, wide,
+                  integer_scores ? q_rows.data() : nullptr);
+      for (int64_t g = 0; g < groups; ++g)
+        sums[g] = (avx512_attention ? rows16::softmax_numerators : rows8::softmax_numerators)(
+            scores.data() + g * padded, L);
       const K* after = i + 1 < end ? key_blocks((i + 1) / KVH, (i + 1) % KVH).keys(0) : nullptr;
       head_values(scores.data(), padded, groups, kv, D, acc.data(), wide, after);
       for (int64_t g = 0; g < groups; ++g) {
@@ -757,6 +832,7 @@ void attention_rows(const S* qp, S* op, int64_t rows, int64_t H, int64_t KVH, in
 
 void set_avx512_attention(bool enabled) { avx512_attention = enabled; }
 void set_avx512_rows(bool enabled) { avx512_rows = enabled; }
+void set_vnni_attention(bool enabled) { vnni_attention = enabled; }
 
 namespace {
 
