@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ContextOverflowError
-from .sampling import Sampler, SamplingSettings, TopK
+from .sampling import Prepared, Sampler, SamplingSettings
 from .thinking import ThinkBudget, ThinkSplitter, prompt_ends_in_thinking
 from .tokenizer import Tokenizer
 
@@ -123,9 +123,9 @@ class Generation:
         self.logprobs: list[TokenLogprob] = []
         self._unsent: list[TokenLogprob] = []  # not yet in a TextEvent
 
-    def choose(self, logits: torch.Tensor, top: TopK | None = None) -> int:
-        """The next id from ``logits`` (``top``: their top k, see sampling.top_k_rows)."""
-        token = self.forced.pop(0) if self.forced else self.sampler(logits, top)
+    def choose(self, logits: torch.Tensor, prepared: Prepared = None) -> int:
+        """The next id from ``logits`` (``prepared``: see sampling.prepare_rows)."""
+        token = self.forced.pop(0) if self.forced else self.sampler(logits, prepared)
         if self.top_logprobs is not None:
             # Of the model's distribution, before penalties, temperature and truncation.
             logprobs = torch.log_softmax(logits.view(-1).float(), dim=-1)

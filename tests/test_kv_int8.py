@@ -127,9 +127,10 @@ def test_decode_attention_reads_int8_rows(
     )
 
 
-def model_of(preset: str, dtype=torch.float32, quantize: str = "none"):
+def model_of(preset: str, dtype=torch.float32, quantize: str = "none", head_dim: int = 32):
     quant = QuantSpec.parse(quantize)
-    return random_model(config_of(preset), dtype, torch.device("cpu"), std=0.5, quant=quant)
+    config = config_of(preset, head_dim)
+    return random_model(config, dtype, torch.device("cpu"), std=0.5, quant=quant)
 
 
 def decode(model, kv_dtype, tokens: torch.Tensor, prompt: int, chunk: int | None = None):
@@ -180,14 +181,17 @@ def test_chunked_prefill_over_an_int8_cache_is_whole_prefill(preset):
 # (measured: docs/kv_cache.md): the logits' relative error and the share of steps whose
 # greedy token is the same.
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
-def test_int8_cache_against_the_float_cache(preset):
-    model = model_of(preset)
+# head_dim 128: integer scores where AVX512-VNNI runs, whose rounding of the query moved
+# 3 of the dense model's 41 greedy choices (docs/kv_cache.md).
+@pytest.mark.parametrize("head_dim,agreement", [(32, 0.95), (128, 0.85)])
+def test_int8_cache_against_the_float_cache(preset, head_dim, agreement):
+    model = model_of(preset, head_dim=head_dim)
     tokens = torch.randint(0, 151936, (1, 48), generator=torch.Generator().manual_seed(1))
     int8, _ = decode(model, INT8, tokens, 8)
     floats, _ = decode(model, None, tokens, 8)
     error = (int8 - floats).norm(dim=-1) / floats.norm(dim=-1)
     agree = (int8.argmax(-1) == floats.argmax(-1)).float().mean()
-    assert error.median() < 0.03 and error.max() < 0.1 and agree >= 0.95, (error, agree)
+    assert error.median() < 0.03 and error.max() < 0.1 and agree >= agreement, (error, agree)
 
 
 @pytest.fixture(scope="module")

@@ -153,6 +153,40 @@ def test_top_k_taken_for_all_rows_at_once_draws_what_each_row_draws_alone():
             alone[i].observe(want)
 
 
+def test_whole_vocabulary_rows_at_once_draw_what_each_row_draws_alone():
+    """Rows drawing from the whole vocabulary get their distributions in one softmax and
+    one cumulative sum for all of them (prepare_rows): each seeded sampler then draws, seed
+    for seed, the ids it draws from its own row alone. Rows with a top-k, top-p, min-p or
+    penalty, or at temperature 0, get a top k or nothing."""
+    vocab, rows = 151936, 7
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(6)).bfloat16()
+    temperatures = [1.0, 0.6, 1.3, 0.7, 2.0]
+    settings = [
+        SamplingSettings(temperature=t, top_p=1.0, seed=i) for i, t in enumerate(temperatures)
+    ]
+    settings += [
+        SamplingSettings(temperature=1.0, top_p=0.9, seed=5),
+        SamplingSettings(temperature=1.0, top_p=1.0, min_p=0.1, seed=6),
+    ]
+    settings[3].top_k = vocab  # a top k of the whole vocabulary keeps it all
+
+    def samplers():
+        return [Sampler(s, vocab, [1, 2, 3], "cpu") for s in settings]
+
+    batched, alone = samplers(), samplers()
+    for step in range(12):
+        prepared = sampling.prepare_rows(batched, logits)
+        kinds = [type(p).__name__ for p in prepared]
+        assert kinds == ["Cdf"] * 5 + ["NoneType"] * 2, kinds
+        for i in range(rows):
+            got, want = batched[i](logits[i], prepared[i]), alone[i](logits[i])
+            assert got == want, (step, i)
+            batched[i].observe(got)
+            alone[i].observe(want)
+    # The draws are spread as the softmax is (not one id over and over).
+    assert len({alone[0](logits[0]) for _ in range(20)}) > 10
+
+
 def test_top_k_of_all_rows_alike_is_each_row_s():
     logits = torch.randn(5, 3000, generator=torch.Generator().manual_seed(5)).bfloat16().float()
     samplers = [

@@ -21,7 +21,7 @@ import torch
 from ..device import available_memory
 from ..generation import Event, Generation
 from ..hybrid_cache import checkpoint_marks
-from ..sampling import SamplingSettings, top_k_rows
+from ..sampling import SamplingSettings, prepare_rows
 from ..tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
@@ -154,10 +154,10 @@ class BatchEngine:
                 self._keep_state(seq)
         now = time.perf_counter()
         events: list[tuple[Sequence, Event]] = []
-        tops = top_k_rows([seq.generation.sampler for seq in sampled], logits)
-        for seq, row, top in zip(sampled, logits, tops, strict=True):
+        prepared = prepare_rows([seq.generation.sampler for seq in sampled], logits)
+        for seq, row, ready in zip(sampled, logits, prepared, strict=True):
             reply = seq.generation
-            token = reply.choose(row, top)
+            token = reply.choose(row, ready)
             timings = reply.timings
             if seq.first_token_at is None:
                 seq.first_token_at = now
