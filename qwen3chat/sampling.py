@@ -90,27 +90,24 @@ class Sampler:
         if self.constraint is not None:
             self.constraint.advance(token_id)
 
-    def raw_top_k(self) -> int:
-        """k where the next id is drawn from the raw logits' top k (no penalty or grammar
-        changes them first, temperature above 0), else 0."""
+    def _raw(self) -> bool:
+        """Whether the next id is drawn from the raw logits: no penalty or grammar changes
+        them first, and the temperature is above 0."""
         s = self.settings
         plain = self.constraint is None and s.repetition_penalty == 1.0
-        plain = plain and not (s.presence_penalty or s.frequency_penalty)
-        return s.top_k if plain and s.temperature > 0 and 0 < s.top_k < self.seen.numel() else 0
+        return plain and not (s.presence_penalty or s.frequency_penalty) and s.temperature > 0
+
+    def raw_top_k(self) -> int:
+        """k where the next id is drawn from the raw logits' top k, else 0."""
+        k = self.settings.top_k
+        return k if self._raw() and 0 < k < self.seen.numel() else 0
 
     def whole_vocabulary(self) -> bool:
-        """Whether the next id is drawn from the softmax of all the raw logits (temperature
-        above 0, no top-k, top-p, min-p, penalty or grammar)."""
+        """Whether the next id is drawn from the softmax of all the raw logits (no top-k,
+        top-p or min-p either)."""
         s = self.settings
-        plain = self.constraint is None and s.repetition_penalty == 1.0
-        plain = plain and not (s.presence_penalty or s.frequency_penalty)
-        return (
-            plain
-            and s.temperature > 0
-            and s.top_p >= 1.0
-            and s.min_p == 0.0
-            and (s.top_k == 0 or s.top_k >= self.seen.numel())
-        )
+        whole = s.top_k == 0 or s.top_k >= self.seen.numel()
+        return self._raw() and whole and s.top_p >= 1.0 and s.min_p == 0.0
 
     def __call__(self, logits: torch.Tensor, prepared: Prepared = None) -> int:
         """The next id; ``prepared``: the logits' top ``raw_top_k()`` or, where the whole

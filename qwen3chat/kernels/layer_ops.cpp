@@ -692,7 +692,7 @@ void block_scores(const float* query, int64_t groups, const K* keys, int64_t str
       two = scores_of_four_keys_wide<2, K>, one = scores_of_four_keys_wide<1, K>,
       single = score_wide<K>;
   }
-  const int64_t q_width = D + D / kKvBlock * 2;  // q_rows' rows: an int8 cache's
+  const int64_t q_width = kv_row_width(D, at::kChar);  // q_rows' rows: an int8 cache's
   int64_t l = 0;
   for (; l + 4 <= L; l += 4) {
     if (l < ahead.count) prefetch_rows(ahead.rows + l * stride, std::min<int64_t>(4, ahead.count - l), stride);
@@ -800,7 +800,8 @@ void attention_rows(const S* qp, S* op, int64_t rows, int64_t H, int64_t KVH, in
   at::parallel_for(0, rows * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, query(groups * D), acc(groups * D), sums(groups);
     // With integer_scores, the queries quantized as rows of an int8 cache.
-    std::vector<int8_t> q_rows(integer_scores ? groups * (D + D / kKvBlock * 2) : 0);
+    const int64_t q_width = kv_row_width(D, at::kChar);
+    std::vector<int8_t> q_rows(integer_scores ? groups * q_width : 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / KVH, kh = i % KVH, first = r * H + kh * groups;
       const KeyBlocks<K> kv = key_blocks(r, kh);
@@ -810,8 +811,8 @@ void attention_rows(const S* qp, S* op, int64_t rows, int64_t H, int64_t KVH, in
       for (int64_t d = 0; d < groups * D; d += 8)
         _mm256_storeu_ps(query.data() + d, _mm256_mul_ps(load8(qp + first * D + d), scale8));
       if (wide && kEvenOdd<K>) to_even_odd(query.data(), groups * D);
-      for (int64_t g = 0; g < static_cast<int64_t>(q_rows.size()) / (D + D / kKvBlock * 2); ++g)
-        quantize_kv_row(query.data() + g * D, q_rows.data() + g * (D + D / kKvBlock * 2), D);
+      for (int64_t g = 0; integer_scores && g < groups; ++g)
+        quantize_kv_row(query.data() + g * D, q_rows.data() + g * q_width, D);
       head_scores(query.data(), groups, kv, D, scores.data(), padded, wide,
                   integer_scores ? q_rows.data() : nullptr);
       for (int64_t g = 0; g < groups; ++g)
