@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from . import memory
 from .errors import QwenChatError
 
 KV_BLOCK = 32  # values per int8 block and scale
@@ -130,8 +131,8 @@ class KVCache:
         device: torch.device | str = "cpu",
     ):
         shape = (num_layers, 1, num_kv_heads, max_seq_len, stored_width(head_dim, dtype))
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = memory.zeros(shape, dtype, device)
+        self.v = memory.zeros(shape, dtype, device)
         self.max_seq_len = max_seq_len
         self.tokens: list[int] = []
         self.recurrent = False
@@ -182,8 +183,9 @@ class PagedKVCache:
     kv_heads, num_blocks * block_size, head_dim]``: a token's keys sit at its *slot*, and a
     sequence's block table (batch/block_manager.py) says which blocks hold its positions.
 
-    Allocated with ``torch.empty``: the operating system backs a page only when a block in
-    it is first written, so a cache sized for many long sequences costs memory as it fills.
+    Allocated as a fresh mapping (memory.zeros): the operating system backs a page only
+    when a block in it is first written, so a cache sized for many long sequences costs
+    memory as it fills.
     Nothing reads a slot before it is written (attention reads only a sequence's earlier
     positions)."""
 
@@ -198,8 +200,8 @@ class PagedKVCache:
         device: torch.device | str = "cpu",
     ):
         shape = (num_layers, num_kv_heads, num_blocks * block_size, stored_width(head_dim, dtype))
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.k = memory.zeros(shape, dtype, device)
+        self.v = memory.zeros(shape, dtype, device)
         self.num_blocks = num_blocks
         self.block_size = block_size
 

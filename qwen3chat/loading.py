@@ -14,6 +14,7 @@ from .distributed.split import Sharding, take_fused
 from .download import resolve_model_path
 from .errors import QwenChatError
 from .jsonfiles import read_json
+from .memory import HeapTrimmer, gather, return_freed_memory
 from .model import build_on_meta
 from .model.qwen3 import Qwen3Model
 from .presets import preset_config
@@ -30,12 +31,10 @@ from .weights.gguf import (
 )
 from .weights.gguf_tokenizer import tokenizer_from_gguf
 from .weights.loader import (
-    HeapTrimmer,
     check_tensors,
     load_weights,
     place,
     quant_layout,
-    return_freed_memory,
 )
 from .weights.names import FLOAT32
 from .weights.safetensors import SafeTensorsSource
@@ -232,6 +231,7 @@ def random_model(
         place(model, name, weight, dtype, device)
         del weight
         heap.placed(held[name].numel())
+    gather(model)
     return_freed_memory()
     return model.eval()
 

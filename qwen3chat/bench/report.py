@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .. import memory
 from ..kernels import describe_variants, variants
 from ..model import num_parameters
 from .ops import OpTiming, ProfiledOp, SkippedOp
@@ -44,6 +45,7 @@ def report_json(report: BenchReport) -> dict:
         "split": s.split,
         "cpu": cpu_model(),
         "kernels": variants(report.model.model.device),
+        "memory_pages": memory.describe_pages(),
         "chunk_size": s.chunk_size,
         "repeat": s.repeat,
         "parameters": num_parameters(report.model.model.config),
@@ -125,6 +127,7 @@ def _summary(report: BenchReport) -> Table:
         ),
         ("cpu", cpu_model()),
         ("kernels", describe_variants(report.model.model.device)),
+        ("pages", memory.describe_pages()),
         *_processes_row(report),
         (
             "load",

@@ -32,6 +32,7 @@ try:
 except ImportError:  # Windows: typed keys are echoed during a reply
     termios = None
 
+from .. import memory
 from ..engine import Engine
 from ..errors import QwenChatError
 from ..generation import FinishEvent
@@ -451,6 +452,7 @@ class Repl:
             ("quantization", self.model.quantization),
             ("device", f"{self.engine.device}, {self.engine.model.dtype}".replace("torch.", "")),
             ("kernels", describe_variants(self.engine.device)),
+            ("pages", memory.describe_pages()),
             ("kv cache", self._kv_cache()),
             ("template", f"{template} chat template (/show template prints it)"),
             ("thinking", f"{think}, budget {budget}"),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 from typing import Protocol
 
 import torch
@@ -11,6 +9,7 @@ from torch import nn
 
 from ..distributed.split import Part
 from ..errors import QwenChatError
+from ..memory import HeapTrimmer, gather, return_freed_memory
 from ..quant import QuantizedExperts, QuantizedMatrix, QuantizedWeight, QuantSpec, quantize
 from .names import FLOAT32, FULL_PRECISION, TABLES, checkpoint_parts, expected_shapes
 
@@ -97,6 +96,7 @@ def load_weights(
         place(model, name, weight, dtype, device, quant)
         del weight
         heap.placed(param.numel())
+    gather(model)
     return_freed_memory()
 
 
@@ -134,31 +134,6 @@ def quant_layout(
     if quant is None or len(shape) < 2 or FULL_PRECISION.search(name):
         return None
     return quant.layout(shape[-1], bool(TABLES.search(name)) or name == "lm_head.weight")
-
-
-class HeapTrimmer:
-    """Returns freed heap memory every ``TRIM_EVERY`` weights placed, so that building a
-    model peaks near its final size, not at the sum of the freed temporaries the
-    allocator kept between the weights (trimming costs ~30 ms: not per tensor)."""
-
-    TRIM_EVERY = 1 << 26
-
-    def __init__(self):
-        self.untrimmed = 0
-
-    def placed(self, elements: int) -> None:
-        self.untrimmed += elements
-        if self.untrimmed >= self.TRIM_EVERY:
-            return_freed_memory()
-            self.untrimmed = 0
-
-
-def return_freed_memory() -> None:
-    """Give the heap's free memory back to the OS. Loading frees a tensor-sized temporary
-    per weight; glibc keeps such blocks for reuse, which would leave hundreds of MB of
-    resident memory the model never uses again."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def set_parameter(

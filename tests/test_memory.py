@@ -1,0 +1,134 @@
+"""The weights and KV caches in memory advised for 2 MiB pages (memory.py)."""
+
+import mmap
+
+import pytest
+import torch
+from torch import nn
+
+from qwen3chat import memory
+from qwen3chat.kv_cache import KVCache, PagedKVCache
+from qwen3chat.loading import load_model
+
+ADVISED = hasattr(mmap, "MADV_HUGEPAGE") and "4 KiB" not in memory.describe_pages()
+needs_advice = pytest.mark.skipif(not ADVISED, reason="no transparent huge pages on this OS")
+
+
+def advised_for_huge_pages(address: int) -> bool:
+    """Whether the mapping holding ``address`` carries MADV_HUGEPAGE (smaps' ``hg``)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and line.startswith("VmFlags:"):
+                return "hg" in line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def tensors_of(model: nn.Module) -> list[torch.Tensor]:
+    return [t for t in [*model.parameters(), *model.buffers()] if t.numel()]
+
+
+@needs_advice
+def test_loaded_weights_share_one_advised_mapping_and_give_the_same_logits(
+    tiny_model_dir, monkeypatch
+):
+    path, _ = tiny_model_dir
+    gathered = load_model(path, device="cpu", dtype="float32").model
+    monkeypatch.setattr(memory, "_advised", lambda nbytes: None)  # no such pages: no gathering
+    apart = load_model(path, device="cpu", dtype="float32").model
+    storages = {t.untyped_storage().data_ptr() for t in tensors_of(gathered)}
+    assert len(storages) == 1
+    assert advised_for_huge_pages(storages.pop())
+    assert len({t.untyped_storage().data_ptr() for t in tensors_of(apart)}) > 1
+    for t in tensors_of(gathered):
+        assert t.data_ptr() % memory.ALIGN == 0 and not t.requires_grad
+    for (name, a), (_, b) in zip(
+        gathered.state_dict().items(), apart.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    ids = torch.tensor([[1, 500, 7000, 42, 9]])
+    with torch.no_grad():
+        assert torch.equal(gathered(ids), apart(ids))
+
+
+class Tied(nn.Module):
+    """A tied parameter in two modules, a buffer viewing part of it as another dtype, and
+    a small parameter of its own storage."""
+
+    def __init__(self):
+        super().__init__()
+        table = nn.Parameter(torch.randn(1024, 1024), requires_grad=False)
+        self.first, self.second = nn.Module(), nn.Module()
+        self.first.weight = table
+        self.second.weight = table
+        self.first.register_buffer("bits", table.view(torch.int32)[8:16, 3:900:2])
+        self.bias = nn.Parameter(torch.randn(5).to(torch.bfloat16), requires_grad=False)
+
+
+@needs_advice
+def test_gather_keeps_ties_views_and_values():
+    model = Tied()
+    table, bits, bias = (
+        model.first.weight.clone(),
+        model.first.bits.clone(),
+        model.bias.clone(),
+    )
+    stride = model.first.bits.stride()
+    memory.gather(model)
+    assert model.first.weight is model.second.weight
+    assert isinstance(model.first.weight, nn.Parameter)
+    assert torch.equal(model.first.weight, table) and torch.equal(model.bias, bias)
+    assert model.first.bits.stride() == stride and torch.equal(model.first.bits, bits)
+    assert model.bias.dtype == torch.bfloat16
+    model.first.weight.view(torch.int32)[8, 3] = 12345  # still a view of the table
+    assert model.first.bits[0, 0] == 12345
+    assert (
+        model.bias.untyped_storage().data_ptr() == model.first.weight.untyped_storage().data_ptr()
+    )
+    assert advised_for_huge_pages(model.bias.data_ptr())
+
+
+@needs_advice
+def test_caches_start_on_huge_pages_and_read_zero():
+    cache = KVCache(2, 4, 64, 4096, torch.bfloat16)
+    paged = PagedKVCache(2, 4, 64, 256, 16, torch.int8)
+    for t in (cache.k, cache.v, paged.k, paged.v):
+        assert t.data_ptr() % memory.HUGE_PAGE == 0 and advised_for_huge_pages(t.data_ptr())
+        assert not t.any()
+    cache.k[1, 0, 3, 4000, 5] = 1.5
+    assert cache.k.sum() == 1.5 and not cache.v.any()
+
+
+def test_small_or_other_devices_get_torch_zeros():
+    small = memory.zeros((16, 16), torch.float32, "cpu")
+    assert small.shape == (16, 16) and not small.any()
+    meta = memory.zeros((1 << 22,), torch.float32, "meta")
+    assert meta.device.type == "meta"
+
+
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [
+        (
+            "always [madvise] never\n",
+            "2 MiB for weights and KV cache (transparent huge pages: madvise)",
+        ),
+        (
+            "[always] madvise never\n",
+            "2 MiB for weights and KV cache (transparent huge pages: always)",
+        ),
+        ("always madvise [never]\n", "4 KiB (transparent huge pages: never; `echo madvise"),
+        (None, "4 KiB (no transparent huge pages on this OS)"),
+    ],
+)
+def test_describe_says_what_pages_and_how_to_get_big_ones(tmp_path, monkeypatch, setting, says):
+    path = tmp_path / "enabled"
+    if setting is not None:
+        path.write_text(setting)
+    monkeypatch.setattr(memory, "THP_SETTING", path)
+    monkeypatch.setattr(mmap, "MADV_HUGEPAGE", 14, raising=False)
+    assert memory.describe_pages().startswith(says)
