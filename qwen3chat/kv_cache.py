@@ -185,7 +185,8 @@ class PagedKVCache:
 
     Allocated as a fresh mapping (memory.zeros): the operating system backs a page only
     when a block in it is first written, so a cache sized for many long sequences costs
-    memory as it fills.
+    memory as it fills, 2 MiB of each layer's and head's rows at a time where the OS gives
+    such pages.
     Nothing reads a slot before it is written (attention reads only a sequence's earlier
     positions)."""
 

@@ -23,6 +23,7 @@ from torch import nn
 
 HUGE_PAGE = 2 << 20
 ALIGN = 64  # each gathered tensor starts on a cache line, as the kernels' loads expect
+HEADROOM = 1 << 30  # memory left free after copying a file's weights out
 
 
 def _advised(nbytes: int) -> torch.Tensor | None:
@@ -110,9 +111,6 @@ def gather(model: nn.Module) -> None:
         heap.placed(nbytes)
 
 
-HEADROOM = 1 << 30  # memory left free after copying a file's weights out
-
-
 def _file_ranges() -> list[tuple[int, int]]:
     """The address ranges at which this process maps files."""
     ranges = []
@@ -159,9 +157,10 @@ def describe_pages() -> str:
 
 
 class HeapTrimmer:
-    """Returns freed heap memory every ``TRIM_EVERY`` weights placed, so that building a
-    model peaks near its final size, not at the sum of the freed temporaries the
-    allocator kept between the weights (trimming costs ~30 ms: not per tensor)."""
+    """Returns freed heap memory every ``TRIM_EVERY`` elements of weights placed (or bytes
+    gathered), so that building a model peaks near its final size, not at the sum of the
+    freed temporaries the allocator kept between the weights (trimming costs ~30 ms: not
+    per tensor)."""
 
     TRIM_EVERY = 1 << 26
 
