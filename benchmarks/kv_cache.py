@@ -4,7 +4,9 @@ One random-weight model (a preset shape), two chat engines on it, one per cache;
 depth both hold the same context (filled once, untimed) and decode --tokens new tokens
 after an 8-token prompt, the two alternating round after round, so that the ratios are
 same-run on a machine whose speed drifts by 20-30% over minutes (separate `bench`
-processes a few minutes apart did not agree on which cache was faster).
+processes a few minutes apart did not agree on which cache was faster). The time to the
+first token of that prompt, a chat's next turn after a conversation of that depth, is
+printed too.
 
     python benchmarks/kv_cache.py --preset qwen3-0.6b --quantize int4 --depths 0,1024,4096
     python benchmarks/kv_cache.py --model model-Q4_0.gguf --quantize none   # a file's weights
@@ -54,24 +56,31 @@ def main() -> None:
         f"threads, {cpu_model()}; {PROMPT}-token prompt, {args.tokens} new tokens, "
         f"medians of {args.rounds} rounds"
     )
-    print("| depth | float cache, decode tok/s | int8 cache, decode tok/s | int8 / float |")
-    print("| ---: | ---: | ---: | ---: |")
+    print(
+        "| depth | float cache, decode tok/s | int8 cache, decode tok/s | int8 / float "
+        "| float cache, first token ms | int8 cache, first token ms |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for depth in depths:
         context, prompt = ids[:depth], ids[depth : depth + PROMPT]
         speeds: dict[str, list[float]] = {c: [] for c in CACHES}
+        first: dict[str, list[float]] = {c: [] for c in CACHES}
         for engine in engines.values():
             if context:  # untimed; the engine reuses the shorter depth's prefix
                 engine.prefill(context, lambda: False)
             timed_run(engine, context, prompt, 4)  # warm-up
         for _ in range(args.rounds):
             for cache, engine in engines.items():
-                speeds[cache].append(timed_run(engine, context, prompt, args.tokens).decode_tok_s)
+                run = timed_run(engine, context, prompt, args.tokens)
+                speeds[cache].append(run.decode_tok_s)
+                first[cache].append(run.ttft_s * 1e3)
         ratio = statistics.median(
             b / a for a, b in zip(speeds["auto"], speeds["int8"], strict=True)
         )
         print(
             f"| {depth} | {statistics.median(speeds['auto']):.1f} "
-            f"| {statistics.median(speeds['int8']):.1f} | {ratio:.2f} |"
+            f"| {statistics.median(speeds['int8']):.1f} | {ratio:.2f} "
+            f"| {statistics.median(first['auto']):.0f} | {statistics.median(first['int8']):.0f} |"
         )
 
 

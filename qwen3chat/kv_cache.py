@@ -61,9 +61,10 @@ def stored(x: torch.Tensor, storage: torch.Tensor) -> torch.Tensor:
     return quantize_rows(x) if storage.dtype == torch.int8 else x
 
 
-def readable(rows: torch.Tensor) -> torch.Tensor:
-    """A cache's stored keys or values as attention reads them (int8 rows in float32)."""
-    return dequantize_rows(rows) if rows.dtype == torch.int8 else rows
+def readable(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A cache's stored keys or values as attention reads them: int8 rows dequantized in
+    float32 and rounded once to ``dtype``, the activations' (what a float cache holds)."""
+    return dequantize_rows(rows).to(dtype) if rows.dtype == torch.int8 else rows
 
 
 def stored_width(head_dim: int, dtype: torch.dtype) -> int:
@@ -282,8 +283,8 @@ class PagedBatch:
         ends = self.positions[firsts + counts - 1] + 1  # each sequence's context
         keys = torch.arange(int(ends.max()), device=q.device)
         slots = self.slots(keys.expand(seqs, -1), self.block_tables)  # [S, L]
-        k = readable(self.cache.k[layer][:, slots]).transpose(0, 1)  # [S, kv_heads, L, D]
-        v = readable(self.cache.v[layer][:, slots]).transpose(0, 1)
+        k = readable(self.cache.k[layer][:, slots], q.dtype).transpose(0, 1)  # [S, kv_heads, L, D]
+        v = readable(self.cache.v[layer][:, slots], q.dtype).transpose(0, 1)
         padded = q.new_zeros(seqs, int(counts.max()), heads, dim)
         padded[self.row_seq, index] = q
         # A padding row sees key 0 (its output is dropped), so that no row is all masked.

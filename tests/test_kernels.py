@@ -105,20 +105,24 @@ def test_projection_and_cache_write(dtype, start, seq, monkeypatch, row_kernels)
         (6, 2, 40, 9),
     ],
 )
-def test_decode_attention(dtype, heads, kv_heads, head_dim, length):
-    """One query over a cache view (strided: the cache is longer than what is attended),
-    grouped query heads included."""
-    q = rand(1, heads, 1, head_dim, dtype=dtype)
-    keys = rand(1, kv_heads, 300, head_dim, dtype=dtype, seed=1)[:, :, :length]
-    values = rand(1, kv_heads, 300, head_dim, dtype=dtype, seed=2)[:, :, :length]
+@pytest.mark.parametrize("rows", [1, 5])
+def test_decode_attention(dtype, heads, kv_heads, head_dim, length, rows):
+    """The queries of the last ``rows`` positions (one: a decode step) over a cache view
+    (strided: the cache is longer than what is attended), each seeing the keys up to its
+    own position, grouped query heads included."""
+    rows = min(rows, length)
+    q = rand(1, heads, rows, head_dim, dtype=dtype)
+    keys = rand(1, kv_heads, length + 20, head_dim, dtype=dtype, seed=1)[:, :, :length]
+    values = rand(1, kv_heads, length + 20, head_dim, dtype=dtype, seed=2)[:, :, :length]
+    causal = torch.ones(rows, length, dtype=torch.bool).tril(length - rows)
     expected = F.scaled_dot_product_attention(
-        q.float(), keys.float(), values.float(), enable_gqa=True
+        q.float(), keys.float(), values.float(), attn_mask=causal, enable_gqa=True
     )
     out = native.decode_attention(q, keys, values)
-    assert out.dtype == dtype and out.shape == (1, 1, heads * head_dim)
+    assert out.dtype == dtype and out.shape == (1, rows, heads * head_dim)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(
-        out.float(), expected.transpose(1, 2).reshape(1, 1, -1), rtol=tolerance, atol=tolerance
+        out.float(), expected.transpose(1, 2).reshape(1, rows, -1), rtol=tolerance, atol=tolerance
     )
 
 

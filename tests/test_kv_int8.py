@@ -19,6 +19,7 @@ from qwen3chat.cli import app
 from qwen3chat.engine import Engine
 from qwen3chat.kv_cache import KVCache, dequantize_rows, quantize_rows, row_bytes
 from qwen3chat.loading import load_model, random_model
+from qwen3chat.model import native as native_step
 from qwen3chat.model.layers import Attention
 from qwen3chat.presets import preset_config
 from qwen3chat.quant import QuantSpec
@@ -94,36 +95,46 @@ def test_native_cache_writes_are_the_torch_quantization(dtype, start, seq, monke
     [(16, 8, 128, 141), (8, 1, 64, 33), (2, 2, 32, 1), (6, 2, 96, 7), (10, 2, 128, 1025)],
 )
 @pytest.mark.parametrize("integer_scores", [False, True])
+@pytest.mark.parametrize("rows", [1, 5])
 def test_decode_attention_reads_int8_rows(
-    dtype, heads, kv_heads, head_dim, length, integer_scores, attention_kernels
+    dtype, heads, kv_heads, head_dim, length, integer_scores, rows, attention_kernels
 ):
-    """One query over int8 rows (a strided view of a longer cache): SDPA over the rows
-    dequantized, in float32. Integer scores (AVX-512 with VNNI, head_dim 64, 128, 256 or
-    512) are those of the query scaled by 1/sqrt(head_dim) and quantized as a cache row,
-    as llama.cpp's q8_0 keys meet q8_0 queries; the values' sum stays in floats."""
+    """The queries of the last ``rows`` positions over int8 rows (a strided view of a
+    longer cache), each up to its own position: SDPA over the rows dequantized, in float32
+    (what a prompt's tokens after a cached conversation run natively). Integer scores
+    (AVX-512 with VNNI, head_dim 64, 128, 256 or 512) are those of the query scaled by
+    1/sqrt(head_dim) and quantized as a cache row, as llama.cpp's q8_0 keys meet q8_0
+    queries; the values' sum stays in floats."""
     if integer_scores and not kernels._avx512_vnni():
         pytest.skip("this CPU (or its OS) does not allow AVX512-VNNI")
     integer = integer_scores and attention_kernels and head_dim in (64, 128, 256, 512)
-    q = rand(1, heads, 1, head_dim, dtype=dtype)
-    keys = quantize_rows(rand(1, kv_heads, 300, head_dim, seed=1))[:, :, :length]
-    values = quantize_rows(rand(1, kv_heads, 300, head_dim, seed=2))[:, :, :length]
+    rows = min(rows, length)
+    q = rand(1, heads, rows, head_dim, dtype=dtype)
+    keys = quantize_rows(rand(1, kv_heads, length + 20, head_dim, seed=1))[:, :, :length]
+    values = quantize_rows(rand(1, kv_heads, length + 20, head_dim, seed=2))[:, :, :length]
+    causal = torch.ones(rows, length, dtype=torch.bool).tril(length - rows)
     # The kernel's scale: float32 square root and division.
     scale = 1 / torch.tensor(float(head_dim)).sqrt()
     query = q.float() * scale
     if integer:
         query = dequantize_rows(quantize_rows(query))
     expected = F.scaled_dot_product_attention(
-        query, dequantize_rows(keys), dequantize_rows(values), enable_gqa=True, scale=1.0
+        query,
+        dequantize_rows(keys),
+        dequantize_rows(values),
+        attn_mask=causal,
+        enable_gqa=True,
+        scale=1.0,
     )
     native.set_vnni_attention(integer_scores)
     try:
         out = native.decode_attention(q, keys, values)
     finally:
         native.set_vnni_attention(kernels._avx512() and kernels._avx512_vnni())
-    assert out.dtype == dtype and out.shape == (1, 1, heads * head_dim)
+    assert out.dtype == dtype and out.shape == (1, rows, heads * head_dim)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(
-        out.float(), expected.transpose(1, 2).reshape(1, 1, -1), rtol=tolerance, atol=tolerance
+        out.float(), expected.transpose(1, 2).reshape(1, rows, -1), rtol=tolerance, atol=tolerance
     )
 
 
@@ -154,18 +165,33 @@ TOKENS = torch.tensor([[5, 17, 300, 42, 9, 1000, 77, 8, 15, 2, 6, 90, 91, 92, 30
 def test_a_model_over_an_int8_cache_natively_is_the_torch_code(
     preset, dtype, quantize, monkeypatch
 ):
-    """Prefill and decode steps with the kernels (the one-call decode step included) store
-    the bytes the torch code stores, and give its logits to rounding."""
+    """A prefill in two chunks (the second's attention, over the first's cached rows, runs
+    natively as a chat's next turn does) and decode steps with the kernels (the one-call
+    decode step included) store the bytes the torch code stores, and give its logits to
+    rounding."""
     model = model_of(preset, dtype, quantize)
-    ours, our_cache = decode(model, INT8, TOKENS, 7)
+    ours, our_cache = decode(model, INT8, TOKENS, 7, chunk=4)
     monkeypatch.setattr(kernels, "native", lambda x: None)
-    theirs, their_cache = decode(model, INT8, TOKENS, 7)
+    theirs, their_cache = decode(model, INT8, TOKENS, 7, chunk=4)
     if quantize == "none":  # int4 products quantize activations natively only
         assert torch.equal(our_cache.k, their_cache.k) and torch.equal(our_cache.v, their_cache.v)
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max())
     else:
         error = (ours - theirs).norm(dim=-1) / theirs.norm(dim=-1)
         assert error.max() < 0.1
+
+
+@needs_kernels
+def test_a_few_new_tokens_over_an_int8_cache_take_the_kernels():
+    """Up to INT8_CACHE_ROWS new tokens' attention over an int8 cache runs natively (the
+    torch code would dequantize the whole cache first); more, or over a float cache, SDPA."""
+    limit = native_step.INT8_CACHE_ROWS
+    keys = quantize_rows(rand(1, 2, 100, 32, seed=1))
+    floats = rand(1, 2, 100, 32, seed=2)
+    for rows, cache, runs in ((1, floats, True), (5, floats, False), (limit, keys, True)):
+        out = native_step.cached_attention(rand(1, 4, rows, 32), cache, cache)
+        assert (out is not None) == runs, (rows, cache.dtype)
+    assert native_step.cached_attention(rand(1, 4, limit + 1, 32), keys, keys) is None
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])

@@ -44,7 +44,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_rows", &quantize_rows, "round-to-nearest int8/int4 codes and group scales");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");
   m.def("qk_norm_rope", &qk_norm_rope, "split qkv, q/k RMSNorm and RoPE, k/v into the cache");
-  m.def("decode_attention", &decode_attention, "attention of one query token over the cache");
+  m.def("dequantize_kv", &dequantize_kv, "an int8 cache's rows [..., width] as values [..., D]");
+  m.def("decode_attention", &decode_attention,
+        "attention of the last T positions' queries over the cache (causal)");
   m.def("paged_qk_norm_rope", &paged_qk_norm_rope,
         "qk_norm_rope of N rows, each row's k/v into its slot of a paged cache's layer");
   m.def("paged_attention", &paged_attention,

@@ -174,6 +174,7 @@ at::Tensor qk_norm_rope(const at::Tensor& qkv, const at::Tensor& q_weight,
                         double eps, int64_t num_heads, int64_t num_kv_heads,
                         const at::Tensor& k_out, const at::Tensor& v_out);
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+at::Tensor dequantize_kv(const at::Tensor& rows, at::ScalarType dtype);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 at::Tensor add_residual(const at::Tensor& a, const at::Tensor& b);
 

@@ -870,7 +870,8 @@ void attention_rows(const S* qp, S* op, int64_t rows, int64_t H, int64_t KVH, in
     const int64_t q_width = kv_row_width(D, at::kChar);
     std::vector<int8_t> q_rows(integer_scores ? groups * q_width : 0);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = i / KVH, kh = i % KVH, first = r * H + kh * groups;
+      // KV head by KV head: the rows of a prompt read its keys and values from memory once.
+      const int64_t kh = i / rows, r = i % rows, first = r * H + kh * groups;
       const KeyBlocks<K> kv = key_blocks(r, kh);
       const int64_t L = kv.rows, padded = (L + 15) / 16 * 16;
       // Room past L, to a multiple of 16, for softmax_numerators.
@@ -885,7 +886,7 @@ void attention_rows(const S* qp, S* op, int64_t rows, int64_t H, int64_t KVH, in
       for (int64_t g = 0; g < groups; ++g)
         sums[g] = (avx512_attention ? rows16::softmax_numerators : rows8::softmax_numerators)(
             scores.data() + g * padded, L);
-      const K* after = i + 1 < end ? key_blocks((i + 1) / KVH, (i + 1) % KVH).keys(0) : nullptr;
+      const K* after = i + 1 < end ? key_blocks((i + 1) % rows, (i + 1) / rows).keys(0) : nullptr;
       head_values(scores.data(), padded, groups, kv, D, acc.data(), wide, after, folded.data());
       for (int64_t g = 0; g < groups; ++g) {
         const __m256 sum = _mm256_set1_ps(sums[g]);
@@ -922,16 +923,18 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return attend(q, kv_rows(k, v));
 }
 
-// One query token: q [B, H, 1, D] over the cached rows kv [B, KVH, L, D] -> [B, 1, H * D].
+// The queries of the cache's last T positions, q [B, H, T, D], over the cached rows kv
+// [B, KVH, L, D], row t seeing the first L - T + t + 1 (causal) -> [B, T, H * D]: a decode
+// step's token (T = 1), or a prompt's tokens after those cached before them.
 at::Tensor attend(const at::Tensor& q_in, const KVRows& kv) {
   RECORD_FUNCTION("qwen3chat::decode_attention", std::vector<c10::IValue>());
-  const auto q = q_in.contiguous();
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
+  const auto q = q_in.transpose(1, 2).contiguous();  // [B, T, H, D]: attention_rows' rows
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
   const int64_t KVH = kv.heads, L = kv.rows;
-  TORCH_CHECK(q.size(2) == 1 && kv.batch == B && H % KVH == 0 && D % kAttentionHeadDimBlock == 0 &&
+  TORCH_CHECK(T <= L && kv.batch == B && H % KVH == 0 && D % kAttentionHeadDimBlock == 0 &&
                   kv.dim == D,
               "decode_attention: shapes do not match");
-  auto out = at::empty({B, 1, H * D}, q.options());
+  auto out = at::empty({B, T, H * D}, q.options());
   with_kv_dtypes(q.scalar_type(), kv.dtype, "decode_attention", [&](auto tag, auto cache_tag) {
     using S = decltype(tag);
     using K = decltype(cache_tag);
@@ -939,9 +942,10 @@ at::Tensor attend(const at::Tensor& q_in, const KVRows& kv) {
     const K* vp = static_cast<const K*>(kv.v);
     const int64_t* ks = kv.k_strides;
     const int64_t* vs = kv.v_strides;
-    attention_rows<S, K>(q.data_ptr<S>(), out.data_ptr<S>(), B, H, KVH, D, [&](int64_t b, int64_t kh) {
+    attention_rows<S, K>(q.data_ptr<S>(), out.data_ptr<S>(), B * T, H, KVH, D, [&](int64_t r, int64_t kh) {
+      const int64_t b = r / T, seen = L - T + r % T + 1;
       return KeyBlocks<K>{kp + b * ks[0] + kh * ks[1], vp + b * vs[0] + kh * vs[1], ks[2], vs[2],
-                          L, L, nullptr};
+                          seen, L, nullptr};
     });
   });
   return out;
@@ -998,6 +1002,40 @@ at::Tensor silu_mul(const at::Tensor& gate_up_in) {
     const int64_t step = wide ? 16 : 8;
     at::parallel_for(0, rows * width / step, 4096 / step, [&](int64_t begin, int64_t end) {
       (wide ? rows16::silu_mul_steps<S> : rows8::silu_mul_steps<S>)(gp, op, width, begin, end);
+    });
+  });
+  return out;
+}
+
+// An int8 cache's rows [..., width] (any strides but the last's) as values of ``dtype``
+// [..., D]: each code times its block's scale in float32, rounded once, as kv_cache.py's
+// dequantize_rows(rows).to(dtype) computes it; what SDPA reads for a prompt over the
+// cache, at memory speed (the torch code's temporaries took 20 of a layer's 25 ms for 8
+// tokens over 4104 rows of the 0.6B shape).
+at::Tensor dequantize_kv(const at::Tensor& rows, at::ScalarType dtype) {
+  RECORD_FUNCTION("qwen3chat::dequantize_kv", std::vector<c10::IValue>());
+  TORCH_CHECK(rows.scalar_type() == at::kChar && rows.dim() >= 1 && rows.stride(-1) == 1,
+              "dequantize_kv: expected int8 rows [..., width] with the last dimension contiguous");
+  const int64_t width = rows.size(-1), D = kv_head_dim(width, at::kChar);
+  const int64_t count = rows.numel() / width, dims = rows.dim() - 1;
+  auto sizes = rows.sizes().vec();
+  sizes.back() = D;
+  auto out = at::empty(sizes, rows.options().dtype(dtype));
+  const int8_t* base = rows.data_ptr<int8_t>();
+  with_dtype(dtype, "dequantize_kv", [&](auto tag) {
+    using S = decltype(tag);
+    S* op = out.data_ptr<S>();
+    at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        int64_t offset = 0;  // row i's, from its index in each leading dimension
+        for (int64_t d = dims - 1, rest = i; d >= 0; rest /= rows.size(d), --d)
+          offset += rest % rows.size(d) * rows.stride(d);
+        const int8_t* row = base + offset;
+        for (int64_t b = 0; b < D; b += kKvBlock) {
+          const __m256 scale = _mm256_set1_ps(kv_scale(row, b, D));
+          for (int64_t c = b; c < b + kKvBlock; c += 8) store8(op + i * D + c, _mm256_mul_ps(value8(row, c), scale));
+        }
+      }
     });
   });
   return out;

@@ -141,6 +141,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def _readable(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A cache's keys or values as SDPA reads them (kv_cache.readable), natively where the
+    kernels run."""
+    out = native.dequantize_kv(rows, dtype)
+    return readable(rows, dtype) if out is None else out
+
+
 class Attention(nn.Module):
     """Grouped-query attention with per-head RMSNorm on q and k before RoPE (Qwen3).
 
@@ -191,7 +198,7 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         qkv, gate = self.split_gate(self.qkv_proj(x))
         q, k, v = self.project_qkv(qkv, cos, sin, cache, start)
-        out = native.decode_attention(q, k, v) if seq == 1 else None
+        out = native.cached_attention(q, k, v)
         if out is None:
             out = self.attend(q, k, v, mask).transpose(1, 2).reshape(batch, seq, self.q_size)
         return self.o_proj(self.gated_output(out.to(x.dtype), gate))
@@ -213,7 +220,7 @@ class Attention(nn.Module):
     def attend(self, q, k, v, mask) -> torch.Tensor:
         """SDPA of ``q [B, heads, T, head_dim]`` over the keys and values a cache stores."""
         batch, _, seq, _ = q.shape
-        k, v = readable(k), readable(v)  # an int8 cache's rows in float32
+        k, v = _readable(k, q.dtype), _readable(v, q.dtype)
         q = q.to(k.dtype)
         if seq == 1:
             # One query row sees every cached key, so no mask; and the query heads that
