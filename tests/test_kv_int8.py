@@ -160,25 +160,42 @@ TOKENS = torch.tensor([[5, 17, 300, 42, 9, 1000, 77, 8, 15, 2, 6, 90, 91, 92, 30
 
 
 @needs_kernels
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
 @pytest.mark.parametrize("dtype,quantize", [(torch.float32, "none"), (torch.bfloat16, "int4")])
+# Chunks of 4: each chunk's attention in the kernel, as a chat's next turn's; of 20 (more
+# than INT8_CACHE_ROWS): SDPA over the rows the kernels dequantize. (The MoE model's
+# 20-row chunks go through the experts' batched products, which round otherwise than the
+# torch code's, enough to move a few cache bytes.)
+@pytest.mark.parametrize(
+    "preset,prompt,chunk", [("tiny", 7, 4), ("tiny-moe", 7, 4), ("tiny", 40, 20)]
+)
 def test_a_model_over_an_int8_cache_natively_is_the_torch_code(
-    preset, dtype, quantize, monkeypatch
+    preset, dtype, quantize, prompt, chunk, monkeypatch
 ):
-    """A prefill in two chunks (the second's attention, over the first's cached rows, runs
-    natively as a chat's next turn does) and decode steps with the kernels (the one-call
-    decode step included) store the bytes the torch code stores, and give its logits to
-    rounding."""
+    """A prefill in two chunks (the second attending over the first's cached rows too) and
+    decode steps with the kernels (the one-call decode step included) store the bytes the
+    torch code stores, and give its logits to rounding."""
     model = model_of(preset, dtype, quantize)
-    ours, our_cache = decode(model, INT8, TOKENS, 7, chunk=4)
+    tokens = torch.randint(0, 3000, (1, prompt + 6), generator=torch.Generator().manual_seed(2))
+    ours, our_cache = decode(model, INT8, tokens, prompt, chunk)
     monkeypatch.setattr(kernels, "native", lambda x: None)
-    theirs, their_cache = decode(model, INT8, TOKENS, 7, chunk=4)
+    theirs, their_cache = decode(model, INT8, tokens, prompt, chunk)
     if quantize == "none":  # int4 products quantize activations natively only
         assert torch.equal(our_cache.k, their_cache.k) and torch.equal(our_cache.v, their_cache.v)
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max())
     else:
         error = (ours - theirs).norm(dim=-1) / theirs.norm(dim=-1)
         assert error.max() < 0.1
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_dequantization_is_the_torch_codes(dtype):
+    """An int8 cache's rows (a strided view of a longer cache) as SDPA reads them: each
+    code times its scale in float32, rounded once to the activations' dtype."""
+    rows = quantize_rows(rand(2, 3, 50, 64, seed=4))[:, :, 7:40]
+    out = native_step.dequantize_kv(rows, dtype)
+    assert out.dtype == dtype and out.shape == (2, 3, 33, 64)
+    assert torch.equal(out, dequantize_rows(rows).to(dtype))
 
 
 @needs_kernels
