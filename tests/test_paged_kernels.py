@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen3chat import kernels
-from qwen3chat.kv_cache import KVCache, quantize_rows
+from qwen3chat.kv_cache import KVCache, dequantize_rows, quantize_rows
 from qwen3chat.loading import random_model
 from qwen3chat.model import native as native_step
 from qwen3chat.model.layers import apply_rope
@@ -25,6 +25,9 @@ NUM_BLOCKS = 12
 # (cached positions before the step, rows in the step) per sequence: a prefill chunk of 7
 # rows from position 20 (it spans two blocks), and decode rows at positions 4 and 36.
 SEQUENCES = [(20, 7), (4, 1), (36, 1)]
+# Prompts longer than the kernel takes row by row (LIMITS' prompt_kernel_rows), which go to
+# SDPA over their sequence's rows: 24 from position 0 (plain causal), 20 after 20 cached.
+PROMPTS = [(0, 24), (4, 1), (20, 20)]
 
 
 def rand(*shape, dtype=torch.float32, seed=0):
@@ -84,11 +87,12 @@ def cache(layers, kv_heads, head_dim, dtype, seed=1):
 @pytest.mark.parametrize(
     "heads,kv_heads,head_dim", [(4, 2, 16), (6, 2, 64), (3, 3, 32), (4, 1, 96), (2, 2, 128)]
 )
-def test_paged_attention(dtype, heads, kv_heads, head_dim, attention_kernels):
+@pytest.mark.parametrize("sequences", [SEQUENCES, PROMPTS])
+def test_paged_attention(dtype, heads, kv_heads, head_dim, sequences, attention_kernels):
     """Each row over its own sequence's keys 0..position through the block table (with
     AVX-512 and bf16: head sizes of one and two sweeps of 64 columns, a sweep of 32, and
-    an odd number of query heads per KV head)."""
-    batch = Batch()
+    an odd number of query heads per KV head), long prompts' rows included."""
+    batch = Batch(sequences)
     k_cache, v_cache = cache(2, kv_heads, head_dim, dtype)
     q = rand(len(batch.positions), heads, head_dim, dtype=dtype, seed=3)
     out = native.paged_attention(q, k_cache, v_cache, 1, *batch.args())
@@ -104,19 +108,35 @@ def test_paged_attention(dtype, heads, kv_heads, head_dim, attention_kernels):
 
 
 @pytest.mark.parametrize("head_dim", [32, 128])  # 128: integer scores where VNNI runs
-def test_paged_attention_over_an_int8_cache_is_the_contiguous_ones(head_dim, attention_kernels):
+@pytest.mark.parametrize("sequences", [SEQUENCES, PROMPTS])
+def test_paged_attention_over_an_int8_cache_is_the_contiguous_ones(
+    head_dim, sequences, attention_kernels
+):
     """Over an int8 cache, each row is the single-sequence kernel's over the same rows
-    gathered, bit for bit (integer scores included where the CPU runs them)."""
+    gathered, bit for bit (integer scores included where the CPU runs them); a long
+    prompt's rows SDPA's over them dequantized, to bf16 rounding."""
     heads, kv_heads = 4, 2
-    batch = Batch()
+    batch = Batch(sequences)
+    long = {
+        s for s, (_, rows) in enumerate(sequences) if rows > native.LIMITS["prompt_kernel_rows"]
+    }
     k_cache, v_cache = (quantize_rows(c) for c in cache(2, kv_heads, head_dim, torch.float32))
     q = rand(len(batch.positions), heads, head_dim, dtype=torch.bfloat16, seed=3)
     out = native.paged_attention(q, k_cache, v_cache, 1, *batch.args())
     for i, (p, s) in enumerate(zip(batch.positions.tolist(), batch.row_seq.tolist(), strict=True)):
         slots = batch.slots(s, p + 1)
         keys, values = k_cache[1][None, :, slots], v_cache[1][None, :, slots]
-        expected = native.decode_attention(q[i][None, :, None], keys, values)
-        assert torch.equal(out[i], expected.reshape(-1))
+        if s in long:
+            expected = F.scaled_dot_product_attention(
+                q[i, :, None].float(),
+                dequantize_rows(keys[0]),
+                dequantize_rows(values[0]),
+                enable_gqa=True,
+            )
+            torch.testing.assert_close(out[i].float(), expected.reshape(-1), rtol=1e-2, atol=1e-2)
+        else:
+            expected = native.decode_attention(q[i][None, :, None], keys, values)
+            assert torch.equal(out[i], expected.reshape(-1))
 
 
 def norm_rope(x, weight, cos, sin, eps):
@@ -208,15 +228,18 @@ def paged_cache_of(model, dtype):
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
 @pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
-def test_paged_layers_match_each_sequence_through_the_torch_layers(preset, quantize, monkeypatch):
-    """A mixed step (a prefill chunk and two decode rows of three sequences): each
-    sequence's rows as the model's layers compute them over a contiguous cache holding
-    the same earlier keys (the torch code for float weights), and the rows' keys and
-    values stored in their slots."""
+@pytest.mark.parametrize("sequences", [SEQUENCES, PROMPTS])
+def test_paged_layers_match_each_sequence_through_the_torch_layers(
+    preset, quantize, sequences, monkeypatch
+):
+    """A mixed step (a prefill chunk, or two long ones, and decode rows of three
+    sequences): each sequence's rows as the model's layers compute them over a contiguous
+    cache holding the same earlier keys (the torch code for float weights), and the rows'
+    keys and values stored in their slots."""
     dtype = torch.float32
     model = model_of(preset, dtype, quantize)
     model.setup_rope(64)
-    batch = Batch()
+    batch = Batch(sequences)
     hidden = model.config.hidden_size
     k_cache, v_cache = paged_cache_of(model, dtype)
     x = torch.empty(len(batch.positions), hidden)
@@ -230,7 +253,7 @@ def test_paged_layers_match_each_sequence_through_the_torch_layers(preset, quant
             inputs = rand(1, end, hidden, seed=10 + s)
             contiguous = model.new_cache(64)
             h = inputs[:, :cached]
-            for layer in model.layers:  # the earlier positions, into the cache
+            for layer in model.layers if cached else []:  # the earlier positions, cached
                 h = layer(h, model.rope_cos[:cached], model.rope_sin[:cached], None, contiguous, 0)
             indices = torch.arange(end)
             mask = indices[None, :] <= indices[cached:, None]

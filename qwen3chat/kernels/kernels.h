@@ -127,6 +127,10 @@ constexpr int64_t kAttentionHeadDimBlock = 8;  // decode attention
 // and of its 16 value rows, so that a sequence's paged attention adds in the same order,
 // bit for bit, as over the same keys in one contiguous block.
 constexpr int64_t kPagedBlockAlign = 16;
+// The most rows of one sequence's prompt whose attention the kernel takes row by row (each
+// reads the sequence's cached rows again); more attend through SDPA over those rows
+// gathered (dequantized from an int8 cache), as a single sequence's prompt does.
+constexpr int64_t kPromptKernelRows = 16;
 
 constexpr int64_t kGemmMinRows = 16;
 constexpr int64_t kIntegerGemmMinRows = 8;
