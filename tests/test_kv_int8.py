@@ -162,7 +162,7 @@ TOKENS = torch.tensor([[5, 17, 300, 42, 9, 1000, 77, 8, 15, 2, 6, 90, 91, 92, 30
 @needs_kernels
 @pytest.mark.parametrize("dtype,quantize", [(torch.float32, "none"), (torch.bfloat16, "int4")])
 # Chunks of 4: each chunk's attention in the kernel, as a chat's next turn's; of 20 (more
-# than INT8_CACHE_ROWS): SDPA over the rows the kernels dequantize. (The MoE model's
+# than LIMITS' prompt_kernel_rows): SDPA over the rows the kernels dequantize. (The MoE model's
 # 20-row chunks go through the experts' batched products, which round otherwise than the
 # torch code's, enough to move a few cache bytes.)
 @pytest.mark.parametrize(
@@ -200,9 +200,9 @@ def test_native_dequantization_is_the_torch_codes(dtype):
 
 @needs_kernels
 def test_a_few_new_tokens_over_an_int8_cache_take_the_kernels():
-    """Up to INT8_CACHE_ROWS new tokens' attention over an int8 cache runs natively (the
-    torch code would dequantize the whole cache first); more, or over a float cache, SDPA."""
-    limit = native_step.INT8_CACHE_ROWS
+    """Up to LIMITS' prompt_kernel_rows new tokens' attention over an int8 cache runs
+    natively; more, or over a float cache, in SDPA."""
+    limit = native.LIMITS["prompt_kernel_rows"]
     keys = quantize_rows(rand(1, 2, 100, 32, seed=1))
     floats = rand(1, 2, 100, 32, seed=2)
     for rows, cache, runs in ((1, floats, True), (5, floats, False), (limit, keys, True)):

@@ -25,9 +25,11 @@ NUM_BLOCKS = 12
 # (cached positions before the step, rows in the step) per sequence: a prefill chunk of 7
 # rows from position 20 (it spans two blocks), and decode rows at positions 4 and 36.
 SEQUENCES = [(20, 7), (4, 1), (36, 1)]
-# Prompts longer than the kernel takes row by row (LIMITS' prompt_kernel_rows), which go to
-# SDPA over their sequence's rows: 24 from position 0 (plain causal), 20 after 20 cached.
-PROMPTS = [(0, 24), (4, 1), (20, 20)]
+# Prompts longer than the kernel takes row by row (LIMITS' prompt_kernel_rows and
+# prompt_sdpa_work), which go to SDPA over their sequence's rows: 96 from position 0
+# (plain causal), 24 after 400 cached.
+PROMPTS = [(0, 96), (4, 1), (400, 24)]
+CONTEXT = 448  # positions the model tests' rotary tables and caches hold
 
 
 def rand(*shape, dtype=torch.float32, seed=0):
@@ -40,8 +42,10 @@ class Batch:
 
     def __init__(self, sequences=SEQUENCES, order=(1, 0, 2), seed=0):
         self.sequences = sequences
-        blocks = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(seed))
-        max_blocks = 4
+        counts = [-(-(cached + rows) // BLOCK) for cached, rows in sequences]
+        self.num_blocks = max(NUM_BLOCKS, sum(counts))  # the cache's
+        blocks = torch.randperm(self.num_blocks, generator=torch.Generator().manual_seed(seed))
+        max_blocks = max(counts)
         self.tables = torch.zeros(len(sequences), max_blocks, dtype=torch.int32)
         used = 0
         for s, (cached, rows) in enumerate(sequences):
@@ -75,8 +79,8 @@ class Batch:
         return self.positions, self.row_seq, self.tables, BLOCK
 
 
-def cache(layers, kv_heads, head_dim, dtype, seed=1):
-    slots = NUM_BLOCKS * BLOCK
+def cache(layers, kv_heads, head_dim, dtype, seed=1, blocks=NUM_BLOCKS):
+    slots = blocks * BLOCK
     return (
         rand(layers, kv_heads, slots, head_dim, dtype=dtype, seed=seed),
         rand(layers, kv_heads, slots, head_dim, dtype=dtype, seed=seed + 1),
@@ -93,7 +97,7 @@ def test_paged_attention(dtype, heads, kv_heads, head_dim, sequences, attention_
     AVX-512 and bf16: head sizes of one and two sweeps of 64 columns, a sweep of 32, and
     an odd number of query heads per KV head), long prompts' rows included."""
     batch = Batch(sequences)
-    k_cache, v_cache = cache(2, kv_heads, head_dim, dtype)
+    k_cache, v_cache = cache(2, kv_heads, head_dim, dtype, blocks=batch.num_blocks)
     q = rand(len(batch.positions), heads, head_dim, dtype=dtype, seed=3)
     out = native.paged_attention(q, k_cache, v_cache, 1, *batch.args())
     assert out.dtype == dtype and out.shape == (len(batch.positions), heads * head_dim)
@@ -117,10 +121,15 @@ def test_paged_attention_over_an_int8_cache_is_the_contiguous_ones(
     prompt's rows SDPA's over them dequantized, to bf16 rounding."""
     heads, kv_heads = 4, 2
     batch = Batch(sequences)
+    limits = native.LIMITS
     long = {
-        s for s, (_, rows) in enumerate(sequences) if rows > native.LIMITS["prompt_kernel_rows"]
+        s
+        for s, (cached, rows) in enumerate(sequences)
+        if rows > limits["prompt_kernel_rows"]
+        and rows * (cached + rows) >= limits["prompt_sdpa_work"]
     }
-    k_cache, v_cache = (quantize_rows(c) for c in cache(2, kv_heads, head_dim, torch.float32))
+    floats = cache(2, kv_heads, head_dim, torch.float32, blocks=batch.num_blocks)
+    k_cache, v_cache = (quantize_rows(c) for c in floats)
     q = rand(len(batch.positions), heads, head_dim, dtype=torch.bfloat16, seed=3)
     out = native.paged_attention(q, k_cache, v_cache, 1, *batch.args())
     for i, (p, s) in enumerate(zip(batch.positions.tolist(), batch.row_seq.tolist(), strict=True)):
@@ -220,9 +229,9 @@ def model_of(preset, dtype, quantize="none"):
     )
 
 
-def paged_cache_of(model, dtype):
+def paged_cache_of(model, dtype, blocks=NUM_BLOCKS):
     c = model.config
-    shape = (c.num_hidden_layers, c.num_key_value_heads, NUM_BLOCKS * BLOCK, c.head_dim)
+    shape = (c.num_hidden_layers, c.num_key_value_heads, blocks * BLOCK, c.head_dim)
     return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
 
 
@@ -238,10 +247,10 @@ def test_paged_layers_match_each_sequence_through_the_torch_layers(
     keys and values stored in their slots."""
     dtype = torch.float32
     model = model_of(preset, dtype, quantize)
-    model.setup_rope(64)
+    model.setup_rope(CONTEXT)
     batch = Batch(sequences)
     hidden = model.config.hidden_size
-    k_cache, v_cache = paged_cache_of(model, dtype)
+    k_cache, v_cache = paged_cache_of(model, dtype, batch.num_blocks)
     x = torch.empty(len(batch.positions), hidden)
     expected = torch.empty_like(x)
     expected_k, expected_v = {}, {}
@@ -251,7 +260,7 @@ def test_paged_layers_match_each_sequence_through_the_torch_layers(
         for s, (cached, rows) in enumerate(batch.sequences):
             end = cached + rows
             inputs = rand(1, end, hidden, seed=10 + s)
-            contiguous = model.new_cache(64)
+            contiguous = model.new_cache(CONTEXT)
             h = inputs[:, :cached]
             for layer in model.layers if cached else []:  # the earlier positions, cached
                 h = layer(h, model.rope_cos[:cached], model.rope_sin[:cached], None, contiguous, 0)
@@ -305,7 +314,7 @@ def test_one_decode_row_is_the_contiguous_decode_step(preset, dtype, quantize):
     """A single sequence's decode row over a paged cache: bit for bit the contiguous
     decode step over a KVCache holding the same keys (output and stored key/value)."""
     model = model_of(preset, dtype, quantize)
-    model.setup_rope(64)
+    model.setup_rope(CONTEXT)
     c = model.config
     position = 37  # three blocks, the last partly used and not a multiple of 4 keys
     batch = Batch(sequences=[(position, 1)], order=(0,), seed=3)
@@ -356,7 +365,7 @@ def test_a_batch_of_decode_rows_gives_each_sequence_what_it_gets_alone(
     AVX512-VNNI runs, the integer GEMM takes 4 rows or more: held at 8 here, that GEMM is
     test_quant.py's.)"""
     model = model_of(preset, torch.float32, quantize)
-    model.setup_rope(64)
+    model.setup_rope(CONTEXT)
     sequences = [(4, 1), (36, 1), (20, 1), (9, 1)]
     batch = Batch(sequences=sequences, order=(2, 0, 3, 1))
     k_cache, v_cache = paged_cache_of(model, torch.float32)

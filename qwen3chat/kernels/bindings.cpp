@@ -24,6 +24,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   limits["attention_head_dim_block"] = kAttentionHeadDimBlock;
   limits["paged_block_align"] = kPagedBlockAlign;
   limits["prompt_kernel_rows"] = kPromptKernelRows;
+  limits["prompt_sdpa_work"] = kPromptSdpaWork;
   m.attr("LIMITS") = limits;
   m.def("dense_linear", &dense_linear, "x @ W.T for float32, bfloat16 or half weights");
   m.def("set_native_bf16_gemm", &set_native_bf16_gemm,

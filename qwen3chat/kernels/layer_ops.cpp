@@ -1000,9 +1000,9 @@ at::Tensor prompt_attention(const at::Tensor& q, const PagedKV& cache, int64_t l
 }  // namespace
 
 // q [N, H, D], row i at positions[i] of its sequence, over that sequence's positions
-// 0..positions[i] in the paged cache's layer -> [N, H * D]. Runs of more than
-// kPromptKernelRows rows of a sequence (a prompt's) go to prompt_attention: row by row, a
-// 2048-token prompt's attention made the server's prefill 2.6x the chat's.
+// 0..positions[i] in the paged cache's layer -> [N, H * D]. Long runs of a sequence's rows
+// (a prompt's: kPromptKernelRows, kPromptSdpaWork) go to prompt_attention: row by row, a
+// 2048-token prompt's attention made the server's prefill 3x the chat's.
 at::Tensor attend(const at::Tensor& q_in, const PagedKV& cache, int64_t layer) {
   RECORD_FUNCTION("qwen3chat::paged_attention", std::vector<c10::IValue>());
   const auto q = q_in.contiguous();
@@ -1016,7 +1016,7 @@ at::Tensor attend(const at::Tensor& q_in, const PagedKV& cache, int64_t layer) {
   std::vector<std::pair<int64_t, int64_t>> prompts;
   for (int64_t a = 0, b = 1; a < N; a = b++) {
     while (b < N && cache.row_seq[b] == cache.row_seq[a] && cache.positions[b] == cache.positions[b - 1] + 1) ++b;
-    if (b - a > kPromptKernelRows)
+    if (b - a > kPromptKernelRows && (b - a) * (cache.positions[b - 1] + 1) >= kPromptSdpaWork)
       prompts.emplace_back(a, b);
     else
       for (int64_t i = a; i < b; ++i) kernel_rows.push_back(i);

@@ -88,24 +88,20 @@ def qk_norm_rope(qkv, attn, cos, sin, k_out, v_out) -> torch.Tensor | None:
     )
 
 
-# The most new tokens whose attention over an int8 cache the kernels take, row by row (each
-# reads the cached rows again, from cache after the first); more go to SDPA over the cache
-# dequantized (dequantize_kv), which costs as much as that first read. A layer of the 0.6B
-# shape over 4104-4224 cached rows (Intel Xeon, 2 threads): 8 rows 3.3 ms against 7.9, 32
-# rows 11.8 against 10.6, 128 rows 47 against 26.
-INT8_CACHE_ROWS = 16
-
-
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     """The attention of the queries of the last T positions ``q [B, heads, T, dim]`` over the
     keys and values, causal, ``[B, T, heads * dim]``: a decode step's token, or over an int8
-    cache up to INT8_CACHE_ROWS new tokens (over a float cache SDPA takes more than one as
-    fast or faster)."""
+    cache a prompt of up to LIMITS' prompt_kernel_rows tokens, row by row (each reads the
+    cached rows again, from cache after the first). Longer prompts go to SDPA over the cache
+    dequantized (dequantize_kv), which costs about that first read; a layer of the 0.6B
+    shape over 4104-4224 cached rows (Intel Xeon, 2 threads): 8 rows 3.3 ms in the kernel
+    against 7.9, 32 rows 11.8 against 10.6, 128 rows 47 against 26. Over a float cache SDPA
+    takes any prompt as fast or faster."""
     native = kernels.native(q)
     if native is None or not _covers(native, "attention_head_dim_block", q.shape[-1]):
         return None
     rows = q.shape[2]
-    if rows > 1 and (k.dtype != torch.int8 or rows > INT8_CACHE_ROWS):
+    if rows > 1 and (k.dtype != torch.int8 or rows > native.LIMITS["prompt_kernel_rows"]):
         return None
     return native.decode_attention(q, k, v)
 
