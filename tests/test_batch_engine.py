@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import build_reference_model, chat_prompts, save_model_dir
 
+from qwen3chat import kernels
 from qwen3chat.batch.block_manager import BlockManager
 from qwen3chat.batch.engine import BLOCK_SIZE, BatchEngine
 from qwen3chat.batch.sequence import Sequence
@@ -64,6 +65,23 @@ def test_the_torch_path_too(loaded, torch_matmuls):
     """Where the native kernels do not run (another device, shapes they do not cover): the
     PagedBatch's own store and attention, one SDPA over the padded sequences."""
     check_alone(loaded, join_every=2)
+
+
+def test_long_prompts_get_their_greedy_ids_alone(loaded):
+    """Prompts long enough that the paged step attends over them through SDPA (LIMITS'
+    prompt_sdpa_work), two in one step beside a short one, each as the chat engine runs
+    it alone."""
+    words = "the quick brown fox jumps over a lazy dog while seven cats watch it " * 12
+    contents = [words[: 480 + 150 * i] for i in range(2)]
+    prompts = [loaded.tokenizer.encode_chat([{"role": "user", "content": c}]) for c in contents]
+    native = kernels.native(torch.zeros(1))
+    if native is None:
+        pytest.skip("no native kernels here: the paged step is the torch code's")
+    assert all(len(ids) ** 2 >= native.LIMITS["prompt_sdpa_work"] for ids in prompts)
+    requests = [(ids, 8) for ids in [*prompts, *chat_prompts(loaded.tokenizer, 1)]]
+    events = run_all(BatchEngine(loaded.model, loaded.tokenizer, MAX_SEQ_LEN), requests)
+    for (ids, max_tokens), seq in zip(requests, events, strict=True):
+        assert events[seq][-1].token_ids == alone(loaded, ids, max_tokens).token_ids
 
 
 def check_alone(loaded, join_every: int) -> None:
