@@ -242,10 +242,12 @@ struct PagedKV {
 
   // Row i's sequence's block table.
   const int32_t* table(int64_t i) const { return block_tables + row_seq[i] * max_blocks; }
-  // The slot of row i's own position.
-  int64_t slot(int64_t i) const {
-    return int64_t{table(i)[positions[i] / block_size]} * block_size + positions[i] % block_size;
+  // The slot of position p of the sequence whose block table is ``table``.
+  int64_t slot_at(const int32_t* table, int64_t p) const {
+    return int64_t{table[p / block_size]} * block_size + p % block_size;
   }
+  // The slot of row i's own position.
+  int64_t slot(int64_t i) const { return slot_at(table(i), positions[i]); }
 };
 PagedKV paged_kv(const at::Tensor& k_cache, const at::Tensor& v_cache,
                  const at::Tensor& positions, const at::Tensor& row_seq,

@@ -984,7 +984,7 @@ at::Tensor prompt_attention(const at::Tensor& q, const PagedKV& cache, int64_t l
   const int64_t T = b - a, L = cache.positions[b - 1] + 1;
   auto slots = at::empty({L}, at::kLong);
   int64_t* sp = slots.data_ptr<int64_t>();
-  for (int64_t p = 0; p < L; ++p) sp[p] = int64_t{cache.table(a)[p / cache.block_size]} * cache.block_size + p % cache.block_size;
+  for (int64_t p = 0; p < L; ++p) sp[p] = cache.slot_at(cache.table(a), p);
   auto k = cache.k_cache[layer].index_select(1, slots), v = cache.v_cache[layer].index_select(1, slots);
   if (cache.dtype == at::kChar) k = dequantize_kv(k, q.scalar_type()), v = dequantize_kv(v, q.scalar_type());
   const auto query = q.transpose(0, 1).unsqueeze(0);  // [1, H, T, D]
