@@ -269,8 +269,9 @@ def test_q4_0_held_interleaved_gives_the_plain_products(width, dtype, monkeypatc
     not kernels.interleaves_int4(CPU) or not kernels._amx_int8(),
     reason="this CPU (or its OS) does not allow AMX-INT8 tiles",
 )
-# Blocks of 32 inputs: one pair and an odd count (fewer than a pass unpacks ahead, 8), more.
-@pytest.mark.parametrize("width", [64, 96, 320, 1024])
+# Blocks of 32 inputs: one (its sums scaled after the loop alone), a pair, an odd count
+# (fewer than a pass unpacks ahead, 8), more.
+@pytest.mark.parametrize("width", [32, 64, 96, 320, 1024])
 @pytest.mark.parametrize("rows", [9, 16, 33, 47, 130])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_amx_q4_0_products_are_the_vnni_ones_bit_for_bit(width, rows, dtype):
