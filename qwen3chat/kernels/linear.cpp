@@ -532,6 +532,8 @@ struct RowGroups {
   int64_t count;
 };
 
+constexpr int64_t kQuantizeGrain = 4096;
+
 template <int G>
 RowGroups quantize_groups(const at::Tensor& x, CodeLayout layout, bool code_sums) {
   const int64_t M = x.size(0), K = x.size(1), B = K / 32, count = (M + G - 1) / G;
@@ -554,7 +556,10 @@ RowGroups quantize_groups(const at::Tensor& x, CodeLayout layout, bool code_sums
     // the serial loops.
     const bool pair_order = layout == CodeLayout::pair_steps;
     const int64_t per = pair_order ? 2 : 1, units = B / per;
-    at::parallel_for(0, count * units, 1, [&](int64_t begin, int64_t end) {
+    // A thread's share at least kQuantizeGrain values: a decode step's row (1024-3072
+    // values) took longer to hand to the other thread than to quantize.
+    const int64_t grain = std::max<int64_t>(1, kQuantizeGrain / (per * 32 * G));
+    at::parallel_for(0, count * units, grain, [&](int64_t begin, int64_t end) {
       alignas(32) int32_t fours[8];
       for (int64_t unit = begin; unit < end; ++unit) {
         const int64_t group = unit / units, live = std::min<int64_t>(G, M - group * G);
