@@ -1032,12 +1032,13 @@ QK_AMX_Q4 __attribute__((always_inline)) inline void amx_scale(
 // w (the first group's pass), the pass unpacks the rows' codes itself, kAmxUnpackAhead
 // blocks ahead of the tiles that load them; the next rows' (next, or null) are asked for
 // into L2 a block at a time. Per block of 16 by 16 rows on an Intel Xeon (one core, 16
-// rows): ~67-80 cycles against q4x16_pass's ~95-105. The tiles and the vector work take
-// turns rather than overlap (tiles and store ~23 cycles, the scaling ~15, together ~47),
-// and a block of 32 inputs is all one tile product can take, as each block has its own
-// scales. Unpacked all before the pass, the rows' reads waited on memory with nothing to
-// overlap (16 rows cost what VNNI's did); unpacked a block ahead, the tiles waited for the
-// stores; asked for into L1 (as q4x16_pass does), the products ran no faster than VNNI's.
+// rows): ~67-80 cycles against q4x16_pass's ~95-105. Before the sums waited an iteration,
+// the tiles and the vector work took turns (tiles and store ~23 cycles, the scaling ~15,
+// together ~47); a block of 32 inputs is all one tile product can take, as each block has
+// its own scales. Unpacked all before the pass, the rows' reads waited on memory with
+// nothing to overlap (16 rows cost what VNNI's did); unpacked a block ahead, the tiles
+// waited for the stores; asked for into L1 (as q4x16_pass does), the products ran no
+// faster than VNNI's.
 QK_AMX_Q4 void q4x16_amx_pass(const uint8_t* w, uint8_t* unpacked, const c10::Half* ws,
                               const RowGroups& x, const float* xsum8, int64_t group, int64_t B,
                               int64_t K, const uint8_t* next, float acc[16][16]) {
