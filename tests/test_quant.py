@@ -270,7 +270,8 @@ def test_q4_0_held_interleaved_gives_the_plain_products(width, dtype, monkeypatc
     reason="this CPU (or its OS) does not allow AMX-INT8 tiles",
 )
 # Blocks of 32 inputs: one (its sums scaled after the loop alone), a pair, an odd count
-# (fewer than a pass unpacks ahead, 8), more.
+# (fewer than a pass unpacks ahead, 8), more, and twice round the 16 slots that one group
+# of rows (9 or 16) unpacks them into.
 @pytest.mark.parametrize("width", [32, 64, 96, 320, 1024])
 @pytest.mark.parametrize("rows", [9, 16, 33, 47, 130])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
