@@ -7,9 +7,11 @@ cached build the same way."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,3 +69,30 @@ def test_this_build_runs_on_an_avx2_only_cpu():
     # Everything AVX2 (VNNI and AVX-512 refused), bf16 products widened.
     assert set(out["variants"].values()) == {"AVX2"}, out["variants"]
     assert max(out["errors"]) < 0.1, out["errors"]
+
+
+GEMMS = "int8/int4 GEMMs (8+ rows, 4+ with VNNI)"
+
+
+@pytest.mark.skipif(kernels.native(torch.zeros(1)) is None, reason="no native kernels here")
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="no /proc/cpuinfo to check")
+def test_integer_gemms_take_avx_vnni_where_the_cpu_has_it_and_avx512_vnni_is_off():
+    """cpuid's AVX-VNNI, as the kernels read it, is what Linux reports; with AVX512-VNNI
+    turned off the integer GEMMs run AVX-VNNI exactly where the CPU has it (and AVX2 when
+    that too is turned off), and `bench` and /show say so."""
+    flags = next(
+        line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+    ).split()
+    has = "avx_vnni" in flags
+    assert kernels.native(torch.zeros(1)).cpu_avx_vnni() == has
+    script = (
+        "import json, torch; from qwen3chat import kernels; "
+        f"print(json.dumps(kernels.variants(torch.device('cpu'))[{GEMMS!r}]))"
+    )
+    for off, expected in (("0", "AVX-VNNI" if has else "AVX2"), ("1", "AVX2")):
+        env = {**os.environ, "QWEN3CHAT_NO_AVX512_VNNI": "1", "QWEN3CHAT_NO_AVX_VNNI": off}
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert json.loads(result.stdout.strip().splitlines()[-1]) == expected

@@ -210,6 +210,45 @@ def test_avx512_vnni_gemm_is_the_avx2_one_bit_for_bit(
 
 
 @pytest.mark.skipif(
+    kernels.native(torch.zeros(1)) is None or not kernels.native(torch.zeros(1)).cpu_avx_vnni(),
+    reason="this CPU does not have AVX-VNNI",
+)
+@pytest.mark.parametrize(
+    "bits,group,zeros,width",
+    [
+        (8, 256, False, 256),
+        (8, 32, False, 224),
+        (4, 32, False, 256),  # Q4_0
+        (4, 32, True, 224),
+        (4, 128, True, 256),
+    ],
+)
+@pytest.mark.parametrize("rows", [8, 21])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_avx_vnni_gemm_is_the_avx2_one_bit_for_bit(weight, bits, group, zeros, width, rows, dtype):
+    """Where AVX512-VNNI's kernel does not run, the integer GEMM's AVX2 kernel takes
+    AVX-VNNI's vpdpbusd where the CPU has it (integer_rows.inc's second build): the same
+    exact integer sums as maddubs', so the same bits. 93 weight rows leave a pass of 1."""
+    native = kernels.native(torch.zeros(1))
+    as_loaded = not kernels._avx512_vnni() and kernels._avx_vnni(native)
+    m = quantize(weight[:93, :width], bits, group)
+    if not zeros:
+        m.zeros = None
+    layer = QuantizedWeight(m, torch.float32, CPU)
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(3)).to(dtype)
+    with kernel_off("set_avx512_vnni"):
+        try:
+            native.set_avx_vnni(False)
+            avx2 = linear(x, layer)
+            native.set_avx_vnni(True)
+            avx_vnni = linear(x, layer)
+        finally:
+            native.set_avx_vnni(as_loaded)
+    assert torch.equal(avx_vnni, avx2)
+    assert avx2.abs().max() > 0
+
+
+@pytest.mark.skipif(
     kernels.native(torch.zeros(1)) is None or not kernels._avx512_vnni(),
     reason="this CPU (or its OS) does not allow AVX512-VNNI",
 )

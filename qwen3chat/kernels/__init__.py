@@ -217,8 +217,10 @@ def _module():
         wide, vnni = _avx512(), _avx512_vnni()
         bf16 = wide and torch.cpu._is_avx512_bf16_supported()
         amx = vnni and _amx_int8()
+        avx_vnni = not vnni and _avx_vnni(module)
         module.set_native_bf16_gemm(bf16)
         module.set_avx512_vnni(vnni)
+        module.set_avx_vnni(avx_vnni)
         module.set_amx_int8(amx)
         module.set_avx512_attention(wide)
         module.set_avx512_rows(wide)
@@ -230,6 +232,8 @@ def _module():
             _CHOICES["attention over a bf16 or int8 cache"] = "AVX-512"
             _CHOICES["norms, rotary embedding, SwiGLU"] = "AVX-512"
             _CHOICES["bf16 products of 4+ rows"] = "AVX-512"
+        if avx_vnni:
+            _CHOICES["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "AVX-VNNI"
         if vnni:
             _CHOICES["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "AVX512-VNNI"
             _CHOICES["Q4_0 products (any rows)"] = "AVX512-VNNI, 16 rows interleaved"
@@ -261,6 +265,14 @@ def _avx512_vnni() -> bool:
     if os.environ.get("QWEN3CHAT_NO_AVX512_VNNI") == "1":
         return False
     return torch.cpu._is_vnni_supported() and torch.cpu._is_avx512_supported()
+
+
+def _avx_vnni(module) -> bool:
+    """AVX-VNNI (ymm vpdpbusd: Intel's client CPUs since Alder Lake, its E-core Xeons, AMD
+    since Zen 5) as cpuid reports it, which the kernels ask themselves (torch does not);
+    its registers are AVX's, which the OS saves wherever AVX2 runs. QWEN3CHAT_NO_AVX_VNNI=1
+    turns it off (the tests compare both kernels)."""
+    return os.environ.get("QWEN3CHAT_NO_AVX_VNNI") != "1" and module.cpu_avx_vnni()
 
 
 def _amx_int8() -> bool:

@@ -31,6 +31,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "send bfloat16 products of several rows to torch's GEMM (the CPU has AVX512-BF16)");
   m.def("set_avx512_vnni", &set_avx512_vnni,
         "run integer GEMMs with AVX512-VNNI (the CPU and the OS allow it)");
+  m.def("set_avx_vnni", &set_avx_vnni,
+        "run integer GEMMs with AVX-VNNI where AVX512-VNNI's kernel does not run");
+  m.def("cpu_avx_vnni", &cpu_avx_vnni, "whether the CPU has AVX-VNNI (cpuid)");
   m.def("set_amx_int8", &set_amx_int8,
         "run Q4_0 products of several rows with AMX-INT8 tiles (the CPU and the OS allow it)");
   m.def("set_avx512_attention", &set_avx512_attention,

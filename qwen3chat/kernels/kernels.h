@@ -39,6 +39,9 @@ inline float _cvtsh_ss(uint16_t h) { return c10::Half(h, c10::Half::from_bits())
 #ifndef _cvtss_sh
 inline uint16_t _cvtss_sh(float f, int) { return c10::Half(f).x; }
 #endif
+#ifndef _mm256_dpbusd_avx_epi32  // AVX-VNNI's name for AVX512-VNNI's ymm form
+#define _mm256_dpbusd_avx_epi32(sums, u, s) _mm256_dpbusd_epi32(sums, u, s)
+#endif
 // AMX tiles have no NEON form: their kernel compiles to a trap (set_amx_int8 stays off).
 #define _tile_loadconfig(config) __builtin_trap()
 #define _tile_release() __builtin_trap()
@@ -149,6 +152,10 @@ void set_native_bf16_gemm(bool enabled);
 // Integer GEMMs (prompt chunks, several sequences' rows) with AVX512-VNNI where the CPU and
 // the OS allow it (Python asks torch): bit for bit the AVX2 kernel's results.
 void set_avx512_vnni(bool enabled);
+// Where AVX512-VNNI's kernel does not run, the AVX2 one with AVX-VNNI's ymm vpdpbusd where
+// the CPU has it (cpu_avx_vnni: cpuid): bit for bit the same results.
+void set_avx_vnni(bool enabled);
+bool cpu_avx_vnni();
 // Q4_0 products of kAmxMinRows rows or more (prompts, batches of 9+ sequences) with
 // AMX-INT8 tiles where the CPU has them and the OS grants them (Python asks torch): bit
 // for bit the AVX512-VNNI kernel's results.

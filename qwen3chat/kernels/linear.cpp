@@ -27,6 +27,10 @@
 
 #include "kernels.h"
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+
 using qk::hsum;
 using qk::load8;
 
@@ -656,59 +660,30 @@ struct WeightRows {
   }
 };
 
-// The dot products of kWeightRows weight rows with one group of activation rows:
-// out[j][i] = row i of the group times weight row j.
-template <bool Int4>
-inline void row_group_products(const RowGroups& x, int64_t group, int64_t K, const WeightRows& w,
-                               float out[kWeightRows][kGroupRows]) {
-  __m256 acc[kWeightRows];
-  const int64_t B = K / 32;
-  const int8_t* xc = x.codes + group * kGroupRows * K;
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int j = 0; j < kWeightRows; ++j) acc[j] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < B; ++b) {
-    w.prefetch_ahead(b);
-    __m256i sums[kWeightRows];
-    for (int j = 0; j < kWeightRows; ++j) sums[j] = _mm256_setzero_si256();
-    for (int64_t t = 0; t < 8; ++t) {
-      const int64_t k = b * 32 + t * 4;
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + k * kGroupRows));
-      for (int j = 0; j < kWeightRows; ++j) {
-#if QK_DOTPROD
-        // int8 codes as they are, int4 ones (0-15) as signed bytes: int32 sums at once.
-        const int8_t* codes = Int4 ? reinterpret_cast<const int8_t*>(w.unsigned_codes.data() + j * K)
-                                   : w.signed_codes[j];
-        sums[j] = sdot_broadcast(sums[j], codes + k, xv);
-#else
-        // Broadcast straight from memory: a load, not a shuffle competing with maddubs.
-        const __m256i four = _mm256_broadcastd_epi32(_mm_loadu_si32(w.unsigned_codes.data() + j * K + k));
-        if constexpr (Int4) {
-          // Codes up to 15 against |x| up to 127: a block's 16 products per int16 lane
-          // stay below 2^15, so the lanes widen once per block.
-          sums[j] = _mm256_add_epi16(sums[j], _mm256_maddubs_epi16(four, xv));
-        } else {
-          const __m256i signs = _mm256_broadcastd_epi32(_mm_loadu_si32(w.signed_codes[j] + k));
-          sums[j] = _mm256_add_epi32(sums[j], dot_u8_i8(four, _mm256_sign_epi8(xv, signs)));
-        }
-#endif
-      }
-    }
-    const __m256 xd = _mm256_loadu_ps(x.scales + (group * B + b) * kGroupRows);
-    const __m256 xsum = _mm256_loadu_ps(x.sums + (group * B + b) * kGroupRows);
-    for (int j = 0; j < kWeightRows; ++j) {
-      const __m256i dot = Int4 && !QK_DOTPROD ? _mm256_madd_epi16(sums[j], ones) : sums[j];
-      const __m256 ws = _mm256_set1_ps(w.scales[j * B + b]);
-      if (Int4 && !w.zero_points) {  // see vnni_finish
-        const __m256 part = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), xd, _mm256_mul_ps(xsum, _mm256_set1_ps(-8.0f)));
-        acc[j] = _mm256_fmadd_ps(part, ws, acc[j]);
-        continue;
-      }
-      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(xd, ws), acc[j]);
-      if constexpr (Int4) acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(w.offsets[j * B + b]), xsum, acc[j]);
-    }
-  }
-  for (int j = 0; j < kWeightRows; ++j) _mm256_storeu_ps(out[j], acc[j]);
-}
+// integer_rows.inc's two builds (row_group_products): AVX2's, and AVX-VNNI's where the CPU
+// has it and AVX512-VNNI's kernel does not run (Intel's client CPUs since Alder Lake, its
+// E-core Xeons). AVX2's is inlined into the GEMM, as it was before the split (called, the
+// 0.6B shape's 16-row int4 feed-forward products took 1.4x as long); AVX-VNNI's, built for
+// more than its caller, cannot be. With AVX2 alone on an Intel Xeon (two cores, the 0.6B
+// shape's 28 layers of int4 feed-forward products): 128 rows 181-188 ms AVX2, 148-152
+// AVX-VNNI; 16 rows 26.3 and 24.1.
+namespace ints {
+#define QK_INTS inline
+#define QK_AVX_VNNI 0
+#include "integer_rows.inc"
+#undef QK_AVX_VNNI
+#undef QK_INTS
+}  // namespace ints
+
+namespace ints_vnni {
+#define QK_INTS inline QK_TARGET("avx2,fma,f16c,avxvnni")
+#define QK_AVX_VNNI 1
+#include "integer_rows.inc"
+#undef QK_AVX_VNNI
+#undef QK_INTS
+}  // namespace ints_vnni
+
+std::atomic<bool> avx_vnni{false};
 
 #define QK_VNNI QK_TARGET("avx512f,avx512bw,avx512vnni,fma")
 
@@ -753,6 +728,24 @@ QK_VNNI inline int64_t unpack_u4_wide(const uint8_t* row, int64_t K, uint8_t* co
     const __m512i second = _mm512_setr_epi64(4, 5, 6, 7, 12, 13, 14, 15);
     _mm512_storeu_si512(codes + k, _mm512_permutex2var_epi64(low, first, high));
     _mm512_storeu_si512(codes + k + 64, _mm512_permutex2var_epi64(low, second, high));
+  }
+  return k;
+}
+
+// Unpacks an int4 row's codes (GGUF's block layout) as the int4 expand below does for the
+// AVX2 kernel (each block's 16 low nibbles, then its 16 high ones), two blocks at a time
+// with 32-byte vectors (one at a time: the 0.6B shape's 28 layers of 16-row int4
+// feed-forward products 1.08x as long on two AVX2 cores of an Intel Xeon); how many it did
+// (a multiple of 64).
+inline int64_t unpack_u4_pairs(const uint8_t* row, int64_t K, uint8_t* codes) {
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2));
+    const __m256i low = _mm256_and_si256(bytes, mask);
+    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + k), _mm256_permute2x128_si256(low, high, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + k + 32), _mm256_permute2x128_si256(low, high, 0x31));
   }
   return k;
 }
@@ -864,14 +857,32 @@ at::Tensor integer_gemm_of(const at::Tensor& x, int64_t N, Expand expand, const 
           if (g == 1) rows.ahead = nullptr;  // asked for by the first group
           if constexpr (vnni)
             row_group_products_vnni<Int4>(groups, g, K, rows, lanes);
+          else if (avx_vnni)
+            ints_vnni::row_group_products<Int4>(groups, g, K, rows, lanes);
           else
-            row_group_products<Int4>(groups, g, K, rows, lanes);
+            ints::row_group_products<Int4>(groups, g, K, rows, lanes);
           const int64_t live = std::min<int64_t>(G, M - g * G);
           if (R == 8 && count == R) {  // an output row's 8 values at once: scalar conversions
             const __m256i across = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                                                       _mm256_set1_epi32(G));  // cost 10%
             for (int64_t i = 0; i < live; ++i)
               qk::store8(op + (g * G + i) * N + n0, _mm256_i32gather_ps(&lanes[0][i], across, 4));
+          } else if (R == 4 && G == 8 && count == R) {
+            // Output rows i and i + 4's four values from a 4 x 8 transpose, rounded eight at
+            // a time (converted one by one: the 0.6B shape's 28 layers of 16-row int4
+            // feed-forward products 1.04x as long on two AVX2 cores of an Intel Xeon).
+            const __m256 t0 = _mm256_unpacklo_ps(_mm256_load_ps(lanes[0]), _mm256_load_ps(lanes[1]));
+            const __m256 t1 = _mm256_unpackhi_ps(_mm256_load_ps(lanes[0]), _mm256_load_ps(lanes[1]));
+            const __m256 t2 = _mm256_unpacklo_ps(_mm256_load_ps(lanes[2]), _mm256_load_ps(lanes[3]));
+            const __m256 t3 = _mm256_unpackhi_ps(_mm256_load_ps(lanes[2]), _mm256_load_ps(lanes[3]));
+            const __m256 pairs[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                                     _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
+            for (int64_t i = 0; i < 4; ++i) {
+              alignas(32) T both[8];
+              qk::store8(both, pairs[i]);
+              for (int64_t half = 0; half < 2 && i + 4 * half < live; ++half)
+                std::memcpy(op + (g * G + i + 4 * half) * N + n0, both + 4 * half, 4 * sizeof(T));
+            }
           } else {
             for (int64_t i = 0; i < live; ++i)
               for (int64_t j = 0; j < count; ++j)
@@ -1347,6 +1358,19 @@ void set_native_bf16_gemm(bool enabled) { native_bf16_gemm = enabled; }
 
 void set_avx512_vnni(bool enabled) { avx512_vnni = enabled; }
 
+void set_avx_vnni(bool enabled) { avx_vnni = enabled; }
+
+bool cpu_avx_vnni() {
+#if defined(__x86_64__) || defined(_M_X64)
+  // cpuid leaf 7, subleaf 1: EAX bit 4. Its ymm registers are AVX's, which the OS saves
+  // wherever AVX2 runs (the build's floor).
+  unsigned eax, ebx, ecx, edx;
+  return __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax >> 4 & 1);
+#else
+  return false;
+#endif
+}
+
 void set_amx_int8(bool enabled) { amx_int8 = enabled; }
 
 void set_avx512_products(bool enabled) { avx512_products = enabled; }
@@ -1496,7 +1520,8 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const 
       // low nibbles and then their high ones are pair order.
       // width: K by value (the byte stores would reload a captured reference each step).
       const int64_t width = K, step = rows.vnni ? 64 : 32;
-      for (int64_t k = rows.vnni ? unpack_u4_wide(row, width, codes) : 0; k < width; k += step) {
+      const int64_t first = rows.vnni ? unpack_u4_wide(row, width, codes) : unpack_u4_pairs(row, width, codes);
+      for (int64_t k = first; k < width; k += step) {
         const __m256i bytes = rows.vnni
                                   ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2))
                                   : _mm256_castsi128_si256(_mm_loadu_si128(
