@@ -25,6 +25,8 @@ def fake_build(monkeypatch):
     built = types.SimpleNamespace(
         set_native_bf16_gemm=lambda enabled: None,
         set_avx512_vnni=lambda enabled: None,
+        set_avx_vnni=lambda enabled: None,
+        cpu_avx_vnni=lambda: False,
         set_amx_int8=lambda enabled: None,
         set_avx512_attention=lambda enabled: None,
         set_avx512_rows=lambda enabled: None,
