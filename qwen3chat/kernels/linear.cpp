@@ -613,6 +613,9 @@ struct WeightRows {
   std::vector<const int8_t*> signed_codes;
   std::vector<float> scales, offsets;
   bool vnni;
+  // int8 codes held as w + 128 (either VNNI kernel's: their sums start at x's code_sums,
+  // see vnni_start), else as |w| beside the signed codes.
+  bool biased;
   bool zero_points;
   // The next pass's weights, asked for a few cache lines per block while this pass
   // multiplies (see integer_gemm_of): null once asked for.
@@ -625,9 +628,9 @@ struct WeightRows {
       _mm_prefetch(ahead + line * 64, _MM_HINT_T1);
   }
 
-  WeightRows(int64_t K, int rows, bool vnni, bool zero_points)
+  WeightRows(int64_t K, int rows, bool vnni, bool biased, bool zero_points)
       : unsigned_codes(rows * K), signed_codes(rows), scales(rows * K / 32),
-        offsets(rows * K / 32), vnni(vnni), zero_points(zero_points) {}
+        offsets(rows * K / 32), vnni(vnni), biased(biased), zero_points(zero_points) {}
 
   // Row j's per-block scales and offsets from its per-group ones.
   template <typename Scale, typename Offset>
@@ -666,7 +669,7 @@ struct WeightRows {
 // 0.6B shape's 16-row int4 feed-forward products took 1.4x as long); AVX-VNNI's, built for
 // more than its caller, cannot be. With AVX2 alone on an Intel Xeon (two cores, the 0.6B
 // shape's 28 layers of int4 feed-forward products): 128 rows 181-188 ms AVX2, 148-152
-// AVX-VNNI; 16 rows 26.3 and 24.1.
+// AVX-VNNI; 16 rows 26.3 and 24.1. Q8_0's: 128 rows 320 and 155, 16 rows 45.5 and 28.1.
 namespace ints {
 #define QK_INTS inline
 #define QK_AVX_VNNI 0
@@ -828,15 +831,17 @@ template <bool Int4, int G, int R, typename Expand>
 at::Tensor integer_gemm_of(const at::Tensor& x, int64_t N, Expand expand, const void* weights,
                            int64_t row_bytes, bool zero_points) {
   constexpr bool vnni = G == kWideGroupRows;
+  const bool with_avx_vnni = !vnni && avx_vnni;
+  const bool biased = !Int4 && (vnni || with_avx_vnni);
   const int64_t M = x.size(0), K = x.size(1);
-  const RowGroups groups = quantize_groups<G>(
-      x, Int4 && vnni ? CodeLayout::pair_steps : CodeLayout::steps, !Int4 && vnni);
+  const RowGroups groups =
+      quantize_groups<G>(x, Int4 && vnni ? CodeLayout::pair_steps : CodeLayout::steps, biased);
   auto out = at::empty({M, N}, x.options());
   qk::with_dtype(x.scalar_type(), "linear", [&](auto tag) {
     using T = decltype(tag);
     T* op = out.data_ptr<T>();
     at::parallel_for(0, (N + R - 1) / R, 1, [&](int64_t begin, int64_t end) {
-      WeightRows rows(K, R, vnni, zero_points);
+      WeightRows rows(K, R, vnni, biased, zero_points);
       const std::vector<int8_t> zero_row(K, 0);
       alignas(64) float lanes[R][G];
       for (int64_t pass = begin; pass < end; ++pass) {
@@ -857,7 +862,7 @@ at::Tensor integer_gemm_of(const at::Tensor& x, int64_t N, Expand expand, const 
           if (g == 1) rows.ahead = nullptr;  // asked for by the first group
           if constexpr (vnni)
             row_group_products_vnni<Int4>(groups, g, K, rows, lanes);
-          else if (avx_vnni)
+          else if (with_avx_vnni)
             ints_vnni::row_group_products<Int4>(groups, g, K, rows, lanes);
           else
             ints::row_group_products<Int4>(groups, g, K, rows, lanes);
@@ -1431,7 +1436,7 @@ at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const a
       for (int64_t k = 0; k < K; k += 32) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows.unsigned_codes.data() + j * K + k),
-                            rows.vnni ? _mm256_xor_si256(v, sign_bits) : _mm256_abs_epi8(v));
+                            rows.biased ? _mm256_xor_si256(v, sign_bits) : _mm256_abs_epi8(v));
       }
       rows.signed_codes[j] = row;
       if (group == 32) return rows.set_block_halves(j, K / 32, sp + n * G, nullptr, false);
