@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -96,3 +97,37 @@ def test_integer_gemms_take_avx_vnni_where_the_cpu_has_it_and_avx512_vnni_is_off
         )
         assert result.returncode == 0, result.stderr[-2000:]
         assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+
+
+# 1e-30 * 1e-10 is a subnormal float (1e-40), or 0 where they are flushed: over 4M values
+# torch's multiply runs on every worker thread.
+SUBNORMALS = """
+import json, threading, torch
+torch.set_num_threads(2)
+def kept():
+    return (torch.full((1 << 22,), 1e-30) * 1e-10).ne(0).sum().item()
+before = kept()
+from qwen3chat import kernels
+kernels.native(torch.zeros(1))
+out = {"before": before, "after": kept()}
+thread = threading.Thread(target=lambda: out.update(thread=kept()))
+thread.start()
+thread.join()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(kernels.native(torch.zeros(1)) is None, reason="no native kernels here")
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64"), reason="subnormals are flushed on x86 only"
+)
+def test_subnormals_are_flushed_on_every_thread_once_the_kernels_load():
+    """x86 computes subnormal floats ~100x slower (the hybrid generation's decays make
+    thousands): once the kernels load, the loading thread, torch's worker threads and
+    threads started later flush them to zero, which they did not before."""
+    result = subprocess.run(
+        [sys.executable, "-c", SUBNORMALS], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out == {"before": 1 << 22, "after": 0, "thread": 0}

@@ -27,6 +27,7 @@ def fake_build(monkeypatch):
         set_avx512_vnni=lambda enabled: None,
         set_avx_vnni=lambda enabled: None,
         cpu_avx_vnni=lambda: False,
+        flush_subnormals=lambda: None,
         set_amx_int8=lambda enabled: None,
         set_avx512_attention=lambda enabled: None,
         set_avx512_rows=lambda enabled: None,

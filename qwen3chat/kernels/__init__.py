@@ -40,6 +40,7 @@ _SOURCES = (
     "delta_net.cpp",
     "decode_layer.cpp",
     "top_k.cpp",
+    "subnormals.cpp",
 )
 # Loading a cached build takes well under a second; a longer wait is a compile, which the
 # user is told about rather than left facing a silent pause.
@@ -226,6 +227,9 @@ def _module():
         module.set_avx512_rows(wide)
         module.set_vnni_attention(wide and vnni)
         module.set_avx512_products(wide)
+        # From here on this thread, the parallel workers and threads started later (the
+        # server's engine) flush subnormal floats to zero: see subnormals.cpp.
+        module.flush_subnormals()
         _CHOICES.update(target.variants)
         if wide:
             _CHOICES["one-row float/bf16/f16 products"] = "AVX-512"

@@ -34,6 +34,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_avx_vnni", &set_avx_vnni,
         "run integer GEMMs with AVX-VNNI where AVX512-VNNI's kernel does not run");
   m.def("cpu_avx_vnni", &cpu_avx_vnni, "whether the CPU has AVX-VNNI (cpuid)");
+  m.def("flush_subnormals", &flush_subnormals,
+        "flush subnormal floats to zero on this thread and the parallel workers (x86)");
   m.def("set_amx_int8", &set_amx_int8,
         "run Q4_0 products of several rows with AMX-INT8 tiles (the CPU and the OS allow it)");
   m.def("set_avx512_attention", &set_avx512_attention,

@@ -156,6 +156,9 @@ void set_avx512_vnni(bool enabled);
 // the CPU has it (cpu_avx_vnni: cpuid): bit for bit the same results.
 void set_avx_vnni(bool enabled);
 bool cpu_avx_vnni();
+// Subnormal floats flushed to zero on the calling thread and at::parallel_for's workers
+// (x86; elsewhere nothing): see subnormals.cpp.
+void flush_subnormals();
 // Q4_0 products of kAmxMinRows rows or more (prompts, batches of 9+ sequences) with
 // AMX-INT8 tiles where the CPU has them and the OS grants them (Python asks torch): bit
 // for bit the AVX512-VNNI kernel's results.
