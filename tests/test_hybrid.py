@@ -239,9 +239,12 @@ def test_gguf_as_llama_cpp_writes_it_reads_back(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tiled", [False, True])
-def test_native_delta_step_equals_the_torch_step(dtype, tiled, monkeypatch):
-    """The kernel's decode step of a Gated DeltaNet layer (conv, rule, gated norm) against
-    the torch code, from the same nonzero states: outputs and both states."""
+@pytest.mark.parametrize("steps", [1, 150])
+def test_native_delta_step_equals_the_torch_step(dtype, tiled, steps, monkeypatch):
+    """The kernel's steps of a Gated DeltaNet layer (conv, rule, gated norm) against the
+    torch code, from the same nonzero states: outputs and both states. A decode step's one
+    token, and a prompt's 150 (three of the kernel's blocks of tokens; the torch code's
+    chunked rule over three chunks)."""
     from qwen3chat import kernels
     from qwen3chat.loading import load_preset
 
@@ -252,7 +255,7 @@ def test_native_delta_step_equals_the_torch_step(dtype, tiled, monkeypatch):
     with torch.no_grad():
         layer.A.copy_(-torch.rand(layer.num_v_heads) * 2)
         layer.conv1d.weight.normal_(0, 0.5)
-    x = torch.randn(1, 1, model.config.hidden_size, dtype=dtype)
+    x = torch.randn(1, steps, model.config.hidden_size, dtype=dtype)
     conv = torch.randn(1, layer.conv_dim, 3, dtype=dtype)
     delta = torch.randn(1, layer.num_v_heads, layer.head_k_dim, layer.head_v_dim)
 

@@ -25,6 +25,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   limits["paged_block_align"] = kPagedBlockAlign;
   limits["prompt_kernel_rows"] = kPromptKernelRows;
   limits["prompt_sdpa_work"] = kPromptSdpaWork;
+  limits["delta_dim_block"] = kDeltaDimBlock;
+  limits["max_conv_kernel"] = kMaxConvKernel;
   m.attr("LIMITS") = limits;
   m.def("dense_linear", &dense_linear, "x @ W.T for float32, bfloat16 or half weights");
   m.def("set_native_bf16_gemm", &set_native_bf16_gemm,

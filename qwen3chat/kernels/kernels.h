@@ -194,6 +194,9 @@ at::Tensor qk_norm_rope(const at::Tensor& qkv, const at::Tensor& q_weight,
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 at::Tensor dequantize_kv(const at::Tensor& rows, at::ScalarType dtype);
 at::Tensor silu_mul(const at::Tensor& gate_up);
+// x <- silu(x) rounded to dtype, n float32 values (a multiple of 8) in place, as torch's
+// SiLU in dtype (layer_ops.cpp).
+void silu_rounded(float* x, int64_t n, at::ScalarType dtype);
 at::Tensor add_residual(const at::Tensor& a, const at::Tensor& b);
 
 // The k largest values of each row of logits [rows, vocab] (float32, bfloat16 or half)
@@ -201,12 +204,18 @@ at::Tensor add_residual(const at::Tensor& a, const at::Tensor& b);
 // [rows, k].
 std::tuple<at::Tensor, at::Tensor> top_k(const at::Tensor& logits, int64_t k);
 
-// Gated DeltaNet's decode step between its two projections (delta_net.cpp): the input
-// projection's rows proj [B, 1, conv + value + 2 Hv] -> [B, 1, value], moving on the conv
-// history [B, conv, kernel - 1] (activations' dtype) and the delta state [B, Hv, dk, dv]
+// Gated DeltaNet's steps between its two projections (delta_net.cpp): the input
+// projection's rows proj [B, T, conv + value + 2 Hv] (T tokens each, in order: a decode
+// step's one or a prompt's) -> [B, T, value], moving on the conv history
+// [B, conv, kernel - 1] (activations' dtype) and the delta state [B, Hv, dk, dv]
 // (float32) in place. ``tiled``: value head h reads key head h % Hk (else h / (Hv / Hk)).
 // With ``slots`` (int64 [B]) the states are pools [P, ...] and row b moves on slot
 // slots[b] (the server's sequences, each with its own slot).
+// A prompt's tokens go through the conv and norms kStepBlock at a time; key and value
+// heads of a multiple of kDeltaDimBlock values, a conv of up to kMaxConvKernel taps.
+constexpr int64_t kStepBlock = 64;
+constexpr int64_t kDeltaDimBlock = 8;
+constexpr int64_t kMaxConvKernel = 8;
 at::Tensor gated_delta_step(const at::Tensor& proj, const at::Tensor& conv_weight,
                             const at::Tensor& conv_state, const at::Tensor& A,
                             const at::Tensor& dt_bias, const at::Tensor& norm,

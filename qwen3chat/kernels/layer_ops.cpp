@@ -1060,6 +1060,13 @@ at::Tensor silu_mul(const at::Tensor& gate_up_in) {
   return out;
 }
 
+void silu_rounded(float* x, int64_t n, at::ScalarType dtype) {
+  with_dtype(dtype, "silu_rounded", [&](auto tag) {
+    using S = decltype(tag);
+    (wide_rows(n) ? rows16::silu_in_place<S> : rows8::silu_in_place<S>)(x, n);
+  });
+}
+
 // An int8 cache's rows [..., width] (any strides but the last's) as values of ``dtype``
 // [..., D]: each code times its block's scale in float32, rounded once, as kv_cache.py's
 // dequantize_rows(rows).to(dtype) computes it; what SDPA reads for a prompt over the

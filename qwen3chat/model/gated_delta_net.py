@@ -8,10 +8,12 @@ keeps a state S [dk, dv]; a token decays it by exp(g), writes beta * (v - S^T k)
 (the delta rule: only what S does not already predict), and reads q from it. The output
 is RMS-normed per head, multiplied by silu(z), and projected back.
 
-A prompt runs the chunked form of the rule (matmuls within chunks of CHUNK tokens, a
-scan over chunks), a decode step the recurrent form; both are vectorized over heads and
-use float32 state, as the reference does. The conv and delta states live in the cache
-(hybrid_cache.py), which hands each layer its own.
+In torch a prompt runs the chunked form of the rule (matmuls within chunks of CHUNK
+tokens, a scan over chunks), a decode step the recurrent form; both are vectorized over
+heads and use float32 state, as the reference does. The native kernel
+(kernels/delta_net.cpp) runs the recurrent form for both, wherever a cache holds the
+states. The conv and delta states live in the cache (hybrid_cache.py), which hands each
+layer its own.
 """
 
 from __future__ import annotations
@@ -156,7 +158,7 @@ class GatedDeltaNet(nn.Module):
         """From the input projection ``proj [B, T, width]`` to what out_proj multiplies
         ``[B, T, value_dim]``, the states (None: none kept) moved on in place."""
         batch, seq, _ = proj.shape
-        if state is not None and seq == 1:
+        if state is not None:  # the native kernel's recurrent rule, for a prompt too
             out = native.gated_delta_step(proj, self, conv_state, state)
             if out is not None:
                 return out

@@ -66,6 +66,15 @@ def _covers_head_dim(native, head_dim: int) -> bool:
     return _covers(native, "head_dim_block", head_dim) and head_dim <= native.LIMITS["max_head_dim"]
 
 
+def _covers_delta_net(native, layer) -> bool:
+    return (
+        _covers(native, "delta_dim_block", layer.head_k_dim)
+        and _covers(native, "delta_dim_block", layer.head_v_dim)
+        and max(layer.head_k_dim, layer.head_v_dim) <= native.LIMITS["max_head_dim"]
+        and layer.conv1d.weight.shape[1] <= native.LIMITS["max_conv_kernel"]
+    )
+
+
 def qk_norm_rope(qkv, attn, cos, sin, k_out, v_out) -> torch.Tensor | None:
     """Split ``qkv`` into the heads of ``attn`` (an Attention), RMSNorm q and k, rotate
     them, write k and v into ``k_out``/``v_out``; q ``[B, heads, T, head_dim]``."""
@@ -115,11 +124,12 @@ def dequantize_kv(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None
 
 
 def gated_delta_step(proj, layer, conv_state, state, slots=None) -> torch.Tensor | None:
-    """A Gated DeltaNet layer's (model/gated_delta_net.py) decode step from its input
-    projection ``proj [B, 1, width]`` to what out_proj multiplies, the states moved on
-    (row b's at ``slots[b]`` of the pools ``conv_state``/``state`` where given)."""
+    """A Gated DeltaNet layer's (model/gated_delta_net.py) steps from its input projection
+    ``proj [B, T, width]`` (T tokens each, a decode step's one or a prompt's) to what
+    out_proj multiplies, the states moved on (row b's at ``slots[b]`` of the pools
+    ``conv_state``/``state`` where given)."""
     native = kernels.native(proj)
-    if native is None or proj.shape[1] != 1 or layer.head_v_dim % 8:
+    if native is None or not _covers_delta_net(native, layer):
         return None
     return native.gated_delta_step(
         proj,
@@ -244,7 +254,7 @@ def _build_layer_weights(native, layer: nn.Module):
     w.eps = layer.input_layernorm.eps
     w.input_norm, w.post_norm = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
     if linear is not None:  # Gated DeltaNet (the hybrid generation)
-        if linear.head_v_dim % 8:
+        if not _covers_delta_net(native, linear):
             return None
         w.linear, w.tiled, w.layer = True, linear.tiled, linear.slot
         w.conv_weight, w.A, w.dt_bias = linear.conv1d.weight, linear.A, linear.dt_bias
