@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 import mmap
 from pathlib import Path
@@ -24,6 +25,8 @@ from torch import nn
 HUGE_PAGE = 2 << 20
 ALIGN = 64  # each gathered tensor starts on a cache line, as the kernels' loads expect
 HEADROOM = 1 << 30  # memory left free after copying a file's weights out
+# A storage is copied this much at a time, each piece's source pages given back as it goes.
+COPY_PIECE = 64 << 20
 
 
 def _advised(nbytes: int) -> torch.Tensor | None:
@@ -60,10 +63,13 @@ def gather(model: nn.Module) -> None:
 
     One storage at a time: each is copied, every tensor over it (tied weights, views)
     re-pointed at the copy with its own offset and strides, and the original freed, so the
-    model is never held twice. Weights that are views of a checkpoint's mapped file (kept
-    as stored) are copied only where the memory available holds them: a model larger
-    than memory still runs from the file's pages. Nothing changes where the OS gives no
-    such pages."""
+    model is never held twice; a large storage's pages are given back as they are copied,
+    so that loading peaks at the model plus a piece, not plus its largest tensor (the
+    embedding table: 500 MB of Qwen3.5-0.8B's F16 file). The model's tensors must be the
+    only ones over its storages, as a loader's are. Weights that are views of a
+    checkpoint's mapped file (kept as stored) are copied only where the memory available
+    holds them: a model larger than memory still runs from the file's pages. Nothing
+    changes where the OS gives no such pages."""
     slots: dict[int, list[tuple[dict, str]]] = {}  # storage address -> where its tensors are
     sizes: dict[int, int] = {}
     for module in model.modules():
@@ -91,7 +97,9 @@ def gather(model: nn.Module) -> None:
         nbytes = sizes[address]
         first_table, first_name = places[0]
         source = first_table[first_name].untyped_storage()
-        arena[offset : offset + nbytes].copy_(torch.empty(0, dtype=torch.uint8).set_(source))
+        _copy_releasing(
+            arena[offset : offset + nbytes], torch.empty(0, dtype=torch.uint8).set_(source)
+        )
         moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # tied weights stay one
         for table, name in places:
             old = table[name]
@@ -109,6 +117,29 @@ def gather(model: nn.Module) -> None:
         del source, moved, old
         offset += -(-nbytes // ALIGN) * ALIGN
         heap.placed(nbytes)
+
+
+def _copy_releasing(target: torch.Tensor, source: torch.Tensor) -> None:
+    """Copy the bytes ``source`` into ``target`` a piece at a time, giving the OS back each
+    whole page of the source once copied (MADV_DONTNEED: heap pages come back as zeros if
+    touched again, a file's re-read from it)."""
+    page = mmap.PAGESIZE
+    start = source.data_ptr()
+    released = -(-start // page) * page  # the first whole page
+    for first in range(0, source.numel(), COPY_PIECE):
+        last = min(first + COPY_PIECE, source.numel())
+        target[first:last].copy_(source[first:last])
+        done = (start + last) // page * page
+        if done > released:
+            _libc().madvise(
+                ctypes.c_void_p(released), ctypes.c_size_t(done - released), mmap.MADV_DONTNEED
+            )
+            released = done
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _file_ranges() -> list[tuple[int, int]]:
