@@ -139,7 +139,8 @@ def _copy_releasing(target: torch.Tensor, source: torch.Tensor) -> None:
 
 @functools.cache
 def _libc():
-    return ctypes.CDLL(None, use_errno=True)
+    """The C library's functions (this process's own symbols)."""
+    return ctypes.CDLL(None)
 
 
 def _file_ranges() -> list[tuple[int, int]]:
@@ -210,4 +211,4 @@ def return_freed_memory() -> None:
     per weight; glibc keeps such blocks for reuse, which would leave hundreds of MB of
     resident memory the model never uses again."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        _libc().malloc_trim(0)
