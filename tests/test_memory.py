@@ -97,14 +97,15 @@ def test_gather_keeps_ties_views_and_values():
 
 # A 256 MiB weight gathered in a fresh process: its resident memory before, the peak after.
 PEAK = """
-import json, resource, torch
+import json, torch
 from torch import nn
 from qwen3chat import memory
+from qwen3chat.bench.run import current_rss_mb, peak_rss_mb
 model = nn.Linear(1, 1)
 model.table = nn.Parameter(torch.arange(1 << 26, dtype=torch.float32), requires_grad=False)
-before = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
+before = current_rss_mb()
 memory.gather(model)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+peak = peak_rss_mb()
 same = bool(torch.equal(model.table, torch.arange(1 << 26, dtype=torch.float32)))
 print(json.dumps({"growth": peak - before, "same": same}))
 """
