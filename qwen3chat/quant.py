@@ -266,10 +266,11 @@ class QuantizedWeight(nn.Module):
     Where the kernels cannot run (another device, groups not a multiple of 32, no
     build), each matmul dequantizes first, which is correct everywhere.
 
-    Q4_0 (int4 in groups of 32, no zeros) on a CPU with AVX512-VNNI is held ``interleaved``:
-    codes ``[rows / 16, cols / 32, 4, 16, 4]`` (each 16 rows' block of 32 as four steps of
-    the 16 rows' four bytes) and scales ``[rows / 16, cols / 32, 16]``, the layout its
-    kernel there reads (kernels.interleaves_int4); ``matrix`` gives rows back."""
+    Q4_0 and Q8_0 (groups of 32, no zeros) on a CPU with AVX512-VNNI are held
+    ``interleaved``: codes ``[rows / 16, cols / 32, steps, 16, 4]`` (each 16 rows' block of
+    32 as 4 or 8 steps of the 16 rows' four bytes; Q8_0's as unsigned ``code + 128``) and
+    scales ``[rows / 16, cols / 32, 16]``, the layout their kernel there reads
+    (kernels.interleaves); ``matrix`` gives rows back."""
 
     def __init__(self, matrix: QuantizedMatrix, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -280,15 +281,17 @@ class QuantizedWeight(nn.Module):
         zeros = matrix.zeros if matrix.zeros is not None and matrix.zeros.any() else None
         codes, scales = matrix.codes.to(device), matrix.scales.to(device, torch.float16)
         self.interleaved = (
-            self.bits == 4
-            and self.group_size == 32
+            self.group_size == 32
             and zeros is None
             and self.out_features % 16 == 0
-            and kernels.interleaves_int4(device)
+            and kernels.interleaves(device)
         )
         if self.interleaved:
             blocks = self.in_features // 32
-            codes = codes.reshape(-1, 16, blocks, 4, 4).permute(0, 2, 3, 1, 4).contiguous()
+            steps = codes.shape[-1] // blocks // 4
+            codes = codes.reshape(-1, 16, blocks, steps, 4).permute(0, 2, 3, 1, 4).contiguous()
+            if self.bits == 8:  # in place: the permuted copy is this weight's own
+                codes = codes.view(torch.uint8).bitwise_xor_(128)
             scales = scales.reshape(-1, 16, blocks).transpose(1, 2).contiguous()
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
@@ -314,6 +317,8 @@ class QuantizedWeight(nn.Module):
                 else torch.arange(self.out_features, device=self.codes.device)[rows]
             )
             codes = self.codes[n // 16, :, :, n % 16].flatten(-3)
+            if self.bits == 8:
+                codes = (codes ^ 128).view(torch.int8)
             scales = self.scales[n // 16, :, n % 16]
         return QuantizedMatrix(self.bits, self.group_size, codes, scales.float(), zeros)
 

@@ -93,7 +93,7 @@ _WORK = (
     "one-row float/bf16/f16 products",
     "one-row int8/int4 products",
     "int8/int4 GEMMs (8+ rows, 4+ with VNNI)",
-    "Q4_0 products (any rows)",
+    "Q8_0/Q4_0 products (any rows)",
     "bf16 products of 4+ rows",
     "attention over a bf16 or int8 cache",
     "norms, rotary embedding, SwiGLU",
@@ -240,13 +240,13 @@ def _module():
             _CHOICES["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "AVX-VNNI"
         if vnni:
             _CHOICES["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "AVX512-VNNI"
-            _CHOICES["Q4_0 products (any rows)"] = "AVX512-VNNI, 16 rows interleaved"
+            _CHOICES["Q8_0/Q4_0 products (any rows)"] = "AVX512-VNNI, 16 rows interleaved"
         if wide and vnni:
             _CHOICES["attention over a bf16 or int8 cache"] = "AVX-512; int8 scores AVX512-VNNI"
         if bf16:
             _CHOICES["bf16 products of 4+ rows"] = "oneDNN (AVX512-BF16)"
         if amx:
-            _CHOICES["Q4_0 products (any rows)"] = (
+            _CHOICES["Q8_0/Q4_0 products (any rows)"] = (
                 "AVX512-VNNI, 16 rows interleaved; AMX-INT8 from 9 rows"
             )
         return module
@@ -288,10 +288,10 @@ def _amx_int8() -> bool:
     return torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx()
 
 
-def interleaves_int4(device: torch.device | str) -> bool:
-    """Whether int4 weights without zero points in groups of 32 (Q4_0) are held
-    interleaved by 16 rows on ``device``, as linear.cpp's AVX512-VNNI product of them reads
-    them (``q4x16_linear_of``): where that kernel runs, a build here and the CPU and OS
+def interleaves(device: torch.device | str) -> bool:
+    """Whether int8 and int4 weights without zero points in groups of 32 (Q8_0, Q4_0) are
+    held interleaved by 16 rows on ``device``, as linear.cpp's AVX512-VNNI product of them
+    reads them (``x16_linear_of``): where that kernel runs, a build here and the CPU and OS
     allowing AVX512-VNNI."""
     return torch.device(device).type == "cpu" and _avx512_vnni() and _module() is not None
 

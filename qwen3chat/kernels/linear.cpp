@@ -902,18 +902,21 @@ at::Tensor integer_gemm_of(const at::Tensor& x, int64_t N, Expand expand, const 
 
 std::atomic<bool> avx512_vnni{false};
 
-// Q4_0 interleaved for AVX512-VNNI (quant.py's QuantizedWeight does it at load where the
-// CPU has it): codes [N / 16, K / 32, 4, 16, 4], each 16 weight rows' block of 32 as four
-// steps of the 16 rows' four bytes (step s: codes 4s..4s+3 in the low nibbles, 16 + 4s..
-// in the high ones), float16 scales [N / 16, K / 32, 16]. One 64-byte load is then four
-// codes of 16 weight rows (twice, by nibble), which vpdpbusd multiplies against one
+// Q4_0 and Q8_0 interleaved for AVX512-VNNI (quant.py's QuantizedWeight does it at load
+// where the CPU has it): Q4_0's codes [N / 16, K / 32, 4, 16, 4], each 16 weight rows'
+// block of 32 as four steps of the 16 rows' four bytes (step s: codes 4s..4s+3 in the low
+// nibbles, 16 + 4s.. in the high ones); Q8_0's [N / 16, K / 32, 8, 16, 4] (step s: codes
+// 4s..4s+3), held as unsigned w + 128 as vpdpbusd takes them (the sums start at -128 times
+// the activations' codes, as vnni_start's do); float16 scales [N / 16, K / 32, 16]. One
+// 64-byte load is then four codes of 16 weight rows, which vpdpbusd multiplies against one
 // activation row's four codes broadcast from memory: a pass takes 16 weight rows against
 // a group of activation rows, their int32 sums in registers and float sums in L1, and
 // stores each output row's 16 values as they are. integer_gemm unpacks every pass's rows
-// and gathers its outputs: the 0.6B shape's 28 layers of products took 27.5 ms there and
-// 20.2 this way at 16 rows, 25 and 12 at 4, 12.0-12.9 and 10.5-11.0 at one (Intel Xeon,
-// 2 threads). The same sums in the same order as integer_gemm's kernels: the same bits,
-// at any number of rows.
+// and gathers its outputs: the 0.6B shape's 28 layers of Q4_0 products took 27.5 ms there
+// and 20.2 this way at 16 rows, 25 and 12 at 4, 12.0-12.9 and 10.5-11.0 at one (Intel
+// Xeon, 2 threads). One row of Q8_0 takes a vpdpbusd per 64 weights where the AVX2 kernel
+// takes four instructions per 32 (sign, sign, maddubs, madd). The same sums in the same
+// order as integer_gemm's kernels: the same bits, at any number of rows.
 #define QK_VNNI_Q4 QK_TARGET("avx512f,avx512bw,avx512vnni,fma,f16c")
 
 // sums + codes times the four bytes at x in every lane, x broadcast by the instruction
@@ -928,30 +931,47 @@ QK_VNNI_Q4 inline __m512i dpbusd_broadcast(__m512i sums, __m512i codes, const in
 #endif
 }
 
+// Bytes of a block of 32 inputs of 16 interleaved weight rows.
+template <bool Int4>
+constexpr int64_t kX16BlockBytes = Int4 ? 256 : 512;
+
 // The A activation rows of group `group` times 16 weight rows (their codes w, scales ws)
 // into acc; the next weight rows' codes (next, or null) are asked for a block at a time.
-template <int A>
-QK_VNNI_Q4 void q4x16_pass(const uint8_t* w, const c10::Half* ws, const RowGroups& x,
-                           const float* xsum8, int64_t group, int64_t B, const uint8_t* next,
-                           float acc[A][16]) {
+// xsum8: int4's -8 times the blocks' activation sums.
+template <int A, bool Int4>
+QK_VNNI_Q4 void x16_pass(const uint8_t* w, const c10::Half* ws, const RowGroups& x,
+                         const float* xsum8, int64_t group, int64_t B, const uint8_t* next,
+                         float acc[A][16]) {
+  constexpr int64_t bytes = kX16BlockBytes<Int4>;
   const __m512i mask = _mm512_set1_epi8(0x0F);
   for (int a = 0; a < A; ++a) _mm512_store_ps(acc[a], _mm512_setzero_ps());
   for (int64_t b = 0; b < B; ++b) {
     if (next != nullptr)
-      for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char*>(next + b * 256 + line * 64), _MM_HINT_T0);
+      for (int line = 0; line < bytes / 64; ++line) _mm_prefetch(reinterpret_cast<const char*>(next + b * bytes + line * 64), _MM_HINT_T0);
     const int32_t* xb = reinterpret_cast<const int32_t*>(x.codes) + (group * B + b) * 8 * A;
+    const int64_t at = (group * B + b) * A;
     __m512i sums[A];
 #pragma GCC unroll 16
-    for (int a = 0; a < A; ++a) sums[a] = _mm512_setzero_si512();
+    for (int a = 0; a < A; ++a)
+      sums[a] = Int4 ? _mm512_setzero_si512() : _mm512_set1_epi32(x.code_sums[at + a]);
+    if constexpr (Int4) {
 #pragma GCC unroll 4
-    for (int s = 0; s < 4; ++s) {
-      const __m512i packed = _mm512_loadu_si512(w + b * 256 + s * 64);
-      const __m512i low = _mm512_and_si512(packed, mask);
-      const __m512i high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), mask);
+      for (int s = 0; s < 4; ++s) {
+        const __m512i packed = _mm512_loadu_si512(w + b * bytes + s * 64);
+        const __m512i low = _mm512_and_si512(packed, mask);
+        const __m512i high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), mask);
 #pragma GCC unroll 16
-      for (int a = 0; a < A; ++a) {
-        sums[a] = dpbusd_broadcast(sums[a], low, xb + s * A + a);
-        sums[a] = dpbusd_broadcast(sums[a], high, xb + (s + 4) * A + a);
+        for (int a = 0; a < A; ++a) {
+          sums[a] = dpbusd_broadcast(sums[a], low, xb + s * A + a);
+          sums[a] = dpbusd_broadcast(sums[a], high, xb + (s + 4) * A + a);
+        }
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int s = 0; s < 8; ++s) {
+        const __m512i codes = _mm512_loadu_si512(w + b * bytes + s * 64);
+#pragma GCC unroll 16
+        for (int a = 0; a < A; ++a) sums[a] = dpbusd_broadcast(sums[a], codes, xb + s * A + a);
       }
     }
     // Two halves joined in registers: stored and loaded as one, the load waited for the
@@ -960,13 +980,16 @@ QK_VNNI_Q4 void q4x16_pass(const uint8_t* w, const c10::Half* ws, const RowGroup
     const __m256 second = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + b * 16 + 8)));
     const __m512 ws16 = _mm512_castpd_ps(_mm512_insertf64x4(
         _mm512_castpd256_pd512(_mm256_castps_pd(first)), _mm256_castps_pd(second), 1));
-    const int64_t at = (group * B + b) * A;
 #pragma GCC unroll 16
     for (int a = 0; a < A; ++a) {
-      // As vnni_finish: scale * (xd * sum - 8 * xsum).
-      const __m512 part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[a]), _mm512_set1_ps(x.scales[at + a]),
-                                          _mm512_set1_ps(xsum8[at + a]));
-      _mm512_store_ps(acc[a], _mm512_fmadd_ps(part, ws16, _mm512_load_ps(acc[a])));
+      const __m512 xd = _mm512_set1_ps(x.scales[at + a]);
+      const __m512 sum = _mm512_cvtepi32_ps(sums[a]);
+      // vnni_finish's steps: int4 scale * (xd * sum - 8 * xsum), int8 (xd * scale) * sum.
+      const __m512 total =
+          Int4 ? _mm512_fmadd_ps(_mm512_fmadd_ps(sum, xd, _mm512_set1_ps(xsum8[at + a])), ws16,
+                                 _mm512_load_ps(acc[a]))
+               : _mm512_fmadd_ps(sum, _mm512_mul_ps(xd, ws16), _mm512_load_ps(acc[a]));
+      _mm512_store_ps(acc[a], total);
     }
     // The float sums stay in L1: held in registers, they pushed the int32 sums out.
     asm volatile("" ::: "memory");
@@ -978,7 +1001,7 @@ QK_VNNI_Q4 void q4x16_pass(const uint8_t* w, const c10::Half* ws, const RowGroup
 // one instruction: tdpbsud takes the activations by rows (signed) and the weights as
 // interleaved Q4_0 already holds them, four bytes of each of 16 rows a step, once the
 // nibbles are apart (unsigned). Its int32 sums are vpdpbusd's, scaled in the same float
-// steps: the same bits as q4x16_pass. From kAmxMinRows rows (a tile takes 16; VNNI's
+// steps: the same bits as x16_pass. From kAmxMinRows rows (a tile takes 16; VNNI's
 // 8-row pass costs half of its 16-row one): the 0.6B shape's 28 layers of products on two
 // threads, 128 rows 130 -> 106 ms, 32 rows 35 -> 29, 16 rows 19.0-20.5 -> 17.5-18.6, 12
 // rows 1.11x (Intel Xeon, AMX allowed); a 16-sequence Q4_0 engine step 52.4 -> 49.4 ms.
@@ -1032,38 +1055,48 @@ static_assert((kAmxRing & (kAmxRing - 1)) == 0 && kAmxRing > kAmxUnpackAhead + 1
     _tile_dpbsud(sums, acts, wts);                    \
   } while (0)
 
-// total[a] += the float steps of q4x16_pass (vnni_finish's) on a block's sums of 16
-// activation rows by 16 weight rows.
+// total[a] += the float steps of x16_pass (vnni_finish's) on a block's sums of 16
+// activation rows by 16 weight rows (scales ws), whose activations' scales are x's at
+// `at` on: Q4_0's sums start at zero and take xsum8's offsets, Q8_0's start at code_sums.
+template <bool Int4>
 QK_AMX_Q4 __attribute__((always_inline)) inline void amx_scale(
-    const int32_t sums[16][16], const c10::Half* ws, const float* xd, const float* xsum8,
-    __m512 total[16]) {
+    const int32_t sums[16][16], const c10::Half* ws, const RowGroups& x, const float* xsum8,
+    int64_t at, __m512 total[16]) {
+  const float* xd = x.scales + at;
   const __m512 ws16 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws)));
 #pragma GCC unroll 16
   for (int a = 0; a < 16; ++a) {
-    const __m512 part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[a])),
-                                        _mm512_set1_ps(xd[a]), _mm512_set1_ps(xsum8[a]));
-    total[a] = _mm512_fmadd_ps(part, ws16, total[a]);
+    if constexpr (Int4) {
+      const __m512 part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[a])),
+                                          _mm512_set1_ps(xd[a]), _mm512_set1_ps(xsum8[at + a]));
+      total[a] = _mm512_fmadd_ps(part, ws16, total[a]);
+    } else {
+      const __m512i sum = _mm512_add_epi32(_mm512_load_si512(sums[a]), _mm512_set1_epi32(x.code_sums[at + a]));
+      total[a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(_mm512_set1_ps(xd[a]), ws16), total[a]);
+    }
   }
 }
 
-// q4x16_pass with tiles: the 16 activation rows of group `group` (codes by rows) times 16
-// weight rows (scales ws, unpacked at `unpacked`) into acc, the next block's product
-// issued before a block's sums are stored, and those scaled an iteration later (loaded
-// right after their tile's store, they waited for it: the 0.6B shape's 28 layers of
-// feed-forward products of 16 rows on two threads took 13.0-13.8 ms, now 12.2-13.0). With
-// w (the first group's pass), the pass unpacks the rows' codes itself, kAmxUnpackAhead
-// blocks ahead of the tiles that load them; the next rows' (next, or null) are asked for
-// into L2 a block at a time. Per block of 16 by 16 rows on an Intel Xeon (one core, 16
-// rows): ~67-80 cycles against q4x16_pass's ~95-105. Before the sums waited an iteration,
-// the tiles and the vector work took turns (tiles and store ~23 cycles, the scaling ~15,
-// together ~47); a block of 32 inputs is all one tile product can take, as each block has
-// its own scales. Unpacked all before the pass, the rows' reads waited on memory with
-// nothing to overlap (16 rows cost what VNNI's did); unpacked a block ahead, the tiles
-// waited for the stores; asked for into L1 (as q4x16_pass does), the products ran no
-// faster than VNNI's.
-QK_AMX_Q4 void q4x16_amx_pass(const uint8_t* w, uint8_t* unpacked, const c10::Half* ws,
-                              const RowGroups& x, const float* xsum8, int64_t group, int64_t B,
-                              int64_t K, const uint8_t* next, float acc[16][16]) {
+// x16_pass with tiles: the 16 activation rows of group `group` (codes by rows) times 16
+// weight rows (scales ws) into acc, the next block's product issued before a block's sums
+// are stored, and those scaled an iteration later (loaded right after their tile's store,
+// they waited for it: the 0.6B shape's 28 layers of Q4_0 feed-forward products of 16 rows
+// on two threads took 13.0-13.8 ms, now 12.2-13.0). Q8_0's interleaved codes are the
+// weight tiles as they are; Q4_0's are unpacked at `unpacked`: with w (the first group's
+// pass), the pass unpacks the rows' codes itself, kAmxUnpackAhead blocks ahead of the
+// tiles that load them. The next rows' (next, or null) are asked for into L2 a block at a
+// time. Per block of 16 by 16 rows on an Intel Xeon (one core, 16 rows of Q4_0): ~67-80
+// cycles against x16_pass's ~95-105. Before the sums waited an iteration, the tiles and
+// the vector work took turns (tiles and store ~23 cycles, the scaling ~15, together ~47);
+// a block of 32 inputs is all one tile product can take, as each block has its own scales.
+// Unpacked all before the pass, the rows' reads waited on memory with nothing to overlap
+// (16 rows cost what VNNI's did); unpacked a block ahead, the tiles waited for the stores;
+// asked for into L1 (as x16_pass does), the products ran no faster than VNNI's.
+template <bool Int4>
+QK_AMX_Q4 void x16_amx_pass(const uint8_t* w, uint8_t* unpacked, const c10::Half* ws,
+                            const RowGroups& x, const float* xsum8, int64_t group, int64_t B,
+                            int64_t K, const uint8_t* next, float acc[16][16]) {
+  constexpr int64_t bytes = kX16BlockBytes<Int4>;
   alignas(64) int32_t sums[2][16][16];  // even blocks' sums, odd blocks'
   const int8_t* rows = x.codes + group * 16 * K;
   const int64_t at = group * B * 16;
@@ -1071,18 +1104,20 @@ QK_AMX_Q4 void q4x16_amx_pass(const uint8_t* w, uint8_t* unpacked, const c10::Ha
   // kAmxRing slots, which stay in L1 (written through a whole row's worth, a down
   // projection's 48 KiB, they went out to L2 and back).
   const int64_t ring = x.count == 1 ? kAmxRing - 1 : ~int64_t{0};
-  const auto slot = [&](int64_t b) { return unpacked + (b & ring) * 512; };
+  const auto slot = [&](int64_t b) -> const uint8_t* {
+    return Int4 ? unpacked + (b & ring) * 512 : w + b * bytes;
+  };
   __m512 total[16];
 #pragma GCC unroll 16
   for (int a = 0; a < 16; ++a) total[a] = _mm512_setzero_ps();
-  if (w != nullptr)
-    for (int64_t b = 0; b < std::min(B, kAmxUnpackAhead); ++b) q4x16_amx_unpack(w + b * 256, slot(b));
+  if (Int4 && w != nullptr)
+    for (int64_t b = 0; b < std::min(B, kAmxUnpackAhead); ++b) q4x16_amx_unpack(w + b * 256, unpacked + (b & ring) * 512);
   QK_AMX_BLOCK(0, 2, 3, 0);
   for (int64_t b = 0; b < B; ++b) {
     if (next != nullptr)
-      for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char*>(next + b * 256 + line * 64), _MM_HINT_T1);
-    if (w != nullptr && b + kAmxUnpackAhead < B)
-      q4x16_amx_unpack(w + (b + kAmxUnpackAhead) * 256, slot(b + kAmxUnpackAhead));
+      for (int line = 0; line < bytes / 64; ++line) _mm_prefetch(reinterpret_cast<const char*>(next + b * bytes + line * 64), _MM_HINT_T1);
+    if (Int4 && w != nullptr && b + kAmxUnpackAhead < B)
+      q4x16_amx_unpack(w + (b + kAmxUnpackAhead) * 256, unpacked + ((b + kAmxUnpackAhead) & ring) * 512);
     if (b % 2 == 0) {
       if (b + 1 < B) QK_AMX_BLOCK(1, 4, 5, b + 1);
       _tile_stored(0, sums[0], 64);
@@ -1090,27 +1125,26 @@ QK_AMX_Q4 void q4x16_amx_pass(const uint8_t* w, uint8_t* unpacked, const c10::Ha
       if (b + 1 < B) QK_AMX_BLOCK(0, 2, 3, b + 1);
       _tile_stored(1, sums[1], 64);
     }
-    if (b > 0)
-      amx_scale(sums[(b - 1) % 2], ws + (b - 1) * 16, x.scales + at + (b - 1) * 16,
-                xsum8 + at + (b - 1) * 16, total);
+    if (b > 0) amx_scale<Int4>(sums[(b - 1) % 2], ws + (b - 1) * 16, x, xsum8, at + (b - 1) * 16, total);
   }
-  amx_scale(sums[(B - 1) % 2], ws + (B - 1) * 16, x.scales + at + (B - 1) * 16,
-            xsum8 + at + (B - 1) * 16, total);
+  amx_scale<Int4>(sums[(B - 1) % 2], ws + (B - 1) * 16, x, xsum8, at + (B - 1) * 16, total);
 #pragma GCC unroll 16
   for (int a = 0; a < 16; ++a) _mm512_store_ps(acc[a], total[a]);
 }
 
-// x [M, K] times interleaved Q4_0 codes and scales: A activation rows a group (a power of
-// two; rows past M are zeros), with tiles (Amx, A = 16) or q4x16_pass.
-template <int A, bool Amx = false>
-at::Tensor q4x16_linear_of(const at::Tensor& x, const uint8_t* codes, const c10::Half* scales,
-                           int64_t N) {
+// x [M, K] times interleaved Q4_0 or Q8_0 codes and scales: A activation rows a group (a
+// power of two; rows past M are zeros), with tiles (Amx, A = 16) or x16_pass.
+template <int A, bool Int4, bool Amx = false>
+at::Tensor x16_linear_of(const at::Tensor& x, const uint8_t* codes, const c10::Half* scales,
+                         int64_t N) {
   static_assert(!Amx || A == 16, "tiles take 16 activation rows");
+  constexpr int64_t bytes = kX16BlockBytes<Int4>;
   const int64_t M = x.size(0), K = x.size(1), B = K / 32;
-  const RowGroups groups = quantize_groups<A>(x, Amx ? CodeLayout::rows : CodeLayout::steps, false);
-  // -8 times the blocks' sums (exact), each broadcast from memory in the kernel.
+  const RowGroups groups =
+      quantize_groups<A>(x, Amx ? CodeLayout::rows : CodeLayout::steps, !Int4);
+  // int4: -8 times the blocks' sums (exact), each broadcast from memory in the kernel.
   thread_local std::vector<float> scaled;
-  scaled.resize(groups.count * B * A);
+  scaled.resize(Int4 ? groups.count * B * A : 0);
   for (size_t i = 0; i < scaled.size(); ++i) scaled[i] = groups.sums[i] * -8.0f;
   const float* xsum8 = scaled.data();
   auto out = at::empty({M, N}, x.options());
@@ -1121,18 +1155,19 @@ at::Tensor q4x16_linear_of(const at::Tensor& x, const uint8_t* codes, const c10:
       alignas(64) float acc[A][16];
       thread_local std::vector<uint8_t> unpacked;
       if constexpr (Amx) {
-        unpacked.resize(B * 512);
+        unpacked.resize(Int4 ? B * 512 : 0);
         amx_begin();
       }
       for (int64_t n = begin; n < end; ++n) {
-        const uint8_t* w = codes + n * B * 256;
-        const uint8_t* next = n + 1 < end ? w + B * 256 : nullptr;
+        const uint8_t* w = codes + n * B * bytes;
+        const uint8_t* next = n + 1 < end ? w + B * bytes : nullptr;
         for (int64_t g = 0; g < groups.count; ++g) {
           if constexpr (Amx)
-            q4x16_amx_pass(g == 0 ? w : nullptr, unpacked.data(), scales + n * B * 16, groups,
-                           xsum8, g, B, K, g == 0 ? next : nullptr, acc);
+            x16_amx_pass<Int4>(Int4 && g > 0 ? nullptr : w, unpacked.data(), scales + n * B * 16,
+                               groups, xsum8, g, B, K, g == 0 ? next : nullptr, acc);
           else
-            q4x16_pass<A>(w, scales + n * B * 16, groups, xsum8, g, B, g == 0 ? next : nullptr, acc);
+            x16_pass<A, Int4>(w, scales + n * B * 16, groups, xsum8, g, B,
+                              g == 0 ? next : nullptr, acc);
           for (int64_t a = 0; a < std::min<int64_t>(A, M - g * A); ++a)
             for (int half = 0; half < 2; ++half)
               qk::store8(op + (g * A + a) * N + n * 16 + 8 * half, _mm256_load_ps(acc[a] + 8 * half));
@@ -1415,12 +1450,49 @@ at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& weight_in) {
   }
 }
 
-// codes [N, K] int8, scales [N, K / group] float16; group a multiple of 32.
+namespace {
+
+// Interleaved Q4_0 or Q8_0 (codes [N / 16, K / 32, steps, 16, 4], scales [N / 16, K / 32,
+// 16]; see x16_linear_of). Where AVX512-VNNI is turned off after loading (tests do), the
+// codes are taken back to rows first.
+template <bool Int4>
+at::Tensor x16_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  const char* name = Int4 ? "q4_linear" : "q8_linear";
+  const int64_t steps = Int4 ? 4 : 8;
+  const int64_t N = codes.size(0) * 16, B = codes.size(1), K = B * 32;
+  check_rows(x, K, name);
+  TORCH_CHECK(codes.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf &&
+                  codes.sizes() == at::IntArrayRef({N / 16, B, steps, 16, 4}) &&
+                  scales.sizes() == at::IntArrayRef({N / 16, B, 16}),
+              name, ": expected interleaved uint8 codes [N / 16, K / 32, ", steps,
+              ", 16, 4] and float16 scales [N / 16, K / 32, 16]");
+  if (!avx512_vnni) {
+    const auto rows = codes.permute({0, 3, 1, 2, 4}).reshape({N, B * steps * 4});
+    const auto row_scales = scales.permute({0, 2, 1}).reshape({N, B});
+    if constexpr (Int4) return q4_linear(x, rows, row_scales, c10::nullopt);
+    return q8_linear(x, rows.bitwise_xor(128).view(at::kChar), row_scales);
+  }
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const c10::Half* sp = scales.data_ptr<c10::Half>();
+  const int64_t M = x.size(0);
+  if (amx_int8 && M >= kAmxMinRows) return x16_linear_of<16, Int4, true>(x, cp, sp, N);
+  if (M <= 1) return x16_linear_of<1, Int4>(x, cp, sp, N);
+  if (M <= 2) return x16_linear_of<2, Int4>(x, cp, sp, N);
+  if (M <= 4) return x16_linear_of<4, Int4>(x, cp, sp, N);
+  if (M <= 8) return x16_linear_of<8, Int4>(x, cp, sp, N);
+  return x16_linear_of<16, Int4>(x, cp, sp, N);
+}
+
+}  // namespace
+
+// codes [N, K] int8, scales [N, K / group] float16; group a multiple of 32. Or Q8_0
+// interleaved by 16 rows: codes 5-D uint8 (see x16_linear_of).
 at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& scales_in) {
   RECORD_FUNCTION("qwen3chat::q8_linear", std::vector<c10::IValue>());
   const auto codes = codes_in.contiguous();
   const auto scales = scales_in.contiguous();
   const auto x = x_in.contiguous();
+  if (codes.dim() == 5) return x16_linear<false>(x, codes, scales);
   const int64_t N = codes.size(0), K = codes.size(1), G = scales.size(1);
   const int64_t group = G > 0 ? K / G : 0;
   check_rows(x, K, "q8_linear");
@@ -1459,46 +1531,18 @@ at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const a
       cp, K);
 }
 
-namespace {
-
-// Interleaved Q4_0 (packed [N / 16, K / 32, 4, 16, 4], scales [N / 16, K / 32, 16]; see
-// q4x16_linear_of). Where AVX512-VNNI is turned off after loading (tests do), the codes
-// are taken back to rows first.
-at::Tensor q4x16_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
-  const int64_t N = packed.size(0) * 16, B = packed.size(1), K = B * 32;
-  check_rows(x, K, "q4_linear");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf &&
-                  packed.sizes() == at::IntArrayRef({N / 16, B, 4, 16, 4}) &&
-                  scales.sizes() == at::IntArrayRef({N / 16, B, 16}),
-              "q4_linear: expected interleaved uint8 codes [N / 16, K / 32, 4, 16, 4] and "
-              "float16 scales [N / 16, K / 32, 16]");
-  if (!avx512_vnni)
-    return q4_linear(x, packed.permute({0, 3, 1, 2, 4}).reshape({N, K / 2}),
-                     scales.permute({0, 2, 1}).reshape({N, B}), c10::nullopt);
-  const uint8_t* cp = packed.data_ptr<uint8_t>();
-  const c10::Half* sp = scales.data_ptr<c10::Half>();
-  const int64_t M = x.size(0);
-  if (amx_int8 && M >= kAmxMinRows) return q4x16_linear_of<16, true>(x, cp, sp, N);
-  if (M <= 1) return q4x16_linear_of<1>(x, cp, sp, N);
-  if (M <= 2) return q4x16_linear_of<2>(x, cp, sp, N);
-  if (M <= 4) return q4x16_linear_of<4>(x, cp, sp, N);
-  if (M <= 8) return q4x16_linear_of<8>(x, cp, sp, N);
-  return q4x16_linear_of<16>(x, cp, sp, N);
-}
-
-}  // namespace
 
 // packed [N, K / 2] uint8: in each block of 32 inputs, byte j holds code j in its low
 // nibble and code j + 16 in its high one (GGUF Q4_0's order). w = (code - 8) * scale +
 // zero, scales and zeros float16 [N, K / group] (no zeros: all 0); group a multiple of 32.
-// Or Q4_0 interleaved by 16 rows: packed 5-D (see q4x16_linear_of).
+// Or Q4_0 interleaved by 16 rows: packed 5-D (see x16_linear_of).
 at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& scales_in,
                      const c10::optional<at::Tensor>& zeros_in) {
   RECORD_FUNCTION("qwen3chat::q4_linear", std::vector<c10::IValue>());
   const auto packed = packed_in.contiguous();
   const auto scales = scales_in.contiguous();
   const auto x = x_in.contiguous();
-  if (packed.dim() == 5 && !zeros_in.has_value()) return q4x16_linear(x, packed, scales);
+  if (packed.dim() == 5 && !zeros_in.has_value()) return x16_linear<true>(x, packed, scales);
   const bool has_zeros = zeros_in.has_value();
   const auto zeros = has_zeros ? zeros_in->contiguous() : scales;
   const int64_t N = packed.size(0), K = packed.size(1) * 2, G = scales.size(1);
