@@ -4,6 +4,7 @@ GGUF metadata, and broken files."""
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import gguf
 import numpy as np
@@ -118,6 +119,26 @@ def test_blocks_decode_to_gguf_py_values(qtype):
     assert matrix.codes.shape == (rows, cols if qtype == T.Q8_0 else cols // 2)
     tolerance = 0 if qtype in EXACT else 2e-3 * expected.abs().max().item()
     torch.testing.assert_close(matrix.dequantize(), expected, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_float_tensors_decode_into_memory_of_their_own(qtype, dtype, tmp_path):
+    """A float tensor is read from the file's read-only pages, which are released after
+    it (GGUFSource.read): converted straight from them or, in the file's own type, copied;
+    never a view of them, and without torch's warning about non-writable arrays."""
+    values = torch.randn(4, 64).to(gguf_quants.FLOAT_TYPES[qtype])
+    words = values.view(torch.int16) if qtype == T.BF16 else values
+    path = tmp_path / "tensor.bin"
+    path.write_bytes(words.numpy().tobytes())
+    stored = np.float32 if qtype == T.F32 else np.int16 if qtype == T.BF16 else np.float16
+    pages = np.memmap(path, dtype=stored, mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor = gguf_quants.decode(pages, qtype, (4, 64), dtype)
+    assert tensor.dtype == dtype and torch.equal(tensor, values.to(dtype))
+    start = pages.ctypes.data
+    assert not start <= tensor.data_ptr() < start + pages.nbytes
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0])

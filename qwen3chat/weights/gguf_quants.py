@@ -11,6 +11,8 @@ with groups of 32, which adds well under 1% relative error (see tests/test_gguf.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
@@ -25,6 +27,14 @@ REQUANTIZED_GROUP = 32
 def _f16(column: np.ndarray) -> torch.Tensor:
     # torch widens float16 with F16C; numpy's astype takes 3x as long.
     return torch.from_numpy(np.ascontiguousarray(column).view(np.float16)).float()
+
+
+def _file_pages(array: np.ndarray) -> torch.Tensor:
+    """A read-only view of the file's pages as a tensor, which is only read from (torch
+    warns of any non-writable array)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
 
 
 def _codes(qs: np.ndarray, rows: int) -> torch.Tensor:
@@ -120,10 +130,11 @@ def decode(
     if qtype in FLOAT_TYPES:
         array = np.asarray(raw)
         if qtype == T.BF16:  # numpy has no bfloat16: reinterpret the 16-bit words
-            tensor = torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
-        else:
-            tensor = torch.from_numpy(array.copy())
-        return tensor.reshape(shape).to(dtype)
+            array = array.view(np.int16)
+        stored = _file_pages(array).view(FLOAT_TYPES[qtype]).reshape(shape)
+        # Memory of its own, written once: a conversion reads the file's pages straight
+        # (copied first, then converted, F16 -> bf16 took 2.5 s of a 0.6B load, not 0.7).
+        return stored.to(dtype) if stored.dtype != dtype else stored.clone()
     if len(shape) not in (2, 3):
         raise ValueError(f"a {qtype.name} tensor must be 2-D or 3-D, got shape {list(shape)}")
     # A stack of experts [E, R, C] is decoded as E*R rows, then split again.
