@@ -272,16 +272,19 @@ def test_avx512_vnni_gemm_takes_four_rows_or_more(weight, bits):
     not kernels.interleaves(CPU), reason="this CPU (or its OS) does not allow AVX512-VNNI"
 )
 @pytest.mark.parametrize("width", [64, 96, 256])  # one pair of blocks, an odd count, more
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (8, None)])  # None: one a row
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_q8_0_and_q4_0_held_interleaved_give_the_plain_products(width, bits, dtype, monkeypatch):
-    """Q8_0 and Q4_0 on a CPU with AVX512-VNNI are held interleaved by 16 rows (linear.cpp's
-    x16_linear_of; Q8_0's codes as code + 128): the matrix and embedding rows are the plain
-    ones; the products are the plain integer GEMM's bit for bit (the same sums in the same
-    order) at any number of rows, so a row's result is the row alone's; with AVX512-VNNI
-    turned off after loading, the plain kernels run on them."""
+def test_q8_0_and_q4_0_held_interleaved_give_the_plain_products(
+    width, bits, group, dtype, monkeypatch
+):
+    """Q8_0, Q4_0 and int8 with one scale a row (--quantize int8) on a CPU with AVX512-VNNI
+    are held interleaved by 16 rows (linear.cpp's x16_linear_of; int8 codes as code + 128):
+    the matrix and embedding rows are the plain ones; the products are the plain integer
+    GEMM's bit for bit (the same sums in the same order) at any number of rows, so a row's
+    result is the row alone's; with AVX512-VNNI turned off after loading, the plain kernels
+    run on them."""
     generator = torch.Generator().manual_seed(5)
-    m = quantize(torch.randn(48, width, generator=generator), bits, 32)
+    m = quantize(torch.randn(48, width, generator=generator), bits, group or width)
     m.zeros = None  # Q4_0: no zero points
     layer = QuantizedWeight(m, torch.float32, CPU)
     with monkeypatch.context() as patch:
@@ -289,6 +292,7 @@ def test_q8_0_and_q4_0_held_interleaved_give_the_plain_products(width, bits, dty
         plain = QuantizedWeight(m, torch.float32, CPU)
     assert layer.interleaved and not plain.interleaved
     assert layer.codes.shape == (3, width // 32, bits, 16, 4)
+    assert layer.scales.shape == (3, width // (group or width), 16)
     assert torch.equal(layer.matrix().codes, plain.codes)
     assert torch.equal(layer.matrix().scales, plain.matrix().scales)
     ids = torch.tensor([[47, 0, 16, 5]])
@@ -314,17 +318,18 @@ def test_q8_0_and_q4_0_held_interleaved_give_the_plain_products(width, bits, dty
 # of rows (9 or 16) unpacks them into.
 @pytest.mark.parametrize("width", [32, 64, 96, 320, 1024])
 @pytest.mark.parametrize("rows", [9, 16, 33, 47, 130])
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (8, None)])  # None: one a row
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_amx_q8_0_and_q4_0_products_are_the_vnni_ones_bit_for_bit(width, rows, bits, dtype):
-    """Q8_0 and Q4_0 products of 9 rows or more (prompts, batches of sequences) run on
-    AMX-INT8 tiles where the CPU and the OS allow them: the same integer sums as
-    vpdpbusd's, scaled in the same float steps, so the same bits, whatever the rows past the
-    last whole group of 16."""
+def test_amx_q8_0_and_q4_0_products_are_the_vnni_ones_bit_for_bit(width, rows, bits, group, dtype):
+    """Q8_0, Q4_0 and int8 products (one scale a row) of 9 rows or more (prompts, batches
+    of sequences) run on AMX-INT8 tiles where the CPU and the OS allow them: the same
+    integer sums as vpdpbusd's, scaled in the same float steps, so the same bits, whatever
+    the rows past the last whole group of 16."""
     generator = torch.Generator().manual_seed(6)
-    m = quantize(torch.randn(64, width, generator=generator), bits, 32)
+    m = quantize(torch.randn(64, width, generator=generator), bits, group or width)
     m.zeros = None
     layer = QuantizedWeight(m, torch.float32, CPU)
+    assert layer.interleaved
     x = torch.randn(rows, width, generator=generator).to(dtype)
     tiles = linear(x, layer)
     with kernel_off("set_amx_int8"):

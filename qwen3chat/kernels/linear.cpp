@@ -935,11 +935,12 @@ QK_VNNI_Q4 inline __m512i dpbusd_broadcast(__m512i sums, __m512i codes, const in
 template <bool Int4>
 constexpr int64_t kX16BlockBytes = Int4 ? 256 : 512;
 
-// The A activation rows of group `group` times 16 weight rows (their codes w, scales ws)
-// into acc; the next weight rows' codes (next, or null) are asked for a block at a time.
-// xsum8: int4's -8 times the blocks' activation sums.
+// The A activation rows of group `group` times 16 weight rows (their codes w, scales ws,
+// ws_step apart a block: 16, or 0 for one scale a row) into acc; the next weight rows'
+// codes (next, or null) are asked for a block at a time. xsum8: int4's -8 times the
+// blocks' activation sums.
 template <int A, bool Int4>
-QK_VNNI_Q4 void x16_pass(const uint8_t* w, const c10::Half* ws, const RowGroups& x,
+QK_VNNI_Q4 void x16_pass(const uint8_t* w, const c10::Half* ws, int64_t ws_step, const RowGroups& x,
                          const float* xsum8, int64_t group, int64_t B, const uint8_t* next,
                          float acc[A][16]) {
   constexpr int64_t bytes = kX16BlockBytes<Int4>;
@@ -976,8 +977,8 @@ QK_VNNI_Q4 void x16_pass(const uint8_t* w, const c10::Half* ws, const RowGroups&
     }
     // Two halves joined in registers: stored and loaded as one, the load waited for the
     // stores each block (a fifth of the kernel's time).
-    const __m256 first = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + b * 16)));
-    const __m256 second = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + b * 16 + 8)));
+    const __m256 first = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + b * ws_step)));
+    const __m256 second = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + b * ws_step + 8)));
     const __m512 ws16 = _mm512_castpd_ps(_mm512_insertf64x4(
         _mm512_castpd256_pd512(_mm256_castps_pd(first)), _mm256_castps_pd(second), 1));
 #pragma GCC unroll 16
@@ -1094,7 +1095,7 @@ QK_AMX_Q4 __attribute__((always_inline)) inline void amx_scale(
 // asked for into L1 (as x16_pass does), the products ran no faster than VNNI's.
 template <bool Int4>
 QK_AMX_Q4 void x16_amx_pass(const uint8_t* w, uint8_t* unpacked, const c10::Half* ws,
-                            const RowGroups& x, const float* xsum8, int64_t group, int64_t B,
+                            int64_t ws_step, const RowGroups& x, const float* xsum8, int64_t group, int64_t B,
                             int64_t K, const uint8_t* next, float acc[16][16]) {
   constexpr int64_t bytes = kX16BlockBytes<Int4>;
   alignas(64) int32_t sums[2][16][16];  // even blocks' sums, odd blocks'
@@ -1125,21 +1126,22 @@ QK_AMX_Q4 void x16_amx_pass(const uint8_t* w, uint8_t* unpacked, const c10::Half
       if (b + 1 < B) QK_AMX_BLOCK(0, 2, 3, b + 1);
       _tile_stored(1, sums[1], 64);
     }
-    if (b > 0) amx_scale<Int4>(sums[(b - 1) % 2], ws + (b - 1) * 16, x, xsum8, at + (b - 1) * 16, total);
+    if (b > 0) amx_scale<Int4>(sums[(b - 1) % 2], ws + (b - 1) * ws_step, x, xsum8, at + (b - 1) * 16, total);
   }
-  amx_scale<Int4>(sums[(B - 1) % 2], ws + (B - 1) * 16, x, xsum8, at + (B - 1) * 16, total);
+  amx_scale<Int4>(sums[(B - 1) % 2], ws + (B - 1) * ws_step, x, xsum8, at + (B - 1) * 16, total);
 #pragma GCC unroll 16
   for (int a = 0; a < 16; ++a) _mm512_store_ps(acc[a], total[a]);
 }
 
-// x [M, K] times interleaved Q4_0 or Q8_0 codes and scales: A activation rows a group (a
-// power of two; rows past M are zeros), with tiles (Amx, A = 16) or x16_pass.
+// x [M, K] times interleaved Q4_0 or Q8_0 codes and scales (scale_blocks a row: K / 32,
+// or 1 for one scale a row): A activation rows a group (a power of two; rows past M are
+// zeros), with tiles (Amx, A = 16) or x16_pass.
 template <int A, bool Int4, bool Amx = false>
 at::Tensor x16_linear_of(const at::Tensor& x, const uint8_t* codes, const c10::Half* scales,
-                         int64_t N) {
+                         int64_t scale_blocks, int64_t N) {
   static_assert(!Amx || A == 16, "tiles take 16 activation rows");
   constexpr int64_t bytes = kX16BlockBytes<Int4>;
-  const int64_t M = x.size(0), K = x.size(1), B = K / 32;
+  const int64_t M = x.size(0), K = x.size(1), B = K / 32, ws_step = scale_blocks == 1 ? 0 : 16;
   const RowGroups groups =
       quantize_groups<A>(x, Amx ? CodeLayout::rows : CodeLayout::steps, !Int4);
   // int4: -8 times the blocks' sums (exact), each broadcast from memory in the kernel.
@@ -1161,12 +1163,12 @@ at::Tensor x16_linear_of(const at::Tensor& x, const uint8_t* codes, const c10::H
       for (int64_t n = begin; n < end; ++n) {
         const uint8_t* w = codes + n * B * bytes;
         const uint8_t* next = n + 1 < end ? w + B * bytes : nullptr;
+        const c10::Half* ws = scales + n * scale_blocks * 16;
         for (int64_t g = 0; g < groups.count; ++g) {
           if constexpr (Amx)
-            x16_amx_pass<Int4>(Int4 && g > 0 ? nullptr : w, unpacked.data(), scales + n * B * 16,
-                               groups, xsum8, g, B, K, g == 0 ? next : nullptr, acc);
+            x16_amx_pass<Int4>(Int4 && g > 0 ? nullptr : w, unpacked.data(), ws, ws_step, groups, xsum8, g, B, K, g == 0 ? next : nullptr, acc);
           else
-            x16_pass<A, Int4>(w, scales + n * B * 16, groups, xsum8, g, B,
+            x16_pass<A, Int4>(w, ws, ws_step, groups, xsum8, g, B,
                               g == 0 ? next : nullptr, acc);
           for (int64_t a = 0; a < std::min<int64_t>(A, M - g * A); ++a)
             for (int half = 0; half < 2; ++half)
@@ -1453,34 +1455,37 @@ at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& weight_in) {
 namespace {
 
 // Interleaved Q4_0 or Q8_0 (codes [N / 16, K / 32, steps, 16, 4], scales [N / 16, K / 32,
-// 16]; see x16_linear_of). Where AVX512-VNNI is turned off after loading (tests do), the
-// codes are taken back to rows first.
+// 16], or int8's one scale a row [N / 16, 1, 16]; see x16_linear_of). Where AVX512-VNNI is
+// turned off after loading (tests do), the codes are taken back to rows first.
 template <bool Int4>
 at::Tensor x16_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
   const char* name = Int4 ? "q4_linear" : "q8_linear";
   const int64_t steps = Int4 ? 4 : 8;
   const int64_t N = codes.size(0) * 16, B = codes.size(1), K = B * 32;
+  const int64_t scale_blocks = scales.dim() == 3 ? scales.size(1) : 0;
   check_rows(x, K, name);
   TORCH_CHECK(codes.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf &&
                   codes.sizes() == at::IntArrayRef({N / 16, B, steps, 16, 4}) &&
-                  scales.sizes() == at::IntArrayRef({N / 16, B, 16}),
+                  scales.sizes() == at::IntArrayRef({N / 16, scale_blocks, 16}) &&
+                  (scale_blocks == B || (!Int4 && scale_blocks == 1)),
               name, ": expected interleaved uint8 codes [N / 16, K / 32, ", steps,
-              ", 16, 4] and float16 scales [N / 16, K / 32, 16]");
+              ", 16, 4] and float16 scales [N / 16, K / 32, 16]",
+              Int4 ? "" : " (or [N / 16, 1, 16])");
   if (!avx512_vnni) {
     const auto rows = codes.permute({0, 3, 1, 2, 4}).reshape({N, B * steps * 4});
-    const auto row_scales = scales.permute({0, 2, 1}).reshape({N, B});
+    const auto row_scales = scales.permute({0, 2, 1}).reshape({N, scale_blocks});
     if constexpr (Int4) return q4_linear(x, rows, row_scales, c10::nullopt);
     return q8_linear(x, rows.bitwise_xor(128).view(at::kChar), row_scales);
   }
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const c10::Half* sp = scales.data_ptr<c10::Half>();
   const int64_t M = x.size(0);
-  if (amx_int8 && M >= kAmxMinRows) return x16_linear_of<16, Int4, true>(x, cp, sp, N);
-  if (M <= 1) return x16_linear_of<1, Int4>(x, cp, sp, N);
-  if (M <= 2) return x16_linear_of<2, Int4>(x, cp, sp, N);
-  if (M <= 4) return x16_linear_of<4, Int4>(x, cp, sp, N);
-  if (M <= 8) return x16_linear_of<8, Int4>(x, cp, sp, N);
-  return x16_linear_of<16, Int4>(x, cp, sp, N);
+  if (amx_int8 && M >= kAmxMinRows) return x16_linear_of<16, Int4, true>(x, cp, sp, scale_blocks, N);
+  if (M <= 1) return x16_linear_of<1, Int4>(x, cp, sp, scale_blocks, N);
+  if (M <= 2) return x16_linear_of<2, Int4>(x, cp, sp, scale_blocks, N);
+  if (M <= 4) return x16_linear_of<4, Int4>(x, cp, sp, scale_blocks, N);
+  if (M <= 8) return x16_linear_of<8, Int4>(x, cp, sp, scale_blocks, N);
+  return x16_linear_of<16, Int4>(x, cp, sp, scale_blocks, N);
 }
 
 }  // namespace
