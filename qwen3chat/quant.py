@@ -266,11 +266,12 @@ class QuantizedWeight(nn.Module):
     Where the kernels cannot run (another device, groups not a multiple of 32, no
     build), each matmul dequantizes first, which is correct everywhere.
 
-    Q4_0 and Q8_0 (groups of 32, no zeros), and int8 with one scale a row (``--quantize
-    int8``), on a CPU with AVX512-VNNI are held ``interleaved``: codes ``[rows / 16, cols /
-    32, steps, 16, 4]`` (each 16 rows' block of 32 as 4 or 8 steps of the 16 rows' four
-    bytes; int8's as unsigned ``code + 128``) and scales ``[rows / 16, groups, 16]``, the
-    layout their kernel there reads (kernels.interleaves); ``matrix`` gives rows back."""
+    Groups of 32 (GGUF's Q8_0, Q4_0, Q4_1, Q4_K, ``--quantize int4``) and int8 with one
+    scale a row (``--quantize int8``) on a CPU with AVX512-VNNI are held ``interleaved``:
+    codes ``[rows / 16, cols / 32, steps, 16, 4]`` (each 16 rows' block of 32 as 4 or 8
+    steps of the 16 rows' four bytes; int8's as unsigned ``code + 128``), scales and zeros
+    ``[rows / 16, groups, 16]``, the layout their kernel there reads (kernels.interleaves);
+    ``matrix`` gives rows back."""
 
     def __init__(self, matrix: QuantizedMatrix, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -280,10 +281,10 @@ class QuantizedWeight(nn.Module):
         self.dtype = dtype
         zeros = matrix.zeros if matrix.zeros is not None and matrix.zeros.any() else None
         codes, scales = matrix.codes.to(device), matrix.scales.to(device, torch.float16)
+        zeros = None if zeros is None else zeros.to(device, torch.float16)
         groups = self.in_features // self.group_size
         self.interleaved = (
             (self.group_size == 32 or (self.bits == 8 and groups == 1))
-            and zeros is None
             and self.out_features % 16 == 0
             and self.in_features % 32 == 0
             and kernels.interleaves(device)
@@ -295,9 +296,11 @@ class QuantizedWeight(nn.Module):
             if self.bits == 8:  # in place: the permuted copy is this weight's own
                 codes = codes.view(torch.uint8).bitwise_xor_(128)
             scales = scales.reshape(-1, 16, groups).transpose(1, 2).contiguous()
+            if zeros is not None:
+                zeros = zeros.reshape(-1, 16, groups).transpose(1, 2).contiguous()
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
-        self.register_buffer("zeros", None if zeros is None else zeros.to(device, torch.float16))
+        self.register_buffer("zeros", zeros)
 
     @property
     def shape(self) -> torch.Size:
@@ -309,9 +312,10 @@ class QuantizedWeight(nn.Module):
 
     def matrix(self, rows: torch.Tensor | slice = slice(None)) -> QuantizedMatrix:
         """The matrix (or some of its rows) with float32 scales, as QuantizedMatrix."""
-        zeros = None if self.zeros is None else self.zeros[rows].float()
+        zeros = self.zeros
         if not self.interleaved:
             codes, scales = self.codes[rows], self.scales[rows]
+            zeros = None if zeros is None else zeros[rows]
         else:  # row n is row n % 16 of interleaved group n // 16
             n = (
                 rows
@@ -322,6 +326,8 @@ class QuantizedWeight(nn.Module):
             if self.bits == 8:
                 codes = (codes ^ 128).view(torch.int8)
             scales = self.scales[n // 16, :, n % 16]
+            zeros = None if zeros is None else zeros[n // 16, :, n % 16]
+        zeros = None if zeros is None else zeros.float()
         return QuantizedMatrix(self.bits, self.group_size, codes, scales.float(), zeros)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,7 @@ def test_it_says_which_kernels_ran_and_they_are_ones_this_cpu_allows(report):
         "int8/int4 GEMMs (8+ rows, 4+ with VNNI)": "AVX512-VNNI"
         if kernels._avx512_vnni()
         else "AVX2",
-        "Q8_0/Q4_0 products (any rows)": (
+        "int8/int4 products (any rows, groups of 32)": (
             "AVX512-VNNI, 16 rows interleaved; AMX-INT8 from 9 rows"
             if kernels._avx512_vnni() and kernels._amx_int8()
             else "AVX512-VNNI, 16 rows interleaved"

@@ -268,24 +268,40 @@ def test_avx512_vnni_gemm_takes_four_rows_or_more(weight, bits):
     assert not torch.equal(alone, sixteen[:3])  # the two kernels sum in different orders
 
 
+# Matrices held interleaved where AVX512-VNNI runs: (bits, group (None: one a row), zeros).
+INTERLEAVED = [(8, 32, False), (4, 32, False), (4, 32, True), (8, None, False)]
+
+
+def quantized(weight, bits, group, zeros):
+    """``weight`` quantized: with zero points of their own in float16 (GGUF's Q4_1, Q4_K)
+    or none (Q4_0's)."""
+    m = quantize(weight, bits, group or weight.shape[1])
+    if zeros:
+        generator = torch.Generator().manual_seed(7)
+        m.zeros.copy_((torch.randn(m.zeros.shape, generator=generator) * 0.1).half())
+        m.scales.copy_(m.scales.half())
+    else:
+        m.zeros = None
+    return m
+
+
 @pytest.mark.skipif(
     not kernels.interleaves(CPU), reason="this CPU (or its OS) does not allow AVX512-VNNI"
 )
 @pytest.mark.parametrize("width", [64, 96, 256])  # one pair of blocks, an odd count, more
-@pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (8, None)])  # None: one a row
+@pytest.mark.parametrize("bits,group,zeros", INTERLEAVED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_q8_0_and_q4_0_held_interleaved_give_the_plain_products(
-    width, bits, group, dtype, monkeypatch
+def test_matrices_held_interleaved_give_the_plain_products(
+    width, bits, group, zeros, dtype, monkeypatch
 ):
-    """Q8_0, Q4_0 and int8 with one scale a row (--quantize int8) on a CPU with AVX512-VNNI
-    are held interleaved by 16 rows (linear.cpp's x16_linear_of; int8 codes as code + 128):
-    the matrix and embedding rows are the plain ones; the products are the plain integer
-    GEMM's bit for bit (the same sums in the same order) at any number of rows, so a row's
-    result is the row alone's; with AVX512-VNNI turned off after loading, the plain kernels
-    run on them."""
+    """Q8_0, Q4_0, int4 with zero points (Q4_1, Q4_K, --quantize int4) and int8 with one
+    scale a row (--quantize int8) on a CPU with AVX512-VNNI are held interleaved by 16 rows
+    (linear.cpp's x16_linear_of; int8 codes as code + 128): the matrix and embedding rows
+    are the plain ones; the products are the plain integer GEMM's bit for bit (the same
+    sums in the same order) at any number of rows, so a row's result is the row alone's;
+    with AVX512-VNNI turned off after loading, the plain kernels run on them."""
     generator = torch.Generator().manual_seed(5)
-    m = quantize(torch.randn(48, width, generator=generator), bits, group or width)
-    m.zeros = None  # Q4_0: no zero points
+    m = quantized(torch.randn(48, width, generator=generator), bits, group, zeros)
     layer = QuantizedWeight(m, torch.float32, CPU)
     with monkeypatch.context() as patch:
         patch.setattr(kernels, "interleaves", lambda device: False)
@@ -293,6 +309,9 @@ def test_q8_0_and_q4_0_held_interleaved_give_the_plain_products(
     assert layer.interleaved and not plain.interleaved
     assert layer.codes.shape == (3, width // 32, bits, 16, 4)
     assert layer.scales.shape == (3, width // (group or width), 16)
+    assert (layer.zeros is None) == (not zeros)
+    if zeros:
+        assert torch.equal(layer.matrix().zeros, plain.matrix().zeros)
     assert torch.equal(layer.matrix().codes, plain.codes)
     assert torch.equal(layer.matrix().scales, plain.matrix().scales)
     ids = torch.tensor([[47, 0, 16, 5]])
@@ -318,16 +337,15 @@ def test_q8_0_and_q4_0_held_interleaved_give_the_plain_products(
 # of rows (9 or 16) unpacks them into.
 @pytest.mark.parametrize("width", [32, 64, 96, 320, 1024])
 @pytest.mark.parametrize("rows", [9, 16, 33, 47, 130])
-@pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (8, None)])  # None: one a row
+@pytest.mark.parametrize("bits,group,zeros", INTERLEAVED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_amx_q8_0_and_q4_0_products_are_the_vnni_ones_bit_for_bit(width, rows, bits, group, dtype):
-    """Q8_0, Q4_0 and int8 products (one scale a row) of 9 rows or more (prompts, batches
-    of sequences) run on AMX-INT8 tiles where the CPU and the OS allow them: the same
-    integer sums as vpdpbusd's, scaled in the same float steps, so the same bits, whatever
-    the rows past the last whole group of 16."""
+def test_amx_products_are_the_vnni_ones_bit_for_bit(width, rows, bits, group, zeros, dtype):
+    """Interleaved products of 9 rows or more (prompts, batches of sequences) run on
+    AMX-INT8 tiles where the CPU and the OS allow them: the same integer sums as
+    vpdpbusd's, scaled in the same float steps, so the same bits, whatever the rows past the
+    last whole group of 16."""
     generator = torch.Generator().manual_seed(6)
-    m = quantize(torch.randn(64, width, generator=generator), bits, group or width)
-    m.zeros = None
+    m = quantized(torch.randn(64, width, generator=generator), bits, group, zeros)
     layer = QuantizedWeight(m, torch.float32, CPU)
     assert layer.interleaved
     x = torch.randn(rows, width, generator=generator).to(dtype)

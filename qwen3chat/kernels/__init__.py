@@ -93,7 +93,7 @@ _WORK = (
     "one-row float/bf16/f16 products",
     "one-row int8/int4 products",
     "int8/int4 GEMMs (8+ rows, 4+ with VNNI)",
-    "Q8_0/Q4_0 products (any rows)",
+    "int8/int4 products (any rows, groups of 32)",
     "bf16 products of 4+ rows",
     "attention over a bf16 or int8 cache",
     "norms, rotary embedding, SwiGLU",
@@ -240,13 +240,15 @@ def _module():
             _CHOICES["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "AVX-VNNI"
         if vnni:
             _CHOICES["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "AVX512-VNNI"
-            _CHOICES["Q8_0/Q4_0 products (any rows)"] = "AVX512-VNNI, 16 rows interleaved"
+            _CHOICES["int8/int4 products (any rows, groups of 32)"] = (
+                "AVX512-VNNI, 16 rows interleaved"
+            )
         if wide and vnni:
             _CHOICES["attention over a bf16 or int8 cache"] = "AVX-512; int8 scores AVX512-VNNI"
         if bf16:
             _CHOICES["bf16 products of 4+ rows"] = "oneDNN (AVX512-BF16)"
         if amx:
-            _CHOICES["Q8_0/Q4_0 products (any rows)"] = (
+            _CHOICES["int8/int4 products (any rows, groups of 32)"] = (
                 "AVX512-VNNI, 16 rows interleaved; AMX-INT8 from 9 rows"
             )
         return module

@@ -902,12 +902,13 @@ at::Tensor integer_gemm_of(const at::Tensor& x, int64_t N, Expand expand, const 
 
 std::atomic<bool> avx512_vnni{false};
 
-// Q4_0 and Q8_0 interleaved for AVX512-VNNI (quant.py's QuantizedWeight does it at load
-// where the CPU has it): Q4_0's codes [N / 16, K / 32, 4, 16, 4], each 16 weight rows'
-// block of 32 as four steps of the 16 rows' four bytes (step s: codes 4s..4s+3 in the low
-// nibbles, 16 + 4s.. in the high ones); Q8_0's [N / 16, K / 32, 8, 16, 4] (step s: codes
-// 4s..4s+3), held as unsigned w + 128 as vpdpbusd takes them (the sums start at -128 times
-// the activations' codes, as vnni_start's do); float16 scales [N / 16, K / 32, 16]. One
+// int4 and int8 in groups of 32 (and int8 with one scale a row) interleaved for
+// AVX512-VNNI (quant.py's QuantizedWeight does it at load where the CPU has it): int4
+// codes [N / 16, K / 32, 4, 16, 4], each 16 weight rows' block of 32 as four steps of the
+// 16 rows' four bytes (step s: codes 4s..4s+3 in the low nibbles, 16 + 4s.. in the high
+// ones); int8's [N / 16, K / 32, 8, 16, 4] (step s: codes 4s..4s+3), held as unsigned
+// w + 128 as vpdpbusd takes them (the sums start at -128 times the activations' codes, as
+// vnni_start's do); float16 scales and int4 zero points [N / 16, K / 32, 16]. One
 // 64-byte load is then four codes of 16 weight rows, which vpdpbusd multiplies against one
 // activation row's four codes broadcast from memory: a pass takes 16 weight rows against
 // a group of activation rows, their int32 sums in registers and float sums in L1, and
@@ -935,12 +936,47 @@ QK_VNNI_Q4 inline __m512i dpbusd_broadcast(__m512i sums, __m512i codes, const in
 template <bool Int4>
 constexpr int64_t kX16BlockBytes = Int4 ? 256 : 512;
 
-// The A activation rows of group `group` times 16 weight rows (their codes w, scales ws,
-// ws_step apart a block: 16, or 0 for one scale a row) into acc; the next weight rows'
-// codes (next, or null) are asked for a block at a time. xsum8: int4's -8 times the
-// blocks' activation sums.
+// 16 interleaved weight rows' float16 scales, `step` apart a block (16, or 0 for int8's
+// one scale a row), and int4 zero points laid out as the scales (null: Q4_0's).
+struct X16Scales {
+  const c10::Half* scales;
+  int64_t step;
+  const c10::Half* zeros;
+
+  // Block b's 16 scales: two halves joined in registers (stored and loaded as one, the
+  // load waited for the stores each block: a fifth of the kernel's time).
+  QK_VNNI_Q4 __m512 scales16(int64_t b) const {
+    const __m256 first = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * step)));
+    const __m256 second = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * step + 8)));
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(first)),
+                                               _mm256_castps_pd(second), 1));
+  }
+
+  // Block b's 16 offsets, zero - 8 * scale, as WeightRows::set_block_halves makes them.
+  QK_VNNI_Q4 __m512 offsets16(int64_t b, __m512 ws16) const {
+    const __m512 zero = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(zeros + b * 16)));
+    return _mm512_add_ps(_mm512_mul_ps(ws16, _mm512_set1_ps(-8.0f)), zero);
+  }
+};
+
+// acc plus a block's int32 sums of activation row `at` (of x's scales and sums) by 16
+// weight rows (scales ws16; offsets, or null) in vnni_finish's float steps: Q4_0 scale *
+// (xd * sum - 8 * xsum), with xsum8 the rows' -8 * xsum; int4 with zero points (xd *
+// scale) * sum + offset * xsum; int8 (xd * scale) * sum.
+template <bool Int4>
+QK_VNNI_Q4 inline __m512 x16_finish(__m512 acc, __m512i sums, __m512 ws16, const __m512* offsets,
+                                    const RowGroups& x, const float* xsum8, int64_t at) {
+  const __m512 sum = _mm512_cvtepi32_ps(sums), xd = _mm512_set1_ps(x.scales[at]);
+  if (Int4 && offsets == nullptr)
+    return _mm512_fmadd_ps(_mm512_fmadd_ps(sum, xd, _mm512_set1_ps(xsum8[at])), ws16, acc);
+  acc = _mm512_fmadd_ps(sum, _mm512_mul_ps(xd, ws16), acc);
+  return Int4 ? _mm512_fmadd_ps(*offsets, _mm512_set1_ps(x.sums[at]), acc) : acc;
+}
+
+// The A activation rows of group `group` times 16 weight rows (their codes w, scales ws)
+// into acc; the next weight rows' codes (next, or null) are asked for a block at a time.
 template <int A, bool Int4>
-QK_VNNI_Q4 void x16_pass(const uint8_t* w, const c10::Half* ws, int64_t ws_step, const RowGroups& x,
+QK_VNNI_Q4 void x16_pass(const uint8_t* w, const X16Scales& ws, const RowGroups& x,
                          const float* xsum8, int64_t group, int64_t B, const uint8_t* next,
                          float acc[A][16]) {
   constexpr int64_t bytes = kX16BlockBytes<Int4>;
@@ -975,23 +1011,13 @@ QK_VNNI_Q4 void x16_pass(const uint8_t* w, const c10::Half* ws, int64_t ws_step,
         for (int a = 0; a < A; ++a) sums[a] = dpbusd_broadcast(sums[a], codes, xb + s * A + a);
       }
     }
-    // Two halves joined in registers: stored and loaded as one, the load waited for the
-    // stores each block (a fifth of the kernel's time).
-    const __m256 first = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + b * ws_step)));
-    const __m256 second = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + b * ws_step + 8)));
-    const __m512 ws16 = _mm512_castpd_ps(_mm512_insertf64x4(
-        _mm512_castpd256_pd512(_mm256_castps_pd(first)), _mm256_castps_pd(second), 1));
+    const __m512 ws16 = ws.scales16(b);
+    const __m512 off16 = Int4 && ws.zeros != nullptr ? ws.offsets16(b, ws16) : ws16;
+    const __m512* offsets = Int4 && ws.zeros != nullptr ? &off16 : nullptr;
 #pragma GCC unroll 16
-    for (int a = 0; a < A; ++a) {
-      const __m512 xd = _mm512_set1_ps(x.scales[at + a]);
-      const __m512 sum = _mm512_cvtepi32_ps(sums[a]);
-      // vnni_finish's steps: int4 scale * (xd * sum - 8 * xsum), int8 (xd * scale) * sum.
-      const __m512 total =
-          Int4 ? _mm512_fmadd_ps(_mm512_fmadd_ps(sum, xd, _mm512_set1_ps(xsum8[at + a])), ws16,
-                                 _mm512_load_ps(acc[a]))
-               : _mm512_fmadd_ps(sum, _mm512_mul_ps(xd, ws16), _mm512_load_ps(acc[a]));
-      _mm512_store_ps(acc[a], total);
-    }
+    for (int a = 0; a < A; ++a)
+      _mm512_store_ps(acc[a], x16_finish<Int4>(_mm512_load_ps(acc[a]), sums[a], ws16, offsets, x,
+                                               xsum8, at + a));
     // The float sums stay in L1: held in registers, they pushed the int32 sums out.
     asm volatile("" ::: "memory");
   }
@@ -1000,8 +1026,8 @@ QK_VNNI_Q4 void x16_pass(const uint8_t* w, const c10::Half* ws, int64_t ws_step,
 // AMX-INT8 tiles (where the CPU has them and the OS grants a process their state:
 // set_amx_int8) multiply 16 activation rows by 16 weight rows and a block of 32 inputs in
 // one instruction: tdpbsud takes the activations by rows (signed) and the weights as
-// interleaved Q4_0 already holds them, four bytes of each of 16 rows a step, once the
-// nibbles are apart (unsigned). Its int32 sums are vpdpbusd's, scaled in the same float
+// interleaved Q8_0 and Q4_0 hold them, four bytes of each of 16 rows a step (unsigned;
+// Q4_0's once the nibbles are apart). Its int32 sums are vpdpbusd's, scaled in the same float
 // steps: the same bits as x16_pass. From kAmxMinRows rows (a tile takes 16; VNNI's
 // 8-row pass costs half of its 16-row one): the 0.6B shape's 28 layers of products on two
 // threads, 128 rows 130 -> 106 ms, 32 rows 35 -> 29, 16 rows 19.0-20.5 -> 17.5-18.6, 12
@@ -1056,25 +1082,20 @@ static_assert((kAmxRing & (kAmxRing - 1)) == 0 && kAmxRing > kAmxUnpackAhead + 1
     _tile_dpbsud(sums, acts, wts);                    \
   } while (0)
 
-// total[a] += the float steps of x16_pass (vnni_finish's) on a block's sums of 16
-// activation rows by 16 weight rows (scales ws), whose activations' scales are x's at
-// `at` on: Q4_0's sums start at zero and take xsum8's offsets, Q8_0's start at code_sums.
+// total[a] += x16_finish on block b's sums of 16 activation rows (from `at` on in x) by
+// 16 weight rows; Q8_0's sums start at code_sums here.
 template <bool Int4>
 QK_AMX_Q4 __attribute__((always_inline)) inline void amx_scale(
-    const int32_t sums[16][16], const c10::Half* ws, const RowGroups& x, const float* xsum8,
-    int64_t at, __m512 total[16]) {
-  const float* xd = x.scales + at;
-  const __m512 ws16 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws)));
+    const int32_t sums[16][16], const X16Scales& ws, int64_t b, const RowGroups& x,
+    const float* xsum8, int64_t at, __m512 total[16]) {
+  const __m512 ws16 = ws.scales16(b);
+  const __m512 off16 = Int4 && ws.zeros != nullptr ? ws.offsets16(b, ws16) : ws16;
+  const __m512* offsets = Int4 && ws.zeros != nullptr ? &off16 : nullptr;
 #pragma GCC unroll 16
   for (int a = 0; a < 16; ++a) {
-    if constexpr (Int4) {
-      const __m512 part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[a])),
-                                          _mm512_set1_ps(xd[a]), _mm512_set1_ps(xsum8[at + a]));
-      total[a] = _mm512_fmadd_ps(part, ws16, total[a]);
-    } else {
-      const __m512i sum = _mm512_add_epi32(_mm512_load_si512(sums[a]), _mm512_set1_epi32(x.code_sums[at + a]));
-      total[a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(_mm512_set1_ps(xd[a]), ws16), total[a]);
-    }
+    __m512i sum = _mm512_load_si512(sums[a]);
+    if constexpr (!Int4) sum = _mm512_add_epi32(sum, _mm512_set1_epi32(x.code_sums[at + a]));
+    total[a] = x16_finish<Int4>(total[a], sum, ws16, offsets, x, xsum8, at + a);
   }
 }
 
@@ -1094,8 +1115,8 @@ QK_AMX_Q4 __attribute__((always_inline)) inline void amx_scale(
 // (16 rows cost what VNNI's did); unpacked a block ahead, the tiles waited for the stores;
 // asked for into L1 (as x16_pass does), the products ran no faster than VNNI's.
 template <bool Int4>
-QK_AMX_Q4 void x16_amx_pass(const uint8_t* w, uint8_t* unpacked, const c10::Half* ws,
-                            int64_t ws_step, const RowGroups& x, const float* xsum8, int64_t group, int64_t B,
+QK_AMX_Q4 void x16_amx_pass(const uint8_t* w, uint8_t* unpacked, const X16Scales& ws,
+                            const RowGroups& x, const float* xsum8, int64_t group, int64_t B,
                             int64_t K, const uint8_t* next, float acc[16][16]) {
   constexpr int64_t bytes = kX16BlockBytes<Int4>;
   alignas(64) int32_t sums[2][16][16];  // even blocks' sums, odd blocks'
@@ -1126,27 +1147,28 @@ QK_AMX_Q4 void x16_amx_pass(const uint8_t* w, uint8_t* unpacked, const c10::Half
       if (b + 1 < B) QK_AMX_BLOCK(0, 2, 3, b + 1);
       _tile_stored(1, sums[1], 64);
     }
-    if (b > 0) amx_scale<Int4>(sums[(b - 1) % 2], ws + (b - 1) * ws_step, x, xsum8, at + (b - 1) * 16, total);
+    if (b > 0) amx_scale<Int4>(sums[(b - 1) % 2], ws, b - 1, x, xsum8, at + (b - 1) * 16, total);
   }
-  amx_scale<Int4>(sums[(B - 1) % 2], ws + (B - 1) * ws_step, x, xsum8, at + (B - 1) * 16, total);
+  amx_scale<Int4>(sums[(B - 1) % 2], ws, B - 1, x, xsum8, at + (B - 1) * 16, total);
 #pragma GCC unroll 16
   for (int a = 0; a < 16; ++a) _mm512_store_ps(acc[a], total[a]);
 }
 
-// x [M, K] times interleaved Q4_0 or Q8_0 codes and scales (scale_blocks a row: K / 32,
-// or 1 for one scale a row): A activation rows a group (a power of two; rows past M are
-// zeros), with tiles (Amx, A = 16) or x16_pass.
+// x [M, K] times interleaved int8 or int4 codes, scales and int4 zero points (null:
+// Q4_0's), scale_blocks a row (K / 32, or 1 for int8's one scale a row): A activation
+// rows a group (a power of two; rows past M are zeros), with tiles (Amx, A = 16) or
+// x16_pass.
 template <int A, bool Int4, bool Amx = false>
 at::Tensor x16_linear_of(const at::Tensor& x, const uint8_t* codes, const c10::Half* scales,
-                         int64_t scale_blocks, int64_t N) {
+                         const c10::Half* zeros, int64_t scale_blocks, int64_t N) {
   static_assert(!Amx || A == 16, "tiles take 16 activation rows");
   constexpr int64_t bytes = kX16BlockBytes<Int4>;
-  const int64_t M = x.size(0), K = x.size(1), B = K / 32, ws_step = scale_blocks == 1 ? 0 : 16;
+  const int64_t M = x.size(0), K = x.size(1), B = K / 32;
   const RowGroups groups =
       quantize_groups<A>(x, Amx ? CodeLayout::rows : CodeLayout::steps, !Int4);
-  // int4: -8 times the blocks' sums (exact), each broadcast from memory in the kernel.
+  // Q4_0: -8 times the blocks' sums (exact), each broadcast from memory in the kernel.
   thread_local std::vector<float> scaled;
-  scaled.resize(Int4 ? groups.count * B * A : 0);
+  scaled.resize(Int4 && zeros == nullptr ? groups.count * B * A : 0);
   for (size_t i = 0; i < scaled.size(); ++i) scaled[i] = groups.sums[i] * -8.0f;
   const float* xsum8 = scaled.data();
   auto out = at::empty({M, N}, x.options());
@@ -1163,13 +1185,14 @@ at::Tensor x16_linear_of(const at::Tensor& x, const uint8_t* codes, const c10::H
       for (int64_t n = begin; n < end; ++n) {
         const uint8_t* w = codes + n * B * bytes;
         const uint8_t* next = n + 1 < end ? w + B * bytes : nullptr;
-        const c10::Half* ws = scales + n * scale_blocks * 16;
+        const X16Scales ws{scales + n * scale_blocks * 16, scale_blocks == 1 ? 0 : 16,
+                           zeros == nullptr ? nullptr : zeros + n * B * 16};
         for (int64_t g = 0; g < groups.count; ++g) {
           if constexpr (Amx)
-            x16_amx_pass<Int4>(Int4 && g > 0 ? nullptr : w, unpacked.data(), ws, ws_step, groups, xsum8, g, B, K, g == 0 ? next : nullptr, acc);
+            x16_amx_pass<Int4>(Int4 && g > 0 ? nullptr : w, unpacked.data(), ws, groups, xsum8, g,
+                               B, K, g == 0 ? next : nullptr, acc);
           else
-            x16_pass<A, Int4>(w, ws, ws_step, groups, xsum8, g, B,
-                              g == 0 ? next : nullptr, acc);
+            x16_pass<A, Int4>(w, ws, groups, xsum8, g, B, g == 0 ? next : nullptr, acc);
           for (int64_t a = 0; a < std::min<int64_t>(A, M - g * A); ++a)
             for (int half = 0; half < 2; ++half)
               qk::store8(op + (g * A + a) * N + n * 16 + 8 * half, _mm256_load_ps(acc[a] + 8 * half));
@@ -1454,38 +1477,46 @@ at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& weight_in) {
 
 namespace {
 
-// Interleaved Q4_0 or Q8_0 (codes [N / 16, K / 32, steps, 16, 4], scales [N / 16, K / 32,
-// 16], or int8's one scale a row [N / 16, 1, 16]; see x16_linear_of). Where AVX512-VNNI is
-// turned off after loading (tests do), the codes are taken back to rows first.
+// Interleaved int8 or int4 (codes [N / 16, K / 32, steps, 16, 4], scales [N / 16, K / 32,
+// 16] or int8's one scale a row [N / 16, 1, 16], int4 zero points as the scales or none;
+// see x16_linear_of). Where AVX512-VNNI is turned off after loading (tests do), the codes
+// are taken back to rows first.
 template <bool Int4>
-at::Tensor x16_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+at::Tensor x16_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                      const c10::optional<at::Tensor>& zeros_in = c10::nullopt) {
   const char* name = Int4 ? "q4_linear" : "q8_linear";
   const int64_t steps = Int4 ? 4 : 8;
   const int64_t N = codes.size(0) * 16, B = codes.size(1), K = B * 32;
   const int64_t scale_blocks = scales.dim() == 3 ? scales.size(1) : 0;
+  const auto zeros = zeros_in.has_value() ? zeros_in->contiguous() : at::Tensor();
   check_rows(x, K, name);
   TORCH_CHECK(codes.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf &&
                   codes.sizes() == at::IntArrayRef({N / 16, B, steps, 16, 4}) &&
                   scales.sizes() == at::IntArrayRef({N / 16, scale_blocks, 16}) &&
-                  (scale_blocks == B || (!Int4 && scale_blocks == 1)),
+                  (scale_blocks == B || (!Int4 && scale_blocks == 1)) &&
+                  (!zeros.defined() || (Int4 && zeros.scalar_type() == at::kHalf &&
+                                        zeros.sizes() == scales.sizes())),
               name, ": expected interleaved uint8 codes [N / 16, K / 32, ", steps,
               ", 16, 4] and float16 scales [N / 16, K / 32, 16]",
-              Int4 ? "" : " (or [N / 16, 1, 16])");
+              Int4 ? " (and zeros as the scales)" : " (or [N / 16, 1, 16])");
   if (!avx512_vnni) {
     const auto rows = codes.permute({0, 3, 1, 2, 4}).reshape({N, B * steps * 4});
-    const auto row_scales = scales.permute({0, 2, 1}).reshape({N, scale_blocks});
-    if constexpr (Int4) return q4_linear(x, rows, row_scales, c10::nullopt);
-    return q8_linear(x, rows.bitwise_xor(128).view(at::kChar), row_scales);
+    const auto as_rows = [&](const at::Tensor& t) { return t.permute({0, 2, 1}).reshape({N, scale_blocks}); };
+    if constexpr (Int4)
+      return q4_linear(x, rows, as_rows(scales),
+                       zeros.defined() ? c10::optional<at::Tensor>(as_rows(zeros)) : c10::nullopt);
+    return q8_linear(x, rows.bitwise_xor(128).view(at::kChar), as_rows(scales));
   }
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const c10::Half* sp = scales.data_ptr<c10::Half>();
+  const c10::Half* zp = zeros.defined() ? zeros.data_ptr<c10::Half>() : nullptr;
   const int64_t M = x.size(0);
-  if (amx_int8 && M >= kAmxMinRows) return x16_linear_of<16, Int4, true>(x, cp, sp, scale_blocks, N);
-  if (M <= 1) return x16_linear_of<1, Int4>(x, cp, sp, scale_blocks, N);
-  if (M <= 2) return x16_linear_of<2, Int4>(x, cp, sp, scale_blocks, N);
-  if (M <= 4) return x16_linear_of<4, Int4>(x, cp, sp, scale_blocks, N);
-  if (M <= 8) return x16_linear_of<8, Int4>(x, cp, sp, scale_blocks, N);
-  return x16_linear_of<16, Int4>(x, cp, sp, scale_blocks, N);
+  if (amx_int8 && M >= kAmxMinRows) return x16_linear_of<16, Int4, true>(x, cp, sp, zp, scale_blocks, N);
+  if (M <= 1) return x16_linear_of<1, Int4>(x, cp, sp, zp, scale_blocks, N);
+  if (M <= 2) return x16_linear_of<2, Int4>(x, cp, sp, zp, scale_blocks, N);
+  if (M <= 4) return x16_linear_of<4, Int4>(x, cp, sp, zp, scale_blocks, N);
+  if (M <= 8) return x16_linear_of<8, Int4>(x, cp, sp, zp, scale_blocks, N);
+  return x16_linear_of<16, Int4>(x, cp, sp, zp, scale_blocks, N);
 }
 
 }  // namespace
@@ -1540,14 +1571,14 @@ at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const a
 // packed [N, K / 2] uint8: in each block of 32 inputs, byte j holds code j in its low
 // nibble and code j + 16 in its high one (GGUF Q4_0's order). w = (code - 8) * scale +
 // zero, scales and zeros float16 [N, K / group] (no zeros: all 0); group a multiple of 32.
-// Or Q4_0 interleaved by 16 rows: packed 5-D (see x16_linear_of).
+// Or interleaved by 16 rows: packed 5-D (see x16_linear_of).
 at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& scales_in,
                      const c10::optional<at::Tensor>& zeros_in) {
   RECORD_FUNCTION("qwen3chat::q4_linear", std::vector<c10::IValue>());
   const auto packed = packed_in.contiguous();
   const auto scales = scales_in.contiguous();
   const auto x = x_in.contiguous();
-  if (packed.dim() == 5 && !zeros_in.has_value()) return x16_linear<true>(x, packed, scales);
+  if (packed.dim() == 5) return x16_linear<true>(x, packed, scales, zeros_in);
   const bool has_zeros = zeros_in.has_value();
   const auto zeros = has_zeros ? zeros_in->contiguous() : scales;
   const int64_t N = packed.size(0), K = packed.size(1) * 2, G = scales.size(1);
