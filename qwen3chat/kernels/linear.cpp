@@ -1026,8 +1026,8 @@ QK_VNNI_Q4 void x16_pass(const uint8_t* w, const X16Scales& ws, const RowGroups&
 // AMX-INT8 tiles (where the CPU has them and the OS grants a process their state:
 // set_amx_int8) multiply 16 activation rows by 16 weight rows and a block of 32 inputs in
 // one instruction: tdpbsud takes the activations by rows (signed) and the weights as
-// interleaved Q8_0 and Q4_0 hold them, four bytes of each of 16 rows a step (unsigned;
-// Q4_0's once the nibbles are apart). Its int32 sums are vpdpbusd's, scaled in the same float
+// interleaved int8 and int4 hold them, four bytes of each of 16 rows a step (unsigned;
+// int4's once the nibbles are apart). Its int32 sums are vpdpbusd's, scaled in the same float
 // steps: the same bits as x16_pass. From kAmxMinRows rows (a tile takes 16; VNNI's
 // 8-row pass costs half of its 16-row one): the 0.6B shape's 28 layers of products on two
 // threads, 128 rows 130 -> 106 ms, 32 rows 35 -> 29, 16 rows 19.0-20.5 -> 17.5-18.6, 12
@@ -1077,7 +1077,7 @@ static_assert((kAmxRing & (kAmxRing - 1)) == 0 && kAmxRing > kAmxUnpackAhead + 1
 #define QK_AMX_BLOCK(sums, acts, wts, b)              \
   do {                                                \
     _tile_loadd(acts, rows + (b) * 32, K);            \
-    _tile_loadd(wts, slot(b), 64);                    \
+    _tile_loadd(wts, tile(b), 64);                    \
     _tile_zero(sums);                                 \
     _tile_dpbsud(sums, acts, wts);                    \
   } while (0)
@@ -1103,8 +1103,8 @@ QK_AMX_Q4 __attribute__((always_inline)) inline void amx_scale(
 // weight rows (scales ws) into acc, the next block's product issued before a block's sums
 // are stored, and those scaled an iteration later (loaded right after their tile's store,
 // they waited for it: the 0.6B shape's 28 layers of Q4_0 feed-forward products of 16 rows
-// on two threads took 13.0-13.8 ms, now 12.2-13.0). Q8_0's interleaved codes are the
-// weight tiles as they are; Q4_0's are unpacked at `unpacked`: with w (the first group's
+// on two threads took 13.0-13.8 ms, now 12.2-13.0). int8's interleaved codes are the
+// weight tiles as they are; int4's are unpacked at `unpacked`: with w (the first group's
 // pass), the pass unpacks the rows' codes itself, kAmxUnpackAhead blocks ahead of the
 // tiles that load them. The next rows' (next, or null) are asked for into L2 a block at a
 // time. Per block of 16 by 16 rows on an Intel Xeon (one core, 16 rows of Q4_0): ~67-80
@@ -1126,20 +1126,19 @@ QK_AMX_Q4 void x16_amx_pass(const uint8_t* w, uint8_t* unpacked, const X16Scales
   // kAmxRing slots, which stay in L1 (written through a whole row's worth, a down
   // projection's 48 KiB, they went out to L2 and back).
   const int64_t ring = x.count == 1 ? kAmxRing - 1 : ~int64_t{0};
-  const auto slot = [&](int64_t b) -> const uint8_t* {
-    return Int4 ? unpacked + (b & ring) * 512 : w + b * bytes;
-  };
+  const auto slot = [&](int64_t b) { return unpacked + (b & ring) * 512; };
+  const auto tile = [&](int64_t b) -> const uint8_t* { return Int4 ? slot(b) : w + b * bytes; };
   __m512 total[16];
 #pragma GCC unroll 16
   for (int a = 0; a < 16; ++a) total[a] = _mm512_setzero_ps();
   if (Int4 && w != nullptr)
-    for (int64_t b = 0; b < std::min(B, kAmxUnpackAhead); ++b) q4x16_amx_unpack(w + b * 256, unpacked + (b & ring) * 512);
+    for (int64_t b = 0; b < std::min(B, kAmxUnpackAhead); ++b) q4x16_amx_unpack(w + b * 256, slot(b));
   QK_AMX_BLOCK(0, 2, 3, 0);
   for (int64_t b = 0; b < B; ++b) {
     if (next != nullptr)
       for (int line = 0; line < bytes / 64; ++line) _mm_prefetch(reinterpret_cast<const char*>(next + b * bytes + line * 64), _MM_HINT_T1);
     if (Int4 && w != nullptr && b + kAmxUnpackAhead < B)
-      q4x16_amx_unpack(w + (b + kAmxUnpackAhead) * 256, unpacked + ((b + kAmxUnpackAhead) & ring) * 512);
+      q4x16_amx_unpack(w + (b + kAmxUnpackAhead) * 256, slot(b + kAmxUnpackAhead));
     if (b % 2 == 0) {
       if (b + 1 < B) QK_AMX_BLOCK(1, 4, 5, b + 1);
       _tile_stored(0, sums[0], 64);
@@ -1521,8 +1520,8 @@ at::Tensor x16_linear(const at::Tensor& x, const at::Tensor& codes, const at::Te
 
 }  // namespace
 
-// codes [N, K] int8, scales [N, K / group] float16; group a multiple of 32. Or Q8_0
-// interleaved by 16 rows: codes 5-D uint8 (see x16_linear_of).
+// codes [N, K] int8, scales [N, K / group] float16; group a multiple of 32. Or interleaved
+// by 16 rows: codes 5-D uint8 (see x16_linear_of).
 at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& scales_in) {
   RECORD_FUNCTION("qwen3chat::q8_linear", std::vector<c10::IValue>());
   const auto codes = codes_in.contiguous();
