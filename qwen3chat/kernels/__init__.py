@@ -291,10 +291,10 @@ def _amx_int8() -> bool:
 
 
 def interleaves(device: torch.device | str) -> bool:
-    """Whether int8 and int4 weights without zero points in groups of 32 (Q8_0, Q4_0) are
-    held interleaved by 16 rows on ``device``, as linear.cpp's AVX512-VNNI product of them
-    reads them (``x16_linear_of``): where that kernel runs, a build here and the CPU and OS
-    allowing AVX512-VNNI."""
+    """Whether int8 and int4 weights in groups of 32 (and int8 with one scale a row) are
+    held interleaved by 16 rows on ``device`` (quant.py's QuantizedWeight), as linear.cpp's
+    AVX512-VNNI product of them reads them (``x16_linear_of``): where that kernel runs, a
+    build here and the CPU and OS allowing AVX512-VNNI."""
     return torch.device(device).type == "cpu" and _avx512_vnni() and _module() is not None
 
 
