@@ -5,6 +5,7 @@ state across turns."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -240,15 +241,23 @@ def test_gguf_as_llama_cpp_writes_it_reads_back(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize("steps", [1, 150])
-def test_native_delta_step_equals_the_torch_step(dtype, tiled, steps, monkeypatch):
+@pytest.mark.parametrize("head_dim", [16, 112])
+def test_native_delta_step_equals_the_torch_step(
+    dtype, tiled, steps, head_dim, monkeypatch, row_kernels
+):
     """The kernel's steps of a Gated DeltaNet layer (conv, rule, gated norm) against the
     torch code, from the same nonzero states: outputs and both states. A decode step's one
     token, and a prompt's 150 (three of the kernel's blocks of tokens; the torch code's
-    chunked rule over three chunks)."""
+    chunked rule over three chunks). Heads of 16 values (one vector of AVX-512's), and of
+    112 (a full strip of four vectors and a short one, in either form)."""
     from qwen3chat import kernels
-    from qwen3chat.loading import load_preset
+    from qwen3chat.loading import random_model
+    from qwen3chat.presets import preset_config
 
-    model = load_preset("tiny-hybrid", device="cpu", dtype="float32").model.to(dtype)
+    config = dataclasses.replace(
+        preset_config("tiny-hybrid"), linear_key_head_dim=head_dim, linear_value_head_dim=head_dim
+    )
+    model = random_model(config, dtype, torch.device("cpu"))
     layer = model.layers[0].linear_attn
     layer.tiled = tiled
     torch.manual_seed(0)

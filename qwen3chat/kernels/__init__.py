@@ -96,7 +96,7 @@ _WORK = (
     "int8/int4 products (any rows, groups of 32)",
     "bf16 products of 4+ rows",
     "attention over a bf16 or int8 cache",
-    "norms, rotary embedding, SwiGLU",
+    "norms, rotary embedding, SwiGLU, delta rule",
 )
 # SIMDe's headers, where ARM builds look for them: the compiler's own paths, and Homebrew's.
 _SIMDE_DIRS = ("/usr/include", "/usr/local/include", "/opt/homebrew/include")
@@ -234,7 +234,7 @@ def _module():
         if wide:
             _CHOICES["one-row float/bf16/f16 products"] = "AVX-512"
             _CHOICES["attention over a bf16 or int8 cache"] = "AVX-512"
-            _CHOICES["norms, rotary embedding, SwiGLU"] = "AVX-512"
+            _CHOICES["norms, rotary embedding, SwiGLU, delta rule"] = "AVX-512"
             _CHOICES["bf16 products of 4+ rows"] = "AVX-512"
         if avx_vnni:
             _CHOICES["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "AVX-VNNI"

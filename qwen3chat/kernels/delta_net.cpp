@@ -22,76 +22,14 @@
 #include <cmath>
 
 #include "kernels.h"
+#include "row_ops.h"
 
 using qk::with_dtype;
 
 namespace {
 
-inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
-
 // torch's softplus (threshold 20: above it, x itself).
 inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
-
-// A float rounded to T and back, as a torch operation in T would have stored it.
-template <typename T>
-inline float rounded(float x) {
-  return static_cast<float>(static_cast<T>(x));
-}
-
-// One value head's rule and gated norm. S [dk, dv] (dv a multiple of 8) moves on in place.
-// A strip of 32 columns at a time: its two reads in one pass from memory, then its write
-// from L1 (the strip is dk * 128 bytes), so S crosses the memory bus once each way.
-template <typename T>
-void head_step(float* S, const float* k, const float* q, const T* v, const T* z, const T* norm,
-               float decay, float beta, T* out, int64_t dk, int64_t dv, float eps) {
-  alignas(32) float read_k[kMaxHeadDim], read_q[kMaxHeadDim], delta[kMaxHeadDim];
-  alignas(32) float o[kMaxHeadDim];
-  float kq = 0.0f;
-  for (int64_t r = 0; r < dk; ++r) kq += k[r] * q[r];
-  const __m256 d = _mm256_set1_ps(decay);
-  for (int64_t c = 0; c < dv; c += 32) {  // 32 columns: 8 accumulators in registers
-    const int64_t width = std::min<int64_t>(32, dv - c);
-    __m256 uk[4], uq[4];
-    for (int j = 0; j < 4; ++j) uk[j] = uq[j] = _mm256_setzero_ps();
-    for (int64_t r = 0; r < dk; ++r) {
-      const float* row = S + r * dv + c;
-      const __m256 kr = _mm256_set1_ps(k[r]), qr = _mm256_set1_ps(q[r]);
-      for (int j = 0; j < width / 8; ++j) {
-        const __m256 s = _mm256_loadu_ps(row + 8 * j);
-        uk[j] = _mm256_fmadd_ps(s, kr, uk[j]);
-        uq[j] = _mm256_fmadd_ps(s, qr, uq[j]);
-      }
-    }
-    for (int j = 0; j < width / 8; ++j) {
-      _mm256_store_ps(read_k + c + 8 * j, uk[j]);
-      _mm256_store_ps(read_q + c + 8 * j, uq[j]);
-    }
-    for (int64_t i = c; i < c + width; ++i) {
-      delta[i] = (static_cast<float>(v[i]) - decay * read_k[i]) * beta;
-      o[i] = decay * read_q[i] + kq * delta[i];
-    }
-    for (int64_t r = 0; r < dk; ++r) {
-      float* row = S + r * dv + c;
-      const __m256 kr = _mm256_set1_ps(k[r]);
-      for (int j = 0; j < width / 8; ++j)
-        _mm256_storeu_ps(row + 8 * j,
-                         _mm256_fmadd_ps(kr, _mm256_load_ps(delta + c + 8 * j),
-                                         _mm256_mul_ps(_mm256_loadu_ps(row + 8 * j), d)));
-    }
-  }
-  // The rule's output in T, RMS-normed in float32, scaled by the weight in T, then times
-  // silu(z) in float32 and rounded to T (GatedRMSNorm).
-  float squares = 0.0f;
-  for (int64_t c = 0; c < dv; ++c) {
-    o[c] = rounded<T>(o[c]);
-    squares += o[c] * o[c];
-  }
-  const float inverse = 1.0f / std::sqrt(squares / static_cast<float>(dv) + eps);
-  for (int64_t c = 0; c < dv; ++c) {
-    const float scaled = rounded<T>(static_cast<float>(norm[c]) * rounded<T>(o[c] * inverse));
-    out[c] = static_cast<T>(scaled * silu(static_cast<float>(z[c])));
-  }
-}
 
 // The conv of channels [c, c + 8) over their history and n inputs (rows t at rows + t *
 // width), each sum rounded to T, into mixed (row t at mixed + t * C); the history moves on
@@ -217,6 +155,8 @@ at::Tensor gated_delta_step(const at::Tensor& proj_in, const at::Tensor& conv_we
       });
       // Then every (row, value head) pair's rule over the block's tokens in order, spread
       // over the threads at once: a head's state stays in this core's cache between them.
+      const auto head_step =
+          wide_rows(dv) ? rows16::delta_head_step<T> : rows8::delta_head_step<T>;
       at::parallel_for(0, B * Hv, 1, [&](int64_t first, int64_t last) {
         for (int64_t i = first; i < last; ++i) {
           const int64_t b = i / Hv, h = i % Hv;
@@ -228,12 +168,12 @@ at::Tensor gated_delta_step(const at::Tensor& proj_in, const at::Tensor& conv_we
             const float beta = 1.0f / (1.0f + std::exp(-static_cast<float>(beta_in[h])));
             const float decay = std::exp(Ap[h] * softplus(static_cast<float>(a_in[h]) + dt[h]));
             const float* m = mixed.data() + (b * block + t) * C;
-            head_step<T>(state.data_ptr<float>() + (slot[b] * Hv + h) * dk * dv,
-                         m + key_dim + hk * dk, m + hk * dk,
-                         values.data() + (b * block + t) * value_dim + h * dv, z + h * dv,
-                         norm.data_ptr<T>(), decay, beta,
-                         out.data_ptr<T>() + (b * steps + t0 + t) * value_dim + h * dv, dk, dv,
-                         static_cast<float>(eps));
+            head_step(state.data_ptr<float>() + (slot[b] * Hv + h) * dk * dv,
+                      m + key_dim + hk * dk, m + hk * dk,
+                      values.data() + (b * block + t) * value_dim + h * dv, z + h * dv,
+                      norm.data_ptr<T>(), decay, beta,
+                      out.data_ptr<T>() + (b * steps + t0 + t) * value_dim + h * dv, dk, dv,
+                      static_cast<float>(eps));
           }
         }
       });

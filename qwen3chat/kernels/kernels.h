@@ -167,8 +167,10 @@ void set_amx_int8(bool enabled);
 // Attention over bfloat16 and int8 caches with AVX-512 (F, BW, DQ) where the CPU and OS
 // allow it.
 void set_avx512_attention(bool enabled);
-// RMSNorm, q/k norm with RoPE and SwiGLU (row_ops.inc) with AVX-512, likewise.
+// RMSNorm, q/k norm with RoPE, SwiGLU and the delta rule (row_ops.inc) with AVX-512,
+// likewise; wide_rows says whether rows of this many values take it (a multiple of 16).
 void set_avx512_rows(bool enabled);
+bool wide_rows(int64_t width);
 // Attention's scores over an int8 cache as integer products (AVX512-VNNI), likewise.
 void set_vnni_attention(bool enabled);
 // One-row (decode) products of float, bfloat16 and half weights with AVX-512, likewise.

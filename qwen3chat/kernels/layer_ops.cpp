@@ -14,27 +14,13 @@
 #include <vector>
 
 #include "kernels.h"
+#include "row_ops.h"
 
 using qk::hsum;
 using qk::load8;
 using qk::round_to;
 using qk::store8;
 using qk::with_dtype;
-
-// row_ops.inc's two builds.
-namespace rows8 {
-using V = qk::Lanes8;
-#define QK_ROWS
-#include "row_ops.inc"
-#undef QK_ROWS
-}  // namespace rows8
-
-namespace rows16 {
-using V = qk::Lanes16;
-#define QK_ROWS QK_AVX512
-#include "row_ops.inc"
-#undef QK_ROWS
-}  // namespace rows16
 
 namespace {
 
@@ -43,7 +29,11 @@ namespace {
 // AVX2 on an Intel Xeon (two threads), SwiGLU 1.1, RMSNorm 0.7.
 std::atomic<bool> avx512_rows{false};
 
+}  // namespace
+
 bool wide_rows(int64_t width) { return avx512_rows && width % 16 == 0; }
+
+namespace {
 
 // x [D] as an int8 cache's row, as kv_cache.py's quantize_rows does it: per block of 32,
 // scale = max |x| / 127 and codes x * (1 / scale) rounded to nearest even (the MXCSR
