@@ -6,11 +6,12 @@
 // call where the torch code takes some thirty operations.
 //
 // A prompt's tokens take the recurrent rule too, a head's tokens in order on one thread,
-// its state (64 KiB at dk = dv = 128) in that core's cache between them: 3 dk dv
+// 32 columns of its state at a time in that core's L1 (row_ops.inc's delta_rule): 3 dk dv
 // multiply-adds a token where the torch code's chunked form takes about three times as
 // many in small matrix products and a scan (qwen3.5-0.8b's 128-token prompt, one layer,
 // Intel Xeon, 2 threads: 8.9 ms in torch, 5.0 here; `bench` prefill Q8_0 287 -> 351
-// tok/s, F16 346 -> 464, Q4_0 at 1024 tokens 308 -> 491).
+// tok/s, F16 346 -> 464, Q4_0 at 1024 tokens 308 -> 491; with the rule in L1 and
+// AVX-512, 2026-12-05, model 207: 7.4 -> 3.6 ms).
 //
 // The rule reads each head's state [dk, dv] twice and writes it once. With decay d, key
 // k, query q, value v and strength beta:
@@ -28,17 +29,26 @@ using qk::with_dtype;
 
 namespace {
 
+// a . b over n floats (a multiple of 8).
+float dot(const float* a, const float* b, int64_t n) {
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8)
+    sum = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), sum);
+  return qk::hsum(sum);
+}
+
 // torch's softplus (threshold 20: above it, x itself).
 inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
 
 // The conv of channels [c, c + 8) over their history and n inputs (rows t at rows + t *
-// width), each sum rounded to T, into mixed (row t at mixed + t * C); the history moves on
-// by n. Eight channels a vector: a token's inputs lie side by side in the projection.
+// width), each sum rounded to T, into mixed (row t at mixed + t * ld); the history moves on
+// by n. Eight channels a vector: a token's inputs lie side by side in the projection. Each
+// sum reads its K inputs where they lie, with no window carried from token to token.
 template <typename T>
 void conv_channels(const T* rows, int64_t width, T* history, const T* w, int64_t K, int64_t c,
-                   int64_t n, float* mixed, int64_t C) {
+                   int64_t n, float* mixed, int64_t ld) {
   const int64_t past = K - 1;
-  __m256 taps[kMaxConvKernel], window[kMaxConvKernel];
+  __m256 taps[kMaxConvKernel], earlier[kMaxConvKernel];
   alignas(32) float lanes[8];
   for (int64_t j = 0; j < K; ++j) {
     for (int i = 0; i < 8; ++i) lanes[i] = static_cast<float>(w[(c + i) * K + j]);
@@ -46,17 +56,19 @@ void conv_channels(const T* rows, int64_t width, T* history, const T* w, int64_t
   }
   for (int64_t j = 0; j < past; ++j) {
     for (int i = 0; i < 8; ++i) lanes[i] = static_cast<float>(history[(c + i) * past + j]);
-    window[j] = _mm256_load_ps(lanes);
+    earlier[j] = _mm256_load_ps(lanes);
   }
+  // Input s: the history's last ones for s < 0.
+  const auto input = [&](int64_t s) {
+    return s < 0 ? earlier[past + s] : qk::load8(rows + s * width + c);
+  };
   for (int64_t t = 0; t < n; ++t) {
-    window[past] = qk::load8(rows + t * width + c);
-    __m256 acc = _mm256_mul_ps(window[0], taps[0]);
-    for (int64_t j = 1; j < K; ++j) acc = _mm256_fmadd_ps(window[j], taps[j], acc);
-    _mm256_storeu_ps(mixed + t * C + c, qk::Lanes8::round(T{}, acc));
-    for (int64_t j = 0; j < past; ++j) window[j] = window[j + 1];
+    __m256 acc = _mm256_mul_ps(input(t - past), taps[0]);
+    for (int64_t j = 1; j < K; ++j) acc = _mm256_fmadd_ps(input(t - past + j), taps[j], acc);
+    _mm256_storeu_ps(mixed + t * ld + c, qk::Lanes8::round(T{}, acc));
   }
   for (int64_t j = 0; j < past; ++j) {
-    _mm256_store_ps(lanes, window[j]);
+    _mm256_store_ps(lanes, input(n - past + j));
     for (int i = 0; i < 8; ++i) history[(c + i) * past + j] = static_cast<T>(lanes[i]);
   }
 }
@@ -153,28 +165,39 @@ at::Tensor gated_delta_step(const at::Tensor& proj_in, const at::Tensor& conv_we
             values[(b * block + t) * value_dim + j] = static_cast<T>(m[2 * key_dim + j]);
         }
       });
-      // Then every (row, value head) pair's rule over the block's tokens in order, spread
-      // over the threads at once: a head's state stays in this core's cache between them.
-      const auto head_step =
-          wide_rows(dv) ? rows16::delta_head_step<T> : rows8::delta_head_step<T>;
+      // Then every (row, value head) pair's rule over the block's tokens, spread over the
+      // threads at once, and each token's gated norm.
+      const bool wide = wide_rows(dv);
+      const auto rule = wide ? rows16::delta_rule<T> : rows8::delta_rule<T>;
+      const auto norm_out = wide ? rows16::gated_norm<T> : rows8::gated_norm<T>;
       at::parallel_for(0, B * Hv, 1, [&](int64_t first, int64_t last) {
+        std::vector<float> o(n * dv), decay(n), beta(n), kq(n);
         for (int64_t i = first; i < last; ++i) {
           const int64_t b = i / Hv, h = i % Hv;
           const int64_t hk = tiled ? h % Hk : h / per_k;
+          const float* m = mixed.data() + b * block * C;
+          const T* z = proj.data_ptr<T>() + (b * steps + t0) * width + C;
           for (int64_t t = 0; t < n; ++t) {
-            const T* z = proj.data_ptr<T>() + (b * steps + t0 + t) * width + C;
-            const T* beta_in = z + value_dim;
+            const T* beta_in = z + t * width + value_dim;
             const T* a_in = beta_in + Hv;
-            const float beta = 1.0f / (1.0f + std::exp(-static_cast<float>(beta_in[h])));
-            const float decay = std::exp(Ap[h] * softplus(static_cast<float>(a_in[h]) + dt[h]));
-            const float* m = mixed.data() + (b * block + t) * C;
-            head_step(state.data_ptr<float>() + (slot[b] * Hv + h) * dk * dv,
-                      m + key_dim + hk * dk, m + hk * dk,
-                      values.data() + (b * block + t) * value_dim + h * dv, z + h * dv,
-                      norm.data_ptr<T>(), decay, beta,
-                      out.data_ptr<T>() + (b * steps + t0 + t) * value_dim + h * dv, dk, dv,
-                      static_cast<float>(eps));
+            beta[t] = 1.0f / (1.0f + std::exp(-static_cast<float>(beta_in[h])));
+            decay[t] = std::exp(Ap[h] * softplus(static_cast<float>(a_in[h]) + dt[h]));
+            kq[t] = dot(m + t * C + key_dim + hk * dk, m + t * C + hk * dk, dk);
           }
+          const DeltaTokens<T> tokens{m + key_dim + hk * dk,
+                                      m + hk * dk,
+                                      C,
+                                      values.data() + b * block * value_dim + h * dv,
+                                      value_dim,
+                                      decay.data(),
+                                      beta.data(),
+                                      kq.data(),
+                                      n};
+          rule(state.data_ptr<float>() + (slot[b] * Hv + h) * dk * dv, tokens, o.data(), dk, dv);
+          T* head_out = out.data_ptr<T>() + (b * steps + t0) * value_dim + h * dv;
+          for (int64_t t = 0; t < n; ++t)
+            norm_out(o.data() + t * dv, z + t * width + h * dv, norm.data_ptr<T>(),
+                     head_out + t * value_dim, dv, static_cast<float>(eps));
         }
       });
     }

@@ -218,6 +218,21 @@ std::tuple<at::Tensor, at::Tensor> top_k(const at::Tensor& logits, int64_t k);
 constexpr int64_t kStepBlock = 64;
 constexpr int64_t kDeltaDimBlock = 8;
 constexpr int64_t kMaxConvKernel = 8;
+// One value head's inputs to the delta rule over a block of n tokens (row_ops.inc's
+// delta_rule): token t's key k + t * kq_stride, query q + t * kq_stride (float32), value
+// v + t * v_stride, its decay, strength and k . q.
+template <typename T>
+struct DeltaTokens {
+  const float* k;
+  const float* q;
+  int64_t kq_stride;
+  const T* v;
+  int64_t v_stride;
+  const float* decay;
+  const float* beta;
+  const float* kq;
+  int64_t n;
+};
 at::Tensor gated_delta_step(const at::Tensor& proj, const at::Tensor& conv_weight,
                             const at::Tensor& conv_state, const at::Tensor& A,
                             const at::Tensor& dt_bias, const at::Tensor& norm,
