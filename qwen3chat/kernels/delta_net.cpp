@@ -171,7 +171,8 @@ at::Tensor gated_delta_step(const at::Tensor& proj_in, const at::Tensor& conv_we
       const auto rule = wide ? rows16::delta_rule<T> : rows8::delta_rule<T>;
       const auto norm_out = wide ? rows16::gated_norm<T> : rows8::gated_norm<T>;
       at::parallel_for(0, B * Hv, 1, [&](int64_t first, int64_t last) {
-        std::vector<float> o(n * dv), decay(n), beta(n), kq(n);
+        std::vector<float> o(n * dv);
+        float decay[kStepBlock], beta[kStepBlock], kq[kStepBlock];
         for (int64_t i = first; i < last; ++i) {
           const int64_t b = i / Hv, h = i % Hv;
           const int64_t hk = tiled ? h % Hk : h / per_k;
@@ -189,9 +190,9 @@ at::Tensor gated_delta_step(const at::Tensor& proj_in, const at::Tensor& conv_we
                                       C,
                                       values.data() + b * block * value_dim + h * dv,
                                       value_dim,
-                                      decay.data(),
-                                      beta.data(),
-                                      kq.data(),
+                                      decay,
+                                      beta,
+                                      kq,
                                       n};
           rule(state.data_ptr<float>() + (slot[b] * Hv + h) * dk * dv, tokens, o.data(), dk, dv);
           T* head_out = out.data_ptr<T>() + (b * steps + t0) * value_dim + h * dv;
