@@ -1,8 +1,9 @@
 """The kernels on 64-bit ARM Linux, emulated: torch's extension builder in an arm64 Python
 under qemu-aarch64 compiles them with Debian's cross compiler (which it runs natively),
 through SIMDe and with ARM's dot-product instructions where the CPU has them, and the
-kernel tests run there against the torch code. Two CPUs: qemu's ``max`` (dot product)
-and a Cortex-A72 (NEON alone, as a Raspberry Pi 4), each with the build named for its
+kernel tests run there against the torch code. Three CPUs: qemu's ``max`` (dot product
+and int8 matrix multiply, as Graviton 3), a Neoverse-N1 (dot product alone, as Graviton
+2) and a Cortex-A72 (NEON alone, as a Raspberry Pi 4), each with the build named for its
 features. The emulated system is made by .ci/arm64-env (CI does); without it these are
 skipped."""
 
@@ -26,11 +27,11 @@ pytestmark = pytest.mark.skipif(
     reason=f"no emulated ARM system at {ARM}: make it with .ci/arm64-env {ARM}",
 )
 
-# On the CPU with the dot product: the products (every weight format, one row and many;
-# float ones at one width, as the other's many-row GEMM is torch's and slow to emulate),
-# the per-layer operations, attention over contiguous, paged and int8 caches, and paged
-# decode steps of whole models against the contiguous ones. Without the dot product only
-# the integer products differ.
+# On the CPU with the int8 matrix multiply: the products (every weight format, one row and
+# many; float ones at one width, as the other's many-row GEMM is torch's and slow to
+# emulate), the per-layer operations, attention over contiguous, paged and int8 caches, and paged
+# decode steps of whole models against the contiguous ones (and its integer GEMM against
+# the dot-product one, bit for bit). Without those only the integer products differ.
 PRODUCTS = ["tests/test_quant.py", "-k", "linear_matches or int4_product or native_quantization"]
 EVERYTHING = [
     "tests/test_quant.py",
@@ -71,16 +72,21 @@ def emulated(cpu: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "cpu,int_products,tests",
-    [("max", "NEON dot product", EVERYTHING), ("cortex-a72", "NEON (SIMDe)", PRODUCTS)],
+    "cpu,int_products,integer_gemm,tests",
+    [
+        ("max", "NEON dot product", "NEON int8 matrix multiply", EVERYTHING),
+        ("neoverse-n1", "NEON dot product", "NEON dot product", PRODUCTS),
+        ("cortex-a72", "NEON (SIMDe)", "NEON (SIMDe)", PRODUCTS),
+    ],
 )
-def test_the_kernels_build_and_pass_their_tests_on_arm(cpu, int_products, tests):
+def test_the_kernels_build_and_pass_their_tests_on_arm(cpu, int_products, integer_gemm, tests):
     result = emulated(cpu, "-c", VARIANTS)
     assert result.returncode == 0, result.stderr[-2000:]
     machine, built, variants = json.loads(result.stdout.strip().splitlines()[-1])
     assert (machine, built) == ("aarch64", True), result.stderr[-2000:]
     assert variants["one-row int8/int4 products"] == int_products
-    assert set(variants.values()) <= {"NEON dot product", "NEON (SIMDe)"}, variants
+    assert variants["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] == integer_gemm
+    assert set(variants.values()) <= {int_products, integer_gemm, "NEON (SIMDe)"}, variants
 
     result = emulated(cpu, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""

@@ -27,6 +27,7 @@ def fake_build(monkeypatch):
         set_avx512_vnni=lambda enabled: None,
         set_avx_vnni=lambda enabled: None,
         cpu_avx_vnni=lambda: False,
+        set_i8mm=lambda enabled: None,
         flush_subnormals=lambda: None,
         set_amx_int8=lambda enabled: None,
         set_avx512_attention=lambda enabled: None,
@@ -163,21 +164,38 @@ def test_other_cpus_are_reported_once_by_name(monkeypatch, warnings_of_two_loads
     assert "no native kernels for riscv64 CPUs" in _the_one_reason(warnings_of_two_loads())
 
 
-@pytest.mark.parametrize("dotprod", [True, False])
-def test_an_arm_build_is_named_for_the_features_it_assumes(monkeypatch, tmp_path, dotprod):
+@pytest.mark.parametrize(
+    "features,name,march,integer_gemm",
+    [
+        ((), "qwen3chat_kernels_neon", "armv8-a", "NEON (SIMDe)"),
+        (("dotprod",), "qwen3chat_kernels_dotprod", "armv8.2-a+dotprod", "NEON dot product"),
+        (
+            ("dotprod", "i8mm"),
+            "qwen3chat_kernels_i8mm",
+            "armv8.2-a+dotprod+i8mm",
+            "NEON int8 matrix multiply",
+        ),
+    ],
+)
+def test_an_arm_build_is_named_for_the_features_it_assumes(
+    monkeypatch, tmp_path, features, name, march, integer_gemm
+):
     """A build cached in a home shared by ARM machines with and without the dot-product
-    instructions is used only by those it was compiled for: its name says which."""
+    instructions (and the int8 matrix multiply) is used only by those it was compiled for:
+    its name says which."""
     (tmp_path / "simde/x86").mkdir(parents=True)
     (tmp_path / "simde/x86/avx2.h").touch()
     monkeypatch.setenv("CPATH", str(tmp_path))
     monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
-    monkeypatch.setattr(kernels, "_arm_dotprod", lambda: dotprod)
+    has = {kernels._DOTPROD: "dotprod", kernels._I8MM: "i8mm"}
+    monkeypatch.setattr(kernels, "_arm_has", lambda feature: has[feature] in features)
     target = kernels._target()
-    assert target.name == ("qwen3chat_kernels_dotprod" if dotprod else "qwen3chat_kernels_neon")
-    assert ("-march=armv8.2-a+dotprod" in target.flags) == dotprod
+    assert (target.name, target.i8mm) == (name, "i8mm" in features)
+    assert f"-march={march}" in target.flags
     assert not any(flag.startswith(("-mavx", "-I")) for flag in target.flags)  # CPATH finds SIMDe
-    expected = "NEON dot product" if dotprod else "NEON (SIMDe)"
-    assert target.variants["one-row int8/int4 products"] == expected
+    one_row = "NEON dot product" if features else "NEON (SIMDe)"
+    assert target.variants["one-row int8/int4 products"] == one_row
+    assert target.variants["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] == integer_gemm
 
 
 def test_simde_outside_the_compilers_paths_is_passed_to_it(monkeypatch, tmp_path):

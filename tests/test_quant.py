@@ -13,6 +13,9 @@ from qwen3chat.model.layers import linear
 from qwen3chat.quant import QuantizedMatrix, QuantizedWeight, quantize
 
 CPU = torch.device("cpu")
+NATIVE = kernels.native(torch.zeros(1))
+# The integer GEMM's kernel as the CPU chose it (the x86 kernels report AVX-VNNI here too).
+INTEGER_GEMM = kernels.variants(CPU).get("int8/int4 GEMMs (8+ rows, 4+ with VNNI)")
 
 
 @pytest.fixture
@@ -30,7 +33,7 @@ def test_round_trip_error(weight, bits, group, bound):
     assert ((m.dequantize() - weight).abs() <= step / 2 + 1e-6).all()
 
 
-@pytest.mark.skipif(kernels.native(torch.zeros(1)) is None, reason="no native kernels here")
+@pytest.mark.skipif(NATIVE is None, reason="no native kernels here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,group", [(8, 256), (8, 32), (4, 32), (4, 8), (4, 128)])
 def test_native_quantization_gives_the_torch_codes(dtype, bits, group, monkeypatch):
@@ -60,14 +63,14 @@ def test_cat_keeps_rows_in_order(weight):
 
 
 @contextmanager
-def kernel_off(setter: str):
-    """The native kernel that ``setter`` chooses turned off inside, on again after."""
-    native = kernels.native(torch.zeros(1))
-    getattr(native, setter)(False)
+def kernel_off(setter: str, loaded: bool = True):
+    """The native kernel that ``setter`` chooses turned off inside, as it was loaded
+    (``loaded``: on) after."""
+    getattr(NATIVE, setter)(False)
     try:
         yield
     finally:
-        getattr(native, setter)(True)
+        getattr(NATIVE, setter)(loaded)
 
 
 def int8_activations(x: torch.Tensor) -> torch.Tensor:
@@ -174,7 +177,7 @@ def test_int4_product_at_every_block_layout(width, group, rows):
 
 
 @pytest.mark.skipif(
-    kernels.native(torch.zeros(1)) is None or not kernels._avx512_vnni(),
+    NATIVE is None or not kernels._avx512_vnni(),
     reason="this CPU (or its OS) does not allow AVX512-VNNI",
 )
 @pytest.mark.parametrize(
@@ -209,9 +212,24 @@ def test_avx512_vnni_gemm_is_the_avx2_one_bit_for_bit(
     assert torch.equal(vnni, avx2)
 
 
-@pytest.mark.skipif(
-    kernels.native(torch.zeros(1)) is None or not kernels.native(torch.zeros(1)).cpu_avx_vnni(),
-    reason="this CPU does not have AVX-VNNI",
+@pytest.mark.parametrize(
+    "setter",
+    [
+        pytest.param(
+            "set_avx_vnni",
+            marks=pytest.mark.skipif(
+                NATIVE is None or not NATIVE.cpu_avx_vnni(),
+                reason="this CPU does not have AVX-VNNI",
+            ),
+        ),
+        pytest.param(
+            "set_i8mm",
+            marks=pytest.mark.skipif(
+                INTEGER_GEMM != "NEON int8 matrix multiply",
+                reason="not an ARM CPU with the int8 matrix multiply (FEAT_I8MM)",
+            ),
+        ),
+    ],
 )
 @pytest.mark.parametrize(
     "bits,group,zeros,width",
@@ -225,31 +243,29 @@ def test_avx512_vnni_gemm_is_the_avx2_one_bit_for_bit(
 )
 @pytest.mark.parametrize("rows", [8, 21])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_avx_vnni_gemm_is_the_avx2_one_bit_for_bit(weight, bits, group, zeros, width, rows, dtype):
+def test_the_integer_gemms_other_kernel_is_the_first_one_bit_for_bit(
+    weight, setter, bits, group, zeros, width, rows, dtype
+):
     """Where AVX512-VNNI's kernel does not run, the integer GEMM's AVX2 kernel takes
-    AVX-VNNI's vpdpbusd where the CPU has it (integer_rows.inc's second build): the same
-    exact integer sums as maddubs', so the same bits. 93 weight rows leave a pass of 1."""
-    native = kernels.native(torch.zeros(1))
-    as_loaded = not kernels._avx512_vnni() and kernels._avx_vnni(native)
+    AVX-VNNI's vpdpbusd where the CPU has it (integer_rows.inc's second build), and on ARM
+    the dot-product kernel gives way to the int8 matrix multiply's (smmla): the same exact
+    integer sums, the same float steps, so the same bits. 93 weight rows leave a pass of 1."""
+    loaded = {"set_avx_vnni": INTEGER_GEMM == "AVX-VNNI", "set_i8mm": True}[setter]
     m = quantize(weight[:93, :width], bits, group)
     if not zeros:
         m.zeros = None
     layer = QuantizedWeight(m, torch.float32, CPU)
     x = torch.randn(rows, width, generator=torch.Generator().manual_seed(3)).to(dtype)
-    with kernel_off("set_avx512_vnni"):
-        try:
-            native.set_avx_vnni(False)
-            avx2 = linear(x, layer)
-            native.set_avx_vnni(True)
-            avx_vnni = linear(x, layer)
-        finally:
-            native.set_avx_vnni(as_loaded)
-    assert torch.equal(avx_vnni, avx2)
-    assert avx2.abs().max() > 0
+    with kernel_off("set_avx512_vnni", loaded=kernels._avx512_vnni()), kernel_off(setter, loaded):
+        first = linear(x, layer)
+        getattr(NATIVE, setter)(True)
+        other = linear(x, layer)
+    assert torch.equal(other, first)
+    assert first.abs().max() > 0
 
 
 @pytest.mark.skipif(
-    kernels.native(torch.zeros(1)) is None or not kernels._avx512_vnni(),
+    NATIVE is None or not kernels._avx512_vnni(),
     reason="this CPU (or its OS) does not allow AVX512-VNNI",
 )
 @pytest.mark.parametrize("bits", [8, 4])

@@ -8,7 +8,8 @@ them, one call per token (and a step of several sequences over a paged KV cache,
 call per step), and top_k.cpp the k largest logits that top-k sampling draws from.
 They need a C++ compiler and an x86-64 CPU with AVX2, or a 64-bit ARM CPU and the SIMDe
 headers (which translate the x86 intrinsics to NEON; the integer products use ARM's
-dot-product instructions where the CPU has them); without these, or when the build
+dot-product instructions, and the integer GEMM its int8 matrix multiply, where the CPU has
+them); without these, or when the build
 fails, ``native()`` returns None, a warning says why (once), and callers run the plain
 torch code, which is correct everywhere and is what the kernels are tested against.
 The build is cached by torch (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions).
@@ -101,8 +102,10 @@ _WORK = (
 # SIMDe's headers, where ARM builds look for them: the compiler's own paths, and Homebrew's.
 _SIMDE_DIRS = ("/usr/include", "/usr/local/include", "/opt/homebrew/include")
 _SIMDE_HINT = "install SIMDe (Debian/Ubuntu: libsimde-dev, Fedora: simde-devel, Homebrew: simde)"
-# getauxval(AT_HWCAP)'s bit for ARM's dot-product instructions (Linux).
-_AT_HWCAP, _HWCAP_ASIMDDP = 16, 1 << 20
+# getauxval's bits (Linux) for ARM's dot-product instructions (AT_HWCAP) and its int8
+# matrix multiply (AT_HWCAP2), and the sysctl names macOS gives them.
+_DOTPROD = (16, 1 << 20, "hw.optional.arm.FEAT_DotProd")
+_I8MM = (26, 1 << 13, "hw.optional.arm.FEAT_I8MM")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,15 +118,22 @@ class _Target:
     name: str
     flags: tuple[str, ...]
     variants: dict[str, str]
+    i8mm: bool = False
 
 
-def _arm_dotprod() -> bool:
-    """ARM's dot-product instructions (SDOT/UDOT): every Apple Silicon chip has them; on
-    Linux the kernel's hardware capabilities say."""
-    if sys.platform == "darwin":
-        return True
+def _arm_has(feature: tuple[int, int, str]) -> bool:
+    """Whether this ARM CPU has ``feature`` (_DOTPROD, _I8MM): on Linux as the kernel's
+    hardware capabilities say, on macOS as sysctl does."""
+    auxv, bit, sysctl = feature
     try:
-        return bool(ctypes.CDLL(None).getauxval(_AT_HWCAP) & _HWCAP_ASIMDDP)
+        libc = ctypes.CDLL(None)
+        if sys.platform == "darwin":
+            value, size = ctypes.c_int(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_int))
+            found = libc.sysctlbyname(
+                sysctl.encode(), ctypes.byref(value), ctypes.byref(size), None, 0
+            )
+            return found == 0 and value.value == 1
+        return bool(libc.getauxval(auxv) & bit)
     except (OSError, AttributeError):
         return False
 
@@ -157,14 +167,16 @@ def _target() -> _Target | str:
         simde = _simde_flags()
         if simde is None:
             return f"SIMDe headers not found: {_SIMDE_HINT}"
-        dotprod = _arm_dotprod()
         variants = dict.fromkeys(_WORK, "NEON (SIMDe)")
-        if dotprod:
-            variants["one-row int8/int4 products"] = "NEON dot product"
-            return _Target(
-                "qwen3chat_kernels_dotprod", ("-march=armv8.2-a+dotprod", *simde), variants
-            )
-        return _Target("qwen3chat_kernels_neon", ("-march=armv8-a", *simde), variants)
+        if not _arm_has(_DOTPROD):
+            return _Target("qwen3chat_kernels_neon", ("-march=armv8-a", *simde), variants)
+        variants["one-row int8/int4 products"] = "NEON dot product"
+        variants["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "NEON dot product"
+        if _arm_has(_I8MM):
+            variants["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "NEON int8 matrix multiply"
+            flags = ("-march=armv8.2-a+dotprod+i8mm", *simde)
+            return _Target("qwen3chat_kernels_i8mm", flags, variants, i8mm=True)
+        return _Target("qwen3chat_kernels_dotprod", ("-march=armv8.2-a+dotprod", *simde), variants)
     return f"no native kernels for {platform.machine()} CPUs"
 
 
@@ -222,6 +234,7 @@ def _module():
         module.set_native_bf16_gemm(bf16)
         module.set_avx512_vnni(vnni)
         module.set_avx_vnni(avx_vnni)
+        module.set_i8mm(target.i8mm)
         module.set_amx_int8(amx)
         module.set_avx512_attention(wide)
         module.set_avx512_rows(wide)

@@ -108,6 +108,11 @@ inline float _mm512_reduce_add_ps(__m512 a) {
 #else
 #define QK_DOTPROD 0
 #endif
+#if defined(__ARM_FEATURE_MATMUL_INT8)
+#define QK_I8MM 1
+#else
+#define QK_I8MM 0
+#endif
 
 
 // Linear layers, ``x [M, K] @ W.T -> [M, N]`` in x's dtype (linear.cpp). Below a
@@ -156,6 +161,9 @@ void set_avx512_vnni(bool enabled);
 // the CPU has it (cpu_avx_vnni: cpuid): bit for bit the same results.
 void set_avx_vnni(bool enabled);
 bool cpu_avx_vnni();
+// On ARM, integer GEMMs with the int8 matrix multiply (smmla) in a build for it (Python
+// turns it on where the CPU has it): bit for bit the dot-product kernel's results.
+void set_i8mm(bool enabled);
 // Subnormal floats flushed to zero on the calling thread and at::parallel_for's workers
 // (x86; elsewhere nothing): see subnormals.cpp.
 void flush_subnormals();

@@ -518,8 +518,10 @@ constexpr int kWideGroupRows = 16;
 constexpr int kWideWeightRows = 8;
 
 // Where quantize_groups puts a group's codes: by steps of four, [K / 4][row][4], in
-// quantize_rows' pair order for int4 rows (pair_steps), or by rows, [row][K] (AMX's).
-enum class CodeLayout { steps, pair_steps, rows };
+// quantize_rows' pair order for int4 rows (pair_steps), by steps of eight, [K / 8][row][8]
+// (ARM's smmla, whose operand is two rows' eight codes side by side), or by rows, [row][K]
+// (AMX's).
+enum class CodeLayout { steps, pair_steps, eights, rows };
 
 // The activations x [M, K] quantized as quantize_rows does, straight into the kernels'
 // layout, G rows a group (rows past M zeros): codes [group] in ``layout``, block scales
@@ -583,6 +585,8 @@ RowGroups quantize_groups(const at::Tensor& x, CodeLayout layout, bool code_sums
             }
             if (layout == CodeLayout::rows) {
               std::copy_n(fours, 8, steps + lane * K / 4 + b * 8);
+            } else if (layout == CodeLayout::eights) {
+              for (int i = 0; i < 8; ++i) steps[((b * 4 + i / 2) * G + lane) * 2 + i % 2] = fours[i];
             } else {
               for (int i = 0; i < 4; ++i) {
                 steps[(low + i) * G + lane] = fours[i];
@@ -687,6 +691,77 @@ namespace ints_vnni {
 }  // namespace ints_vnni
 
 std::atomic<bool> avx_vnni{false};
+std::atomic<bool> i8mm{false};
+
+#if QK_I8MM
+// row_group_products with ARM's int8 matrix multiply (FEAT_I8MM: Graviton 3 and 4, Apple
+// M2 on, Cortex-A510/A710/X2 on): smmla multiplies two rows of eight int8 codes by two
+// others into a 2 x 2 tile of int32 sums, 32 multiply-adds where sdot does 16. The
+// activations come by steps of eight (CodeLayout::eights), so one 16-byte load is two
+// rows' operand; a step takes four such pairs against two pairs of weight rows (int8 codes
+// as they are, int4 ones 0-15 as signed bytes), 8 tiles a step. The tiles' float sums are
+// scaled lane by lane in the AVX2 kernel's float steps (each lane's row and weight row's
+// scales broadcast to it), then taken apart into rows: exact integer sums and the same
+// float steps, so the same bits as the dot-product kernel.
+template <bool Int4>
+void row_group_products_i8mm(const RowGroups& x, int64_t group, int64_t K, const WeightRows& w,
+                             float out[kWeightRows][kGroupRows]) {
+  constexpr int P = kGroupRows / 2, Q = kWeightRows / 2;  // pairs of rows, of weight rows
+  const int64_t B = K / 32;
+  const int8_t* xc = x.codes + group * kGroupRows * K;
+  const int8_t* rows[kWeightRows];
+  for (int j = 0; j < kWeightRows; ++j)
+    rows[j] = Int4 ? reinterpret_cast<const int8_t*>(w.unsigned_codes.data() + j * K) : w.signed_codes[j];
+  float32x4_t acc[P][Q];
+  for (int p = 0; p < P; ++p)
+    for (int q = 0; q < Q; ++q) acc[p][q] = vdupq_n_f32(0.0f);
+  for (int64_t b = 0; b < B; ++b) {
+    w.prefetch_ahead(b);
+    int32x4_t sums[P][Q];
+    for (int p = 0; p < P; ++p)
+      for (int q = 0; q < Q; ++q) sums[p][q] = vdupq_n_s32(0);
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; ++t) {
+      const int64_t k = b * 32 + t * 8;
+      int8x16_t wv[Q];
+      for (int q = 0; q < Q; ++q) wv[q] = vcombine_s8(vld1_s8(rows[2 * q] + k), vld1_s8(rows[2 * q + 1] + k));
+      for (int p = 0; p < P; ++p) {
+        const int8x16_t xv = vld1q_s8(xc + k * kGroupRows + p * 16);
+        for (int q = 0; q < Q; ++q) sums[p][q] = vmmlaq_s32(sums[p][q], xv, wv[q]);
+      }
+    }
+    // A tile's lanes are (row 2p, weight row 2q), (2p, 2q + 1), (2p + 1, 2q), (2p + 1, 2q + 1).
+    const int64_t at = (group * B + b) * kGroupRows;
+    const float32x4_t xd[2] = {vld1q_f32(x.scales + at), vld1q_f32(x.scales + at + 4)};
+    const float32x4_t xs[2] = {vld1q_f32(x.sums + at), vld1q_f32(x.sums + at + 4)};
+    const auto per_weight = [&](const std::vector<float>& v, int q) {
+      const float32x2_t two = {v[2 * q * B + b], v[(2 * q + 1) * B + b]};
+      return vcombine_f32(two, two);
+    };
+    for (int q = 0; q < Q; ++q) {
+      const float32x4_t ws = per_weight(w.scales, q);
+      const float32x4_t offset = Int4 ? per_weight(w.offsets, q) : ws;
+      for (int p = 0; p < P; ++p) {
+        const float32x4_t xdp = p % 2 ? vzip2q_f32(xd[p / 2], xd[p / 2]) : vzip1q_f32(xd[p / 2], xd[p / 2]);
+        const float32x4_t xsp = p % 2 ? vzip2q_f32(xs[p / 2], xs[p / 2]) : vzip1q_f32(xs[p / 2], xs[p / 2]);
+        const float32x4_t dot = vcvtq_f32_s32(sums[p][q]);
+        if (Int4 && !w.zero_points) {  // see vnni_finish
+          const float32x4_t part = vfmaq_f32(vmulq_f32(xsp, vdupq_n_f32(-8.0f)), dot, xdp);
+          acc[p][q] = vfmaq_f32(acc[p][q], part, ws);
+          continue;
+        }
+        acc[p][q] = vfmaq_f32(acc[p][q], dot, vmulq_f32(xdp, ws));
+        if constexpr (Int4) acc[p][q] = vfmaq_f32(acc[p][q], offset, xsp);
+      }
+    }
+  }
+  for (int q = 0; q < Q; ++q)
+    for (int half = 0; half < 2; ++half) {
+      vst1q_f32(out[2 * q] + 4 * half, vuzp1q_f32(acc[2 * half][q], acc[2 * half + 1][q]));
+      vst1q_f32(out[2 * q + 1] + 4 * half, vuzp2q_f32(acc[2 * half][q], acc[2 * half + 1][q]));
+    }
+}
+#endif
 
 #define QK_VNNI QK_TARGET("avx512f,avx512bw,avx512vnni,fma")
 
@@ -832,10 +907,13 @@ at::Tensor integer_gemm_of(const at::Tensor& x, int64_t N, Expand expand, const 
                            int64_t row_bytes, bool zero_points) {
   constexpr bool vnni = G == kWideGroupRows;
   const bool with_avx_vnni = !vnni && avx_vnni;
+  const bool with_i8mm = QK_I8MM && !vnni && i8mm;
   const bool biased = !Int4 && (vnni || with_avx_vnni);
   const int64_t M = x.size(0), K = x.size(1);
-  const RowGroups groups =
-      quantize_groups<G>(x, Int4 && vnni ? CodeLayout::pair_steps : CodeLayout::steps, biased);
+  const CodeLayout layout = Int4 && vnni ? CodeLayout::pair_steps
+                            : with_i8mm  ? CodeLayout::eights
+                                         : CodeLayout::steps;
+  const RowGroups groups = quantize_groups<G>(x, layout, biased);
   auto out = at::empty({M, N}, x.options());
   qk::with_dtype(x.scalar_type(), "linear", [&](auto tag) {
     using T = decltype(tag);
@@ -862,6 +940,10 @@ at::Tensor integer_gemm_of(const at::Tensor& x, int64_t N, Expand expand, const 
           if (g == 1) rows.ahead = nullptr;  // asked for by the first group
           if constexpr (vnni)
             row_group_products_vnni<Int4>(groups, g, K, rows, lanes);
+#if QK_I8MM
+          else if (with_i8mm)
+            row_group_products_i8mm<Int4>(groups, g, K, rows, lanes);
+#endif
           else if (with_avx_vnni)
             ints_vnni::row_group_products<Int4>(groups, g, K, rows, lanes);
           else
@@ -1424,6 +1506,8 @@ void set_avx512_vnni(bool enabled) { avx512_vnni = enabled; }
 
 void set_avx_vnni(bool enabled) { avx_vnni = enabled; }
 
+void set_i8mm(bool enabled) { i8mm = QK_I8MM && enabled; }
+
 bool cpu_avx_vnni() {
 #if defined(__x86_64__) || defined(_M_X64)
   // cpuid leaf 7, subleaf 1: EAX bit 4. Its ymm registers are AVX's, which the OS saves
@@ -1540,7 +1624,8 @@ at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const a
     return integer_gemm<false>(x, N, [&](int64_t n, int64_t j, WeightRows& rows) {
       const int8_t* row = cp + n * K;
       const __m256i sign_bits = _mm256_set1_epi8(static_cast<char>(0x80));
-      for (int64_t k = 0; k < K; k += 32) {
+      // ARM's kernels take the codes as they are (signed_codes).
+      for (int64_t k = 0; k < (QK_DOTPROD ? 0 : K); k += 32) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows.unsigned_codes.data() + j * K + k),
                             rows.biased ? _mm256_xor_si256(v, sign_bits) : _mm256_abs_epi8(v));
