@@ -714,5 +714,14 @@ def bench(
             print_report(report)
 
 
+# typer's rich help keeps the line breaks of a docstring's paragraphs after the first, which
+# then wrap raggedly on a terminal narrower than the source: each paragraph as one line,
+# which rich wraps to the terminal.
+for _command in app.registered_commands:
+    _command.help = "\n\n".join(
+        " ".join(part.split()) for part in inspect.cleandoc(_command.callback.__doc__).split("\n\n")
+    )
+
+
 def main() -> None:
     app()

@@ -391,3 +391,17 @@ def test_vision_chat_takes_preset_too():
 def test_chat_on_a_vl_model_is_text_chat(vl_model):
     result = chat(vl_model[0], "-p", "hi", "-n", 3, *EXACT)
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("command", ["chat", "vision-chat", "serve", "download", "list", "bench"])
+def test_help_paragraphs_wrap_to_a_narrow_terminal(command):
+    """The docstrings' later paragraphs are rewrapped to the terminal, not broken where the
+    source's lines end (which, on 80 columns, left a word or two alone on a line)."""
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    prose = result.stdout.split("╭")[0].splitlines()
+    paragraphs = "\n".join(line.strip() for line in prose).strip().split("\n\n")[1:]
+    assert paragraphs, result.stdout
+    for paragraph in paragraphs:
+        lines = paragraph.splitlines()
+        assert all(len(line) > 60 for line in lines[:-1]), paragraph
