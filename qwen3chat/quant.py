@@ -292,7 +292,10 @@ class QuantizedWeight(nn.Module):
         if self.interleaved:
             blocks = self.in_features // 32
             steps = codes.shape[-1] // blocks // 4
-            codes = codes.reshape(-1, 16, blocks, steps, 4).permute(0, 2, 3, 1, 4).contiguous()
+            # Moved as 32-bit words (a step's four bytes): torch's permuted copy of bytes
+            # took 7x as long (the Q4_0 0.6B file's weights: 0.25 s).
+            words = codes.contiguous().view(torch.int32).reshape(-1, 16, blocks, steps)
+            codes = words.permute(0, 2, 3, 1).contiguous().view(torch.uint8).unflatten(-1, (16, 4))
             if self.bits == 8:  # in place: the permuted copy is this weight's own
                 codes = codes.view(torch.uint8).bitwise_xor_(128)
             scales = scales.reshape(-1, 16, groups).transpose(1, 2).contiguous()

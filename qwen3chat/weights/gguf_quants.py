@@ -24,11 +24,6 @@ FLOAT_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat1
 REQUANTIZED_GROUP = 32
 
 
-def _f16(column: np.ndarray) -> torch.Tensor:
-    # torch widens float16 with F16C; numpy's astype takes 3x as long.
-    return torch.from_numpy(np.ascontiguousarray(column).view(np.float16)).float()
-
-
 def _file_pages(array: np.ndarray) -> torch.Tensor:
     """A read-only view of the file's pages as a tensor, which is only read from (torch
     warns of any non-writable array)."""
@@ -37,38 +32,52 @@ def _file_pages(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def _codes(qs: np.ndarray, rows: int) -> torch.Tensor:
-    """Blocks' code bytes, already in our layout (int8, or int4 in quant.py's packing),
+def _words(blocks: np.ndarray) -> torch.Tensor:
+    """Blocks ``[..., bytes]`` as 16-bit words ``[blocks, bytes / 2]``: every field of a
+    Q8_0, Q4_0, Q4_1 or Q4_K block is whole words from an even offset (GGUF aligns its
+    tensors), and torch copies a strided column of words out 3x as fast as numpy copies
+    its bytes (the Q4_0 0.6B file's weights: 0.56 -> 0.18 s)."""
+    return _file_pages(blocks.reshape(-1, blocks.shape[-1]).view(np.int16))
+
+
+def _f16(words: torch.Tensor) -> torch.Tensor:
+    """A column of float16 words, widened (torch does it with F16C)."""
+    return words.contiguous().view(torch.float16).float()
+
+
+def _codes(words: torch.Tensor, rows: int) -> torch.Tensor:
+    """Blocks' code words, already in our layout (int8, or int4 in quant.py's packing),
     as one ``[rows, …]`` uint8 copy (the file's pages are released once a tensor is read)."""
-    return torch.from_numpy(np.ascontiguousarray(qs)).view(rows, -1)
+    return words.contiguous().view(torch.uint8).view(rows, -1)
 
 
 def _q8_0(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
     # block: f16 d, 32 x int8
-    scales = _f16(blocks[..., :2]).view(rows, -1)
-    return QuantizedMatrix(8, 32, _codes(blocks[..., 2:], rows).view(torch.int8), scales)
+    words = _words(blocks)
+    scales = _f16(words[:, 0]).view(rows, -1)
+    return QuantizedMatrix(8, 32, _codes(words[:, 1:], rows).view(torch.int8), scales)
 
 
 def _q4_0(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
     # block: f16 d, 16 bytes of nibbles; w = d * (q - 8)
-    scales = _f16(blocks[..., :2]).view(rows, -1)
-    return QuantizedMatrix(4, 32, _codes(blocks[..., 2:], rows), scales)
+    words = _words(blocks)
+    return QuantizedMatrix(4, 32, _codes(words[:, 1:], rows), _f16(words[:, 0]).view(rows, -1))
 
 
 def _q4_1(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
     # block: f16 d, f16 m, 16 bytes of nibbles; w = d * q + m = (q - 8) * d + (m + 8d)
-    scales = _f16(blocks[..., :2]).view(rows, -1)
-    mins = _f16(blocks[..., 2:4]).view(rows, -1)
-    return QuantizedMatrix(4, 32, _codes(blocks[..., 4:], rows), scales, mins + 8 * scales)
+    words = _words(blocks)
+    scales = _f16(words[:, 0]).view(rows, -1)
+    mins = _f16(words[:, 1]).view(rows, -1)
+    return QuantizedMatrix(4, 32, _codes(words[:, 2:], rows), scales, mins + 8 * scales)
 
 
 def _q4_k(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
     # super-block of 256: f16 d, f16 dmin, 12 bytes of 6-bit (scale, min) for 8 sub-blocks
     # of 32, 128 bytes of nibbles in 4 chunks of 32 bytes (low nibbles: sub-block 2j,
     # high: 2j+1); w = d*sc*q - dmin*m.
-    d = _f16(blocks[..., 0:2])
-    dmin = _f16(blocks[..., 2:4])
-    n = blocks.reshape(-1, blocks.shape[-1]).shape[0]
+    words = _words(blocks)
+    d, dmin, n = _f16(words[:, 0]), _f16(words[:, 1]), words.shape[0]
     sc, m = quants.Q4_K.get_scale_min(np.ascontiguousarray(blocks[..., 4:16]).reshape(n, 12))
     scales = d.view(n, 1) * torch.from_numpy(sc.astype(np.float32))
     mins = dmin.view(n, 1) * torch.from_numpy(m.astype(np.float32))
@@ -80,7 +89,7 @@ def _q4_k(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
     return QuantizedMatrix(
         4,
         32,
-        _codes(np.concatenate([even, odd], axis=2), rows),
+        torch.from_numpy(np.concatenate([even, odd], axis=2)).view(rows, -1),
         scales.view(rows, -1),
         (8 * scales - mins).view(rows, -1),
     )
