@@ -297,7 +297,7 @@ class QuantizedWeight(nn.Module):
             words = codes.contiguous().view(torch.int32).reshape(-1, 16, blocks, steps)
             codes = words.permute(0, 2, 3, 1).contiguous().view(torch.uint8).unflatten(-1, (16, 4))
             if self.bits == 8:  # in place: the permuted copy is this weight's own
-                codes = codes.view(torch.uint8).bitwise_xor_(128)
+                codes = codes.bitwise_xor_(128)
             scales = scales.reshape(-1, 16, groups).transpose(1, 2).contiguous()
             if zeros is not None:
                 zeros = zeros.reshape(-1, 16, groups).transpose(1, 2).contiguous()

@@ -9,9 +9,9 @@ call per step), and top_k.cpp the k largest logits that top-k sampling draws fro
 They need a C++ compiler and an x86-64 CPU with AVX2, or a 64-bit ARM CPU and the SIMDe
 headers (which translate the x86 intrinsics to NEON; the integer products use ARM's
 dot-product instructions, and the integer GEMM its int8 matrix multiply, where the CPU has
-them); without these, or when the build
-fails, ``native()`` returns None, a warning says why (once), and callers run the plain
-torch code, which is correct everywhere and is what the kernels are tested against.
+them); without these, or when the build fails, ``native()`` returns None, a warning says
+why (once), and callers run the plain torch code, which is correct everywhere and is what
+the kernels are tested against.
 The build is cached by torch (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions).
 """
 
