@@ -316,14 +316,13 @@ def _load(f: dict, spinner: bool = False, world=None, quiet: bool = False):
     """The model the flags name (-m or --preset), its notices said on stderr (not
     ``quiet``); with a ``world``, this process's share of it (--split)."""
     from .distributed.split import Sharding
-    from .download import resolve_model_path
-    from .loading import load_model, load_preset
+    from .loading import load_model, load_preset, model_path
 
-    preset, model_path = f["preset"], f["model_path"] or DEFAULT_MODEL
+    preset, named = f["preset"], f["model_path"] or DEFAULT_MODEL
     sharding = None if world is None else Sharding(world, f["split"].value)
     # A first-use download shows its own progress; a preset needs none.
-    path = None if preset else resolve_model_path(model_path)
-    with _loading_spinner(preset or model_path) if spinner else contextlib.nullcontext():
+    path = None if preset else model_path(named)
+    with _loading_spinner(preset or named) if spinner else contextlib.nullcontext():
         if preset:
             loaded = load_preset(
                 preset,

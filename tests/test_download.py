@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from qwen3chat.cli import app
 from qwen3chat.download import gguf_quant, is_repo_id, resolve_model_path
+from qwen3chat.loading import model_path
 
 TINY = "test/tiny"
 # Repo files the default selection must skip: other formats and subfolders.
@@ -246,10 +247,10 @@ def default_files(tiny_files: dict[str, bytes]) -> set[str]:
 # Resolve a repo id the way `-m` does, in a process with its own HF environment.
 RESOLVE = """
 import sys
-from qwen3chat.download import resolve_model_path
 from qwen3chat.errors import QwenChatError
+from qwen3chat.loading import model_path
 try:
-    print(resolve_model_path(sys.argv[1]))
+    print(model_path(sys.argv[1]))
 except QwenChatError as e:
     sys.exit(f"error: {e}")
 """
@@ -463,6 +464,22 @@ def test_an_existing_path_wins_over_a_repo_id(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "Qwen" / "Qwen3-0.6B").mkdir(parents=True)
     assert resolve_model_path("Qwen/Qwen3-0.6B") == Path("Qwen/Qwen3-0.6B")
+    assert model_path("Qwen/Qwen3-0.6B") == Path("Qwen/Qwen3-0.6B")
+
+
+def test_a_local_model_loads_without_the_hubs_libraries(tiny_model_dir):
+    """-m with a path never imports huggingface_hub or its HTTP client (~0.3 s of every
+    start); a repo id does (the tests above)."""
+    code = (
+        "import sys; from qwen3chat.loading import load_model; "
+        f"load_model({str(tiny_model_dir[0])!r}, device='cpu', dtype='float32'); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'huggingface_hub', 'httpx2'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
 
 
 @pytest.mark.parametrize(
