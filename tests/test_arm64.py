@@ -46,11 +46,15 @@ EVERYTHING = [
     "not (test_dense_linear and 512)",
 ]
 
-VARIANTS = """
-import json, platform, torch
+# What the build chose, on the first line, then the tests, in one process: importing torch
+# takes ~20 s emulated. The checkout's addopts are pytest-xdist's, which the emulated
+# system does without.
+VARIANTS_THEN_TESTS = """
+import json, platform, sys, pytest, torch
 from qwen3chat import kernels
 built = kernels.native(torch.zeros(1)) is not None
-print(json.dumps([platform.machine(), built, kernels.variants(torch.device("cpu"))]))
+print(json.dumps([platform.machine(), built, kernels.variants(torch.device("cpu"))]), flush=True)
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-o", "addopts=", *sys.argv[1:]]))
 """
 
 
@@ -80,15 +84,13 @@ def emulated(cpu: str, *args: str) -> subprocess.CompletedProcess:
     ],
 )
 def test_the_kernels_build_and_pass_their_tests_on_arm(cpu, int_products, integer_gemm, tests):
-    result = emulated(cpu, "-c", VARIANTS)
-    assert result.returncode == 0, result.stderr[-2000:]
-    machine, built, variants = json.loads(result.stdout.strip().splitlines()[-1])
+    result = emulated(cpu, "-c", VARIANTS_THEN_TESTS, *tests)
+    lines = result.stdout.strip().splitlines()
+    assert lines and lines[0].startswith("["), result.stdout[-2000:] + result.stderr[-2000:]
+    machine, built, variants = json.loads(lines[0])
     assert (machine, built) == ("aarch64", True), result.stderr[-2000:]
     assert variants["one-row int8/int4 products"] == int_products
     assert variants["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] == integer_gemm
     assert set(variants.values()) <= {int_products, integer_gemm, "NEON (SIMDe)"}, variants
-
-    result = emulated(cpu, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests)
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert " passed" in summary and "failed" not in summary, summary
+    assert " passed" in lines[-1] and "failed" not in lines[-1], lines[-1]

@@ -288,7 +288,9 @@ def test_preset_usage_errors(args, fragment):
 
 def test_the_repl_banner_names_the_preset_and_its_random_weights(tmp_path):
     env = {
-        **os.environ,
+        # The pty's size, not a COLUMNS inherited (pytest-xdist's workers set 80), whose
+        # width would wrap the stats line matched.
+        **{k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},
         "XDG_STATE_HOME": str(tmp_path / "state"),
         "PROMPT_TOOLKIT_NO_CPR": "1",  # pexpect does not answer cursor-position queries
         "TERM": "xterm-256color",

@@ -48,6 +48,24 @@ def one_process(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def alone_and_together(tmp_path: Path, worker: tuple, *split: str) -> tuple[Path, Path]:
+    """distributed_worker.py's ``worker`` arguments run in one process and in 2 (with
+    ``split``'s flags): the folders of their outputs."""
+    alone, together = tmp_path / "alone", tmp_path / "together"
+    alone.mkdir(), together.mkdir()
+    run = subprocess.run(
+        [sys.executable, *map(str, worker), "--out", str(alone)], env=ENV, capture_output=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    run = torchrun(2, *worker, *split, "--out", together)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return alone, together
+
+
+def logits(folder: Path) -> torch.Tensor:
+    return load_file(folder / "logits.safetensors")["logits"]
+
+
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, tokenizer_dir):
     """A tiny dense model (tied embeddings), a tiny MoE one (8 experts, untied), one
@@ -101,6 +119,20 @@ def answer(result: subprocess.CompletedProcess) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.fixture(scope="module")
+def one_process_answer():
+    """One process's answer to the flags given, run once for the cases that differ only in
+    how they split."""
+    answers = {}
+
+    def run(*flags):
+        if flags not in answers:
+            answers[flags] = answer(one_process(*flags))
+        return answers[flags]
+
+    return run
+
+
 @pytest.mark.parametrize(
     "kind, processes, split, quantize_as",
     [
@@ -119,7 +151,9 @@ def answer(result: subprocess.CompletedProcess) -> dict:
         ("hybrid-moe", 4, "pipeline", "int4"),
     ],
 )
-def test_greedy_reply_equals_one_process(model_dirs, kind, processes, split, quantize_as):
+def test_greedy_reply_equals_one_process(
+    model_dirs, one_process_answer, kind, processes, split, quantize_as
+):
     """A split sums its shares in another order than one process: float weights run in
     float32, where that moves the logits by ~1e-6 (bfloat16 rounding could flip the tiny
     models' closer choices). int4 runs in bfloat16: its products quantize activations per
@@ -127,7 +161,7 @@ def test_greedy_reply_equals_one_process(model_dirs, kind, processes, split, qua
     roundings, which then grow; bfloat16 rounds them away first."""
     dtype = "bfloat16" if quantize_as == "int4" else "float32"
     flags = (*CHAT, "-m", model_dirs[kind], "--quantize", quantize_as, "--dtype", dtype)
-    alone = answer(one_process(*flags))
+    alone = one_process_answer(*flags)
     together = answer(torchrun(processes, *flags, "--split", split))
     assert together["token_ids"] == alone["token_ids"]
     assert together["text"] == alone["text"]
@@ -153,17 +187,9 @@ def test_logits_within_float_tolerance(model_dirs, tmp_path, kind, split):
     prompt runs through the stages in pieces, the stages at work at once)."""
     # A prompt of 35 ids (through the pipeline: in two pieces), then 5 decode steps.
     ids = ",".join(str(9707 + 13 * i) for i in range(40))
-    alone, together = tmp_path / "alone", tmp_path / "together"
-    alone.mkdir(), together.mkdir()
     worker = (WORKER, "--model", model_dirs[kind], "--ids", ids, "--prompt", 35, "--split", split)
-    run = subprocess.run(
-        [sys.executable, *map(str, worker), "--out", str(alone)], env=ENV, capture_output=True
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    run = torchrun(2, *worker, "--out", together)
-    assert run.returncode == 0, run.stderr[-2000:]
-    expected = load_file(alone / "logits.safetensors")["logits"]
-    got = load_file(together / "logits.safetensors")["logits"]
+    alone, together = alone_and_together(tmp_path, worker)
+    expected, got = logits(alone), logits(together)
     assert expected.shape == (40, TINY["vocab_size"])
     scale = expected.abs().max()
     # float32 sums in another order: ~1e-6 of the scale, up to 1e-5 over 40 positions
@@ -198,17 +224,9 @@ def test_pictures_across_processes(vl_model, tmp_path, split):
     assert together["token_ids"] == alone["token_ids"]
     assert together["text"] == alone["text"]
     # The logits of the prompt and of decode steps after it, within float tolerance.
-    alone, together = tmp_path / "alone", tmp_path / "together"
-    alone.mkdir(), together.mkdir()
     worker = (WORKER, "--model", path, "--image", photo, "--ids", "9707,11,1879")
-    run = subprocess.run(
-        [sys.executable, *map(str, worker), "--out", str(alone)], env=ENV, capture_output=True
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    run = torchrun(2, *worker, "--split", split, "--out", together)
-    assert run.returncode == 0, run.stderr[-2000:]
-    expected = load_file(alone / "logits.safetensors")["logits"]
-    got = load_file(together / "logits.safetensors")["logits"]
+    alone, together = alone_and_together(tmp_path, worker, "--split", split)
+    expected, got = logits(alone), logits(together)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
@@ -216,15 +234,8 @@ def test_each_process_holds_its_share(tmp_path):
     """Qwen3-0.6B's shape in bfloat16, tensor split in two: each process holds the tied
     embedding (replicated) and half of the rest, and its resident memory grows by that,
     not by the whole model (measured from /proc, before and after loading)."""
-    alone, together = tmp_path / "alone", tmp_path / "together"
-    alone.mkdir(), together.mkdir()
     worker = (WORKER, "--preset", "qwen3-0.6b", "--dtype", "bfloat16", "--ids", "1,2")
-    run = subprocess.run(
-        [sys.executable, *map(str, worker), "--out", str(alone)], env=ENV, capture_output=True
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    run = torchrun(2, *worker, "--out", together)
-    assert run.returncode == 0, run.stderr[-2000:]
+    alone, together = alone_and_together(tmp_path, worker)
     whole = json.loads((alone / "rank0.json").read_text())
     embedding = 151936 * 1024 * 2
     for rank in range(2):
@@ -240,15 +251,8 @@ def test_each_process_holds_its_share(tmp_path):
 def test_the_lm_head_is_split_by_vocabulary(model_dirs, tmp_path):
     """Under the expert split each of 2 processes holds half of the untied LM head's rows
     (and half the experts), exactly, and process 0's logits are the whole head's."""
-    alone, together = tmp_path / "alone", tmp_path / "together"
-    alone.mkdir(), together.mkdir()
     worker = (WORKER, "--model", model_dirs["moe"], "--ids", "9707,11,1879", "--prompt", 2)
-    run = subprocess.run(
-        [sys.executable, *map(str, worker), "--out", str(alone)], env=ENV, capture_output=True
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    run = torchrun(2, *worker, "--split", "expert", "--out", together)
-    assert run.returncode == 0, run.stderr[-2000:]
+    alone, together = alone_and_together(tmp_path, worker, "--split", "expert")
     config = _config(model_dirs["moe"])
     head = config.vocab_size * config.hidden_size * 4  # float32
     experts = config.num_hidden_layers * config.num_experts * 3 * config.hidden_size * 32 * 4
@@ -256,8 +260,7 @@ def test_the_lm_head_is_split_by_vocabulary(model_dirs, tmp_path):
     for rank in range(2):
         held = json.loads((together / f"rank{rank}.json").read_text())["held_bytes"]
         assert whole - held == (head + experts) // 2
-    expected = load_file(alone / "logits.safetensors")["logits"]
-    got = load_file(together / "logits.safetensors")["logits"]
+    expected, got = logits(alone), logits(together)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 

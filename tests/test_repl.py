@@ -362,7 +362,9 @@ def first_word_of_reply(loaded, message: str) -> str:
 
 def spawn_chat(model_dir, tmp_path, *flags) -> pexpect.spawn:
     env = {
-        **{k: v for k, v in os.environ.items() if k != "VISUAL"},
+        # The terminal's size is the pty's: a COLUMNS inherited (pytest-xdist's workers set
+        # 80) would wrap the lines matched.
+        **{k: v for k, v in os.environ.items() if k not in ("VISUAL", "COLUMNS", "LINES")},
         "EDITOR": "sed -i s/draft/edited/",  # an "editor" that rewrites the message
         "XDG_STATE_HOME": str(tmp_path / "state"),
         "PROMPT_TOOLKIT_NO_CPR": "1",  # pexpect does not answer cursor-position queries
