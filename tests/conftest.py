@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import lzma
+import os
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -13,6 +14,14 @@ import pytest
 import torch
 
 from qwen3chat.config import SHAPE_FIELDS
+
+# Under pytest-xdist the workers share the cores, and a child process (a CLI, a REPL, a
+# server) running two OpenMP threads waits at every barrier for a thread another worker's
+# process has descheduled: with three busy processes on two cores the ctrl-C REPL test took
+# 172 s against 8 s with one thread each, and missed a 30 s expect in CI. The children take
+# one thread; this process already has torch's, so the kernels' thread splits stay tested.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER_FIXTURE = FIXTURES / "qwen3-tokenizer"
