@@ -42,6 +42,7 @@ _SOURCES = (
     "decode_layer.cpp",
     "top_k.cpp",
     "subnormals.cpp",
+    "thread_pool.cpp",
 )
 # Loading a cached build takes well under a second; a longer wait is a compile, which the
 # user is told about rather than left facing a silent pause.
@@ -219,7 +220,8 @@ def _module():
                 sources=[str(here / name) for name in _SOURCES],
                 extra_include_paths=[str(here)],
                 extra_cflags=["-O3", *target.flags, "-fopenmp"],
-                # Without OpenMP, at::parallel_for in an extension runs on one thread.
+                # Without OpenMP, at::parallel_for in an extension runs on one thread
+                # (subnormals.cpp's turn on each of torch's workers).
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )

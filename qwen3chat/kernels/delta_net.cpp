@@ -134,7 +134,7 @@ at::Tensor gated_delta_step(const at::Tensor& proj_in, const at::Tensor& conv_we
       // too): the conv over the history and the block's inputs, rounded (float32 copies of
       // the mixed q, k, v; the history moves on by n).
       const int64_t runs = (C + 63) / 64;
-      at::parallel_for(0, B * runs, 1, [&](int64_t first, int64_t last) {
+      qk::parallel_for(0, B * runs, 1, [&](int64_t first, int64_t last) {
         for (int64_t i = first; i < last; ++i) {
           const int64_t b = i / runs;
           const T* rows = proj.data_ptr<T>() + (b * steps + t0) * width;
@@ -146,7 +146,7 @@ at::Tensor gated_delta_step(const at::Tensor& proj_in, const at::Tensor& conv_we
       });
       // Per row and token: SiLU, rounded; q and k L2-normed per key head (q also by
       // dk^-0.5), v rounded back to T.
-      at::parallel_for(0, B * n, 1, [&](int64_t first, int64_t last) {
+      qk::parallel_for(0, B * n, 1, [&](int64_t first, int64_t last) {
         for (int64_t i = first; i < last; ++i) {
           const int64_t b = i / n, t = i % n;
           float* m = mixed.data() + (b * block + t) * C;
@@ -170,7 +170,7 @@ at::Tensor gated_delta_step(const at::Tensor& proj_in, const at::Tensor& conv_we
       const bool wide = wide_rows(dv);
       const auto rule = wide ? rows16::delta_rule<T> : rows8::delta_rule<T>;
       const auto norm_out = wide ? rows16::gated_norm<T> : rows8::gated_norm<T>;
-      at::parallel_for(0, B * Hv, 1, [&](int64_t first, int64_t last) {
+      qk::parallel_for(0, B * Hv, 1, [&](int64_t first, int64_t last) {
         std::vector<float> o(n * dv);
         float decay[kStepBlock], beta[kStepBlock], kq[kStepBlock];
         for (int64_t i = first; i < last; ++i) {

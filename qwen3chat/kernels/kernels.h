@@ -165,8 +165,23 @@ bool cpu_avx_vnni();
 // turns it on where the CPU has it): bit for bit the dot-product kernel's results.
 void set_i8mm(bool enabled);
 // Subnormal floats flushed to zero on the calling thread and at::parallel_for's workers
-// (x86; elsewhere nothing): see subnormals.cpp.
+// (x86; elsewhere nothing): see subnormals.cpp. The pool's workers flush their own.
 void flush_subnormals();
+void flush_subnormals_here();
+
+namespace qk {
+void run_parallel(int64_t begin, int64_t end, int64_t grain, void* body,
+                  void (*call)(void*, int64_t, int64_t));
+// f(begin, end) over parts of [begin, end) of at least `grain` (about) on the kernels' own
+// threads, at::get_num_threads() of them, where at::parallel_for would run it (see
+// thread_pool.cpp for why not there).
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  run_parallel(begin, end, grain, const_cast<F*>(&f), [](void* body, int64_t b, int64_t e) {
+    (*static_cast<const F*>(body))(b, e);
+  });
+}
+}  // namespace qk
 // Q4_0 products of kAmxMinRows rows or more (prompts, batches of 9+ sequences) with
 // AMX-INT8 tiles where the CPU has them and the OS grants them (Python asks torch): bit
 // for bit the AVX512-VNNI kernel's results.

@@ -80,7 +80,7 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight_in, double 
     const T* wp = weight.data_ptr<T>();
     T* op = out.data_ptr<T>();
     const auto norm_row = wide_rows(dim) ? rows16::rms_norm_row<T> : rows8::rms_norm_row<T>;
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    qk::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
         norm_row(xp + r * dim, wp, op + r * dim, dim, static_cast<float>(eps));
     });
@@ -245,7 +245,7 @@ at::Tensor norm_rope_rows(const at::Tensor& qkv_in, const at::Tensor& q_weight_i
         wide_rows(D) && rot % 32 == 0 ? rows16::norm_rope_head<S> : rows8::norm_rope_head<S>;
     const int64_t heads = num_heads + num_kv_heads;
     // One task per (batch, token, head): q heads first, then k heads (which copy v too).
-    at::parallel_for(0, B * T * heads, 64, [&](int64_t begin, int64_t end) {
+    qk::parallel_for(0, B * T * heads, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / (T * heads), t = i / heads % T, h = i % heads;
         const S* row = src + (b * T + t) * width;
@@ -853,7 +853,7 @@ void attention_rows(const S* qp, S* op, int64_t rows, int64_t H, int64_t KVH, in
   const bool wide = kWideAttention<K> && avx512_attention && D % 32 == 0;
   const bool integer_scores = std::is_same_v<K, int8_t> && wide && vnni_attention &&
                               (D == 64 || D == 128 || D == 256 || D == 512);
-  at::parallel_for(0, rows * KVH, 1, [&](int64_t begin, int64_t end) {
+  qk::parallel_for(0, rows * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, query(groups * D), acc(groups * D), sums(groups);
     std::vector<float> folded(kFoldedScales<K> ? kValueRows * groups * (D / kKvBlock) : 0);
     // With integer_scores, the queries quantized as rows of an int8 cache.
@@ -1043,7 +1043,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up_in) {
     S* op = out.data_ptr<S>();
     const bool wide = wide_rows(width);
     const int64_t step = wide ? 16 : 8;
-    at::parallel_for(0, rows * width / step, 4096 / step, [&](int64_t begin, int64_t end) {
+    qk::parallel_for(0, rows * width / step, 4096 / step, [&](int64_t begin, int64_t end) {
       (wide ? rows16::silu_mul_steps<S> : rows8::silu_mul_steps<S>)(gp, op, width, begin, end);
     });
   });
@@ -1075,7 +1075,7 @@ at::Tensor dequantize_kv(const at::Tensor& rows, at::ScalarType dtype) {
   with_dtype(dtype, "dequantize_kv", [&](auto tag) {
     using S = decltype(tag);
     S* op = out.data_ptr<S>();
-    at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
+    qk::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         int64_t offset = 0;  // row i's, from its index in each leading dimension
         for (int64_t d = dims - 1, rest = i; d >= 0; rest /= rows.size(d), --d)

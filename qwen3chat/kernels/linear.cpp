@@ -58,7 +58,7 @@ at::Tensor matvec(const at::Tensor& x, int64_t N, Dot dot, const void* rows_in, 
   qk::with_dtype(x.scalar_type(), "linear", [&](auto tag) {
     using T = decltype(tag);
     T* op = out.data_ptr<T>();
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    qk::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         // A prefetch never faults, so running past the matrix's end is harmless.
         for (int64_t line = 0; line < row_bytes; line += 64)
@@ -97,7 +97,7 @@ at::Tensor tiled_gemm(const at::Tensor& x_in, int64_t N, Widen widen) {
   float* bp = buffer.data_ptr<float>();
   for (int64_t n0 = 0; n0 < N; n0 += tile) {
     const int64_t rows = std::min(tile, N - n0);
-    at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    qk::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) widen(n0 + r, bp + r * K);
     });
     auto rows_out = tile_out.narrow(0, 0, rows);
@@ -565,7 +565,7 @@ RowGroups quantize_groups(const at::Tensor& x, CodeLayout layout, bool code_sums
     // A thread's share at least kQuantizeGrain values: a decode step's row (1024-3072
     // values) took longer to hand to the other thread than to quantize.
     const int64_t grain = std::max<int64_t>(1, kQuantizeGrain / (per * 32 * G));
-    at::parallel_for(0, count * units, grain, [&](int64_t begin, int64_t end) {
+    qk::parallel_for(0, count * units, grain, [&](int64_t begin, int64_t end) {
       alignas(32) int32_t fours[8];
       for (int64_t unit = begin; unit < end; ++unit) {
         const int64_t group = unit / units, live = std::min<int64_t>(G, M - group * G);
@@ -918,7 +918,7 @@ at::Tensor integer_gemm_of(const at::Tensor& x, int64_t N, Expand expand, const 
   qk::with_dtype(x.scalar_type(), "linear", [&](auto tag) {
     using T = decltype(tag);
     T* op = out.data_ptr<T>();
-    at::parallel_for(0, (N + R - 1) / R, 1, [&](int64_t begin, int64_t end) {
+    qk::parallel_for(0, (N + R - 1) / R, 1, [&](int64_t begin, int64_t end) {
       WeightRows rows(K, R, vnni, biased, zero_points);
       const std::vector<int8_t> zero_row(K, 0);
       alignas(64) float lanes[R][G];
@@ -1256,7 +1256,7 @@ at::Tensor x16_linear_of(const at::Tensor& x, const uint8_t* codes, const c10::H
   qk::with_dtype(x.scalar_type(), "linear", [&](auto tag) {
     using T = decltype(tag);
     T* op = out.data_ptr<T>();
-    at::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
+    qk::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
       alignas(64) float acc[A][16];
       thread_local std::vector<uint8_t> unpacked;
       if constexpr (Amx) {
@@ -1470,7 +1470,7 @@ at::Tensor rows_dot(const at::Tensor& x, const T* w, int64_t N) {
   qk::with_dtype(x.scalar_type(), "linear", [&](auto tag) {
     using O = decltype(tag);
     O* op = out.data_ptr<O>();
-    at::parallel_for(0, (N + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+    qk::parallel_for(0, (N + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t n0 = b * block, weights = std::min(block, N - n0);
         const T* next = w + (n0 + block) * K;

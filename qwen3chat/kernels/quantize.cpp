@@ -96,7 +96,7 @@ std::vector<at::Tensor> quantize_rows(const at::Tensor& weight_in, int64_t bits,
   qk::with_dtype(weight.scalar_type(), "quantize_rows", [&](auto tag) {
     using T = decltype(tag);
     const T* wp = weight.data_ptr<T>();
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    qk::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       std::vector<int32_t> row(cols);
       for (int64_t r = begin; r < end; ++r) {
         quantize_row(wp + r * cols, cols, group_size, bits, row.data(), sp + r * groups,

@@ -14,22 +14,18 @@
 #include <xmmintrin.h>
 #endif
 
-namespace {
-
-void flush_here() {
+void flush_subnormals_here() {
 #if defined(__x86_64__) || defined(_M_X64)
   // MXCSR's flush-to-zero (results) and denormals-are-zero (inputs).
   _mm_setcsr(_mm_getcsr() | 0x8040);
 #endif
 }
 
-}  // namespace
-
 void flush_subnormals() {
-  flush_here();
+  flush_subnormals_here();
   // MXCSR is per thread: one turn on each of at::parallel_for's workers, which torch's own
   // operations share (one OpenMP runtime). Threads started later copy it from the thread
   // that starts them.
   const int64_t threads = at::get_num_threads();
-  at::parallel_for(0, threads, 1, [](int64_t, int64_t) { flush_here(); });
+  at::parallel_for(0, threads, 1, [](int64_t, int64_t) { flush_subnormals_here(); });
 }

@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> top_k(const at::Tensor& logits_in, int64_t k)
     const T* lp = logits.data_ptr<T>();
     float* vp = values.data_ptr<float>();
     int64_t* ip = ids.data_ptr<int64_t>();
-    at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    qk::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m) row_top_k(lp + m * V, V, k, vp + m * k, ip + m * k);
     });
   });
