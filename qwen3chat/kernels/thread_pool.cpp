@@ -74,11 +74,10 @@ class Pool {
   // Runs each of the loop's chunks on this thread or a worker; returns once all have run.
   void run(const Loop& loop) {
     loop_.store(&loop, std::memory_order_relaxed);
-    chunks_.store(loop.chunks, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
     error_ = nullptr;
     const uint64_t job = (state_.load(std::memory_order_relaxed) >> 32) + 1;
-    state_.store(job << 32, std::memory_order_seq_cst);
+    state_.store(job << 32 | static_cast<uint64_t>(loop.chunks) << 16, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
       std::lock_guard<std::mutex> lock(sleep_);
       wake_.notify_all();
@@ -97,9 +96,10 @@ class Pool {
   void take_chunks(uint64_t job) {
     uint64_t state = state_.load(std::memory_order_acquire);
     for (;;) {
-      const uint64_t chunk = state & 0xFFFFFFFFu;
-      const int64_t chunks = chunks_.load(std::memory_order_relaxed);
-      if (state >> 32 != job || static_cast<int64_t>(chunk) >= chunks) return;
+      // The count is in the same word as the next chunk: a worker still holding the last
+      // loop's word cannot claim past its end while the next loop is being set up.
+      const uint64_t chunk = state & 0xFFFFu, chunks = state >> 16 & 0xFFFFu;
+      if (state >> 32 != job || chunk >= chunks) return;
       // Only a claimed chunk proves the loop is still `job`: it cannot end before the chunk
       // does, so the loop read below is still that one.
       if (!state_.compare_exchange_weak(state, state + 1, std::memory_order_acq_rel)) continue;
@@ -142,10 +142,11 @@ class Pool {
   }
 
   std::vector<std::thread> threads_;
-  // The loop now running in the high 32 bits, its next unclaimed chunk in the low ones.
+  // The loop now running in the high 32 bits, its chunk count in the next 16 and its next
+  // unclaimed chunk in the low 16.
   std::atomic<uint64_t> state_{0};
   std::atomic<const Loop*> loop_{nullptr};
-  std::atomic<int64_t> chunks_{0}, done_{0};
+  std::atomic<int64_t> done_{0};
   std::atomic<int> sleepers_{0};
   std::mutex sleep_, error_lock_;
   std::condition_variable wake_;
@@ -189,7 +190,7 @@ void run_parallel(int64_t begin, int64_t end, int64_t grain, void* body,
     }
     pool = new Pool(threads - 1);
   }
-  const int64_t chunks = std::min<int64_t>((n + grain - 1) / grain, threads * kChunksPerThread);
+  const int64_t chunks = std::min<int64_t>({(n + grain - 1) / grain, threads * kChunksPerThread, 0xFFFF});
   struct InLoop {
     InLoop() { in_loop = true; }
     ~InLoop() { in_loop = false; }
