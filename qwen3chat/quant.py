@@ -109,9 +109,11 @@ class QuantizedMatrix:
         along columns (``dim`` -1: pieces of whole groups)."""
         first = parts[0]
         if any((p.bits, p.group_size) != (first.bits, first.group_size) for p in parts):
-            # Mixed formats (a GGUF file may quantize q and v differently): requantize.
+            # Mixed formats (Q4_K_M files hold q and k in Q4_K, v in Q6_K): all in the
+            # widest one, which keeps the part the file gave more bits.
+            widest = max(parts, key=lambda p: p.bits)
             return quantize(
-                torch.cat([p.dequantize() for p in parts], dim=dim), first.bits, first.group_size
+                torch.cat([p.dequantize() for p in parts], dim=dim), widest.bits, widest.group_size
             )
         zeros = None
         if any(p.zeros is not None for p in parts):  # Q4_0 (no zeros) beside Q4_1

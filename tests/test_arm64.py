@@ -29,9 +29,10 @@ pytestmark = pytest.mark.skipif(
 
 # On the CPU with the int8 matrix multiply: the products (every weight format, one row and
 # many; float ones at one width, as the other's many-row GEMM is torch's and slow to
-# emulate), the per-layer operations, attention over contiguous, paged and int8 caches, and paged
+# emulate), the per-layer operations, attention over contiguous, paged and int8 caches, paged
 # decode steps of whole models against the contiguous ones (and its integer GEMM against
-# the dot-product one, bit for bit). Without those only the integer products differ.
+# the dot-product one, bit for bit), and GGUF blocks converted at load against gguf-py.
+# Without those only the integer products differ.
 PRODUCTS = ["tests/test_quant.py", "-k", "linear_matches or int4_product or native_quantization"]
 EVERYTHING = [
     "tests/test_quant.py",
@@ -42,6 +43,7 @@ EVERYTHING = [
     "tests/test_kv_int8.py::test_decode_attention_reads_int8_rows",
     "tests/test_paged_kernels.py::test_paged_attention",
     "tests/test_paged_kernels.py::test_one_decode_row_is_the_contiguous_decode_step",
+    "tests/test_gguf_blocks.py",
     "-k",
     "not (test_dense_linear and 512)",
 ]

@@ -62,6 +62,17 @@ def test_cat_keeps_rows_in_order(weight):
     )
 
 
+def test_cat_of_mixed_formats_keeps_the_widest(weight):
+    """A Q4_K_M file's q (Q4_K) beside its v (Q6_K, requantized to int8): the fused
+    matrix is int8, so v keeps the precision the file gave it."""
+    q, v = quantize(weight[:32], 4, 32), quantize(weight[32:], 8, 32)
+    fused = QuantizedMatrix.cat([q, v])
+    assert (fused.bits, fused.group_size) == (8, 32)
+    for part, rows in ((q, slice(None, 32)), (v, slice(32, None))):
+        exact = part.dequantize()
+        assert (fused.dequantize()[rows] - exact).norm() / exact.norm() < 0.01
+
+
 @contextmanager
 def kernel_off(setter: str, loaded: bool = True):
     """The native kernel that ``setter`` chooses turned off inside, as it was loaded

@@ -37,6 +37,7 @@ _SOURCES = (
     "bindings.cpp",
     "linear.cpp",
     "quantize.cpp",
+    "gguf_blocks.cpp",
     "layer_ops.cpp",
     "delta_net.cpp",
     "decode_layer.cpp",

@@ -181,6 +181,10 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
     (*static_cast<const F*>(body))(b, e);
   });
 }
+// One float row as int8 codes and a scale per `group` values, quantize_rows' rounding
+// (quantize.cpp); `scratch` holds `cols` int32s.
+void quantize_int8_row(const float* w, int64_t cols, int64_t group, int32_t* scratch,
+                       int8_t* codes, float* scales);
 }  // namespace qk
 // Q4_0 products of kAmxMinRows rows or more (prompts, batches of 9+ sequences) with
 // AMX-INT8 tiles where the CPU has them and the OS grants them (Python asks torch): bit
@@ -209,6 +213,15 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
 // {codes, scales, zeros} for 4 (codes packed two per byte); scales and zeros float32.
 std::vector<at::Tensor> quantize_rows(const at::Tensor& weight, int64_t bits,
                                       int64_t group_size);
+
+// GGUF blocks [R, bytes] of a type gguf_block_types() names (ggml's ids), decoded as
+// gguf-py decodes them and requantized to int8 per 32 as quantize_rows does
+// (gguf_blocks.cpp): {codes int8 [R, C], scales float32 [R, C / 32]}.
+std::vector<at::Tensor> requantize_blocks(const at::Tensor& blocks, int64_t type);
+std::vector<int64_t> gguf_block_types();
+// Q4_K blocks [R, bytes] as quant.py's int4 layout, gguf_quants.py's _q4_k in one pass:
+// {codes packed two per byte, scales, zeros (float32, one per 32)}.
+std::vector<at::Tensor> repack_q4_k(const at::Tensor& blocks);
 
 // The small operations of a decoder layer (layer_ops.cpp).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);

@@ -75,6 +75,16 @@ void quantize_row(const T* w, int64_t cols, int64_t group, int64_t bits, int32_t
 
 }  // namespace
 
+namespace qk {
+
+void quantize_int8_row(const float* w, int64_t cols, int64_t group, int32_t* scratch,
+                       int8_t* codes, float* scales) {
+  quantize_row(w, cols, group, 8, scratch, scales, nullptr);
+  for (int64_t k = 0; k < cols; ++k) codes[k] = static_cast<int8_t>(scratch[k]);
+}
+
+}  // namespace qk
+
 std::vector<at::Tensor> quantize_rows(const at::Tensor& weight_in, int64_t bits,
                                       int64_t group_size) {
   RECORD_FUNCTION("qwen3chat::quantize_rows", {});

@@ -18,10 +18,13 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
+from .. import kernels
 from ..quant import QuantizedMatrix, quantize
 
 FLOAT_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
 REQUANTIZED_GROUP = 32
+# The float32 gguf-py decodes at a time where the kernels do not decode a type.
+_BAND_BYTES = 16 << 20
 
 
 def _file_pages(array: np.ndarray) -> torch.Tensor:
@@ -75,7 +78,12 @@ def _q4_1(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
 def _q4_k(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
     # super-block of 256: f16 d, f16 dmin, 12 bytes of 6-bit (scale, min) for 8 sub-blocks
     # of 32, 128 bytes of nibbles in 4 chunks of 32 bytes (low nibbles: sub-block 2j,
-    # high: 2j+1); w = d*sc*q - dmin*m.
+    # high: 2j+1); w = d*sc*q - dmin*m. The kernels do the same in one pass
+    # (kernels/gguf_blocks.cpp).
+    native = kernels.native(torch.empty(0))
+    if native is not None:
+        codes, scales, zeros = native.repack_q4_k(_file_pages(blocks.reshape(rows, -1)))
+        return QuantizedMatrix(4, 32, codes, scales, zeros)
     words = _words(blocks)
     d, dmin, n = _f16(words[:, 0]), _f16(words[:, 1]), words.shape[0]
     sc, m = quants.Q4_K.get_scale_min(np.ascontiguousarray(blocks[..., 4:16]).reshape(n, 12))
@@ -153,5 +161,26 @@ def decode(
     blocks = np.asarray(raw).reshape(rows, cols // block, block_bytes)
     if qtype in EXACT:
         return EXACT[qtype](blocks, rows, cols).reshape(*shape)
-    floats = torch.from_numpy(quants.dequantize(np.asarray(raw), qtype)).reshape(shape)
-    return quantize(floats, 8, REQUANTIZED_GROUP)
+    return _requantized(blocks.reshape(rows, -1), qtype, cols).reshape(*shape)
+
+
+def _requantized(blocks: np.ndarray, qtype: T, cols: int) -> QuantizedMatrix:
+    """Rows of blocks of any other type as int8 per 32: in one native pass over the
+    file's blocks where the kernels decode the type (kernels/gguf_blocks.cpp), else
+    through gguf-py's float32 decoding a band of rows at a time (a whole embedding table
+    or stack of experts in float32 is 4 bytes a weight)."""
+    native = kernels.native(torch.empty(0))
+    if native is not None and int(qtype) in native.GGUF_BLOCK_TYPES:
+        codes, scales = native.requantize_blocks(_file_pages(blocks), int(qtype))
+        return QuantizedMatrix(8, REQUANTIZED_GROUP, codes, scales)
+    band = max(1, _BAND_BYTES // (4 * cols))
+    return QuantizedMatrix.cat(
+        [
+            quantize(
+                torch.from_numpy(quants.dequantize(blocks[start : start + band], qtype)),
+                8,
+                REQUANTIZED_GROUP,
+            )
+            for start in range(0, blocks.shape[0], band)
+        ]
+    )
