@@ -5,8 +5,10 @@ copied (Q4_0's and Q4_1's packed bytes as they are: quant.py packs int4 in their
 Q4_K's re-paired). Q8_0's and Q4_0's float16 scales are kept as they are; Q4_1's zeros (m + 8d) and
 Q4_K's scales (d times a 6-bit sub-scale) are rounded to float16 when stored, a relative
 change of at most 2^-11. Every other block type gguf-py can decode
-(Q5_*, Q6_K, Q2_K, Q3_K, IQ*, …) is dequantized tensor by tensor and requantized to int8
-with groups of 32, which adds well under 1% relative error (see tests/test_gguf.py).
+(Q5_*, Q6_K, Q2_K, Q3_K, IQ*, …) is decoded and requantized to int8 with groups of 32,
+which adds well under 1% relative error (see tests/test_gguf.py): natively where the
+kernels know the type (kernels/gguf_blocks.cpp, which also repacks Q4_K), else through
+gguf-py a band of rows at a time.
 """
 
 from __future__ import annotations
