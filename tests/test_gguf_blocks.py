@@ -23,6 +23,8 @@ F16_FIELDS = {
     T.Q3_K: (108,),
     T.Q5_K: (0, 2),
     T.Q6_K: (208,),
+    T.IQ4_NL: (0,),
+    T.IQ4_XS: (0,),
     T.Q4_K: (0, 2),
 }
 REQUANTIZED = [t for t in F16_FIELDS if t != T.Q4_K]

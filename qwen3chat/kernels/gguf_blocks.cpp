@@ -1,5 +1,5 @@
 // GGUF block types with no packed form of their own here (Q5_0, Q5_1, Q2_K, Q3_K, Q5_K,
-// Q6_K: every Q4_K_M file holds Q6_K tensors) decoded and requantized to int8 per 32 at
+// Q6_K, IQ4_NL, IQ4_XS: every Q4_K_M file holds Q6_K tensors) decoded and requantized to int8 per 32 at
 // load, a row at a time, straight from the file's blocks. Through gguf-py's numpy decoding
 // this took 2.3 s of the 0.6B shape's Q4_K_M load (3.9 s) and held each tensor in float32
 // first (its embedding table: 620 MB). Each decoder does gguf-py's float32 operations in
@@ -138,6 +138,32 @@ void q6_k(const uint8_t* b, float* out) {
   }
 }
 
+// IQ4_NL's and IQ4_XS's 16 non-uniform levels.
+constexpr int8_t kIq4Levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                   1,    13,   25,  38,  53,  69,  89,  113};
+
+// IQ4_NL, 32 values: f16 d, 16 bytes of 4-bit level indices (value i low nibble, i + 16
+// high); w = d * level.
+void iq4_nl(const uint8_t* b, float* out) {
+  const float d = half_at(b);
+  for (int e = 0; e < 32; ++e)
+    out[e] = d * static_cast<float>(kIq4Levels[b[2 + e % 16] >> (e / 16 * 4) & 0xF]);
+}
+
+// IQ4_XS, 256 values in 8 sub-blocks of 32: f16 d, 16 bits of 2-bit scale highs, 4 bytes of
+// 4-bit scale lows, then each sub-block's 16 bytes as IQ4_NL's; w = d * (scale - 32) * level.
+void iq4_xs(const uint8_t* b, float* out) {
+  const float d = half_at(b);
+  const int highs = b[2] | b[3] << 8;
+  for (int j = 0; j < 8; ++j) {
+    const int low = b[4 + j / 2] >> (j % 2 * 4) & 0xF, high = highs >> (2 * j) & 3;
+    const float scale = d * static_cast<float>(static_cast<int8_t>(low | high << 4) - 32);
+    const uint8_t* levels = b + 8 + j * 16;
+    for (int i = 0; i < 32; ++i)
+      out[j * 32 + i] = scale * static_cast<float>(kIq4Levels[levels[i % 16] >> (i / 16 * 4) & 0xF]);
+  }
+}
+
 struct BlockType {
   int64_t id, values, bytes;  // ggml's type id; a block's values and bytes
   void (*decode)(const uint8_t*, float*);
@@ -146,6 +172,7 @@ struct BlockType {
 constexpr BlockType kTypes[] = {
     {6, 32, 22, q5_0}, {7, 32, 24, q5_1}, {10, 256, 84, q2_k},
     {11, 256, 110, q3_k}, {13, 256, 176, q5_k}, {14, 256, 210, q6_k},
+    {20, 32, 18, iq4_nl}, {23, 256, 136, iq4_xs},
 };
 
 constexpr int64_t kGroup = 32;
