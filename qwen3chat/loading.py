@@ -183,6 +183,13 @@ def load_model(
             f"--quantize {quantize}: {path.name} is already quantized; keeping the file's "
             "quantization (float tensors in it are quantized as asked)"
         )
+    requantized = getattr(source, "requantized_types", dict)()
+    if requantized:
+        types = ", ".join(f"{t} ({n} tensors)" for t, n in sorted(requantized.items()))
+        notices.append(
+            f"{path.name}: {types} held as int8 per 32 (8.5 bits a weight), as there is no "
+            "exact form of them here"
+        )
     if (quant or stored) and torch_device.type != "cpu":
         notices.append(
             f"quantized weights on {torch_device.type}: no fused kernel here yet, so each "

@@ -96,6 +96,7 @@ def test_matches_reference_on_file_weights(gguf_dir, tokenizer_dir, qtype, tie, 
     if qtype in EXACT:
         ref_ids, _ = reference_greedy(reference, PROMPT, STEPS)
         assert ids == ref_ids
+    assert not any("held as int8 per 32" in n for n in loaded.notices)
     if qtype not in (T.F32, T.F16, T.BF16):
         qkv = loaded.model.layers[0].self_attn.qkv_proj.weight
         assert isinstance(qkv, QuantizedWeight)
@@ -175,6 +176,7 @@ def test_requantized_k_quant_error_is_small(gguf_dir, tokenizer_dir):
     weights move by well under 1% (relative Frobenius norm), the logits stay close."""
     path, reference = make_file(gguf_dir, tokenizer_dir, T.Q6_K, tie=False)
     loaded, logits, _ = ours_greedy(path, steps=1)
+    assert any("Q6_K (" in n and "held as int8 per 32" in n for n in loaded.notices)
     down = loaded.model.layers[0].mlp.down_proj.weight
     assert down.bits == 8
     exact = reference.model.layers[0].mlp.down_proj.weight

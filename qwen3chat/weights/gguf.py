@@ -368,6 +368,12 @@ class GGUFSource:
             counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
         return counts
 
+    def requantized_types(self) -> dict[str, int]:
+        """The file's block types held as int8 per 32 here (no exact form), with their
+        tensor counts."""
+        counts = self.quant_types()
+        return {t: n for t, n in counts.items() if gguf_quants.requantized(GGMLQuantizationType[t])}
+
     def read(
         self, name: str, dtype: torch.dtype, kept: bool = False, part: Part | None = None
     ) -> torch.Tensor | QuantizedMatrix:

@@ -108,6 +108,11 @@ def _q4_k(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
 EXACT = {T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q4_K: _q4_k}
 
 
+def requantized(qtype: T) -> bool:
+    """Whether tensors of ``qtype`` are held in another format here (int8 per 32)."""
+    return qtype not in FLOAT_TYPES and qtype not in EXACT
+
+
 def supported(qtype: T) -> bool:
     if qtype in FLOAT_TYPES or qtype in EXACT:
         return True
