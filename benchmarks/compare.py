@@ -15,7 +15,9 @@ llama.cpp:{F16,Q8_0,Q4_0} (through llama-cpp-python, when it is installed: `pip 
 llama-cpp-python` builds llama.cpp from source for this machine; the same GGUF files).
 A GGUF type may name the embedding table's own after a plus: Q4_0+Q8_0 is Q4_0 layers
 with a Q8_0 table, the bytes `--quantize int4` reads (llama-quantize's
---token-embedding-type q8_0).
+--token-embedding-type q8_0). A file llama-quantize wrote (model-Q4_K_M.gguf, …) found in
+the cache is used as it is. ``gguf-TYPE/int4`` loads that file with ``--quantize int4``
+(the types held in no exact form here requantized to int4 instead of int8).
 """
 
 from __future__ import annotations
@@ -163,7 +165,8 @@ def run_qwen3chat(path: Path, variant: str, prompt: list[int], gen: int, repeat:
 
     quantize = "none"
     if variant.startswith("gguf-"):
-        path, dtype = build_gguf(path, variant.removeprefix("gguf-")), "auto"
+        file_type, _, asked = variant.removeprefix("gguf-").partition("/")
+        path, dtype, quantize = build_gguf(path, file_type), "auto", asked or "none"
     elif variant in ("int8", "int4"):
         dtype, quantize = "auto", variant
     else:
@@ -302,7 +305,7 @@ def main() -> None:
     for run in args.runs.split(","):  # build GGUF files before timing anything
         system, variant = run.split(":")
         if system == "llama.cpp" or variant.startswith("gguf-"):
-            build_gguf(path, variant.removeprefix("gguf-"))
+            build_gguf(path, variant.removeprefix("gguf-").partition("/")[0])
     runs = args.runs.split(",")
     results: dict[str, list[dict]] = {run: [] for run in runs}
     # Rounds interleave the systems, so that the drift of a shared machine over the

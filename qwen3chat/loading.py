@@ -178,18 +178,25 @@ def load_model(
         sharding.apply(model)
     notices = []
     stored = getattr(source, "quant_types", dict)()
-    if quant and any(t not in ("F32", "F16", "BF16") for t in stored):
+    requantized = getattr(source, "requantized_types", dict)()
+    if quant and any(t not in ("F32", "F16", "BF16", *requantized) for t in stored):
         notices.append(
             f"--quantize {quantize}: {path.name} is already quantized; keeping the file's "
             "quantization (float tensors in it are quantized as asked)"
         )
-    requantized = getattr(source, "requantized_types", dict)()
     if requantized:
         types = ", ".join(f"{t} ({n} tensors)" for t, n in sorted(requantized.items()))
-        notices.append(
-            f"{path.name}: {types} held as int8 per 32 (8.5 bits a weight), as there is no "
-            "exact form of them here"
-        )
+        if quant is not None and quant.bits == 4:
+            held = (
+                f"requantized to int4 per {quant.group_size} as --quantize int4 asks "
+                "(embedding tables and the LM head to int8 per 32)"
+            )
+        else:
+            held = (
+                "held as int8 per 32 (8.5 bits a weight), as there is no exact form of them "
+                "here; --quantize int4 holds them in 5"
+            )
+        notices.append(f"{path.name}: {types} {held}")
     if (quant or stored) and torch_device.type != "cpu":
         notices.append(
             f"quantized weights on {torch_device.type}: no fused kernel here yet, so each "

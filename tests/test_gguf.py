@@ -3,6 +3,7 @@ GGUF metadata, and broken files."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 import warnings
 
@@ -19,7 +20,7 @@ from qwen3chat import kernels
 from qwen3chat.engine import Engine
 from qwen3chat.errors import QwenChatError
 from qwen3chat.loading import load_model
-from qwen3chat.quant import QuantizedWeight
+from qwen3chat.quant import QuantizedWeight, quantize
 from qwen3chat.sampling import SamplingSettings
 from qwen3chat.weights import gguf_quants
 from qwen3chat.weights.gguf import GGUFSource
@@ -185,6 +186,36 @@ def test_requantized_k_quant_error_is_small(gguf_dir, tokenizer_dir):
     with torch.no_grad():
         ref_logits = reference(torch.tensor([PROMPT])).logits[0]
     assert_logits_close(logits, ref_logits, rtol=5e-2)
+
+
+def test_requantized_types_take_int4_when_asked(gguf_dir, tokenizer_dir, torch_matmuls):
+    """--quantize int4 on a file whose types have no exact form here (Q6_K) holds its
+    linear layers as int4 per 32 instead of int8 (about half the bytes), the embedding
+    table and LM head as int8 per 32: the file's weights rounded once, which the
+    reference given those same rounded weights reproduces."""
+    path, reference = make_file(gguf_dir, tokenizer_dir, T.Q6_K, tie=False)
+    loaded = load_model(path, device="cpu", dtype="float32", quantize="int4")
+    assert any("Q6_K (" in n and "requantized to int4 per 32" in n for n in loaded.notices)
+    assert not any("already quantized" in n for n in loaded.notices)
+    model = loaded.model
+    down = model.layers[0].mlp.down_proj.weight
+    assert (down.bits, down.group_size) == (4, 32)
+    for table in (model.embed_tokens.weight, model.lm_head.weight):
+        assert (table.bits, table.group_size) == (8, 32)
+    exact = reference.model.layers[0].mlp.down_proj.weight
+    assert (down.matrix().dequantize() - exact).norm() / exact.norm() > 0.01  # int4's step
+    int8 = load_model(path, device="cpu", dtype="float32").model
+    size = {m: sum(b.nbytes for b in m.layers.buffers()) for m in (model, int8)}
+    assert size[model] < 0.62 * size[int8]  # 5 bits a weight (scale and zero) against 8.5
+    rounded = copy.deepcopy(reference)
+    with torch.no_grad():
+        for name, weight in rounded.named_parameters():
+            if weight.dim() == 2:
+                table = "embed_tokens" in name or "lm_head" in name
+                weight.copy_(quantize(weight, *((8, 32) if table else (4, 32))).dequantize())
+        ref_logits = rounded(torch.tensor([PROMPT])).logits[0]
+    logits = Engine(model, loaded.tokenizer, max_seq_len=64).score(PROMPT)
+    assert_logits_close(logits, ref_logits)
 
 
 def test_tokenizer_from_metadata_equals_tokenizer_json(gguf_dir, tokenizer_dir, tokenizer):

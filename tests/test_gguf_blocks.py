@@ -1,6 +1,6 @@
 """GGUF block types converted at load natively (kernels/gguf_blocks.cpp): those
-requantized to int8 against gguf-py's decoding, the banded path where there are no
-kernels, and Q4_K's repacking against the numpy one."""
+requantized (int8, or int4 under --quantize int4) against gguf-py's decoding, the banded
+path where there are no kernels, and Q4_K's repacking against the numpy one."""
 
 from __future__ import annotations
 
@@ -43,9 +43,16 @@ def random_blocks(qtype: T, rows: int, blocks_per_row: int, seed: int = 0) -> np
     return raw.reshape(rows, -1)
 
 
-def gguf_py_requantized(raw: np.ndarray, qtype: T):
+def gguf_py_requantized(raw: np.ndarray, qtype: T, bits=8, group=gguf_quants.REQUANTIZED_GROUP):
     floats = torch.from_numpy(quants.dequantize(raw, qtype))
-    return quantize(floats, 8, gguf_quants.REQUANTIZED_GROUP)
+    return quantize(floats, bits, group)
+
+
+def assert_same_matrix(ours, expected):
+    for field in ("codes", "scales", "zeros"):
+        mine, theirs = getattr(ours, field), getattr(expected, field)
+        assert (mine is None) == (theirs is None), field
+        assert mine is None or torch.equal(mine, theirs), field
 
 
 native = pytest.mark.skipif(
@@ -59,16 +66,22 @@ def test_the_kernels_decode_every_type_listed_here():
 
 
 @native
+@pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (4, 64)], ids=str)
 @pytest.mark.parametrize("qtype", REQUANTIZED, ids=lambda t: t.name)
-def test_native_requantization_is_gguf_py_decoding_quantized(qtype):
+def test_native_requantization_is_gguf_py_decoding_quantized(qtype, bits, group):
+    """int8 per 32 by default, int4 (with zeros) under --quantize int4 and its groups."""
     values = GGML_QUANT_SIZES[qtype][0]
     raw = random_blocks(qtype, rows=37, blocks_per_row=1024 // values, seed=int(qtype))
-    codes, scales = kernels.native(torch.empty(0)).requantize_blocks(
-        torch.from_numpy(raw), int(qtype)
-    )
-    expected = gguf_py_requantized(raw, qtype)
-    assert torch.equal(scales, expected.scales)
-    assert torch.equal(codes, expected.codes)
+    matrix = gguf_quants.decode(raw, qtype, (37, 1024), torch.float32, (bits, group))
+    assert (matrix.bits, matrix.group_size) == (bits, group)
+    assert_same_matrix(matrix, gguf_py_requantized(raw, qtype, bits, group))
+
+
+@pytest.mark.parametrize("layout", [None, (8, 1024), (4, 64)], ids=str)
+def test_requantized_types_take_int4_only_where_asked(layout):
+    """``--quantize int8`` (one scale a row) would be coarser than int8 per 32: kept."""
+    expected = layout if layout and layout[0] == 4 else (8, 32)
+    assert gguf_quants.requantized_layout(layout) == expected
 
 
 def test_without_kernels_the_type_is_decoded_a_band_at_a_time(monkeypatch):
@@ -85,11 +98,11 @@ def test_without_kernels_the_type_is_decoded_a_band_at_a_time(monkeypatch):
     monkeypatch.setattr(quants, "dequantize", spy)
     matrix = gguf_quants.decode(raw, T.Q6_K, (5, 10, 512), torch.float32)
     assert bands == [16, 16, 16, 2]
+    int4 = gguf_quants.decode(raw, T.Q6_K, (5, 10, 512), torch.float32, (4, 32))
     monkeypatch.undo()
-    expected = gguf_py_requantized(raw, T.Q6_K)
-    assert matrix.shape == (5, 10, 512)
-    assert torch.equal(matrix.codes.reshape(50, -1), expected.codes)
-    assert torch.equal(matrix.scales.reshape(50, -1), expected.scales)
+    assert matrix.shape == int4.shape == (5, 10, 512)
+    assert_same_matrix(matrix.reshape(50, 512), gguf_py_requantized(raw, T.Q6_K))
+    assert_same_matrix(int4.reshape(50, 512), gguf_py_requantized(raw, T.Q6_K, 4, 32))
 
 
 @native
@@ -98,5 +111,4 @@ def test_native_q4_k_repacking_is_the_numpy_one(monkeypatch):
     ours = gguf_quants.decode(raw, T.Q4_K, (21, 1024), torch.float32)
     monkeypatch.setattr(kernels, "native", lambda x: None)
     numpy = gguf_quants.decode(raw, T.Q4_K, (21, 1024), torch.float32)
-    for field in ("codes", "scales", "zeros"):
-        assert torch.equal(getattr(ours, field), getattr(numpy, field)), field
+    assert_same_matrix(ours, numpy)

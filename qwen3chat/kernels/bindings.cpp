@@ -54,7 +54,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, "x @ W.T for group-wise int4 weights");
   m.def("quantize_rows", &quantize_rows, "round-to-nearest int8/int4 codes and group scales");
   m.def("requantize_blocks", &requantize_blocks,
-        "GGUF blocks of another type as int8 codes and scales per 32 (gguf_block_types)");
+        "GGUF blocks of another type requantized as quantize_rows does (gguf_block_types)");
   m.attr("GGUF_BLOCK_TYPES") = gguf_block_types();
   m.def("repack_q4_k", &repack_q4_k, "GGUF Q4_K blocks as int4 codes, scales and zeros per 32");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");

@@ -1,6 +1,6 @@
 // GGUF block types with no packed form of their own here (Q5_0, Q5_1, Q2_K, Q3_K, Q5_K,
-// Q6_K, IQ4_NL, IQ4_XS: every Q4_K_M file holds Q6_K tensors) decoded and requantized to int8 per 32 at
-// load, a row at a time, straight from the file's blocks. Through gguf-py's numpy decoding
+// Q6_K, IQ4_NL, IQ4_XS: every Q4_K_M file holds Q6_K tensors) decoded and requantized at
+// load (int8 per 32, or int4 under --quantize int4), a row at a time, straight from the file's blocks. Through gguf-py's numpy decoding
 // this took 2.3 s of the 0.6B shape's Q4_K_M load (3.9 s) and held each tensor in float32
 // first (its embedding table: 620 MB). Each decoder does gguf-py's float32 operations in
 // its order, and the row goes through quantize.cpp's rounding: the same codes and scales
@@ -175,8 +175,6 @@ constexpr BlockType kTypes[] = {
     {20, 32, 18, iq4_nl}, {23, 256, 136, iq4_xs},
 };
 
-constexpr int64_t kGroup = 32;
-
 }  // namespace
 
 std::vector<at::Tensor> repack_q4_k(const at::Tensor& blocks_in) {
@@ -221,7 +219,8 @@ std::vector<int64_t> gguf_block_types() {
   return ids;
 }
 
-std::vector<at::Tensor> requantize_blocks(const at::Tensor& blocks_in, int64_t type) {
+std::vector<at::Tensor> requantize_blocks(const at::Tensor& blocks_in, int64_t type,
+                                          int64_t bits, int64_t group_size) {
   RECORD_FUNCTION("qwen3chat::requantize_blocks", {});
   const BlockType* kind = nullptr;
   for (const auto& t : kTypes)
@@ -232,12 +231,13 @@ std::vector<at::Tensor> requantize_blocks(const at::Tensor& blocks_in, int64_t t
               "requantize_blocks: uint8 rows of blocks");
   TORCH_CHECK(blocks.size(1) % kind->bytes == 0, "requantize_blocks: rows of whole blocks");
   const int64_t rows = blocks.size(0), per_row = blocks.size(1) / kind->bytes;
-  const int64_t cols = per_row * kind->values;
-  auto codes = at::empty({rows, cols}, blocks.options().dtype(at::kChar));
-  auto scales = at::empty({rows, cols / kGroup}, blocks.options().dtype(at::kFloat));
+  const int64_t cols = per_row * kind->values, groups = cols / group_size;
+  auto out = qk::quantized_outputs(rows, cols, bits, group_size, blocks.options(),
+                                   "requantize_blocks");
   const uint8_t* in = blocks.data_ptr<uint8_t>();
-  int8_t* cp = codes.data_ptr<int8_t>();
-  float* sp = scales.data_ptr<float>();
+  uint8_t* cp = static_cast<uint8_t*>(out[0].data_ptr());
+  float* sp = out[1].data_ptr<float>();
+  float* zp = bits == 4 ? out[2].data_ptr<float>() : nullptr;
   qk::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> row(cols);
     std::vector<int32_t> scratch(cols);
@@ -245,9 +245,10 @@ std::vector<at::Tensor> requantize_blocks(const at::Tensor& blocks_in, int64_t t
       const uint8_t* src = in + r * blocks.size(1);
       for (int64_t k = 0; k < per_row; ++k)
         kind->decode(src + k * kind->bytes, row.data() + k * kind->values);
-      qk::quantize_int8_row(row.data(), cols, kGroup, scratch.data(), cp + r * cols,
-                            sp + r * (cols / kGroup));
+      qk::quantize_row_codes(row.data(), cols, group_size, bits, scratch.data(),
+                             cp + r * cols * bits / 8, sp + r * groups,
+                             zp ? zp + r * groups : nullptr);
     }
   });
-  return {codes, scales};
+  return out;
 }

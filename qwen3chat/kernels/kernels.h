@@ -181,10 +181,15 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
     (*static_cast<const F*>(body))(b, e);
   });
 }
-// One float row as int8 codes and a scale per `group` values, quantize_rows' rounding
-// (quantize.cpp); `scratch` holds `cols` int32s.
-void quantize_int8_row(const float* w, int64_t cols, int64_t group, int32_t* scratch,
-                       int8_t* codes, float* scales);
+// One float row as quantize_rows stores it (quantize.cpp): `bits` 8 or 4, a scale (and
+// for 4 a zero) per `group` values; `scratch` holds `cols` int32s.
+void quantize_row_codes(const float* w, int64_t cols, int64_t group, int64_t bits,
+                        int32_t* scratch, void* codes, float* scales, float* zeros);
+// quantize_rows' outputs for a [rows, cols] matrix, unfilled, once the layout is checked
+// (`name` says whose).
+std::vector<at::Tensor> quantized_outputs(int64_t rows, int64_t cols, int64_t bits,
+                                          int64_t group, const at::TensorOptions& options,
+                                          const char* name);
 }  // namespace qk
 // Q4_0 products of kAmxMinRows rows or more (prompts, batches of 9+ sequences) with
 // AMX-INT8 tiles where the CPU has them and the OS grants them (Python asks torch): bit
@@ -215,9 +220,10 @@ std::vector<at::Tensor> quantize_rows(const at::Tensor& weight, int64_t bits,
                                       int64_t group_size);
 
 // GGUF blocks [R, bytes] of a type gguf_block_types() names (ggml's ids), decoded as
-// gguf-py decodes them and requantized to int8 per 32 as quantize_rows does
-// (gguf_blocks.cpp): {codes int8 [R, C], scales float32 [R, C / 32]}.
-std::vector<at::Tensor> requantize_blocks(const at::Tensor& blocks, int64_t type);
+// gguf-py decodes them and requantized to `bits` with groups of `group_size` as
+// quantize_rows does (gguf_blocks.cpp), which it returns as quantize_rows does.
+std::vector<at::Tensor> requantize_blocks(const at::Tensor& blocks, int64_t type, int64_t bits,
+                                          int64_t group_size);
 std::vector<int64_t> gguf_block_types();
 // Q4_K blocks [R, bytes] as quant.py's int4 layout, gguf_quants.py's _q4_k in one pass:
 // {codes packed two per byte, scales, zeros (float32, one per 32)}.

@@ -1,5 +1,5 @@
 // Round-to-nearest quantization of weight rows at load (``--quantize``, and GGUF block
-// types that are requantized to int8): quant.py's ``quantize`` in one pass over the
+// types that are requantized): quant.py's ``quantize`` in one pass over the
 // weights instead of about ten tensor operations, each over the whole matrix. The float32
 // operations are the same and in the same order (each rounded where torch rounds), so
 // both give the same codes bit for bit; the torch code is the path without a build, and
@@ -73,14 +73,46 @@ void quantize_row(const T* w, int64_t cols, int64_t group, int64_t bits, int32_t
   }
 }
 
+// A row's codes (one int32 each) as stored: int8 one a byte, or int4 two a byte in
+// quant.py's pack_int4 order (in each block of 32, byte j holds codes j and j + 16).
+void store_codes(const int32_t* row, int64_t cols, int64_t bits, void* out) {
+  if (bits == 8) {
+    int8_t* codes = static_cast<int8_t*>(out);
+    for (int64_t k = 0; k < cols; ++k) codes[k] = static_cast<int8_t>(row[k]);
+    return;
+  }
+  uint8_t* codes = static_cast<uint8_t*>(out);
+  for (int64_t b = 0; b < cols; b += 32)
+    for (int j = 0; j < 16; ++j)
+      codes[b / 2 + j] = static_cast<uint8_t>(row[b + j] | (row[b + j + 16] << 4));
+}
+
 }  // namespace
 
 namespace qk {
 
-void quantize_int8_row(const float* w, int64_t cols, int64_t group, int32_t* scratch,
-                       int8_t* codes, float* scales) {
-  quantize_row(w, cols, group, 8, scratch, scales, nullptr);
-  for (int64_t k = 0; k < cols; ++k) codes[k] = static_cast<int8_t>(scratch[k]);
+void quantize_row_codes(const float* w, int64_t cols, int64_t group, int64_t bits,
+                        int32_t* scratch, void* codes, float* scales, float* zeros) {
+  quantize_row(w, cols, group, bits, scratch, scales, zeros);
+  store_codes(scratch, cols, bits, codes);
+}
+
+}  // namespace qk
+
+namespace qk {
+
+std::vector<at::Tensor> quantized_outputs(int64_t rows, int64_t cols, int64_t bits,
+                                          int64_t group, const at::TensorOptions& options,
+                                          const char* name) {
+  TORCH_CHECK(bits == 8 || bits == 4, name, ": 8 or 4 bits");
+  TORCH_CHECK(group > 0 && group % 8 == 0 && cols % group == 0, name,
+              ": groups of a multiple of 8 that divide the row");
+  TORCH_CHECK(bits == 8 || cols % 32 == 0, name, ": int4 rows in blocks of 32");
+  const auto floats = options.dtype(at::kFloat);
+  auto scales = at::empty({rows, cols / group}, floats);
+  if (bits == 8) return {at::empty({rows, cols}, options.dtype(at::kChar)), scales};
+  return {at::empty({rows, cols / 2}, options.dtype(at::kByte)), scales,
+          at::empty({rows, cols / group}, floats)};
 }
 
 }  // namespace qk
@@ -90,19 +122,12 @@ std::vector<at::Tensor> quantize_rows(const at::Tensor& weight_in, int64_t bits,
   RECORD_FUNCTION("qwen3chat::quantize_rows", {});
   const auto weight = weight_in.contiguous();
   TORCH_CHECK(weight.dim() == 2, "quantize_rows: a 2-D weight");
-  TORCH_CHECK(bits == 8 || bits == 4, "quantize_rows: 8 or 4 bits");
-  const int64_t rows = weight.size(0), cols = weight.size(1);
-  TORCH_CHECK(group_size % 8 == 0 && cols % group_size == 0,
-              "quantize_rows: groups of a multiple of 8 that divide the row");
-  TORCH_CHECK(bits == 8 || cols % 32 == 0, "quantize_rows: int4 rows in blocks of 32");
-  const int64_t groups = cols / group_size;
-  const auto options = weight.options().dtype(at::kFloat);
-  auto scales = at::empty({rows, groups}, options);
-  auto zeros = bits == 4 ? at::empty({rows, groups}, options) : at::Tensor();
-  auto codes = bits == 8 ? at::empty({rows, cols}, options.dtype(at::kChar))
-                         : at::empty({rows, cols / 2}, options.dtype(at::kByte));
-  float* sp = scales.data_ptr<float>();
-  float* zp = bits == 4 ? zeros.data_ptr<float>() : nullptr;
+  const int64_t rows = weight.size(0), cols = weight.size(1), groups = cols / group_size;
+  auto out = qk::quantized_outputs(rows, cols, bits, group_size, weight.options(),
+                                   "quantize_rows");
+  uint8_t* cp = static_cast<uint8_t*>(out[0].data_ptr());
+  float* sp = out[1].data_ptr<float>();
+  float* zp = bits == 4 ? out[2].data_ptr<float>() : nullptr;
   qk::with_dtype(weight.scalar_type(), "quantize_rows", [&](auto tag) {
     using T = decltype(tag);
     const T* wp = weight.data_ptr<T>();
@@ -111,19 +136,9 @@ std::vector<at::Tensor> quantize_rows(const at::Tensor& weight_in, int64_t bits,
       for (int64_t r = begin; r < end; ++r) {
         quantize_row(wp + r * cols, cols, group_size, bits, row.data(), sp + r * groups,
                      zp ? zp + r * groups : nullptr);
-        if (bits == 8) {
-          int8_t* out = codes.data_ptr<int8_t>() + r * cols;
-          for (int64_t k = 0; k < cols; ++k) out[k] = static_cast<int8_t>(row[k]);
-          continue;
-        }
-        // quant.py's pack_int4: in each block of 32, byte j holds codes j and j + 16.
-        uint8_t* out = codes.data_ptr<uint8_t>() + r * cols / 2;
-        for (int64_t b = 0; b < cols; b += 32)
-          for (int j = 0; j < 16; ++j)
-            out[b / 2 + j] = static_cast<uint8_t>(row[b + j] | (row[b + j + 16] << 4));
+        store_codes(row.data(), cols, bits, cp + r * cols * bits / 8);
       }
     });
   });
-  if (bits == 8) return {codes, scales};
-  return {codes, scales, zeros};
+  return out;
 }

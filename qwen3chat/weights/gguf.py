@@ -369,22 +369,28 @@ class GGUFSource:
         return counts
 
     def requantized_types(self) -> dict[str, int]:
-        """The file's block types held as int8 per 32 here (no exact form), with their
-        tensor counts."""
+        """The file's block types with no exact form here (held as int8 per 32, or int4
+        under --quantize int4), with their tensor counts."""
         counts = self.quant_types()
         return {t: n for t, n in counts.items() if gguf_quants.requantized(GGMLQuantizationType[t])}
 
     def read(
-        self, name: str, dtype: torch.dtype, kept: bool = False, part: Part | None = None
+        self,
+        name: str,
+        dtype: torch.dtype,
+        kept: bool = False,
+        part: Part | None = None,
+        layout: tuple[int, int] | None = None,
     ) -> torch.Tensor | QuantizedMatrix:
         """Always decoded into memory of its own: the file's pages are released here.
         ``part``: that share, cut from the stored blocks before decoding (a range of the
-        experts decodes only those), or once decoded where it would cut a block."""
+        experts decodes only those), or once decoded where it would cut a block.
+        ``layout``: for a block type with no exact form here (gguf_quants.requantized_layout)."""
         if part is not None and name in self._key_head_part:
-            return part.take(self.read(name, dtype))
+            return part.take(self.read(name, dtype, layout=layout))
         if name in self._key_head_part:  # some rows of another tensor, as stored
             whole, take = self._key_head_part[name]
-            held = self.read(whole, dtype)
+            held = self.read(whole, dtype, layout=layout)
             index = take.row_index()
             return held.take_rows(index) if isinstance(held, QuantizedMatrix) else held[index]
         tensor = self._tensors[name]
@@ -395,7 +401,7 @@ class GGUFSource:
             cut = None if part is None else gguf_quants.share(raw, qtype, shape, part)
             if cut is not None:
                 raw, shape = cut
-            decoded = gguf_quants.decode(raw, qtype, shape, dtype)
+            decoded = gguf_quants.decode(raw, qtype, shape, dtype, layout)
             return decoded if part is None or cut is not None else part.take(decoded)
         except (ValueError, IndexError) as e:
             raise QwenChatError(f"{self.path}: cannot read tensor {tensor.name} ({e})") from None

@@ -6,9 +6,10 @@ Q4_K's re-paired). Q8_0's and Q4_0's float16 scales are kept as they are; Q4_1's
 Q4_K's scales (d times a 6-bit sub-scale) are rounded to float16 when stored, a relative
 change of at most 2^-11. Every other block type gguf-py can decode
 (Q5_*, Q6_K, Q2_K, Q3_K, IQ*, …) is decoded and requantized to int8 with groups of 32,
-which adds well under 1% relative error (see tests/test_gguf.py): natively where the
-kernels know the type (kernels/gguf_blocks.cpp, which also repacks Q4_K), else through
-gguf-py a band of rows at a time.
+which adds well under 1% relative error (see tests/test_gguf.py), or to int4 where
+``--quantize int4`` asks for it (half the memory): natively where the kernels know the
+type (kernels/gguf_blocks.cpp, which also repacks Q4_K), else through gguf-py a band of
+rows at a time.
 """
 
 from __future__ import annotations
@@ -113,6 +114,13 @@ def requantized(qtype: T) -> bool:
     return qtype not in FLOAT_TYPES and qtype not in EXACT
 
 
+def requantized_layout(layout: tuple[int, int] | None) -> tuple[int, int]:
+    """(bits, group size) for a tensor of a requantized type, given the one ``--quantize``
+    gives the tensor (loader.quant_layout): int4 where it asks for int4, else int8 per 32
+    (finer than ``--quantize int8``'s one scale a row, for the same codes' bytes)."""
+    return layout if layout is not None and layout[0] == 4 else (8, REQUANTIZED_GROUP)
+
+
 def supported(qtype: T) -> bool:
     if qtype in FLOAT_TYPES or qtype in EXACT:
         return True
@@ -147,10 +155,15 @@ def share(
 
 
 def decode(
-    raw: np.ndarray, qtype: T, shape: tuple[int, ...], dtype: torch.dtype
+    raw: np.ndarray,
+    qtype: T,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    layout: tuple[int, int] | None = None,
 ) -> torch.Tensor | QuantizedMatrix:
     """``raw`` as gguf-py's reader hands it out; ``shape`` in torch order (rows, cols), or
-    (experts, rows, cols) for a stack of experts."""
+    (experts, rows, cols) for a stack of experts. ``layout``: what ``--quantize`` gives
+    the tensor (see requantized_layout)."""
     if qtype in FLOAT_TYPES:
         array = np.asarray(raw)
         if qtype == T.BF16:  # numpy has no bfloat16: reinterpret the 16-bit words
@@ -168,25 +181,28 @@ def decode(
     blocks = np.asarray(raw).reshape(rows, cols // block, block_bytes)
     if qtype in EXACT:
         return EXACT[qtype](blocks, rows, cols).reshape(*shape)
-    return _requantized(blocks.reshape(rows, -1), qtype, cols).reshape(*shape)
+    bits, group = requantized_layout(layout)
+    return _requantized(blocks.reshape(rows, -1), qtype, cols, bits, group).reshape(*shape)
 
 
-def _requantized(blocks: np.ndarray, qtype: T, cols: int) -> QuantizedMatrix:
-    """Rows of blocks of any other type as int8 per 32: in one native pass over the
-    file's blocks where the kernels decode the type (kernels/gguf_blocks.cpp), else
+def _requantized(blocks: np.ndarray, qtype: T, cols: int, bits: int, group: int):
+    """Rows of blocks of any other type as ``bits`` per ``group``: in one native pass over
+    the file's blocks where the kernels decode the type (kernels/gguf_blocks.cpp), else
     through gguf-py's float32 decoding a band of rows at a time (a whole embedding table
     or stack of experts in float32 is 4 bytes a weight)."""
     native = kernels.native(torch.empty(0))
     if native is not None and int(qtype) in native.GGUF_BLOCK_TYPES:
-        codes, scales = native.requantize_blocks(_file_pages(blocks), int(qtype))
-        return QuantizedMatrix(8, REQUANTIZED_GROUP, codes, scales)
+        codes, scales, *zeros = native.requantize_blocks(
+            _file_pages(blocks), int(qtype), bits, group
+        )
+        return QuantizedMatrix(bits, group, codes, scales, zeros[0] if zeros else None)
     band = max(1, _BAND_BYTES // (4 * cols))
     return QuantizedMatrix.cat(
         [
             quantize(
                 torch.from_numpy(quants.dequantize(blocks[start : start + band], qtype)),
-                8,
-                REQUANTIZED_GROUP,
+                bits,
+                group,
             )
             for start in range(0, blocks.shape[0], band)
         ]

@@ -22,12 +22,19 @@ class WeightSource(Protocol):
     def file_of(self, name: str) -> str: ...
 
     def read(
-        self, name: str, dtype: torch.dtype, kept: bool = False, part: Part | None = None
+        self,
+        name: str,
+        dtype: torch.dtype,
+        kept: bool = False,
+        part: Part | None = None,
+        layout: tuple[int, int] | None = None,
     ) -> torch.Tensor | QuantizedMatrix:
         """``kept``: the model keeps the tensor as returned (a source may then hand out
         the file's mapped pages); otherwise the caller converts it (quantizes,
         concatenates) and drops it. ``part``: only this process's share of it
-        (distributed/split.py), read without the rest where the format allows."""
+        (distributed/split.py), read without the rest where the format allows.
+        ``layout``: (bits, group size) that ``--quantize`` gives it (quant_layout), for a
+        source that must convert stored blocks it cannot keep as they are."""
         ...
 
 
@@ -74,12 +81,13 @@ def load_weights(
     for name, param in list(model.named_parameters()):
         dtype = torch.float32 if FLOAT32.search(name) else compute
         names = checkpoint_parts(name)
-        kept = len(names) == 1 and quant_layout(name, param.shape, quant) is None
+        layout = quant_layout(name, param.shape, quant)
+        kept = len(names) == 1 and layout is None
         # A model run across processes holds a share of some tensors (their modules' parts).
         shares = getattr(model.get_submodule(name.rpartition(".")[0]), "parts", None)
         shares = shares or (None,) * len(names)
         parts = [
-            source.read(part, dtype, kept=kept, part=share)
+            source.read(part, dtype, kept=kept, part=share, layout=layout)
             for part, share in zip(names, shares, strict=True)
         ]
         if len(parts) == 1:

@@ -170,12 +170,18 @@ class SafeTensorsSource:
         return next(iter(self._slices[name].values()))[0].name
 
     def read(
-        self, name: str, dtype: torch.dtype, kept: bool = False, part: Part | None = None
+        self,
+        name: str,
+        dtype: torch.dtype,
+        kept: bool = False,
+        part: Part | None = None,
+        layout: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """The tensor converted to ``dtype``. ``kept``: the model keeps it as returned,
-        so where no conversion is needed it is a view of the file's lasting mapping;
-        otherwise a view of a brief one or memory of its own. ``part``: only that share,
-        the rest never read (a share of the experts reads only theirs)."""
+        """The tensor converted to ``dtype`` (a float tensor: ``layout`` is the loader's to
+        apply). ``kept``: the model keeps it as returned, so where no conversion is needed
+        it is a view of the file's lasting mapping; otherwise a view of a brief one or
+        memory of its own. ``part``: only that share, the rest never read (a share of the
+        experts reads only theirs)."""
         slices = self._slices[name]
         if kept and part is None and None in slices:
             mapped = self._mapped_view(name, slices[None], dtype)
