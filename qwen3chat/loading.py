@@ -179,10 +179,11 @@ def load_model(
     notices = []
     stored = getattr(source, "quant_types", dict)()
     requantized = getattr(source, "requantized_types", dict)()
-    if quant and any(t not in ("F32", "F16", "BF16", *requantized) for t in stored):
+    kept = [t for t in sorted(stored) if t not in ("F32", "F16", "BF16", *requantized)]
+    if quant and kept:
         notices.append(
-            f"--quantize {quantize}: {path.name} is already quantized; keeping the file's "
-            "quantization (float tensors in it are quantized as asked)"
+            f"--quantize {quantize}: {path.name} is already quantized; keeping its "
+            f"{', '.join(kept)} tensors as they are (float tensors in it are quantized as asked)"
         )
     if requantized:
         types = ", ".join(f"{t} ({n} tensors)" for t, n in sorted(requantized.items()))
@@ -194,7 +195,7 @@ def load_model(
         else:
             held = (
                 "held as int8 per 32 (8.5 bits a weight), as there is no exact form of them "
-                "here; --quantize int4 holds them in 5"
+                "here (--quantize int4: int4, 5 bits, less exact)"
             )
         notices.append(f"{path.name}: {types} {held}")
     if (quant or stored) and torch_device.type != "cpu":

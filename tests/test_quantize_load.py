@@ -70,7 +70,7 @@ def test_gguf_keeps_its_quantization(tokenizer_dir, tmp_path_factory):
     path, _ = make_file(tmp_path_factory.mktemp("g"), tokenizer_dir, T.Q4_0)
     loaded = load_model(path, device="cpu", dtype="float32", quantize="int8")
     assert loaded.model.layers[0].mlp.down_proj.weight.bits == 4
-    assert any("already quantized" in n for n in loaded.notices)
+    assert any("already quantized; keeping its Q4_0 tensors" in n for n in loaded.notices)
     assert "Q4_0" in loaded.quantization
 
 

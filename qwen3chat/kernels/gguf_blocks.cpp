@@ -1,7 +1,7 @@
 // GGUF block types with no packed form of their own here (Q5_0, Q5_1, Q2_K, Q3_K, Q5_K,
 // Q6_K, IQ4_NL, IQ4_XS: every Q4_K_M file holds Q6_K tensors) decoded and requantized at
-// load (int8 per 32, or int4 under --quantize int4), a row at a time, straight from the file's blocks. Through gguf-py's numpy decoding
-// this took 2.3 s of the 0.6B shape's Q4_K_M load (3.9 s) and held each tensor in float32
+// load (int8 per 32, or int4 under --quantize int4), a row at a time, straight from the
+// file's blocks. Through gguf-py's numpy decoding this took 2.3 s of the 0.6B shape's Q4_K_M load (3.9 s) and held each tensor in float32
 // first (its embedding table: 620 MB). Each decoder does gguf-py's float32 operations in
 // its order, and the row goes through quantize.cpp's rounding: the same codes and scales
 // as quantizing gguf-py's floats (tests/test_gguf_blocks.py). Q4_K's blocks are taken as

@@ -97,10 +97,6 @@ void quantize_row_codes(const float* w, int64_t cols, int64_t group, int64_t bit
   store_codes(scratch, cols, bits, codes);
 }
 
-}  // namespace qk
-
-namespace qk {
-
 std::vector<at::Tensor> quantized_outputs(int64_t rows, int64_t cols, int64_t bits,
                                           int64_t group, const at::TensorOptions& options,
                                           const char* name) {

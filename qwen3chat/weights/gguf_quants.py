@@ -185,7 +185,7 @@ def decode(
     return _requantized(blocks.reshape(rows, -1), qtype, cols, bits, group).reshape(*shape)
 
 
-def _requantized(blocks: np.ndarray, qtype: T, cols: int, bits: int, group: int):
+def _requantized(blocks: np.ndarray, qtype: T, cols: int, bits: int, group: int) -> QuantizedMatrix:
     """Rows of blocks of any other type as ``bits`` per ``group``: in one native pass over
     the file's blocks where the kernels decode the type (kernels/gguf_blocks.cpp), else
     through gguf-py's float32 decoding a band of rows at a time (a whole embedding table
