@@ -107,14 +107,15 @@ class QuantizedMatrix:
     def cat(parts: list[QuantizedMatrix], dim: int = -2) -> QuantizedMatrix:
         """Concatenate along rows (output features; per expert for stacks of experts), or
         along columns (``dim`` -1: pieces of whole groups)."""
+        widest = max(parts, key=lambda p: p.bits)
+        layout = (widest.bits, widest.group_size)
+        # Mixed formats (Q4_K_M files hold q and k in Q4_K, v in Q6_K): all in the widest
+        # one, which keeps the part the file gave more bits; parts already in it as they are.
+        parts = [
+            p if (p.bits, p.group_size) == layout else quantize(p.dequantize(), *layout)
+            for p in parts
+        ]
         first = parts[0]
-        if any((p.bits, p.group_size) != (first.bits, first.group_size) for p in parts):
-            # Mixed formats (Q4_K_M files hold q and k in Q4_K, v in Q6_K): all in the
-            # widest one, which keeps the part the file gave more bits.
-            widest = max(parts, key=lambda p: p.bits)
-            return quantize(
-                torch.cat([p.dequantize() for p in parts], dim=dim), widest.bits, widest.group_size
-            )
         zeros = None
         if any(p.zeros is not None for p in parts):  # Q4_0 (no zeros) beside Q4_1
             zeros = torch.cat([_zeros_of(p) for p in parts], dim=dim)

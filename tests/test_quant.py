@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from qwen3chat import kernels
+from qwen3chat import kernels, quant
 from qwen3chat.model.layers import linear
 from qwen3chat.quant import QuantizedMatrix, QuantizedWeight, quantize
 
@@ -62,15 +62,24 @@ def test_cat_keeps_rows_in_order(weight):
     )
 
 
-def test_cat_of_mixed_formats_keeps_the_widest(weight):
+def test_cat_of_mixed_formats_keeps_the_widest(weight, monkeypatch):
     """A Q4_K_M file's q (Q4_K) beside its v (Q6_K, requantized to int8): the fused
-    matrix is int8, so v keeps the precision the file gave it."""
+    matrix is int8, so v keeps the precision the file gave it; only q is converted."""
     q, v = quantize(weight[:32], 4, 32), quantize(weight[32:], 8, 32)
+    converted = []
+
+    def spy(w, bits, group_size):
+        converted.append(w.shape[0])
+        return quantize(w, bits, group_size)
+
+    monkeypatch.setattr(quant, "quantize", spy)
     fused = QuantizedMatrix.cat([q, v])
+    assert converted == [32]
     assert (fused.bits, fused.group_size) == (8, 32)
     for part, rows in ((q, slice(None, 32)), (v, slice(32, None))):
         exact = part.dequantize()
         assert (fused.dequantize()[rows] - exact).norm() / exact.norm() < 0.01
+    assert torch.equal(fused.codes[32:], v.codes)
 
 
 @contextmanager
