@@ -207,7 +207,8 @@ def load_model(
     model.eval()
     described = ", ".join(f"{t} x{n}" for t, n in sorted(stored.items())) or "none"
     if quant:
-        described = str(quant) if not stored else f"{described}; float tensors {quant}"
+        converted = ", ".join(["float", *sorted(requantized)] if quant.bits == 4 else ["float"])
+        described = str(quant) if not stored else f"{described}; {converted} tensors {quant}"
     return LoadedModel(
         model,
         tokenizer,

@@ -197,6 +197,7 @@ def test_requantized_types_take_int4_when_asked(gguf_dir, tokenizer_dir, torch_m
     loaded = load_model(path, device="cpu", dtype="float32", quantize="int4")
     assert any("Q6_K (" in n and "requantized to int4 per 32" in n for n in loaded.notices)
     assert not any("already quantized" in n for n in loaded.notices)
+    assert loaded.quantization.endswith("; float, Q6_K tensors int4 (group 32)")
     model = loaded.model
     down = model.layers[0].mlp.down_proj.weight
     assert (down.bits, down.group_size) == (4, 32)
