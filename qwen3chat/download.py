@@ -34,6 +34,7 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from .errors import QwenChatError
+from .weights.gguf_split import shard_paths
 
 # What inference reads: weights, configs, tokenizer and chat template. Only files at the
 # repo root, because subfolders hold other formats (original/, onnx/, ...); *.bin, *.pth
@@ -97,11 +98,14 @@ def model_in(folder: Path) -> Path | None:
     GGUF; None while files are missing (an interrupted download)."""
     if any(folder.glob("*.safetensors")):
         return folder if _safetensors_complete(folder) else None
-    ggufs = sorted(folder.rglob("*.gguf"))
-    if len(ggufs) > 1:
-        names = ", ".join(str(g.relative_to(folder)) for g in ggufs)
-        raise QwenChatError(f"{folder} holds several GGUF files ({names}); pass one with -m PATH")
-    return ggufs[0] if ggufs else None
+    # A model split into several files counts once, as its first file (llama.cpp's -m).
+    firsts = sorted({shard_paths(g)[0] for g in folder.rglob("*.gguf")})
+    if len(firsts) > 1:
+        names = ", ".join(str(g.relative_to(folder)) for g in firsts)
+        raise QwenChatError(f"{folder} holds several GGUF models ({names}); pass one with -m PATH")
+    if not firsts:
+        return None
+    return firsts[0] if all(p.is_file() for p in shard_paths(firsts[0])) else None
 
 
 def _safetensors_complete(folder: Path) -> bool:

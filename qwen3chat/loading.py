@@ -24,7 +24,7 @@ from .vision.preprocess import IMAGE_PAD
 from .weights.gguf import (
     GGUFSource,
     config_from_gguf,
-    open_gguf,
+    open_gguf_files,
     release_vocabulary,
     sampling_defaults_from_gguf,
 )
@@ -127,8 +127,9 @@ def _open_safetensors(path: Path):
 def _open_gguf(path: Path):
     if not path.is_file():
         raise QwenChatError(f"{path}: --format gguf needs a .gguf file")
-    reader = open_gguf(path)
-    config = config_from_gguf(reader, path)
+    files = open_gguf_files(path)  # one, or each of a split model's
+    head, reader = next(iter(files.items()))  # the one with the metadata
+    config = config_from_gguf(files)
     # A tokenizer.json (and generation_config.json) beside the file win over the metadata.
     beside = path.parent
     generation, stop_ids = read_generation_defaults(beside)
@@ -137,9 +138,9 @@ def _open_gguf(path: Path):
     if (beside / "tokenizer.json").is_file():
         tokenizer = _tokenizer_from_dir(beside, config, stop_ids)
     else:
-        tokenizer = tokenizer_from_gguf(reader, path)
+        tokenizer = tokenizer_from_gguf(reader, head)
     release_vocabulary(reader)
-    return config, GGUFSource(reader, path, config), tokenizer, generation
+    return config, GGUFSource(files, config), tokenizer, generation
 
 
 def model_path(path: str | Path) -> Path:

@@ -106,6 +106,8 @@ def write_gguf(
     expert_weights_norm: bool | None = None,
     table_qtype: T | None = None,
     sampling: dict | None = None,
+    split_max_tensors: int = 0,
+    small_first_shard: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Write ``model`` as a GGUF file with 2-D weights (and 3-D expert stacks) in
     ``qtype``, the embedding table and output in ``table_qtype`` when given (as
@@ -113,10 +115,18 @@ def write_gguf(
     ``sampling`` values ({"temp": 0.6, ...}) as the converter copies them from
     generation_config.json into general.sampling.* keys; return the
     weights as the file holds them, dequantized (load them into the reference model to
-    compare). The MoE router stays F32, as llama.cpp keeps it."""
+    compare). The MoE router stays F32, as llama.cpp keeps it. ``split_max_tensors``:
+    a model split into files of at most that many tensors, PATH-00001-of-0000N.gguf on,
+    as the converter's --split-max-tensors and gguf-split write them (``small_first_shard``:
+    the metadata alone in the first, gguf-split's --no-tensor-first-split)."""
     config = model.config
     moe = config.model_type == "qwen3_moe"
-    writer = gguf.GGUFWriter(path, "qwen3moe" if moe else "qwen3")
+    writer = gguf.GGUFWriter(
+        path,
+        "qwen3moe" if moe else "qwen3",
+        split_max_tensors=split_max_tensors,
+        small_first_shard=small_first_shard,
+    )
     if moe:  # as convert_hf_to_gguf's Qwen2MoeModel writes them
         writer.add_expert_count(config.num_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)

@@ -481,7 +481,7 @@ def test_a_gguf_source_cuts_the_stored_blocks(tmp_path, tokenizer_dir, qtype):
     and cut."""
     from gguf_files import write_gguf
 
-    from qwen3chat.weights.gguf import GGUFSource, open_gguf
+    from qwen3chat.weights.gguf import GGUFSource, open_gguf_files
 
     # Experts 64 wide and o_proj 128, so that half of one and a quarter of the other are
     # whole blocks of 32; Q6_K's blocks are 256 wide, so every input is a multiple of 256
@@ -493,7 +493,7 @@ def test_a_gguf_source_cuts_the_stored_blocks(tmp_path, tokenizer_dir, qtype):
         )
     path = tmp_path / "moe.gguf"
     write_gguf(build_reference_model(moe=True, **shapes), tokenizer_dir, path, qtype)
-    source = GGUFSource(open_gguf(path), path)
+    source = GGUFSource(open_gguf_files(path))
     columns = source.shapes()["layers.0.self_attn.o_proj.weight"][1]
     for name, part in [
         ("layers.1.mlp.experts.gate_proj.weight", Part(0, 1, 3)),

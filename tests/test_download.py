@@ -20,10 +20,13 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from gguf import GGMLQuantizationType as T
+from gguf_files import write_gguf
 from typer.testing import CliRunner
 
 from qwen3chat.cli import app
-from qwen3chat.download import gguf_quant, is_repo_id, resolve_model_path
+from qwen3chat.download import gguf_quant, is_repo_id, model_in, resolve_model_path
+from qwen3chat.errors import QwenChatError
 from qwen3chat.loading import model_path
 
 TINY = "test/tiny"
@@ -334,6 +337,48 @@ def test_gguf_repo_lists_quants_and_include_picks_one(hub, hf_home):
     listing = run(["list"], hub.url, hf_home)
     assert listing.returncode == 0, listing.stderr
     assert listing.stdout.split("\n")[1].split() == ["test/tiny-GGUF", "gguf", "Q8_0", "504", "B"]
+
+
+@pytest.fixture(scope="module")
+def split_gguf(tmp_path_factory, tiny_model_dir, tokenizer_dir) -> dict[str, bytes]:
+    """The tiny model as a float32 GGUF split into files of 8 tensors."""
+    folder = tmp_path_factory.mktemp("split-gguf")
+    write_gguf(
+        tiny_model_dir[1], tokenizer_dir, folder / "tiny-F32.gguf", T.F32, split_max_tensors=8
+    )
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_split_gguf_downloads_and_loads_by_repo_id(hub, hf_home, split_gguf, reference_answer):
+    """The Hub's large quants come split (NAME-00001-of-00003.gguf, ...): the choice lists
+    their summed size, --include fetches them all, and -m REPO_ID loads them as one model
+    once every file is there."""
+    repo = "test/split-GGUF"
+    hub.repos[repo] = Repo({**split_gguf, "tiny-Q8_0.gguf": b"GGUF" + b"8" * 500})
+    error = one_line_error(run(["download", repo], hub.url, hf_home))
+    assert f"F32 ({sum(len(b) / 1e6 for b in split_gguf.values()):.1f} MB)" in error
+    result = run(["download", repo, "--include", "*F32*"], hub.url, hf_home)
+    assert result.returncode == 0, result.stderr
+    snapshot = Path(result.stdout.strip())
+    assert sorted(p.name for p in snapshot.iterdir()) == sorted(split_gguf) and len(split_gguf) > 2
+    chat = run([*CHAT, "-m", repo], hub.url, hf_home, HF_HUB_OFFLINE="1")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout == reference_answer
+
+    (snapshot / sorted(split_gguf)[-1]).unlink()  # an interrupted download
+    error = one_line_error(run([*CHAT, "-m", repo], hub.url, hf_home, HF_HUB_OFFLINE="1"))
+    assert f"{repo} is not (fully) downloaded" in error
+
+
+def test_a_split_model_is_one_model_of_a_folder(tmp_path):
+    first = tmp_path / "m-Q8_0-00001-of-00002.gguf"
+    first.touch()
+    assert model_in(tmp_path) is None  # its second file still missing
+    (tmp_path / "m-Q8_0-00002-of-00002.gguf").touch()
+    assert model_in(tmp_path) == first
+    (tmp_path / "m-Q4_0.gguf").touch()
+    with pytest.raises(QwenChatError, match=r"several GGUF models \(m-Q4_0.gguf, m-Q8_0-00001"):
+        model_in(tmp_path)
 
 
 def test_include_is_repeatable(hub, hf_home):

@@ -23,7 +23,7 @@ from qwen3chat.loading import load_model
 from qwen3chat.quant import QuantizedWeight, quantize
 from qwen3chat.sampling import SamplingSettings
 from qwen3chat.weights import gguf_quants
-from qwen3chat.weights.gguf import GGUFSource
+from qwen3chat.weights.gguf import GGUFSource, open_gguf
 
 STEPS = 24
 
@@ -314,3 +314,72 @@ def test_bad_files(tmp_path, gguf_dir, tokenizer_dir):
         path.write_bytes(content)
         with pytest.raises(QwenChatError, match=name):
             load_model(path, device="cpu", dtype="float32")
+
+
+def write_split(folder, tokenizer_dir, tie=True, small_first_shard=False) -> list:
+    """The Q8_0 model make_file writes, split as gguf-split writes it (7 tensors a file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    reference = build_reference_model(tie=tie, seed=5)
+    write_gguf(
+        reference,
+        tokenizer_dir,
+        folder / "tiny.gguf",
+        T.Q8_0,
+        seed=5,
+        split_max_tensors=7,
+        small_first_shard=small_first_shard,
+    )
+    return sorted(folder.glob("*.gguf"))
+
+
+@pytest.mark.parametrize(
+    "small_first_shard", [False, True], ids=["tensors-first", "metadata-first"]
+)
+def test_split_model_loads_as_the_single_file(gguf_dir, tokenizer_dir, tmp_path, small_first_shard):
+    """A model split into NAME-0000i-of-0000n.gguf files (the Hub's large quants) loads
+    from any of its files and computes what the single file does, bit for bit; with
+    gguf-split's --no-tensor-first-split the first file holds the metadata alone."""
+    single, _ = make_file(gguf_dir, tokenizer_dir, T.Q8_0)
+    _, logits, ids = ours_greedy(single)
+    shards = write_split(tmp_path, tokenizer_dir, small_first_shard=small_first_shard)
+    assert len(shards) >= 3 and shards[0].name == f"tiny-00001-of-{len(shards):05d}.gguf"
+    for path in (shards[0], shards[-1]) if small_first_shard else (shards[1],):
+        loaded, split_logits, split_ids = ours_greedy(path)
+        assert torch.equal(split_logits, logits)
+        assert split_ids == ids
+        assert loaded.quantization == load_model(single, dtype="float32").quantization
+
+
+def test_split_model_errors(tokenizer_dir, tmp_path):
+    shards = write_split(tmp_path / "tiny", tokenizer_dir)
+    count = len(shards)
+
+    def error(path=shards[0]) -> str:
+        with pytest.raises(QwenChatError) as raised:
+            load_model(path, device="cpu", dtype="float32")
+        return str(raised.value)
+
+    moved = shards[1].rename(tmp_path / "elsewhere.gguf")
+    assert error() == (
+        f"{shards[1]}: missing; {shards[0].name} is one of the {count} files of a split "
+        f"model: put them all in one folder (download: --include 'tiny-*-of-{count:05d}.gguf')"
+    )
+    moved.rename(shards[1])
+
+    last = shards[-1].read_bytes()
+    shards[-1].write_bytes(shards[1].read_bytes())
+    assert f"its metadata says file 2 of {count}, not {count} of {count}" in error(shards[1])
+    # The untied model has one more tensor (output.weight) in its last file.
+    untied = write_split(tmp_path / "untied", tokenizer_dir, tie=False)
+    assert len(untied) == count
+    shards[-1].write_bytes(untied[-1].read_bytes())
+    assert "files hold" in error() and "(split.tensors.count)" in error()
+    shards[-1].write_bytes(last)
+
+    renamed = shards[0].rename(tmp_path / "tiny" / "tiny.gguf")
+    assert "not named NAME-0000i-of-" in error(renamed)
+
+    # A tensor in two of the files.
+    first = open_gguf(shards[1])
+    with pytest.raises(QwenChatError, match=f"{shards[2]}: tensor .* is also in {shards[1].name}"):
+        GGUFSource({shards[1]: first, shards[2]: first})

@@ -18,6 +18,7 @@ from ..distributed.split import Part
 from ..errors import QwenChatError
 from ..quant import QuantizedMatrix
 from . import gguf_quants
+from .gguf_split import SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS, shard_paths, shard_pattern
 from .names import KeyHeadPart, canonical_from_gguf, key_head_parts
 
 # GGUF architecture -> ours (config.json's name).
@@ -195,6 +196,49 @@ def open_gguf(path: Path) -> GGUFReader:
         raise QwenChatError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
+def open_gguf_files(path: Path) -> dict[Path, GGUFReader]:
+    """The reader of ``path``, or of every file of the split model it is one of
+    (gguf_split.py), the first, which holds the metadata, first."""
+    reader = open_gguf(path)
+    count = metadata(reader, SPLIT_COUNT, 0)
+    if not isinstance(count, int) or count <= 1:
+        return {path: reader}
+    paths = shard_paths(path)
+    if len(paths) != count:
+        raise QwenChatError(
+            f"{path}: one of the {count} files of a split model, but not named "
+            f"NAME-0000i-of-{count:05d}.gguf as gguf-split names them; give the files "
+            "their original names"
+        )
+    files = {}
+    for number, shard in enumerate(paths):
+        if not shard.is_file():
+            raise QwenChatError(
+                f"{shard}: missing; {path.name} is one of the {count} files of a split "
+                f"model: put them all in one folder (download: --include "
+                f"'{shard_pattern(path)}')"
+            )
+        files[shard] = reader if shard == path else open_gguf(shard)
+        found = (metadata(files[shard], SPLIT_NO), metadata(files[shard], SPLIT_COUNT))
+        if found != (number, count):
+            raise QwenChatError(
+                f"{shard}: its metadata says file {_ordinal(found[0])} of {found[1]}, "
+                f"not {number + 1} of {count}: not a file of {path.name}'s split model"
+            )
+    tensors = metadata(next(iter(files.values())), SPLIT_TENSORS)
+    held = sum(len(r.tensors) for r in files.values())
+    if tensors is not None and held != tensors:
+        raise QwenChatError(
+            f"{paths[0]}: the split model's {count} files hold {held} tensors, "
+            f"not the {tensors} its metadata (split.tensors.count) says"
+        )
+    return files
+
+
+def _ordinal(split_no) -> str:
+    return "?" if split_no is None else str(int(split_no) + 1)
+
+
 def release_vocabulary(reader: GGUFReader) -> None:
     """Drop the vocabulary's fields once the tokenizer is built (or read from a
     tokenizer.json instead): the reader keeps two array views per string, ~90 MiB for
@@ -234,7 +278,10 @@ def sampling_defaults_from_gguf(reader: GGUFReader) -> dict:
     }
 
 
-def config_from_gguf(reader: GGUFReader, path: Path) -> ModelConfig:
+def config_from_gguf(files: dict[Path, GGUFReader]) -> ModelConfig:
+    """From the first file's metadata and every file's tensors (open_gguf_files)."""
+    path, reader = next(iter(files.items()))
+    tensors = [t for r in files.values() for t in r.tensors]
     arch = metadata(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise QwenChatError(
@@ -253,8 +300,8 @@ def config_from_gguf(reader: GGUFReader, path: Path) -> ModelConfig:
             "factor": get("rope.scaling.factor", 1.0),
             "original_max_position_embeddings": get("rope.scaling.original_context_length"),
         }
-    names = {t.name for t in reader.tensors}
-    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    names = {t.name for t in tensors}
+    embed = next((t for t in tensors if t.name == "token_embd.weight"), None)
     if embed is None:
         raise QwenChatError(f"{path}: tensor token_embd.weight is missing")
     shape = {attr: get(key) for attr, key in _SHAPE_KEYS.items()}
@@ -323,32 +370,39 @@ def _hybrid_fields(get, arch: str, shape: dict) -> dict:
 class GGUFSource:
     """Canonical tensor name -> float tensor, or QuantizedMatrix for quantized blocks."""
 
-    def __init__(self, reader: GGUFReader, path: Path, config: ModelConfig | None = None):
-        """``config``: the model's, where a qwen3next file's ssm_ba holds two of our
-        tensors (names.key_head_parts)."""
-        self.reader = reader
-        self.path = path
+    def __init__(self, files: dict[Path, GGUFReader], config: ModelConfig | None = None):
+        """``files``: open_gguf_files'. ``config``: the model's, where a qwen3next file's
+        ssm_ba holds two of our tensors (names.key_head_parts)."""
+        self.path, self.reader = next(iter(files.items()))  # the metadata's
         self._tensors = {}
+        self._file: dict[str, tuple[Path, GGUFReader]] = {}  # each tensor's
         # Canonical part -> (the tensor holding it, how to take it).
         self._key_head_part: dict[str, tuple[str, KeyHeadPart]] = {}
-        for tensor in reader.tensors:
-            name = canonical_from_gguf(tensor.name)
-            if name is None:
-                raise QwenChatError(f"{path}: unexpected tensor {tensor.name}")
-            for part, take in (key_head_parts(name, config) if config else {}).items():
-                self._key_head_part[part] = (name, take)
-            if not gguf_quants.supported(tensor.tensor_type):
-                raise QwenChatError(
-                    f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}, "
-                    "which is not supported"
-                )
-            block = GGML_QUANT_SIZES[tensor.tensor_type][0]
-            if int(tensor.shape[0]) % block:
-                raise QwenChatError(
-                    f"{path}: tensor {tensor.name} has rows of {int(tensor.shape[0])} values, "
-                    f"not a multiple of the {tensor.tensor_type.name} block size {block}"
-                )
-            self._tensors[name] = tensor
+        for path, reader in files.items():
+            for tensor in reader.tensors:
+                self._add(tensor, path, reader, config)
+
+    def _add(self, tensor, path: Path, reader: GGUFReader, config: ModelConfig | None) -> None:
+        name = canonical_from_gguf(tensor.name)
+        if name is None:
+            raise QwenChatError(f"{path}: unexpected tensor {tensor.name}")
+        if name in self._tensors:
+            raise QwenChatError(f"{path}: tensor {tensor.name} is also in {self.file_of(name)}")
+        for part, take in (key_head_parts(name, config) if config else {}).items():
+            self._key_head_part[part] = (name, take)
+        if not gguf_quants.supported(tensor.tensor_type):
+            raise QwenChatError(
+                f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}, "
+                "which is not supported"
+            )
+        block = GGML_QUANT_SIZES[tensor.tensor_type][0]
+        if int(tensor.shape[0]) % block:
+            raise QwenChatError(
+                f"{path}: tensor {tensor.name} has rows of {int(tensor.shape[0])} values, "
+                f"not a multiple of the {tensor.tensor_type.name} block size {block}"
+            )
+        self._tensors[name] = tensor
+        self._file[name] = (path, reader)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         # GGUF lists dimensions innermost first; torch order is the reverse.
@@ -360,7 +414,7 @@ class GGUFSource:
         return shapes
 
     def file_of(self, name: str) -> str:
-        return self.path.name
+        return self._file[name][0].name
 
     def quant_types(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -404,14 +458,16 @@ class GGUFSource:
             decoded = gguf_quants.decode(raw, qtype, shape, dtype, layout)
             return decoded if part is None or cut is not None else part.take(decoded)
         except (ValueError, IndexError) as e:
-            raise QwenChatError(f"{self.path}: cannot read tensor {tensor.name} ({e})") from None
+            path = self._file[name][0]
+            raise QwenChatError(f"{path}: cannot read tensor {tensor.name} ({e})") from None
         finally:
-            self._release(tensor)
+            self._release(tensor, self._file[name][1])
 
-    def _release(self, tensor) -> None:
+    @staticmethod
+    def _release(tensor, reader: GGUFReader) -> None:
         """Drop the file pages of a tensor already copied out: without this the whole
         file stays resident beside the weights until loading ends (twice the memory)."""
-        mapping = getattr(self.reader.data, "_mmap", None)
+        mapping = getattr(reader.data, "_mmap", None)
         if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         start = tensor.data_offset - tensor.data_offset % mmap.PAGESIZE
