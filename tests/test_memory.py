@@ -41,7 +41,7 @@ def test_loaded_weights_share_one_advised_mapping_and_give_the_same_logits(
 ):
     path, _ = tiny_model_dir
     gathered = load_model(path, device="cpu", dtype="float32").model
-    monkeypatch.setattr(memory, "_advised", lambda nbytes: None)  # no such pages: no gathering
+    monkeypatch.setattr(memory, "_advised", lambda *args, **kwargs: None)  # none: no gathering
     apart = load_model(path, device="cpu", dtype="float32").model
     storages = {t.untyped_storage().data_ptr() for t in tensors_of(gathered)}
     assert len(storages) == 1
@@ -93,6 +93,30 @@ def test_gather_keeps_ties_views_and_values():
         model.bias.untyped_storage().data_ptr() == model.first.weight.untyped_storage().data_ptr()
     )
     assert advised_for_huge_pages(model.bias.data_ptr())
+
+
+@needs_advice
+def test_weights_loaded_into_their_own_huge_pages_stay_where_they_are():
+    """memory.empty (a loader's weights of 2 MiB and more, and their fused concatenations)
+    is a mapping advised for 2 MiB pages, exactly that long: gather leaves such weights in
+    place (no second copy of a model at load) and gathers the rest."""
+    model = nn.Linear(1, 1)
+    big = memory.empty((1024, 1024), torch.float32).copy_(torch.arange(1 << 20).view(1024, 1024))
+    fused = memory.cat([big, big[:16]], 0)
+    assert fused.shape == (1040, 1024) and torch.equal(fused[1024:], big[:16])
+    model.big = nn.Parameter(big, requires_grad=False)
+    model.register_buffer("fused", fused)
+    model.rest = nn.Parameter(torch.ones(1 << 20), requires_grad=False)  # torch's memory
+    small = memory.empty((16,), torch.float32)
+    assert not advised_for_huge_pages(small.data_ptr())  # torch's own, below a page
+    address = big.data_ptr()
+    memory.gather(model)
+    assert model.big.data_ptr() == address and model.fused.data_ptr() == fused.data_ptr()
+    assert advised_for_huge_pages(address) and advised_for_huge_pages(fused.data_ptr())
+    assert torch.equal(model.big, torch.arange(1 << 20).view(1024, 1024).float())
+    # The rest gathered into one mapping of such pages.
+    assert model.rest.untyped_storage().data_ptr() == model.weight.untyped_storage().data_ptr()
+    assert advised_for_huge_pages(model.rest.data_ptr()) and model.rest.sum() == 1 << 20
 
 
 # A 256 MiB weight gathered in a fresh process: its resident memory before, the peak after.

@@ -160,6 +160,23 @@ def test_stored_matrix_is_the_quantized_one(weight):
     assert layer.codes.shape == (96, 128)  # two int4 codes per byte
 
 
+@pytest.mark.skipif(
+    not kernels.interleaves("cpu"), reason="weights held interleaved only with AVX512-VNNI"
+)
+@pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (8, 256)])
+def test_owned_codes_are_interleaved_in_place(weight, bits, group):
+    """A loader's own codes are interleaved where they are (no second copy of the weights);
+    anyone else's are left as they were; both hold the same matrix."""
+    m = quantize(weight, bits, group)  # 8 bits per 256: int8 with one scale a row
+    before = m.codes.clone()
+    shared = QuantizedWeight(m, torch.float32, CPU)
+    assert torch.equal(m.codes, before) and shared.interleaved
+    owned = QuantizedWeight(m, torch.float32, CPU, owned=True)
+    assert owned.codes.data_ptr() == m.codes.data_ptr()
+    assert torch.equal(owned.codes, shared.codes)
+    assert torch.equal(owned.matrix().dequantize(), quantize(weight, bits, group).dequantize())
+
+
 def test_embedding_rows(weight):
     ids = torch.tensor([[3, 0, 95]])
     for bits in (8, 4):

@@ -311,7 +311,8 @@ def interleaves(device: torch.device | str) -> bool:
     held interleaved by 16 rows on ``device`` (quant.py's QuantizedWeight), as linear.cpp's
     AVX512-VNNI product of them reads them (``x16_linear_of``): where that kernel runs, a
     build here and the CPU and OS allowing AVX512-VNNI."""
-    return torch.device(device).type == "cpu" and _avx512_vnni() and _module() is not None
+    cpu = torch.device(device).type == "cpu"
+    return cpu and _avx512_vnni() and native(torch.empty(0)) is not None
 
 
 def native(x: torch.Tensor):

@@ -213,6 +213,32 @@ std::vector<at::Tensor> repack_q4_k(const at::Tensor& blocks_in) {
   return {codes, scales, zeros};
 }
 
+at::Tensor split_blocks(const at::Tensor& blocks_in, int64_t block_bytes, int64_t halves,
+                        const at::Tensor& codes) {
+  RECORD_FUNCTION("qwen3chat::split_blocks", {});
+  const auto blocks = blocks_in.contiguous();
+  const int64_t code_bytes = block_bytes - 2 * halves;
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && halves >= 0 &&
+                  code_bytes > 0 && blocks.size(1) % block_bytes == 0,
+              "split_blocks: uint8 rows of whole blocks");
+  const int64_t rows = blocks.size(0), per_row = blocks.size(1) / block_bytes;
+  TORCH_CHECK(codes.is_contiguous() && codes.element_size() == 1 &&
+                  codes.numel() == rows * per_row * code_bytes,
+              "split_blocks: contiguous one-byte codes of the blocks' size");
+  auto fields = at::empty({rows, per_row, halves}, blocks.options().dtype(at::kFloat));
+  const uint8_t* in = blocks.data_ptr<uint8_t>();
+  uint8_t* cp = static_cast<uint8_t*>(codes.data_ptr());
+  float* fp = fields.data_ptr<float>();
+  qk::parallel_for(0, rows * per_row, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* b = in + n * block_bytes;
+      for (int64_t h = 0; h < halves; ++h) fp[n * halves + h] = half_at(b + 2 * h);
+      std::memcpy(cp + n * code_bytes, b + 2 * halves, code_bytes);
+    }
+  });
+  return fields;
+}
+
 std::vector<int64_t> gguf_block_types() {
   std::vector<int64_t> ids;
   for (const auto& t : kTypes) ids.push_back(t.id);

@@ -219,6 +219,18 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Te
 std::vector<at::Tensor> quantize_rows(const at::Tensor& weight, int64_t bits,
                                       int64_t group_size);
 
+// Codes [R, bytes] (int8, or int4 packed two per byte; R a multiple of 16) as the
+// AVX512-VNNI kernel reads them (quant.py's QuantizedWeight): each 16 rows' 4-byte words
+// transposed, [R / 16][bytes / 4][16], int8 codes as unsigned (code + 128), written to
+// `out`, which may be `codes` itself: in place, no memory to fault in beside the weights
+// (quantize.cpp).
+void interleave_rows(const at::Tensor& codes, const at::Tensor& out, int64_t bits);
+// GGUF blocks [R, blocks * block_bytes] whose leading `halves` float16 fields (Q8_0's and
+// Q4_0's d; Q4_1's d and m) are followed by their codes, split in one pass over the file:
+// the codes into `codes` (one-byte, [R, blocks * (block_bytes - 2 * halves)]), the fields
+// returned as float32 [R, blocks, halves] (gguf_blocks.cpp).
+at::Tensor split_blocks(const at::Tensor& blocks, int64_t block_bytes, int64_t halves,
+                        const at::Tensor& codes);
 // GGUF blocks [R, bytes] of a type gguf_block_types() names (ggml's ids), decoded as
 // gguf-py decodes them and requantized to `bits` with groups of `group_size` as
 // quantize_rows does (gguf_blocks.cpp), which it returns as quantize_rows does.

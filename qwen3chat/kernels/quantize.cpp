@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "kernels.h"
@@ -137,4 +138,30 @@ std::vector<at::Tensor> quantize_rows(const at::Tensor& weight_in, int64_t bits,
     });
   });
   return out;
+}
+
+// Each 16 rows' 4-byte words transposed, int8 codes made unsigned: see kernels.h. A group's
+// rows are read into a buffer first, so `out` may be `codes` itself.
+void interleave_rows(const at::Tensor& codes, const at::Tensor& out, int64_t bits) {
+  RECORD_FUNCTION("qwen3chat::interleave_rows", {});
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+                  codes.size(0) % 16 == 0 && codes.size(1) % 4 == 0,
+              "interleave_rows: contiguous uint8 codes, rows a multiple of 16, of whole words");
+  TORCH_CHECK(out.scalar_type() == at::kByte && out.is_contiguous() &&
+                  out.numel() == codes.numel(),
+              "interleave_rows: a contiguous uint8 output of the codes' size");
+  TORCH_CHECK(bits == 8 || bits == 4, "interleave_rows: 8 or 4 bits");
+  const int64_t words = codes.size(1) / 4, group_bytes = 64 * words;
+  const uint32_t flip = bits == 8 ? 0x80808080u : 0u;  // int8 code + 128, byte by byte
+  const uint8_t* in = codes.data_ptr<uint8_t>();
+  uint8_t* to = out.data_ptr<uint8_t>();
+  qk::parallel_for(0, codes.size(0) / 16, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> rows(16 * words);
+    for (int64_t g = begin; g < end; ++g) {
+      std::memcpy(rows.data(), in + g * group_bytes, group_bytes);
+      uint32_t* group = reinterpret_cast<uint32_t*>(to + g * group_bytes);
+      for (int64_t w = 0; w < words; ++w)
+        for (int64_t r = 0; r < 16; ++r) group[w * 16 + r] = rows[r * words + w] ^ flip;
+    }
+  });
 }

@@ -21,7 +21,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
-from .. import kernels
+from .. import kernels, memory
 from ..quant import QuantizedMatrix, quantize
 
 FLOAT_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
@@ -57,25 +57,40 @@ def _codes(words: torch.Tensor, rows: int) -> torch.Tensor:
     return words.contiguous().view(torch.uint8).view(rows, -1)
 
 
+def _fields(blocks: np.ndarray, rows: int, halves: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Blocks whose ``halves`` leading float16 fields precede their codes: the codes as one
+    ``[rows, …]`` uint8 copy (in our layout already), each field widened, ``[rows, blocks]``.
+    The kernels split them in one pass over the file (kernels/gguf_blocks.cpp): column by
+    column, torch read its pages once per field and once for the codes."""
+    native = kernels.native(torch.empty(0))
+    if native is not None:
+        _, per_row, block_bytes = blocks.shape  # [rows, blocks, bytes]
+        codes = memory.empty((rows, per_row * (block_bytes - 2 * halves)), torch.uint8)
+        pages = _file_pages(blocks.reshape(rows, -1))
+        fields = native.split_blocks(pages, block_bytes, halves, codes)
+        return codes, list(fields.unbind(-1))
+    words = _words(blocks)
+    return _codes(words[:, halves:], rows), [
+        _f16(words[:, h]).view(rows, -1) for h in range(halves)
+    ]
+
+
 def _q8_0(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
     # block: f16 d, 32 x int8
-    words = _words(blocks)
-    scales = _f16(words[:, 0]).view(rows, -1)
-    return QuantizedMatrix(8, 32, _codes(words[:, 1:], rows).view(torch.int8), scales)
+    codes, (scales,) = _fields(blocks, rows, 1)
+    return QuantizedMatrix(8, 32, codes.view(torch.int8), scales)
 
 
 def _q4_0(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
     # block: f16 d, 16 bytes of nibbles; w = d * (q - 8)
-    words = _words(blocks)
-    return QuantizedMatrix(4, 32, _codes(words[:, 1:], rows), _f16(words[:, 0]).view(rows, -1))
+    codes, (scales,) = _fields(blocks, rows, 1)
+    return QuantizedMatrix(4, 32, codes, scales)
 
 
 def _q4_1(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
     # block: f16 d, f16 m, 16 bytes of nibbles; w = d * q + m = (q - 8) * d + (m + 8d)
-    words = _words(blocks)
-    scales = _f16(words[:, 0]).view(rows, -1)
-    mins = _f16(words[:, 1]).view(rows, -1)
-    return QuantizedMatrix(4, 32, _codes(words[:, 2:], rows), scales, mins + 8 * scales)
+    codes, (scales, mins) = _fields(blocks, rows, 2)
+    return QuantizedMatrix(4, 32, codes, scales, mins + 8 * scales)
 
 
 def _q4_k(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
@@ -171,7 +186,7 @@ def decode(
         stored = _file_pages(array).view(FLOAT_TYPES[qtype]).reshape(shape)
         # Memory of its own, written once: a conversion reads the file's pages straight
         # (copied first, then converted, F16 -> bf16 took 2.5 s of a 0.6B load, not 0.7).
-        return stored.to(dtype) if stored.dtype != dtype else stored.clone()
+        return memory.empty(tuple(shape), dtype).copy_(stored)
     if len(shape) not in (2, 3):
         raise ValueError(f"a {qtype.name} tensor must be 2-D or 3-D, got shape {list(shape)}")
     # A stack of experts [E, R, C] is decoded as E*R rows, then split again.

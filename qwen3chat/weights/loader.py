@@ -7,6 +7,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from .. import memory
 from ..distributed.split import Part
 from ..errors import QwenChatError
 from ..memory import HeapTrimmer, gather, return_freed_memory
@@ -93,7 +94,7 @@ def load_weights(
         if len(parts) == 1:
             weight = parts[0]
         elif all(isinstance(p, torch.Tensor) for p in parts):
-            weight = torch.cat(parts, dim=-2)  # rows: output features
+            weight = memory.cat(parts, -2)  # rows: output features
         else:
             weight = QuantizedMatrix.cat([_as_quantized(p, parts) for p in parts])
         del parts
@@ -125,10 +126,11 @@ def place(
         layout = quant_layout(name, weight.shape, quant)
         if layout is not None:
             weight = quantize(weight, *layout)
+    # A weight here was read, cut or quantized for this parameter alone: its codes are its own.
     if isinstance(weight, QuantizedMatrix) and weight.codes.dim() == 3:
-        set_parameter(model, name, QuantizedExperts(weight, dtype, device))
+        set_parameter(model, name, QuantizedExperts(weight, dtype, device, owned=True))
     elif isinstance(weight, QuantizedMatrix):
-        set_parameter(model, name, QuantizedWeight(weight, dtype, device))
+        set_parameter(model, name, QuantizedWeight(weight, dtype, device, owned=True))
     else:
         set_parameter(model, name, weight.to(device))
 
