@@ -177,7 +177,7 @@ constexpr BlockType kTypes[] = {
 
 }  // namespace
 
-std::vector<at::Tensor> repack_q4_k(const at::Tensor& blocks_in) {
+std::vector<at::Tensor> repack_q4_k(const at::Tensor& blocks_in, const at::Tensor& codes) {
   RECORD_FUNCTION("qwen3chat::repack_q4_k", {});
   const auto blocks = blocks_in.contiguous();
   constexpr int64_t kBytes = 144;
@@ -185,7 +185,9 @@ std::vector<at::Tensor> repack_q4_k(const at::Tensor& blocks_in) {
                   blocks.size(1) % kBytes == 0,
               "repack_q4_k: uint8 rows of whole Q4_K blocks");
   const int64_t rows = blocks.size(0), per_row = blocks.size(1) / kBytes, groups = per_row * 8;
-  auto codes = at::empty({rows, groups * 16}, blocks.options());
+  TORCH_CHECK(codes.is_contiguous() && codes.scalar_type() == at::kByte &&
+                  codes.numel() == rows * groups * 16,
+              "repack_q4_k: contiguous uint8 codes, 16 bytes per 32 values");
   auto scales = at::empty({rows, groups}, blocks.options().dtype(at::kFloat));
   auto zeros = at::empty({rows, groups}, blocks.options().dtype(at::kFloat));
   const uint8_t* in = blocks.data_ptr<uint8_t>();
@@ -210,7 +212,7 @@ std::vector<at::Tensor> repack_q4_k(const at::Tensor& blocks_in) {
       }
     }
   });
-  return {codes, scales, zeros};
+  return {scales, zeros};
 }
 
 at::Tensor split_blocks(const at::Tensor& blocks_in, int64_t block_bytes, int64_t halves,

@@ -238,8 +238,9 @@ std::vector<at::Tensor> requantize_blocks(const at::Tensor& blocks, int64_t type
                                           int64_t group_size);
 std::vector<int64_t> gguf_block_types();
 // Q4_K blocks [R, bytes] as quant.py's int4 layout, gguf_quants.py's _q4_k in one pass:
-// {codes packed two per byte, scales, zeros (float32, one per 32)}.
-std::vector<at::Tensor> repack_q4_k(const at::Tensor& blocks);
+// the codes packed two per byte into `codes` ([R, values / 2]), {scales, zeros} (float32,
+// one per 32) returned.
+std::vector<at::Tensor> repack_q4_k(const at::Tensor& blocks, const at::Tensor& codes);
 
 // The small operations of a decoder layer (layer_ops.cpp).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);

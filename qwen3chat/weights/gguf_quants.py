@@ -100,7 +100,8 @@ def _q4_k(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
     # (kernels/gguf_blocks.cpp).
     native = kernels.native(torch.empty(0))
     if native is not None:
-        codes, scales, zeros = native.repack_q4_k(_file_pages(blocks.reshape(rows, -1)))
+        codes = memory.empty((rows, cols // 2), torch.uint8)
+        scales, zeros = native.repack_q4_k(_file_pages(blocks.reshape(rows, -1)), codes)
         return QuantizedMatrix(4, 32, codes, scales, zeros)
     words = _words(blocks)
     d, dmin, n = _f16(words[:, 0]), _f16(words[:, 1]), words.shape[0]
