@@ -17,6 +17,7 @@ import ctypes
 import functools
 import math
 import mmap
+import weakref
 from pathlib import Path
 
 import torch
@@ -29,7 +30,12 @@ HEADROOM = 1 << 30  # memory left free after copying a file's weights out
 COPY_PIECE = 64 << 20
 
 
-def _advised(nbytes: int, aligned: bool = True) -> torch.Tensor | None:
+# The address ranges of ``empty``'s mappings still alive (start -> end): gather leaves
+# what lies in them where it is.
+_OWN_PAGES: dict[int, int] = {}
+
+
+def _advised(nbytes: int, aligned: bool = True, track: bool = False) -> torch.Tensor | None:
     """``nbytes`` of zeros as a uint8 tensor over an anonymous mapping advised for 2 MiB
     pages, starting on a page boundary (``aligned``; else the mapping is ``nbytes`` long
     and its first and last partial pages are 4 KiB ones: no huge page half used past the
@@ -45,6 +51,9 @@ def _advised(nbytes: int, aligned: bool = True) -> torch.Tensor | None:
     except (OSError, ValueError):
         return None
     whole = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive
+    if track:  # until the mapping goes with the last tensor over it
+        _OWN_PAGES[whole.data_ptr()] = whole.data_ptr() + nbytes
+        weakref.finalize(mapping, _OWN_PAGES.pop, whole.data_ptr(), None)
     start = -whole.data_ptr() % HUGE_PAGE if aligned else 0
     return whole[start : start + nbytes]
 
@@ -54,7 +63,7 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     2 MiB pages, which gather leaves where it is. torch's allocator hands out fresh memory
     that faults in 4 KiB at a time (~1.5 GB/s a thread, half a 5 GB model's load), and
     gather would then copy it once more."""
-    advised = _advised(math.prod(shape) * dtype.itemsize, aligned=False)
+    advised = _advised(math.prod(shape) * dtype.itemsize, aligned=False, track=True)
     return torch.empty(shape, dtype=dtype) if advised is None else advised.view(dtype).view(shape)
 
 
@@ -101,10 +110,10 @@ def gather(model: nn.Module) -> None:
                 sizes[storage.data_ptr()] = storage.nbytes()
     if not hasattr(mmap, "MADV_HUGEPAGE"):  # not Linux: no /proc to read either
         return
-    files, advised = _mapped_ranges()
-    for address in [a for a in sizes if _in(a, advised)]:  # in 2 MiB pages already (empty)
+    own = list(_OWN_PAGES.items())
+    for address in [a for a in sizes if _in(a, own)]:  # in 2 MiB pages already (empty)
         del slots[address], sizes[address]
-    mapped = [a for a in sizes if _in(a, files)]
+    mapped = [a for a in sizes if _in(a, _file_ranges())]
     if sum(sizes[a] for a in mapped) + HEADROOM > _available_bytes():
         for address in mapped:
             del slots[address], sizes[address]
@@ -164,21 +173,16 @@ def _libc():
     return ctypes.CDLL(None)
 
 
-def _mapped_ranges() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """The address ranges at which this process maps files, and those advised for 2 MiB
-    pages (VmFlags ``hg``)."""
-    files, advised, current = [], [], (0, 0)
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
+def _file_ranges() -> list[tuple[int, int]]:
+    """The address ranges at which this process maps files."""
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
             fields = line.split()
-            if fields and fields[0] == "VmFlags:":
-                if "hg" in fields:
-                    advised.append(current)
-            elif len(fields) >= 5 and not fields[0].endswith(":"):  # a mapping's first line
-                current = tuple(int(a, 16) for a in fields[0].split("-"))
-                if fields[4] != "0":  # an inode: a file
-                    files.append(current)
-    return files, advised
+            if len(fields) >= 6 and fields[4] != "0":  # an inode: a file
+                low, high = (int(a, 16) for a in fields[0].split("-"))
+                ranges.append((low, high))
+    return ranges
 
 
 def _in(address: int, ranges: list[tuple[int, int]]) -> bool:
