@@ -113,7 +113,8 @@ def gather(model: nn.Module) -> None:
     own = list(_OWN_PAGES.items())
     for address in [a for a in sizes if _in(a, own)]:  # in 2 MiB pages already (empty)
         del slots[address], sizes[address]
-    mapped = [a for a in sizes if _in(a, _file_ranges())]
+    files = _file_ranges()
+    mapped = [a for a in sizes if _in(a, files)]
     if sum(sizes[a] for a in mapped) + HEADROOM > _available_bytes():
         for address in mapped:
             del slots[address], sizes[address]
