@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from .drafting import NgramDrafter
 from .errors import ContextOverflowError
 from .generation import Event, Generation, Timings
 from .hybrid_cache import checkpoint_marks
@@ -32,14 +33,19 @@ class Engine:
         max_seq_len: int,
         chunk_size: int | None = None,
         kv_dtype: torch.dtype | None = None,
+        draft_max: int = 0,
     ):
-        """``kv_dtype``: what the KV cache stores (torch.int8: ``--kv-cache int8``)."""
+        """``kv_dtype``: what the KV cache stores (torch.int8: ``--kv-cache int8``);
+        ``draft_max``: tokens drafted by prompt lookup per step (``--draft ngram``; 0:
+        none), where the cache can be trimmed back past rejected drafts (not a recurrent
+        one)."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.chunk_size = chunk_size
         self.cache: Cache = model.new_cache(max_seq_len, kv_dtype)
         self.vocab_size = model.config.vocab_size
+        self.draft_max = 0 if self.cache.recurrent else draft_max
         # The last prompt's layout: what its decode steps pass the model besides ids.
         self.layout = model.prompt_layout([])
 
@@ -112,6 +118,16 @@ class Engine:
         return logits
 
     @torch.inference_mode()
+    def verify(self, ids: list[int]) -> torch.Tensor:
+        """Logits after each of ``ids`` (``[len, vocab]``): the pending token and its
+        drafts in one forward pass, all of them committed (the caller trims the rejected)."""
+        start = len(self.cache)
+        extra = self.layout.rows(start, start + len(ids), self.device)
+        logits = self.model(self._ids(ids), self.cache, start, all_logits=True, **extra)
+        self.cache.commit(ids)
+        return logits[0]
+
+    @torch.inference_mode()
     def score(self, ids: list[int]) -> torch.Tensor:
         """Logits at every position of ``ids`` (``[len, vocab]``), e.g. for perplexity."""
         if len(ids) > self.max_seq_len:
@@ -156,19 +172,57 @@ class Engine:
             yield from reply.finish("cancelled")
             return
         timings.prefill_tokens = len(prompt_ids) - reply.cached
-        token = reply.choose(logits)
+        tokens = self._tokens(reply, reply.choose(logits), prompt_ids)
         first = time.perf_counter()
         timings.prefill_s = timings.ttft_s = first - start
-        while True:
+        reason = "cancelled"
+        for token in tokens:
             yield from reply.accept(token)
-            if reply.done:
-                reason = reply.done
+            if reply.done or should_stop():
+                reason = reply.done or reason
+                tokens.close()  # trims the cache back to what the reply kept
                 break
-            if should_stop():
-                reason = "cancelled"
-                break
-            logits = self.decode_step(token)
-            timings.decode_tokens += 1
-            token = reply.choose(logits)
         timings.decode_s = time.perf_counter() - first
         yield from reply.finish(reason)
+
+    def _tokens(self, reply: Generation, token: int, prompt_ids: list[int]) -> Iterator[int]:
+        """The reply's tokens from its first, ``token``, each chosen once the caller has
+        accepted the one before it (its penalties, grammar and thinking budget see it).
+
+        With drafting, a step runs the pending token and the drafts that follow it in the
+        history in one pass; the token chosen after each row is the one a step of its own
+        would choose, so the drafts it equals are kept and the first it differs from ends
+        the step (that chosen token is the next pending one). The cache is trimmed back
+        to the kept tokens, also when the caller stops in the middle."""
+        drafter = NgramDrafter(prompt_ids, self.draft_max) if self.draft_max else None
+        timings = reply.timings
+        while True:
+            yield token
+            drafts = []
+            if drafter is not None:
+                drafter.add(token)
+                # Tokens the reply may still take, and positions the cache still has.
+                room = min(
+                    reply.max_tokens - len(reply.generated), self.max_seq_len - len(self.cache) - 1
+                )
+                drafts = drafter.propose(room - 1)  # the pass's last row chooses one more
+            if not drafts:
+                timings.decode_tokens += 1
+                token = reply.choose(self.decode_step(token))
+                continue
+            kept, right = len(self.cache) + 1, 0  # the pending token's, then each right draft
+            rows = self.verify([token, *drafts])
+            timings.drafted_tokens += len(drafts)
+            try:
+                for row, draft in zip(rows, [*drafts, None], strict=True):
+                    timings.decode_tokens += 1
+                    token = reply.choose(row)
+                    if token != draft:
+                        break
+                    yield token
+                    drafter.add(token)
+                    right += 1
+                    timings.accepted_tokens += 1
+            finally:
+                drafter.kept(right)
+                self.cache.trim(kept + right)

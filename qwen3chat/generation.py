@@ -49,7 +49,9 @@ class Timings:
     decode_s: float = 0.0
     prefill_tokens: int = 0  # prompt tokens actually run (those after the reused prefix)
     vision_s: float = 0.0  # part of prefill_s spent in the vision tower
-    decode_tokens: int = 0  # forward passes of one token after the first sampled token
+    decode_tokens: int = 0  # tokens chosen after the first (a forward pass each, or a draft's row)
+    drafted_tokens: int = 0  # tokens drafted by prompt lookup (--draft ngram)
+    accepted_tokens: int = 0  # of those, the ones the model chose too
 
     @property
     def prefill_tok_s(self) -> float:

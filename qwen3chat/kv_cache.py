@@ -112,7 +112,8 @@ def shared_prefix(a: list, b: list) -> int:
 
 
 class KVCache:
-    """Keys and values of every layer, ``[layers, 1, kv_heads, max_seq_len, head_dim]``
+    """Keys and values of every layer, ``[layers, 1, kv_heads, slots, head_dim]`` (slots:
+    max_seq_len rounded up to whole blocks of 16)
     (the last dimension ``row_bytes(head_dim)`` in an int8 cache).
 
     ``tokens`` lists the ids whose keys/values are stored, in order (a picture's tokens
@@ -131,7 +132,10 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ):
-        shape = (num_layers, 1, num_kv_heads, max_seq_len, stored_width(head_dim, dtype))
+        # Whole blocks of 16 positions (the kernels' paged_block_align), so that the paged
+        # kernels take the cache as one block (model/native.py's decode_layers of a few tokens).
+        slots = -(-max_seq_len // 16) * 16
+        shape = (num_layers, 1, num_kv_heads, slots, stored_width(head_dim, dtype))
         self.k = memory.zeros(shape, dtype, device)
         self.v = memory.zeros(shape, dtype, device)
         self.max_seq_len = max_seq_len
@@ -176,7 +180,8 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        """Bytes of keys and values for max_seq_len positions (not the rounding up)."""
+        return 2 * self.k[..., : self.max_seq_len, :].nbytes
 
 
 class PagedKVCache:

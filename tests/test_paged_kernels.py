@@ -5,6 +5,8 @@ for bit."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -339,6 +341,54 @@ def test_one_decode_row_is_the_contiguous_decode_step(preset, dtype, quantize):
     assert torch.equal(ours, theirs[0])
     assert torch.equal(k_cache[:, :, slots], contiguous.k[:, 0, :, : position + 1])
     assert torch.equal(v_cache[:, :, slots], contiguous.v[:, 0, :, : position + 1])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("kv_dtype", [None, torch.int8])
+@pytest.mark.parametrize("count", [9, 17])
+def test_a_few_rows_of_one_sequence_run_natively_over_its_contiguous_cache(
+    preset, kv_dtype, count, monkeypatch
+):
+    """The pending token and its drafts (9 rows) after 37 cached positions: the model's
+    forward runs them in one native call over the contiguous cache (decode_layers; not
+    more rows than LIMITS' prompt_kernel_rows) and gives the logits, keys and values its
+    torch layers give. The cache's 60 positions are stored as 64, whole blocks."""
+    config = dataclasses.replace(preset_config(preset), head_dim=32)  # whole int8 blocks
+    model = random_model(config, torch.float32, torch.device("cpu"), std=0.5)
+    model.setup_rope(CONTEXT)
+    prefix, rows = torch.arange(100, 137)[None], torch.arange(200, 200 + count)[None]
+    ran = []
+    original = native_step.decode_layers
+
+    def spy(*args):
+        out = original(*args)
+        ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(native_step, "decode_layers", spy)
+
+    def forward(with_kernels: bool):
+        cache = model.new_cache(60, kv_dtype)
+        with monkeypatch.context() as m, torch.no_grad():
+            m.setattr(kernels, "native", lambda x: None)
+            model(prefix, cache, 0)
+            if with_kernels:
+                m.undo()
+            logits = model(rows, cache, 37, all_logits=True)
+        return logits, cache
+
+    (ours, cache), (theirs, reference) = forward(True), forward(False)
+    # The prefix's forwards and the torch one's rows never reach the kernels.
+    assert ran == [False, count <= native.LIMITS["prompt_kernel_rows"], False, False]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max())
+    for stored, expected in ((cache.k, reference.k), (cache.v, reference.v)):
+        if kv_dtype is None:
+            torch.testing.assert_close(
+                stored[..., : 37 + count, :], expected[..., : 37 + count, :], rtol=1e-4, atol=1e-4
+            )
+        else:  # int8 rows: a code may round the other way
+            difference = stored[..., : 37 + count, :].int() - expected[..., : 37 + count, :].int()
+            assert difference.abs().max() <= 1 and (difference != 0).float().mean() < 0.01
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.text import Text
 
-from qwen3chat.chat.render import ReplyView, _BottomLines, finished_length
+from qwen3chat.chat.render import ReplyView, _BottomLines, finished_length, stats_line
 from qwen3chat.chat.repl import Repl
 from qwen3chat.chat.session import ChatOptions, Conversation
 from qwen3chat.engine import Engine
@@ -147,8 +147,12 @@ def loaded(tiny_model_dir):
     return load_model(tiny_model_dir[0], device="cpu", dtype="float32")
 
 
-def make_repl(loaded, max_seq_len=2048, system=None, vision=None, kv_dtype=None, **options) -> Repl:
-    engine = Engine(loaded.model, loaded.tokenizer, max_seq_len, kv_dtype=kv_dtype)
+def make_repl(
+    loaded, max_seq_len=2048, system=None, vision=None, kv_dtype=None, draft_max=0, **options
+) -> Repl:
+    engine = Engine(
+        loaded.model, loaded.tokenizer, max_seq_len, kv_dtype=kv_dtype, draft_max=draft_max
+    )
     return Repl(
         engine,
         loaded,
@@ -331,11 +335,25 @@ def test_set_changes_settings_and_rejects_bad_values(loaded):
 def test_show_describes_a_hybrid_model_s_cache(kv_dtype):
     """/show on the hybrid generation, whose cache keeps recurrent states beside the
     attention layers' keys and values."""
-    repl = make_repl(load_preset("tiny-hybrid", "cpu", "float32"), 256, kv_dtype=kv_dtype)
+    hybrid = load_preset("tiny-hybrid", "cpu", "float32")
+    repl = make_repl(hybrid, 256, kv_dtype=kv_dtype, draft_max=7)
     repl.show("")
     shown = repl.console.file.getvalue()
     kind = "int8 (32-value blocks)" if kv_dtype else "compute dtype"
     assert re.search(rf"kv cache\s+{re.escape(kind)}, \d+ MiB for 256 tokens", shown)
+    assert re.search(r"drafts\s+none", shown)  # its recurrent states cannot step back
+
+
+def test_show_and_the_stats_line_tell_of_drafts(loaded):
+    repl = make_repl(loaded, draft_max=5)
+    repl.show("")
+    shown = repl.console.file.getvalue()
+    assert re.search(r"drafts\s+ngram \(prompt lookup\), up to 5 tokens a step", shown)
+    drafted = Timings(drafted_tokens=6, accepted_tokens=4)
+    assert "drafts 4/6 kept" in stats_line(
+        FinishEvent("stop", [1, 2], 9, 0, "", "", 0, drafted), 64
+    )
+    assert "drafts" not in stats_line(FinishEvent("stop", [1, 2], 9, 0, "", "", 0), 64)
 
 
 def test_soft_switches_inside_a_message_are_sent_to_the_model(loaded):

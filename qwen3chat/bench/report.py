@@ -23,8 +23,16 @@ from .run import (
     setup_line,
 )
 
-# Metrics of a run, in report order; peak_gpu_mb is None off CUDA.
-METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb", "peak_gpu_mb")
+# Metrics of a run, in report order; peak_gpu_mb is None off CUDA, draft_accepted without
+# --draft.
+METRICS = (
+    "prefill_tok_s",
+    "decode_tok_s",
+    "ttft_s",
+    "peak_rss_mb",
+    "peak_gpu_mb",
+    "draft_accepted",
+)
 REPORT_WIDTH = 120
 
 
@@ -40,6 +48,8 @@ def report_json(report: BenchReport) -> dict:
         "dtype": str(report.model.model.dtype).removeprefix("torch."),
         "quantize": s.quantize,
         "kv_cache": s.kv_cache,
+        "draft": "ngram" if s.draft_max else "none",
+        "draft_max": s.draft_max,
         "threads": report.threads,
         "processes": report.processes,
         "split": s.split,
@@ -123,7 +133,8 @@ def _summary(report: BenchReport) -> Table:
         (
             "setup",
             setup_line(report)
-            + f", quantize {report.settings.quantize}, kv cache {report.settings.kv_cache}",
+            + f", quantize {report.settings.quantize}, kv cache {report.settings.kv_cache}"
+            + (f", draft ngram (up to {d})" if (d := report.settings.draft_max) else ""),
         ),
         ("cpu", cpu_model()),
         ("kernels", describe_variants(report.model.model.device)),
@@ -151,6 +162,7 @@ def _count(n: int) -> str:
 def _results_table(report: BenchReport) -> Table:
     repeat = report.settings.repeat
     on_gpu = report.results[0].spread("peak_gpu_mb") is not None
+    drafting = report.results[0].spread("draft_accepted") is not None
     caption = f"median of {repeat} runs after a warm-up" + (
         " (min-max below)" if repeat > 1 else ""
     )
@@ -159,6 +171,8 @@ def _results_table(report: BenchReport) -> Table:
         table.add_column(name, justify="left" if name == "test" else "right")
     if on_gpu:
         table.add_column("peak GPU MiB", justify="right")
+    if drafting:
+        table.add_column("drafts kept", justify="right")
     table.add_column("decode GB/s", justify="right")
     table.add_column("of roofline", justify="right")
     for result in report.results:
@@ -171,6 +185,8 @@ def _results_table(report: BenchReport) -> Table:
         ]
         if on_gpu:
             cells.append(_spread_cell(result.spread("peak_gpu_mb"), "{:,.0f}"))
+        if drafting:
+            cells.append(_spread_cell(result.spread("draft_accepted"), "{:.0%}"))
         cells += [f"{bound.achieved_gb_s:.1f}", f"{bound.share:.0%} of {bound.tok_s:.1f} t/s"]
         table.add_row(result.combination.label, *cells)
     return table

@@ -129,6 +129,7 @@ class BenchSettings:
     fmt: str = "auto"
     quantize: str = "none"
     kv_cache: str = "auto"  # or "int8"
+    draft_max: int = 0  # tokens drafted by prompt lookup per step (--draft ngram)
     device: str = "auto"
     dtype: str = "auto"
     chunk_size: int | None = None
@@ -174,6 +175,7 @@ class Run:
     ttft_s: float
     peak_rss_mb: float
     peak_gpu_mb: float | None
+    draft_accepted: float | None = None  # the share of drafted tokens kept (--draft ngram)
 
 
 @dataclass
@@ -352,7 +354,15 @@ def timed_run(engine: Engine, context: list[int], prompt: list[int], gen_tokens:
             f"bench: asked for a {len(prompt)}-token prefill and {gen_tokens} new tokens, "
             f"the engine ran {t.prefill_tokens} and gave {len(finish.token_ids)}"
         )
-    return Run(t.prefill_tok_s, t.decode_tok_s, t.ttft_s, peak_rss_mb(), peak_gpu_mb(engine.device))
+    accepted = t.accepted_tokens / max(t.drafted_tokens, 1) if engine.draft_max else None
+    return Run(
+        t.prefill_tok_s,
+        t.decode_tok_s,
+        t.ttft_s,
+        peak_rss_mb(),
+        peak_gpu_mb(engine.device),
+        accepted,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -485,6 +495,7 @@ def _run(settings: BenchSettings, bench_model: BenchModel, rss_after_load, steps
         max_context,
         settings.chunk_size,
         kv_dtype(settings.kv_cache),
+        settings.draft_max,
     )
     ids = random_ids(max_context, bench_model.model.config.vocab_size)
     results = [bench_combination(engine, ids, c, settings.repeat, steps) for c in combinations]

@@ -217,6 +217,7 @@ def stats_line(finish: FinishEvent, max_seq_len: int) -> str:
             f"{t.decode_tok_s:.1f} tok/s",
             f"first token {t.ttft_s:.2f} s",
             *([f"vision {t.vision_s:.2f} s"] if t.vision_s else []),
+            *([f"drafts {t.accepted_tokens}/{t.drafted_tokens} kept"] if t.drafted_tokens else []),
             f"prompt {finish.prompt_tokens} ({finish.cached_tokens} cached)",
             f"context {used}/{max_seq_len}",
             finish.reason,

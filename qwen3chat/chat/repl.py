@@ -454,6 +454,7 @@ class Repl:
             ("kernels", describe_variants(self.engine.device)),
             ("pages", memory.describe_pages()),
             ("kv cache", self._kv_cache()),
+            ("drafts", self._drafts()),
             ("template", f"{template} chat template (/show template prints it)"),
             ("thinking", f"{think}, budget {budget}"),
             ("settings", describe_settings(self.options, self.sampling)),
@@ -469,6 +470,10 @@ class Repl:
         cache = self.engine.cache
         kind = "int8 (32-value blocks)" if cache.quantized else "compute dtype"
         return f"{kind}, {cache.nbytes / 2**20:.0f} MiB for {cache.max_seq_len} tokens"
+
+    def _drafts(self) -> str:
+        n = self.engine.draft_max
+        return f"ngram (prompt lookup), up to {n} tokens a step" if n else "none"
 
     def image(self, arg: str) -> None:
         if not arg:

@@ -318,9 +318,10 @@ class Qwen3Model(nn.Module):
 
     def run_layers(self, x, cos, sin, cache, start: int, visual: VisualTokens | None = None):
         """The layers this process runs over ``x [1, T, hidden]`` at ``start``: a decode
-        step in one native call where the kernels cover it."""
+        step, or a few tokens (drafts, a short prompt), in one native call where the
+        kernels cover it."""
         seq = x.shape[1]
-        if seq == 1 and cache is not None and visual is None:
+        if cache is not None and visual is None:
             decoded = native.decode_layers(x, self.running, cos, sin, cache, start)
             if decoded is not None:
                 return decoded
