@@ -265,12 +265,7 @@ def _chat(f: dict, vision_flags: dict | None, loaded, given: dict, interactive: 
         f["kv_cache"].dtype,
         0 if f["draft"] is Draft.none else f["draft_max"],
     )
-    if f["draft"] is not Draft.none and not engine.draft_max:
-        typer.echo(
-            "note: --draft ngram: this model's recurrent layers cannot step back past a wrong "
-            "guess; decoding without drafts",
-            err=True,
-        )
+    _say_if_not_drafting(f, engine)
     if interactive:
         from .chat.repl import Repl
         from .chat.session import ChatOptions, Conversation
@@ -295,6 +290,16 @@ def _chat(f: dict, vision_flags: dict | None, loaded, given: dict, interactive: 
         prompts=vision,
         pictures=pictures,
     )
+
+
+def _say_if_not_drafting(f: dict, engine) -> None:
+    """The note for --draft ngram on a model whose engine cannot draft."""
+    if f["draft"] is not Draft.none and not engine.draft_max:
+        typer.echo(
+            "note: --draft ngram: this model's recurrent layers cannot step back past a wrong "
+            "guess; decoding without drafts",
+            err=True,
+        )
 
 
 def _check_model_flags(f: dict) -> None:
@@ -523,6 +528,8 @@ def serve(
     quantize: Quantize = typer.Option(Quantize.none, help="Weight quantization at load."),
     group_size: int = typer.Option(32, min=8, help="Inputs per int4 scale (--quantize int4)."),
     kv_cache: KvCache = typer.Option(KvCache.auto, help=KV_CACHE_HELP),
+    draft: Draft = typer.Option(Draft.none, help=DRAFT_HELP),
+    draft_max: int = typer.Option(7, min=1, help=DRAFT_MAX_HELP),
     format: Format = typer.Option(Format.auto, "--format", help="Model format."),
     device: Device = typer.Option(Device.auto, help="Compute device."),
     dtype: Dtype = typer.Option(Dtype.auto, help="Compute dtype."),
@@ -562,7 +569,9 @@ def _serve(f: dict, loaded) -> None:
         f["max_running"],
         token_budget=f["chunk_size"],
         kv_dtype=f["kv_cache"].dtype,
+        draft_max=0 if f["draft"] is Draft.none else f["draft_max"],
     )
+    _say_if_not_drafting(f, engine)
     engine.warm_up()
     runner = Runner(engine)
     settings = ServerSettings(

@@ -7,11 +7,14 @@ import json
 
 import pytest
 import torch
+from conftest import chat_prompts
 from typer.testing import CliRunner
 
+from qwen3chat.batch.engine import BLOCK_SIZE, BatchEngine
 from qwen3chat.cli import app
 from qwen3chat.drafting import NgramDrafter
 from qwen3chat.engine import Engine
+from qwen3chat.generation import FinishEvent
 from qwen3chat.loading import load_model
 from qwen3chat.sampling import SamplingSettings
 
@@ -221,3 +224,80 @@ def test_bench_reports_the_share_of_drafts_kept():
     assert out["draft"] == "ngram" and out["draft_max"] == 4
     kept = [run["draft_accepted"] for run in out["results"][0]["runs"]]
     assert len(kept) == 2 and all(0.0 <= k <= 1.0 for k in kept)
+
+
+def batched(engine: BatchEngine, requests, sampling=GREEDY, join_every: int = 0):
+    """Each request's finish event, adding one request every ``join_every`` steps (all at
+    once with 0), and the number of steps taken."""
+    pending, finishes, seqs, steps = list(requests), {}, [], 0
+    while pending or engine.has_work:
+        if pending and (join_every == 0 or steps % join_every == 0):
+            joining = pending if join_every == 0 else pending[:1]
+            seqs += [engine.add(ids, max_tokens, sampling) for ids, max_tokens in joining]
+            pending = pending[len(joining) :]
+        for seq, event in engine.step():
+            if isinstance(event, FinishEvent):
+                finishes[seq] = event
+        steps += 1
+        assert steps < 10_000
+    assert engine.blocks.in_use == 0
+    return [finishes[seq] for seq in seqs], steps
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingSettings(temperature=1.0, seed=3)])
+def test_batched_drafts_leave_every_reply_unchanged(loaded, sampling, monkeypatch):
+    """Sequences joining at different steps, a step's budget too small for every draft
+    (some are dropped), each drafting from its own expected reply: each gets the reply the
+    single-sequence engine gives it alone without drafts."""
+    prompts = chat_prompts(loaded.tokenizer, 5)
+    requests = [(ids, 10 + 3 * i) for i, ids in enumerate(prompts)]
+    expected = {
+        tuple(ids): generate(Engine(loaded.model, loaded.tokenizer, 256), ids, n, sampling)
+        for ids, n in requests
+    }
+    oracle = lambda ids, max_draft: OracleDrafter(expected[tuple(ids)].token_ids, max_draft)  # noqa: E731
+    monkeypatch.setattr("qwen3chat.batch.engine.NgramDrafter", oracle)
+    engine = BatchEngine(loaded.model, loaded.tokenizer, 256, token_budget=24, draft_max=5)
+    finishes, _ = batched(engine, requests, sampling, join_every=2)
+    for (ids, _), finish in zip(requests, finishes, strict=True):
+        assert finish.token_ids == expected[tuple(ids)].token_ids
+        assert 0 < finish.timings.accepted_tokens < finish.timings.drafted_tokens
+
+
+def test_preempted_drafting_sequences_get_their_replies(loaded, monkeypatch):
+    requests = [(ids, 40) for ids in chat_prompts(loaded.tokenizer, 4)]
+    expected = {
+        tuple(ids): generate(Engine(loaded.model, loaded.tokenizer, 256), ids, n).token_ids
+        for ids, n in requests
+    }
+    oracle = lambda ids, max_draft: OracleDrafter(expected[tuple(ids)], max_draft)  # noqa: E731
+    monkeypatch.setattr("qwen3chat.batch.engine.NgramDrafter", oracle)
+    longest = max(len(ids) for ids, _ in requests) + 40
+    blocks = 2 * -(-longest // BLOCK_SIZE) + 1  # room for about two at their full length
+    engine = BatchEngine(loaded.model, loaded.tokenizer, 256, num_blocks=blocks, draft_max=5)
+    preempted = []
+    original = engine.scheduler._preempt
+    engine.scheduler._preempt = lambda seq: (preempted.append(seq), original(seq))
+    finishes, _ = batched(engine, requests)
+    assert preempted
+    assert [f.token_ids for f in finishes] == [expected[tuple(ids)] for ids, _ in requests]
+
+
+def test_batched_right_drafts_take_fewer_steps(markov):
+    tokenizer = markov.tokenizer
+    chains = {start: chain(markov, start, 40) for start in (1000, 2000, 3000)}
+    requests = [([s, *c[:36], 77, s], 32) for s, c in chains.items()]
+    plain, plain_steps = batched(BatchEngine(markov.model, tokenizer, 256), requests)
+    engine = BatchEngine(markov.model, tokenizer, 256, draft_max=7)
+    drafted, steps = batched(engine, requests)
+    assert [f.token_ids for f in drafted] == [f.token_ids for f in plain]
+    assert [f.token_ids for f in plain] == [c[:32] for c in chains.values()]
+    assert steps <= plain_steps // 3  # 8 tokens a step where every guess is right
+    assert all(f.timings.accepted_tokens >= 24 for f in drafted)
+
+
+def test_a_hybrid_server_engine_does_not_draft():
+    from qwen3chat.loading import load_preset
+
+    hybrid = load_preset("tiny-hybrid", "cpu", "float32")
+    assert BatchEngine(hybrid.model, hybrid.tokenizer, 64, draft_max=7).draft_max == 0

@@ -353,6 +353,29 @@ def test_concurrent_greedy_requests_each_get_their_own_reply(server, engine):
         assert tokens == len(expected.token_ids)
 
 
+def test_drafting_server_replies_as_the_engine_does(tiny_model_dir, engine):
+    """--draft ngram: greedy replies to prompts that repeat themselves (so that guesses are
+    made) are still the engine's, streamed or not."""
+    running = Server(tiny_model_dir[0], "--draft", "ngram", "--draft-max", "4")
+    try:
+        client = running.client()
+        for i in range(3):
+            messages = [{"role": "user", "content": f"say {i} one two three one two three one"}]
+            expected = greedy_text(engine, messages, 10)
+            reply = client.chat.completions.create(
+                model="m", messages=messages, temperature=0, max_tokens=10
+            )
+            assert reply.choices[0].message.content == (expected.text.strip() or None)
+            assert reply.usage.completion_tokens == len(expected.token_ids)
+            stream = client.chat.completions.create(
+                model="m", messages=messages, temperature=0, max_tokens=10, stream=True
+            )
+            text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+            assert text.strip() == expected.text.strip()
+    finally:
+        assert running.stop() == 0
+
+
 def test_load_of_64_streaming_clients(server):
     """64 streaming clients with random lengths, for a bounded time: every request ends with
     [DONE], once, with its own id in every chunk and the token count it asked for."""

@@ -12,7 +12,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qwen3chat"
 # Lowest first; a module may import its own floor and those below.
 FLOORS = (
     ("errors", "jsonfiles", "device", "memory", "kernels", "kv_cache", "hybrid_cache"),
-    ("config", "presets", "quant", "chat_template", "tokenizer", "thinking", "sampling", "grammar"),
+    (
+        "config",
+        "presets",
+        "quant",
+        "chat_template",
+        "tokenizer",
+        "thinking",
+        "sampling",
+        "grammar",
+        "drafting",
+    ),
     # which share of the weights a process holds, and its collectives: below the weights'
     # readers and the model, which take shares
     ("distributed",),

@@ -6,6 +6,10 @@ whose last position ran with its own settings, and returns every sequence's even
 single-sequence engine's: text, thinking end, finish). A sequence that finishes or is
 ``cancel``led frees its blocks at once.
 
+With ``draft_max`` (``--draft ngram``) a decoding sequence's step runs its pending token
+and the tokens its prompt-lookup drafter guesses, and keeps the guesses its sampler
+chooses too (the single-sequence engine's rule, engine.py).
+
 A hybrid model's sequences also move on recurrent states, each in its own slot, and
 stop at a few block ends of their prompt so that the states there are kept for later
 requests that share those blocks (state_slots.py).
@@ -19,6 +23,7 @@ from collections.abc import Sequence as Sequence_
 import torch
 
 from ..device import available_memory
+from ..drafting import NgramDrafter
 from ..generation import Event, Generation
 from ..hybrid_cache import checkpoint_marks
 from ..sampling import SamplingSettings, prepare_rows
@@ -60,13 +65,16 @@ class BatchEngine:
         token_budget: int | None = None,
         num_blocks: int | None = None,
         kv_dtype: torch.dtype | None = None,
+        draft_max: int = 0,
     ):
         """``token_budget``: rows a step runs at most (prompt chunks fill what decoding
         leaves; ``--chunk-size``). By default a step takes whole prompts, as ``chat``
         does, up to STEP_ROWS rows or one longest prompt: prompts that arrive together
         are prefilled in one step and then decode together, where chunks of 256 started
         each stream's decoding behind the others' prompts. ``kv_dtype``: what the KV
-        cache stores (torch.int8: ``--kv-cache int8``)."""
+        cache stores (torch.int8: ``--kv-cache int8``). ``draft_max``: tokens each
+        sequence drafts by prompt lookup per step (``--draft ngram``; 0: none), as the
+        single-sequence engine does; not on a model with recurrent states."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
@@ -81,6 +89,7 @@ class BatchEngine:
         budget = token_budget or max(max_seq_len, STEP_ROWS) + max_running
         self.scheduler = Scheduler(self.blocks, max_running, budget, self.states)
         self.runner = ModelRunner(model, self.cache)
+        self.draft_max = 0 if self.states else draft_max
         self.tokens_sampled = 0  # over all steps (for a tokens-per-second rate)
 
     @property
@@ -110,6 +119,8 @@ class BatchEngine:
             top_logprobs=top_logprobs,
         )
         seq = Sequence(list(prompt_ids), self.model.prompt_layout(prompt_ids, visuals), reply)
+        if self.draft_max:
+            seq.drafter = NgramDrafter(prompt_ids, self.draft_max)
         if self.states:
             seq.stops = self._stops(prompt_ids)
         self.scheduler.add(seq)
@@ -143,22 +154,39 @@ class BatchEngine:
         if not chosen:
             return []
         sampled, logits = self.run(chosen)
-        self.tokens_sampled += len(sampled)
         for seq, count in chosen:
             if not seq.admitted:
                 seq.admitted = True
                 seq.generation.cached = seq.computed
-            seq.computed += count
+            seq.computed += count - len(seq.drafts)  # a draft counts once it is kept
             self.blocks.register(seq)
             if seq.computed in seq.stops:
                 self._keep_state(seq)
         now = time.perf_counter()
         events: list[tuple[Sequence, Event]] = []
-        prepared = prepare_rows([seq.generation.sampler for seq in sampled], logits)
-        for seq, row, ready in zip(sampled, logits, prepared, strict=True):
-            reply = seq.generation
+        samplers = [seq.generation.sampler for seq in sampled for _ in range(1 + len(seq.drafts))]
+        prepared = prepare_rows(samplers, logits)
+        first = 0
+        for seq in sampled:
+            rows = range(first, first + 1 + len(seq.drafts))
+            first = rows.stop
+            events += self._sample(
+                seq, logits[rows.start : rows.stop], prepared[rows.start : rows.stop], now
+            )
+        return events
+
+    def _sample(self, seq: Sequence, logits, prepared, now: float) -> list[tuple[Sequence, Event]]:
+        """Choose ``seq``'s next token from its row of ``logits``, or with drafts as the
+        single-sequence engine does: from each row in turn, keeping the drafts chosen (their
+        keys and values are computed) up to the first that is not, whose row's token is
+        the next pending one."""
+        reply, drafts, events, right = seq.generation, list(seq.drafts), [], 0
+        seq.drop_drafts()
+        timings = reply.timings
+        timings.drafted_tokens += len(drafts)
+        for row, ready, draft in zip(logits, prepared, [*drafts, None], strict=True):
             token = reply.choose(row, ready)
-            timings = reply.timings
+            self.tokens_sampled += 1
             if seq.first_token_at is None:
                 seq.first_token_at = now
                 timings.prefill_s = timings.ttft_s = now - seq.arrived
@@ -167,9 +195,21 @@ class BatchEngine:
                 timings.decode_tokens += 1
             events += [(seq, event) for event in reply.accept(token)]
             if reply.done:
-                events += self._finish(seq, reply.done)
-            else:
-                seq.append(token)
+                return events + self._finish(seq, reply.done)
+            seq.append(token)
+            if seq.drafter is not None:
+                seq.drafter.add(token)
+            if token != draft:
+                break
+            seq.computed += 1
+            right += 1
+            timings.accepted_tokens += 1
+        if seq.drafter is not None:
+            if drafts:
+                self.blocks.register(seq)  # the kept drafts' full blocks
+                seq.drafter.kept(right)
+            room = min(reply.max_tokens - len(reply.generated), self.max_seq_len - len(seq.ids))
+            seq.take_drafts(seq.drafter.propose(room - 1))
         return events
 
     def run(self, chosen: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:

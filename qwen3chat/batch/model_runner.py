@@ -21,7 +21,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chosen: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
         """Run ``count`` positions of each ``(sequence, count)`` from its first uncomputed
-        one; the sequences to sample and their logits ``[len, vocab]``, in order."""
+        one; the sequences to sample and their logits ``[rows, vocab]``, in order: one
+        row each, or with drafts one more for each draft."""
         tokens: list[int] = []
         positions: list[int] = []
         row_seq: list[int] = []
@@ -37,7 +38,9 @@ class ModelRunner:
             row_seq += [index] * count
             extras.append(seq.layout.rows(first, first + count, self.cache.k.device))
             if first + count == len(seq.ids):
-                logit_rows.append(len(tokens) - 1)
+                # The last position's, or the pending token's and each draft's (a step runs
+                # them together: Sequence.runnable).
+                logit_rows += range(len(tokens) - 1 - len(seq.drafts), len(tokens))
                 sampled.append(seq)
         device = self.cache.k.device
 

@@ -49,7 +49,7 @@ class Scheduler:
         chosen: dict[Sequence, int] = {}
         budget = self.token_budget
         # Decoding sequences first, so that a long prompt never holds their tokens back.
-        for seq in sorted(self.running, key=lambda s: (s.remaining > 1, s.order)):
+        for seq in sorted(self.running, key=lambda s: (s.remaining - len(s.drafts) > 1, s.order)):
             if seq not in self.running:  # preempted for an older one in this loop
                 continue
             count = seq.runnable(budget)
@@ -81,6 +81,7 @@ class Scheduler:
         return list(chosen.items())
 
     def _preempt(self, seq: Sequence) -> None:
+        seq.drop_drafts()
         seq.prepared = False
         self.running.remove(seq)
         self._release(seq)

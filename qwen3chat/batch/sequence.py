@@ -6,6 +6,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from ..drafting import NgramDrafter
 from ..generation import Generation
 from ..model.qwen3 import TextLayout
 
@@ -35,6 +36,10 @@ class Sequence:
     # and the positions at which a step stops so that they can be kept (engine.py).
     state: int | None = None
     stops: list[int] = field(default_factory=list)
+    # With --draft ngram: the guesses that follow the pending token at the end of ``ids``
+    # (and ``keys``) until a step checks them (engine.py).
+    drafter: NgramDrafter | None = None
+    drafts: list[int] = field(default_factory=list)
     keys: list = field(init=False)
 
     def __post_init__(self):
@@ -47,11 +52,23 @@ class Sequence:
 
     def runnable(self, budget: int) -> int:
         """Positions the next step may run: what remains, within ``budget``, up to the
-        next stop."""
+        next stop. Drafts that do not fit are dropped: they are checked in one step."""
         count = min(self.remaining, budget)
+        self.drop_drafts(min(len(self.drafts), self.remaining - count))
         end = next((s for s in self.stops if self.computed < s < self.computed + count), None)
         return count if end is None else end - self.computed
 
     def append(self, token: int) -> None:
         self.ids.append(token)
         self.keys.append(token)
+
+    def take_drafts(self, drafts: list[int]) -> None:
+        self.drafts = drafts
+        self.ids += drafts
+        self.keys += drafts
+
+    def drop_drafts(self, count: int | None = None) -> None:
+        """Forget the last ``count`` drafts (all by default)."""
+        count = len(self.drafts) if count is None else count
+        if count:
+            del self.ids[-count:], self.keys[-count:], self.drafts[-count:]
