@@ -169,11 +169,16 @@ def test_decode_layer_is_the_per_operation_path(dtype, quantize, monkeypatch):
     )
     assert all(native_step.layer_weights(native, layer) is not None for layer in model.layers)
 
+    # A prompt longer than LIMITS' prompt_kernel_rows: through the layers' Python code in
+    # both runs (a few tokens would run natively in the first).
+    prompt = torch.arange(100, 100 + native.LIMITS["prompt_kernel_rows"] + 4)[None]
+
     def run():
         cache = model.new_cache(32)
+        end = prompt.shape[1]
         with torch.no_grad():
-            logits = [model(torch.tensor([[5, 17, 300, 42, 9]]), cache, 0)]
-            logits += [model(torch.tensor([[t]]), cache, 5 + i) for i, t in enumerate([7, 1000])]
+            logits = [model(prompt, cache, 0)]
+            logits += [model(torch.tensor([[t]]), cache, end + i) for i, t in enumerate([7, 1000])]
         return torch.cat(logits), cache
 
     fused, fused_cache = run()
@@ -184,17 +189,19 @@ def test_decode_layer_is_the_per_operation_path(dtype, quantize, monkeypatch):
 
 
 def test_a_decode_step_is_one_native_call_for_all_layers():
-    """Decode steps skip the layers' Python modules (one call runs every layer's step);
-    prompts of several tokens still run through them."""
+    """Decode steps, and passes of a few tokens (drafts), skip the layers' Python modules
+    (one call runs every layer's step); longer prompts still run through them."""
     model = random_model(preset_config("tiny"), torch.bfloat16, torch.device("cpu"), std=0.5)
-    cache = model.new_cache(32)
+    cache = model.new_cache(64)
     calls = []
     for layer in model.layers:
         layer.register_forward_hook(lambda *args: calls.append(1))
+    longer = native.LIMITS["prompt_kernel_rows"] + 1
     with torch.no_grad():
-        model(torch.tensor([[5, 17, 300]]), cache, 0)
+        model(torch.arange(100, 100 + longer)[None], cache, 0)
         assert len(calls) == len(model.layers)
-        model(torch.tensor([[7]]), cache, 3)
+        model(torch.tensor([[7, 8, 9]]), cache, longer)
+        model(torch.tensor([[7]]), cache, longer + 3)
     assert len(calls) == len(model.layers)
 
 
@@ -220,13 +227,14 @@ def test_a_converted_model_decodes_with_its_converted_weights(monkeypatch):
     monkeypatch.setattr(torch.__future__, "get_overwrite_module_params_on_conversion", lambda: True)
 
     model = random_model(preset_config("tiny"), torch.bfloat16, torch.device("cpu"), std=0.5)
-    tokens = torch.tensor([[5, 17, 300]])
+    # Longer than a native pass takes: the prompt runs through the Python layers in both.
+    tokens = torch.arange(100, 100 + native.LIMITS["prompt_kernel_rows"] + 1)[None]
 
     def decode():
-        cache = model.new_cache(8)
+        cache = model.new_cache(32)
         with torch.no_grad():
             model(tokens, cache, 0)
-            return model(torch.tensor([[7]]), cache, 3)
+            return model(torch.tensor([[7]]), cache, tokens.shape[1])
 
     decode()
     model.float()
