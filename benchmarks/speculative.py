@@ -16,7 +16,7 @@ with a workload's share of right drafts, give the speed-up:
    the prompt holds goes on as the prompt went on. Its matrices are the shape's, so a step
    costs what the shape's does.
 
-    python benchmarks/speculative.py --costs --copy --qtype Q4_0
+    python benchmarks/speculative.py --costs --copy --streams 4 --qtype Q4_0
 """
 
 from __future__ import annotations
@@ -119,6 +119,40 @@ def ours_copy(path: Path, gen: int, draft_max: int) -> dict:
     return out
 
 
+def batched_copy(path: Path, gen: int, draft_max: int, streams: int) -> dict:
+    """The server's engine: ``streams`` replies at once, each repeating its own prompt
+    (chains from different start tokens); tokens per second over all of them."""
+    from qwen3chat.batch.engine import BatchEngine
+    from qwen3chat.engine import Engine
+    from qwen3chat.loading import load_model
+    from qwen3chat.sampling import SamplingSettings
+
+    loaded = load_model(path)
+    loaded.tokenizer.stop_ids = []
+    greedy = SamplingSettings(temperature=0.0)
+    single = Engine(loaded.model, loaded.tokenizer, 4 * gen + 8)
+    starts = [1000 + 500 * i for i in range(streams)]
+    chains = [list(single.generate([s], gen, greedy))[-1].token_ids for s in starts]
+    requests = [prompts(c, s)["repeats"] for c, s in zip(chains, starts, strict=True)]
+    out = {}
+    for drafts in (0, draft_max):
+        engine = BatchEngine(loaded.model, loaded.tokenizer, 4 * gen + 8, draft_max=drafts)
+        engine.warm_up()
+        seqs = [engine.add(ids, gen, greedy) for ids in requests]
+        engine.step()  # the prompts
+        start, tokens = time.perf_counter(), engine.tokens_sampled
+        while engine.has_work:
+            engine.step()
+        seconds = time.perf_counter() - start
+        copied = all(s.generation.generated == c for s, c in zip(seqs, chains, strict=True))
+        label = "ngram" if drafts else "plain"
+        out[label] = {
+            "tok_s": round((engine.tokens_sampled - tokens) / seconds, 1),
+            "as_plain": copied,
+        }
+    return out
+
+
 def llamacpp_copy(path: Path, gen: int, draft_max: int, threads: int) -> dict:
     from llama_cpp import Llama
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
@@ -168,6 +202,7 @@ def main() -> None:
     parser.add_argument("--qtype", default="Q4_0")
     parser.add_argument("--costs", action="store_true")
     parser.add_argument("--copy", action="store_true")
+    parser.add_argument("--streams", type=int, default=0, help="also the server's engine")
     parser.add_argument("--depth", type=int, default=512)
     parser.add_argument("--draft-max", type=int, default=7)
     parser.add_argument("--gen-tokens", type=int, default=128)
@@ -196,6 +231,9 @@ def main() -> None:
         print(f"\nreplies of {args.gen_tokens} tokens, drafts of up to {args.draft_max}")
         for (name, label), row in ours_copy(path, args.gen_tokens, args.draft_max).items():
             print(f"qwen3chat {name} {label}: {row}")
+        if args.streams:
+            batched = batched_copy(path, args.gen_tokens, args.draft_max, args.streams)
+            print(f"qwen3chat serve engine, {args.streams} replies repeating: {batched}")
         worker = [sys.executable, __file__, "--worker", "1", *sys.argv[1:]]
         done = subprocess.run(worker, capture_output=True, text=True)
         print(f"llama.cpp: {done.stdout.strip() or done.stderr.strip().splitlines()[-1]}")
