@@ -110,21 +110,14 @@ class Engine:
         return checkpoint_marks(prompt_ids, self.tokenizer.turn_start_id, reuse)
 
     @torch.inference_mode()
-    def decode_step(self, token: int) -> torch.Tensor:
+    def decode_step(self, *tokens: int) -> torch.Tensor:
+        """Logits after each of ``tokens`` (``[len(tokens), vocab]``): a step's one token,
+        or the pending token and its drafts in one pass; all of them committed (the caller
+        trims rejected drafts)."""
         start = len(self.cache)
-        extra = self.layout.rows(start, start + 1, self.device)
-        logits = self.model(self._ids([token]), self.cache, start, **extra)
-        self.cache.commit([token])
-        return logits
-
-    @torch.inference_mode()
-    def verify(self, ids: list[int]) -> torch.Tensor:
-        """Logits after each of ``ids`` (``[len, vocab]``): the pending token and its
-        drafts in one forward pass, all of them committed (the caller trims the rejected)."""
-        start = len(self.cache)
-        extra = self.layout.rows(start, start + len(ids), self.device)
-        logits = self.model(self._ids(ids), self.cache, start, all_logits=True, **extra)
-        self.cache.commit(ids)
+        extra = self.layout.rows(start, start + len(tokens), self.device)
+        logits = self.model(self._ids(list(tokens)), self.cache, start, all_logits=True, **extra)
+        self.cache.commit(list(tokens))
         return logits[0]
 
     @torch.inference_mode()
@@ -211,7 +204,7 @@ class Engine:
                 token = reply.choose(self.decode_step(token))
                 continue
             kept, right = len(self.cache) + 1, 0  # the pending token's, then each right draft
-            rows = self.verify([token, *drafts])
+            rows = self.decode_step(token, *drafts)
             timings.drafted_tokens += len(drafts)
             try:
                 for row, draft in zip(rows, [*drafts, None], strict=True):
