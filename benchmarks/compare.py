@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import lzma
+import os
 import shutil
 import statistics
 import subprocess
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from qwen3chat import OWN_ENVIRONMENT, peer_environment
 from qwen3chat.bench.run import cpu_model, peak_rss_mb
 from qwen3chat.config import SHAPE_FIELDS
 from qwen3chat.presets import PRESETS, preset_config
@@ -214,10 +216,19 @@ def run_transformers(path: Path, dtype: str, prompt: list[int], gen: int, repeat
     return {"load_s": load_s, "runs": runs, "weights_mb": weights_mb}
 
 
+def forget_own_environment() -> None:
+    """Before llama.cpp's OpenMP starts in this worker: the variables qwen3chat's import
+    set here, which llama.cpp's users do not have."""
+    for name in OWN_ENVIRONMENT:
+        os.environ.pop(name, None)
+
+
 def run_llamacpp(path: Path, qtype: str, prompt: list[int], gen: int, repeat: int) -> dict:
     """llama.cpp on the same checkpoint as a GGUF file: prefill the prompt in one batch,
     then decode greedily one token at a time, as a chat would."""
     import numpy as np
+
+    forget_own_environment()
     from llama_cpp import Llama
 
     gguf = build_gguf(path, qtype)
@@ -354,7 +365,10 @@ def run_worker(args, path: Path, run: str) -> dict:
         "--threads",
         str(args.threads),
     ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    # The peers run in the environment their users give them, not in the one qwen3chat
+    # sets for itself (see qwen3chat.peer_environment).
+    env = None if system == "qwen3chat" else peer_environment()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

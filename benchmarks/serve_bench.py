@@ -66,6 +66,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from compare import ROOT, build_checkpoint, build_gguf  # noqa: E402
 
+from qwen3chat import peer_environment  # noqa: E402
 from qwen3chat.bench.run import cpu_model  # noqa: E402
 from qwen3chat.presets import PRESETS  # noqa: E402
 
@@ -179,7 +180,7 @@ def start_llamacpp(args, gguf: Path, k: int) -> Server:
     cmd += ["--threads-batch", str(args.threads), "--jinja", "--no-webui"]
     if args.kv_cache == "int8":  # a quantized V cache needs flash attention
         cmd += ["-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on"]
-    server = Server("llama-server", cmd)
+    server = Server("llama-server", cmd, peer_environment())
     server.base = f"http://127.0.0.1:{port}"
 
     def ready(server: Server) -> bool:

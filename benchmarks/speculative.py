@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import ROOT, build_checkpoint
+from compare import ROOT, build_checkpoint, forget_own_environment
 
+from qwen3chat import peer_environment
 from qwen3chat.bench.run import cpu_model
 
 SHARES = (0.3, 0.5, 0.7, 0.9)
@@ -154,6 +155,7 @@ def batched_copy(path: Path, gen: int, draft_max: int, streams: int) -> dict:
 
 
 def llamacpp_copy(path: Path, gen: int, draft_max: int, threads: int) -> dict:
+    forget_own_environment()
     from llama_cpp import Llama
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
@@ -235,7 +237,7 @@ def main() -> None:
             batched = batched_copy(path, args.gen_tokens, args.draft_max, args.streams)
             print(f"qwen3chat serve engine, {args.streams} replies repeating: {batched}")
         worker = [sys.executable, __file__, "--worker", "1", *sys.argv[1:]]
-        done = subprocess.run(worker, capture_output=True, text=True)
+        done = subprocess.run(worker, capture_output=True, text=True, env=peer_environment())
         print(f"llama.cpp: {done.stdout.strip() or done.stderr.strip().splitlines()[-1]}")
 
 
