@@ -5,6 +5,7 @@ measured and how it is reported is checked, never how fast anything runs."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -330,3 +331,20 @@ def test_help_names_every_preset():
     assert result.exit_code == 0
     for name in PRESETS:
         assert f" {name}," in result.stdout or f" {name}." in result.stdout, name
+
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_peer_environment_leaves_out_only_what_the_package_set(given):
+    """The benchmarks run llama.cpp in peer_environment(): without the OMP_WAIT_POLICY
+    qwen3chat sets for itself (inherited, it slowed llama.cpp's decode 2.5x), with the
+    user's own."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = (
+        "import os, qwen3chat; "
+        "print(os.environ['OMP_WAIT_POLICY'], qwen3chat.peer_environment().get('OMP_WAIT_POLICY'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == (["PASSIVE", "None"] if given is None else [given, given])
