@@ -87,7 +87,10 @@ DRAFT_HELP = (
     "guesses in one forward pass. The reply is unchanged; it comes faster where it repeats "
     "earlier text (code edits, quotes, lists)."
 )
-DRAFT_MAX_HELP = "Most tokens guessed per step with --draft ngram."
+DRAFT_MAX_HELP = (
+    "Most tokens guessed per step with --draft ngram; no more than keep the reply exact "
+    "(the CPU kernels add a pass of up to 7 rows as single steps: 6 guesses)."
+)
 
 
 class Split(str, Enum):
@@ -294,12 +297,14 @@ def _chat(f: dict, vision_flags: dict | None, loaded, given: dict, interactive: 
 
 def _say_if_not_drafting(f: dict, engine) -> None:
     """The note for --draft ngram on a model whose engine cannot draft."""
-    if f["draft"] is not Draft.none and not engine.draft_max:
-        typer.echo(
-            "note: --draft ngram: this model's recurrent layers cannot step back past a wrong "
-            "guess; decoding without drafts",
-            err=True,
-        )
+    if f["draft"] is Draft.none or engine.draft_max:
+        return
+    why = (
+        "this device's products do not give a pass's rows the results of single steps"
+        if engine.model.step_order_rows() < 2
+        else "this model's recurrent layers cannot step back past a wrong guess"
+    )
+    typer.echo(f"note: --draft ngram: {why}; decoding without drafts", err=True)
 
 
 def _check_model_flags(f: dict) -> None:

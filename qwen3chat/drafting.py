@@ -13,6 +13,18 @@ transformers' ``prompt_lookup_num_tokens`` draft the same way.)
 
 from __future__ import annotations
 
+from torch import nn
+
+
+def drafts_per_pass(model: nn.Module, draft_max: int, recurrent: bool) -> int:
+    """The most guesses a pass carries with ``draft_max`` asked for: none where recurrent
+    layers cannot step back past a wrong guess, and no more than leave every row of the
+    pass the bits of a one-row step (the model's ``step_order_rows``: a product that adds a
+    pass's rows in another order than one row's can move a greedy choice). 0: no drafting."""
+    if recurrent or not draft_max:
+        return 0
+    return min(draft_max, model.step_order_rows() - 1)
+
 
 class NgramDrafter:
     """Each n-gram of ``ngrams`` sizes seen so far (the prompt, then every token the reply

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from .drafting import NgramDrafter
+from .drafting import NgramDrafter, drafts_per_pass
 from .errors import ContextOverflowError
 from .generation import Event, Generation, Timings
 from .hybrid_cache import checkpoint_marks
@@ -38,14 +38,14 @@ class Engine:
         """``kv_dtype``: what the KV cache stores (torch.int8: ``--kv-cache int8``);
         ``draft_max``: tokens drafted by prompt lookup per step (``--draft ngram``; 0:
         none), where the cache can be trimmed back past rejected drafts (not a recurrent
-        one)."""
+        one) and no more than keep a pass's rows exact (drafting.drafts_per_pass)."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.chunk_size = chunk_size
         self.cache: Cache = model.new_cache(max_seq_len, kv_dtype)
         self.vocab_size = model.config.vocab_size
-        self.draft_max = 0 if self.cache.recurrent else draft_max
+        self.draft_max = drafts_per_pass(model, draft_max, self.cache.recurrent)
         # The last prompt's layout: what its decode steps pass the model besides ids.
         self.layout = model.prompt_layout([])
 

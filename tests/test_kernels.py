@@ -26,13 +26,13 @@ def rand(*shape, dtype=torch.float32, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 9, 15, 16, 20, 101])
+@pytest.mark.parametrize("rows", [1, 2, 4, 7, 9, 15, 16, 20, 101])
 @pytest.mark.parametrize("width", [512, 96, 288])  # AVX-512: whole steps of 64, and a last 32
 def test_dense_linear(dtype, rows, width, product_kernels):
-    """One row streams the weights; up to 63 rows take three weight rows by four
-    activation rows at a time, in the AVX-512 form where it runs (the last of each part
-    full here); more take the float32 tiles, and a large matrix spans several (the last
-    one part full)."""
+    """Up to 7 rows stream the weights, each weight row against up to four activation
+    rows; up to 63 rows take three weight rows by four activation rows at a time, in the
+    AVX-512 form where it runs (the last of each part full here); more take the float32
+    tiles, and a large matrix spans several (the last one part full)."""
     weight = rand(1202, width, dtype=dtype)
     x = rand(rows, width, dtype=dtype, seed=1)
     out = native.dense_linear(x, weight)
@@ -40,6 +40,21 @@ def test_dense_linear(dtype, rows, width, product_kernels):
     assert out.dtype == dtype and out.shape == (rows, 1202)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     assert (out.float() - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [512, 96])
+def test_float_rows_up_to_the_step_order_rows_get_the_bits_of_one(dtype, width, product_kernels):
+    """Up to step_order_rows rows (kChainMaxRows), a row's outputs are the one-row
+    product's bit for bit whatever rows are beside it (a drafting pass's rows are then
+    decode steps); float32 outputs, so that no rounding hides a difference."""
+    weight = rand(1202, width, dtype=dtype)
+    rows = native.step_order_rows(native.Matrix(weight))
+    assert rows >= 3
+    x = rand(rows, width, seed=1)
+    alone = torch.cat([native.dense_linear(x[i : i + 1], weight) for i in range(rows)])
+    for count in range(2, rows + 1):
+        assert torch.equal(native.dense_linear(x[:count], weight), alone[:count])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

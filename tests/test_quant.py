@@ -325,6 +325,22 @@ def test_avx512_vnni_gemm_takes_four_rows_or_more(weight, bits):
 INTERLEAVED = [(8, 32, False), (4, 32, False), (4, 32, True), (8, None, False)]
 
 
+@pytest.mark.skipif(NATIVE is None, reason="no native kernels here")
+@pytest.mark.parametrize("bits,group,zeros", [*INTERLEAVED, (8, 256, False), (4, 128, True)])
+def test_rows_up_to_the_step_order_rows_get_the_bits_of_one(weight, bits, group, zeros):
+    """Up to the kernels' step_order_rows, a row's product is the same beside other rows as
+    alone, bit for bit (a drafting pass's rows are then decode steps): passes over the
+    weights per row below the integer GEMM's rows, the interleaved kernel at any rows."""
+    layer = QuantizedWeight(quantized(weight, bits, group, zeros), torch.float32, CPU)
+    limit = NATIVE.step_order_rows(NATIVE.Matrix(layer.codes, layer.scales, layer.zeros, bits))
+    rows = min(limit, 20)
+    assert rows >= 3
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(1))
+    alone = torch.cat([linear(x[i : i + 1], layer) for i in range(rows)])
+    for count in range(2, rows + 1):
+        assert torch.equal(linear(x[:count], layer), alone[:count])
+
+
 def quantized(weight, bits, group, zeros):
     """``weight`` quantized: with zero points of their own in float16 (GGUF's Q4_1, Q4_K)
     or none (Q4_0's)."""

@@ -23,7 +23,7 @@ from collections.abc import Sequence as Sequence_
 import torch
 
 from ..device import available_memory
-from ..drafting import NgramDrafter
+from ..drafting import NgramDrafter, drafts_per_pass
 from ..generation import Event, Generation
 from ..hybrid_cache import checkpoint_marks
 from ..sampling import SamplingSettings, prepare_rows
@@ -74,7 +74,8 @@ class BatchEngine:
         each stream's decoding behind the others' prompts. ``kv_dtype``: what the KV
         cache stores (torch.int8: ``--kv-cache int8``). ``draft_max``: tokens each
         sequence drafts by prompt lookup per step (``--draft ngram``; 0: none), as the
-        single-sequence engine does; not on a model with recurrent states."""
+        single-sequence engine does (drafting.drafts_per_pass); not on a model with recurrent
+        states."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
@@ -89,7 +90,7 @@ class BatchEngine:
         budget = token_budget or max(max_seq_len, STEP_ROWS) + max_running
         self.scheduler = Scheduler(self.blocks, max_running, budget, self.states)
         self.runner = ModelRunner(model, self.cache)
-        self.draft_max = 0 if self.states else draft_max
+        self.draft_max = drafts_per_pass(model, draft_max, self.states is not None)
         self.tokens_sampled = 0  # over all steps (for a tokens-per-second rate)
 
     @property

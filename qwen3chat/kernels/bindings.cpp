@@ -85,6 +85,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            }),
            py::arg("weight"), py::arg("scales") = py::none(), py::arg("zeros") = py::none(),
            py::arg("bits") = 0);
+  m.def("step_order_rows", &step_order_rows,
+        "the most rows a product over this matrix adds as a one-row product does");
   py::class_<DecoderLayerWeights>(m, "DecoderLayerWeights")
       .def(py::init<>())
       .def_readwrite("layer", &DecoderLayerWeights::layer)

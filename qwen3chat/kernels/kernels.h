@@ -144,7 +144,11 @@ constexpr int64_t kPagedBlockAlign = 16;
 constexpr int64_t kPromptKernelRows = 16;
 constexpr int64_t kPromptSdpaWork = 8192;
 
-constexpr int64_t kGemmMinRows = 16;
+// Float, bfloat16 and half products of up to this many rows add each row as a one-row
+// step does (linear.cpp's chain_dots), so a drafting pass of as many rows (the pending
+// token and up to six guesses) gives each row the step's bits; beyond it rows_dot's
+// shared weights run faster (above).
+constexpr int64_t kChainMaxRows = 7;
 constexpr int64_t kIntegerGemmMinRows = 8;
 constexpr int64_t kVnniGemmMinRows = 4;  // where the integer GEMM runs AVX512-VNNI
 // Where the CPU multiplies bfloat16 natively (AVX512-BF16, which the OS allows: Python
@@ -381,6 +385,13 @@ struct Matrix {
 
 // ``x [..., K] @ W.T`` with the kernel of W's format (decode_layer.cpp).
 at::Tensor matmul(const at::Tensor& x, const Matrix& w);
+
+// The most rows whose product over ``w`` adds each row's outputs as a one-row product does
+// (and so gives a row the same bits beside others as alone), with the kernels this CPU
+// runs as set now: kChainMaxRows for float weights (3 where bfloat16 goes to torch's
+// native GEMM from 4 rows), one less than the integer GEMM's first row count for int8 and
+// int4 (7 on AVX2), any rows for weights interleaved by 16 (linear.cpp).
+int64_t step_order_rows(const Matrix& w);
 
 // Everything one decode step of a decoder layer reads but the KV cache. A dense layer
 // has gate_up and down; a mixture-of-experts layer has router and one matrix per expert

@@ -23,6 +23,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "kernels.h"
@@ -109,43 +110,51 @@ at::Tensor tiled_gemm(const at::Tensor& x_in, int64_t N, Widen widen) {
   return out;
 }
 
-// Four independent accumulators over 32 values: one chain would wait on FMA latency.
+// A weight row's 32 values from w as four vectors of eight floats. bfloat16 without a
+// widening shuffle: a 32-bit lane holding two bf16 values is the float of the even one
+// shifted left by 16, and the float of the odd one with the low half masked off; the
+// activations are stored to match (float_rows' split 16: in each block of 16, the eight
+// even-indexed values, then the eight odd ones).
 template <typename T>
-inline float dot_widened(const T* w, const float* x, int64_t K) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  for (int64_t k = 0; k < K; k += 32) {
-    a0 = _mm256_fmadd_ps(load8(w + k), _mm256_loadu_ps(x + k), a0);
-    a1 = _mm256_fmadd_ps(load8(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-    a2 = _mm256_fmadd_ps(load8(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-    a3 = _mm256_fmadd_ps(load8(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
-  }
-  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+inline void widen32(const T* w, __m256 v[4]) {
+  for (int s = 0; s < 4; ++s) v[s] = load8(w + 8 * s);
 }
-
-// bfloat16 without a widening shuffle: a 32-bit lane holding two bf16 values is the
-// float of the even one shifted left by 16, and the float of the odd one with the low
-// half masked off. The activations are stored to match: in each block of 16, the eight
-// even-indexed values, then the eight odd ones.
-inline float dot_bf16(const c10::BFloat16* w, const float* x_split, int64_t K) {
+inline void widen32(const c10::BFloat16* w, __m256 v[4]) {
   const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  for (int64_t k = 0; k < K; k += 32) {
-    __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
-    __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 16));
-    a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)),
-                         _mm256_loadu_ps(x_split + k), a0);
-    a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v0, high)),
-                         _mm256_loadu_ps(x_split + k + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)),
-                         _mm256_loadu_ps(x_split + k + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v1, high)),
-                         _mm256_loadu_ps(x_split + k + 24), a3);
-  }
-  return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16));
+  v[0] = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
+  v[1] = _mm256_castsi256_ps(_mm256_and_si256(v0, high));
+  v[2] = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
+  v[3] = _mm256_castsi256_ps(_mm256_and_si256(v1, high));
 }
 
-// The AVX-512 form of the two above (set_avx512_products): 32 weights a step as two
-// vectors of 16 floats, half the instructions of the AVX2 loops for the same bytes, which
+// C activation rows (K apart) times one weight row, into out[c * ldo]: four accumulators
+// per output over its 32 values at a time (one chain would wait on FMA latency), added as
+// (a0 + a1) + (a2 + a3) and then across lanes. A row's result is the same whatever C is:
+// a decode step's one row and the same row among up to kChainMaxRows (a drafting pass,
+// a few sequences' rows) get the same bits.
+template <int C, typename T, typename O>
+inline void chain_dots(const T* w, const float* x, int64_t K, O* out, int64_t ldo) {
+  __m256 acc[C][4];
+  for (int c = 0; c < C; ++c)
+    for (int s = 0; s < 4; ++s) acc[c][s] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m256 v[4];
+    widen32(w + k, v);
+#pragma GCC unroll 4
+    for (int s = 0; s < 4; ++s)
+#pragma GCC unroll 3
+      for (int c = 0; c < C; ++c)
+        acc[c][s] = _mm256_fmadd_ps(v[s], _mm256_loadu_ps(x + c * K + k + 8 * s), acc[c][s]);
+  }
+  for (int c = 0; c < C; ++c)
+    out[c * ldo] = static_cast<O>(hsum(_mm256_add_ps(_mm256_add_ps(acc[c][0], acc[c][1]),
+                                                     _mm256_add_ps(acc[c][2], acc[c][3]))));
+}
+
+// The AVX-512 form of chain_dots (set_avx512_products): 32 weights a step as two
+// vectors of 16 floats, half the instructions of the AVX2 loop for the same bytes, which
 // leaves more reads in flight (float16 decode of the 0.6B shape: 1.25x on an Intel Xeon
 // with two threads, before prefetching; see float_matvec). bfloat16 is widened by shift
 // and mask as above, so its activations are kept with the 16 even-indexed values of each
@@ -167,32 +176,41 @@ QK_AVX512_DOT inline void weights32(const c10::BFloat16* w, __m512& even, __m512
   odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-template <typename T>
-QK_AVX512_DOT float dot_wide(const T* w, const float* x, int64_t K) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+// chain_dots with AVX-512: 64 values a step as four vectors of 16 (the last 32 of a row
+// whose K is an odd multiple of 32 into the first two accumulators).
+template <int C, typename T, typename O>
+QK_AVX512_DOT void chain_dots_wide(const T* w, const float* x, int64_t K, O* out, int64_t ldo) {
+  __m512 acc[C][4];
+  for (int c = 0; c < C; ++c)
+    for (int s = 0; s < 4; ++s) acc[c][s] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 64 <= K; k += 64) {
-    __m512 w0, w1, w2, w3;
-    weights32(w + k, w0, w1);
-    weights32(w + k + 32, w2, w3);
-    a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + k), a0);
-    a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + k + 16), a1);
-    a2 = _mm512_fmadd_ps(w2, _mm512_loadu_ps(x + k + 32), a2);
-    a3 = _mm512_fmadd_ps(w3, _mm512_loadu_ps(x + k + 48), a3);
+    __m512 v[4];
+    weights32(w + k, v[0], v[1]);
+    weights32(w + k + 32, v[2], v[3]);
+#pragma GCC unroll 4
+    for (int s = 0; s < 4; ++s)
+#pragma GCC unroll 3
+      for (int c = 0; c < C; ++c)
+        acc[c][s] = _mm512_fmadd_ps(v[s], _mm512_loadu_ps(x + c * K + k + 16 * s), acc[c][s]);
   }
-  if (k < K) {  // K is a multiple of 32
-    __m512 w0, w1;
-    weights32(w + k, w0, w1);
-    a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + k), a0);
-    a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + k + 16), a1);
+  if (k < K) {
+    __m512 v0, v1;
+    weights32(w + k, v0, v1);
+    for (int c = 0; c < C; ++c) {
+      acc[c][0] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + c * K + k), acc[c][0]);
+      acc[c][1] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x + c * K + k + 16), acc[c][1]);
+    }
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (int c = 0; c < C; ++c)
+    out[c * ldo] = static_cast<O>(_mm512_reduce_add_ps(
+        _mm512_add_ps(_mm512_add_ps(acc[c][0], acc[c][1]), _mm512_add_ps(acc[c][2], acc[c][3]))));
 }
 
 // A decode step's activation rows [M, K] as float32 in a buffer of the calling thread:
 // a step makes about a hundred products, and converting through tensor operations cost
 // microseconds each. With split 16 (32), each block of 16 (32) holds its even-indexed
-// values, then its odd ones (dot_bf16's (dot_wide's) order for bfloat16 weights).
+// values, then its odd ones (widen32's (weights32's) order for bfloat16 weights).
 const float* float_rows(const at::Tensor& x, int split = 0) {
   thread_local std::vector<float> buffer;
   const int64_t count = x.numel();
@@ -1312,27 +1330,62 @@ at::Tensor integer_gemm(const at::Tensor& x, int64_t N, Expand expand, const voi
                                                         zero_points);
 }
 
-// x [M, K] times float, bfloat16 or half weight rows w [N, K], streamed once: dot_wide
-// where AVX-512 may run, else the AVX2 ``dot`` over activations split as ``split`` says.
-template <typename T>
-at::Tensor float_matvec(const at::Tensor& x, const T* w, int64_t N,
-                        float (*dot)(const T*, const float*, int64_t), int split = 0) {
-  const int64_t K = x.size(1);
-  const bool wide = avx512_products && K % 32 == 0;
-  constexpr bool bf16 = std::is_same_v<T, c10::BFloat16>;
-  const float* xp = float_rows(x, wide ? (bf16 ? 32 : 0) : split);
-  if (wide) dot = dot_wide<T>;
-  // Rows asked for ahead, as quantized ones are: float16 decode of the 0.6B shape on an
-  // Intel Xeon 1.15-1.26x with the AVX-512 loop and 1.2-1.4x with the AVX2 one (AVX-512
-  // turned off). The AVX2 loop on an AMD EPYC measured 0-5% slower with it, within that
-  // machine's noise.
-  return matvec(
-      x, N, [&](int64_t n, int64_t m) { return dot(w + n * K, xp + m * K, K); },
-      w, K * static_cast<int64_t>(sizeof(T)));
+template <int C, bool Wide, typename T, typename O>
+inline void chain_dots_of(const T* w, const float* x, int64_t K, O* out, int64_t ldo) {
+  if constexpr (Wide)
+    chain_dots_wide<C>(w, x, K, out, ldo);
+  else
+    chain_dots<C>(w, x, K, out, ldo);
 }
 
-// 2 to 63 activation rows times float, bfloat16 or half weights (several sequences'
-// decode rows, a short prompt chunk; the AVX2 form here, the AVX-512 one below): weight
+// Up to kChainMaxRows activation rows x [M, K] times float, bfloat16 or half weight rows
+// w [N, K], streamed once (matvec): chain_dots against up to four activation rows at a
+// time, in its AVX-512 form where that runs (AVX2's registers hold three rows' twelve
+// accumulators, so four go as two pairs). Rows are asked for ahead, as quantized ones
+// are: float16 decode of the 0.6B shape on an Intel Xeon 1.15-1.26x with the AVX-512 loop
+// and 1.2-1.4x with the AVX2 one (AVX-512 turned off). The AVX2 loop on an AMD EPYC
+// measured 0-5% slower with it, within that machine's noise.
+template <bool Wide, typename T>
+at::Tensor float_matvec(const at::Tensor& x, const T* w, int64_t N) {
+  const int64_t K = x.size(1);
+  const float* xp = float_rows(x, std::is_same_v<T, c10::BFloat16> ? (Wide ? 32 : 16) : 0);
+  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(T));
+  if (x.size(0) == 1) {  // a decode step: no count to dispatch on per weight row
+    return matvec(
+        x, N,
+        [&](int64_t n, int64_t) {
+          float out;
+          chain_dots_of<1, Wide>(w + n * K, xp, K, &out, 1);
+          return out;
+        },
+        w, row_bytes);
+  }
+  return matvec(
+      x, N,
+      [&](int64_t n, int64_t m, int64_t count, float* out) {
+        const T* row = w + n * K;
+        const float* rows = xp + m * K;
+        switch (count) {
+          case 1: return chain_dots_of<1, Wide>(row, rows, K, out, 1);
+          case 2: return chain_dots_of<2, Wide>(row, rows, K, out, 1);
+          case 3: return chain_dots_of<3, Wide>(row, rows, K, out, 1);
+          default:
+            if constexpr (Wide) return chain_dots_of<4, Wide>(row, rows, K, out, 1);
+            chain_dots_of<2, Wide>(row, rows, K, out, 1);
+            chain_dots_of<2, Wide>(row, rows + 2 * K, K, out + 2, 1);
+        }
+      },
+      w, row_bytes);
+}
+
+template <typename T>
+at::Tensor float_matvec(const at::Tensor& x, const T* w, int64_t N) {
+  if (avx512_products && x.size(1) % 32 == 0) return float_matvec<true>(x, w, N);
+  return float_matvec<false>(x, w, N);
+}
+
+// kChainMaxRows + 1 to 63 activation rows times float, bfloat16 or half weights (several
+// sequences' decode rows, a short prompt chunk; the AVX2 form here, the AVX-512 one below): weight
 // rows are widened in registers once per group of four activation rows and multiplied
 // against all four, three weight rows at a time (12 accumulators), each output one vector
 // sum over the inputs in order, added across lanes at the end, so a row gets the same bits
@@ -1340,8 +1393,12 @@ at::Tensor float_matvec(const at::Tensor& x, const T* w, int64_t N,
 // weight once per row with one FMA per load, and float32 GEMM on widened tiles is built
 // for many rows: on two Zen 3 cores (2026-12-03, bfloat16 [M, 1024] x [1024, 3072]) this
 // ran 2-2.5x either at 4-16 rows, 1.4x at 32 and as fast as the GEMM at 64, where the
-// GEMM takes over. One row keeps float_matvec: this kernel in the same summing order
-// (one chain per output) streamed the 151,936-row LM head about 25% slower.
+// GEMM takes over. Fewer rows keep float_matvec, whose four chains per output a row adds
+// in the same order alone or beside others: this kernel in that order would need four
+// times the accumulators, and in its own one chain per output, as one row's kernel (eight
+// weight rows at a time), it streamed the 0.6B shape's float16 products 5-15% slower (Zen
+// 3). float_matvec at 2 rows took 0.8x this kernel's time, at 4 the same, at 8 1.15x,
+// at 16 1.45x (the 0.6B shape's 28 layers, Zen 3, 2026-12-07).
 constexpr int kDotRows = 4;
 constexpr int64_t kRowDotMaxRows = 64;
 // Where AVX-512 runs, its float32 GEMM catches up sooner (Intel Xeon, bf16, the 0.6B
@@ -1530,28 +1587,28 @@ at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& weight_in) {
   const int64_t N = weight.size(0), K = weight.size(1);
   check_rows(x, K, "dense_linear");
   const int64_t M = x.size(0);
-  const bool decode = M < kGemmMinRows;
-  const bool few = M > 1 && M < (avx512_products ? kWideRowDotMaxRows : kRowDotMaxRows);
+  const bool chained = M <= kChainMaxRows;
+  const bool few = M < (avx512_products ? kWideRowDotMaxRows : kRowDotMaxRows);
   switch (weight.scalar_type()) {
     case at::kFloat: {
       const float* w = weight.data_ptr<float>();
+      if (chained) return float_matvec(x, w, N);
       if (few) return rows_dot(x, w, N);
-      if (!decode) return transposed(at::mm(weight, x.to(at::kFloat).t()), x.scalar_type());
-      return float_matvec(x, w, N, dot_widened<float>);
+      return transposed(at::mm(weight, x.to(at::kFloat).t()), x.scalar_type());
     }
     case at::kBFloat16: {
       if (native_bf16_gemm && x.scalar_type() == at::kBFloat16 && M >= kNativeBf16GemmMinRows)
         return at::mm(x, weight.t());
       const auto* w = weight.data_ptr<c10::BFloat16>();
+      if (chained) return float_matvec(x, w, N);
       if (few) return rows_dot(x, w, N);
-      if (!decode) return widened_gemm(x, w, N);
-      return float_matvec(x, w, N, dot_bf16, 16);
+      return widened_gemm(x, w, N);
     }
     case at::kHalf: {
       const auto* w = weight.data_ptr<c10::Half>();
+      if (chained) return float_matvec(x, w, N);
       if (few) return rows_dot(x, w, N);
-      if (!decode) return widened_gemm(x, w, N);
-      return float_matvec(x, w, N, dot_widened<c10::Half>);
+      return widened_gemm(x, w, N);
     }
     default:
       TORCH_CHECK(false, "dense_linear: weights must be float32, bfloat16 or float16");
@@ -1651,6 +1708,18 @@ at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const a
       cp, K);
 }
 
+
+int64_t step_order_rows(const Matrix& w) {
+  const auto& t = w.weight;
+  if (w.bits == 0)
+    return native_bf16_gemm && t.scalar_type() == at::kBFloat16 ? kNativeBf16GemmMinRows - 1
+                                                                  : kChainMaxRows;
+  // x16_linear_of (and its AMX form) adds every row alone; with AVX512-VNNI turned off
+  // after loading, interleaved codes run the row kernels below.
+  if (t.dim() == 5 && avx512_vnni) return std::numeric_limits<int64_t>::max();
+  const int64_t K = t.dim() == 5 ? t.size(1) * 32 : t.size(1) * (w.bits == 4 ? 2 : 1);
+  return (w.bits == 4 ? integer_gemm_min_rows<true>(K) : integer_gemm_min_rows<false>(K)) - 1;
+}
 
 // packed [N, K / 2] uint8: in each block of 32 inputs, byte j holds code j in its low
 // nibble and code j + 16 in its high one (GGUF Q4_0's order). w = (code - 8) * scale +

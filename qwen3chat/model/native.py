@@ -48,6 +48,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Ten
     return None if matrix is None else native.matmul(x, matrix)
 
 
+def step_order_rows(layers: list[nn.Module], weights: list, device: torch.device) -> int:
+    """The most rows of one sequence a pass through ``layers`` (in one native call) and
+    products over ``weights`` runs giving each row, bit for bit, a one-row step's results:
+    the fewest any of the products takes adding a row's outputs as a one-row product does
+    (the kernels' step_order_rows), and no more than a pass the native layers take in one
+    call (LIMITS' prompt_kernel_rows). 1 where the kernels do not run here or do not cover
+    a layer or weight: torch's products keep no such order."""
+    native = kernels.native(torch.empty(0, device=device))
+    if native is None or any(layer_weights(native, layer) is None for layer in layers):
+        return 1
+    rows = native.LIMITS["prompt_kernel_rows"]
+    for weight in weights:
+        matrix = _matrix(native, weight)
+        if matrix is None:
+            return 1
+        rows = min(rows, native.step_order_rows(matrix))
+    return rows
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     native = kernels.native(x)
     if native is None or not _covers(native, "norm_block", x.shape[-1]):

@@ -28,7 +28,7 @@ from .layers import (
     rope_tables,
     shard_weight,
 )
-from .moe import SparseMoE
+from .moe import ExpertLinear, SparseMoE
 
 
 @dataclass
@@ -212,6 +212,17 @@ class Qwen3Model(nn.Module):
     def _rope_up_to(self, max_seq_len: int) -> None:
         if self.rope_cos is None or self.rope_cos.shape[0] < max_seq_len:
             self.setup_rope(max_seq_len)
+
+    def step_order_rows(self) -> int:
+        """The most rows of one sequence a forward pass runs giving each row, bit for bit,
+        the logits of a one-row step (native.step_order_rows), over this process's layers
+        and head: how many tokens a drafting pass may check at once."""
+        modules = list(self.running.modules())
+        weights = [m.weight for m in modules if isinstance(m, Linear)]
+        weights += [m.weight[0] for m in modules if isinstance(m, ExpertLinear)]
+        head = getattr(self.embed_tokens if self.lm_head is None else self.lm_head, "weight", None)
+        weights += [] if head is None else [head]
+        return native.step_order_rows(self.running, weights, self.device)
 
     def new_cache(
         self, max_seq_len: int, kv_dtype: torch.dtype | None = None

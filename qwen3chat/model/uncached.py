@@ -22,6 +22,7 @@ class UncachedModel(nn.Module):
         self.device = model.device
         self.new_cache = model.new_cache
         self.prompt_layout = model.prompt_layout
+        self.step_order_rows = model.step_order_rows
 
     def forward(
         self,
