@@ -62,11 +62,13 @@ def zeroed_attention_gguf(cache_dir: Path, shape: str, qtype: str) -> Path:
 
 
 def pass_costs(path: Path, depth: int, max_rows: int, repeat: int) -> dict[int, float]:
-    """Median seconds of a pass of 1..max_rows tokens after ``depth`` tokens of context."""
+    """Median seconds of a pass of 1..max_rows tokens after ``depth`` tokens of context, no
+    more rows than the engines run (the model's step_order_rows: what keeps rows exact)."""
     from qwen3chat.engine import Engine
     from qwen3chat.loading import load_model
 
     loaded = load_model(path)
+    max_rows = min(max_rows, loaded.model.step_order_rows())
     engine = Engine(loaded.model, loaded.tokenizer, depth + max_rows + 1)
     engine.prefill([1000 + i % 5000 for i in range(depth)], lambda: False)
     costs = {}
