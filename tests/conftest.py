@@ -211,6 +211,16 @@ def save_model_dir(model, directory: Path, tokenizer_dir: Path, dtype=torch.floa
 
 
 @pytest.fixture(scope="session")
+def moe_dir(tmp_path_factory, tokenizer_dir):
+    """Three layers, the middle one dense (mlp_only_layers), top-2 of 8 experts."""
+    reference = build_reference_model(
+        tie=False, seed=11, moe=True, num_hidden_layers=3, mlp_only_layers=[1]
+    )
+    path = save_model_dir(reference, tmp_path_factory.mktemp("moe"), tokenizer_dir)
+    return path, reference
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_dir):
     """Tied embeddings, one float32 file; returns (directory, reference model)."""
     model = build_reference_model(tie=True, seed=0)

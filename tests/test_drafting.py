@@ -83,20 +83,24 @@ def chain(loaded, start: int, length: int) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "dtype,quantize",
+    "model,dtype,quantize",
     [
-        ("float32", "none"),
-        ("bfloat16", "none"),
-        ("float16", "none"),
-        ("float32", "int8"),
-        ("bfloat16", "int4"),
+        ("tiny_model_dir", "float32", "none"),
+        ("tiny_model_dir", "bfloat16", "none"),
+        ("tiny_model_dir", "float16", "none"),
+        ("tiny_model_dir", "float32", "int8"),
+        ("tiny_model_dir", "bfloat16", "int4"),
+        ("moe_dir", "float32", "none"),
+        ("moe_dir", "bfloat16", "int4"),
     ],
 )
-def test_a_pass_gives_each_row_the_logits_of_a_step_bit_for_bit(tiny_model_dir, dtype, quantize):
+def test_a_pass_gives_each_row_the_logits_of_a_step_bit_for_bit(request, model, dtype, quantize):
     """The pending token and as many drafts as the engine carries, in one pass: each row's
     logits are those the same token gets in a decode step of its own, bit for bit (every
-    product of the pass adds a row as a one-row product does), in every weight format."""
-    loaded = load_model(tiny_model_dir[0], device="cpu", dtype=dtype, quantize=quantize)
+    product of the pass adds a row as a one-row product does), in every weight format,
+    dense and mixture-of-experts."""
+    path = request.getfixturevalue(model)[0]
+    loaded = load_model(path, device="cpu", dtype=dtype, quantize=quantize)
     engine = Engine(loaded.model, loaded.tokenizer, 128, draft_max=16)
     assert engine.draft_max == loaded.model.step_order_rows() - 1 >= 2
     prompt = chat_prompts(loaded.tokenizer, 1)[0]
@@ -251,6 +255,24 @@ def test_bench_reports_the_share_of_drafts_kept():
     assert out["draft"] == "ngram" and out["draft_max"] == 4
     kept = [run["draft_accepted"] for run in out["results"][0]["runs"]]
     assert len(kept) == 2 and all(0.0 <= k <= 1.0 for k in kept)
+    # More than keep a pass's rows exact (float products: 7 rows): the report says how
+    # many ran.
+    drafts = ["--draft", "ngram", "--draft-max", "30", "--dtype", "float32"]
+    result = CliRunner().invoke(app, [*quick, *drafts])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["draft_max"] == 6
+
+
+def test_where_the_kernels_do_not_run_the_model_it_decodes_without_drafts(
+    tiny_model_dir, torch_matmuls
+):
+    args = ["chat", "-m", str(tiny_model_dir[0]), "-p", "hi", "-n", "4", "--json"]
+    result = CliRunner().invoke(app, [*args, "--draft", "ngram"])
+    assert result.exit_code == 0, result.output
+    assert "products do not give a pass's rows the results of single steps" in result.stderr
+    assert "decoding without drafts" in result.stderr
+    plain = CliRunner().invoke(app, args)
+    assert json.loads(result.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
 
 
 def batched(engine: BatchEngine, requests, sampling=GREEDY, join_every: int = 0):

@@ -30,16 +30,6 @@ from qwen3chat.presets import PRESETS, preset_config
 from qwen3chat.quant import QuantizedExperts, QuantizedWeight, QuantSpec, quantize
 
 
-@pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory, tokenizer_dir):
-    """Three layers, the middle one dense (mlp_only_layers), top-2 of 8 experts."""
-    reference = build_reference_model(
-        tie=False, seed=11, moe=True, num_hidden_layers=3, mlp_only_layers=[1]
-    )
-    path = save_model_dir(reference, tmp_path_factory.mktemp("moe"), tokenizer_dir)
-    return path, reference
-
-
 def test_checkpoint_layout_is_what_we_stack(moe_dir):
     path, _ = moe_dir
     loaded = load_model(path, device="cpu", dtype="float32")

@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -508,7 +508,7 @@ def _run(settings: BenchSettings, bench_model: BenchModel, rss_after_load, steps
         with steps.step("profiling one prefill and one decode step"):
             profile = profile_prefill_and_decode(engine, ids[: settings.prompt_tokens[0]])
     return BenchReport(
-        settings,
+        replace(settings, draft_max=engine.draft_max),  # the drafts that ran
         bench_model,
         torch.get_num_threads(),
         weight_bytes(bench_model.model),
