@@ -270,7 +270,7 @@ class QuantizedWeight(nn.Module):
     build), each matmul dequantizes first, which is correct everywhere.
 
     Groups of 32 (GGUF's Q8_0, Q4_0, Q4_1, Q4_K, ``--quantize int4``) and int8 with one
-    scale a row (``--quantize int8``) on a CPU with AVX512-VNNI are held ``interleaved``:
+    scale a row (``--quantize int8``) on an x86 CPU are held ``interleaved``:
     codes ``[rows / 16, cols / 32, steps, 16, 4]`` (each 16 rows' block of 32 as 4 or 8
     steps of the 16 rows' four bytes; int8's as unsigned ``code + 128``), scales and zeros
     ``[rows / 16, groups, 16]``, the layout their kernel there reads (kernels.interleaves);

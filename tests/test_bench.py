@@ -73,7 +73,7 @@ def test_it_says_which_kernels_ran_and_they_are_ones_this_cpu_allows(report):
             if kernels._avx512_vnni() and kernels._amx_int8()
             else "AVX512-VNNI, 16 rows interleaved"
             if kernels._avx512_vnni()
-            else "AVX2"
+            else "AVX2, 16 rows interleaved"
         ),
         "attention over a bf16 or int8 cache": (
             "AVX-512; int8 scores AVX512-VNNI"

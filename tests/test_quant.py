@@ -161,7 +161,7 @@ def test_stored_matrix_is_the_quantized_one(weight):
 
 
 @pytest.mark.skipif(
-    not kernels.interleaves("cpu"), reason="weights held interleaved only with AVX512-VNNI"
+    not kernels.interleaves("cpu"), reason="weights held interleaved only on x86 with the kernels"
 )
 @pytest.mark.parametrize("bits,group", [(8, 32), (4, 32), (8, 256)])
 def test_owned_codes_are_interleaved_in_place(weight, bits, group):
@@ -321,7 +321,7 @@ def test_avx512_vnni_gemm_takes_four_rows_or_more(weight, bits):
     assert not torch.equal(alone, sixteen[:3])  # the two kernels sum in different orders
 
 
-# Matrices held interleaved where AVX512-VNNI runs: (bits, group (None: one a row), zeros).
+# Matrices held interleaved on x86: (bits, group (None: one a row), zeros).
 INTERLEAVED = [(8, 32, False), (4, 32, False), (4, 32, True), (8, None, False)]
 
 
@@ -355,7 +355,7 @@ def quantized(weight, bits, group, zeros):
 
 
 @pytest.mark.skipif(
-    not kernels.interleaves(CPU), reason="this CPU (or its OS) does not allow AVX512-VNNI"
+    not kernels.interleaves(CPU), reason="weights held interleaved only on x86 with the kernels"
 )
 @pytest.mark.parametrize("width", [64, 96, 256])  # one pair of blocks, an odd count, more
 @pytest.mark.parametrize("bits,group,zeros", INTERLEAVED)
@@ -364,11 +364,11 @@ def test_matrices_held_interleaved_give_the_plain_products(
     width, bits, group, zeros, dtype, monkeypatch
 ):
     """Q8_0, Q4_0, int4 with zero points (Q4_1, Q4_K, --quantize int4) and int8 with one
-    scale a row (--quantize int8) on a CPU with AVX512-VNNI are held interleaved by 16 rows
+    scale a row (--quantize int8) on an x86 CPU are held interleaved by 16 rows
     (linear.cpp's x16_linear_of; int8 codes as code + 128): the matrix and embedding rows
     are the plain ones; the products are the plain integer GEMM's bit for bit (the same
-    sums in the same order) at any number of rows, so a row's result is the row alone's;
-    with AVX512-VNNI turned off after loading, the plain kernels run on them."""
+    sums in the same order) at any number of rows, so a row's result is the row alone's,
+    with AVX512-VNNI's passes and with AVX2's (where VNNI is turned off after loading)."""
     generator = torch.Generator().manual_seed(5)
     m = quantized(torch.randn(48, width, generator=generator), bits, group, zeros)
     layer = QuantizedWeight(m, torch.float32, CPU)
@@ -388,13 +388,17 @@ def test_matrices_held_interleaved_give_the_plain_products(
 
     x = torch.randn(40, width, generator=generator).to(dtype)
     gemm = linear(x, plain)  # the plain integer GEMM (8 rows or more)
-    for rows in (40, 32, 21, 16, 9, 8):  # AMX-INT8 tiles from 9 rows where they run
-        assert torch.equal(linear(x[:rows], layer), gemm[:rows])
-    for i in range(4):
-        assert torch.equal(linear(x[i : i + 1], layer), gemm[i : i + 1])
-    with kernel_off("set_avx512_vnni"):
-        for rows in (21, 3):
-            assert torch.equal(linear(x[:rows], layer), linear(x[:rows], plain))
+
+    def the_gemms_bits():
+        for rows in (40, 32, 21, 16, 9, 8, 5, 3, 2):  # AMX-INT8 tiles from 9 rows where they run
+            assert torch.equal(linear(x[:rows], layer), gemm[:rows])
+        for i in range(4):
+            assert torch.equal(linear(x[i : i + 1], layer), gemm[i : i + 1])
+
+    the_gemms_bits()
+    if kernels._avx512_vnni():
+        with kernel_off("set_avx512_vnni"):
+            the_gemms_bits()
 
 
 @pytest.mark.skipif(

@@ -121,6 +121,9 @@ class _Target:
     flags: tuple[str, ...]
     variants: dict[str, str]
     i8mm: bool = False
+    # int8/int4 weights in groups of 32 held interleaved by 16 rows (x16_linear_of: AVX2's
+    # maddubs or AVX512-VNNI; ARM's dot products take rows).
+    interleaves: bool = False
 
 
 def _arm_has(feature: tuple[int, int, str]) -> bool:
@@ -162,8 +165,10 @@ def _target() -> _Target | str:
         capability = torch.backends.cpu.get_cpu_capability()
         if capability not in ("AVX2", "AVX512"):
             return f"the CPU lacks AVX2: torch reports its capability as {capability}"
+        variants = dict.fromkeys(_WORK, "AVX2")
+        variants["int8/int4 products (any rows, groups of 32)"] = "AVX2, 16 rows interleaved"
         return _Target(
-            "qwen3chat_kernels", ("-mavx2", "-mfma", "-mf16c"), dict.fromkeys(_WORK, "AVX2")
+            "qwen3chat_kernels", ("-mavx2", "-mfma", "-mf16c"), variants, interleaves=True
         )
     if machine in ("aarch64", "arm64"):
         simde = _simde_flags()
@@ -309,10 +314,11 @@ def _amx_int8() -> bool:
 def interleaves(device: torch.device | str) -> bool:
     """Whether int8 and int4 weights in groups of 32 (and int8 with one scale a row) are
     held interleaved by 16 rows on ``device`` (quant.py's QuantizedWeight), as linear.cpp's
-    AVX512-VNNI product of them reads them (``x16_linear_of``): where that kernel runs, a
-    build here and the CPU and OS allowing AVX512-VNNI."""
-    cpu = torch.device(device).type == "cpu"
-    return cpu and _avx512_vnni() and native(torch.empty(0)) is not None
+    products of them read them (``x16_linear_of``): on an x86 CPU with a build here."""
+    if torch.device(device).type != "cpu" or native(torch.empty(0)) is None:
+        return False
+    target = _target()
+    return isinstance(target, _Target) and target.interleaves
 
 
 def native(x: torch.Tensor):
