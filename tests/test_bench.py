@@ -80,7 +80,7 @@ def test_it_says_which_kernels_ran_and_they_are_ones_this_cpu_allows(report):
             if kernels._avx512() and kernels._avx512_vnni()
             else "AVX-512"
             if kernels._avx512()
-            else "AVX2"
+            else "AVX2; int8 scores in integers"
         ),
         "norms, rotary embedding, SwiGLU, delta rule": "AVX-512" if kernels._avx512() else "AVX2",
         "bf16 products of 4+ rows": (

@@ -32,7 +32,7 @@ def fake_build(monkeypatch):
         set_amx_int8=lambda enabled: None,
         set_avx512_attention=lambda enabled: None,
         set_avx512_rows=lambda enabled: None,
-        set_vnni_attention=lambda enabled: None,
+        set_integer_scores=lambda enabled: None,
         set_avx512_products=lambda enabled: None,
     )
 

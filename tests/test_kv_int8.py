@@ -102,12 +102,12 @@ def test_decode_attention_reads_int8_rows(
     """The queries of the last ``rows`` positions over int8 rows (a strided view of a
     longer cache), each up to its own position: SDPA over the rows dequantized, in float32
     (what a prompt's tokens after a cached conversation run natively). Integer scores
-    (AVX-512 with VNNI, head_dim 64, 128, 256 or 512) are those of the query scaled by
-    1/sqrt(head_dim) and quantized as a cache row, as llama.cpp's q8_0 keys meet q8_0
-    queries; the values' sum stays in floats."""
-    if integer_scores and not kernels._avx512_vnni():
+    (head_dim 64, 128, 256 or 512: AVX2's maddubs, AVX-512's VNNI) are those of the
+    query scaled by 1/sqrt(head_dim) and quantized as a cache row, as llama.cpp's q8_0
+    keys meet q8_0 queries; the values' sum stays in floats."""
+    if integer_scores and attention_kernels and not kernels._avx512_vnni():
         pytest.skip("this CPU (or its OS) does not allow AVX512-VNNI")
-    integer = integer_scores and attention_kernels and head_dim in (64, 128, 256, 512)
+    integer = integer_scores and head_dim in (64, 128, 256, 512)
     rows = min(rows, length)
     q = rand(1, heads, rows, head_dim, dtype=dtype)
     keys = quantize_rows(rand(1, kv_heads, length + 20, head_dim, seed=1))[:, :, :length]
@@ -126,11 +126,11 @@ def test_decode_attention_reads_int8_rows(
         enable_gqa=True,
         scale=1.0,
     )
-    native.set_vnni_attention(integer_scores)
+    native.set_integer_scores(integer_scores)
     try:
         out = native.decode_attention(q, keys, values)
     finally:
-        native.set_vnni_attention(kernels._avx512() and kernels._avx512_vnni())
+        native.set_integer_scores(not kernels._avx512() or kernels._avx512_vnni())
     assert out.dtype == dtype and out.shape == (1, rows, heads * head_dim)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(

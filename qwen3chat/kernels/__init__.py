@@ -167,6 +167,7 @@ def _target() -> _Target | str:
             return f"the CPU lacks AVX2: torch reports its capability as {capability}"
         variants = dict.fromkeys(_WORK, "AVX2")
         variants["int8/int4 products (any rows, groups of 32)"] = "AVX2, 16 rows interleaved"
+        variants["attention over a bf16 or int8 cache"] = "AVX2; int8 scores in integers"
         return _Target(
             "qwen3chat_kernels", ("-mavx2", "-mfma", "-mf16c"), variants, interleaves=True
         )
@@ -246,7 +247,9 @@ def _module():
         module.set_amx_int8(amx)
         module.set_avx512_attention(wide)
         module.set_avx512_rows(wide)
-        module.set_vnni_attention(wide and vnni)
+        # Integer scores: maddubs on AVX2, vpdpbusd with AVX-512; AVX-512 without VNNI
+        # widens the keys to floats.
+        module.set_integer_scores(not wide or vnni)
         module.set_avx512_products(wide)
         # From here on this thread, the parallel workers and threads started later (the
         # server's engine) flush subnormal floats to zero: see subnormals.cpp.

@@ -44,8 +44,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "run Q4_0 products of several rows with AMX-INT8 tiles (the CPU and the OS allow it)");
   m.def("set_avx512_attention", &set_avx512_attention,
         "run attention over bfloat16 and int8 caches with AVX-512 (the CPU and the OS allow it)");
-  m.def("set_vnni_attention", &set_vnni_attention,
-        "score int8 caches with AVX512-VNNI integer products (the CPU and the OS allow it)");
+  m.def("set_integer_scores", &set_integer_scores,
+        "score int8 caches in integer products (AVX512-VNNI where AVX-512 attention runs)");
   m.def("set_avx512_rows", &set_avx512_rows,
         "run RMSNorm, q/k norm with RoPE and SwiGLU with AVX-512 (the CPU and the OS allow it)");
   m.def("set_avx512_products", &set_avx512_products,

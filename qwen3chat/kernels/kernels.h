@@ -207,8 +207,9 @@ void set_avx512_attention(bool enabled);
 // likewise; wide_rows says whether rows of this many values take it (a multiple of 16).
 void set_avx512_rows(bool enabled);
 bool wide_rows(int64_t width);
-// Attention's scores over an int8 cache as integer products (AVX512-VNNI), likewise.
-void set_vnni_attention(bool enabled);
+// Attention's scores over an int8 cache as integer products (AVX512-VNNI where AVX-512
+// attention runs, AVX2's maddubs where it does not).
+void set_integer_scores(bool enabled);
 // One-row (decode) products of float, bfloat16 and half weights with AVX-512, likewise.
 void set_avx512_products(bool enabled);
 
