@@ -526,14 +526,14 @@ QK_AVX512 void scores_of_four_keys_wide(const float* query, const K* keys, int64
 }
 
 // Integer scores over an int8 cache (set_integer_scores: where AVX-512 attention runs,
-// with AVX512-VNNI; scores_int below otherwise): the queries quantized as cache rows are (codes, a float16 scale per block of 32), as
-// llama.cpp's q8_0 keys meet q8_0 queries, and vpdpbusd multiplies the keys' codes plus
-// 128 (their sign bit flipped: unsigned, as it takes them) by the query's codes, four
-// products a lane, each lane's sum starting at minus 128 times its four query codes: the
-// codes' own products. Each lane's sum is scaled by its block's two scales in float. About
-// half the instructions of widening each key to floats (0.87x those of putting the keys'
-// signs on the query's codes instead); the scores move by the queries' rounding (~0.4% of
-// each).
+// with AVX512-VNNI; scores_int below otherwise): the queries quantized as cache rows are
+// (codes, a float16 scale per block of 32), as llama.cpp's q8_0 keys meet q8_0 queries,
+// and vpdpbusd multiplies the keys' codes plus 128 (their sign bit flipped: unsigned, as
+// it takes them) by the query's codes, four products a lane, each lane's sum starting at
+// minus 128 times its four query codes: the codes' own products. Each lane's sum is scaled
+// by its block's two scales in float. About half the instructions of widening each key to
+// floats (0.87x those of putting the keys' signs on the query's codes instead); the scores
+// move by the queries' rounding (~0.4% of each).
 std::atomic<bool> integer_scores_allowed{false};
 
 #define QK_VNNI_ATTENTION QK_TARGET("avx512f,avx512bw,avx512dq,avx512vnni,fma,f16c")

@@ -1798,7 +1798,7 @@ int64_t step_order_rows(const Matrix& w) {
                                                                   : kChainMaxRows;
   // x16_linear_of's passes add every row alone.
   if (t.dim() == 5) return std::numeric_limits<int64_t>::max();
-  const int64_t K = t.dim() == 5 ? t.size(1) * 32 : t.size(1) * (w.bits == 4 ? 2 : 1);
+  const int64_t K = t.size(1) * (w.bits == 4 ? 2 : 1);
   return (w.bits == 4 ? integer_gemm_min_rows<true>(K) : integer_gemm_min_rows<false>(K)) - 1;
 }
 
