@@ -89,7 +89,8 @@ DRAFT_HELP = (
 )
 DRAFT_MAX_HELP = (
     "Most tokens guessed per step with --draft ngram; no more than keep the reply exact "
-    "(the CPU kernels add a pass of up to 7 rows as single steps: 6 guesses)."
+    "(the CPU kernels add a pass of up to 7 rows of float weights as single steps: 6 "
+    "guesses; of int8/int4 weights in groups of 32 on x86, any number)."
 )
 
 

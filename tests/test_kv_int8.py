@@ -224,7 +224,7 @@ def test_chunked_prefill_over_an_int8_cache_is_whole_prefill(preset):
 # (measured: docs/kv_cache.md): the logits' relative error and the share of steps whose
 # greedy token is the same.
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
-# head_dim 128: integer scores where AVX512-VNNI runs, whose rounding of the query moved
+# head_dim 128: integer scores (AVX2's and AVX512-VNNI's), whose rounding of the query moved
 # 3 of the dense model's 41 greedy choices (docs/kv_cache.md).
 @pytest.mark.parametrize("head_dim,agreement", [(32, 0.95), (128, 0.85)])
 def test_int8_cache_against_the_float_cache(preset, head_dim, agreement):
