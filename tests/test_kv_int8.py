@@ -92,7 +92,15 @@ def test_native_cache_writes_are_the_torch_quantization(dtype, start, seq, monke
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "heads,kv_heads,head_dim,length",
-    [(16, 8, 128, 141), (8, 1, 64, 33), (2, 2, 32, 1), (6, 2, 96, 7), (10, 2, 128, 1025)],
+    [
+        (16, 8, 128, 141),
+        (8, 1, 64, 33),
+        (2, 2, 32, 1),
+        (6, 2, 96, 7),
+        (10, 2, 128, 1025),
+        (4, 2, 256, 37),
+        (2, 1, 512, 6),
+    ],
 )
 @pytest.mark.parametrize("integer_scores", [False, True])
 @pytest.mark.parametrize("rows", [1, 5])
