@@ -88,7 +88,7 @@ def test_it_says_which_kernels_ran_and_they_are_ones_this_cpu_allows(report):
             if kernels._avx512() and torch.cpu._is_avx512_bf16_supported()
             else "AVX-512"
             if kernels._avx512()
-            else "AVX2"
+            else "AVX2; packed panels from 64 rows"
         ),
     }
     assert ran == allowed

@@ -68,7 +68,7 @@ def test_this_build_runs_on_an_avx2_only_cpu():
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["built"]
-    # Everything AVX2 (VNNI and AVX-512 refused), bf16 products widened.
+    # Everything AVX2 (VNNI and AVX-512 refused), bf16 products on packed panels.
     assert {re.split("[,;]", code)[0] for code in out["variants"].values()} == {"AVX2"}, out[
         "variants"
     ]

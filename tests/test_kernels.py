@@ -31,8 +31,10 @@ def rand(*shape, dtype=torch.float32, seed=0):
 def test_dense_linear(dtype, rows, width, product_kernels):
     """Up to 7 rows stream the weights, each weight row against up to four activation
     rows; up to 63 rows take three weight rows by four activation rows at a time, in the
-    AVX-512 form where it runs (the last of each part full here); more take the float32
-    tiles, and a large matrix spans several (the last one part full)."""
+    AVX-512 form where it runs (the last of each part full here); more take packed panels
+    of 16 weight rows six activation rows at a time with AVX2 (1202 = 75 panels and 2
+    rows, 101 = 16 sixes and 5), float32 GEMM on widened tiles with AVX-512 (a large
+    matrix spans several, the last one part full)."""
     weight = rand(1202, width, dtype=dtype)
     x = rand(rows, width, dtype=dtype, seed=1)
     out = native.dense_linear(x, weight)
@@ -40,6 +42,19 @@ def test_dense_linear(dtype, rows, width, product_kernels):
     assert out.dtype == dtype and out.shape == (rows, 1202)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     assert (out.float() - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_panel_rows_do_not_depend_on_the_rows_beside_them(dtype, product_kernels):
+    """With AVX2, 64 rows or more: each output is one chain over the inputs in order, so a
+    prompt's rows get the same bits in any chunk of 64 or more (float32 outputs)."""
+    if product_kernels:
+        pytest.skip("float32 GEMM on widened tiles (AVX-512) does not promise it")
+    weight = rand(200, 96, dtype=dtype)
+    x = rand(101, 96, seed=1)
+    whole = native.dense_linear(x, weight)
+    assert torch.equal(native.dense_linear(x[:64], weight), whole[:64])
+    assert torch.equal(native.dense_linear(x[37:], weight), whole[37:])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

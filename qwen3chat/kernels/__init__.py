@@ -168,6 +168,7 @@ def _target() -> _Target | str:
         variants = dict.fromkeys(_WORK, "AVX2")
         variants["int8/int4 products (any rows, groups of 32)"] = "AVX2, 16 rows interleaved"
         variants["attention over a bf16 or int8 cache"] = "AVX2; int8 scores in integers"
+        variants["bf16 products of 4+ rows"] = "AVX2; packed panels from 64 rows"
         return _Target(
             "qwen3chat_kernels", ("-mavx2", "-mfma", "-mf16c"), variants, interleaves=True
         )
