@@ -1693,6 +1693,20 @@ void panel_rows(const float* panel, const float* x, int64_t K, O* out, int64_t l
   }
 }
 
+// panel_rows of 1 to 6 activation rows.
+template <typename O>
+void panel_rows_of(int64_t rows, const float* panel, const float* x, int64_t K, O* out, int64_t ldo,
+                   int64_t cols) {
+  switch (rows) {
+    case 6: return panel_rows<6>(panel, x, K, out, ldo, cols);
+    case 5: return panel_rows<5>(panel, x, K, out, ldo, cols);
+    case 4: return panel_rows<4>(panel, x, K, out, ldo, cols);
+    case 3: return panel_rows<3>(panel, x, K, out, ldo, cols);
+    case 2: return panel_rows<2>(panel, x, K, out, ldo, cols);
+    default: return panel_rows<1>(panel, x, K, out, ldo, cols);
+  }
+}
+
 template <typename T>
 at::Tensor panel_gemm(const at::Tensor& x, const T* w, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1);
@@ -1707,19 +1721,16 @@ at::Tensor panel_gemm(const at::Tensor& x, const T* w, int64_t N) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t cols = std::min<int64_t>(16, N - b * 16);
         pack_panel(w + b * 16 * K, cols, K, panel.data());
-        for (int64_t m = 0; m < M; m += 6) {
-          const auto rows = std::min<int64_t>(6, M - m);
-          auto run = rows == 6 ? panel_rows<6, O> : rows == 5 ? panel_rows<5, O> : rows == 4 ? panel_rows<4, O>
-                   : rows == 3 ? panel_rows<3, O> : rows == 2 ? panel_rows<2, O> : panel_rows<1, O>;
-          run(panel.data(), xp + m * K, K, op + m * N + b * 16, N, cols);
-        }
+        for (int64_t m = 0; m < M; m += 6)
+          panel_rows_of(std::min<int64_t>(6, M - m), panel.data(), xp + m * K, K, op + m * N + b * 16, N, cols);
       }
     });
   });
   return out;
 }
 
-// 16-bit weights times many rows: float32 GEMM on widened tiles.
+// 16-bit weights times many rows with AVX-512: float32 GEMM (MKL's AVX-512 one) on widened
+// tiles.
 template <typename T>
 at::Tensor widened_gemm(const at::Tensor& x, const T* w, int64_t N) {
   const int64_t K = x.size(1);
