@@ -34,6 +34,9 @@ import time
 from datetime import date
 from pathlib import Path
 
+import qwen3chat  # noqa: F401  before torch, so that torch's OpenMP threads sleep, not spin
+
+# isort: split
 import torch
 
 from qwen3chat import OWN_ENVIRONMENT, peer_environment

@@ -19,6 +19,9 @@ import argparse
 import statistics
 import time
 
+import qwen3chat  # noqa: F401  before torch, so that torch's OpenMP threads sleep, not spin
+
+# isort: split
 import torch
 
 from qwen3chat.batch.engine import BatchEngine

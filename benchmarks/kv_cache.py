@@ -17,6 +17,9 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import qwen3chat  # noqa: F401  before torch, so that torch's OpenMP threads sleep, not spin
+
+# isort: split
 import torch
 
 from qwen3chat.bench.run import cpu_model, random_ids, timed_run

@@ -28,6 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+import qwen3chat  # noqa: F401  before torch, so that torch's OpenMP threads sleep, not spin
+
+# isort: split
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -10,6 +10,9 @@ import argparse
 import resource
 import time
 
+import qwen3chat  # noqa: F401  before torch, so that torch's OpenMP threads sleep, not spin
+
+# isort: split
 import torch
 from PIL import Image
 

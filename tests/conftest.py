@@ -11,6 +11,10 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+
+import qwen3chat  # noqa: F401  before torch, so that torch's OpenMP threads sleep, not spin
+
+# isort: split
 import torch
 
 from qwen3chat.config import SHAPE_FIELDS
