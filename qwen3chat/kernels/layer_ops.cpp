@@ -422,28 +422,39 @@ void fold_scales(const float* p, int64_t padded, int64_t groups, const int8_t* v
   }
 }
 
-// out[g][d] += sum over rows l in [first, last) of w(g0 + g, l) * values[l][d] for up to
-// two heads (G) and the block of 8 * V columns from column c, kept in registers over the
+// out[g][c] += sum over rows l in [first, last) of w(g0 + g, l) * values[l][c] for up to
+// two heads (G) and the columns [c0, c1), 8 * V at a time, kept in registers over the
 // rows: each value is widened once for both heads. Every output adds its rows in order,
-// so a sweep split into blocks of rows gives the same sums as one sweep. The 8 * V
+// so a sweep split into blocks of rows gives the same sums as one sweep. Each 8 * V
 // columns lie in one block of kKvBlock (head_values' sweeps start at multiples of 32).
+// One call for all the columns: called per 32 columns, its setup and its accumulators'
+// round trip through the stack were ~8% of attention over an int8 cache (Zen 3).
 template <int G, int V, typename K>
-void weighted_sum(const ValueWeights& w, int64_t g0, const K* values, int64_t stride, int64_t c,
-                  int64_t first, int64_t last, float* out, int64_t D) {
-  __m256 acc[G][V];
-  for (int g = 0; g < G; ++g)
-    for (int j = 0; j < V; ++j) acc[g][j] = _mm256_loadu_ps(out + g * D + 8 * j);
-  for (int64_t l = first; l < last; ++l) {
-    __m256 weight[G];
-    for (int g = 0; g < G; ++g) weight[g] = _mm256_set1_ps(w.at(g0 + g, l, c / kKvBlock));
-    const K* row = values + l * stride;
-    for (int j = 0; j < V; ++j) {
-      const __m256 value = value8(row, c + 8 * j);
-      for (int g = 0; g < G; ++g) acc[g][j] = _mm256_fmadd_ps(weight[g], value, acc[g][j]);
+void weighted_sum(const ValueWeights& w, int64_t g0, const K* values, int64_t stride, int64_t c0,
+                  int64_t c1, int64_t first, int64_t last, float* out, int64_t D) {
+  for (int64_t c = c0; c < c1; c += 8 * V) {
+    __m256 acc[G][V];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
+      for (int j = 0; j < V; ++j) acc[g][j] = _mm256_loadu_ps(out + g * D + c + 8 * j);
+    const K* row = values + first * stride;
+    for (int64_t l = first; l < last; ++l, row += stride) {
+      __m256 weight[G];
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) weight[g] = _mm256_set1_ps(w.at(g0 + g, l, c / kKvBlock));
+#pragma GCC unroll 8
+      for (int j = 0; j < V; ++j) {
+        const __m256 value = value8(row, c + 8 * j);
+#pragma GCC unroll 8
+        for (int g = 0; g < G; ++g) acc[g][j] = _mm256_fmadd_ps(weight[g], value, acc[g][j]);
+      }
     }
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
+      for (int j = 0; j < V; ++j) _mm256_storeu_ps(out + g * D + c + 8 * j, acc[g][j]);
   }
-  for (int g = 0; g < G; ++g)
-    for (int j = 0; j < V; ++j) _mm256_storeu_ps(out + g * D + 8 * j, acc[g][j]);
 }
 
 // The AVX-512 forms of the two above, for bfloat16 and int8 caches
@@ -600,162 +611,6 @@ QK_VNNI_ATTENTION void scores_vnni(const int8_t* q, int64_t width, const int8_t*
   }
 }
 
-// The float16 scales of an int8 row's blocks [d / 32, + blocks) (blocks 2 or 4) as floats,
-// the rest zeros, in both halves of a vector: scores_int's lanes.
-inline __m256 four_scales(const int8_t* row, int64_t d, int64_t D, int64_t blocks) {
-  const int8_t* at = row + D + 2 * (d / kKvBlock);
-  const __m128i halves = blocks == 4 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(at))
-                                     : _mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(at));
-  const __m128 scales = _mm_cvtph_ps(halves);
-  return _mm256_set_m128(scales, scales);
-}
-
-// scores_vnni's AVX2 form (where AVX-512 attention does not run), of J (4 or 1) keys and
-// head_dim D (64, 128, 256 or 512): per block of 32 columns, the key's |codes| against the
-// query's codes with the key's signs (maddubs, madd: eight int32 sums of four products);
-// a key's blocks, four at a time, summed in integers to one lane a block (twice: the
-// vector's halves; hadd) and scaled by their blocks' two scales in one multiply-add. A
-// key's score does not depend on J (one key alone reduces as four do). Attention over
-// 4096 tokens of an int8 cache, the 0.6B shape's 28 layers from cache (Zen 3, 2 threads):
-// 15.0 ms with each block's sums converted and scaled, 12.2 reduced first.
-template <int G, int J, int64_t D>
-void scores_int(const int8_t* q, int64_t width, const int8_t* keys, int64_t stride, int64_t,
-                float* scores, int64_t padded) {
-  constexpr int64_t kGroup = 4 * kKvBlock;  // the columns of one vector of block sums
-  constexpr int64_t kGroups = (D + kGroup - 1) / kGroup, kBlocks = std::min(kGroup, D) / kKvBlock;
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[G][4];
-  for (int j = 0; j < J; ++j) {
-    const int8_t* row = keys + j * stride;
-    for (int g = 0; g < G; ++g) acc[g][j] = _mm256_setzero_ps();
-    for (int64_t group = 0; group < kGroups; ++group) {
-      const int64_t d = group * kGroup;
-      __m256i sums[G][4];
-      for (int64_t b = 0; b < 4; ++b) {
-        for (int g = 0; g < G; ++g) sums[g][b] = _mm256_setzero_si256();
-        if (b >= kBlocks) continue;
-        const int64_t c = d + b * kKvBlock;
-        const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c));
-        const __m256i magnitude = _mm256_abs_epi8(key);
-        for (int g = 0; g < G; ++g) {
-          const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * width + c));
-          sums[g][b] = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(codes, key)), ones);
-        }
-      }
-      const __m256 k_scales = four_scales(row, d, D, kBlocks);
-      for (int g = 0; g < G; ++g) {
-        // Lanes: blocks 0-3's sums over their columns 0-15, then over 16-31.
-        const __m256i per_block = _mm256_hadd_epi32(_mm256_hadd_epi32(sums[g][0], sums[g][1]),
-                                                    _mm256_hadd_epi32(sums[g][2], sums[g][3]));
-        const __m256 scales = _mm256_mul_ps(k_scales, four_scales(q + g * width, d, D, kBlocks));
-        acc[g][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(per_block), scales, acc[g][j]);
-      }
-    }
-  }
-  for (int g = 0; g < G; ++g) {
-    for (int j = J; j < 4; ++j) acc[g][j] = acc[g][0];
-    const __m128 sums = hsum4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
-    if constexpr (J == 4)
-      _mm_storeu_ps(scores + g * padded, sums);
-    else
-      scores[g * padded] = _mm_cvtss_f32(sums);
-  }
-}
-
-// scores_int of head_dim D.
-template <int G, int J>
-auto scores_int_of(int64_t D) {
-  return D == 64 ? scores_int<G, J, 64>
-                 : (D == 128 ? scores_int<G, J, 128> : (D == 256 ? scores_int<G, J, 256> : scores_int<G, J, 512>));
-}
-
-template <typename K>
-QK_AVX512 float score_wide(const float* query, const K* key, int64_t D) {
-  __m512 a = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; d += 32) {
-    __m512 k1, k2;
-    widen32(key, d, D, k1, k2);
-    a = _mm512_fmadd_ps(k1, _mm512_loadu_ps(query + d), a);
-    a = _mm512_fmadd_ps(k2, _mm512_loadu_ps(query + d + 16), a);
-  }
-  return _mm512_reduce_add_ps(a);
-}
-
-// An int8 row's 32 codes from column d as floats (weighted_sum_wide's values: their
-// scales are in the weights).
-QK_AVX512 inline void codes32(const int8_t* row, int64_t d, __m512& low, __m512& high) {
-  low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d))));
-  high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d + 16))));
-}
-
-// weighted_sum over 32 * C columns from column c: the same multiply-adds in the same
-// order for every output, so the same sums bit for bit; out stays in natural order.
-template <int G, int C, typename K>
-QK_AVX512 void weighted_sum_wide(const ValueWeights& w, int64_t g0, const K* values,
-                                 int64_t stride, int64_t c0, int64_t first, int64_t last,
-                                 float* out, int64_t D) {
-  const __m512i to_even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i to_odd = _mm512_add_epi32(to_even, _mm512_set1_epi32(1));
-  const __m512i to_low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i to_high = _mm512_add_epi32(to_low, _mm512_set1_epi32(8));
-  __m512 one[G][C], two[G][C];
-  for (int g = 0; g < G; ++g)
-    for (int c = 0; c < C; ++c) {
-      const __m512 lo = _mm512_loadu_ps(out + g * D + 32 * c);
-      const __m512 hi = _mm512_loadu_ps(out + g * D + 32 * c + 16);
-      one[g][c] = kEvenOdd<K> ? _mm512_permutex2var_ps(lo, to_even, hi) : lo;
-      two[g][c] = kEvenOdd<K> ? _mm512_permutex2var_ps(lo, to_odd, hi) : hi;
-    }
-  // A weight per head, or with folded scales per head and block.
-  constexpr int kWeights = kFoldedScales<K> ? C : 1;
-  for (int64_t l = first; l < last; ++l) {
-    __m512 weight[G][kWeights];
-    for (int g = 0; g < G; ++g)
-      for (int c = 0; c < kWeights; ++c) weight[g][c] = _mm512_set1_ps(w.at(g0 + g, l, c0 / 32 + c));
-    for (int c = 0; c < C; ++c) {
-      __m512 v1, v2;
-      if constexpr (kFoldedScales<K>)
-        codes32(values + l * stride, c0 + 32 * c, v1, v2);
-      else
-        widen32(values + l * stride, c0 + 32 * c, D, v1, v2);
-      for (int g = 0; g < G; ++g) {
-        const __m512 by = weight[g][kFoldedScales<K> ? c : 0];
-        one[g][c] = _mm512_fmadd_ps(by, v1, one[g][c]);
-        two[g][c] = _mm512_fmadd_ps(by, v2, two[g][c]);
-      }
-    }
-  }
-  for (int g = 0; g < G; ++g)
-    for (int c = 0; c < C; ++c) {
-      float* o = out + g * D + 32 * c;
-      if constexpr (kEvenOdd<K>) {
-        _mm512_storeu_ps(o, _mm512_permutex2var_ps(one[g][c], to_low, two[g][c]));
-        _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(one[g][c], to_high, two[g][c]));
-      } else {
-        _mm512_storeu_ps(o, one[g][c]);
-        _mm512_storeu_ps(o + 16, two[g][c]);
-      }
-    }
-}
-
-// One KV head's keys and values as attention reads them: ``rows`` rows, in blocks of
-// ``block_rows`` (the last may be shorter), rows k_stride (v_stride) elements apart. A
-// contiguous cache is one block; a paged one's blocks lie where its block table says.
-// K is the cache's element type (int8: quantized rows).
-template <typename K>
-struct KeyBlocks {
-  const K *k, *v;
-  int64_t k_stride, v_stride, rows, block_rows;
-  const int32_t* table;  // block j's first row is table[j] * block_rows; none: j * block_rows
-
-  int64_t first_row(int64_t j) const {
-    return (table == nullptr ? j : int64_t{table[j]}) * block_rows;
-  }
-  int64_t blocks() const { return (rows + block_rows - 1) / block_rows; }
-  const K* keys(int64_t j) const { return k + first_row(j) * k_stride; }
-  const K* values(int64_t j) const { return v + first_row(j) * v_stride; }
-};
-
 // Blocks of at most this many rows have the next block's rows asked for while their own
 // are read (paged caches' blocks): 16 sequences' ~100 positions of paged attention on two
 // cores, 10-15% faster, as the loads of one block no longer wait for the math of the
@@ -789,6 +644,174 @@ inline void prefetch_rows(const K* rows, int64_t count, int64_t stride) {
     _mm_prefetch(bytes + b, _MM_HINT_T0);
 }
 
+// The float16 scales of an int8 row's blocks [d / 32, + blocks) (blocks 2 or 4) as floats,
+// the rest zeros, in both halves of a vector: scores_int's lanes.
+inline __m256 four_scales(const int8_t* row, int64_t d, int64_t D, int64_t blocks) {
+  const int8_t* at = row + D + 2 * (d / kKvBlock);
+  const __m128i halves = blocks == 4 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(at))
+                                     : _mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(at));
+  const __m128 scales = _mm_cvtph_ps(halves);
+  return _mm256_set_m128(scales, scales);
+}
+
+// scores_vnni's AVX2 form (where AVX-512 attention does not run), of `count` keys, J (4 or
+// 1) at a time, and head_dim D (64, 128, 256 or 512): per block of 32 columns, the key's
+// |codes| against the query's codes with the key's signs (maddubs, madd: eight int32 sums
+// of four products); a key's blocks, four at a time, summed in integers to one lane a
+// block (twice: the vector's halves; hadd) and scaled by their blocks' two scales in one
+// multiply-add. A key's score does not depend on J (one key alone reduces as four do).
+// Attention over 4096 tokens of an int8 cache, the 0.6B shape's 28 layers from cache (Zen
+// 3, 2 threads): 15.0 ms with each block's sums converted and scaled, 12.2 reduced first.
+// A call runs a tile of keys (int_scores), the queries' scales taken once, and asks for
+// `ahead`'s rows as it goes: one call per four keys was ~4% of that attention.
+template <int G, int J, int64_t D>
+void scores_int(const int8_t* q, int64_t width, const int8_t* keys, int64_t stride, int64_t count,
+                float* scores, int64_t padded, RowsAhead<int8_t> ahead) {
+  constexpr int64_t kGroup = 4 * kKvBlock;  // the columns of one vector of block sums
+  constexpr int64_t kGroups = (D + kGroup - 1) / kGroup, kBlocks = std::min(kGroup, D) / kKvBlock;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 q_scales[G][kGroups];
+  for (int g = 0; g < G; ++g)
+    for (int64_t group = 0; group < kGroups; ++group)
+      q_scales[g][group] = four_scales(q + g * width, group * kGroup, D, kBlocks);
+  for (int64_t l = 0; l < count; l += J, keys += J * stride, scores += J) {
+    if (l < ahead.count) prefetch_rows(ahead.rows + l * stride, std::min<int64_t>(J, ahead.count - l), stride);
+    __m256 acc[G][4];
+    for (int j = 0; j < J; ++j) {
+      const int8_t* row = keys + j * stride;
+      for (int g = 0; g < G; ++g) acc[g][j] = _mm256_setzero_ps();
+      for (int64_t group = 0; group < kGroups; ++group) {
+        const int64_t d = group * kGroup;
+        __m256i sums[G][4];
+        for (int64_t b = 0; b < 4; ++b) {
+          for (int g = 0; g < G; ++g) sums[g][b] = _mm256_setzero_si256();
+          if (b >= kBlocks) continue;
+          const int64_t c = d + b * kKvBlock;
+          const __m256i key = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c));
+          const __m256i magnitude = _mm256_abs_epi8(key);
+          for (int g = 0; g < G; ++g) {
+            const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g * width + c));
+            sums[g][b] = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(codes, key)), ones);
+          }
+        }
+        const __m256 k_scales = four_scales(row, d, D, kBlocks);
+        for (int g = 0; g < G; ++g) {
+          // Lanes: blocks 0-3's sums over their columns 0-15, then over 16-31.
+          const __m256i per_block = _mm256_hadd_epi32(_mm256_hadd_epi32(sums[g][0], sums[g][1]),
+                                                      _mm256_hadd_epi32(sums[g][2], sums[g][3]));
+          const __m256 scales = _mm256_mul_ps(k_scales, q_scales[g][group]);
+          acc[g][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(per_block), scales, acc[g][j]);
+        }
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      for (int j = J; j < 4; ++j) acc[g][j] = acc[g][0];
+      const __m128 sums = hsum4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+      if constexpr (J == 4)
+        _mm_storeu_ps(scores + g * padded, sums);
+      else
+        scores[g * padded] = _mm_cvtss_f32(sums);
+    }
+  }
+}
+
+// scores_int of head_dim D.
+template <int G, int J>
+auto scores_int_of(int64_t D) {
+  return D == 64 ? scores_int<G, J, 64>
+                 : (D == 128 ? scores_int<G, J, 128> : (D == 256 ? scores_int<G, J, 256> : scores_int<G, J, 512>));
+}
+
+template <typename K>
+QK_AVX512 float score_wide(const float* query, const K* key, int64_t D) {
+  __m512 a = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32) {
+    __m512 k1, k2;
+    widen32(key, d, D, k1, k2);
+    a = _mm512_fmadd_ps(k1, _mm512_loadu_ps(query + d), a);
+    a = _mm512_fmadd_ps(k2, _mm512_loadu_ps(query + d + 16), a);
+  }
+  return _mm512_reduce_add_ps(a);
+}
+
+// An int8 row's 32 codes from column d as floats (weighted_sum_wide's values: their
+// scales are in the weights).
+QK_AVX512 inline void codes32(const int8_t* row, int64_t d, __m512& low, __m512& high) {
+  low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d))));
+  high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d + 16))));
+}
+
+// weighted_sum over the columns [begin, end), 32 * C at a time: the same multiply-adds in
+// the same order for every output, so the same sums bit for bit; out stays in natural
+// order.
+template <int G, int C, typename K>
+QK_AVX512 void weighted_sum_wide(const ValueWeights& w, int64_t g0, const K* values,
+                                 int64_t stride, int64_t begin, int64_t end, int64_t first,
+                                 int64_t last, float* out, int64_t D) {
+  const __m512i to_even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i to_odd = _mm512_add_epi32(to_even, _mm512_set1_epi32(1));
+  const __m512i to_low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i to_high = _mm512_add_epi32(to_low, _mm512_set1_epi32(8));
+  for (int64_t c0 = begin; c0 < end; c0 += 32 * C) {
+    __m512 one[G][C], two[G][C];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < C; ++c) {
+        const __m512 lo = _mm512_loadu_ps(out + g * D + c0 + 32 * c);
+        const __m512 hi = _mm512_loadu_ps(out + g * D + c0 + 32 * c + 16);
+        one[g][c] = kEvenOdd<K> ? _mm512_permutex2var_ps(lo, to_even, hi) : lo;
+        two[g][c] = kEvenOdd<K> ? _mm512_permutex2var_ps(lo, to_odd, hi) : hi;
+      }
+    // A weight per head, or with folded scales per head and block.
+    constexpr int kWeights = kFoldedScales<K> ? C : 1;
+    for (int64_t l = first; l < last; ++l) {
+      __m512 weight[G][kWeights];
+      for (int g = 0; g < G; ++g)
+        for (int c = 0; c < kWeights; ++c) weight[g][c] = _mm512_set1_ps(w.at(g0 + g, l, c0 / 32 + c));
+      for (int c = 0; c < C; ++c) {
+        __m512 v1, v2;
+        if constexpr (kFoldedScales<K>)
+          codes32(values + l * stride, c0 + 32 * c, v1, v2);
+        else
+          widen32(values + l * stride, c0 + 32 * c, D, v1, v2);
+        for (int g = 0; g < G; ++g) {
+          const __m512 by = weight[g][kFoldedScales<K> ? c : 0];
+          one[g][c] = _mm512_fmadd_ps(by, v1, one[g][c]);
+          two[g][c] = _mm512_fmadd_ps(by, v2, two[g][c]);
+        }
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < C; ++c) {
+        float* o = out + g * D + c0 + 32 * c;
+        if constexpr (kEvenOdd<K>) {
+          _mm512_storeu_ps(o, _mm512_permutex2var_ps(one[g][c], to_low, two[g][c]));
+          _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(one[g][c], to_high, two[g][c]));
+        } else {
+          _mm512_storeu_ps(o, one[g][c]);
+          _mm512_storeu_ps(o + 16, two[g][c]);
+        }
+      }
+  }
+}
+
+// One KV head's keys and values as attention reads them: ``rows`` rows, in blocks of
+// ``block_rows`` (the last may be shorter), rows k_stride (v_stride) elements apart. A
+// contiguous cache is one block; a paged one's blocks lie where its block table says.
+// K is the cache's element type (int8: quantized rows).
+template <typename K>
+struct KeyBlocks {
+  const K *k, *v;
+  int64_t k_stride, v_stride, rows, block_rows;
+  const int32_t* table;  // block j's first row is table[j] * block_rows; none: j * block_rows
+
+  int64_t first_row(int64_t j) const {
+    return (table == nullptr ? j : int64_t{table[j]}) * block_rows;
+  }
+  int64_t blocks() const { return (rows + block_rows - 1) / block_rows; }
+  const K* keys(int64_t j) const { return k + first_row(j) * k_stride; }
+  const K* values(int64_t j) const { return v + first_row(j) * v_stride; }
+};
+
 // One key's score, for the keys past the last whole four.
 template <typename K>
 float score_of_key(const float* query, const K* key, int64_t D) {
@@ -797,13 +820,37 @@ float score_of_key(const float* query, const K* key, int64_t D) {
   return hsum(a);
 }
 
+// AVX2's integer scores (scores_int) of L contiguous keys for every query head of one KV
+// head, kKeyTile keys a call: the first pair of heads asks for `ahead`'s rows, the others
+// read the tile's keys from L1.
+constexpr int64_t kKeyTile = 64;
+
+void int_scores(const int8_t* q_rows, int64_t groups, const int8_t* keys, int64_t stride, int64_t L,
+                int64_t D, float* scores, int64_t padded, RowsAhead<int8_t> ahead) {
+  const int64_t q_width = kv_row_width(D, at::kChar), whole = L / 4 * 4;
+  for (int64_t t = 0; t < whole; t += kKeyTile) {
+    const RowsAhead<int8_t> tile{ahead.count > t ? ahead.rows + t * stride : nullptr, ahead.count - t};
+    for (int64_t g = 0; g < groups; g += 2)
+      (groups - g >= 2 ? scores_int_of<2, 4>(D) : scores_int_of<1, 4>(D))(
+          q_rows + g * q_width, q_width, keys + t * stride, stride, std::min(kKeyTile, whole - t),
+          scores + g * padded + t, padded, g == 0 ? tile : RowsAhead<int8_t>{nullptr, 0});
+  }
+  for (int64_t l = whole; l < L; ++l)
+    for (int64_t g = 0; g < groups; ++g)
+      scores_int_of<1, 1>(D)(q_rows + g * q_width, q_width, keys + l * stride, stride, 1, scores + g * padded + l,
+                             padded, RowsAhead<int8_t>{nullptr, 0});
+}
+
 // Every query head of one KV head against L contiguous keys: scores [groups, padded].
 // Keys go four at a time, through all the heads in pairs, so each is read from memory
-// once.
+// once. ``q_rows``: the queries as int8 cache rows, for integer scores.
 template <typename K>
 void block_scores(const float* query, int64_t groups, const K* keys, int64_t stride, int64_t L,
                   int64_t D, float* scores, int64_t padded, bool wide, RowsAhead<K> ahead,
                   const int8_t* q_rows) {
+  if constexpr (std::is_same_v<K, int8_t>) {
+    if (q_rows != nullptr && !wide) return int_scores(q_rows, groups, keys, stride, L, D, scores, padded, ahead);
+  }
   auto two = scores_of_four_keys<2, K>, one = scores_of_four_keys<1, K>;
   auto single = score_of_key<K>;
   if constexpr (kWideAttention<K>) {
@@ -818,8 +865,7 @@ void block_scores(const float* query, int64_t groups, const K* keys, int64_t str
     for (int64_t g = 0; g < groups; g += 2) {
       if constexpr (std::is_same_v<K, int8_t>) {
         if (q_rows != nullptr) {
-          const auto four = wide ? (groups - g >= 2 ? scores_vnni<2, 4> : scores_vnni<1, 4>)
-                                 : (groups - g >= 2 ? scores_int_of<2, 4>(D) : scores_int_of<1, 4>(D));
+          const auto four = groups - g >= 2 ? scores_vnni<2, 4> : scores_vnni<1, 4>;
           four(q_rows + g * q_width, q_width, keys + l * stride, stride, D, scores + g * padded + l, padded);
           continue;
         }
@@ -832,8 +878,8 @@ void block_scores(const float* query, int64_t groups, const K* keys, int64_t str
     for (int64_t g = 0; g < groups; ++g) {
       if constexpr (std::is_same_v<K, int8_t>) {
         if (q_rows != nullptr) {
-          (wide ? scores_vnni<1, 1> : scores_int_of<1, 1>(D))(q_rows + g * q_width, q_width, keys + l * stride,
-                                                        stride, D, scores + g * padded + l, padded);
+          scores_vnni<1, 1>(q_rows + g * q_width, q_width, keys + l * stride, stride, D, scores + g * padded + l,
+                            padded);
           continue;
         }
       }
@@ -886,25 +932,22 @@ void head_values(const float* p_all, int64_t padded, int64_t groups, const KeyBl
         const int64_t blocks = D / kKvBlock;
         w = {folded - first * groups * blocks, groups * blocks, blocks, 1};
       }
-      for (int64_t d = 0; d < D;) {
-        // Columns a sweep takes: 64 or 32 (AVX-512), else 32 or 8.
-        const int64_t step = wide ? (D - d >= 64 ? 64 : 32) : (D - d >= 32 ? 32 : 8);
-        for (int64_t g = 0; g < groups; g += 2) {
-          float* out = acc + g * D + d;
-          const bool two = groups - g >= 2;
-          if constexpr (kWideAttention<K>) {
-            if (wide) {
-              auto sweep = two ? (step == 64 ? weighted_sum_wide<2, 2, K> : weighted_sum_wide<2, 1, K>)
-                               : (step == 64 ? weighted_sum_wide<1, 2, K> : weighted_sum_wide<1, 1, K>);
-              sweep(w, g, values, stride, d, first, last, out, D);
-              continue;
-            }
+      // Columns a sweep takes: 64 (AVX-512) or 32 at a time, the rest 32 or 8 at a time.
+      const int64_t whole = D / (wide ? 64 : 32) * (wide ? 64 : 32);
+      for (int64_t g = 0; g < groups; g += 2) {
+        float* out = acc + g * D;
+        const bool two = groups - g >= 2;
+        if constexpr (kWideAttention<K>) {
+          if (wide) {
+            (two ? weighted_sum_wide<2, 2, K> : weighted_sum_wide<1, 2, K>)(w, g, values, stride, 0, whole, first,
+                                                                            last, out, D);
+            (two ? weighted_sum_wide<2, 1, K> : weighted_sum_wide<1, 1, K>)(w, g, values, stride, whole, D, first,
+                                                                            last, out, D);
+            continue;
           }
-          auto sweep = two ? (step == 32 ? weighted_sum<2, 4, K> : weighted_sum<2, 1, K>)
-                           : (step == 32 ? weighted_sum<1, 4, K> : weighted_sum<1, 1, K>);
-          sweep(w, g, values, stride, d, first, last, out, D);
         }
-        d += step;
+        (two ? weighted_sum<2, 4, K> : weighted_sum<1, 4, K>)(w, g, values, stride, 0, whole, first, last, out, D);
+        (two ? weighted_sum<2, 1, K> : weighted_sum<1, 1, K>)(w, g, values, stride, whole, D, first, last, out, D);
       }
     }
   }
