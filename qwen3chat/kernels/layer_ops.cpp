@@ -662,7 +662,7 @@ inline __m256 four_scales(const int8_t* row, int64_t d, int64_t D, int64_t block
 // multiply-add. A key's score does not depend on J (one key alone reduces as four do).
 // Attention over 4096 tokens of an int8 cache, the 0.6B shape's 28 layers from cache (Zen
 // 3, 2 threads): 15.0 ms with each block's sums converted and scaled, 12.2 reduced first.
-// A call runs a tile of keys (int_scores), the queries' scales taken once, and asks for
+// A call runs a tile of keys (block_scores_int), the queries' scales taken once, and asks for
 // `ahead`'s rows as it goes: one call per four keys was ~4% of that attention.
 template <int G, int J, int64_t D>
 void scores_int(const int8_t* q, int64_t width, const int8_t* keys, int64_t stride, int64_t count,
@@ -825,8 +825,8 @@ float score_of_key(const float* query, const K* key, int64_t D) {
 // read the tile's keys from L1.
 constexpr int64_t kKeyTile = 64;
 
-void int_scores(const int8_t* q_rows, int64_t groups, const int8_t* keys, int64_t stride, int64_t L,
-                int64_t D, float* scores, int64_t padded, RowsAhead<int8_t> ahead) {
+void block_scores_int(const int8_t* q_rows, int64_t groups, const int8_t* keys, int64_t stride,
+                      int64_t L, int64_t D, float* scores, int64_t padded, RowsAhead<int8_t> ahead) {
   const int64_t q_width = kv_row_width(D, at::kChar), whole = L / 4 * 4;
   for (int64_t t = 0; t < whole; t += kKeyTile) {
     const RowsAhead<int8_t> tile{ahead.count > t ? ahead.rows + t * stride : nullptr, ahead.count - t};
@@ -849,7 +849,8 @@ void block_scores(const float* query, int64_t groups, const K* keys, int64_t str
                   int64_t D, float* scores, int64_t padded, bool wide, RowsAhead<K> ahead,
                   const int8_t* q_rows) {
   if constexpr (std::is_same_v<K, int8_t>) {
-    if (q_rows != nullptr && !wide) return int_scores(q_rows, groups, keys, stride, L, D, scores, padded, ahead);
+    if (q_rows != nullptr && !wide)
+      return block_scores_int(q_rows, groups, keys, stride, L, D, scores, padded, ahead);
   }
   auto two = scores_of_four_keys<2, K>, one = scores_of_four_keys<1, K>;
   auto single = score_of_key<K>;
