@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import lzma
-import os
 import shutil
 import statistics
 import subprocess
@@ -39,7 +38,7 @@ import qwen3chat  # noqa: F401  before torch, so that torch's OpenMP threads sle
 # isort: split
 import torch
 
-from qwen3chat import OWN_ENVIRONMENT, peer_environment
+from qwen3chat import peer_environment
 from qwen3chat.bench.run import cpu_model, peak_rss_mb
 from qwen3chat.config import SHAPE_FIELDS
 from qwen3chat.presets import PRESETS, preset_config
@@ -219,19 +218,10 @@ def run_transformers(path: Path, dtype: str, prompt: list[int], gen: int, repeat
     return {"load_s": load_s, "runs": runs, "weights_mb": weights_mb}
 
 
-def forget_own_environment() -> None:
-    """Before llama.cpp's OpenMP starts in this worker: the variables qwen3chat's import
-    set here, which llama.cpp's users do not have."""
-    for name in OWN_ENVIRONMENT:
-        os.environ.pop(name, None)
-
-
 def run_llamacpp(path: Path, qtype: str, prompt: list[int], gen: int, repeat: int) -> dict:
     """llama.cpp on the same checkpoint as a GGUF file: prefill the prompt in one batch,
     then decode greedily one token at a time, as a chat would."""
     import numpy as np
-
-    forget_own_environment()
     from llama_cpp import Llama
 
     gguf = build_gguf(path, qtype)

@@ -34,7 +34,7 @@ import qwen3chat  # noqa: F401  before torch, so that torch's OpenMP threads sle
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import ROOT, build_checkpoint, forget_own_environment
+from compare import ROOT, build_checkpoint
 
 from qwen3chat import peer_environment
 from qwen3chat.bench.run import cpu_model
@@ -160,7 +160,6 @@ def batched_copy(path: Path, gen: int, draft_max: int, streams: int) -> dict:
 
 
 def llamacpp_copy(path: Path, gen: int, draft_max: int, threads: int) -> dict:
-    forget_own_environment()
     from llama_cpp import Llama
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 

@@ -31,6 +31,28 @@ def test_importing_qwen3chat_after_torch_warns_what_to_do():
     assert warnings_of("import torch, qwen3chat", OMP_WAIT_POLICY="ACTIVE") == ""
 
 
+def test_a_peers_process_sets_nothing():
+    """The benchmarks' workers for llama.cpp and transformers import qwen3chat before torch
+    too: in peer_environment() the import leaves OpenMP as those programs' users run it
+    (llama.cpp's threads share torch's OpenMP library there; made passive, its Q4_0 decode
+    read 25.8 tok/s against 44.9, Zen 3)."""
+    code = (
+        "import os, qwen3chat, torch\n"
+        "env = qwen3chat.peer_environment()\n"
+        "print(env.get('OMP_WAIT_POLICY'), env[qwen3chat.PEER])\n"
+        "import subprocess, sys\n"
+        "inner = 'import os, qwen3chat; print(os.environ.get(\"OMP_WAIT_POLICY\"))'\n"
+        "print(subprocess.run([sys.executable, '-c', inner], env=env, capture_output=True,"
+        " text=True).stdout)"
+    )
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environment, check=True
+    )
+    assert done.stdout.split() == ["None", "1", "None"]
+    assert warnings_of("import torch, qwen3chat", QWEN3CHAT_PEER="1") == ""
+
+
 def module_imports(path: Path) -> list[str]:
     """The top-level modules a file imports at module level, in order."""
     names = []
