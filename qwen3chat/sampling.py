@@ -211,7 +211,9 @@ def sample(
     """One id from 1-D float logits; temperature 0 is argmax. ``top``: their top
     ``s.top_k`` values and ids, where the caller took them already."""
     if s.temperature == 0:
-        return logits.argmax()
+        # The native sweep where it runs (the first of equal values, as argmax): torch's
+        # argmax took 0.2 ms of 151,936 float32 logits, 1.5-2% of a decode step (Zen 3).
+        return top_k(logits, 1)[1][0]
     ids = None  # with top_k: the ids of the k logits kept, most likely first
     if top is None and 0 < s.top_k < logits.numel():
         top = top_k(logits, s.top_k)

@@ -20,7 +20,13 @@ def draws(settings, logits=LOGITS, n=400, prompt=(), observed=()):
 
 
 def test_greedy_is_argmax():
+    """Temperature 0 picks the largest logit, the first of equal ones (as torch.argmax),
+    over a whole vocabulary (the native sweep where it runs)."""
     assert draws(SamplingSettings(temperature=0.0), n=5) == {0}
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        logits = (torch.randn(151_936, generator=generator) * 4).round()  # many equal maxima
+        assert draws(SamplingSettings(temperature=0.0), logits, n=1) == {int(logits.argmax())}
 
 
 def test_unfiltered_sampling_reaches_the_tail():
