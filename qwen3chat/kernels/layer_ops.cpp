@@ -657,10 +657,10 @@ inline __m256 four_scales(const int8_t* row, int64_t d, int64_t D, int64_t block
 // scores_vnni's AVX2 form (where AVX-512 attention does not run), of `count` keys, J (4 or
 // 1) at a time, and head_dim D (64, 128, 256 or 512): per block of 32 columns, the query's
 // |codes| against the key's codes with the query's signs (maddubs, madd: eight int32 sums
-// of four products; the queries' |codes| taken once a call, where the keys' were taken per
-// key: 0.95x the time of the scores); a key's blocks, four at a time, summed in integers to one lane a
-// block (twice: the vector's halves; hadd) and scaled by their blocks' two scales in one
-// multiply-add. A key's score does not depend on J (one key alone reduces as four do).
+// of four products; the queries' |codes| taken once a call, where each key's were taken
+// per key: 0.95x the scores' time); a key's blocks, four at a time, summed in integers to
+// one lane a block (twice: the vector's halves; hadd) and scaled by their blocks' two
+// scales in one multiply-add. A key's score does not depend on J (one key alone reduces as four do).
 // Attention over 4096 tokens of an int8 cache, the 0.6B shape's 28 layers from cache (Zen
 // 3, 2 threads): 15.0 ms with each block's sums converted and scaled, 12.2 reduced first.
 // A call runs a tile of keys (block_scores_int), the queries' scales taken once, and asks for
