@@ -351,8 +351,16 @@ class QuantizedWeight(nn.Module):
         return F.linear(x.to(compute), self.matrix().dequantize(compute)).to(x.dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Embedding lookup: dequantize only the selected rows."""
-        selected = self.matrix(ids.reshape(-1)).dequantize(self.dtype)
+        """Embedding lookup: dequantize only the selected rows (natively where they are
+        held interleaved: the same values)."""
+        flat = ids.reshape(-1).long()
+        native = kernels.native(torch.empty(0)) if self.interleaved else None
+        if native is not None:
+            selected = native.interleaved_rows(
+                self.codes, self.scales, self.zeros, flat, self.bits, self.dtype
+            )
+        else:
+            selected = self.matrix(flat).dequantize(self.dtype)
         return selected.view(*ids.shape, self.in_features)
 
 

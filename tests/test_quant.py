@@ -357,6 +357,29 @@ def quantized(weight, bits, group, zeros):
 @pytest.mark.skipif(
     not kernels.interleaves(CPU), reason="weights held interleaved only on x86 with the kernels"
 )
+@pytest.mark.parametrize("bits,group,zeros", INTERLEAVED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_interleaved_tables_look_up_the_dequantized_rows(bits, group, zeros, dtype):
+    """A quantized embedding table held interleaved looks its rows up natively
+    (quantize.cpp's interleaved_rows): bit for bit the rows torch dequantizes, negative
+    scales (GGUF's Q4_0 has them) and every row of a 16-row group included."""
+    generator = torch.Generator().manual_seed(11)
+    m = quantized(torch.randn(64, 96, generator=generator), bits, group, zeros)
+    m.scales[::3] *= -1
+    table = QuantizedWeight(m, dtype, CPU)
+    assert table.interleaved
+    ids = torch.tensor([[63, 0, 17, 17], [5, 48, 31, 16]])
+    looked_up = table.rows(ids)
+    assert looked_up.shape == (2, 4, 96) and looked_up.dtype == dtype
+    expected = table.matrix(ids.reshape(-1)).dequantize(dtype).view(2, 4, 96)
+    assert torch.equal(looked_up.view(torch.uint8), expected.view(torch.uint8))
+    every = table.rows(torch.arange(64))
+    assert torch.equal(every.view(torch.uint8), table.matrix().dequantize(dtype).view(torch.uint8))
+
+
+@pytest.mark.skipif(
+    not kernels.interleaves(CPU), reason="weights held interleaved only on x86 with the kernels"
+)
 @pytest.mark.parametrize("width", [64, 96, 256])  # one pair of blocks, an odd count, more
 @pytest.mark.parametrize("bits,group,zeros", INTERLEAVED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

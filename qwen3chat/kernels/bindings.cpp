@@ -59,6 +59,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("split_blocks", &split_blocks, "GGUF blocks' float16 fields and codes apart, in one pass");
   m.def("interleave_rows", &interleave_rows,
         "int8/int4 codes interleaved by 16 rows for the AVX512-VNNI kernel (in place allowed)");
+  m.def("interleaved_rows", &interleaved_rows,
+        "rows of interleaved int8/int4 codes dequantized (a quantized table's embeddings)");
   m.def("repack_q4_k", &repack_q4_k, "GGUF Q4_K blocks as int4 codes, scales and zeros per 32");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dimension");
   m.def("qk_norm_rope", &qk_norm_rope, "split qkv, q/k RMSNorm and RoPE, k/v into the cache");

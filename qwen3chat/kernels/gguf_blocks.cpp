@@ -19,19 +19,6 @@ inline float half_at(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
-// A product rounded to float32 before a sum uses it, as numpy computes d * q - m: GCC
-// would fuse the two into one FMA, even across statements.
-inline float rounded(float v) {
-#if defined(__clang__)
-  return v;  // clang fuses only within one expression
-#elif __GNUC__ >= 12
-  return __builtin_assoc_barrier(v);
-#else
-  volatile float kept = v;
-  return kept;
-#endif
-}
-
 // Each decoder's inner loop runs over values that share their scales, which the compiler
 // vectorises.
 
@@ -53,7 +40,7 @@ void q5_1(const uint8_t* b, float* out) {
   std::memcpy(&high, b + 4, 4);
   for (int e = 0; e < 32; ++e) {
     const int q = (b[8 + e % 16] >> (e / 16 * 4) & 0xF) | static_cast<int>(high >> e & 1) << 4;
-    out[e] = rounded(d * static_cast<float>(q)) + m;
+    out[e] = qk::rounded(d * static_cast<float>(q)) + m;
   }
 }
 
@@ -68,7 +55,7 @@ void q2_k(const uint8_t* b, float* out) {
     const uint8_t* codes = b + 16 + j / 8 * 32 + j % 2 * 16;
     const int shift = j % 8 / 2 * 2;
     for (int i = 0; i < 16; ++i)
-      out[j * 16 + i] = rounded(scale * static_cast<float>(codes[i] >> shift & 3)) - min;
+      out[j * 16 + i] = qk::rounded(scale * static_cast<float>(codes[i] >> shift & 3)) - min;
   }
 }
 
@@ -115,7 +102,7 @@ void q5_k(const uint8_t* b, float* out) {
     const int shift = j % 2 * 4;
     for (int i = 0; i < 32; ++i) {
       const int q = (codes[i] >> shift & 0xF) | (b[16 + i] >> j & 1) << 4;
-      out[j * 32 + i] = rounded(scale * static_cast<float>(q)) - min;
+      out[j * 32 + i] = qk::rounded(scale * static_cast<float>(q)) - min;
     }
   }
 }

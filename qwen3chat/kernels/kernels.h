@@ -230,6 +230,11 @@ std::vector<at::Tensor> quantize_rows(const at::Tensor& weight, int64_t bits,
 // `out`, which may be `codes` itself: in place, no memory to fault in beside the weights
 // (quantize.cpp).
 void interleave_rows(const at::Tensor& codes, const at::Tensor& out, int64_t bits);
+// Rows `ids` of codes held so (with their float16 scales and zeros, [R / 16, groups, 16]) as
+// float32 dequantizes them, then in `dtype`: a quantized table's embedding lookup.
+at::Tensor interleaved_rows(const at::Tensor& codes, const at::Tensor& scales,
+                            const c10::optional<at::Tensor>& zeros, const at::Tensor& ids,
+                            int64_t bits, at::ScalarType dtype);
 // GGUF blocks [R, blocks * block_bytes] whose leading `halves` float16 fields (Q8_0's and
 // Q4_0's d; Q4_1's d and m) are followed by their codes, split in one pass over the file:
 // the codes into `codes` (one-byte, [R, blocks * (block_bytes - 2 * halves)]), the fields
@@ -446,6 +451,19 @@ inline float hsum(__m256 v) {
   lo = _mm_hadd_ps(lo, lo);
   lo = _mm_hadd_ps(lo, lo);
   return _mm_cvtss_f32(lo);
+}
+
+// A product rounded to float32 before a sum uses it, as numpy and torch compute d * q - m: GCC
+// would fuse the two into one FMA, even across statements.
+inline float rounded(float v) {
+#if defined(__clang__)
+  return v;  // clang fuses only within one expression
+#elif __GNUC__ >= 12
+  return __builtin_assoc_barrier(v);
+#else
+  volatile float kept = v;
+  return kept;
+#endif
 }
 
 // One half as float32 in one F16C instruction (c10::Half's conversion is bit twiddling).
