@@ -5,13 +5,16 @@ import mmap
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from qwen3chat import memory
 from qwen3chat.kv_cache import KVCache, PagedKVCache
 from qwen3chat.loading import load_model
+from qwen3chat.weights import gguf_quants
 
 ADVISED = hasattr(mmap, "MADV_HUGEPAGE") and "4 KiB" not in memory.describe_pages()
 needs_advice = pytest.mark.skipif(not ADVISED, reason="no transparent huge pages on this OS")
@@ -121,6 +124,33 @@ def test_weights_loaded_into_their_own_huge_pages_stay_where_they_are():
     # The rest gathered into one mapping of such pages.
     assert model.rest.untyped_storage().data_ptr() == model.weight.untyped_storage().data_ptr()
     assert advised_for_huge_pages(model.rest.data_ptr()) and model.rest.sum() == 1 << 20
+
+
+def in_own_pages(tensor: torch.Tensor) -> bool:
+    address = tensor.data_ptr()
+    return any(start <= address < end for start, end in memory._OWN_PAGES.items())
+
+
+@needs_advice
+@pytest.mark.parametrize(
+    "qtype", [GGMLQuantizationType.F16, GGMLQuantizationType.Q4_0], ids=["F16", "Q4_0"]
+)
+def test_gguf_parts_the_loader_drops_stay_out_of_huge_pages(qtype):
+    """A GGUF tensor the model keeps as decoded goes into 2 MiB pages of its own; one the
+    loader fuses with others (or quantizes) and drops goes into torch's memory, whose
+    pages fault in many times faster on a VM that hands free memory back to its host."""
+    rows, cols = 4096, 1024
+    if qtype == GGMLQuantizationType.F16:
+        raw = np.ones((rows, cols), dtype=np.float16)
+    else:  # Q4_0 blocks: a float16 scale, 16 bytes of codes
+        raw = np.zeros((rows, cols // 32, 18), dtype=np.uint8)
+    for kept in (True, False):
+        decoded = gguf_quants.decode(raw, qtype, (rows, cols), torch.bfloat16, kept=kept)
+        data = decoded if isinstance(decoded, torch.Tensor) else decoded.codes
+        assert data.nbytes >= 2 << 20
+        assert in_own_pages(data) == kept
+        if kept:
+            assert advised_for_huge_pages(data.data_ptr())
 
 
 # A 256 MiB weight gathered in a fresh process: its resident memory before, the peak after.

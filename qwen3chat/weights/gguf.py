@@ -436,7 +436,8 @@ class GGUFSource:
         part: Part | None = None,
         layout: tuple[int, int] | None = None,
     ) -> torch.Tensor | QuantizedMatrix:
-        """Always decoded into memory of its own: the file's pages are released here.
+        """Always decoded into memory of its own (in 2 MiB pages where ``kept``, see
+        gguf_quants.decode): the file's pages are released here.
         ``part``: that share, cut from the stored blocks before decoding (a range of the
         experts decodes only those), or once decoded where it would cut a block.
         ``layout``: for a block type with no exact form here (gguf_quants.requantized_layout)."""
@@ -455,7 +456,7 @@ class GGUFSource:
             cut = None if part is None else gguf_quants.share(raw, qtype, shape, part)
             if cut is not None:
                 raw, shape = cut
-            decoded = gguf_quants.decode(raw, qtype, shape, dtype, layout)
+            decoded = gguf_quants.decode(raw, qtype, shape, dtype, layout, kept)
             return decoded if part is None or cut is not None else part.take(decoded)
         except (ValueError, IndexError) as e:
             path = self._file[name][0]

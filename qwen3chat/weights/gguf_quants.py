@@ -15,6 +15,7 @@ rows at a time.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ FLOAT_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat1
 REQUANTIZED_GROUP = 32
 # The float32 gguf-py decodes at a time where the kernels do not decode a type.
 _BAND_BYTES = 16 << 20
+
+# Where a decoded tensor goes: memory.empty or torch.empty (decode's ``kept``).
+Empty = Callable[..., torch.Tensor]
 
 
 def _file_pages(array: np.ndarray) -> torch.Tensor:
@@ -57,7 +61,9 @@ def _codes(words: torch.Tensor, rows: int) -> torch.Tensor:
     return words.contiguous().view(torch.uint8).view(rows, -1)
 
 
-def _fields(blocks: np.ndarray, rows: int, halves: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _fields(
+    blocks: np.ndarray, rows: int, halves: int, empty: Empty
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Blocks whose ``halves`` leading float16 fields precede their codes: the codes as one
     ``[rows, …]`` uint8 copy (in our layout already), each field widened, ``[rows, blocks]``.
     The kernels split them in one pass over the file (kernels/gguf_blocks.cpp): column by
@@ -65,7 +71,7 @@ def _fields(blocks: np.ndarray, rows: int, halves: int) -> tuple[torch.Tensor, l
     native = kernels.native(torch.empty(0))
     if native is not None:
         _, per_row, block_bytes = blocks.shape  # [rows, blocks, bytes]
-        codes = memory.empty((rows, per_row * (block_bytes - 2 * halves)), torch.uint8)
+        codes = empty((rows, per_row * (block_bytes - 2 * halves)), dtype=torch.uint8)
         pages = _file_pages(blocks.reshape(rows, -1))
         fields = native.split_blocks(pages, block_bytes, halves, codes)
         return codes, list(fields.unbind(-1))
@@ -75,32 +81,32 @@ def _fields(blocks: np.ndarray, rows: int, halves: int) -> tuple[torch.Tensor, l
     ]
 
 
-def _q8_0(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
+def _q8_0(blocks: np.ndarray, rows: int, cols: int, empty: Empty) -> QuantizedMatrix:
     # block: f16 d, 32 x int8
-    codes, (scales,) = _fields(blocks, rows, 1)
+    codes, (scales,) = _fields(blocks, rows, 1, empty)
     return QuantizedMatrix(8, 32, codes.view(torch.int8), scales)
 
 
-def _q4_0(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
+def _q4_0(blocks: np.ndarray, rows: int, cols: int, empty: Empty) -> QuantizedMatrix:
     # block: f16 d, 16 bytes of nibbles; w = d * (q - 8)
-    codes, (scales,) = _fields(blocks, rows, 1)
+    codes, (scales,) = _fields(blocks, rows, 1, empty)
     return QuantizedMatrix(4, 32, codes, scales)
 
 
-def _q4_1(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
+def _q4_1(blocks: np.ndarray, rows: int, cols: int, empty: Empty) -> QuantizedMatrix:
     # block: f16 d, f16 m, 16 bytes of nibbles; w = d * q + m = (q - 8) * d + (m + 8d)
-    codes, (scales, mins) = _fields(blocks, rows, 2)
+    codes, (scales, mins) = _fields(blocks, rows, 2, empty)
     return QuantizedMatrix(4, 32, codes, scales, mins + 8 * scales)
 
 
-def _q4_k(blocks: np.ndarray, rows: int, cols: int) -> QuantizedMatrix:
+def _q4_k(blocks: np.ndarray, rows: int, cols: int, empty: Empty) -> QuantizedMatrix:
     # super-block of 256: f16 d, f16 dmin, 12 bytes of 6-bit (scale, min) for 8 sub-blocks
     # of 32, 128 bytes of nibbles in 4 chunks of 32 bytes (low nibbles: sub-block 2j,
     # high: 2j+1); w = d*sc*q - dmin*m. The kernels do the same in one pass
     # (kernels/gguf_blocks.cpp).
     native = kernels.native(torch.empty(0))
     if native is not None:
-        codes = memory.empty((rows, cols // 2), torch.uint8)
+        codes = empty((rows, cols // 2), dtype=torch.uint8)
         scales, zeros = native.repack_q4_k(_file_pages(blocks.reshape(rows, -1)), codes)
         return QuantizedMatrix(4, 32, codes, scales, zeros)
     words = _words(blocks)
@@ -176,10 +182,16 @@ def decode(
     shape: tuple[int, ...],
     dtype: torch.dtype,
     layout: tuple[int, int] | None = None,
+    kept: bool = True,
 ) -> torch.Tensor | QuantizedMatrix:
     """``raw`` as gguf-py's reader hands it out; ``shape`` in torch order (rows, cols), or
     (experts, rows, cols) for a stack of experts. ``layout``: what ``--quantize`` gives
-    the tensor (see requantized_layout)."""
+    the tensor (see requantized_layout). ``kept``: the model keeps the result as it is, so
+    it goes into memory in 2 MiB pages (memory.empty); otherwise it is a part that the
+    loader fuses with others (or quantizes) and drops, which torch's memory holds: fresh 2
+    MiB pages fault in slowly on a VM that hands free memory back to its host (7.5 s per
+    GB on a Zen 3 VM, 4 KiB pages 0.35 s), and a fused weight's parts took them twice."""
+    empty = memory.empty if kept else torch.empty
     if qtype in FLOAT_TYPES:
         array = np.asarray(raw)
         if qtype == T.BF16:  # numpy has no bfloat16: reinterpret the 16-bit words
@@ -187,7 +199,7 @@ def decode(
         stored = _file_pages(array).view(FLOAT_TYPES[qtype]).reshape(shape)
         # Memory of its own, written once: a conversion reads the file's pages straight
         # (copied first, then converted, F16 -> bf16 took 2.5 s of a 0.6B load, not 0.7).
-        return memory.empty(tuple(shape), dtype).copy_(stored)
+        return empty(tuple(shape), dtype=dtype).copy_(stored)
     if len(shape) not in (2, 3):
         raise ValueError(f"a {qtype.name} tensor must be 2-D or 3-D, got shape {list(shape)}")
     # A stack of experts [E, R, C] is decoded as E*R rows, then split again.
@@ -196,7 +208,7 @@ def decode(
     block, block_bytes = quants.GGML_QUANT_SIZES[qtype]
     blocks = np.asarray(raw).reshape(rows, cols // block, block_bytes)
     if qtype in EXACT:
-        return EXACT[qtype](blocks, rows, cols).reshape(*shape)
+        return EXACT[qtype](blocks, rows, cols, empty).reshape(*shape)
     bits, group = requantized_layout(layout)
     return _requantized(blocks.reshape(rows, -1), qtype, cols, bits, group).reshape(*shape)
 
