@@ -48,18 +48,20 @@ def one_process(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def alone_and_together(tmp_path: Path, worker: tuple, *split: str) -> tuple[Path, Path]:
-    """distributed_worker.py's ``worker`` arguments run in one process and in 2 (with
-    ``split``'s flags): the folders of their outputs."""
-    alone, together = tmp_path / "alone", tmp_path / "together"
-    alone.mkdir(), together.mkdir()
-    run = subprocess.run(
-        [sys.executable, *map(str, worker), "--out", str(alone)], env=ENV, capture_output=True
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    run = torchrun(2, *worker, *split, "--out", together)
-    assert run.returncode == 0, run.stderr[-2000:]
-    return alone, together
+def run_jobs(tmp_path: Path, jobs: list[dict], processes: int = 1) -> list[Path]:
+    """distributed_worker.py's ``jobs`` run in one process, or in ``processes`` under
+    torchrun: the folder of each one's outputs, in order."""
+    root = tmp_path / f"processes{processes}"
+    root.mkdir()
+    jobs = [{**job, "out": str(root / str(i))} for i, job in enumerate(jobs)]
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    if processes == 1:
+        command = [sys.executable, str(WORKER), "--jobs", str(root / "jobs.json")]
+        run = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=900)
+    else:
+        run = torchrun(processes, WORKER, "--jobs", root / "jobs.json", timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [Path(job["out"]) for job in jobs]
 
 
 def logits(folder: Path) -> torch.Tensor:
@@ -119,87 +121,14 @@ def answer(result: subprocess.CompletedProcess) -> dict:
     return json.loads(result.stdout)
 
 
-@pytest.fixture(scope="module")
-def one_process_answer():
-    """One process's answer to the flags given, run once for the cases that differ only in
-    how they split."""
-    answers = {}
-
-    def run(*flags):
-        if flags not in answers:
-            answers[flags] = answer(one_process(*flags))
-        return answers[flags]
-
-    return run
-
-
-@pytest.mark.parametrize(
-    "kind, processes, split, quantize_as",
-    [
-        ("dense", 2, "tensor", "none"),
-        ("dense", 4, "auto", "none"),  # 2 KV heads among 4: each held by two processes
-        ("dense", 2, "tensor", "int4"),
-        ("moe", 2, "auto", "none"),  # experts split
-        ("moe", 2, "tensor", "none"),  # every expert's width split
-        ("moe", 4, "expert", "none"),
-        ("dense", 2, "pipeline", "none"),  # a layer each
-        ("moe", 2, "pipeline", "int4"),
-        ("hybrid", 2, "auto", "none"),  # Gated DeltaNet and attention heads split
-        ("hybrid", 2, "tensor", "int4"),
-        ("hybrid-moe", 2, "auto", "none"),  # experts (the shared one's width), heads split
-        ("hybrid-moe", 2, "expert", "none"),  # the heads held whole
-        ("hybrid-moe", 4, "pipeline", "int4"),
-    ],
-)
-def test_greedy_reply_equals_one_process(
-    model_dirs, one_process_answer, kind, processes, split, quantize_as
-):
-    """A split sums its shares in another order than one process: float weights run in
-    float32, where that moves the logits by ~1e-6 (bfloat16 rounding could flip the tiny
-    models' closer choices). int4 runs in bfloat16: its products quantize activations per
-    block of 32, and in float32 the split's last-bit differences flip some of those
-    roundings, which then grow; bfloat16 rounds them away first."""
-    dtype = "bfloat16" if quantize_as == "int4" else "float32"
-    flags = (*CHAT, "-m", model_dirs[kind], "--quantize", quantize_as, "--dtype", dtype)
-    alone = one_process_answer(*flags)
-    together = answer(torchrun(processes, *flags, "--split", split))
+def test_chat_across_processes_answers_as_one_process(model_dirs):
+    """`chat` under torchrun, tensor split: the one process's greedy reply (the cases
+    below run the same one-shot answer in distributed_worker.py, many in one group)."""
+    flags = (*CHAT, "-m", model_dirs["dense"])
+    alone = answer(one_process(*flags))
+    together = answer(torchrun(2, *flags, "--split", "tensor"))
     assert together["token_ids"] == alone["token_ids"]
     assert together["text"] == alone["text"]
-
-
-@pytest.mark.parametrize(
-    "kind, split",
-    [
-        ("dense", "tensor"),
-        ("moe", "expert"),
-        ("wide-moe", "tensor"),
-        ("moe", "pipeline"),
-        ("hybrid-moe", "expert"),
-        ("hybrid", "tensor"),
-        ("hybrid", "pipeline"),  # the delta rule's states moved a piece at a time
-        ("hybrid-gguf", "tensor"),  # value heads tiled: each process's in two pieces
-        ("next", "auto"),  # q, k, v, z fused per key head in the checkpoint
-    ],
-)
-def test_logits_within_float_tolerance(model_dirs, tmp_path, kind, split):
-    """A prompt's logits, then those of decode steps: each step is the one native call over
-    the layers, the all-reduces between blocks inside it (pipeline: no all-reduce; the
-    prompt runs through the stages in pieces, the stages at work at once)."""
-    # A prompt of 35 ids (through the pipeline: in two pieces), then 5 decode steps.
-    ids = ",".join(str(9707 + 13 * i) for i in range(40))
-    worker = (WORKER, "--model", model_dirs[kind], "--ids", ids, "--prompt", 35, "--split", split)
-    alone, together = alone_and_together(tmp_path, worker)
-    expected, got = logits(alone), logits(together)
-    assert expected.shape == (40, TINY["vocab_size"])
-    scale = expected.abs().max()
-    # float32 sums in another order: ~1e-6 of the scale, up to 1e-5 over 40 positions
-    # of the hybrid MoE's recurrent states and routing.
-    assert (got - expected).abs().max() <= 5e-5 * scale
-    assert torch.equal(got.argmax(-1), expected.argmax(-1))
-    ranks = [json.loads((together / f"rank{rank}.json").read_text()) for rank in range(2)]
-    assert all(ranks[0]["fused"]) and all(ranks[1]["fused"])  # decode steps ran natively
-    if split == "pipeline":  # the second stage holds neither the embedding nor the head
-        assert ranks[1]["held_bytes"] < 0.05 * ranks[0]["held_bytes"]
 
 
 @pytest.fixture(scope="module")
@@ -211,31 +140,138 @@ def vl_model(tmp_path_factory, tokenizer_dir):
     return path, picture(path.parent / "photo.png", 96, 64, 1)
 
 
-@pytest.mark.parametrize("split", ["tensor", "pipeline"])
-def test_pictures_across_processes(vl_model, tmp_path, split):
-    """vision-chat in two processes: process 0 alone runs the vision tower and sends its
-    tokens and DeepStack features (under the pipeline, the second stage adds the second
-    layer's); the greedy reply is the one process's."""
-    path, photo = vl_model
-    flags = ("vision-chat", "-m", path, "--image", photo, "-p", "What is it?", "-n", 8)
-    flags += ("--json", "--temperature", "0", "--dtype", "float32")
-    alone = answer(one_process(*flags))
-    together = answer(torchrun(2, *flags, "--split", split))
-    assert together["token_ids"] == alone["token_ids"]
-    assert together["text"] == alone["text"]
-    # The logits of the prompt and of decode steps after it, within float tolerance.
-    worker = (WORKER, "--model", path, "--image", photo, "--ids", "9707,11,1879")
-    alone, together = alone_and_together(tmp_path, worker, "--split", split)
-    expected, got = logits(alone), logits(together)
-    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+# kind, processes, split, weights.
+REPLIES = [
+    ("dense", 2, "tensor", "none"),
+    ("dense", 4, "auto", "none"),  # 2 KV heads among 4: each held by two processes
+    ("dense", 2, "tensor", "int4"),
+    ("moe", 2, "auto", "none"),  # experts split
+    ("moe", 2, "tensor", "none"),  # every expert's width split
+    ("moe", 4, "expert", "none"),
+    ("dense", 2, "pipeline", "none"),  # a layer each
+    ("moe", 2, "pipeline", "int4"),
+    ("hybrid", 2, "auto", "none"),  # Gated DeltaNet and attention heads split
+    ("hybrid", 2, "tensor", "int4"),
+    ("hybrid-moe", 2, "auto", "none"),  # experts (the shared one's width), heads split
+    ("hybrid-moe", 2, "expert", "none"),  # the heads held whole
+    ("hybrid-moe", 4, "pipeline", "int4"),
+    # Process 0 alone runs the vision tower and sends its tokens and DeepStack features
+    # (under the pipeline, the second stage adds the second layer's).
+    ("vl", 2, "tensor", "none"),
+    ("vl", 2, "pipeline", "none"),
+]
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_greedy_replies_equal_one_process(model_dirs, vl_model, tmp_path, processes):
+    """Each case's one-shot greedy reply in ``processes`` processes is the one process's.
+    A split sums its shares in another order than one process: float weights run in
+    float32, where that moves the logits by ~1e-6 (bfloat16 rounding could flip the tiny
+    models' closer choices). int4 runs in bfloat16: its products quantize activations per
+    block of 32, and in float32 the split's last-bit differences flip some of those
+    roundings, which then grow; bfloat16 rounds them away first."""
+    paths = {**model_dirs, "vl": vl_model[0]}
+
+    def job(kind: str, quantize_as: str) -> dict:
+        dtype = "bfloat16" if quantize_as == "int4" else "float32"
+        found = {"task": "reply", "model": str(paths[kind]), "quantize": quantize_as}
+        found.update(dtype=dtype, text="Tell me about the sea.", max_tokens=10)
+        if kind == "vl":
+            found.update(image=str(vl_model[1]), text="What is it?", max_tokens=8)
+        return found
+
+    cases = [case for case in REPLIES if case[1] == processes]
+    kinds = sorted({(kind, weights) for kind, _, _, weights in cases})
+    alone = dict(zip(kinds, run_jobs(tmp_path, [job(*k) for k in kinds]), strict=True))
+    jobs = [{**job(kind, weights), "split": split} for kind, _, split, weights in cases]
+    together = run_jobs(tmp_path, jobs, processes)
+    wrong = []
+    for (kind, _, split, weights), folder in zip(cases, together, strict=True):
+        expected = json.loads((alone[kind, weights] / "reply.json").read_text())
+        got = json.loads((folder / "reply.json").read_text())
+        assert expected["token_ids"], (kind, weights)  # a reply to compare
+        if (got["token_ids"], got["text"]) != (expected["token_ids"], expected["text"]):
+            wrong.append((kind, split, weights, got["text"], expected["text"]))
+    assert not wrong
+
+
+# kind, split; each in two processes.
+LOGITS = [
+    ("dense", "tensor"),
+    ("moe", "expert"),
+    ("wide-moe", "tensor"),
+    ("moe", "pipeline"),
+    ("hybrid-moe", "expert"),
+    ("hybrid", "tensor"),
+    ("hybrid", "pipeline"),  # the delta rule's states moved a piece at a time
+    ("hybrid-gguf", "tensor"),  # value heads tiled: each process's in two pieces
+    ("next", "auto"),  # q, k, v, z fused per key head in the checkpoint
+    ("vl", "tensor"),  # a picture's prompt, then decode steps
+    ("vl", "pipeline"),
+]
+
+
+def test_logits_within_float_tolerance(model_dirs, vl_model, tmp_path):
+    """A prompt's logits, then those of decode steps, in two processes against one: each
+    step is the one native call over the layers, the all-reduces between blocks inside it
+    (pipeline: no all-reduce; the prompt runs through the stages in pieces, the stages at
+    work at once)."""
+    # A prompt of 35 ids (through the pipeline: in two pieces), then 5 decode steps.
+    ids = [9707 + 13 * i for i in range(40)]
+
+    def job(kind: str) -> dict:
+        if kind == "vl":
+            found = {"model": str(vl_model[0]), "image": str(vl_model[1]), "ids": [9707, 11, 1879]}
+        else:
+            found = {"model": str(model_dirs[kind]), "ids": ids, "prompt": 35}
+        return {"task": "logits", **found}
+
+    kinds = sorted({kind for kind, _ in LOGITS})
+    alone = dict(zip(kinds, run_jobs(tmp_path, [job(kind) for kind in kinds]), strict=True))
+    together = run_jobs(tmp_path, [{**job(kind), "split": split} for kind, split in LOGITS], 2)
+    wrong = []
+    for (kind, split), folder in zip(LOGITS, together, strict=True):
+        expected, got = logits(alone[kind]), logits(folder)
+        scale = expected.abs().max()
+        # float32 sums in another order: ~1e-6 of the scale, up to 1e-5 over 40 positions
+        # of the hybrid MoE's recurrent states and routing.
+        error = ((got - expected).abs().max() / scale).item()
+        if error > (1e-5 if kind == "vl" else 5e-5) or not torch.equal(
+            got.argmax(-1), expected.argmax(-1)
+        ):
+            wrong.append((kind, split, error))
+        if kind == "vl":
+            continue
+        assert expected.shape == (40, TINY["vocab_size"])
+        ranks = [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(2)]
+        if not (all(ranks[0]["fused"]) and all(ranks[1]["fused"])):
+            wrong.append((kind, split, "a decode step did not run natively"))
+        # The second stage holds neither the embedding nor the head.
+        if split == "pipeline" and ranks[1]["held_bytes"] >= 0.05 * ranks[0]["held_bytes"]:
+            wrong.append((kind, split, "the second stage holds the embedding or the head"))
+        if (kind, split) == ("moe", "expert"):
+            _each_holds_half_the_head_and_the_experts(model_dirs["moe"], alone[kind], folder)
+    assert not wrong
+
+
+def _each_holds_half_the_head_and_the_experts(path: Path, alone: Path, together: Path):
+    """Under the expert split each of 2 processes holds half of the untied LM head's rows
+    (and half the experts), exactly; process 0's logits are the whole head's (above)."""
+    config = _config(path)
+    head = config.vocab_size * config.hidden_size * 4  # float32
+    experts = config.num_hidden_layers * config.num_experts * 3 * config.hidden_size * 32 * 4
+    whole = json.loads((alone / "rank0.json").read_text())["held_bytes"]
+    for rank in range(2):
+        held = json.loads((together / f"rank{rank}.json").read_text())["held_bytes"]
+        assert whole - held == (head + experts) // 2
 
 
 def test_each_process_holds_its_share(tmp_path):
     """Qwen3-0.6B's shape in bfloat16, tensor split in two: each process holds the tied
     embedding (replicated) and half of the rest, and its resident memory grows by that,
     not by the whole model (measured from /proc, before and after loading)."""
-    worker = (WORKER, "--preset", "qwen3-0.6b", "--dtype", "bfloat16", "--ids", "1,2")
-    alone, together = alone_and_together(tmp_path, worker)
+    job = {"task": "logits", "preset": "qwen3-0.6b", "dtype": "bfloat16", "ids": [1, 2]}
+    (alone,), (together,) = run_jobs(tmp_path, [job]), run_jobs(tmp_path, [job], 2)
     whole = json.loads((alone / "rank0.json").read_text())
     embedding = 151936 * 1024 * 2
     for rank in range(2):
@@ -246,23 +282,6 @@ def test_each_process_holds_its_share(tmp_path):
         assert grew < 1.1 * share["held_bytes"] + 48 * 2**20
         whole_grew = (whole["rss_after_mb"] - whole["rss_before_mb"]) * 2**20
         assert grew < 0.75 * whole_grew
-
-
-def test_the_lm_head_is_split_by_vocabulary(model_dirs, tmp_path):
-    """Under the expert split each of 2 processes holds half of the untied LM head's rows
-    (and half the experts), exactly, and process 0's logits are the whole head's."""
-    worker = (WORKER, "--model", model_dirs["moe"], "--ids", "9707,11,1879", "--prompt", 2)
-    alone, together = alone_and_together(tmp_path, worker, "--split", "expert")
-    config = _config(model_dirs["moe"])
-    head = config.vocab_size * config.hidden_size * 4  # float32
-    experts = config.num_hidden_layers * config.num_experts * 3 * config.hidden_size * 32 * 4
-    whole = json.loads((alone / "rank0.json").read_text())["held_bytes"]
-    for rank in range(2):
-        held = json.loads((together / f"rank{rank}.json").read_text())["held_bytes"]
-        assert whole - held == (head + experts) // 2
-    expected, got = logits(alone), logits(together)
-    assert torch.equal(got.argmax(-1), expected.argmax(-1))
-    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 def test_a_killed_process_ends_the_run(model_dirs):
@@ -519,7 +538,7 @@ def _config(path: Path) -> ModelConfig:
     "kind, split",
     [("moe", "auto"), ("moe", "pipeline"), ("hybrid-moe", "auto"), ("vl", "pipeline")],
 )
-def test_serve_across_processes(model_dirs, vl_model, kind, split):
+def test_serve_across_processes(model_dirs, vl_model, tmp_path, kind, split):
     """`serve` in two processes (experts split, or a layer each): concurrent requests get
     the one-process greedy replies (a hybrid model's state slots copied alike on every
     process; a vision model's pictures, run by process 0's tower, in half of them);
@@ -573,14 +592,13 @@ def test_serve_across_processes(model_dirs, vl_model, kind, split):
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             replies = list(pool.map(ask, prompts, pictured))
-        for prompt, with_picture, reply in zip(prompts, pictured, replies, strict=True):
-            flags = ("chat", "-m", model_dirs[kind], "-p", prompt, "--temperature", "0")
-            if with_picture:
-                flags = ("vision-chat", "--image", photo, *flags[1:])
-            alone = answer(
-                one_process(*flags, "-n", "8", "--json", "--no-think", "--dtype", "float32")
-            )
-            assert reply == alone["text"]
+        jobs = [
+            {"task": "reply", "model": str(model_dirs[kind]), "text": prompt, "max_tokens": 8}
+            | {"think": False, **({"image": str(photo)} if with_picture else {})}
+            for prompt, with_picture in zip(prompts, pictured, strict=True)
+        ]
+        for reply, alone in zip(replies, run_jobs(tmp_path, jobs), strict=True):
+            assert reply == json.loads((alone / "reply.json").read_text())["text"]
         workers = _children(launcher.pid)
         os.kill(min(workers), signal.SIGTERM)  # process 0 (started first)
         assert launcher.wait(timeout=60) == 0, launcher.stderr.read()[-3000:]

@@ -1,5 +1,6 @@
 // The Python module of the native kernels (see kernels.h for what each one does).
-#include <torch/extension.h>
+// pybind11 with torch's Tensor casters, not torch/extension.h (the whole C++ frontend).
+#include <torch/csrc/utils/pybind.h>
 
 #include "kernels.h"
 

@@ -18,6 +18,11 @@
 // sharded step is still one call: from Python, layer by layer, it cost ~2 ms a layer
 // more on Qwen3-30B-A3B's MoE blocks.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/softmax.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
 #include <numeric>
@@ -88,7 +93,7 @@ at::Tensor experts_step(const at::Tensor& x, const DecoderLayerWeights& w) {
   const int64_t rows = h.size(0), k = w.top_k;
   const auto probs = at::softmax(matmul(h, w.router), -1, at::kFloat);
   auto [weights, chosen] = probs.topk(k);
-  if (w.norm_topk_prob) weights = weights / weights.sum(-1, true);
+  if (w.norm_topk_prob) weights = weights.div(weights.sum(-1, true));
   weights = weights.to(h.scalar_type()).view({-1});
   // The (row, choice) pairs by expert, then row.
   const auto* ids = chosen.data_ptr<int64_t>();

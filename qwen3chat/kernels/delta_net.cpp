@@ -19,6 +19,8 @@
 // the same values as decaying S, reading it with k, writing the delta and reading it with
 // q, in one pass over S for the two reads and the write.
 #include <ATen/Parallel.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
 
 #include <cmath>
 

@@ -6,6 +6,8 @@
 // its order, and the row goes through quantize.cpp's rounding: the same codes and scales
 // as quantizing gguf-py's floats (tests/test_gguf_blocks.py). Q4_K's blocks are taken as
 // they are instead, re-paired into quant.py's int4 layout.
+#include <ATen/ops/empty.h>
+
 #include <cstring>
 #include <vector>
 

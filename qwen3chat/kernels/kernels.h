@@ -10,7 +10,11 @@
 // torch's profiler (bench --profile) shows the time spent in the kernels, which it cannot
 // see otherwise; with no profiler running a scope costs a few nanoseconds.
 #pragma once
-#include <ATen/ATen.h>
+// Tensor's own header here, and in each file the header of each operator it calls (not
+// ATen/ATen.h, every operator's): the first-use build parses these once per file, and
+// ATen.h's parse was most of the build's time.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/record_function.h>
 
 #include <algorithm>

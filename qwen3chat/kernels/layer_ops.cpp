@@ -6,6 +6,11 @@
 // work of several of them, and rounds where the torch code rounds (to the activations'
 // dtype after each operation), so results match it to float32 rounding.
 #include <ATen/Parallel.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
+#include <ATen/ops/tensor.h>
 
 #include <algorithm>
 #include <atomic>
@@ -1103,7 +1108,7 @@ at::Tensor prompt_attention(const at::Tensor& q, const PagedKV& cache, int64_t l
   // From position 0 plain causal, else each row up to its own position.
   std::optional<at::Tensor> mask;
   if (cache.positions[a] > 0)
-    mask = at::arange(L, slots.options()).unsqueeze(0) <= cache.positions_.slice(0, a, b).unsqueeze(1);
+    mask = at::arange(L, slots.options()).unsqueeze(0).le(cache.positions_.slice(0, a, b).unsqueeze(1));
   const auto out = at::scaled_dot_product_attention(query, k.unsqueeze(0), v.unsqueeze(0), mask, 0.0,
                                                     !mask.has_value(), std::nullopt, true);
   return out[0].transpose(0, 1).reshape({T, -1});

@@ -18,6 +18,8 @@
 // AVX2). Quantized weights run an integer GEMM of their own (integer_gemm), with the
 // activations quantized as in decode, so a prompt and a decode step compute alike.
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 
 #include <algorithm>
 #include <array>

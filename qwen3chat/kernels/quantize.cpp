@@ -5,6 +5,7 @@
 // both give the same codes bit for bit; the torch code is the path without a build, and
 // what this is tested against (tests/test_quant.py).
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cmath>

@@ -5,6 +5,7 @@
 // sorted; a value must beat the k-th of them to enter, and past the first few thousand
 // ids almost none does, so the sweep is one compare per eight values.
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <limits>
 
