@@ -25,7 +25,11 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define QK_TARGET(features) __attribute__((target(features)))
+#define QK_X86 1
 #else
+// Elsewhere code only x86 runs (AVX512-VNNI, AMX, interleaved weights) is left
+// uninstantiated (`if constexpr (QK_X86)`): through SIMDe it was most of an ARM build.
+#define QK_X86 0
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
 #include <simde/x86/f16c.h>

@@ -1393,7 +1393,7 @@ at::Tensor x16_linear_of(const at::Tensor& x, const uint8_t* codes, const c10::H
 // Whether integer_gemm runs the VNNI kernel for K inputs (int4's takes blocks in pairs).
 template <bool Int4>
 bool vnni_gemm(int64_t K) {
-  return avx512_vnni && (!Int4 || K % 64 == 0);
+  return QK_X86 && avx512_vnni && (!Int4 || K % 64 == 0);
 }
 
 // Rows from which quantized products run integer_gemm rather than a pass over the weights
@@ -1410,9 +1410,10 @@ int64_t integer_gemm_min_rows(int64_t K) {
 template <bool Int4, typename Expand>
 at::Tensor integer_gemm(const at::Tensor& x, int64_t N, Expand expand, const void* weights,
                         int64_t row_bytes, bool zero_points = false) {
-  if (vnni_gemm<Int4>(x.size(1)))
-    return integer_gemm_of<Int4, kWideGroupRows, kWideWeightRows>(x, N, expand, weights,
-                                                                  row_bytes, zero_points);
+  if constexpr (QK_X86)
+    if (vnni_gemm<Int4>(x.size(1)))
+      return integer_gemm_of<Int4, kWideGroupRows, kWideWeightRows>(x, N, expand, weights,
+                                                                    row_bytes, zero_points);
   return integer_gemm_of<Int4, kGroupRows, kWeightRows>(x, N, expand, weights, row_bytes,
                                                         zero_points);
 }
@@ -1836,17 +1837,21 @@ at::Tensor x16_linear(const at::Tensor& x, const at::Tensor& codes, const at::Te
   const c10::Half* zp = zeros.defined() ? zeros.data_ptr<c10::Half>() : nullptr;
   const int64_t M = x.size(0);
   constexpr auto avx2 = X16Kernel::avx2, vnni = X16Kernel::vnni, amx = X16Kernel::amx;
-  if (!avx512_vnni) {
-    if (M <= 1) return x16_linear_of<1, Int4, avx2>(x, cp, sp, zp, scale_blocks, N);
-    if (M <= 2) return x16_linear_of<2, Int4, avx2>(x, cp, sp, zp, scale_blocks, N);
-    return x16_linear_of<4, Int4, avx2>(x, cp, sp, zp, scale_blocks, N);
+  if constexpr (!QK_X86) {
+    TORCH_CHECK(false, name, ": weights are held interleaved on x86 only");
+  } else {
+    if (!avx512_vnni) {
+      if (M <= 1) return x16_linear_of<1, Int4, avx2>(x, cp, sp, zp, scale_blocks, N);
+      if (M <= 2) return x16_linear_of<2, Int4, avx2>(x, cp, sp, zp, scale_blocks, N);
+      return x16_linear_of<4, Int4, avx2>(x, cp, sp, zp, scale_blocks, N);
+    }
+    if (amx_int8 && M >= kAmxMinRows) return x16_linear_of<16, Int4, amx>(x, cp, sp, zp, scale_blocks, N);
+    if (M <= 1) return x16_linear_of<1, Int4, vnni>(x, cp, sp, zp, scale_blocks, N);
+    if (M <= 2) return x16_linear_of<2, Int4, vnni>(x, cp, sp, zp, scale_blocks, N);
+    if (M <= 4) return x16_linear_of<4, Int4, vnni>(x, cp, sp, zp, scale_blocks, N);
+    if (M <= 8) return x16_linear_of<8, Int4, vnni>(x, cp, sp, zp, scale_blocks, N);
+    return x16_linear_of<16, Int4, vnni>(x, cp, sp, zp, scale_blocks, N);
   }
-  if (amx_int8 && M >= kAmxMinRows) return x16_linear_of<16, Int4, amx>(x, cp, sp, zp, scale_blocks, N);
-  if (M <= 1) return x16_linear_of<1, Int4, vnni>(x, cp, sp, zp, scale_blocks, N);
-  if (M <= 2) return x16_linear_of<2, Int4, vnni>(x, cp, sp, zp, scale_blocks, N);
-  if (M <= 4) return x16_linear_of<4, Int4, vnni>(x, cp, sp, zp, scale_blocks, N);
-  if (M <= 8) return x16_linear_of<8, Int4, vnni>(x, cp, sp, zp, scale_blocks, N);
-  return x16_linear_of<16, Int4, vnni>(x, cp, sp, zp, scale_blocks, N);
 }
 
 }  // namespace
