@@ -85,8 +85,8 @@ def test_it_says_which_kernels_ran_and_they_are_ones_this_cpu_allows(report):
         "norms, rotary embedding, SwiGLU, delta rule": "AVX-512" if kernels._avx512() else "AVX2",
         "bf16 products of 4+ rows": (
             "oneDNN (AVX512-BF16)"
-            if kernels._avx512() and torch.cpu._is_avx512_bf16_supported()
-            else "AVX-512"
+            if kernels._avx512() and kernels._avx512_bf16()
+            else "AVX-512; packed panels from 32 rows"
             if kernels._avx512()
             else "AVX2; packed panels from 64 rows"
         ),

@@ -102,6 +102,37 @@ def test_integer_gemms_take_avx_vnni_where_the_cpu_has_it_and_avx512_vnni_is_off
         assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
 
 
+# bf16 activations by bf16 weights, 101 rows: oneDNN's GEMM where AVX512-BF16 runs,
+# packed panels otherwise (the AVX-512 form's bits and the AVX2 form's compared).
+BF16_ROWS = """
+import json, torch
+from qwen3chat import kernels
+native = kernels._module()
+g = torch.Generator().manual_seed(0)
+w = torch.randn(200, 96, generator=g).bfloat16()
+x = torch.randn(101, 96, generator=g).bfloat16()
+wide = native.dense_linear(x, w)
+native.set_avx512_products(False)
+out = {"variant": kernels.variants(torch.device("cpu"))["bf16 products of 4+ rows"],
+       "same": torch.equal(native.dense_linear(x, w), wide)}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not kernels._avx512(), reason="this CPU (or its OS) does not allow AVX-512")
+def test_without_avx512_bf16_bf16_prompts_take_the_avx512_panels():
+    """QWEN3CHAT_NO_AVX512_BF16=1 (the products of AVX-512 CPUs without BF16, as Ice Lake
+    and Cascade Lake servers): bf16 prompts leave oneDNN for the AVX-512 panels, which
+    give the AVX2 panels' bits, and `bench` and /show say so."""
+    env = {**os.environ, "QWEN3CHAT_NO_AVX512_BF16": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", BF16_ROWS], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out == {"variant": "AVX-512; packed panels from 32 rows", "same": True}
+
+
 # 1e-30 * 1e-10 is a subnormal float (1e-40), or 0 where they are flushed: over 4M values
 # torch's multiply runs on every worker thread.
 SUBNORMALS = """

@@ -32,9 +32,9 @@ def test_dense_linear(dtype, rows, width, product_kernels):
     """Up to 7 rows stream the weights, each weight row against up to four activation
     rows; up to 63 rows take three weight rows by four activation rows at a time, in the
     AVX-512 form where it runs (the last of each part full here); more take packed panels
-    of 16 weight rows six activation rows at a time with AVX2 (1202 = 75 panels and 2
-    rows, 101 = 16 sixes and 5), float32 GEMM on widened tiles with AVX-512 (a large
-    matrix spans several, the last one part full)."""
+    of weight rows, 16 weight rows six activation rows at a time with AVX2 (1202 = 75
+    panels and 2 rows, 101 = 16 sixes and 5), 32 by 12 with AVX-512 (1202 = 37 panels and
+    18 rows, 101 = 8 twelves and 5)."""
     weight = rand(1202, width, dtype=dtype)
     x = rand(rows, width, dtype=dtype, seed=1)
     out = native.dense_linear(x, weight)
@@ -46,15 +46,38 @@ def test_dense_linear(dtype, rows, width, product_kernels):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_panel_rows_do_not_depend_on_the_rows_beside_them(dtype, product_kernels):
-    """With AVX2, 64 rows or more: each output is one chain over the inputs in order, so a
-    prompt's rows get the same bits in any chunk of 64 or more (float32 outputs)."""
-    if product_kernels:
-        pytest.skip("float32 GEMM on widened tiles (AVX-512) does not promise it")
+    """64 rows or more (32 with AVX-512): each output is one chain over the inputs in
+    order, so a prompt's rows get the same bits in any chunk of 64 or more (float32
+    outputs)."""
     weight = rand(200, 96, dtype=dtype)
     x = rand(101, 96, seed=1)
     whole = native.dense_linear(x, weight)
     assert torch.equal(native.dense_linear(x[:64], weight), whole[:64])
     assert torch.equal(native.dense_linear(x[37:], weight), whole[37:])
+
+
+@pytest.mark.parametrize(
+    "weights, rows",
+    [(dtype, torch.float32) for dtype in DTYPES]
+    # Rounded outputs too (not bf16 by bf16, which is oneDNN's where AVX512-BF16 runs).
+    + [(torch.float16, torch.float16), (torch.float16, torch.bfloat16)],
+)
+def test_the_avx512_panels_give_the_avx2_panels_bits(weights, rows):
+    """AVX-512's panels of 32 weight rows, 12 activation rows at a time, add each output in
+    the order AVX2's panels of 16 by 6 do: the same bits, so a prompt's results do not
+    depend on the CPU's vector width (200 weight rows: six panels and 8 rows of 32, twelve
+    and 8 of 16; 101 rows: eight twelves and 5, sixteen sixes and 5)."""
+    if not kernels._avx512():
+        pytest.skip("this CPU (or its OS, or QWEN3CHAT_NO_AVX512) does not allow AVX-512")
+    module = kernels._module()
+    weight = rand(200, 96, dtype=weights)
+    x = rand(101, 96, dtype=rows, seed=1)
+    try:
+        module.set_avx512_products(False)
+        narrow = native.dense_linear(x, weight)
+    finally:
+        module.set_avx512_products(True)
+    assert torch.equal(native.dense_linear(x, weight), narrow)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

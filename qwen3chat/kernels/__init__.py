@@ -238,7 +238,7 @@ def _module():
         # torch's check covers what the OS allows, not only what cpuid reports (all False
         # off x86).
         wide, vnni = _avx512(), _avx512_vnni()
-        bf16 = wide and torch.cpu._is_avx512_bf16_supported()
+        bf16 = wide and _avx512_bf16()
         amx = vnni and _amx_int8()
         avx_vnni = not vnni and _avx_vnni(module)
         module.set_native_bf16_gemm(bf16)
@@ -260,7 +260,7 @@ def _module():
             _CHOICES["one-row float/bf16/f16 products"] = "AVX-512"
             _CHOICES["attention over a bf16 or int8 cache"] = "AVX-512"
             _CHOICES["norms, rotary embedding, SwiGLU, delta rule"] = "AVX-512"
-            _CHOICES["bf16 products of 4+ rows"] = "AVX-512"
+            _CHOICES["bf16 products of 4+ rows"] = "AVX-512; packed panels from 32 rows"
         if avx_vnni:
             _CHOICES["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "AVX-VNNI"
         if vnni:
@@ -287,6 +287,15 @@ def _avx512() -> bool:
     """AVX-512 (F, BW, DQ, VL) as torch sees it, which checks that the OS saves the
     registers; QWEN3CHAT_NO_AVX512=1 turns it off."""
     return os.environ.get("QWEN3CHAT_NO_AVX512") != "1" and torch.cpu._is_avx512_supported()
+
+
+def _avx512_bf16() -> bool:
+    """AVX512-BF16 as torch sees it, where oneDNN's bf16 GEMM runs bf16 prompts (AMX-BF16
+    where granted); QWEN3CHAT_NO_AVX512_BF16=1 turns it off (the products of CPUs with
+    AVX-512 and no BF16, as Ice Lake and Cascade Lake servers)."""
+    if os.environ.get("QWEN3CHAT_NO_AVX512_BF16") == "1":
+        return False
+    return torch.cpu._is_avx512_bf16_supported()
 
 
 def _avx512_vnni() -> bool:

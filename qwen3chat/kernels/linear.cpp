@@ -11,12 +11,12 @@
 //   as llama.cpp does for Q8_0 and Q4_0: widening every code to float instead makes the
 //   kernel compute bound at about half the memory bandwidth on AVX2.
 //
-// Prefill (many rows) is compute bound. With AVX2, panels of 16 float or 16-bit weight
-// rows are widened to float32 in L2 and every activation row runs past them in a
-// register-tiled kernel of our own (panel_gemm); with AVX-512, tiles of about 2 MiB are
-// widened and handed to float32 GEMM (both 5-100x faster than torch's 16-bit GEMM on
-// AVX2). Quantized weights run an integer GEMM of their own (integer_gemm), with the
-// activations quantized as in decode, so a prompt and a decode step compute alike.
+// Prefill (many rows) is compute bound. Panels of float or 16-bit weight rows (16 with
+// AVX2, 32 with AVX-512) are widened to float32 in L2 and every activation row runs past
+// them in a register-tiled kernel of our own (panel_gemm; 5-100x faster than torch's
+// 16-bit GEMM on AVX2, 1.1-1.5x MKL's float32 GEMM on AVX-512). Quantized weights run
+// an integer GEMM of their own (integer_gemm), with the activations quantized as in
+// decode, so a prompt and a decode step compute alike.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -80,36 +80,6 @@ at::Tensor matvec(const at::Tensor& x, int64_t N, Dot dot, const void* rows_in, 
       }
     });
   });
-  return out;
-}
-
-// t.T as a contiguous tensor of dtype. Float32 GEMMs here compute x @ W.T as
-// (W @ x.T).T: MKL runs that 5-20% faster on this class of CPU, with the same results.
-at::Tensor transposed(const at::Tensor& t, at::ScalarType dtype) {
-  return t.t().to(dtype, false, false, at::MemoryFormat::Contiguous);
-}
-
-// ``x @ W.T`` in x's dtype, where ``widen(n, dst)`` writes weight row n as K floats.
-template <typename Widen>
-at::Tensor tiled_gemm(const at::Tensor& x_in, int64_t N, Widen widen) {
-  const auto x = x_in.to(at::kFloat);
-  const int64_t K = x.size(1);
-  const int64_t tile = std::max<int64_t>(16, (int64_t{1} << 19) / K / 16 * 16);
-  auto out = at::empty({x.size(0), N}, x_in.options());
-  auto buffer = at::empty({std::min(tile, N), K}, x.options());
-  auto tile_out = at::empty({std::min(tile, N), x.size(0)}, x.options());
-  float* bp = buffer.data_ptr<float>();
-  for (int64_t n0 = 0; n0 < N; n0 += tile) {
-    const int64_t rows = std::min(tile, N - n0);
-    qk::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) widen(n0 + r, bp + r * K);
-    });
-    auto rows_out = tile_out.narrow(0, 0, rows);
-    at::mm_out(rows_out, buffer.narrow(0, 0, rows), x.t());
-    // Transposed into place while the tile is in cache: the whole [N, M] product
-    // transposed at the end cost a tenth of a prompt's time.
-    out.narrow(1, n0, rows).copy_(rows_out.t());
-  }
   return out;
 }
 
@@ -1489,8 +1459,9 @@ at::Tensor float_matvec(const at::Tensor& x, const T* w, int64_t N) {
 // at 16 1.45x (the 0.6B shape's 28 layers, Zen 3, 2026-12-07).
 constexpr int kDotRows = 4;
 constexpr int64_t kRowDotMaxRows = 64;
-// Where AVX-512 runs, its float32 GEMM catches up sooner (Intel Xeon, bf16, the 0.6B
-// shape's 28 layers: 212 ms against 205-216 at 32 rows, 300 against 262-274 at 48).
+// Where AVX-512 runs, its panels catch up sooner (Intel Xeon model 167, 2026-12-07, the
+// 0.6B shape's four products, 2 threads: bf16 weights 6.9-7.4 ms against 6.8-7.3 at 32
+// rows, 10.5-10.8 against 9.1-10.1 at 48; float16 crosses at 20-24 rows).
 constexpr int64_t kWideRowDotMaxRows = 32;
 // Bytes of weight rows rows_dot takes through all the activation rows at a time (in L2).
 constexpr int64_t kRowDotBlockBytes = 192 * 1024;
@@ -1629,22 +1600,28 @@ at::Tensor rows_dot(const at::Tensor& x, const T* w, int64_t N) {
   return out;
 }
 
-// Many activation rows times float, bfloat16 or half weights on AVX2 (kRowDotMaxRows
-// rows or more): each thread takes panels of 16 weight rows, widens one to float32 laid
-// out k by k (pack_panel: the 16 weights of each k in one 64-byte line, in L2) and runs
-// every activation row past it, six at a time (panel_rows: 12 accumulators, two loads
-// and six broadcasts a step for 12 FMAs). Each output is one chain over k in order, so a
-// row's result does not depend on the rows beside it. On two Zen 3 cores (2026-12-07,
-// bfloat16 weights, 128 rows, [3072, 1024] ... [1024, 3072]) 171-183 GFLOP/s, 88-90% of
-// the FMA units' peak, where float32 GEMM (MKL) on tiles widened first ran 122-134.
-// (GCC kept the accumulators' array in memory too, stored every step, until they were
-// set and stored in unrolled loops: 31 GFLOP/s a core that way.)
+// Many activation rows times float, bfloat16 or half weights (kRowDotMaxRows rows or
+// more with AVX2, kWideRowDotMaxRows with AVX-512): each thread takes panels of weight
+// rows (16 with AVX2, 32 with AVX-512: two vectors either way), widens one to float32
+// laid out k by k (pack_panel, in L2) and runs every activation row past it, C at a time
+// (panel_rows: 2C accumulators, two loads and C broadcasts a step for 2C FMAs; C is 6 of
+// AVX2's 16 registers, 12 of AVX-512's 32). Each output is one chain over k in order, so
+// a row's result depends neither on the rows beside it nor on the vector width: both
+// forms give the same bits. On two Zen 3 cores (2026-12-07, bfloat16 weights, 128 rows,
+// [3072, 1024] ... [1024, 3072]) the AVX2 form ran 171-183 GFLOP/s, 88-90% of the FMA
+// units' peak, where float32 GEMM (MKL) on tiles widened first ran 122-134. On two cores
+// of an Intel Xeon (model 167, 2026-12-07; the 0.6B shape's four products, float16
+// weights) the AVX-512 form ran 200-219 GFLOP/s at 128 rows and 228-240 at 512, where
+// MKL on widened tiles ran 140 and 189-212, the AVX2 form 148-154 and 155-158 (float32
+// weights: MKL straight on them 169-179 and 202-209, this 193-208 and 222-229). (GCC kept
+// the accumulators' array in memory too, stored every step, until they were set and
+// stored in unrolled loops: 31 GFLOP/s a core that way.)
 
-// Weight rows [0, rows) of w (K apart; rows <= 16, the rest zeros) as float32 [K][16]:
-// eight rows' eight values at a time, widened and transposed in registers.
+// Weight rows [0, rows) of w (K apart; the rest of the panel's `width` zeros) as float32
+// [K][width]: eight rows' eight values at a time, widened and transposed in registers.
 template <typename T>
-void pack_panel(const T* w, int64_t rows, int64_t K, float* panel) {
-  for (int64_t h = 0; h < 16; h += 8)
+void pack_panel(const T* w, int64_t rows, int64_t K, int64_t width, float* panel) {
+  for (int64_t h = 0; h < width; h += 8)
     for (int64_t k = 0; k < K; k += 8) {
       __m256 r[8];
       for (int i = 0; i < 8; ++i) r[i] = h + i < rows ? load8(w + (h + i) * K + k) : _mm256_setzero_ps();
@@ -1658,88 +1635,111 @@ void pack_panel(const T* w, int64_t rows, int64_t K, float* panel) {
                            _mm256_shuffle_ps(t4, t6, 0x44), _mm256_shuffle_ps(t4, t6, 0xEE),
                            _mm256_shuffle_ps(t5, t7, 0x44), _mm256_shuffle_ps(t5, t7, 0xEE)};
       for (int j = 0; j < 4; ++j) {
-        _mm256_storeu_ps(panel + (k + j) * 16 + h, _mm256_permute2f128_ps(u[j], u[j + 4], 0x20));
-        _mm256_storeu_ps(panel + (k + j + 4) * 16 + h, _mm256_permute2f128_ps(u[j], u[j + 4], 0x31));
+        _mm256_storeu_ps(panel + (k + j) * width + h, _mm256_permute2f128_ps(u[j], u[j + 4], 0x20));
+        _mm256_storeu_ps(panel + (k + j + 4) * width + h, _mm256_permute2f128_ps(u[j], u[j + 4], 0x31));
       }
     }
 }
 
-// C activation rows x (K apart) times a packed panel: out[c][0, cols) (ldo apart; cols
-// <= 16), as O (rounded as torch rounds).
-template <int C, typename O>
-void panel_rows(const float* panel, const float* x, int64_t K, O* out, int64_t ldo, int64_t cols) {
-  __m256 acc[C][2];
-#pragma GCC unroll 6
-  for (int c = 0; c < C; ++c)
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) acc[c][h] = _mm256_setzero_ps();
+// C activation rows x (K apart) times a packed panel of 2 * V::kWidth columns: out[c][0,
+// cols) (ldo apart), as O (rounded as torch rounds). Written once over the vectors V and
+// inlined into each instruction set's function below (a function's target cannot depend
+// on its template arguments). GCC warns that the AVX-512 instance's vectors would change
+// the ABI of a function not built for AVX-512; it is only ever inlined into one that is.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <typename V, int C, typename O>
+[[gnu::always_inline]] inline void panel_body(const float* panel, const float* x, int64_t K, O* out, int64_t ldo,
+                                              int64_t cols) {
+  using F = typename V::F;
+  constexpr int64_t width = 2 * V::kWidth;
+  F acc[C][2];
+#pragma GCC unroll 12
+  for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = V::zero();
   for (int64_t k = 0; k < K; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(panel + k * 16), w1 = _mm256_loadu_ps(panel + k * 16 + 8);
-#pragma GCC unroll 6
+    const F w0 = V::load(panel + k * width), w1 = V::load(panel + k * width + V::kWidth);
+#pragma GCC unroll 12
     for (int c = 0; c < C; ++c) {
-      const __m256 xv = _mm256_broadcast_ss(x + c * K + k);
-      acc[c][0] = _mm256_fmadd_ps(w0, xv, acc[c][0]);
-      acc[c][1] = _mm256_fmadd_ps(w1, xv, acc[c][1]);
+      const F xv = V::set1(x[c * K + k]);
+      acc[c][0] = V::fmadd(w0, xv, acc[c][0]);
+      acc[c][1] = V::fmadd(w1, xv, acc[c][1]);
     }
   }
-#pragma GCC unroll 6
+#pragma GCC unroll 12
   for (int c = 0; c < C; ++c) {
-    if (cols == 16) {
-      qk::store8(out + c * ldo, acc[c][0]);
-      qk::store8(out + c * ldo + 8, acc[c][1]);
+    if (cols == width) {
+      V::store(out + c * ldo, acc[c][0]);
+      V::store(out + c * ldo + V::kWidth, acc[c][1]);
       continue;
     }
-    alignas(32) float sums[16];
-    _mm256_store_ps(sums, acc[c][0]);
-    _mm256_store_ps(sums + 8, acc[c][1]);
+    alignas(64) float sums[width];
+    V::store(sums, acc[c][0]);
+    V::store(sums + V::kWidth, acc[c][1]);
     for (int64_t j = 0; j < cols; ++j) out[c * ldo + j] = static_cast<O>(sums[j]);
   }
 }
+#pragma GCC diagnostic pop
 
-// panel_rows of 1 to 6 activation rows.
-template <typename O>
-void panel_rows_of(int64_t rows, const float* panel, const float* x, int64_t K, O* out, int64_t ldo,
-                   int64_t cols) {
-  switch (rows) {
-    case 6: return panel_rows<6>(panel, x, K, out, ldo, cols);
-    case 5: return panel_rows<5>(panel, x, K, out, ldo, cols);
-    case 4: return panel_rows<4>(panel, x, K, out, ldo, cols);
-    case 3: return panel_rows<3>(panel, x, K, out, ldo, cols);
-    case 2: return panel_rows<2>(panel, x, K, out, ldo, cols);
-    default: return panel_rows<1>(panel, x, K, out, ldo, cols);
-  }
+template <int C, typename O>
+void panel_rows(const float* panel, const float* x, int64_t K, O* out, int64_t ldo, int64_t cols) {
+  panel_body<qk::Lanes8, C>(panel, x, K, out, ldo, cols);
 }
 
-template <typename T>
+template <int C, typename O>
+QK_AVX512 void panel_rows_wide(const float* panel, const float* x, int64_t K, O* out, int64_t ldo, int64_t cols) {
+  panel_body<qk::Lanes16, C>(panel, x, K, out, ldo, cols);
+}
+
+// The panel's rows a call takes: 6 with AVX2, 12 with AVX-512.
+template <bool Wide>
+constexpr int kPanelRows = Wide ? 12 : 6;
+
+// panel_rows of 1 to C activation rows.
+template <bool Wide, int C = kPanelRows<Wide>, typename O>
+void panel_rows_of(int64_t rows, const float* panel, const float* x, int64_t K, O* out, int64_t ldo, int64_t cols) {
+  if constexpr (C > 1)
+    if (rows < C) return panel_rows_of<Wide, C - 1>(rows, panel, x, K, out, ldo, cols);
+  if constexpr (Wide)
+    panel_rows_wide<C>(panel, x, K, out, ldo, cols);
+  else
+    panel_rows<C>(panel, x, K, out, ldo, cols);
+}
+
+template <bool Wide, typename T>
 at::Tensor panel_gemm(const at::Tensor& x, const T* w, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1);
+  constexpr int64_t width = Wide ? 32 : 16, C = kPanelRows<Wide>;
   const float* xp = float_rows(x);
   auto out = at::empty({M, N}, x.options());
   qk::with_dtype(x.scalar_type(), "linear", [&](auto tag) {
     using O = decltype(tag);
     O* op = out.data_ptr<O>();
-    qk::parallel_for(0, (N + 15) / 16, 1, [&](int64_t begin, int64_t end) {
+    qk::parallel_for(0, (N + width - 1) / width, 1, [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> panel;
-      panel.resize(K * 16);
+      panel.resize(K * width);
       for (int64_t b = begin; b < end; ++b) {
-        const int64_t cols = std::min<int64_t>(16, N - b * 16);
-        pack_panel(w + b * 16 * K, cols, K, panel.data());
-        for (int64_t m = 0; m < M; m += 6)
-          panel_rows_of(std::min<int64_t>(6, M - m), panel.data(), xp + m * K, K, op + m * N + b * 16, N, cols);
+        const int64_t cols = std::min(width, N - b * width);
+        pack_panel(w + b * width * K, cols, K, width, panel.data());
+        for (int64_t m = 0; m < M; m += C)
+          panel_rows_of<Wide>(std::min(C, M - m), panel.data(), xp + m * K, K, op + m * N + b * width, N, cols);
       }
     });
   });
   return out;
 }
 
-// 16-bit weights times many rows with AVX-512: float32 GEMM (MKL's AVX-512 one) on widened
-// tiles.
+// Float, bfloat16 or half weights times M activation rows: each row as a one-row step up
+// to kChainMaxRows, blocks of weight rows past a few activation rows (rows_dot) up to the
+// panels' threshold, packed panels from there.
 template <typename T>
-at::Tensor widened_gemm(const at::Tensor& x, const T* w, int64_t N) {
-  const int64_t K = x.size(1);
-  return tiled_gemm(x, N, [&](int64_t n, float* dst) {
-    for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(dst + k, load8(w + n * K + k));
-  });
+at::Tensor float_linear(const at::Tensor& x, const T* w, int64_t N) {
+  const int64_t M = x.size(0);
+  if (M <= kChainMaxRows) return float_matvec(x, w, N);
+  if (M < (avx512_products ? kWideRowDotMaxRows : kRowDotMaxRows)) return rows_dot(x, w, N);
+  // (ARM builds leave the AVX-512 form uninstantiated: see QK_X86.)
+  if constexpr (QK_X86)
+    if (avx512_products) return panel_gemm<true>(x, w, N);
+  return panel_gemm<false>(x, w, N);
 }
 
 }  // namespace
@@ -1778,31 +1778,15 @@ at::Tensor dense_linear(const at::Tensor& x_in, const at::Tensor& weight_in) {
   const auto x = x_in.contiguous();
   const int64_t N = weight.size(0), K = weight.size(1);
   check_rows(x, K, "dense_linear");
-  const int64_t M = x.size(0);
-  const bool chained = M <= kChainMaxRows;
-  const bool few = M < (avx512_products ? kWideRowDotMaxRows : kRowDotMaxRows);
   switch (weight.scalar_type()) {
-    case at::kFloat: {
-      const float* w = weight.data_ptr<float>();
-      if (chained) return float_matvec(x, w, N);
-      if (few) return rows_dot(x, w, N);
-      if (!avx512_products) return panel_gemm(x, w, N);
-      return transposed(at::mm(weight, x.to(at::kFloat).t()), x.scalar_type());
-    }
-    case at::kBFloat16: {
-      if (native_bf16_gemm && x.scalar_type() == at::kBFloat16 && M >= kNativeBf16GemmMinRows)
+    case at::kFloat:
+      return float_linear(x, weight.data_ptr<float>(), N);
+    case at::kBFloat16:
+      if (native_bf16_gemm && x.scalar_type() == at::kBFloat16 && x.size(0) >= kNativeBf16GemmMinRows)
         return at::mm(x, weight.t());
-      const auto* w = weight.data_ptr<c10::BFloat16>();
-      if (chained) return float_matvec(x, w, N);
-      if (few) return rows_dot(x, w, N);
-      return avx512_products ? widened_gemm(x, w, N) : panel_gemm(x, w, N);
-    }
-    case at::kHalf: {
-      const auto* w = weight.data_ptr<c10::Half>();
-      if (chained) return float_matvec(x, w, N);
-      if (few) return rows_dot(x, w, N);
-      return avx512_products ? widened_gemm(x, w, N) : panel_gemm(x, w, N);
-    }
+      return float_linear(x, weight.data_ptr<c10::BFloat16>(), N);
+    case at::kHalf:
+      return float_linear(x, weight.data_ptr<c10::Half>(), N);
     default:
       TORCH_CHECK(false, "dense_linear: weights must be float32, bfloat16 or float16");
   }
