@@ -125,10 +125,11 @@ inline float _mm512_reduce_add_ps(__m512 a) {
 
 // Linear layers, ``x [M, K] @ W.T -> [M, N]`` in x's dtype (linear.cpp). Below a
 // threshold of rows the weights stream once, each weight row against every activation
-// row; from it on a GEMM runs. Float and 16-bit weights widen tiles to float32 for
-// float32 GEMM, which costs a decode step's time or more, so streaming them wins up to
-// 63 rows on AVX2 and 31 where AVX-512 runs (linear.cpp's rows_dot; Qwen3-0.6B, 8 rows,
-// before it: 165 ms against 345 in bf16, 215 against 570 in float32). Quantized weights
+// row; from it on a GEMM runs. Float and 16-bit weights widen panels of weight rows to
+// float32 for a GEMM of our own (panel_gemm), which pays off over many rows, so streaming
+// them wins up to 63 rows on AVX2 and 31 where AVX-512 runs (linear.cpp's rows_dot;
+// Qwen3-0.6B, 8 rows, before it, against tiles widened for float32 GEMM: 165 ms against
+// 345 in bf16, 215 against 570 in float32). Quantized weights
 // multiply as integers with nothing widened, and their GEMM overtakes streaming at 6-7
 // rows on AVX2 (0.7x its speed at 4 rows, 1.25x at 8) and at 4 where it runs AVX512-VNNI.
 // What the kernels cover, checked here and exported to Python (bindings.cpp's LIMITS),
