@@ -112,18 +112,18 @@ _I8MM = (26, 1 << 13, "hw.optional.arm.FEAT_I8MM")
 
 @dataclasses.dataclass(frozen=True)
 class _Target:
-    """What a build for this CPU assumes: its name (a build cached in a home directory
-    that several machines share is then used only where its name's features hold), the
-    compiler flags, and the code each kind of work runs before the x86 extensions are
-    asked for."""
+    """What a build for this kind of CPU assumes: its name (one per architecture, so that
+    a home directory that machines of both share keeps a build of each), the compiler
+    flags, and the code each kind of work runs before the extensions (x86's AVX-512 and
+    VNNI, ARM's dot product and int8 matrix multiply) are asked for."""
 
     name: str
     flags: tuple[str, ...]
     variants: dict[str, str]
-    i8mm: bool = False
-    # int8/int4 weights in groups of 32 held interleaved by 16 rows (x16_linear_of: AVX2's
-    # maddubs or AVX512-VNNI; ARM's dot products take rows).
-    interleaves: bool = False
+    # ARM: the dot product and int8 matrix multiply asked for. x86: int8/int4 weights in
+    # groups of 32 held interleaved by 16 rows (x16_linear_of: AVX2's maddubs or
+    # AVX512-VNNI; ARM's dot products take rows).
+    arm: bool = False
 
 
 def _arm_has(feature: tuple[int, int, str]) -> bool:
@@ -169,23 +169,13 @@ def _target() -> _Target | str:
         variants["int8/int4 products (any rows, groups of 32)"] = "AVX2, 16 rows interleaved"
         variants["attention over a bf16 or int8 cache"] = "AVX2; int8 scores in integers"
         variants["bf16 products of 4+ rows"] = "AVX2; packed panels from 64 rows"
-        return _Target(
-            "qwen3chat_kernels", ("-mavx2", "-mfma", "-mf16c"), variants, interleaves=True
-        )
+        return _Target("qwen3chat_kernels", ("-mavx2", "-mfma", "-mf16c"), variants)
     if machine in ("aarch64", "arm64"):
         simde = _simde_flags()
         if simde is None:
             return f"SIMDe headers not found: {_SIMDE_HINT}"
         variants = dict.fromkeys(_WORK, "NEON (SIMDe)")
-        if not _arm_has(_DOTPROD):
-            return _Target("qwen3chat_kernels_neon", ("-march=armv8-a", *simde), variants)
-        variants["one-row int8/int4 products"] = "NEON dot product"
-        variants["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "NEON dot product"
-        if _arm_has(_I8MM):
-            variants["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "NEON int8 matrix multiply"
-            flags = ("-march=armv8.2-a+dotprod+i8mm", *simde)
-            return _Target("qwen3chat_kernels_i8mm", flags, variants, i8mm=True)
-        return _Target("qwen3chat_kernels_dotprod", ("-march=armv8.2-a+dotprod", *simde), variants)
+        return _Target("qwen3chat_kernels_arm64", ("-march=armv8-a", *simde), variants, arm=True)
     return f"no native kernels for {platform.machine()} CPUs"
 
 
@@ -244,7 +234,10 @@ def _module():
         module.set_native_bf16_gemm(bf16)
         module.set_avx512_vnni(vnni)
         module.set_avx_vnni(avx_vnni)
-        module.set_i8mm(target.i8mm)
+        dotprod = target.arm and _arm_has(_DOTPROD)
+        i8mm = dotprod and _arm_has(_I8MM)
+        module.set_dotprod(dotprod)
+        module.set_i8mm(i8mm)
         module.set_amx_int8(amx)
         module.set_avx512_attention(wide)
         module.set_avx512_rows(wide)
@@ -263,6 +256,11 @@ def _module():
             _CHOICES["bf16 products of 4+ rows"] = "AVX-512; packed panels from 32 rows"
         if avx_vnni:
             _CHOICES["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "AVX-VNNI"
+        if dotprod:
+            _CHOICES["one-row int8/int4 products"] = "NEON dot product"
+            _CHOICES["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "NEON dot product"
+        if i8mm:
+            _CHOICES["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "NEON int8 matrix multiply"
         if vnni:
             _CHOICES["int8/int4 GEMMs (8+ rows, 4+ with VNNI)"] = "AVX512-VNNI"
             _CHOICES["int8/int4 products (any rows, groups of 32)"] = (
@@ -331,7 +329,7 @@ def interleaves(device: torch.device | str) -> bool:
     if torch.device(device).type != "cpu" or native(torch.empty(0)) is None:
         return False
     target = _target()
-    return isinstance(target, _Target) and target.interleaves
+    return isinstance(target, _Target) and not target.arm
 
 
 def native(x: torch.Tensor):

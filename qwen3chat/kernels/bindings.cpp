@@ -37,8 +37,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_avx_vnni", &set_avx_vnni,
         "run integer GEMMs with AVX-VNNI where AVX512-VNNI's kernel does not run");
   m.def("cpu_avx_vnni", &cpu_avx_vnni, "whether the CPU has AVX-VNNI (cpuid)");
+  m.def("set_dotprod", &set_dotprod,
+        "run integer products with ARM's dot-product instruction (an ARM build; elsewhere nothing)");
   m.def("set_i8mm", &set_i8mm,
-        "run integer GEMMs with ARM's int8 matrix multiply (a build for it; elsewhere nothing)");
+        "run integer GEMMs with ARM's int8 matrix multiply (an ARM build; elsewhere nothing)");
   m.def("flush_subnormals", &flush_subnormals,
         "flush subnormal floats to zero on this thread and the parallel workers (x86)");
   m.def("set_amx_int8", &set_amx_int8,

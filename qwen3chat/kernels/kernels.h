@@ -3,8 +3,9 @@
 //
 // They are written in x86 intrinsics. Elsewhere (ARM) SIMDe's headers translate the same
 // calls to NEON, so one source serves both; the integer products have NEON dot-product
-// forms of their own (linear.cpp, QK_DOTPROD). Functions for instruction sets the build
-// does not assume carry QK_TARGET and run only where the CPU allows them.
+// and int8 matrix multiply forms of their own (linear.cpp, QK_DOT). Functions for
+// instruction sets the build does not assume carry QK_TARGET (QK_DOTPROD_BEGIN and
+// QK_I8MM_BEGIN on ARM) and run only where the CPU allows them.
 //
 // Each entry point opens a profiler scope, RECORD_FUNCTION("qwen3chat::<name>"), so that
 // torch's profiler (bench --profile) shows the time spent in the kernels, which it cannot
@@ -110,16 +111,23 @@ inline float _mm512_reduce_add_ps(__m512 a) {
 }
 #endif
 #endif
-#if defined(__ARM_FEATURE_DOTPROD)
+#if !QK_X86
 #include <arm_neon.h>
-#define QK_DOTPROD 1
+// ARM's dot product and int8 matrix multiply: the code between these compiles for them
+// alone, as QK_TARGET marks x86's, in a build for any 64-bit ARM CPU, and runs where the
+// CPU has them (set_dotprod, set_i8mm). A pragma, not an attribute, so that the lambdas
+// and templates defined there get the target too.
+#if defined(__clang__)
+#define QK_ARM_TARGET(features) \
+  _Pragma(QK_STRINGIFY(clang attribute push(__attribute__((target(features))), apply_to = function)))
+#define QK_ARM_END _Pragma("clang attribute pop")
 #else
-#define QK_DOTPROD 0
+#define QK_ARM_TARGET(features) _Pragma("GCC push_options") _Pragma(QK_STRINGIFY(GCC target(features)))
+#define QK_ARM_END _Pragma("GCC pop_options")
 #endif
-#if defined(__ARM_FEATURE_MATMUL_INT8)
-#define QK_I8MM 1
-#else
-#define QK_I8MM 0
+#define QK_STRINGIFY(x) #x
+#define QK_DOTPROD_BEGIN QK_ARM_TARGET("arch=armv8.2-a+dotprod")
+#define QK_I8MM_BEGIN QK_ARM_TARGET("arch=armv8.2-a+dotprod+i8mm")
 #endif
 
 
@@ -176,6 +184,7 @@ void set_avx_vnni(bool enabled);
 bool cpu_avx_vnni();
 // On ARM, integer GEMMs with the int8 matrix multiply (smmla) in a build for it (Python
 // turns it on where the CPU has it): bit for bit the dot-product kernel's results.
+void set_dotprod(bool enabled);
 void set_i8mm(bool enabled);
 // Subnormal floats flushed to zero on the calling thread and at::parallel_for's workers
 // (x86; elsewhere nothing): see subnormals.cpp. The pool's workers flush their own.

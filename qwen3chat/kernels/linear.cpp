@@ -212,11 +212,12 @@ inline __m256i dot_u8_i8(__m256i u, __m256i s) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-#if QK_DOTPROD
-// The block products below with ARM's dot-product instruction, which sums four signed
-// byte products into an int32 lane as maddubs and madd do in two steps (with weights as
-// they are, no sign trick): the same eight int32 sums, as two NEON vectors, which are
-// SIMDe's __m256i.
+#if !QK_X86
+QK_DOTPROD_BEGIN
+// ARM's dot-product instruction, for integer_row.inc's block products and
+// integer_rows.inc's kernel: it sums four signed byte products into an int32 lane as
+// maddubs and madd do in two steps (with weights as they are, no sign trick): the same
+// eight int32 sums, as two NEON vectors, which are SIMDe's __m256i.
 inline __m256i joined(int32x4_t low, int32x4_t high) {
   const int32x4_t halves[2] = {low, high};
   __m256i v;
@@ -240,190 +241,8 @@ inline __m256i sdot_broadcast(__m256i sums, const int8_t* w, __m256i x) {
   std::memcpy(xv, &x, sizeof(xv));
   return joined(vdotq_s32(s[0], wv, xv[0]), vdotq_s32(s[1], wv, xv[1]));
 }
+QK_ARM_END
 #endif
-
-// int8 weight row times int8 activations: sum over blocks b of
-// scale[b / per_group] * xd[b] * dot(w_b, x_b), dot(w_b, x_b) exact in int32.
-inline __m256i dot_i8_block(const int8_t* w, const int8_t* x) {
-#if QK_DOTPROD
-  const int32x4_t zero = vdupq_n_s32(0);
-  return joined(vdotq_s32(zero, vld1q_s8(w), vld1q_s8(x)),
-                vdotq_s32(zero, vld1q_s8(w + 16), vld1q_s8(x + 16)));
-#else
-  // maddubs takes one unsigned operand: |w| times x with w's sign.
-  const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  return dot_u8_i8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-#endif
-}
-
-// Codes of 32 int4 weights (16 bytes) times 32 int8 activations.
-inline __m256i dot_u4_block(const uint8_t* w, const int8_t* x) {
-#if QK_DOTPROD
-  const uint8x16_t bytes = vld1q_u8(w);
-  const int32x4_t zero = vdupq_n_s32(0);
-  return joined(sdot(zero, vandq_u8(bytes, vdupq_n_u8(0x0F)), x),
-                sdot(zero, vshrq_n_u8(bytes, 4), x + 16));
-#else
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
-  const __m256i codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes),
-                                         _mm256_set1_epi8(0x0F));
-  return dot_u8_i8(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-#endif
-}
-
-// Two consecutive int4 blocks (32 bytes) times their activations in pair order (see
-// quantize_rows): eight int32 sums, four of block b's products and four of block b + 1's.
-// The low nibbles are both blocks' codes 0-15 and the high ones their codes 16-31, so one
-// load and two masks give all 64 codes, and the two halves' int16 sums (at most
-// 4 * 15 * 128) add before one widening: 35% fewer instructions than a block at a time.
-// The codes are unpacked once (U4Pair) for every activation row they multiply.
-struct U4Pair {
-#if QK_DOTPROD
-  uint8x16_t low0, high0, low1, high1;
-#else
-  __m256i low, high;
-#endif
-};
-
-inline U4Pair unpack_u4_pair(const uint8_t* w) {
-#if QK_DOTPROD
-  const uint8x16_t mask = vdupq_n_u8(0x0F), b0 = vld1q_u8(w), b1 = vld1q_u8(w + 16);
-  return {vandq_u8(b0, mask), vshrq_n_u8(b0, 4), vandq_u8(b1, mask), vshrq_n_u8(b1, 4)};
-#else
-  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-  const __m256i mask = _mm256_set1_epi8(0x0F);
-  return {_mm256_and_si256(bytes, mask), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask)};
-#endif
-}
-
-inline __m256i dot_u4_pair(const U4Pair& w, const int8_t* x) {
-#if QK_DOTPROD
-  const int32x4_t zero = vdupq_n_s32(0);
-  return joined(sdot(sdot(zero, w.low0, x), w.high0, x + 32),
-                sdot(sdot(zero, w.low1, x + 16), w.high1, x + 48));
-#else
-  const __m256i sums = _mm256_add_epi16(
-      _mm256_maddubs_epi16(w.low, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
-      _mm256_maddubs_epi16(w.high, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
-  return _mm256_madd_epi16(sums, _mm256_set1_epi16(1));
-#endif
-}
-
-// One int4 row with a scale per block (Q4_0, Q4_1, Q4_K, --quantize int4) and an even
-// number of blocks B, against C activation rows in pair order (row c's codes at x + c * K,
-// its block scales and sums at xd + c * B and xsum + c * B): out[c] = the sum over blocks
-// of scale[b] * xd[b] * dot(b) + offset[b] * xsum[b], offset = zero - 8 * scale. Each
-// row's sums run in the same order whatever C is, so a row's result does not depend on
-// the rows beside it; the weight row's codes and scales are decoded once for all C (Zen 3,
-// [M, 1024] x [1024, 3072]: 1.2x at 2 and 7 rows, within the noise at 4).
-template <int C>
-inline void q4_pair_rows(const uint8_t* w, const c10::Half* scales, const c10::Half* zeros,
-                         int64_t B, const int8_t* x, const float* xd, const float* xsum, int64_t K,
-                         float* out) {
-  __m256 acc0[C], acc1[C], offsets[C];
-  for (int c = 0; c < C; ++c) acc0[c] = acc1[c] = offsets[c] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < B; b += 8) {
-    const int64_t n = std::min<int64_t>(8, B - b);
-    __m256 s, z = _mm256_setzero_ps(), d[C], sums[C];
-    if (n == 8) {
-      s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b)));
-      if (zeros != nullptr)
-        z = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zeros + b)));
-      for (int c = 0; c < C; ++c) {
-        d[c] = _mm256_loadu_ps(xd + c * B + b);
-        sums[c] = _mm256_loadu_ps(xsum + c * B + b);
-      }
-    } else {  // the last 2, 4 or 6 blocks; the lanes past them stay 0
-      alignas(32) float fs[8] = {}, fz[8] = {};
-      for (int64_t j = 0; j < n; ++j) {
-        fs[j] = qk::to_float(scales[b + j]);
-        fz[j] = zeros != nullptr ? qk::to_float(zeros[b + j]) : 0.0f;
-      }
-      s = _mm256_load_ps(fs), z = _mm256_load_ps(fz);
-      for (int c = 0; c < C; ++c) {
-        alignas(32) float fd[8] = {}, fx[8] = {};
-        for (int64_t j = 0; j < n; ++j) fd[j] = xd[c * B + b + j], fx[j] = xsum[c * B + b + j];
-        d[c] = _mm256_load_ps(fd), sums[c] = _mm256_load_ps(fx);
-      }
-    }
-    const __m256 offset = _mm256_fmadd_ps(s, _mm256_set1_ps(-8.0f), z);
-    __m256 combined[C];
-    for (int c = 0; c < C; ++c) {
-      offsets[c] = _mm256_fmadd_ps(offset, sums[c], offsets[c]);
-      combined[c] = _mm256_mul_ps(s, d[c]);
-    }
-    // Pair j / 2 takes lane j's scale for its first four sums and lane j + 1's for the rest.
-    auto pair = [&](int64_t j, __m256* acc) {
-      const U4Pair codes = unpack_u4_pair(w + (b + j) * 16);
-      const __m256i lane = _mm256_setr_epi32(j, j, j, j, j + 1, j + 1, j + 1, j + 1);
-      for (int c = 0; c < C; ++c) {
-        const __m256i dot = dot_u4_pair(codes, x + c * K + (b + j) * 32);
-        acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_permutevar8x32_ps(combined[c], lane),
-                                 acc[c]);
-      }
-    };
-    if (n == 8) {
-      pair(0, acc0), pair(2, acc1), pair(4, acc0), pair(6, acc1);
-    } else {
-      for (int64_t j = 0; j < n; j += 2) pair(j, acc0);
-    }
-  }
-  for (int c = 0; c < C; ++c) out[c] = hsum(_mm256_add_ps(_mm256_add_ps(acc0[c], acc1[c]), offsets[c]));
-}
-
-// One weight row of B blocks of 32 against quantized activations (codes x, block scales
-// xd): sum over blocks of scale(group of b) * xd[b] * block_dot(b). Eight blocks at a time
-// take their eight scales at once and alternate two accumulators, so no scalar work or
-// single dependency chain paces the loop: with one block per group (GGUF's Q8_0/Q4_0,
-// --quantize int4) and with groups of a multiple of eight blocks and no offsets
-// (--quantize int8's one scale per row: 10% faster than a group at a time).
-//
-// int4 rows also have offsets (zero - 8 * scale, per group; zeros null: all 0), which
-// multiply the groups' sums of the float activations, xsum.
-template <int BlockBytes, typename BlockDot>
-inline float quantized_row(const uint8_t* w, const c10::Half* scales, const c10::Half* zeros,
-                           int64_t B, int64_t per_group, const int8_t* x, const float* xd,
-                           const float* xsum, BlockDot block_dot) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, offsets = acc0;
-  float offset_sum = 0.0f;
-  int64_t b = 0;
-  if (per_group == 1 || (per_group % 8 == 0 && xsum == nullptr)) {
-    alignas(32) float combined[8];
-    for (; b + 8 <= B; b += 8) {
-      const __m256 s =
-          per_group == 1
-              ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b)))
-              : _mm256_set1_ps(qk::to_float(scales[b / per_group]));
-      _mm256_store_ps(combined, _mm256_mul_ps(s, _mm256_loadu_ps(xd + b)));
-      if (xsum != nullptr) {
-        __m256 o = _mm256_mul_ps(s, _mm256_set1_ps(-8.0f));
-        if (zeros != nullptr)
-          o = _mm256_add_ps(o, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zeros + b))));
-        offsets = _mm256_fmadd_ps(o, _mm256_loadu_ps(xsum + b), offsets);
-      }
-      for (int j = 0; j < 8; j += 2) {
-        const __m256i d0 = block_dot(w + (b + j) * BlockBytes, x + (b + j) * 32);
-        const __m256i d1 = block_dot(w + (b + j + 1) * BlockBytes, x + (b + j + 1) * 32);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(combined[j]), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(combined[j + 1]), acc1);
-      }
-    }
-  }
-  for (; b < B; b += per_group) {
-    __m256 part = _mm256_setzero_ps();
-    for (int64_t e = b; e < b + per_group; ++e) {
-      const __m256i d = block_dot(w + e * BlockBytes, x + e * 32);
-      part = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ss(xd + e), part);
-    }
-    const int64_t g = b / per_group;
-    const float scale = qk::to_float(scales[g]);
-    acc0 = _mm256_fmadd_ps(part, _mm256_set1_ps(scale), acc0);
-    if (xsum != nullptr)
-      offset_sum += ((zeros != nullptr ? qk::to_float(zeros[g]) : 0.0f) - 8.0f * scale) * xsum[g];
-  }
-  return hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), offsets)) + offset_sum;
-}
 
 void check_rows(const at::Tensor& x, int64_t K, const char* name) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && K % kMatrixColumnBlock == 0, name,
@@ -658,13 +477,21 @@ struct WeightRows {
   }
 };
 
-// integer_rows.inc's two builds (row_group_products): AVX2's, and AVX-VNNI's where the CPU
-// has it and AVX512-VNNI's kernel does not run (Intel's client CPUs since Alder Lake, its
-// E-core Xeons). AVX2's is inlined into the GEMM, as it was before the split (called, the
-// 0.6B shape's 16-row int4 feed-forward products took 1.4x as long); AVX-VNNI's, built for
-// more than its caller, cannot be. With AVX2 alone on an Intel Xeon (two cores, the 0.6B
-// shape's 28 layers of int4 feed-forward products): 128 rows 181-188 ms AVX2, 148-152
+// integer_rows.inc's builds (row_group_products): AVX2's, and on x86 AVX-VNNI's where the
+// CPU has it and AVX512-VNNI's kernel does not run (Intel's client CPUs since Alder Lake,
+// its E-core Xeons). AVX2's is inlined into the GEMM, as it was before the split (called,
+// the 0.6B shape's 16-row int4 feed-forward products took 1.4x as long); AVX-VNNI's, built
+// for more than its caller, cannot be. With AVX2 alone on an Intel Xeon (two cores, the
+// 0.6B shape's 28 layers of int4 feed-forward products): 128 rows 181-188 ms AVX2, 148-152
 // AVX-VNNI; 16 rows 26.3 and 24.1. Q8_0's: 128 rows 320 and 155, 16 rows 45.5 and 28.1.
+// On ARM, AVX2's is NEON through SIMDe, and integer_row.inc and integer_rows.inc are built
+// a second time for the dot product (QK_DOT), which runs where the CPU has it: one build
+// serves every 64-bit ARM CPU.
+#define QK_DOT 0
+namespace row_ints {
+#include "integer_row.inc"
+}  // namespace row_ints
+
 namespace ints {
 #define QK_INTS inline
 #define QK_AVX_VNNI 0
@@ -673,6 +500,7 @@ namespace ints {
 #undef QK_INTS
 }  // namespace ints
 
+#if QK_X86
 namespace ints_vnni {
 #define QK_INTS inline QK_TARGET("avx2,fma,f16c,avxvnni")
 #define QK_AVX_VNNI 1
@@ -680,11 +508,33 @@ namespace ints_vnni {
 #undef QK_AVX_VNNI
 #undef QK_INTS
 }  // namespace ints_vnni
+#undef QK_DOT
+#else
+#undef QK_DOT
+#define QK_DOT 1
+QK_DOTPROD_BEGIN
+namespace row_ints_dot {
+#include "integer_row.inc"
+}  // namespace row_ints_dot
+
+namespace ints_dot {
+#define QK_INTS inline
+#define QK_AVX_VNNI 0
+#include "integer_rows.inc"
+#undef QK_AVX_VNNI
+#undef QK_INTS
+}  // namespace ints_dot
+QK_ARM_END
+#undef QK_DOT
+#endif
+
+std::atomic<bool> dotprod{false};
 
 std::atomic<bool> avx_vnni{false};
 std::atomic<bool> i8mm{false};
 
-#if QK_I8MM
+#if !QK_X86
+QK_I8MM_BEGIN
 // row_group_products with ARM's int8 matrix multiply (FEAT_I8MM: Graviton 3 and 4, Apple
 // M2 on, Cortex-A510/A710/X2 on): smmla multiplies two rows of eight int8 codes by two
 // others into a 2 x 2 tile of int32 sums, 32 multiply-adds where sdot does 16. The
@@ -752,6 +602,7 @@ void row_group_products_i8mm(const RowGroups& x, int64_t group, int64_t K, const
       vst1q_f32(out[2 * q + 1] + 4 * half, vuzp2q_f32(acc[2 * half][q], acc[2 * half + 1][q]));
     }
 }
+QK_ARM_END
 #endif
 
 #define QK_VNNI QK_TARGET("avx512f,avx512bw,avx512vnni,fma")
@@ -898,7 +749,8 @@ at::Tensor integer_gemm_of(const at::Tensor& x, int64_t N, Expand expand, const 
                            int64_t row_bytes, bool zero_points) {
   constexpr bool vnni = G == kWideGroupRows;
   const bool with_avx_vnni = !vnni && avx_vnni;
-  const bool with_i8mm = QK_I8MM && !vnni && i8mm;
+  const bool with_dot = !QK_X86 && dotprod;
+  const bool with_i8mm = !QK_X86 && !vnni && i8mm;
   const bool biased = !Int4 && (vnni || with_avx_vnni);
   const int64_t M = x.size(0), K = x.size(1);
   const CodeLayout layout = Int4 && vnni ? CodeLayout::pair_steps
@@ -912,9 +764,49 @@ at::Tensor integer_gemm_of(const at::Tensor& x, int64_t N, Expand expand, const 
     qk::parallel_for(0, (N + R - 1) / R, 1, [&](int64_t begin, int64_t end) {
       WeightRows rows(K, R, vnni, biased, zero_points);
       const std::vector<int8_t> zero_row(K, 0);
+      // Group g's sums (out[j][i]: weight row n0 + j, activation row g * G + i) into the output.
+      int64_t n0 = 0, count = 0;
+      const auto store = [&](int64_t g, const float (&lanes)[R][G]) {
+        const int64_t live = std::min<int64_t>(G, M - g * G);
+        if (R == 8 && count == R) {  // an output row's 8 values at once: scalar conversions
+          const __m256i across = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                                    _mm256_set1_epi32(G));  // cost 10%
+          for (int64_t i = 0; i < live; ++i)
+            qk::store8(op + (g * G + i) * N + n0, _mm256_i32gather_ps(&lanes[0][i], across, 4));
+        } else if (R == 4 && G == 8 && count == R) {
+          // Output rows i and i + 4's four values from a 4 x 8 transpose, rounded eight at
+          // a time (converted one by one: the 0.6B shape's 28 layers of 16-row int4
+          // feed-forward products 1.04x as long on two AVX2 cores of an Intel Xeon).
+          const __m256 t0 = _mm256_unpacklo_ps(_mm256_load_ps(lanes[0]), _mm256_load_ps(lanes[1]));
+          const __m256 t1 = _mm256_unpackhi_ps(_mm256_load_ps(lanes[0]), _mm256_load_ps(lanes[1]));
+          const __m256 t2 = _mm256_unpacklo_ps(_mm256_load_ps(lanes[2]), _mm256_load_ps(lanes[3]));
+          const __m256 t3 = _mm256_unpackhi_ps(_mm256_load_ps(lanes[2]), _mm256_load_ps(lanes[3]));
+          const __m256 pairs[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                                   _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
+          for (int64_t i = 0; i < 4; ++i) {
+            alignas(32) T both[8];
+            qk::store8(both, pairs[i]);
+            for (int64_t half = 0; half < 2 && i + 4 * half < live; ++half)
+              std::memcpy(op + (g * G + i + 4 * half) * N + n0, both + 4 * half, 4 * sizeof(T));
+          }
+        } else {
+          for (int64_t i = 0; i < live; ++i)
+            for (int64_t j = 0; j < count; ++j)
+              op[(g * G + i) * N + n0 + j] = static_cast<T>(lanes[j][i]);
+        }
+      };
+      // The VNNI and int8 matrix multiply kernels a call per group; the others over every
+      // group in their own build (group_products).
       alignas(64) float lanes[R][G];
+      const auto by_group = [&](auto kernel) {
+        for (int64_t g = 0; g < groups.count; ++g) {
+          if (g == 1) rows.ahead = nullptr;  // asked for by the first group
+          kernel(g, lanes);
+          store(g, lanes);
+        }
+      };
       for (int64_t pass = begin; pass < end; ++pass) {
-        const int64_t n0 = pass * R, count = std::min<int64_t>(R, N - n0);
+        n0 = pass * R, count = std::min<int64_t>(R, N - n0);
         for (int64_t j = 0; j < R; ++j) {
           if (j < count) {
             expand(n0 + j, j, rows);
@@ -927,46 +819,19 @@ at::Tensor integer_gemm_of(const at::Tensor& x, int64_t N, Expand expand, const 
         const int64_t lines = (R * row_bytes + 63) / 64, B = K / 32;
         rows.ahead = static_cast<const char*>(weights) + (n0 + R) * row_bytes;
         rows.ahead_lines = (lines + B - 1) / B;
-        for (int64_t g = 0; g < groups.count; ++g) {
-          if (g == 1) rows.ahead = nullptr;  // asked for by the first group
-          if constexpr (vnni)
-            row_group_products_vnni<Int4>(groups, g, K, rows, lanes);
-#if QK_I8MM
-          else if (with_i8mm)
-            row_group_products_i8mm<Int4>(groups, g, K, rows, lanes);
+        if constexpr (vnni)
+          by_group([&](int64_t g, auto& out) { row_group_products_vnni<Int4>(groups, g, K, rows, out); });
+#if QK_X86
+        else if (with_avx_vnni)
+          ints_vnni::group_products<Int4>(groups, K, rows, store);
+#else
+        else if (with_i8mm)
+          by_group([&](int64_t g, auto& out) { row_group_products_i8mm<Int4>(groups, g, K, rows, out); });
+        else if (with_dot)
+          ints_dot::group_products<Int4>(groups, K, rows, store);
 #endif
-          else if (with_avx_vnni)
-            ints_vnni::row_group_products<Int4>(groups, g, K, rows, lanes);
-          else
-            ints::row_group_products<Int4>(groups, g, K, rows, lanes);
-          const int64_t live = std::min<int64_t>(G, M - g * G);
-          if (R == 8 && count == R) {  // an output row's 8 values at once: scalar conversions
-            const __m256i across = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                                      _mm256_set1_epi32(G));  // cost 10%
-            for (int64_t i = 0; i < live; ++i)
-              qk::store8(op + (g * G + i) * N + n0, _mm256_i32gather_ps(&lanes[0][i], across, 4));
-          } else if (R == 4 && G == 8 && count == R) {
-            // Output rows i and i + 4's four values from a 4 x 8 transpose, rounded eight at
-            // a time (converted one by one: the 0.6B shape's 28 layers of 16-row int4
-            // feed-forward products 1.04x as long on two AVX2 cores of an Intel Xeon).
-            const __m256 t0 = _mm256_unpacklo_ps(_mm256_load_ps(lanes[0]), _mm256_load_ps(lanes[1]));
-            const __m256 t1 = _mm256_unpackhi_ps(_mm256_load_ps(lanes[0]), _mm256_load_ps(lanes[1]));
-            const __m256 t2 = _mm256_unpacklo_ps(_mm256_load_ps(lanes[2]), _mm256_load_ps(lanes[3]));
-            const __m256 t3 = _mm256_unpackhi_ps(_mm256_load_ps(lanes[2]), _mm256_load_ps(lanes[3]));
-            const __m256 pairs[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
-                                     _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
-            for (int64_t i = 0; i < 4; ++i) {
-              alignas(32) T both[8];
-              qk::store8(both, pairs[i]);
-              for (int64_t half = 0; half < 2 && i + 4 * half < live; ++half)
-                std::memcpy(op + (g * G + i + 4 * half) * N + n0, both + 4 * half, 4 * sizeof(T));
-            }
-          } else {
-            for (int64_t i = 0; i < live; ++i)
-              for (int64_t j = 0; j < count; ++j)
-                op[(g * G + i) * N + n0 + j] = static_cast<T>(lanes[j][i]);
-          }
-        }
+        else
+          ints::group_products<Int4>(groups, K, rows, store);
       }
     });
   });
@@ -1755,7 +1620,9 @@ void set_avx512_vnni(bool enabled) { avx512_vnni = enabled; }
 
 void set_avx_vnni(bool enabled) { avx_vnni = enabled; }
 
-void set_i8mm(bool enabled) { i8mm = QK_I8MM && enabled; }
+void set_dotprod(bool enabled) { dotprod = !QK_X86 && enabled; }
+
+void set_i8mm(bool enabled) { i8mm = !QK_X86 && enabled; }
 
 bool cpu_avx_vnni() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -1857,11 +1724,12 @@ at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const a
   const int8_t* cp = codes.data_ptr<int8_t>();
   const c10::Half* sp = scales.data_ptr<c10::Half>();
   if (x.size(0) >= integer_gemm_min_rows<false>(K)) {
+    const bool unsigned_codes = QK_X86 || !dotprod;
     return integer_gemm<false>(x, N, [&](int64_t n, int64_t j, WeightRows& rows) {
       const int8_t* row = cp + n * K;
       const __m256i sign_bits = _mm256_set1_epi8(static_cast<char>(0x80));
-      // ARM's kernels take the codes as they are (signed_codes).
-      for (int64_t k = 0; k < (QK_DOTPROD ? 0 : K); k += 32) {
+      // ARM's dot-product kernels take the codes as they are (signed_codes).
+      for (int64_t k = 0; k < (unsigned_codes ? K : 0); k += 32) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows.unsigned_codes.data() + j * K + k),
                             rows.biased ? _mm256_xor_si256(v, sign_bits) : _mm256_abs_epi8(v));
@@ -1873,18 +1741,10 @@ at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& codes_in, const a
           [](int64_t) { return 0.0f; });
     }, cp, K);
   }
-  const auto xq = quantize_rows(float_rows(x), x.size(0), K, false);
-  const int64_t B = K / 32, per_group = group / 32;
-  return matvec(
-      x, N,
-      [&](int64_t n, int64_t m) {
-        return quantized_row<32>(reinterpret_cast<const uint8_t*>(cp + n * K), sp + n * G, nullptr,
-                                 B, per_group, xq.codes + m * K, xq.scales + m * B, nullptr,
-                                 [](const uint8_t* w, const int8_t* v) {
-                                   return dot_i8_block(reinterpret_cast<const int8_t*>(w), v);
-                                 });
-      },
-      cp, K);
+#if !QK_X86
+  if (dotprod) return row_ints_dot::q8_rows(x, cp, sp, N, group);
+#endif
+  return row_ints::q8_rows(x, cp, sp, N, group);
 }
 
 
@@ -1958,32 +1818,8 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const 
                       [&](int64_t g) { return offset(n * G + g); });
     }, pp, K / 2, has_zeros);
   }
-  // sum(w * x) over a block = scale * sum(code * x) + offset * sum(x): the offsets
-  // multiply each group's sum of the float activations.
-  const int64_t M = x.size(0), B = K / 32, per_group = group / 32;
-  const bool pairs = per_group == 1 && B % 2 == 0;
-  const auto xq = quantize_rows(float_rows(x), M, K, pairs);
-  thread_local std::vector<float> group_sums;
-  group_sums.assign(M * G, 0.0f);
-  for (int64_t b = 0; b < M * B; ++b) group_sums[b / per_group] += xq.sums[b];
-  const float* xs = group_sums.data();
-  if (pairs) {
-    return matvec(
-        x, N,
-        [&](int64_t n, int64_t m, int64_t count, float* out) {
-          const auto rows = std::array{q4_pair_rows<1>, q4_pair_rows<2>, q4_pair_rows<3>,
-                                       q4_pair_rows<4>}[count - 1];
-          rows(pp + n * K / 2, sp + n * G, zp == nullptr ? nullptr : zp + n * G, B,
-               xq.codes + m * K, xq.scales + m * B, xs + m * G, K, out);
-        },
-        pp, K / 2);
-  }
-  return matvec(
-      x, N,
-      [&](int64_t n, int64_t m) {
-        return quantized_row<16>(pp + n * K / 2, sp + n * G, zp == nullptr ? nullptr : zp + n * G,
-                                 B, per_group, xq.codes + m * K, xq.scales + m * B, xs + m * G,
-                                 dot_u4_block);
-      },
-      pp, K / 2);
+#if !QK_X86
+  if (dotprod) return row_ints_dot::q4_rows(x, pp, sp, zp, N, group);
+#endif
+  return row_ints::q4_rows(x, pp, sp, zp, N, group);
 }
