@@ -113,21 +113,24 @@ inline float _mm512_reduce_add_ps(__m512 a) {
 #endif
 #if !QK_X86
 #include <arm_neon.h>
-// ARM's dot product and int8 matrix multiply: the code between these compiles for them
-// alone, as QK_TARGET marks x86's, in a build for any 64-bit ARM CPU, and runs where the
-// CPU has them (set_dotprod, set_i8mm). A pragma, not an attribute, so that the lambdas
-// and templates defined there get the target too.
+// ARM's dot product and int8 matrix multiply: the code between QK_DOTPROD_BEGIN (or
+// QK_I8MM_BEGIN) and QK_ARM_END compiles for them alone, as QK_TARGET marks x86's, in a
+// build for any 64-bit ARM CPU, and runs where the CPU has them (set_dotprod, set_i8mm). A
+// pragma, not an attribute, so that the lambdas and templates defined there get the target
+// too. clang's needs an arm_neon.h that declares the intrinsics for such functions
+// (clang 22 does; clang 14 declares them only in a file compiled for them).
+#define QK_STRINGIFY(x) #x
 #if defined(__clang__)
-#define QK_ARM_TARGET(features) \
-  _Pragma(QK_STRINGIFY(clang attribute push(__attribute__((target(features))), apply_to = function)))
+#define QK_ARM_TARGET(for_gcc, for_clang) \
+  _Pragma(QK_STRINGIFY(clang attribute push(__attribute__((target(for_clang))), apply_to = function)))
 #define QK_ARM_END _Pragma("clang attribute pop")
 #else
-#define QK_ARM_TARGET(features) _Pragma("GCC push_options") _Pragma(QK_STRINGIFY(GCC target(features)))
+#define QK_ARM_TARGET(for_gcc, for_clang) \
+  _Pragma("GCC push_options") _Pragma(QK_STRINGIFY(GCC target(for_gcc)))
 #define QK_ARM_END _Pragma("GCC pop_options")
 #endif
-#define QK_STRINGIFY(x) #x
-#define QK_DOTPROD_BEGIN QK_ARM_TARGET("arch=armv8.2-a+dotprod")
-#define QK_I8MM_BEGIN QK_ARM_TARGET("arch=armv8.2-a+dotprod+i8mm")
+#define QK_DOTPROD_BEGIN QK_ARM_TARGET("arch=armv8.2-a+dotprod", "dotprod")
+#define QK_I8MM_BEGIN QK_ARM_TARGET("arch=armv8.2-a+dotprod+i8mm", "dotprod,i8mm")
 #endif
 
 
