@@ -479,14 +479,14 @@ struct WeightRows {
 
 // integer_rows.inc's builds (row_group_products): AVX2's, and on x86 AVX-VNNI's where the
 // CPU has it and AVX512-VNNI's kernel does not run (Intel's client CPUs since Alder Lake,
-// its E-core Xeons). AVX2's is inlined into the GEMM, as it was before the split (called,
-// the 0.6B shape's 16-row int4 feed-forward products took 1.4x as long); AVX-VNNI's, built
-// for more than its caller, cannot be. With AVX2 alone on an Intel Xeon (two cores, the
-// 0.6B shape's 28 layers of int4 feed-forward products): 128 rows 181-188 ms AVX2, 148-152
-// AVX-VNNI; 16 rows 26.3 and 24.1. Q8_0's: 128 rows 320 and 155, 16 rows 45.5 and 28.1.
-// On ARM, AVX2's is NEON through SIMDe, and integer_row.inc and integer_rows.inc are built
-// a second time for the dot product (QK_DOT), which runs where the CPU has it: one build
-// serves every 64-bit ARM CPU.
+// its E-core Xeons). Each runs over a pass's groups in its own build (group_products), so
+// each is inlined there, AVX-VNNI's too, which is built for more than the GEMM (called once
+// a group, AVX2's 16-row int4 products took 1.3-1.4x as long). With AVX2 alone on an
+// Intel Xeon (two cores, the 0.6B shape's 28 layers of int4 feed-forward products): 128
+// rows 181-188 ms AVX2, 148-152 AVX-VNNI; 16 rows 26.3 and 24.1. Q8_0's: 128 rows 320 and
+// 155, 16 rows 45.5 and 28.1. On ARM, AVX2's is NEON through SIMDe, and integer_row.inc
+// and integer_rows.inc are built a second time for the dot product (QK_DOT), which runs
+// where the CPU has it: one build serves every 64-bit ARM CPU.
 #define QK_DOT 0
 namespace row_ints {
 #include "integer_row.inc"
