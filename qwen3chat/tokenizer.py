@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import lzma
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -21,6 +23,33 @@ _DEFAULT_STOPS = ("<|im_end|>", "<|endoftext|>")
 _QWEN3_ASSET = "assets/qwen3-tokenizer.json.xz"
 # Qwen3's tokenizer_config.json names these; there is no bos.
 _QWEN3_SPECIAL = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+
+# The last few tokenizers built, by a digest of what they were built from: parsing
+# Qwen's 151k merges takes 0.4 s, once per process for each distinct tokenizer, not once
+# per model loaded (a draft model beside its target; a server's or a worker's models).
+# Nothing changes a built tokenizer, so models share it.
+_BUILT: dict[bytes, HFTokenizer] = {}
+_KEEP_BUILT = 4
+
+
+def digest(*parts: bytes) -> bytes:
+    """What a tokenizer is built from, as _BUILT's key."""
+    hasher = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        hasher.update(len(part).to_bytes(8, "little"))
+        hasher.update(part)
+    return hasher.digest()
+
+
+def shared_backend(key: bytes, build: Callable[[], HFTokenizer]) -> HFTokenizer:
+    """The tokenizer built from what ``key`` digests: ``build()``'s, once per process."""
+    backend = _BUILT.pop(key, None)
+    if backend is None:
+        backend = build()
+    _BUILT[key] = backend  # the most recent last
+    while len(_BUILT) > _KEEP_BUILT:
+        del _BUILT[next(iter(_BUILT))]
+    return backend
 
 
 class Tokenizer:
@@ -61,7 +90,10 @@ class Tokenizer:
         if not path.is_file():
             raise QwenChatError(f"{path}: not found; the model directory needs it")
         try:
-            backend = HFTokenizer.from_file(str(path))
+            data = path.read_bytes()
+            backend = shared_backend(
+                digest(data), lambda: HFTokenizer.from_str(data.decode("utf-8"))
+            )
         except Exception as e:  # tokenizers raises plain Exception on bad JSON
             raise QwenChatError(f"{path}: not a valid tokenizer.json ({e})") from None
         config = read_json(directory / "tokenizer_config.json")
@@ -77,7 +109,9 @@ class Tokenizer:
     def builtin_qwen3(cls, template: str = "qwen3") -> Tokenizer:
         """The packaged Qwen3 tokenizer with a builtin template and the default stops."""
         packed = resources.files("qwen3chat").joinpath(_QWEN3_ASSET).read_bytes()
-        backend = HFTokenizer.from_str(lzma.decompress(packed).decode("utf-8"))
+        backend = shared_backend(
+            digest(packed), lambda: HFTokenizer.from_str(lzma.decompress(packed).decode("utf-8"))
+        )
         return cls(backend, None, dict(_QWEN3_SPECIAL), builtin=template)
 
     @property

@@ -250,6 +250,14 @@ def test_tokenizer_from_metadata_equals_tokenizer_json(gguf_dir, tokenizer_dir, 
     assert rebuilt.render(messages, False) == tokenizer.render(messages, False)
 
 
+def test_files_of_one_tokenizer_share_its_rebuild(gguf_dir, tokenizer_dir):
+    """Two files with the same tokenizer metadata (one model's F32 and Q8_0 files) rebuild
+    it once: their models share it."""
+    first, second = (make_file(gguf_dir, tokenizer_dir, qtype)[0] for qtype in (T.F32, T.Q8_0))
+    loaded = [load_model(path, device="cpu", dtype="float32") for path in (first, second)]
+    assert loaded[0].tokenizer.backend is loaded[1].tokenizer.backend
+
+
 def test_vocabulary_fields_are_dropped_before_the_weights_load(
     gguf_dir, tokenizer_dir, monkeypatch
 ):

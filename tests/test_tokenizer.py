@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import lzma
+import shutil
 import unicodedata
 
 import pytest
@@ -48,6 +50,23 @@ def test_the_packaged_tokenizer_encodes_chats_as_the_fixture_directory_does(toke
         assert builtin.encode_chat(messages, thinking) == expected
     assert builtin.stop_ids == tokenizer.stop_ids == [151643, 151645]
     assert builtin.vocab_size == tokenizer.vocab_size
+
+
+def test_models_of_one_tokenizer_share_its_parse(tokenizer_dir, tmp_path):
+    """Folders holding the same tokenizer.json bytes (a draft model beside its target) share
+    one parsed tokenizer; a file that differs is parsed for itself."""
+    copy, other = tmp_path / "copy", tmp_path / "other"
+    copy.mkdir(), other.mkdir()
+    shutil.copy(tokenizer_dir / "tokenizer.json", copy / "tokenizer.json")
+    data = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    (think,) = [t for t in data["added_tokens"] if t["content"] == "<think>"]
+    think["content"] = "<reason>"
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    first, second, third = (Tokenizer.from_dir(d) for d in (tokenizer_dir, copy, other))
+    assert second.backend is first.backend
+    assert third.backend is not first.backend
+    assert (first.token_id("<reason>"), third.token_id("<reason>")) == (None, 151667)
+    assert Tokenizer.builtin_qwen3().backend is Tokenizer.builtin_qwen3().backend
 
 
 def test_text_presets_fit_the_packaged_tokenizer():

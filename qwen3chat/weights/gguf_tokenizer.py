@@ -14,7 +14,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import QwenChatError
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, digest, shared_backend
 from .gguf import metadata
 
 # The split regex of each supported `tokenizer.ggml.pre` (llama.cpp's names).
@@ -39,6 +39,27 @@ def tokenizer_from_gguf(reader: GGUFReader, path: Path) -> Tokenizer:
     merges = metadata(reader, "tokenizer.ggml.merges") or []
     if not tokens or len(types) != len(tokens):
         raise QwenChatError(f"{path}: tokenizer metadata is incomplete")
+    built_from = digest(
+        f"{pre} {len(tokens)} {len(merges)}".encode(),
+        "\0".join(tokens).encode(),
+        bytes(int(kind) for kind in types),
+        "\0".join(merges).encode(),
+    )
+    backend = shared_backend(built_from, lambda: _bpe(tokens, types, merges, pre, path))
+
+    def token(key):
+        index = metadata(reader, f"tokenizer.ggml.{key}_token_id")
+        return tokens[index] if index is not None and index < len(tokens) else None
+
+    special = {"bos_token": token("bos"), "eos_token": token("eos"), "pad_token": token("padding")}
+    template = metadata(reader, "tokenizer.chat_template")
+    eos = metadata(reader, "tokenizer.ggml.eos_token_id")
+    eot = metadata(reader, "tokenizer.ggml.eot_token_id")
+    return Tokenizer(backend, template, special, [i for i in (eos, eot) if i is not None])
+
+
+def _bpe(tokens: list[str], types: list, merges: list[str], pre: str, path: Path) -> HFTokenizer:
+    """tokenizer.json's pipeline over the file's vocabulary, merges and added tokens."""
     vocab, added = {}, []
     for i, (token, kind) in enumerate(zip(tokens, types, strict=True)):
         if kind == TokenType.UNUSED:  # the converter's [PAD] rows up to the embedding size
@@ -63,13 +84,4 @@ def tokenizer_from_gguf(reader: GGUFReader, path: Path) -> Tokenizer:
         if backend.get_vocab_size(with_added_tokens=True) != i:
             raise QwenChatError(f"{path}: added token {token!r} is out of order")
         backend.add_tokens([AddedToken(token, special=special, normalized=False)])
-
-    def token(key):
-        index = metadata(reader, f"tokenizer.ggml.{key}_token_id")
-        return tokens[index] if index is not None and index < len(tokens) else None
-
-    special = {"bos_token": token("bos"), "eos_token": token("eos"), "pad_token": token("padding")}
-    template = metadata(reader, "tokenizer.chat_template")
-    eos = metadata(reader, "tokenizer.ggml.eos_token_id")
-    eot = metadata(reader, "tokenizer.ggml.eot_token_id")
-    return Tokenizer(backend, template, special, [i for i in (eos, eot) if i is not None])
+    return backend
