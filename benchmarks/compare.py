@@ -4,7 +4,8 @@ Builds a random-weight checkpoint of a real Qwen3 (or Qwen3.5/3.6/Qwen3-Next) sh
 (bf16 SafeTensors, the real tokenizer; GGUF files written from it the way llama.cpp's
 converter writes them), then
 runs each system in its own process on the same prompt, so peak RSS is per system.
-Writes a Markdown table to docs/benchmarks.md.
+Writes a Markdown table to docs/benchmarks.md in place of its first section (the
+sections after it, earlier runs and notes written by hand, are kept).
 
     python benchmarks/compare.py                       # Qwen3-0.6B shape, the default rows
     python benchmarks/compare.py --runs qwen3chat:bfloat16,qwen3chat:gguf-Q4_0 --rounds 5
@@ -401,10 +402,14 @@ def write_table(args, rows, weight_bytes) -> None:
     )
     table = "\n".join(lines) + "\n"
     print(table)
-    out = Path(args.out)
+    write_section(Path(args.out), "Benchmarks", "benchmarks/compare.py", table)
+
+
+def write_section(out: Path, title: str, script: str, table: str) -> None:
+    """Writes ``table`` (one ``## `` section) to ``out`` in place of its first section. The
+    sections after it (earlier runs, notes) are written by hand: kept."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    header = "# Benchmarks\n\nWritten by `benchmarks/compare.py`; rerun it to refresh.\n\n"
-    # The sections after this table (other runs, notes) are written by hand: kept.
+    header = f"# {title}\n\nWritten by `{script}`; rerun it to refresh.\n\n"
     notes = ""
     if out.is_file():
         previous = out.read_text(encoding="utf-8")

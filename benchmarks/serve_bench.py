@@ -39,7 +39,8 @@ then `cmake -S vendor/llama.cpp -B build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHAR
 -DGGML_AMX_BF16=OFF` where cpuid reports AMX that the VM refuses (SIGILL), and
 `cmake --build build --target llama-server -j2`.
 
-Writes a Markdown table (and ratios) to docs/serve_benchmark.md and prints it. The client
+Writes a Markdown table (and ratios) to docs/serve_benchmark.md in place of its first
+section, keeping the sections after it (earlier runs, notes), and prints it. The client
 runs on the same CPUs as the server, but only parses a few hundred small events a second.
 """
 
@@ -64,7 +65,7 @@ import httpx
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from compare import ROOT, build_checkpoint, build_gguf  # noqa: E402
+from compare import ROOT, build_checkpoint, build_gguf, write_section  # noqa: E402
 
 from qwen3chat import peer_environment  # noqa: E402
 from qwen3chat.bench.run import cpu_model  # noqa: E402
@@ -369,12 +370,7 @@ def write_report(args, systems: list[str], results: dict, notes: list[str]) -> N
     )
     table = "\n".join(lines) + "\n"
     print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    header = (
-        "# Serving benchmark\n\nWritten by `benchmarks/serve_bench.py`; rerun it to refresh.\n\n"
-    )
-    out.write_text(header + table, encoding="utf-8")
+    write_section(Path(args.out), "Serving benchmark", "benchmarks/serve_bench.py", table)
 
 
 def main() -> None:
