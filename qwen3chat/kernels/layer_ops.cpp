@@ -576,46 +576,6 @@ QK_VNNI_ATTENTION inline __m512 row_scales(const int8_t* row, int64_t D) {
   return _mm512_cvtph_ps(halves);
 }
 
-// The scores of J keys (rows `stride` apart) for G query heads (cache rows q, `width`
-// bytes apart): scores [G, padded]. D a multiple of 64: a vector holds two blocks.
-template <int G, int J>
-QK_VNNI_ATTENTION void scores_vnni(const int8_t* q, int64_t width, const int8_t* keys,
-                                   int64_t stride, int64_t D, float* scores, int64_t padded) {
-  __m512 acc[G][J], key_scales[J], query_scales[G];
-  for (int j = 0; j < J; ++j) key_scales[j] = row_scales(keys + j * stride, D);
-  for (int g = 0; g < G; ++g) {
-    query_scales[g] = row_scales(q + g * width, D);
-    for (int j = 0; j < J; ++j) acc[g][j] = _mm512_setzero_ps();
-  }
-  // Lanes 0-7 hold block 2c's sums, lanes 8-15 block 2c + 1's.
-  const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), zero = _mm512_setzero_si512();
-  for (int64_t c = 0; c < D / 64; ++c) {
-    const __m512i blocks = _mm512_add_epi32(halves, _mm512_set1_epi32(static_cast<int>(2 * c)));
-    __m512i codes[G], start[G];
-    __m512 q_scale[G];
-    for (int g = 0; g < G; ++g) {
-      codes[g] = _mm512_loadu_si512(q + g * width + 64 * c);
-      start[g] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, codes[g]));
-      q_scale[g] = _mm512_permutexvar_ps(blocks, query_scales[g]);
-    }
-    for (int j = 0; j < J; ++j) {
-      const __m512i key = _mm512_xor_si512(_mm512_loadu_si512(keys + j * stride + 64 * c), flip);
-      const __m512 k_scale = _mm512_permutexvar_ps(blocks, key_scales[j]);
-      for (int g = 0; g < G; ++g) {
-        const __m512i sums = _mm512_dpbusd_epi32(start[g], key, codes[g]);
-        acc[g][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(k_scale, q_scale[g]), acc[g][j]);
-      }
-    }
-  }
-  for (int g = 0; g < G; ++g) {
-    if constexpr (J == 4)
-      _mm_storeu_ps(scores + g * padded, hsum4_512(acc[g][0], acc[g][1], acc[g][2], acc[g][3]));
-    else
-      scores[g * padded] = _mm512_reduce_add_ps(acc[g][0]);
-  }
-}
-
 // Blocks of at most this many rows have the next block's rows asked for while their own
 // are read (paged caches' blocks): 16 sequences' ~100 positions of paged attention on two
 // cores, 10-15% faster, as the loads of one block no longer wait for the math of the
@@ -734,6 +694,62 @@ auto scores_int_of(int64_t D) {
                  : (D == 128 ? scores_int<G, J, 128> : (D == 256 ? scores_int<G, J, 256> : scores_int<G, J, 512>));
 }
 
+// The scores of `count` keys (rows `stride` apart), J (4 or 1) at a time, for G query heads
+// (cache rows q, `width` bytes apart) of head_dim D (a multiple of 64: a vector holds two
+// blocks): scores [G, padded]. A call runs a tile of keys (block_scores_int), the queries'
+// codes, starting sums and scales taken once, and asks for `ahead`'s rows as it goes: one
+// call per four keys spent a third of its time reducing each call's sums and reloading
+// what the compiler had spilled (`perf`).
+template <int G, int J, int64_t D>
+QK_VNNI_ATTENTION void scores_vnni(const int8_t* q, int64_t width, const int8_t* keys, int64_t stride,
+                                   int64_t count, float* scores, int64_t padded, RowsAhead<int8_t> ahead) {
+  constexpr int64_t C = D / 64;
+  // Lanes 0-7 hold block 2c's sums, lanes 8-15 block 2c + 1's.
+  const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), zero = _mm512_setzero_si512();
+  __m512i blocks[C], codes[G][C], start[G][C];
+  __m512 q_scale[G][C];
+  for (int64_t c = 0; c < C; ++c) blocks[c] = _mm512_add_epi32(halves, _mm512_set1_epi32(static_cast<int>(2 * c)));
+  for (int g = 0; g < G; ++g) {
+    const __m512 scales = row_scales(q + g * width, D);
+    for (int64_t c = 0; c < C; ++c) {
+      codes[g][c] = _mm512_loadu_si512(q + g * width + 64 * c);
+      start[g][c] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, codes[g][c]));
+      q_scale[g][c] = _mm512_permutexvar_ps(blocks[c], scales);
+    }
+  }
+  for (int64_t l = 0; l < count; l += J, keys += J * stride, scores += J) {
+    if (l < ahead.count) prefetch_rows(ahead.rows + l * stride, std::min<int64_t>(J, ahead.count - l), stride);
+    __m512 acc[G][J];
+    for (int j = 0; j < J; ++j) {
+      const int8_t* row = keys + j * stride;
+      const __m512 key_scales = row_scales(row, D);
+      for (int g = 0; g < G; ++g) acc[g][j] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < C; ++c) {
+        const __m512i key = _mm512_xor_si512(_mm512_loadu_si512(row + 64 * c), flip);
+        const __m512 k_scale = _mm512_permutexvar_ps(blocks[c], key_scales);
+        for (int g = 0; g < G; ++g) {
+          const __m512i sums = _mm512_dpbusd_epi32(start[g][c], key, codes[g][c]);
+          acc[g][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(k_scale, q_scale[g][c]), acc[g][j]);
+        }
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      if constexpr (J == 4)
+        _mm_storeu_ps(scores + g * padded, hsum4_512(acc[g][0], acc[g][1], acc[g][2], acc[g][3]));
+      else
+        scores[g * padded] = _mm512_reduce_add_ps(acc[g][0]);
+    }
+  }
+}
+
+// scores_vnni of head_dim D.
+template <int G, int J>
+auto scores_vnni_of(int64_t D) {
+  return D == 64 ? scores_vnni<G, J, 64>
+                 : (D == 128 ? scores_vnni<G, J, 128> : (D == 256 ? scores_vnni<G, J, 256> : scores_vnni<G, J, 512>));
+}
+
 template <typename K>
 QK_AVX512 float score_wide(const float* query, const K* key, int64_t D) {
   __m512 a = _mm512_setzero_ps();
@@ -832,25 +848,30 @@ float score_of_key(const float* query, const K* key, int64_t D) {
   return hsum(a);
 }
 
-// AVX2's integer scores (scores_int) of L contiguous keys for every query head of one KV
-// head, kKeyTile keys a call: the first pair of heads asks for `ahead`'s rows, the others
-// read the tile's keys from L1.
+// The integer scores of L contiguous keys for every query head of one KV head: AVX512-VNNI's
+// (scores_vnni) where AVX-512 attention runs (`wide`), else AVX2's (scores_int), kKeyTile
+// keys a call: the first pair of heads asks for `ahead`'s rows, the others read the tile's
+// keys from L1.
 constexpr int64_t kKeyTile = 64;
 
 void block_scores_int(const int8_t* q_rows, int64_t groups, const int8_t* keys, int64_t stride,
-                      int64_t L, int64_t D, float* scores, int64_t padded, RowsAhead<int8_t> ahead) {
+                      int64_t L, int64_t D, float* scores, int64_t padded, bool wide,
+                      RowsAhead<int8_t> ahead) {
+  const auto two = wide ? scores_vnni_of<2, 4>(D) : scores_int_of<2, 4>(D);
+  const auto one = wide ? scores_vnni_of<1, 4>(D) : scores_int_of<1, 4>(D);
+  const auto single = wide ? scores_vnni_of<1, 1>(D) : scores_int_of<1, 1>(D);
   const int64_t q_width = kv_row_width(D, at::kChar), whole = L / 4 * 4;
   for (int64_t t = 0; t < whole; t += kKeyTile) {
     const RowsAhead<int8_t> tile{ahead.count > t ? ahead.rows + t * stride : nullptr, ahead.count - t};
     for (int64_t g = 0; g < groups; g += 2)
-      (groups - g >= 2 ? scores_int_of<2, 4>(D) : scores_int_of<1, 4>(D))(
-          q_rows + g * q_width, q_width, keys + t * stride, stride, std::min(kKeyTile, whole - t),
-          scores + g * padded + t, padded, g == 0 ? tile : RowsAhead<int8_t>{nullptr, 0});
+      (groups - g >= 2 ? two : one)(q_rows + g * q_width, q_width, keys + t * stride, stride,
+                                    std::min(kKeyTile, whole - t), scores + g * padded + t, padded,
+                                    g == 0 ? tile : RowsAhead<int8_t>{nullptr, 0});
   }
   for (int64_t l = whole; l < L; ++l)
     for (int64_t g = 0; g < groups; ++g)
-      scores_int_of<1, 1>(D)(q_rows + g * q_width, q_width, keys + l * stride, stride, 1, scores + g * padded + l,
-                             padded, RowsAhead<int8_t>{nullptr, 0});
+      single(q_rows + g * q_width, q_width, keys + l * stride, stride, 1, scores + g * padded + l, padded,
+             RowsAhead<int8_t>{nullptr, 0});
 }
 
 // Every query head of one KV head against L contiguous keys: scores [groups, padded].
@@ -861,8 +882,7 @@ void block_scores(const float* query, int64_t groups, const K* keys, int64_t str
                   int64_t D, float* scores, int64_t padded, bool wide, RowsAhead<K> ahead,
                   const int8_t* q_rows) {
   if constexpr (std::is_same_v<K, int8_t>) {
-    if (q_rows != nullptr && !wide)
-      return block_scores_int(q_rows, groups, keys, stride, L, D, scores, padded, ahead);
+    if (q_rows != nullptr) return block_scores_int(q_rows, groups, keys, stride, L, D, scores, padded, wide, ahead);
   }
   auto two = scores_of_four_keys<2, K>, one = scores_of_four_keys<1, K>;
   auto single = score_of_key<K>;
@@ -871,33 +891,14 @@ void block_scores(const float* query, int64_t groups, const K* keys, int64_t str
       two = scores_of_four_keys_wide<2, K>, one = scores_of_four_keys_wide<1, K>,
       single = score_wide<K>;
   }
-  const int64_t q_width = kv_row_width(D, at::kChar);  // q_rows' rows: an int8 cache's
   int64_t l = 0;
   for (; l + 4 <= L; l += 4) {
     if (l < ahead.count) prefetch_rows(ahead.rows + l * stride, std::min<int64_t>(4, ahead.count - l), stride);
-    for (int64_t g = 0; g < groups; g += 2) {
-      if constexpr (std::is_same_v<K, int8_t>) {
-        if (q_rows != nullptr) {
-          const auto four = groups - g >= 2 ? scores_vnni<2, 4> : scores_vnni<1, 4>;
-          four(q_rows + g * q_width, q_width, keys + l * stride, stride, D, scores + g * padded + l, padded);
-          continue;
-        }
-      }
-      const auto four = groups - g >= 2 ? two : one;
-      four(query + g * D, keys + l * stride, stride, D, scores + g * padded + l, padded);
-    }
+    for (int64_t g = 0; g < groups; g += 2)
+      (groups - g >= 2 ? two : one)(query + g * D, keys + l * stride, stride, D, scores + g * padded + l, padded);
   }
   for (; l < L; ++l)
-    for (int64_t g = 0; g < groups; ++g) {
-      if constexpr (std::is_same_v<K, int8_t>) {
-        if (q_rows != nullptr) {
-          scores_vnni<1, 1>(q_rows + g * q_width, q_width, keys + l * stride, stride, D, scores + g * padded + l,
-                            padded);
-          continue;
-        }
-      }
-      scores[g * padded + l] = single(query + g * D, keys + l * stride, D);
-    }
+    for (int64_t g = 0; g < groups; ++g) scores[g * padded + l] = single(query + g * D, keys + l * stride, D);
 }
 
 // The scores of all of kv's keys, block by block, asking for rows ahead as they go (of
