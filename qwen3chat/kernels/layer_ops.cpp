@@ -857,9 +857,10 @@ constexpr int64_t kKeyTile = 64;
 void block_scores_int(const int8_t* q_rows, int64_t groups, const int8_t* keys, int64_t stride,
                       int64_t L, int64_t D, float* scores, int64_t padded, bool wide,
                       RowsAhead<int8_t> ahead) {
-  const auto two = wide ? scores_vnni_of<2, 4>(D) : scores_int_of<2, 4>(D);
-  const auto one = wide ? scores_vnni_of<1, 4>(D) : scores_int_of<1, 4>(D);
-  const auto single = wide ? scores_vnni_of<1, 1>(D) : scores_int_of<1, 1>(D);
+  auto two = scores_int_of<2, 4>(D), one = scores_int_of<1, 4>(D), single = scores_int_of<1, 1>(D);
+#if QK_X86  // AVX-512 attention runs on x86 alone: no VNNI code in an ARM build
+  if (wide) two = scores_vnni_of<2, 4>(D), one = scores_vnni_of<1, 4>(D), single = scores_vnni_of<1, 1>(D);
+#endif
   const int64_t q_width = kv_row_width(D, at::kChar), whole = L / 4 * 4;
   for (int64_t t = 0; t < whole; t += kKeyTile) {
     const RowsAhead<int8_t> tile{ahead.count > t ? ahead.rows + t * stride : nullptr, ahead.count - t};
