@@ -10,15 +10,16 @@ import qwen3chat  # noqa: F401  before torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_section():
-    spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks/compare.py")
+def benchmark(name: str):
+    """The script benchmarks/NAME.py as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"benchmarks/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.write_section
+    return module
 
 
 def test_a_run_replaces_the_first_section_and_keeps_the_rest(tmp_path):
-    write = write_section()
+    write = benchmark("compare").write_section
     out = tmp_path / "docs/report.md"
     write(out, "Serving benchmark", "benchmarks/serve_bench.py", "## run 1\n\n| a |\n")
     assert out.read_text() == (
@@ -35,9 +36,7 @@ def test_a_run_replaces_the_first_section_and_keeps_the_rest(tmp_path):
 
 def test_serve_bench_keeps_the_runs_written_after_its_table(tmp_path):
     """serve_bench.py once wrote its table over the whole of docs/serve_benchmark.md."""
-    spec = importlib.util.spec_from_file_location("serve_bench", ROOT / "benchmarks/serve_bench.py")
-    serve_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(serve_bench)
+    serve_bench = benchmark("serve_bench")
     out = tmp_path / "serve_benchmark.md"
     earlier = "\n## An earlier run on another CPU\n\n| its table |\n"
     out.write_text("# Serving benchmark\n\n## the last run\n\n| old |\n" + earlier)
